@@ -1,0 +1,632 @@
+"""AsyncConnection: the async end of a ``multiprocessing`` Pipe, Client or Listener.
+
+An :class:`AsyncConnection` owns one ``multiprocessing.connection.Connection`` and moves
+whole messages over it in the stdlib's own framing, so the other end can stay a plain
+synchronous Connection in a worker process.
+
+Two I/O routes sit behind one small interface:
+
+* :class:`_FdIO` (POSIX): waits for readiness through a private epoll/kqueue helper and
+  moves only the bytes that are there (see ``_fdio``). Bytes that arrived but don't
+  make a whole frame yet stay in the connection's decoder, so a cancelled receive loses
+  nothing: the next receive picks up where it stopped.
+* :class:`_ThreadIO` (Windows pipe handles, or on request): runs the stdlib's own
+  blocking calls in asyncmp's threads (see ``_threads``). A receive abandoned on
+  cancellation keeps running, and its message goes to the next receive.
+
+Both serve concurrent callers one at a time, first come first served, through a fair
+lock per direction.
+"""
+
+from __future__ import annotations
+
+import errno
+import multiprocessing
+import multiprocessing.connection
+import os
+import socket
+import sys
+import time
+from multiprocessing.reduction import ForkingPickler
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from anyio.abc import ObjectStream
+from anyio.lowlevel import checkpoint, checkpoint_if_cancelled
+
+from ._exceptions import ConnectionEOF, ProtocolError
+from ._threads import BlockingCall
+from ._wire import DEFAULT_MAX_MESSAGE_SIZE, FrameDecoder, WireError, encode_header
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+if sys.platform != "win32":
+    from ._fdio import FdTransport, ReadinessWaiter, open_transport, register_fork_owned
+else:  # pragma: no cover
+    register_fork_owned = None
+
+__all__ = ("AsyncConnection", "Pipe")
+
+Connection = multiprocessing.connection.Connection
+
+#: A receive that finds a message already buffered skips the trip through the event
+#: loop, but the loop still gets a turn at least this often (seconds).
+_TURN_INTERVAL = 0.001
+#: Payloads up to this size go out in one write together with their header.
+_COALESCE_LIMIT = 16 * 1024
+#: How long a send cancelled mid-frame may go on, shielded, to finish its frame before
+#: the connection is declared broken instead.
+SEND_SHIELD_SECONDS = 2.0
+#: Thread path: how often a blocked thread checks whether its owner is closing.
+_THREAD_SLICE = 0.05
+
+_last_turn = [0.0]
+
+
+async def _fast_checkpoint() -> None:
+    """A cancellation check, plus a full trip through the loop once per interval."""
+    now = time.perf_counter()
+    if now - _last_turn[0] >= _TURN_INTERVAL:
+        await checkpoint()
+        _last_turn[0] = time.perf_counter()
+    else:
+        await checkpoint_if_cancelled()
+
+
+def _eof(decoder_at_boundary: bool, held: int) -> ConnectionEOF:
+    if decoder_at_boundary:
+        return ConnectionEOF("the peer closed the connection")
+    return ConnectionEOF(f"the peer closed the connection mid-message ({held} bytes of it held)")
+
+
+class _FdIO:
+    """POSIX route: readiness through a helper descriptor, never a thread."""
+
+    __slots__ = (
+        "__weakref__",
+        "_closed",
+        "_decoder",
+        "_fd",
+        "_rwait",
+        "_sock",
+        "_transport",
+        "_wwait",
+        "broken",
+    )
+
+    def __init__(self, conn: Connection, max_message_size: int | None) -> None:
+        self._fd = conn.fileno()
+        self._transport: FdTransport = open_transport(self._fd)
+        self._decoder = FrameDecoder(max_message_size)
+        self._rwait: ReadinessWaiter | None = None
+        self._wwait: ReadinessWaiter | None = None
+        self._closed = False
+        self.broken: str | None = None
+        register_fork_owned(self)
+
+    # -- receiving ----------------------------------------------------------------------
+
+    def _read_size(self) -> int:
+        return max(65536, min(self._decoder.bytes_wanted(), 1 << 20))
+
+    def _pop(self) -> bytes | None:
+        try:
+            return self._decoder.next_frame()
+        except WireError as exc:
+            raise ProtocolError(str(exc)) from None
+
+    def _read_once(self) -> bool:
+        """Read what is there into the decoder; False if nothing was."""
+        data = self._transport.read_some(self._read_size())
+        if data is None:
+            return False
+        if not data:
+            raise _eof(self._decoder.at_boundary, self._decoder.buffered)
+        self._decoder.feed(data)
+        return True
+
+    def _check_length(self, maxlength: int | None) -> None:
+        if maxlength is None:
+            return
+        try:
+            length = self._decoder.frame_length()
+        except WireError as exc:
+            raise ProtocolError(str(exc)) from None
+        if length is not None and length > maxlength:
+            self.broken = f"message of {length} bytes exceeds maxlength={maxlength}"
+            raise ProtocolError(self.broken)
+
+    async def recv_frame(self, maxlength: int | None) -> bytes:
+        await _fast_checkpoint()
+        while True:
+            if self._closed:
+                raise anyio.ClosedResourceError
+            self._check_length(maxlength)
+            frame = self._pop()
+            if frame is not None:
+                return frame
+            if self._read_once():
+                # Long messages: give the loop its turn while the bytes keep coming.
+                await _fast_checkpoint()
+                continue
+            if self._rwait is None:
+                self._rwait = ReadinessWaiter(self._fd)
+            await self._rwait.wait()
+            _last_turn[0] = time.perf_counter()
+
+    def recv_frame_nowait(self, maxlength: int | None) -> bytes:
+        while True:
+            self._check_length(maxlength)
+            frame = self._pop()
+            if frame is not None:
+                return frame
+            if not self._read_once():
+                raise anyio.WouldBlock
+
+    # -- sending ------------------------------------------------------------------------
+
+    def _write(self, view: memoryview) -> int:
+        try:
+            return self._transport.write_some(view)
+        except OSError as exc:
+            if isinstance(exc, BrokenPipeError) or exc.errno in (errno.ECONNRESET, errno.EPIPE):
+                raise anyio.BrokenResourceError("the peer closed the connection") from exc
+            raise
+
+    async def _write_all(self, view: memoryview, progress: list[int]) -> None:
+        offset = 0
+        while offset < len(view):
+            if self._closed:
+                raise anyio.ClosedResourceError
+            n = self._write(view[offset:])
+            if n:
+                offset += n
+                progress[0] += n
+                if offset < len(view):
+                    await _fast_checkpoint()
+                continue
+            if self._wwait is None:
+                self._wwait = ReadinessWaiter(self._fd, writable=True)
+            await self._wwait.wait()
+
+    async def send_frame(self, payload: memoryview) -> None:
+        header = encode_header(len(payload))
+        if len(payload) <= _COALESCE_LIMIT:
+            parts = [memoryview(header + payload)]
+        else:
+            parts = [memoryview(header), payload]
+        total = len(header) + len(payload)
+        progress = [0]  # bytes of this frame written so far
+        try:
+            for part in parts:
+                await self._write_all(part, progress)
+        except anyio.get_cancelled_exc_class():
+            if 0 < progress[0] < total:
+                await self._finish_torn_frame(parts, progress, total)
+            raise
+
+    async def _finish_torn_frame(
+        self, parts: list[memoryview], progress: list[int], total: int
+    ) -> None:
+        """Part of a frame went out: finish it, shielded and bounded, or break the link."""
+        with anyio.move_on_after(SEND_SHIELD_SECONDS, shield=True):
+            done = progress[0]
+            for part in parts:
+                if done >= len(part):
+                    done -= len(part)
+                    continue
+                await self._write_all(part[done:], progress)
+                done = 0
+        if progress[0] < total:
+            self.broken = (
+                f"a send was cancelled after {progress[0]} of {total} bytes of its message"
+            )
+            self._shutdown_write()
+
+    def _shutdown_write(self) -> None:
+        # Never leave a torn frame followed by more data: make the peer see EOF.
+        try:
+            sock = socket.socket(fileno=os.dup(self._fd))
+        except OSError:
+            return
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        finally:
+            sock.close()
+
+    def send_eof(self) -> None:
+        self._shutdown_write()
+
+    # -- closing ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        self._closed = True
+        for waiter in (self._rwait, self._wwait):
+            if waiter is not None:
+                waiter.close()
+        self._transport.close()
+
+    async def aclose(self) -> None:
+        self.close()
+
+    def _forget_in_forked_child(self) -> None:
+        self._closed = True
+        self._transport.close()
+
+
+class _ThreadIO:
+    """Route for handles the loop can't watch: the stdlib's calls in asyncmp threads."""
+
+    __slots__ = ("_calls", "_closed", "_conn", "_limit", "_pending_recv", "broken")
+
+    def __init__(self, conn: Connection, max_message_size: int | None) -> None:
+        self._conn = conn
+        self._limit = max_message_size
+        self._pending_recv: BlockingCall[bytes] | None = None
+        self._calls: set[BlockingCall[Any]] = set()
+        self._closed = False
+        self.broken: str | None = None
+
+    def _blocking_recv(self, call: BlockingCall[bytes], maxlength: int | None) -> bytes:
+        conn = self._conn
+        while not call.stopping:
+            if conn.poll(_THREAD_SLICE):
+                return self._stdlib_recv(maxlength)
+        raise anyio.ClosedResourceError
+
+    def _stdlib_recv(self, maxlength: int | None) -> bytes:
+        limit = self._limit if maxlength is None else maxlength
+        try:
+            return self._conn.recv_bytes(limit)
+        except EOFError:
+            raise ConnectionEOF("the peer closed the connection") from None
+        except OSError as exc:
+            if exc.args and exc.args[0] == "bad message length":
+                self.broken = f"message exceeds the limit of {limit} bytes"
+                raise ProtocolError(self.broken) from None
+            if exc.args and "end of file" in str(exc.args[0]):
+                raise ConnectionEOF(
+                    "the peer closed the connection mid-message"
+                ) from None
+            if exc.errno in (errno.ECONNRESET, errno.ECONNABORTED):
+                raise ConnectionEOF("the peer closed the connection") from None
+            raise
+
+    def _track(self, call: BlockingCall[Any]) -> None:
+        self._calls.add(call)
+
+    def _finished(self, call: BlockingCall[Any]) -> None:
+        self._calls.discard(call)
+        if self._closed and not self._calls:
+            self._conn.close()
+
+    async def recv_frame(self, maxlength: int | None) -> bytes:
+        call = self._pending_recv
+        if call is None:
+            await checkpoint_if_cancelled()
+            call = BlockingCall(
+                lambda c: self._blocking_recv(c, maxlength), name="asyncmp-recv"
+            )
+            await call.start()
+            self._track(call)
+            self._pending_recv = call
+        await call.wait()
+        return self._collect(call)
+
+    def _collect(self, call: BlockingCall[bytes]) -> bytes:
+        self._pending_recv = None
+        self._finished(call)
+        if self._closed:
+            raise anyio.ClosedResourceError
+        return call.result()
+
+    def recv_frame_nowait(self, maxlength: int | None) -> bytes:
+        call = self._pending_recv
+        if call is not None:
+            if not call.done:
+                raise anyio.WouldBlock
+            return self._collect(call)
+        # Windows pipes are message mode: poll() true means a whole message is there.
+        if not self._conn.poll(0):
+            raise anyio.WouldBlock
+        return self._stdlib_recv(maxlength)
+
+    async def send_frame(self, payload: memoryview) -> None:
+        def blocking_send(call: BlockingCall[None]) -> None:
+            try:
+                self._conn.send_bytes(payload)
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                raise anyio.BrokenResourceError("the peer closed the connection") from exc
+
+        await checkpoint_if_cancelled()
+        call: BlockingCall[None] = BlockingCall(blocking_send, name="asyncmp-send")
+        await call.start()
+        self._track(call)
+        try:
+            await call.wait()
+        except anyio.get_cancelled_exc_class():
+            # The write can't be taken back: let it finish (bounded), else call it broken.
+            with anyio.move_on_after(SEND_SHIELD_SECONDS, shield=True):
+                await call.wait()
+            if not call.done:
+                self.broken = "a send was cancelled and did not finish"
+            else:
+                self._finished(call)
+            raise
+        self._finished(call)
+        call.result()
+
+    def send_eof(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self._closed = True
+        for call in self._calls:
+            call.request_stop()
+        if not self._calls:
+            self._conn.close()
+
+    async def aclose(self) -> None:
+        self.close()
+        calls = list(self._calls)
+        with anyio.CancelScope(shield=True):
+            for call in calls:
+                with anyio.move_on_after(SEND_SHIELD_SECONDS + 1.0):
+                    await call.wait()
+                if call.done:
+                    self._finished(call)
+        for call in calls:
+            call.join(0.5)
+
+
+class AsyncConnection(ObjectStream[Any]):
+    """The async end of a ``multiprocessing.connection.Connection``.
+
+    Wraps *conn* (either end of ``multiprocessing.Pipe()``, or a connection from
+    ``multiprocessing.connection.Client`` or ``Listener.accept()``) and owns it from
+    then on: closing the AsyncConnection closes *conn*. The peer can be a plain
+    synchronous Connection; the bytes on the wire are the stdlib's.
+
+    :param max_message_size: the largest payload accepted, in bytes. A header that
+        announces more raises :class:`ProtocolError` before anything of that size is
+        allocated. ``None`` means no limit.
+    :param use_threads: ``None`` picks the route by platform: descriptor readiness on
+        POSIX, threads on Windows. ``True`` forces the thread route anywhere.
+
+    On POSIX the descriptor is closed in any child forked after this call, so a worker
+    never holds a copy of this end and sees EOF once it is closed here.
+    """
+
+    def __init__(
+        self,
+        conn: Connection,
+        *,
+        max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
+        use_threads: bool | None = None,
+    ) -> None:
+        if conn.closed:
+            raise anyio.ClosedResourceError("the connection is already closed")
+        if use_threads is None:
+            use_threads = sys.platform == "win32"
+        self._conn = conn
+        self._io: _FdIO | _ThreadIO = (
+            _ThreadIO(conn, max_message_size) if use_threads else _FdIO(conn, max_message_size)
+        )
+        self._recv_lock = anyio.Lock(fast_acquire=True)
+        self._send_lock = anyio.Lock(fast_acquire=True)
+        self._closed = False
+        if register_fork_owned is not None:
+            register_fork_owned(self)
+
+    # -- properties ---------------------------------------------------------------------
+
+    @property
+    def connection(self) -> Connection:
+        """The wrapped ``multiprocessing`` Connection (owned by this object)."""
+        return self._conn
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def readable(self) -> bool:
+        return self._conn.readable
+
+    @property
+    def writable(self) -> bool:
+        return self._conn.writable
+
+    @property
+    def uses_threads(self) -> bool:
+        """True if this connection takes the thread route."""
+        return isinstance(self._io, _ThreadIO)
+
+    def fileno(self) -> int:
+        """The descriptor (or handle) of the wrapped connection."""
+        self._check_open()
+        return self._conn.fileno()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise anyio.ClosedResourceError
+
+    def _check_readable(self) -> None:
+        self._check_open()
+        if not self._conn.readable:
+            raise OSError("connection is write-only")
+
+    def _check_writable(self) -> None:
+        self._check_open()
+        if self._io.broken is not None:
+            raise anyio.BrokenResourceError(self._io.broken)
+        if not self._conn.writable:
+            raise OSError("connection is read-only")
+
+    # -- receiving ----------------------------------------------------------------------
+
+    async def recv_bytes(self, maxlength: int | None = None) -> bytes:
+        """Receive the next message's bytes, as ``Connection.recv_bytes()`` does.
+
+        If cancelled, no message was consumed: bytes of a partly received message stay
+        buffered, and the next call returns the whole message.
+
+        :raises ConnectionEOF: the peer closed its end (after every complete message was
+            delivered); also an ``EOFError`` and an ``anyio.EndOfStream``.
+        :raises ProtocolError: the stream broke the framing, or a message exceeds
+            ``max_message_size`` or *maxlength*. The connection is broken from then on.
+        :raises anyio.ClosedResourceError: this end was closed, before or during the call.
+        """
+        if maxlength is not None and maxlength < 0:
+            raise ValueError("negative maxlength")
+        self._check_readable()
+        async with self._recv_lock:
+            self._check_readable()
+            return await self._io.recv_frame(maxlength)
+
+    async def recv(self) -> Any:
+        """Receive the next message and unpickle it, as ``Connection.recv()`` does.
+
+        If cancelled, no message was consumed; the next call returns it. Raises what
+        :meth:`recv_bytes` raises, and whatever unpickling raises (the message is then
+        consumed, the connection stays usable).
+        """
+        return ForkingPickler.loads(await self.recv_bytes())
+
+    def recv_nowait(self) -> Any:
+        """Return the next message if all of it has arrived.
+
+        :raises anyio.WouldBlock: no whole message is there (or another task is
+            receiving); bytes of a partial one stay buffered.
+        """
+        self._check_readable()
+        if self._recv_lock.locked():
+            raise anyio.WouldBlock
+        return ForkingPickler.loads(self._io.recv_frame_nowait(None))
+
+    async def receive(self) -> Any:
+        """``anyio.abc.ObjectReceiveStream`` name for :meth:`recv`."""
+        return await self.recv()
+
+    # -- sending ------------------------------------------------------------------------
+
+    async def send_bytes(self, buf: Buffer, offset: int = 0, size: int | None = None) -> None:
+        """Send bytes as one message, as ``Connection.send_bytes()`` does.
+
+        If cancelled before any byte went out, nothing was sent. If cancelled mid-message,
+        the rest is sent under a shield for up to ``SEND_SHIELD_SECONDS``; if that is not
+        enough, the connection is broken (the peer sees EOF, never a torn message followed
+        by more data) and later sends raise ``anyio.BrokenResourceError``.
+
+        :raises anyio.BrokenResourceError: the peer is gone, or an earlier send broke
+            the connection.
+        :raises anyio.ClosedResourceError: this end was closed.
+        """
+        view = memoryview(buf).cast("B")
+        n = len(view)
+        if offset < 0:
+            raise ValueError("offset is negative")
+        if n < offset:
+            raise ValueError("buffer length < offset")
+        if size is None:
+            size = n - offset
+        elif size < 0:
+            raise ValueError("size is negative")
+        elif offset + size > n:
+            raise ValueError("buffer length < offset + size")
+        self._check_writable()
+        async with self._send_lock:
+            self._check_writable()
+            await self._io.send_frame(view[offset : offset + size])
+
+    async def send(self, obj: Any) -> None:
+        """Pickle *obj* and send it, as ``Connection.send()`` does.
+
+        The object is pickled first, in the caller: an unpicklable object raises here and
+        nothing is sent. Cancellation: as :meth:`send_bytes`.
+        """
+        self._check_writable()
+        await self.send_bytes(ForkingPickler.dumps(obj))
+
+    async def send_eof(self) -> None:
+        """Tell the peer no more messages come (``shutdown(SHUT_WR)`` on a socket).
+
+        On a pipe end, which has no half-close, this does nothing; close it instead.
+        """
+        self._check_open()
+        self._io.send_eof()
+        await checkpoint()
+
+    # -- closing ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close this end now. Tasks waiting on it get ``anyio.ClosedResourceError``."""
+        if self._closed:
+            return
+        self._closed = True
+        self._io.close()
+        if isinstance(self._io, _FdIO):
+            self._conn.close()
+
+    async def aclose(self) -> None:
+        """Close this end; on the thread route, also wait for asyncmp's threads to end.
+
+        It is a checkpoint; closing happens even if it is cancelled.
+        """
+        if not self._closed:
+            self._closed = True
+            self._io.close()
+            if isinstance(self._io, _FdIO):
+                self._conn.close()
+            await self._io.aclose()
+        await checkpoint()
+
+    def _forget_in_forked_child(self) -> None:
+        self._closed = True
+        if isinstance(self._io, _FdIO):
+            self._io._forget_in_forked_child()
+        try:
+            self._conn.close()
+        except OSError:
+            pass
+
+    async def __aenter__(self) -> AsyncConnection:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __aiter__(self) -> AsyncConnection:
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            return await self.recv()
+        except ConnectionEOF:
+            raise StopAsyncIteration from None
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "open"
+        route = "threads" if self.uses_threads else "fd"
+        return f"<asyncmp.AsyncConnection {state} route={route} conn={self._conn!r}>"
+
+
+def Pipe(
+    duplex: bool = True,
+    *,
+    max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
+    use_threads: bool | None = None,
+) -> tuple[AsyncConnection, Connection]:
+    """Return ``(async_end, worker_end)``: the first for this process, the second to hand
+    to a worker. With ``duplex=False`` the async end is the receiving one."""
+    a, b = multiprocessing.Pipe(duplex)
+    return AsyncConnection(a, max_message_size=max_message_size, use_threads=use_threads), b

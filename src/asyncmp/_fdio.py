@@ -1,0 +1,284 @@
+"""POSIX I/O: wait for readiness and move bytes without blocking the loop.
+
+The invariant: **asyncmp never changes the flags of a descriptor it was handed.**
+
+``O_NONBLOCK`` is not a property of a file descriptor but of the *open file
+description* behind it, and every process that inherited or was sent the descriptor
+shares that description. A ``multiprocessing.Pipe`` or ``Queue`` pipe is shared with
+worker processes by design. If we set ``O_NONBLOCK`` on our end, a worker doing a plain
+blocking ``conn.recv()`` or ``q.get()`` on its copy suddenly gets ``BlockingIOError``.
+The usual ways of making a descriptor "async" do exactly that: uvloop's ``add_reader``
+(through libuv's ``uv_poll_init``) sets the flag and never restores it.
+
+So this module does two things differently:
+
+* **Waiting.** We never hand the shared descriptor to the event loop. We register it
+  in a private epoll (Linux) or kqueue (macOS, BSD) instance and let the event loop
+  watch *that* descriptor instead. An epoll or kqueue descriptor is readable while any
+  descriptor registered in it is ready, and registering a descriptor changes none of
+  its flags. Whatever the loop does to the helper descriptor (uvloop sets
+  ``O_NONBLOCK`` on it) harms nobody: it is ours alone and never leaves this process.
+
+* **Moving bytes.** The descriptor stays blocking, so every read or write must be one
+  that can't block. On a socket (a duplex ``Pipe`` is a socketpair, ``Client`` and
+  ``Listener`` use sockets) ``MSG_DONTWAIT`` makes one call non-blocking without
+  touching the shared flags. A pipe has no such per-call flag, so we ask the kernel
+  first: ``FIONREAD`` says how many bytes are buffered, and we read no more than that;
+  a zero-timeout ``poll`` says whether a write of ``PIPE_BUF`` bytes fits, and we
+  write no more than that before asking again.
+
+Forked children inherit every descriptor. The descriptors asyncmp owns (a connection's
+end and the helper epoll/kqueue) are closed in a forked child by an
+``os.register_at_fork`` hook, so a worker never holds a copy of the parent's end: when
+the parent closes its end, the worker's ``recv()`` sees EOF, as it should.
+"""
+
+from __future__ import annotations
+
+import array
+import errno
+import fcntl
+import os
+import select
+import socket
+import stat
+import sys
+import termios
+import weakref
+from typing import Protocol
+
+import anyio
+
+__all__ = (
+    "FdTransport",
+    "ForkOwned",
+    "ReadinessWaiter",
+    "open_transport",
+    "register_fork_owned",
+)
+
+_PIPE_BUF = getattr(select, "PIPE_BUF", 512)
+_MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
+_MSG_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
+#: The most one write_some() call moves, so the loop gets a turn in between.
+_MAX_WRITE_PER_CALL = 4 << 20
+_EOF_ERRNOS = frozenset({errno.ECONNRESET, errno.ECONNABORTED, errno.ENOTCONN})
+
+
+# ---------------------------------------------------------------------------------------
+# Fork hygiene
+# ---------------------------------------------------------------------------------------
+
+
+class ForkOwned(Protocol):
+    def _forget_in_forked_child(self) -> None:
+        """Close this object's descriptors in a freshly forked child, without I/O."""
+
+
+_fork_owned: weakref.WeakSet[ForkOwned] = weakref.WeakSet()
+
+
+def register_fork_owned(obj: ForkOwned) -> None:
+    """Have *obj*'s descriptors closed in any child this process forks from now on."""
+    _fork_owned.add(obj)
+
+
+def _after_fork_in_child() -> None:
+    for obj in list(_fork_owned):
+        obj._forget_in_forked_child()
+    _fork_owned.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
+
+
+# ---------------------------------------------------------------------------------------
+# Waiting for readiness
+# ---------------------------------------------------------------------------------------
+
+
+class ReadinessWaiter:
+    """Wait until a descriptor is readable (or writable) without touching its flags.
+
+    The event loop is handed a private epoll or kqueue descriptor in which the target is
+    registered; see the module docstring for why. One waiter serves one direction, so a
+    reader is never woken because the descriptor became writable.
+    """
+
+    __slots__ = ("__weakref__", "_closed", "_helper", "_helper_fd")
+
+    def __init__(self, fd: int, *, writable: bool = False) -> None:
+        self._closed = False
+        self._helper: select.epoll | select.kqueue | None
+        if hasattr(select, "epoll"):
+            ep = select.epoll()
+            try:
+                ep.register(fd, select.EPOLLOUT if writable else select.EPOLLIN)
+            except BaseException:
+                ep.close()
+                raise
+            self._helper = ep
+            self._helper_fd = ep.fileno()
+        elif hasattr(select, "kqueue"):
+            kq = select.kqueue()
+            try:
+                kfilter = select.KQ_FILTER_WRITE if writable else select.KQ_FILTER_READ
+                kq.control([select.kevent(fd, kfilter, select.KQ_EV_ADD)], 0, 0)
+            except BaseException:
+                kq.close()
+                raise
+            self._helper = kq
+            self._helper_fd = kq.fileno()
+        else:  # pragma: no cover - no epoll or kqueue: let the loop watch the fd itself
+            self._helper = None
+            self._helper_fd = fd
+        register_fork_owned(self)
+
+    def fileno(self) -> int:
+        return self._helper_fd
+
+    async def wait(self) -> None:
+        """Return once the target is ready.
+
+        If cancelled, nothing happened. :raises anyio.ClosedResourceError: if
+        :meth:`close` was called, before or during the wait.
+        """
+        if self._closed:
+            raise anyio.ClosedResourceError
+        await anyio.wait_readable(self._helper_fd)
+
+    def close(self) -> None:
+        """Wake every task in :meth:`wait` with ``ClosedResourceError``, then close."""
+        if self._closed:
+            return
+        self._closed = True
+        anyio.notify_closing(self._helper_fd)
+        if self._helper is not None:
+            self._helper.close()
+
+    def _forget_in_forked_child(self) -> None:
+        self._closed = True
+        if self._helper is not None:
+            self._helper.close()
+
+
+# ---------------------------------------------------------------------------------------
+# Moving bytes
+# ---------------------------------------------------------------------------------------
+
+
+class FdTransport:
+    """Non-blocking reads and writes on a descriptor whose flags say "blocking".
+
+    ``read_some`` returns ``None`` when it would block and ``b""`` at EOF (a reset
+    counts as EOF). ``write_some`` returns how many bytes it wrote, 0 when it would
+    block, and raises ``BrokenPipeError`` (or another ``OSError``) when the peer is gone.
+    """
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def read_some(self, max_bytes: int) -> bytes | None:
+        raise NotImplementedError
+
+    def write_some(self, data: memoryview) -> int:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the transport holds; the descriptor itself is its owner's."""
+
+
+class _SocketTransport(FdTransport):
+    __slots__ = ("_recv", "_send", "_sock")
+
+    def __init__(self, fd: int) -> None:
+        super().__init__(fd)
+        # A socket object of our own, on a duplicate descriptor: closing it never closes
+        # the owner's descriptor. socket(fileno=) only changes the blocking mode (of the
+        # shared description) when a global default timeout is set; open_transport()
+        # checks that it is not.
+        self._sock = socket.socket(fileno=os.dup(fd))
+        self._recv = self._sock.recv
+        self._send = self._sock.send
+
+    def read_some(self, max_bytes: int) -> bytes | None:
+        try:
+            return self._recv(max_bytes, _MSG_DONTWAIT)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            if exc.errno in _EOF_ERRNOS:
+                return b""
+            raise
+
+    def write_some(self, data: memoryview) -> int:
+        try:
+            return self._send(data[:_MAX_WRITE_PER_CALL], _MSG_DONTWAIT | _MSG_NOSIGNAL)
+        except BlockingIOError:
+            return 0
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+class _PipeTransport(FdTransport):
+    __slots__ = ("_count", "_poll_in", "_poll_out")
+
+    def __init__(self, fd: int) -> None:
+        super().__init__(fd)
+        self._count = array.array("i", [0])
+        self._poll_in = select.poll()
+        self._poll_in.register(fd, select.POLLIN)
+        self._poll_out = select.poll()
+        self._poll_out.register(fd, select.POLLOUT)
+
+    def _buffered(self) -> int:
+        fcntl.ioctl(self.fd, termios.FIONREAD, self._count, True)
+        return self._count[0]
+
+    def read_some(self, max_bytes: int) -> bytes | None:
+        n = self._buffered()
+        if n == 0:
+            # Nothing buffered: either no data yet, or EOF (readable with nothing in
+            # it). A zero-timeout poll tells them apart; data that arrived in between
+            # shows up in the second FIONREAD.
+            if not self._poll_in.poll(0):
+                return None
+            n = self._buffered()
+            if n == 0:
+                return os.read(self.fd, 1)  # returns b"" at once: the writers are gone
+        return os.read(self.fd, min(n, max_bytes))
+
+    def write_some(self, data: memoryview) -> int:
+        # A pipe that polls writable has room for PIPE_BUF bytes, and a write of at
+        # most PIPE_BUF bytes is atomic: it either fits whole or would block. So write
+        # PIPE_BUF at a time, asking before each.
+        written = 0
+        total = min(len(data), _MAX_WRITE_PER_CALL)
+        poll = self._poll_out.poll
+        while written < total and poll(0):
+            written += os.write(self.fd, data[written : written + min(_PIPE_BUF, total - written)])
+        return written
+
+
+def open_transport(fd: int) -> FdTransport:
+    """Return the byte mover that suits *fd*: sockets use ``MSG_DONTWAIT``."""
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISSOCK(mode) and _MSG_DONTWAIT and socket.getdefaulttimeout() is None:
+        return _SocketTransport(fd)
+    if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode):
+        return _PipeTransport(fd)
+    raise ValueError(f"file descriptor {fd} is neither a pipe nor a socket")
+
+
+IS_POSIX = sys.platform != "win32"

@@ -1,0 +1,147 @@
+"""The thread fallback, for handles the event loop can't watch.
+
+Windows pipe handles, a Queue's semaphore and manager proxies have no descriptor to
+poll, so a blocking call has to run in a thread. This module runs each such call so
+that the async caller keeps asyncmp's guarantees:
+
+* **Nothing is lost on cancellation.** A :class:`BlockingCall` runs to completion in
+  its own thread whatever happens to the task that started it. Its outcome is kept
+  until somebody collects it, so an adapter stores an abandoned call and hands its
+  result to the next caller instead of starting a new one.
+* **A private limiter.** Threads are counted by a :class:`anyio.CapacityLimiter` of
+  asyncmp's own (per event loop), not anyio's default one, so a burst of pending
+  receives can't starve ``anyio.to_thread`` users, or the reverse.
+* **No thread outlives its owner.** Each call runs in a dedicated daemon thread named
+  ``asyncmp-…``; it never blocks interpreter exit. Blocking functions are written as
+  loops of short time slices that check :attr:`BlockingCall.stopping`, so an owner
+  that closes can ask its thread to stop and wait for it.
+
+The thread tells the loop it is done with a non-blocking ``call_soon_threadsafe`` (or
+trio's ``run_sync_soon``): a thread must never wait on a loop that may be gone.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any, Generic, TypeVar
+
+import anyio
+from anyio.lowlevel import RunVar, current_token
+
+__all__ = ("DEFAULT_THREAD_LIMIT", "BlockingCall", "thread_limiter")
+
+T = TypeVar("T")
+
+#: How many asyncmp threads may run at once in one event loop by default.
+DEFAULT_THREAD_LIMIT = 64
+_limiter: RunVar[anyio.CapacityLimiter] = RunVar("asyncmp_thread_limiter")
+
+
+def thread_limiter() -> anyio.CapacityLimiter:
+    """The limiter that caps asyncmp's threads in the current event loop."""
+    try:
+        return _limiter.get()
+    except LookupError:
+        limiter = anyio.CapacityLimiter(DEFAULT_THREAD_LIMIT)
+        _limiter.set(limiter)
+        return limiter
+
+
+class BlockingCall(Generic[T]):
+    """One blocking function running in its own thread, with its outcome kept.
+
+    Start it with :meth:`start`, wait with :meth:`wait` (cancellable, and the call goes
+    on), collect with :meth:`result`. The function receives this object, so it can poll
+    :attr:`stopping` between time slices.
+    """
+
+    def __init__(self, fn: Callable[[BlockingCall[T]], T], *, name: str) -> None:
+        self._fn = fn
+        self._name = name
+        self._result: T | None = None
+        self._error: BaseException | None = None
+        self._finished = threading.Event()
+        self._done = anyio.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._limiter: anyio.CapacityLimiter | None = None
+        self._notify: Callable[[Callable[[], object]], object] | None = None
+
+    @property
+    def stopping(self) -> bool:
+        """True once the owner asked the call to give up at its next time slice."""
+        return self._stop.is_set()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    async def start(self) -> None:
+        """Start the thread once the limiter has room.
+
+        If cancelled while waiting for room, no thread was started.
+        """
+        limiter = thread_limiter()
+        await limiter.acquire_on_behalf_of(self)
+        self._limiter = limiter
+        native: Any = current_token().native_token
+        self._notify = (
+            native.call_soon_threadsafe
+            if hasattr(native, "call_soon_threadsafe")
+            else native.run_sync_soon
+        )
+        thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+        self._thread = thread
+        try:
+            thread.start()
+        except BaseException:
+            limiter.release_on_behalf_of(self)
+            raise
+
+    def _run(self) -> None:
+        try:
+            self._result = self._fn(self)
+        except BaseException as exc:  # handed to the awaiting task
+            self._error = exc
+        finally:
+            self._finished.set()
+            notify = self._notify
+            assert notify is not None
+            try:
+                notify(self._on_loop_done)
+            except Exception:  # the loop is gone: nobody is waiting any more
+                pass
+
+    def _on_loop_done(self) -> None:
+        if self._limiter is not None:
+            self._limiter.release_on_behalf_of(self)
+            self._limiter = None
+        self._done.set()
+
+    async def wait(self) -> None:
+        """Wait until the function has returned or raised.
+
+        If cancelled, the call goes on in its thread; its outcome is kept.
+        """
+        await self._done.wait()
+
+    def result(self) -> T:
+        """Return what the function returned, or raise what it raised."""
+        if not self._finished.is_set():
+            raise RuntimeError("the blocking call has not finished")
+        if self._error is not None:
+            error = self._error
+            raise error
+        return self._result  # type: ignore[return-value]
+
+    def request_stop(self) -> None:
+        """Ask the function to give up at its next time slice."""
+        self._stop.set()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Block until the thread has ended; True if it did within *timeout*."""
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()

@@ -1,0 +1,221 @@
+"""Sans-IO codec for ``multiprocessing.connection``'s framing on POSIX.
+
+The stdlib frames every message as a big-endian signed 32-bit length followed by the
+payload. A payload longer than ``0x7fffffff`` bytes gets the escape length ``-1``
+followed by a big-endian unsigned 64-bit length. How the sender splits its writes (one
+write up to 16 KiB, header and payload apart above that) is invisible on the wire: the
+reader sees one byte stream.
+
+This module moves no bytes. :class:`FrameDecoder` is fed whatever arrived and hands out
+whole payloads; :func:`encode_header` returns the bytes that go before one. It imports
+neither ``os`` nor an async library, so it can be tested one byte at a time.
+
+Memory: the decoder never allocates what a header merely claims. A body larger than
+:data:`SPILL_THRESHOLD` is gathered as a list of the chunks actually received and
+joined once it is complete, so memory stays bounded by the bytes received.
+"""
+
+from __future__ import annotations
+
+import struct
+
+__all__ = (
+    "DEFAULT_MAX_MESSAGE_SIZE",
+    "LONG_FORM_THRESHOLD",
+    "FrameDecoder",
+    "WireError",
+    "encode_header",
+)
+
+_SHORT = struct.Struct("!i")
+_LONG = struct.Struct("!Q")
+
+#: Payloads above this many bytes use the ``-1`` escape and a 64-bit length.
+LONG_FORM_THRESHOLD = 0x7FFFFFFF
+#: Default limit on one payload. Above any sane pickle, below "all of memory".
+DEFAULT_MAX_MESSAGE_SIZE = 4 << 30
+#: A partial body missing more than this is collected as chunks rather than by
+#: re-concatenating the buffer on every feed (which would be quadratic).
+SPILL_THRESHOLD = 64 * 1024
+
+_ESCAPE = _SHORT.pack(-1)
+
+
+class WireError(ValueError):
+    """The byte stream is not valid framing; the stream can't be resynchronised."""
+
+
+def encode_header(size: int) -> bytes:
+    """Return the header that precedes a payload of *size* bytes."""
+    if size < 0:
+        raise ValueError(f"payload size {size} is negative")
+    if size > LONG_FORM_THRESHOLD:
+        return _ESCAPE + _LONG.pack(size)
+    return _SHORT.pack(size)
+
+
+class FrameDecoder:
+    """Turn a byte stream into payloads, h11 style: :meth:`feed`, then :meth:`next_frame`.
+
+    :meth:`next_frame` returns ``None`` while it needs more data.
+    :meth:`bytes_wanted` says how many more bytes complete the header or frame in
+    progress, so a reader that must not read ahead (a Queue's pipe is shared by
+    consumers in other processes) can read exactly that many.
+
+    After a :class:`WireError` the decoder stays broken and raises it again.
+    """
+
+    __slots__ = ("_buf", "_chunks", "_error", "_held", "_limit", "_missing", "_pos", "_spilled")
+
+    def __init__(self, max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE) -> None:
+        if max_message_size is not None and max_message_size < 0:
+            raise ValueError(f"max_message_size={max_message_size} is negative")
+        self._limit = max_message_size
+        # Unparsed bytes are self._buf[self._pos:]. A bytes object plus an offset makes
+        # a complete frame one slice, with no copy of the bytes after it.
+        self._buf = b""
+        self._pos = 0
+        # A large body in progress: its chunks so far and how many bytes are missing.
+        self._chunks: list[bytes] | None = None
+        self._held = 0
+        self._missing = 0
+        # A spilled body that completed and awaits next_frame().
+        self._spilled: bytes | None = None
+        self._error: WireError | None = None
+
+    @property
+    def max_message_size(self) -> int | None:
+        return self._limit
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet handed out."""
+        spilled = 0 if self._spilled is None else len(self._spilled)
+        return len(self._buf) - self._pos + self._held + spilled
+
+    @property
+    def at_boundary(self) -> bool:
+        """True when no partial frame is held, so an EOF here is a clean one."""
+        return self._chunks is None and self._spilled is None and self._pos == len(self._buf)
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Add bytes that arrived. Keeps a reference to *data* when it is ``bytes``."""
+        if not data:
+            return
+        if type(data) is not bytes:
+            data = bytes(data)
+        if self._chunks is not None:
+            take = self._missing
+            if len(data) <= take:
+                self._add_chunk(data)
+                return
+            self._add_chunk(data[:take])
+            data = data[take:]
+        if self._pos == len(self._buf):
+            self._buf = data
+        else:
+            self._buf = self._buf[self._pos :] + data
+        self._pos = 0
+
+    def _add_chunk(self, chunk: bytes) -> None:
+        chunks = self._chunks
+        assert chunks is not None
+        chunks.append(chunk)
+        self._held += len(chunk)
+        self._missing -= len(chunk)
+        if self._missing == 0:
+            self._spilled = b"".join(chunks)
+            self._chunks = None
+            self._held = 0
+
+    def next_frame(self) -> bytes | None:
+        """Return the next whole payload, or ``None`` if more bytes are needed.
+
+        :raises WireError: the header is negative (other than the escape) or its length
+            exceeds ``max_message_size``. Raised before the body is buffered.
+        """
+        spilled = self._spilled
+        if spilled is not None:
+            self._spilled = None
+            return spilled
+        if self._chunks is not None:
+            return None
+        buf = self._buf
+        pos = self._pos
+        end_of_data = len(buf)
+        if end_of_data - pos < 4:
+            if self._error is not None:
+                raise self._error
+            return None
+        size, start = self._parse_header(buf, pos, end_of_data)
+        if start < 0:
+            return None
+        end = start + size
+        if end <= end_of_data:
+            if end == end_of_data:
+                self._buf = b""
+                self._pos = 0
+            else:
+                self._pos = end
+            return buf[start:end]
+        missing = end - end_of_data
+        if missing > SPILL_THRESHOLD:
+            # Header consumed; from here on chunks are collected as they come.
+            first = buf[start:]
+            self._buf = b""
+            self._pos = 0
+            self._chunks = [first]
+            self._held = len(first)
+            self._missing = missing
+        return None
+
+    def _parse_header(self, buf: bytes, pos: int, end_of_data: int) -> tuple[int, int]:
+        """Return ``(size, payload_start)``, or ``(0, -1)`` when the header is partial."""
+        if self._error is not None:
+            raise self._error
+        (size,) = _SHORT.unpack_from(buf, pos)
+        start = pos + 4
+        if size < 0:
+            if size != -1:
+                self._fail(f"frame length {size} is negative")
+            if end_of_data - pos < 12:
+                return 0, -1
+            (size,) = _LONG.unpack_from(buf, start)
+            start += 8
+        if self._limit is not None and size > self._limit:
+            self._fail(f"frame length {size} exceeds max_message_size={self._limit}")
+        return size, start
+
+    def _fail(self, message: str) -> None:
+        self._error = WireError(message)
+        raise self._error
+
+    def frame_length(self) -> int | None:
+        """The payload length of the frame in progress, once its header has arrived."""
+        if self._spilled is not None:
+            return len(self._spilled)
+        if self._chunks is not None:
+            return self._held + self._missing
+        buf = self._buf
+        if len(buf) - self._pos < 4:
+            return None
+        size, start = self._parse_header(buf, self._pos, len(buf))
+        return None if start < 0 else size
+
+    def bytes_wanted(self) -> int:
+        """How many more bytes complete the header or frame in progress.
+
+        0 means :meth:`next_frame` will return a payload now. Reading no more than this
+        never reads into the next frame.
+        """
+        if self._spilled is not None:
+            return 0
+        if self._chunks is not None:
+            return self._missing
+        avail = len(self._buf) - self._pos
+        if avail < 4:
+            return 4 - avail
+        size, start = self._parse_header(self._buf, self._pos, len(self._buf))
+        if start < 0:
+            return 12 - avail
+        return max(0, start + size - len(self._buf))
