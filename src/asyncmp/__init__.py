@@ -8,16 +8,26 @@ from ._connection import Pipe as Pipe
 from ._exceptions import AsyncmpError as AsyncmpError
 from ._exceptions import ConnectionEOF as ConnectionEOF
 from ._exceptions import ProtocolError as ProtocolError
+from ._queue import DEFAULT_STALL_TIMEOUT as DEFAULT_STALL_TIMEOUT
+from ._queue import AsyncQueue as AsyncQueue
+from ._queue import JoinableQueue as JoinableQueue
+from ._queue import Queue as Queue
+from ._queue import SimpleQueue as SimpleQueue
 from ._wire import DEFAULT_MAX_MESSAGE_SIZE as DEFAULT_MAX_MESSAGE_SIZE
 
 __all__ = (
     "DEFAULT_MAX_MESSAGE_SIZE",
+    "DEFAULT_STALL_TIMEOUT",
     "SEND_SHIELD_SECONDS",
     "AsyncConnection",
+    "AsyncQueue",
     "AsyncmpError",
     "ConnectionEOF",
+    "JoinableQueue",
     "Pipe",
     "ProtocolError",
+    "Queue",
+    "SimpleQueue",
 )
 
 __version__ = "0.1.0"

@@ -227,9 +227,14 @@ class _FdIO:
 
     def _shutdown_write(self) -> None:
         # Never leave a torn frame followed by more data: make the peer see EOF.
+        dup = os.dup(self._fd)
         try:
-            sock = socket.socket(fileno=os.dup(self._fd))
+            sock = socket.socket(fileno=dup)
         except OSError:
+            # Not a socket (a pipe has no half-close). socket() leaves the descriptor
+            # open when it fails; a stray copy of a pipe's write end would keep the
+            # peer from ever seeing EOF.
+            os.close(dup)
             return
         try:
             sock.shutdown(socket.SHUT_WR)

@@ -183,10 +183,16 @@ class FdTransport:
     block, and raises ``BrokenPipeError`` (or another ``OSError``) when the peer is gone.
     """
 
-    __slots__ = ("fd",)
+    __slots__ = ("_count", "fd")
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
+        self._count = array.array("i", [0])
+
+    def available(self) -> int:
+        """Bytes buffered in the kernel, ready to read now (``FIONREAD``)."""
+        fcntl.ioctl(self.fd, termios.FIONREAD, self._count, True)
+        return self._count[0]
 
     def read_some(self, max_bytes: int) -> bytes | None:
         raise NotImplementedError
@@ -232,29 +238,24 @@ class _SocketTransport(FdTransport):
 
 
 class _PipeTransport(FdTransport):
-    __slots__ = ("_count", "_poll_in", "_poll_out")
+    __slots__ = ("_poll_in", "_poll_out")
 
     def __init__(self, fd: int) -> None:
         super().__init__(fd)
-        self._count = array.array("i", [0])
         self._poll_in = select.poll()
         self._poll_in.register(fd, select.POLLIN)
         self._poll_out = select.poll()
         self._poll_out.register(fd, select.POLLOUT)
 
-    def _buffered(self) -> int:
-        fcntl.ioctl(self.fd, termios.FIONREAD, self._count, True)
-        return self._count[0]
-
     def read_some(self, max_bytes: int) -> bytes | None:
-        n = self._buffered()
+        n = self.available()
         if n == 0:
             # Nothing buffered: either no data yet, or EOF (readable with nothing in
             # it). A zero-timeout poll tells them apart; data that arrived in between
             # shows up in the second FIONREAD.
             if not self._poll_in.poll(0):
                 return None
-            n = self._buffered()
+            n = self.available()
             if n == 0:
                 return os.read(self.fd, 1)  # returns b"" at once: the writers are gone
         return os.read(self.fd, min(n, max_bytes))

@@ -65,7 +65,17 @@ class FrameDecoder:
     After a :class:`WireError` the decoder stays broken and raises it again.
     """
 
-    __slots__ = ("_buf", "_chunks", "_error", "_held", "_limit", "_missing", "_pos", "_spilled")
+    __slots__ = (
+        "_buf",
+        "_chunks",
+        "_error",
+        "_held",
+        "_limit",
+        "_missing",
+        "_pos",
+        "_spill_header",
+        "_spilled",
+    )
 
     def __init__(self, max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE) -> None:
         if max_message_size is not None and max_message_size < 0:
@@ -81,6 +91,9 @@ class FrameDecoder:
         self._missing = 0
         # A spilled body that completed and awaits next_frame().
         self._spilled: bytes | None = None
+        # Header bytes of the spilled frame (in progress or awaiting next_frame()): they
+        # were consumed from _buf but still count as received and not handed out.
+        self._spill_header = 0
         self._error: WireError | None = None
 
     @property
@@ -89,9 +102,9 @@ class FrameDecoder:
 
     @property
     def buffered(self) -> int:
-        """Bytes received and not yet handed out."""
+        """Bytes received and not yet handed out, headers of those frames included."""
         spilled = 0 if self._spilled is None else len(self._spilled)
-        return len(self._buf) - self._pos + self._held + spilled
+        return len(self._buf) - self._pos + self._spill_header + self._held + spilled
 
     @property
     def at_boundary(self) -> bool:
@@ -137,6 +150,7 @@ class FrameDecoder:
         spilled = self._spilled
         if spilled is not None:
             self._spilled = None
+            self._spill_header = 0
             return spilled
         if self._chunks is not None:
             return None
@@ -167,6 +181,7 @@ class FrameDecoder:
             self._chunks = [first]
             self._held = len(first)
             self._missing = missing
+            self._spill_header = start - pos
         return None
 
     def _parse_header(self, buf: bytes, pos: int, end_of_data: int) -> tuple[int, int]:

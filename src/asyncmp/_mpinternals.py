@@ -1,0 +1,83 @@
+"""The only module that reads ``multiprocessing``'s private attributes.
+
+The Queue fast path needs a queue's read end (``_reader``), its cross-process reader
+lock (``_rlock``) and the semaphore that counts its items (``_sem``); joining a
+JoinableQueue needs ``_cond`` and ``_unfinished_tasks``; flushing needs the feeder
+thread. None of that is public. Every reader here is checked against the Python
+versions whose ``multiprocessing.queues`` we have read (3.10 to 3.14) and against the
+types it expects; anything it doesn't recognise returns ``None``, and the caller then
+takes the thread route, which uses only public methods.
+"""
+
+from __future__ import annotations
+
+import multiprocessing.connection
+import multiprocessing.queues
+import sys
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ("QueueParts", "feeder_thread", "joinable_parts", "queue_parts")
+
+#: The versions whose ``multiprocessing.queues`` layout this module knows.
+_KNOWN = (3, 10) <= sys.version_info[:2] <= (3, 14)
+
+
+@dataclass(frozen=True)
+class QueueParts:
+    """What the fd-driven get needs from a multiprocessing queue."""
+
+    reader: multiprocessing.connection.Connection
+    #: The cross-process lock every consumer holds while it reads one frame.
+    rlock: Any
+    #: Released once per item taken (Queue, JoinableQueue); None for SimpleQueue.
+    sem: Any | None
+    #: True when ``put()`` goes through the feeder thread (Queue, JoinableQueue).
+    has_feeder: bool
+
+
+def _lock_like(obj: object) -> bool:
+    return callable(getattr(obj, "acquire", None)) and callable(getattr(obj, "release", None))
+
+
+def queue_parts(q: object) -> QueueParts | None:
+    """Return the parts of *q* the fd route needs, or ``None`` to use threads."""
+    if not _KNOWN or sys.platform == "win32":
+        return None
+    if isinstance(q, multiprocessing.queues.Queue):  # JoinableQueue is a subclass
+        has_feeder = True
+        sem = getattr(q, "_sem", None)
+        if not _lock_like(sem):
+            return None
+    elif isinstance(q, multiprocessing.queues.SimpleQueue):
+        has_feeder = False
+        sem = None
+    else:
+        return None
+    reader = getattr(q, "_reader", None)
+    rlock = getattr(q, "_rlock", None)
+    if not isinstance(reader, multiprocessing.connection.Connection) or not _lock_like(rlock):
+        return None
+    return QueueParts(reader=reader, rlock=rlock, sem=sem, has_feeder=has_feeder)
+
+
+def joinable_parts(q: object) -> tuple[Any, Any] | None:
+    """``(cond, is_done)`` of a JoinableQueue: its condition and a zero-count test."""
+    if not _KNOWN or not isinstance(q, multiprocessing.queues.JoinableQueue):
+        return None
+    cond = getattr(q, "_cond", None)
+    unfinished = getattr(q, "_unfinished_tasks", None)
+    semlock = getattr(unfinished, "_semlock", None)
+    is_zero = getattr(semlock, "_is_zero", None)
+    if cond is None or not callable(getattr(cond, "wait", None)) or not callable(is_zero):
+        return None
+    return cond, is_zero
+
+
+def feeder_thread(q: object) -> threading.Thread | None:
+    """The thread that writes what this process put into *q*, if it has started."""
+    if not _KNOWN or not isinstance(q, multiprocessing.queues.Queue):
+        return None
+    thread = getattr(q, "_thread", None)
+    return thread if isinstance(thread, threading.Thread) else None

@@ -1,0 +1,629 @@
+"""AsyncQueue: await ``get``/``put`` on multiprocessing queues.
+
+The fd route (POSIX ``Queue``, ``JoinableQueue``, ``SimpleQueue``)
+--------------------------------------------------------------------
+A multiprocessing queue is a pipe shared by every process that holds the queue, plus
+a cross-process *reader lock*: a consumer takes the lock, reads exactly one frame and
+releases it. Consumers in other processes may be plain synchronous code, so we play by
+the same rules, without a thread per pending ``get``:
+
+1. Wait until the pipe is readable, through the helper descriptor of ``_fdio`` (never
+   touching the pipe's flags, which every worker shares).
+2. Take the reader lock *without blocking*. If another process holds it, wait for it
+   the way a sync consumer does: in a blocking ``acquire`` in one of asyncmp's threads,
+   queued inside the kernel with the others. A getter that only polled the lock would
+   lose every race against consumers queued in the kernel.
+3. Read *exactly* one frame: ``FIONREAD`` says what is there, the decoder says what the
+   frame still needs, and we never read more, because the next frame belongs to whoever
+   takes the lock next. Once the first byte of a frame is consumed, the frame must be
+   finished before the lock is released, or the next reader would start mid-frame. So
+   that part is shielded from cancellation, bounded by ``stall_timeout`` without
+   progress (a producer that died mid-put); a frame finished for a cancelled caller
+   is kept for the next ``get``.
+4. Release the lock, release the item semaphore (as ``Queue.get`` does), and unpickle
+   outside the lock.
+
+``put`` pickles in the caller, so an unpicklable object raises there and not later in
+the feeder thread, then hands the pickle to the queue's own feeder thread. Waiting for
+room in a bounded queue is a semaphore, which has no descriptor: a thread tries in
+short time slices, and a cancelled put waits for that thread's current slice so that
+"returned" and "enqueued" always agree.
+
+The thread route (manager proxies, Windows, or on request) uses only public methods in
+asyncmp's threads, with the same guarantees: a ``get`` abandoned on cancellation keeps
+running and its item goes to the next ``get``.
+"""
+
+from __future__ import annotations
+
+import io
+import multiprocessing
+import multiprocessing.queues
+import pickle
+import queue
+import sys
+import threading
+from collections import deque
+from multiprocessing.reduction import ForkingPickler
+from types import TracebackType
+from typing import Any, Generic, TypeVar
+
+import anyio
+from anyio.lowlevel import cancel_shielded_checkpoint, checkpoint, checkpoint_if_cancelled
+
+from . import _mpinternals
+from ._connection import _fast_checkpoint
+from ._threads import BlockingCall
+from ._wire import FrameDecoder, WireError
+
+if sys.platform != "win32":
+    from ._fdio import FdTransport, ReadinessWaiter, open_transport
+
+__all__ = ("DEFAULT_STALL_TIMEOUT", "AsyncQueue", "JoinableQueue", "Queue", "SimpleQueue")
+
+T = TypeVar("T")
+
+#: How long a get waits for the rest of an item whose first bytes it has read.
+DEFAULT_STALL_TIMEOUT = 10.0
+#: How often a thread blocked on a lock or semaphore checks whether to give up.
+_SLICE = 0.05
+_loads = pickle.loads
+
+
+class _Prepickled:
+    """An item pickled in the caller of ``put``; unpickles to the original object.
+
+    The feeder thread pickles this wrapper into a call of ``pickle.loads`` on the bytes,
+    so every consumer, sync or async, gets the original object back, and a pickling
+    error surfaced in ``put`` instead of in the feeder thread.
+    """
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __reduce__(self) -> tuple[Any, tuple[bytes]]:
+        return _loads, (self.data,)
+
+
+class _LockHandoff:
+    """The reader lock, acquired by a thread on behalf of a getter that may give up."""
+
+    __slots__ = ("acquired", "guard")
+
+    def __init__(self) -> None:
+        self.guard = threading.Lock()
+        self.acquired = False
+
+
+class AsyncQueue(Generic[T]):
+    """Async adapter for a ``multiprocessing`` ``Queue``, ``JoinableQueue``,
+    ``SimpleQueue`` (from any context) or a ``Manager().Queue()`` proxy.
+
+    The processes on the other side keep using the plain queue (:attr:`queue`).
+
+    :param use_threads: ``None`` picks the route: the fd route for multiprocessing
+        queues on POSIX, threads for anything else. ``True`` forces threads.
+    :param stall_timeout: how long a ``get`` that has read part of an item waits for
+        the rest before it reports ``anyio.BrokenResourceError`` (the producer died
+        mid-put).
+    """
+
+    def __init__(
+        self,
+        q: Any,
+        *,
+        use_threads: bool | None = None,
+        stall_timeout: float = DEFAULT_STALL_TIMEOUT,
+    ) -> None:
+        self._q = q
+        self._stall_timeout = stall_timeout
+        self._parts = None if use_threads else _mpinternals.queue_parts(q)
+        self._joinable = _mpinternals.joinable_parts(q)
+        self._is_mp_queue = isinstance(q, multiprocessing.queues.Queue)
+        # Items taken from the queue but not yet handed out (kept across cancellation):
+        # raw frames on the fd route, objects on the thread route.
+        self._kept: deque[Any] = deque()
+        self._get_lock = anyio.Lock(fast_acquire=True)
+        self._closed = False
+        self._broken: str | None = None
+        self._calls: set[BlockingCall[Any]] = set()
+        self._pending_get: BlockingCall[Any] | None = None
+        if self._parts is not None:
+            self._fd = self._parts.reader.fileno()
+            self._transport: FdTransport = open_transport(self._fd)
+            self._waiter: ReadinessWaiter | None = None
+            self._decoder = FrameDecoder(None)
+            self._rlock_held = False
+            self._handoff: _LockHandoff | None = None
+
+    # -- introspection ------------------------------------------------------------------
+
+    @property
+    def queue(self) -> Any:
+        """The wrapped queue, for the processes on the other side."""
+        return self._q
+
+    @property
+    def uses_threads(self) -> bool:
+        return self._parts is None
+
+    def qsize(self) -> int:
+        """Items in the queue plus items this adapter took and still holds.
+
+        :raises NotImplementedError: where the platform can't count (macOS).
+        """
+        return int(self._q.qsize()) + len(self._kept)
+
+    def empty(self) -> bool:
+        return not self._kept and bool(self._q.empty())
+
+    def full(self) -> bool:
+        return bool(self._q.full())
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise anyio.ClosedResourceError
+        if self._broken is not None:
+            raise anyio.BrokenResourceError(self._broken)
+
+    # -- getting ------------------------------------------------------------------------
+
+    async def get(self, timeout: float | None = None) -> T:
+        """Remove and return an item, waiting for one if needed.
+
+        If cancelled (a timeout is a cancellation), no item was lost: either none was
+        taken, or the item taken is kept and the next ``get`` on this adapter returns it.
+
+        :raises queue.Empty: no item came within *timeout* seconds.
+        :raises anyio.BrokenResourceError: a producer died mid-item (after
+            ``stall_timeout``), or the queue's framing is corrupt.
+        :raises anyio.ClosedResourceError: the adapter was closed.
+        """
+        if timeout is None:
+            return await self._get()
+        with anyio.move_on_after(timeout):
+            return await self._get()
+        raise queue.Empty
+
+    async def _get(self) -> T:
+        self._check_open()
+        async with self._get_lock:
+            if self._parts is not None:
+                return self._unpickle(await self._get_frame())
+            return await self._get_threaded()  # type: ignore[no-any-return]
+
+    def _unpickle(self, frame: bytes) -> T:
+        return _loads(frame)  # type: ignore[no-any-return]
+
+    def get_nowait(self) -> T:
+        """Return an item if one is there now.
+
+        :raises queue.Empty: none is, or the reader lock is held elsewhere.
+        """
+        self._check_open()
+        if self._get_lock.locked():
+            raise queue.Empty
+        if self._kept:
+            item = self._kept.popleft()
+            return self._unpickle(item) if self._parts is not None else item  # type: ignore[no-any-return]
+        if self._parts is None:
+            return self._get_nowait_threaded()  # type: ignore[no-any-return]
+        if not self._rlock_held:
+            if self._available() == 0 or not self._parts.rlock.acquire(False):
+                raise queue.Empty
+            self._rlock_held = True
+        frame = self._read_available()
+        if frame is None:
+            if self._decoder.at_boundary:
+                self._release_rlock()
+            # else: a producer is mid-write; the lock and the partial item stay with
+            # this adapter and the next get() finishes them.
+            raise queue.Empty
+        return self._unpickle(frame)
+
+    async def get_many(self, max_items: int, timeout: float | None = None) -> list[T]:
+        """Wait for at least one item, then take whatever else is there, up to
+        *max_items*, without waiting longer.
+
+        Cancellation and errors: as :meth:`get`.
+        """
+        if max_items < 1:
+            raise ValueError("max_items must be at least 1")
+        items = [await self.get(timeout)]
+        while len(items) < max_items:
+            try:
+                items.append(self.get_nowait())
+            except queue.Empty:
+                break
+        return items
+
+    # fd route ------------------------------------------------------------------------
+
+    def _available(self) -> int:
+        return self._transport.available()
+
+    def _release_rlock(self) -> None:
+        self._rlock_held = False
+        assert self._parts is not None
+        self._parts.rlock.release()
+
+    def _read_available(self) -> bytes | None:
+        """With the lock held: read no further than one frame; return it if whole."""
+        decoder = self._decoder
+        while True:
+            try:
+                frame = decoder.next_frame()
+            except WireError as exc:
+                self._fail(f"corrupt queue framing: {exc}")
+            if frame is not None:
+                self._release_rlock()
+                assert self._parts is not None
+                if self._parts.sem is not None:
+                    self._parts.sem.release()
+                return frame
+            data = self._transport.read_some(decoder.bytes_wanted())
+            if data is None:
+                return None
+            if not data:
+                self._fail("the queue's pipe was closed mid-item")
+            decoder.feed(data)
+
+    def _fail(self, reason: str) -> Any:
+        self._broken = reason
+        if self._rlock_held:
+            self._release_rlock()
+        raise anyio.BrokenResourceError(reason)
+
+    async def _wait_readable(self) -> None:
+        if self._waiter is None:
+            self._waiter = ReadinessWaiter(self._fd)
+        await self._waiter.wait()
+
+    async def _get_frame(self) -> bytes:
+        if self._kept:
+            await _fast_checkpoint()
+            return self._kept.popleft()  # type: ignore[no-any-return]
+        await _fast_checkpoint()
+        assert self._parts is not None
+        while True:
+            self._check_open()
+            if not self._rlock_held:
+                if self._available() == 0:
+                    await self._wait_readable()
+                    continue
+                if not self._parts.rlock.acquire(False):
+                    await self._acquire_contended()
+                    self._check_open()
+                self._rlock_held = True
+            frame = self._read_available()
+            if frame is not None:
+                return frame
+            if self._decoder.at_boundary:
+                # Somebody else took the item between readiness and the lock.
+                self._release_rlock()
+                continue
+            return await self._finish_frame()
+
+    async def _finish_frame(self) -> bytes:
+        """Part of a frame is read and the lock is held: finish it, shielded."""
+        frame: bytes | None = None
+        with anyio.CancelScope(shield=True):
+            while frame is None:
+                with anyio.move_on_after(self._stall_timeout):
+                    await self._wait_readable()
+                    frame = self._read_available()
+                    if frame is None:
+                        await cancel_shielded_checkpoint()
+                    continue
+                self._fail(
+                    f"a producer stopped mid-item: no progress for {self._stall_timeout} s "
+                    f"with {self._decoder.buffered} bytes of it read"
+                )
+        try:
+            await checkpoint_if_cancelled()
+        except BaseException:
+            self._kept.append(frame)
+            raise
+        return frame
+
+    async def _acquire_contended(self) -> None:
+        """Wait for the reader lock in a thread, as a sync consumer would."""
+        assert self._parts is not None
+        rlock = self._parts.rlock
+        handoff = _LockHandoff()
+
+        def acquire(call: BlockingCall[bool]) -> bool:
+            while not call.stopping:
+                if rlock.acquire(True, _SLICE):
+                    with handoff.guard:
+                        if call.stopping:
+                            rlock.release()
+                            return False
+                        handoff.acquired = True
+                    return True
+            return False
+
+        call: BlockingCall[bool] = BlockingCall(acquire, name="asyncmp-queue-rlock")
+        await call.start()
+        self._calls.add(call)
+        try:
+            await call.wait()
+        except BaseException:
+            with handoff.guard:
+                call.request_stop()
+                if handoff.acquired:
+                    handoff.acquired = False
+                    rlock.release()
+            raise
+        finally:
+            if call.done:
+                self._calls.discard(call)
+        if not call.result():
+            raise anyio.ClosedResourceError
+
+    # thread route --------------------------------------------------------------------
+
+    async def _get_threaded(self) -> Any:
+        if self._kept:
+            await _fast_checkpoint()
+            return self._kept.popleft()
+        call = self._pending_get
+        if call is None:
+            await checkpoint_if_cancelled()
+            q = self._q
+
+            def blocking_get(c: BlockingCall[Any]) -> Any:
+                while not c.stopping:
+                    try:
+                        return q.get(True, _SLICE)
+                    except queue.Empty:
+                        continue
+                raise anyio.ClosedResourceError
+
+            call = BlockingCall(blocking_get, name="asyncmp-queue-get")
+            await call.start()
+            self._calls.add(call)
+            self._pending_get = call
+        await call.wait()  # if cancelled, the call goes on and the next get collects it
+        self._pending_get = None
+        self._calls.discard(call)
+        self._check_open()
+        return call.result()
+
+    def _get_nowait_threaded(self) -> Any:
+        call = self._pending_get
+        if call is not None:
+            if not call.done:
+                raise queue.Empty
+            self._pending_get = None
+            self._calls.discard(call)
+            return call.result()
+        return self._q.get_nowait()
+
+    # -- putting ------------------------------------------------------------------------
+
+    def _prepare(self, obj: Any) -> Any:
+        if self._is_mp_queue:
+            # Pickle now: an unpicklable object raises here, not in the feeder thread.
+            buf = io.BytesIO()
+            ForkingPickler(buf, pickle.HIGHEST_PROTOCOL).dump(obj)
+            return _Prepickled(buf.getvalue())
+        return obj
+
+    def put_nowait(self, obj: T) -> None:
+        """Put *obj* if there is room now.
+
+        :raises queue.Full: a bounded queue is full.
+        :raises pickle.PicklingError: (or what pickling raises) *obj* can't be pickled;
+            nothing was put.
+        """
+        self._check_open()
+        item = self._prepare(obj)
+        if isinstance(self._q, multiprocessing.queues.SimpleQueue):
+            raise TypeError("a SimpleQueue has no put_nowait(); use await put()")
+        self._q.put_nowait(item)
+
+    async def put(self, obj: T, timeout: float | None = None) -> None:
+        """Put *obj* into the queue, waiting for room in a bounded queue.
+
+        If cancelled (a timeout is a cancellation), the item was not put; a put that
+        returned did put it. *obj* is pickled here first, so an unpicklable object
+        raises in the caller and nothing is put.
+
+        :raises queue.Full: no room came within *timeout* seconds.
+        :raises anyio.ClosedResourceError: the adapter was closed.
+        """
+        self._check_open()
+        item = self._prepare(obj)
+        plain_queue = self._is_mp_queue and not isinstance(
+            self._q, multiprocessing.queues.JoinableQueue
+        )
+        if plain_queue:
+            # Queue.put(block=False) only takes a semaphore and appends to the feeder's
+            # buffer: it never blocks.
+            await checkpoint_if_cancelled()
+            try:
+                self._q.put(item, False)
+            except queue.Full:
+                pass
+            else:
+                await cancel_shielded_checkpoint()
+                return
+        if timeout is None:
+            await self._put_threaded(item)
+            return
+        with anyio.move_on_after(timeout):
+            await self._put_threaded(item)
+            return
+        raise queue.Full
+
+    async def _put_threaded(self, item: Any) -> None:
+        q = self._q
+
+        def blocking_put(c: BlockingCall[bool]) -> bool:
+            if isinstance(q, multiprocessing.queues.SimpleQueue):
+                q.put(item)
+                return True
+            while not c.stopping:
+                try:
+                    q.put(item, True, _SLICE)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        await checkpoint_if_cancelled()
+        call: BlockingCall[bool] = BlockingCall(blocking_put, name="asyncmp-queue-put")
+        await call.start()
+        self._calls.add(call)
+        try:
+            await call.wait()
+        except anyio.get_cancelled_exc_class():
+            # Stop the thread and learn whether its last try got in: a put that got in
+            # is reported as done, one that did not as cancelled. Never both.
+            call.request_stop()
+            with anyio.CancelScope(shield=True):
+                await call.wait()
+            self._calls.discard(call)
+            if call.result():
+                return
+            raise
+        self._calls.discard(call)
+        if not call.result():
+            raise anyio.ClosedResourceError
+
+    # -- joinable queues ----------------------------------------------------------------
+
+    def task_done(self) -> None:
+        """As ``JoinableQueue.task_done()``."""
+        self._q.task_done()
+
+    async def join(self) -> None:
+        """Wait until every item put has been marked done (``JoinableQueue.join``).
+
+        If cancelled, nothing changed.
+        """
+        self._check_open()
+        parts = self._joinable
+        q = self._q
+
+        def blocking_join(c: BlockingCall[bool]) -> bool:
+            if parts is None:
+                q.join()
+                return True
+            cond, is_done = parts
+            while not c.stopping:
+                with cond:
+                    if is_done():
+                        return True
+                    cond.wait(_SLICE)
+            return False
+
+        call: BlockingCall[bool] = BlockingCall(blocking_join, name="asyncmp-queue-join")
+        await call.start()
+        self._calls.add(call)
+        try:
+            await call.wait()
+        except BaseException:
+            call.request_stop()
+            raise
+        self._calls.discard(call)
+        call.result()
+
+    # -- closing ------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Stop this adapter and flush what this process put.
+
+        Waiting tasks get ``anyio.ClosedResourceError``. For a multiprocessing
+        ``Queue`` it then closes the queue *in this process* and waits, without
+        blocking the loop, until the feeder thread has written everything this process
+        put (as ``Queue.close()`` plus ``join_thread()``). Other processes keep their
+        handles. Items this adapter took but did not hand out are dropped.
+        """
+        if self._closed:
+            await checkpoint()
+            return
+        self._closed = True
+        if self._parts is not None and self._waiter is not None:
+            self._waiter.close()
+        calls = list(self._calls)
+        for call in calls:
+            call.request_stop()
+        with anyio.CancelScope(shield=True):
+            for call in calls:
+                await call.wait()
+            for call in calls:
+                call.join()
+            self._calls.clear()
+            if self._parts is not None:
+                if self._rlock_held:
+                    self._release_rlock()
+                self._transport.close()
+        await self._flush()
+
+    async def _flush(self) -> None:
+        """Close the queue in this process and wait for its feeder to write it all.
+
+        If cancelled, the feeder goes on writing in the background, as after
+        ``Queue.close()`` without ``join_thread()``.
+        """
+        q = self._q
+        if isinstance(q, multiprocessing.queues.SimpleQueue):
+            q.close()
+        if not isinstance(q, multiprocessing.queues.Queue):
+            await checkpoint()
+            return
+        q.close()
+        feeder = _mpinternals.feeder_thread(q)
+        if feeder is None or not feeder.is_alive():
+            await checkpoint()
+            return
+
+        def wait_for_feeder(c: BlockingCall[None]) -> None:
+            while feeder.is_alive() and not c.stopping:
+                feeder.join(_SLICE)
+
+        call: BlockingCall[None] = BlockingCall(wait_for_feeder, name="asyncmp-queue-flush")
+        await call.start()
+        try:
+            await call.wait()
+        finally:
+            call.request_stop()
+            call.join()
+
+    async def __aenter__(self) -> AsyncQueue[T]:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        route = "threads" if self.uses_threads else "fd"
+        return f"<asyncmp.AsyncQueue route={route} queue={self._q!r}>"
+
+
+def Queue(maxsize: int = 0, *, context: Any = None, **kwargs: Any) -> AsyncQueue[Any]:
+    """Create a ``multiprocessing.Queue`` and its adapter in one step."""
+    ctx = context if context is not None else multiprocessing.get_context()
+    return AsyncQueue(ctx.Queue(maxsize), **kwargs)
+
+
+def JoinableQueue(maxsize: int = 0, *, context: Any = None, **kwargs: Any) -> AsyncQueue[Any]:
+    """Create a ``multiprocessing.JoinableQueue`` and its adapter in one step."""
+    ctx = context if context is not None else multiprocessing.get_context()
+    return AsyncQueue(ctx.JoinableQueue(maxsize), **kwargs)
+
+
+def SimpleQueue(*, context: Any = None, **kwargs: Any) -> AsyncQueue[Any]:
+    """Create a ``multiprocessing.SimpleQueue`` and its adapter in one step."""
+    ctx = context if context is not None else multiprocessing.get_context()
+    return AsyncQueue(ctx.SimpleQueue(), **kwargs)
+
