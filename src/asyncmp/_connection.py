@@ -192,6 +192,10 @@ class _FdIO:
             await self._wwait.wait()
 
     async def send_frame(self, payload: memoryview) -> None:
+        # A send that finds room never waits, so without this a loop of sends would
+        # never give the event loop a turn. Before the first byte: a cancelled send
+        # sends nothing.
+        await _fast_checkpoint()
         header = encode_header(len(payload))
         if len(payload) <= _COALESCE_LIMIT:
             parts = [memoryview(header + payload)]
@@ -294,9 +298,7 @@ class _ThreadIO:
                 self.broken = f"message exceeds the limit of {limit} bytes"
                 raise ProtocolError(self.broken) from None
             if exc.args and "end of file" in str(exc.args[0]):
-                raise ConnectionEOF(
-                    "the peer closed the connection mid-message"
-                ) from None
+                raise ConnectionEOF("the peer closed the connection mid-message") from None
             if exc.errno in (errno.ECONNRESET, errno.ECONNABORTED):
                 raise ConnectionEOF("the peer closed the connection") from None
             raise
@@ -313,9 +315,7 @@ class _ThreadIO:
         call = self._pending_recv
         if call is None:
             await checkpoint_if_cancelled()
-            call = BlockingCall(
-                lambda c: self._blocking_recv(c, maxlength), name="asyncmp-recv"
-            )
+            call = BlockingCall(lambda c: self._blocking_recv(c, maxlength), name="asyncmp-recv")
             await call.start()
             self._track(call)
             self._pending_recv = call

@@ -45,7 +45,7 @@ import stat
 import sys
 import termios
 import weakref
-from typing import Protocol
+from typing import Any, Protocol
 
 import anyio
 
@@ -105,6 +105,30 @@ def close_quietly(fd: int) -> None:
 # ---------------------------------------------------------------------------------------
 
 
+def _open_helper(fd: int, writable: bool) -> tuple[Any, int]:
+    """Return an epoll or kqueue object watching *fd*, and the descriptor to give the loop."""
+    if sys.platform == "linux":
+        ep = select.epoll()
+        try:
+            ep.register(fd, select.EPOLLOUT if writable else select.EPOLLIN)
+        except BaseException:
+            ep.close()
+            raise
+        return ep, ep.fileno()
+    if sys.platform == "darwin" or "bsd" in sys.platform:  # type: ignore[unreachable, unused-ignore]
+        kq = select.kqueue()
+        try:
+            kfilter = select.KQ_FILTER_WRITE if writable else select.KQ_FILTER_READ
+            kq.control([select.kevent(fd, kfilter, select.KQ_EV_ADD)], 0, 0)
+        except BaseException:
+            kq.close()
+            raise
+        return kq, kq.fileno()
+    # No epoll or kqueue: the loop watches the descriptor itself. Flag-safe on trio and
+    # asyncio's selector loops; not under uvloop.
+    return None, fd  # pragma: no cover
+
+
 class ReadinessWaiter:
     """Wait until a descriptor is readable (or writable) without touching its flags.
 
@@ -117,29 +141,7 @@ class ReadinessWaiter:
 
     def __init__(self, fd: int, *, writable: bool = False) -> None:
         self._closed = False
-        self._helper: select.epoll | select.kqueue | None
-        if hasattr(select, "epoll"):
-            ep = select.epoll()
-            try:
-                ep.register(fd, select.EPOLLOUT if writable else select.EPOLLIN)
-            except BaseException:
-                ep.close()
-                raise
-            self._helper = ep
-            self._helper_fd = ep.fileno()
-        elif hasattr(select, "kqueue"):
-            kq = select.kqueue()
-            try:
-                kfilter = select.KQ_FILTER_WRITE if writable else select.KQ_FILTER_READ
-                kq.control([select.kevent(fd, kfilter, select.KQ_EV_ADD)], 0, 0)
-            except BaseException:
-                kq.close()
-                raise
-            self._helper = kq
-            self._helper_fd = kq.fileno()
-        else:  # pragma: no cover - no epoll or kqueue: let the loop watch the fd itself
-            self._helper = None
-            self._helper_fd = fd
+        self._helper, self._helper_fd = _open_helper(fd, writable)
         register_fork_owned(self)
 
     def fileno(self) -> int:

@@ -46,7 +46,7 @@ import threading
 from collections import deque
 from multiprocessing.reduction import ForkingPickler
 from types import TracebackType
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NoReturn, TypeVar
 
 import anyio
 from anyio.lowlevel import cancel_shielded_checkpoint, checkpoint, checkpoint_if_cancelled
@@ -170,7 +170,7 @@ class AsyncQueue(Generic[T]):
 
     # -- getting ------------------------------------------------------------------------
 
-    async def get(self, timeout: float | None = None) -> T:
+    async def get(self, timeout: float | None = None) -> T:  # noqa: ASYNC109 (the stdlib's name)
         """Remove and return an item, waiting for one if needed.
 
         If cancelled (a timeout is a cancellation), no item was lost: either none was
@@ -207,7 +207,7 @@ class AsyncQueue(Generic[T]):
             raise queue.Empty
         if self._kept:
             item = self._kept.popleft()
-            return self._unpickle(item) if self._parts is not None else item  # type: ignore[no-any-return]
+            return self._unpickle(item) if self._parts is not None else item
         if self._parts is None:
             return self._get_nowait_threaded()  # type: ignore[no-any-return]
         if not self._rlock_held:
@@ -223,7 +223,7 @@ class AsyncQueue(Generic[T]):
             raise queue.Empty
         return self._unpickle(frame)
 
-    async def get_many(self, max_items: int, timeout: float | None = None) -> list[T]:
+    async def get_many(self, max_items: int, timeout: float | None = None) -> list[T]:  # noqa: ASYNC109 (the stdlib's name)
         """Wait for at least one item, then take whatever else is there, up to
         *max_items*, without waiting longer.
 
@@ -270,7 +270,7 @@ class AsyncQueue(Generic[T]):
                 self._fail("the queue's pipe was closed mid-item")
             decoder.feed(data)
 
-    def _fail(self, reason: str) -> Any:
+    def _fail(self, reason: str) -> NoReturn:
         self._broken = reason
         if self._rlock_held:
             self._release_rlock()
@@ -321,6 +321,7 @@ class AsyncQueue(Generic[T]):
                     f"a producer stopped mid-item: no progress for {self._stall_timeout} s "
                     f"with {self._decoder.buffered} bytes of it read"
                 )
+        assert frame is not None
         try:
             await checkpoint_if_cancelled()
         except BaseException:
@@ -338,7 +339,7 @@ class AsyncQueue(Generic[T]):
             while not call.stopping:
                 if rlock.acquire(True, _SLICE):
                     with handoff.guard:
-                        if call.stopping:
+                        if call.stop_requested():
                             rlock.release()
                             return False
                         handoff.acquired = True
@@ -425,7 +426,7 @@ class AsyncQueue(Generic[T]):
             raise TypeError("a SimpleQueue has no put_nowait(); use await put()")
         self._q.put_nowait(item)
 
-    async def put(self, obj: T, timeout: float | None = None) -> None:
+    async def put(self, obj: T, timeout: float | None = None) -> None:  # noqa: ASYNC109 (the stdlib's name)
         """Put *obj* into the queue, waiting for room in a bounded queue.
 
         If cancelled (a timeout is a cancellation), the item was not put; a put that
@@ -626,4 +627,3 @@ def SimpleQueue(*, context: Any = None, **kwargs: Any) -> AsyncQueue[Any]:
     """Create a ``multiprocessing.SimpleQueue`` and its adapter in one step."""
     ctx = context if context is not None else multiprocessing.get_context()
     return AsyncQueue(ctx.SimpleQueue(), **kwargs)
-

@@ -73,6 +73,10 @@ class BlockingCall(Generic[T]):
         """True once the owner asked the call to give up at its next time slice."""
         return self._stop.is_set()
 
+    def stop_requested(self) -> bool:
+        """Like :attr:`stopping`, as a call (re-read each time, never narrowed)."""
+        return self._stop.is_set()
+
     @property
     def done(self) -> bool:
         return self._done.is_set()
