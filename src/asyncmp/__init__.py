@@ -8,6 +8,11 @@ from ._connection import Pipe as Pipe
 from ._exceptions import AsyncmpError as AsyncmpError
 from ._exceptions import ConnectionEOF as ConnectionEOF
 from ._exceptions import ProtocolError as ProtocolError
+from ._process import AsyncProcess as AsyncProcess
+from ._process import Worker as Worker
+from ._process import WorkerExited as WorkerExited
+from ._process import open_process as open_process
+from ._process import open_worker as open_worker
 from ._queue import DEFAULT_STALL_TIMEOUT as DEFAULT_STALL_TIMEOUT
 from ._queue import AsyncQueue as AsyncQueue
 from ._queue import JoinableQueue as JoinableQueue
@@ -20,6 +25,7 @@ __all__ = (
     "DEFAULT_STALL_TIMEOUT",
     "SEND_SHIELD_SECONDS",
     "AsyncConnection",
+    "AsyncProcess",
     "AsyncQueue",
     "AsyncmpError",
     "ConnectionEOF",
@@ -28,6 +34,10 @@ __all__ = (
     "ProtocolError",
     "Queue",
     "SimpleQueue",
+    "Worker",
+    "WorkerExited",
+    "open_process",
+    "open_worker",
 )
 
 __version__ = "0.1.0"
