@@ -21,6 +21,7 @@ lock per direction.
 from __future__ import annotations
 
 import errno
+import io
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -75,10 +76,43 @@ async def _fast_checkpoint() -> None:
         await checkpoint_if_cancelled()
 
 
+def _dumps(obj: Any) -> bytes:
+    """Pickle *obj* as ``Connection.send()`` does, into ``bytes``.
+
+    ``ForkingPickler.dumps()`` returns a memoryview exported from a BytesIO. If that view
+    ends up in a reference cycle (an exception's traceback kept by a thread-route call
+    holds the frames that hold it), Python 3.13's garbage collector finalizes the BytesIO
+    before the view and reports a BufferError. ``getvalue()`` hands over the BytesIO's
+    own buffer, without a copy.
+    """
+    buf = io.BytesIO()
+    ForkingPickler(buf).dump(obj)
+    return buf.getvalue()
+
+
 def _eof(decoder_at_boundary: bool, held: int) -> ConnectionEOF:
     if decoder_at_boundary:
         return ConnectionEOF("the peer closed the connection")
     return ConnectionEOF(f"the peer closed the connection mid-message ({held} bytes of it held)")
+
+
+def _shutdown_socket_write(fd: int) -> None:
+    """``shutdown(SHUT_WR)`` on a socket *fd*; nothing on anything else (no half-close)."""
+    dup = os.dup(fd)
+    try:
+        sock = socket.socket(fileno=dup)
+    except OSError:
+        # Not a socket (a pipe has no half-close). socket() leaves the descriptor
+        # open when it fails; a stray copy of a pipe's write end would keep the
+        # peer from ever seeing EOF.
+        os.close(dup)
+        return
+    try:
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    finally:
+        sock.close()
 
 
 class _FdIO:
@@ -231,21 +265,7 @@ class _FdIO:
 
     def _shutdown_write(self) -> None:
         # Never leave a torn frame followed by more data: make the peer see EOF.
-        dup = os.dup(self._fd)
-        try:
-            sock = socket.socket(fileno=dup)
-        except OSError:
-            # Not a socket (a pipe has no half-close). socket() leaves the descriptor
-            # open when it fails; a stray copy of a pipe's write end would keep the
-            # peer from ever seeing EOF.
-            os.close(dup)
-            return
-        try:
-            sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-        finally:
-            sock.close()
+        _shutdown_socket_write(self._fd)
 
     def send_eof(self) -> None:
         self._shutdown_write()
@@ -268,13 +288,21 @@ class _FdIO:
 
 
 class _ThreadIO:
-    """Route for handles the loop can't watch: the stdlib's calls in asyncmp threads."""
+    """Route for handles the loop can't watch: blocking calls in asyncmp threads.
 
-    __slots__ = ("_calls", "_closed", "_conn", "_limit", "_pending_recv", "broken")
+    Receiving: a Windows pipe handle is message-mode, so the stdlib's ``recv_bytes()``
+    reads exactly one whole message once ``poll()`` says one is there. A POSIX
+    descriptor is a byte stream, so there the thread waits with ``poll()`` and frames
+    the bytes with the same non-blocking decoder as the fd route (``_FdIO``): hostile
+    headers, partial messages and memory bounds behave exactly as on that route.
+    """
+
+    __slots__ = ("_calls", "_closed", "_conn", "_frames", "_limit", "_pending_recv", "broken")
 
     def __init__(self, conn: Connection, max_message_size: int | None) -> None:
         self._conn = conn
         self._limit = max_message_size
+        self._frames = _FdIO(conn, max_message_size) if sys.platform != "win32" else None
         self._pending_recv: BlockingCall[bytes] | None = None
         self._calls: set[BlockingCall[Any]] = set()
         self._closed = False
@@ -282,8 +310,14 @@ class _ThreadIO:
 
     def _blocking_recv(self, call: BlockingCall[bytes], maxlength: int | None) -> bytes:
         conn = self._conn
+        frames = self._frames
         while not call.stopping:
-            if conn.poll(_THREAD_SLICE):
+            if frames is not None:
+                try:
+                    return frames.recv_frame_nowait(maxlength)
+                except anyio.WouldBlock:
+                    conn.poll(_THREAD_SLICE)
+            elif conn.poll(_THREAD_SLICE):  # pragma: no cover - Windows
                 return self._stdlib_recv(maxlength)
         raise anyio.ClosedResourceError
 
@@ -309,7 +343,14 @@ class _ThreadIO:
     def _finished(self, call: BlockingCall[Any]) -> None:
         self._calls.discard(call)
         if self._closed and not self._calls:
-            self._conn.close()
+            self._release()
+
+    def _release(self) -> None:
+        # Only once no thread uses the handle: closing a descriptor under a thread that
+        # still reads or writes it could hand that thread a reused descriptor number.
+        if self._frames is not None:
+            self._frames.close()
+        self._conn.close()
 
     async def recv_frame(self, maxlength: int | None) -> bytes:
         call = self._pending_recv
@@ -335,10 +376,12 @@ class _ThreadIO:
             if not call.done:
                 raise anyio.WouldBlock
             return self._collect(call)
+        if self._frames is not None:
+            return self._frames.recv_frame_nowait(maxlength)
         # Windows pipes are message mode: poll() true means a whole message is there.
-        if not self._conn.poll(0):
+        if not self._conn.poll(0):  # pragma: no cover - Windows
             raise anyio.WouldBlock
-        return self._stdlib_recv(maxlength)
+        return self._stdlib_recv(maxlength)  # pragma: no cover - Windows
 
     async def send_frame(self, payload: memoryview) -> None:
         def blocking_send(call: BlockingCall[None]) -> None:
@@ -366,14 +409,17 @@ class _ThreadIO:
         call.result()
 
     def send_eof(self) -> None:
-        pass
+        # A Windows pipe handle has no half-close, and os.dup() can't copy a Windows
+        # socket handle; POSIX descriptors get what the fd route does.
+        if sys.platform != "win32":
+            _shutdown_socket_write(self._conn.fileno())
 
     def close(self) -> None:
         self._closed = True
         for call in self._calls:
             call.request_stop()
         if not self._calls:
-            self._conn.close()
+            self._release()
 
     async def aclose(self) -> None:
         self.close()
@@ -415,6 +461,9 @@ class AsyncConnection(ObjectStream[Any]):
     ) -> None:
         if conn.closed:
             raise anyio.ClosedResourceError("the connection is already closed")
+        if max_message_size is not None and max_message_size < 0:
+            # Checked before the route opens descriptors of its own.
+            raise ValueError(f"max_message_size={max_message_size} is negative")
         if use_threads is None:
             use_threads = sys.platform == "win32"
         self._conn = conn
@@ -424,6 +473,9 @@ class AsyncConnection(ObjectStream[Any]):
         self._recv_lock = anyio.Lock(fast_acquire=True)
         self._send_lock = anyio.Lock(fast_acquire=True)
         self._closed = False
+        # Set by the first ProtocolError: the incoming stream can't be trusted from then
+        # on, whatever the route would make of the bytes that follow.
+        self._protocol_error: str | None = None
         if register_fork_owned is not None:
             register_fork_owned(self)
 
@@ -462,11 +514,15 @@ class AsyncConnection(ObjectStream[Any]):
 
     def _check_readable(self) -> None:
         self._check_open()
+        if self._protocol_error is not None:
+            raise ProtocolError(self._protocol_error)
         if not self._conn.readable:
             raise OSError("connection is write-only")
 
     def _check_writable(self) -> None:
         self._check_open()
+        if self._protocol_error is not None:
+            raise anyio.BrokenResourceError(self._protocol_error)
         if self._io.broken is not None:
             raise anyio.BrokenResourceError(self._io.broken)
         if not self._conn.writable:
@@ -491,7 +547,11 @@ class AsyncConnection(ObjectStream[Any]):
         self._check_readable()
         async with self._recv_lock:
             self._check_readable()
-            return await self._io.recv_frame(maxlength)
+            try:
+                return await self._io.recv_frame(maxlength)
+            except ProtocolError as exc:
+                self._protocol_error = str(exc)
+                raise
 
     async def recv(self) -> Any:
         """Receive the next message and unpickle it, as ``Connection.recv()`` does.
@@ -511,7 +571,12 @@ class AsyncConnection(ObjectStream[Any]):
         self._check_readable()
         if self._recv_lock.locked():
             raise anyio.WouldBlock
-        return ForkingPickler.loads(self._io.recv_frame_nowait(None))
+        try:
+            frame = self._io.recv_frame_nowait(None)
+        except ProtocolError as exc:
+            self._protocol_error = str(exc)
+            raise
+        return ForkingPickler.loads(frame)
 
     async def receive(self) -> Any:
         """``anyio.abc.ObjectReceiveStream`` name for :meth:`recv`."""
@@ -555,15 +620,19 @@ class AsyncConnection(ObjectStream[Any]):
         nothing is sent. Cancellation: as :meth:`send_bytes`.
         """
         self._check_writable()
-        await self.send_bytes(ForkingPickler.dumps(obj))
+        await self.send_bytes(_dumps(obj))
 
     async def send_eof(self) -> None:
         """Tell the peer no more messages come (``shutdown(SHUT_WR)`` on a socket).
 
         On a pipe end, which has no half-close, this does nothing; close it instead.
+        It waits for the sends in progress or queued before it, so their messages go
+        out whole. If cancelled while waiting, nothing happened.
         """
         self._check_open()
-        self._io.send_eof()
+        async with self._send_lock:
+            self._check_open()
+            self._io.send_eof()
         await checkpoint()
 
     # -- closing ------------------------------------------------------------------------
@@ -634,4 +703,9 @@ def Pipe(
     """Return ``(async_end, worker_end)``: the first for this process, the second to hand
     to a worker. With ``duplex=False`` the async end is the receiving one."""
     a, b = multiprocessing.Pipe(duplex)
-    return AsyncConnection(a, max_message_size=max_message_size, use_threads=use_threads), b
+    try:
+        return AsyncConnection(a, max_message_size=max_message_size, use_threads=use_threads), b
+    except BaseException:
+        a.close()
+        b.close()
+        raise

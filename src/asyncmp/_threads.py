@@ -126,9 +126,13 @@ class BlockingCall(Generic[T]):
     async def wait(self) -> None:
         """Wait until the function has returned or raised.
 
-        If cancelled, the call goes on in its thread; its outcome is kept.
+        If cancelled, the call goes on in its thread; its outcome is kept. Once it
+        returns, the thread has ended too.
         """
         await self._done.wait()
+        if self._thread is not None:
+            # The thread signalled from its last lines: this join is immediate.
+            self._thread.join()
 
     def result(self) -> T:
         """Return what the function returned, or raise what it raised."""
