@@ -338,7 +338,10 @@ class _ThreadIO:
             raise
 
     def _track(self, call: BlockingCall[Any]) -> None:
+        # Abandoned calls (a cancelled send past its shield) are collected whenever
+        # they end, and the last one out closes the handle if this end was closed.
         self._calls.add(call)
+        call.add_done_callback(self._finished)
 
     def _finished(self, call: BlockingCall[Any]) -> None:
         self._calls.discard(call)
@@ -442,14 +445,19 @@ class AsyncConnection(ObjectStream[Any]):
     then on: closing the AsyncConnection closes *conn*. The peer can be a plain
     synchronous Connection; the bytes on the wire are the stdlib's.
 
+    On POSIX the descriptor is closed in any child forked after this call, so a worker
+    never holds a copy of this end and sees EOF once it is closed here.
+
+    ``async for msg in conn`` receives until the peer closes its end (the iteration then
+    ends instead of raising :class:`ConnectionEOF`); each step is a :meth:`recv`, with its
+    cancellation behaviour and exceptions. ``async with conn`` calls :meth:`aclose` on the
+    way out.
+
     :param max_message_size: the largest payload accepted, in bytes. A header that
         announces more raises :class:`ProtocolError` before anything of that size is
         allocated. ``None`` means no limit.
     :param use_threads: ``None`` picks the route by platform: descriptor readiness on
         POSIX, threads on Windows. ``True`` forces the thread route anywhere.
-
-    On POSIX the descriptor is closed in any child forked after this call, so a worker
-    never holds a copy of this end and sees EOF once it is closed here.
     """
 
     def __init__(
@@ -541,6 +549,8 @@ class AsyncConnection(ObjectStream[Any]):
         :raises ProtocolError: the stream broke the framing, or a message exceeds
             ``max_message_size`` or *maxlength*. The connection is broken from then on.
         :raises anyio.ClosedResourceError: this end was closed, before or during the call.
+        :raises ValueError: *maxlength* is negative.
+        :raises OSError: this end is write-only (the sending end of ``Pipe(False)``).
         """
         if maxlength is not None and maxlength < 0:
             raise ValueError("negative maxlength")
@@ -567,6 +577,9 @@ class AsyncConnection(ObjectStream[Any]):
 
         :raises anyio.WouldBlock: no whole message is there (or another task is
             receiving); bytes of a partial one stay buffered.
+        :raises ConnectionEOF: the peer closed its end and every message was delivered.
+        :raises ProtocolError: as for :meth:`recv_bytes`.
+        :raises anyio.ClosedResourceError: this end was closed.
         """
         self._check_readable()
         if self._recv_lock.locked():
@@ -579,7 +592,11 @@ class AsyncConnection(ObjectStream[Any]):
         return ForkingPickler.loads(frame)
 
     async def receive(self) -> Any:
-        """``anyio.abc.ObjectReceiveStream`` name for :meth:`recv`."""
+        """``anyio.abc.ObjectReceiveStream`` name for :meth:`recv`.
+
+        Cancellation and exceptions: as :meth:`recv` (a clean EOF raises
+        :class:`ConnectionEOF`, which is an ``anyio.EndOfStream``).
+        """
         return await self.recv()
 
     # -- sending ------------------------------------------------------------------------
@@ -595,6 +612,8 @@ class AsyncConnection(ObjectStream[Any]):
         :raises anyio.BrokenResourceError: the peer is gone, or an earlier send broke
             the connection.
         :raises anyio.ClosedResourceError: this end was closed.
+        :raises ValueError: *offset* or *size* is negative or beyond the buffer.
+        :raises OSError: this end is read-only (the receiving end of ``Pipe(False)``).
         """
         view = memoryview(buf).cast("B")
         n = len(view)
@@ -618,6 +637,11 @@ class AsyncConnection(ObjectStream[Any]):
 
         The object is pickled first, in the caller: an unpicklable object raises here and
         nothing is sent. Cancellation: as :meth:`send_bytes`.
+
+        :raises pickle.PicklingError: (or whatever pickling raises) *obj* can't be
+            pickled; nothing was sent.
+        :raises anyio.BrokenResourceError: as for :meth:`send_bytes`.
+        :raises anyio.ClosedResourceError: this end was closed.
         """
         self._check_writable()
         await self.send_bytes(_dumps(obj))
@@ -628,6 +652,8 @@ class AsyncConnection(ObjectStream[Any]):
         On a pipe end, which has no half-close, this does nothing; close it instead.
         It waits for the sends in progress or queued before it, so their messages go
         out whole. If cancelled while waiting, nothing happened.
+
+        :raises anyio.ClosedResourceError: this end was closed.
         """
         self._check_open()
         async with self._send_lock:
@@ -649,7 +675,8 @@ class AsyncConnection(ObjectStream[Any]):
     async def aclose(self) -> None:
         """Close this end; on the thread route, also wait for asyncmp's threads to end.
 
-        It is a checkpoint; closing happens even if it is cancelled.
+        It is a checkpoint; closing happens even if it is cancelled. It raises nothing,
+        and closing a closed end does nothing.
         """
         if not self._closed:
             self._closed = True

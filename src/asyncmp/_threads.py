@@ -67,6 +67,7 @@ class BlockingCall(Generic[T]):
         self._thread: threading.Thread | None = None
         self._limiter: anyio.CapacityLimiter | None = None
         self._notify: Callable[[Callable[[], object]], object] | None = None
+        self._callbacks: list[Callable[[BlockingCall[T]], object]] = []
 
     @property
     def stopping(self) -> bool:
@@ -122,6 +123,17 @@ class BlockingCall(Generic[T]):
             self._limiter.release_on_behalf_of(self)
             self._limiter = None
         self._done.set()
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback(self)
+
+    def add_done_callback(self, callback: Callable[[BlockingCall[T]], object]) -> None:
+        """Run ``callback(self)`` in the event loop once the call has finished, even if
+        nobody awaits it any more (an abandoned call still gets cleaned up)."""
+        if self._done.is_set():
+            callback(self)
+        else:
+            self._callbacks.append(callback)
 
     async def wait(self) -> None:
         """Wait until the function has returned or raised.

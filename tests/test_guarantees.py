@@ -1,0 +1,902 @@
+"""The hard guarantees of :class:`asyncmp.AsyncConnection`, tested under stress.
+
+The plain API is tested in ``test_connection.py``. This module tests what the design
+promises beyond it:
+
+1. A cancelled receive loses nothing, even cut in the middle of a frame.
+2. A send cancelled mid-frame either finishes under the shield or breaks the connection
+   so that the peer sees EOF; a send cancelled before its first byte sends nothing.
+3. The event loop never stalls while 64 MiB go either way.
+4. The shared descriptor's flags never change (uvloop's ``add_reader`` would set
+   ``O_NONBLOCK``; a control test shows that it does).
+5. No thread per pending receive on POSIX.
+6. The async end stays in this process: a forked worker holds no copy of it, nor of
+   the epoll helper, so closing it here gives the worker EOF.
+7. A receive (or send) that needs no waiting still honours cancellation and gives the
+   loop its turn; receivers sharing a connection take turns.
+8. EOF wakes a receive that waits, as ``ConnectionEOF``, on both routes.
+
+Where a guarantee holds for both routes, tests run on the descriptor route
+(``use_threads=False``) and the thread route (``use_threads=True``).
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import hashlib
+import multiprocessing
+import os
+import random
+import select
+import struct
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from multiprocessing.connection import Connection
+
+import anyio
+import pytest
+from anyio.abc import TaskGroup, TaskStatus
+
+import asyncmp
+import asyncmp._connection
+from asyncmp import AsyncConnection, ConnectionEOF
+
+from . import guarantee_workers
+
+if sys.platform != "win32":
+    import fcntl
+    import termios
+
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.skipif(sys.platform == "win32", reason="POSIX descriptors and fork"),
+]
+
+ROUTES = pytest.mark.parametrize("use_threads", [False, True], ids=["fd", "threads"])
+TRANSPORTS = pytest.mark.parametrize("transport", ["socket", "pipe"])
+LINUX_ONLY = pytest.mark.skipif(
+    sys.platform != "linux", reason="relies on Linux pipe sizing and poll semantics"
+)
+
+FORK = multiprocessing.get_context("fork") if sys.platform != "win32" else None
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def _recv_pair(transport: str, *, use_threads: bool = False) -> tuple[AsyncConnection, Connection]:
+    """An async end that receives, and the sync Connection that feeds it.
+
+    ``socket`` is a duplex Pipe (a socketpair), ``pipe`` a one-way Pipe (``os.pipe``).
+    """
+    return asyncmp.Pipe(transport == "socket", use_threads=use_threads)
+
+
+def _send_pair(transport: str, *, use_threads: bool = False) -> tuple[AsyncConnection, Connection]:
+    """An async end that sends, and the sync Connection that reads what it sends."""
+    if transport == "socket":
+        return asyncmp.Pipe(use_threads=use_threads)
+    reader, writer = multiprocessing.Pipe(duplex=False)
+    return AsyncConnection(writer, use_threads=use_threads), reader
+
+
+def _frame(payload: bytes) -> bytes:
+    """The stdlib's framing of one payload below 2 GiB."""
+    return struct.pack("!i", len(payload)) + payload
+
+
+def _buffered(fd: int) -> int:
+    """Bytes waiting to be read on a pipe or socket (FIONREAD)."""
+    count = array.array("i", [0])
+    fcntl.ioctl(fd, termios.FIONREAD, count, True)
+    return count[0]
+
+
+def _writable_now(fd: int) -> bool:
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    return bool(poller.poll(0))
+
+
+def _nonblocking(fd: int) -> bool:
+    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK)
+
+
+def _grow_pipe(fd: int, size: int = 1 << 20) -> None:
+    """Give a pipe room for *size* bytes, so a burst of messages fits without a reader."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
+    except OSError as exc:  # over /proc/sys/fs/pipe-max-size or the per-user quota
+        pytest.skip(f"cannot grow a pipe to {size} bytes: {exc}")
+
+
+def _running_asyncio() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # trio
+        return False
+    return True
+
+
+def _running_uvloop() -> bool:
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # trio
+        return False
+    return type(loop).__module__.startswith("uvloop")
+
+
+async def _wait_until(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Poll *predicate* until it holds (a condition another thread or process makes true)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting until {what}")
+        await anyio.sleep(0.001)
+
+
+async def _cancel_a_waiting_receive(conn: AsyncConnection) -> None:
+    """Start a receive, let it wait for data, then cancel it."""
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(conn.recv_bytes)
+        await anyio.wait_all_tasks_blocked()
+        tg.cancel_scope.cancel()
+
+
+def _join(thread: threading.Thread, timeout: float = 10.0) -> None:
+    thread.join(timeout)
+    assert not thread.is_alive(), f"{thread.name} did not finish within {timeout} s"
+
+
+class _Producer(threading.Thread):
+    """Sends messages with the stdlib's blocking ``send_bytes``."""
+
+    def __init__(self, conn: Connection, messages: list[bytes]) -> None:
+        super().__init__(name="test-producer", daemon=True)
+        self.conn = conn
+        self.messages = messages
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            for message in self.messages:
+                self.conn.send_bytes(message)
+        except OSError as exc:  # the consumer gave up and closed its end
+            self.error = exc
+
+
+class _Reader(threading.Thread):
+    """Reads with the stdlib's blocking ``recv_bytes`` until *count* messages or an error."""
+
+    def __init__(self, conn: Connection, count: int | None = None) -> None:
+        super().__init__(name="test-reader", daemon=True)
+        self.conn = conn
+        self.count = count
+        self.messages: list[bytes] = []
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            while self.count is None or len(self.messages) < self.count:
+                self.messages.append(self.conn.recv_bytes())
+        except BaseException as exc:  # handed to the test
+            self.error = exc
+
+
+class _Heartbeat:
+    """A task that ticks every *interval* seconds and records the worst gap between ticks.
+
+    Gaps are measured in wall-clock time and in the CPU time of the event loop's thread.
+    A CPU gap is time the loop spent busy without giving the heartbeat its turn: a stall.
+    Wall time beyond that is the thread not running at all: blocked in a call, or waiting
+    while the machine runs other processes.
+    """
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.ticks = 0
+        self.worst_gap = 0.0
+        self.worst_cpu_gap = 0.0
+        self._last = time.perf_counter()
+        self._last_cpu = time.thread_time()
+
+    def reset(self) -> None:
+        self.ticks = 0
+        self.worst_gap = self.worst_cpu_gap = 0.0
+        self._last = time.perf_counter()
+        self._last_cpu = time.thread_time()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        self.reset()
+        task_status.started()
+        while True:
+            await anyio.sleep(self.interval)
+            now, now_cpu = time.perf_counter(), time.thread_time()
+            self.worst_gap = max(self.worst_gap, now - self._last)
+            self.worst_cpu_gap = max(self.worst_cpu_gap, now_cpu - self._last_cpu)
+            self._last, self._last_cpu = now, now_cpu
+            self.ticks += 1
+
+
+@asynccontextmanager
+async def _task_group(timeout: float = 30.0) -> AsyncIterator[TaskGroup]:
+    """A task group that fails the test rather than hang (say, on a peer that never reads)."""
+    with anyio.fail_after(timeout):
+        async with anyio.create_task_group() as tg:
+            yield tg
+
+
+@asynccontextmanager
+async def _heartbeat(interval: float) -> AsyncIterator[_Heartbeat]:
+    beat = _Heartbeat(interval)
+    async with anyio.create_task_group() as tg:
+        await tg.start(beat.run)
+        try:
+            yield beat
+        finally:
+            tg.cancel_scope.cancel()
+
+
+# --- 1. a cancelled receive loses nothing -------------------------------------------------------
+
+
+@ROUTES
+async def test_receives_cancelled_at_random_lose_nothing(use_threads: bool) -> None:
+    seed = random.randrange(1 << 32)
+    print(f"seed={seed}")
+    rng = random.Random(seed)
+    sizes = [
+        rng.randrange(1 << 12) if rng.random() < 0.5 else rng.randrange(2 << 20) for _ in range(64)
+    ]
+    messages = [seq.to_bytes(8, "big") + rng.randbytes(size) for seq, size in enumerate(sizes)]
+
+    a, b = asyncmp.Pipe(use_threads=use_threads)
+    producer = _Producer(b, messages)
+    received: list[bytes] = []
+    cancelled = 0
+    try:
+        producer.start()
+        with anyio.fail_after(30):
+            while len(received) < len(messages):
+                roll = rng.random()
+                if roll < 0.3:
+                    delay = 0.0  # cancelled at the first checkpoint
+                elif roll < 0.85:
+                    delay = rng.uniform(0, 0.002)
+                else:
+                    delay = rng.uniform(0.002, 0.02)
+                with anyio.move_on_after(delay) as scope:
+                    received.append(await a.recv_bytes())
+                cancelled += scope.cancelled_caught
+    finally:
+        await a.aclose()  # unblocks the producer if the test failed early
+        _join(producer)
+        b.close()
+
+    print(f"{len(messages)} messages, {sum(sizes) >> 20} MiB, {cancelled} receives cancelled")
+    assert producer.error is None
+    assert [int.from_bytes(m[:8], "big") for m in received] == list(range(len(messages)))
+    pairs = zip(received, messages, strict=True)
+    assert [i for i, (got, sent) in enumerate(pairs) if got != sent] == []
+    assert cancelled >= 10, "too few receives were cancelled for the test to mean anything"
+
+
+@ROUTES
+@TRANSPORTS
+@pytest.mark.parametrize("cut", [2, 60_004], ids=["in-header", "in-body"])
+async def test_receive_cancelled_mid_frame_resumes_whole(
+    transport: str, use_threads: bool, cut: int
+) -> None:
+    payload = random.randbytes(200_000)
+    frame = _frame(payload)
+    a, b = _recv_pair(transport, use_threads=use_threads)
+    writer: threading.Thread | None = None
+    try:
+        scope = anyio.CancelScope()
+        early: list[bytes] = []
+
+        async def receive() -> None:
+            with scope:
+                early.append(await a.recv_bytes())
+
+        async with _task_group() as tg:
+            tg.start_soon(receive)
+            await anyio.wait_all_tasks_blocked()
+            os.write(b.fileno(), frame[:cut])  # fits in any pipe or socket buffer
+            # The receiver has taken the partial frame out of the kernel buffer.
+            await _wait_until(lambda: _buffered(a.fileno()) == 0, "the receiver read the bytes")
+            await anyio.wait_all_tasks_blocked()
+            scope.cancel()
+        assert scope.cancelled_caught
+        assert early == []
+
+        # The rest may not fit in the buffer at once: a thread writes it, then a second
+        # message to show the stream is still aligned.
+        rest = frame[cut:] + _frame(b"next")
+        writer = threading.Thread(target=_write_all, args=(b.fileno(), rest), name="test-writer")
+        writer.start()
+        with anyio.fail_after(10):
+            assert await a.recv_bytes() == payload
+            assert await a.recv_bytes() == b"next"
+    finally:
+        await a.aclose()  # a writer left blocking (the test failed) now fails and ends
+        if writer is not None:
+            _join(writer)
+        b.close()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view) :]
+    except (BrokenPipeError, ConnectionResetError):  # the reader closed: the test failed
+        pass
+
+
+# --- 2. a cancelled send -------------------------------------------------------------------------
+
+
+@ROUTES
+@TRANSPORTS
+async def test_send_cancelled_mid_frame_completes_under_the_shield(
+    transport: str, use_threads: bool
+) -> None:
+    big = random.randbytes(8 << 20)
+    a, peer = _send_pair(transport, use_threads=use_threads)
+    reader = _Reader(peer, count=2)
+    try:
+        scope = anyio.CancelScope()
+
+        async def send() -> None:
+            with scope:
+                await a.send_bytes(big)
+
+        async with _task_group() as tg:
+            tg.start_soon(send)
+            # Part of the frame is out and nobody reads: the send waits for room.
+            await _wait_until(lambda: _buffered(peer.fileno()) > 0, "the send started")
+            await anyio.wait_all_tasks_blocked()
+            assert 0 < _buffered(peer.fileno()) < len(big)
+            scope.cancel()
+            await anyio.wait_all_tasks_blocked()  # the send now waits under the shield
+            reader.start()
+        assert scope.cancelled_caught
+        await a.send_bytes(b"after")  # not broken
+        _join(reader)
+    finally:
+        await a.aclose()
+        if reader.ident is not None:
+            _join(reader)
+        peer.close()
+    assert reader.error is None
+    assert len(reader.messages) == 2
+    assert reader.messages[0] == big
+    assert reader.messages[1] == b"after"
+
+
+@ROUTES
+@TRANSPORTS
+async def test_send_cancelled_past_the_shield_breaks_the_connection(
+    transport: str, use_threads: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(asyncmp._connection, "SEND_SHIELD_SECONDS", 0.05)
+    big = random.randbytes(8 << 20)
+    a, peer = _send_pair(transport, use_threads=use_threads)
+    reader = _Reader(peer)  # until EOF or an error
+    try:
+        scope = anyio.CancelScope()
+
+        async def send() -> None:
+            with scope:
+                await a.send_bytes(big)
+
+        async with _task_group() as tg:
+            tg.start_soon(send)
+            await _wait_until(lambda: _buffered(peer.fileno()) > 0, "the send started")
+            await anyio.wait_all_tasks_blocked()
+            scope.cancel()
+        # Nobody read during the shield: the frame is torn, the connection broken.
+        assert scope.cancelled_caught
+        with pytest.raises(anyio.BrokenResourceError):
+            await a.send_bytes(b"after")
+        with pytest.raises(anyio.BrokenResourceError):
+            await a.send("after")
+
+        reader.start()
+        if transport == "socket" and not use_threads:
+            # The write side was shut down: the peer sees the end while this end is open.
+            reader.join(10)
+            assert not reader.is_alive(), "the peer still waits for the rest of a torn frame"
+    finally:
+        await a.aclose()
+        if reader.ident is not None:
+            _join(reader)
+        peer.close()
+
+    # Never a garbage message: the torn one is not delivered (the thread route cannot
+    # stop its blocking write, so the peer may get the whole message), then EOF.
+    if use_threads:
+        assert reader.messages in ([], [big])
+    else:
+        assert reader.messages == []
+    assert isinstance(reader.error, (EOFError, OSError)), reader.error
+
+
+async def test_thread_route_closes_once_an_abandoned_send_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    if _running_uvloop() or not _running_asyncio():
+        pytest.skip("independent of the backend; run once")
+    monkeypatch.setattr(asyncmp._connection, "SEND_SHIELD_SECONDS", 0.05)
+    a, peer = asyncmp.Pipe(use_threads=True)
+    try:
+        async with _task_group() as tg:
+            tg.start_soon(a.send_bytes, random.randbytes(8 << 20))
+            await _wait_until(lambda: _buffered(peer.fileno()) > 0, "the send started")
+            tg.cancel_scope.cancel()
+        with pytest.raises(anyio.BrokenResourceError):
+            await a.send_bytes(b"after")
+        await a.aclose()  # the send's thread still blocks: the peer does not read
+        peer.close()  # now its write fails and the thread ends
+        await _wait_until(
+            lambda: not any(t.name == "asyncmp-send" for t in threading.enumerate()),
+            "the send's thread ended",
+        )
+        await _wait_until(lambda: a.connection.closed, "the connection is closed", timeout=2)
+    finally:
+        peer.close()
+
+
+@ROUTES
+@TRANSPORTS
+async def test_send_cancelled_before_it_starts_sends_nothing(
+    transport: str, use_threads: bool
+) -> None:
+    a, peer = _send_pair(transport, use_threads=use_threads)
+    try:
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await a.send_bytes(b"never")
+        assert scope.cancelled_caught
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await a.send("never")
+        assert scope.cancelled_caught
+        await a.send_bytes(b"first")
+        assert peer.poll(10)
+        assert peer.recv_bytes() == b"first"
+        assert not peer.poll(0)
+    finally:
+        await a.aclose()
+        peer.close()
+
+
+@LINUX_ONLY
+async def test_send_waiting_for_room_cancelled_sends_nothing() -> None:
+    """A send that waits for room before its first byte leaves nothing behind."""
+    a, peer = _send_pair("pipe")
+    try:
+        # Fill the pipe with whole frames of one page each (one atomic write apiece).
+        page = b"p" * (4096 - 4)
+        filled = 0
+        while _writable_now(a.fileno()):
+            await a.send_bytes(page)
+            filled += 1
+        assert _buffered(peer.fileno()) == filled * 4096
+
+        scope = anyio.CancelScope()
+
+        async def send() -> None:
+            with scope:
+                await a.send_bytes(b"never")
+
+        async with _task_group() as tg:
+            tg.start_soon(send)
+            await anyio.wait_all_tasks_blocked()
+            scope.cancel()
+        assert scope.cancelled_caught
+        assert _buffered(peer.fileno()) == filled * 4096
+
+        for _ in range(filled):
+            assert peer.recv_bytes() == page
+        assert not peer.poll(0)
+        await a.send_bytes(b"after")  # the connection is fine
+        assert peer.recv_bytes() == b"after"
+    finally:
+        await a.aclose()
+        peer.close()
+
+
+# --- 3. the loop never stalls -------------------------------------------------------------------
+
+STALL_SIZE = 64 << 20
+# Generous bounds; a few ms is the goal. The loop thread's CPU time between two heartbeat
+# ticks is what asyncmp controls (a few ms here); copying a whole 64 MiB message in one go,
+# as joining its chunks at the end did, costs ~50 ms of it. Wall-clock gaps also count the
+# time the machine gave to other processes (up to ~300 ms seen on a loaded 2-core machine), so
+# their bound is looser; it catches a call that blocks the loop without using CPU.
+STALL_CPU_BOUND = 0.025
+STALL_WALL_BOUND = 0.5
+
+
+@pytest.mark.parametrize(
+    ("transport", "use_threads"),
+    [("socket", False), ("pipe", False), ("socket", True)],
+    ids=["fd-socket", "fd-pipe", "threads-socket"],
+)
+async def test_the_loop_never_stalls_on_64_mib(transport: str, use_threads: bool) -> None:
+    assert FORK is not None
+    if transport == "socket":
+        out_end, child_in = asyncmp.Pipe(use_threads=use_threads)
+        in_end, child_out = out_end, child_in
+    else:
+        out_end, child_in = _send_pair("pipe", use_threads=use_threads)
+        in_end, child_out = _recv_pair("pipe", use_threads=use_threads)
+    worker = FORK.Process(
+        target=guarantee_workers.slow_reader_then_writer,
+        args=(child_in, child_out, STALL_SIZE, 64 << 10, 0.0002),
+        name="test-slow-peer",
+    )
+    worker.start()
+    try:
+        child_in.close()
+        child_out.close()
+        payload = random.randbytes(STALL_SIZE)
+        digest = hashlib.sha256(payload).digest()
+        gaps: dict[str, tuple[float, float]] = {}
+        with anyio.fail_after(60):
+            async with _heartbeat(0.001) as beat:
+                beat.reset()
+                await out_end.send_bytes(payload)
+                reply = await in_end.recv()
+                gaps["sending"] = beat.worst_gap, beat.worst_cpu_gap
+                beat.reset()
+                received = await in_end.recv_bytes()
+                gaps["receiving"] = beat.worst_gap, beat.worst_cpu_gap
+            their_digest = await in_end.recv()
+        print(
+            "worst heartbeat gap (wall / loop-thread CPU): "
+            + ", ".join(f"{k} {w * 1e3:.1f} / {c * 1e3:.1f} ms" for k, (w, c) in gaps.items())
+        )
+        assert reply == (STALL_SIZE, digest)
+        assert len(received) == STALL_SIZE
+        assert hashlib.sha256(received).digest() == their_digest
+        for phase, (wall, cpu) in gaps.items():
+            assert cpu < STALL_CPU_BOUND, f"{phase}: the loop was busy {cpu * 1e3:.1f} ms on end"
+            assert wall < STALL_WALL_BOUND, f"{phase}: no heartbeat for {wall * 1e3:.1f} ms"
+    finally:
+        await out_end.aclose()
+        await in_end.aclose()
+        worker.join(10)
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
+    assert worker.exitcode == 0
+
+
+# --- 4. shared descriptors keep their flags ------------------------------------------------------
+
+
+@TRANSPORTS
+async def test_pending_receive_leaves_the_descriptor_blocking(transport: str) -> None:
+    a, b = _recv_pair(transport)
+    try:
+        fd = a.fileno()
+        assert not _nonblocking(fd)
+        got: list[bytes] = []
+
+        async def receive() -> None:
+            got.append(await a.recv_bytes())
+
+        async with _task_group() as tg:
+            tg.start_soon(receive)
+            await anyio.wait_all_tasks_blocked()
+            assert not _nonblocking(fd), "O_NONBLOCK set while a receive waits"
+            b.send_bytes(b"x")
+        assert got == [b"x"]
+        assert not _nonblocking(fd), "O_NONBLOCK set after a receive"
+        assert not _nonblocking(b.fileno())
+
+        # A receive cancelled while it waits leaves the flags alone too.
+        await _cancel_a_waiting_receive(a)
+        assert not _nonblocking(fd)
+    finally:
+        await a.aclose()
+        b.close()
+
+
+@TRANSPORTS
+async def test_pending_send_leaves_the_descriptor_blocking(transport: str) -> None:
+    big = random.randbytes(4 << 20)
+    a, peer = _send_pair(transport)
+    reader = _Reader(peer, count=1)
+    try:
+        fd = a.fileno()
+        assert not _nonblocking(fd)
+        async with _task_group() as tg:
+            tg.start_soon(a.send_bytes, big)
+            await _wait_until(lambda: _buffered(peer.fileno()) > 0, "the send started")
+            await anyio.wait_all_tasks_blocked()  # waiting for room: nobody reads yet
+            assert not _nonblocking(fd), "O_NONBLOCK set while a send waits"
+            reader.start()
+        _join(reader)
+        assert reader.messages == [big]
+        assert not _nonblocking(fd), "O_NONBLOCK set after a send"
+        assert not _nonblocking(peer.fileno())
+    finally:
+        await a.aclose()
+        if reader.ident is not None:
+            _join(reader)
+        peer.close()
+
+
+async def test_control_uvloop_add_reader_sets_nonblocking() -> None:
+    """The hazard the flag tests guard against is real: uvloop's add_reader sets O_NONBLOCK."""
+    if not _running_uvloop():
+        pytest.skip("the hazard is uvloop's")
+    loop = asyncio.get_running_loop()
+    r, w = os.pipe()
+    try:
+        assert not _nonblocking(r)
+        loop.add_reader(r, lambda: None)
+        try:
+            assert _nonblocking(r)
+        finally:
+            loop.remove_reader(r)
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+# --- 5. no thread per call ------------------------------------------------------------------------
+
+
+async def test_pending_receives_start_no_threads() -> None:
+    pairs = [asyncmp.Pipe() for _ in range(50)]
+    try:
+        before = threading.active_count()
+        got: list[int] = []
+
+        async def receive(a: AsyncConnection) -> None:
+            got.append(await a.recv())
+
+        async with _task_group() as tg:
+            for a, _ in pairs:
+                tg.start_soon(receive, a)
+            await anyio.wait_all_tasks_blocked()
+            during = threading.active_count()
+            for i, (_, b) in enumerate(pairs):
+                b.send(i)
+        assert during <= before, f"{during - before} threads for 50 pending receives"
+        assert sorted(got) == list(range(50))
+    finally:
+        for a, b in pairs:
+            await a.aclose()
+            b.close()
+
+
+async def test_control_thread_route_does_start_threads() -> None:
+    """The count in the test above can fail: the thread route uses a thread per receive."""
+    pairs = [asyncmp.Pipe(use_threads=True) for _ in range(5)]
+    try:
+        before = threading.active_count()
+        async with _task_group() as tg:
+            for a, _ in pairs:
+                tg.start_soon(a.recv)
+            await _wait_until(
+                lambda: threading.active_count() >= before + 5, "5 receive threads run"
+            )
+            for i, (_, b) in enumerate(pairs):
+                b.send(i)
+    finally:
+        for a, b in pairs:
+            await a.aclose()
+            b.close()
+
+
+# --- 6. the async end stays in this process ------------------------------------------------------
+
+
+def _references(pid: int, ino: int) -> tuple[int, int]:
+    """In process *pid*: (descriptors open on inode *ino*, epoll instances watching it)."""
+    direct = watching = 0
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.stat(f"/proc/{pid}/fd/{name}").st_ino == ino:
+                direct += 1
+            if os.readlink(f"/proc/{pid}/fd/{name}") != "anon_inode:[eventpoll]":
+                continue
+            with open(f"/proc/{pid}/fdinfo/{name}") as f:
+                info = f.read()
+        except (FileNotFoundError, NotADirectoryError):  # closed meanwhile
+            continue
+        watching += any(
+            line.startswith("tfd:") and f" ino:{ino:x} " in f"{line} " for line in info.splitlines()
+        )
+    return direct, watching
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fdinfo"), reason="needs /proc")
+@ROUTES
+async def test_forked_worker_holds_no_copy_of_the_async_end(use_threads: bool) -> None:
+    assert FORK is not None
+    a, b = asyncmp.Pipe(use_threads=use_threads)
+    if not use_threads:
+        # Make the epoll helper exist before the fork: a receive that waited.
+        await _cancel_a_waiting_receive(a)
+    ino = os.fstat(a.fileno()).st_ino
+    direct, watching = _references(os.getpid(), ino)
+    assert direct >= 1  # the detector sees this process's copies
+    assert watching == (0 if use_threads else 1)
+
+    worker = FORK.Process(
+        target=guarantee_workers.recv_until_eof, args=(b, 5), name="test-eof-worker"
+    )
+    worker.start()
+    try:
+        b.close()
+        with anyio.fail_after(10):
+            assert await a.recv() == ("ready", worker.pid)
+        assert worker.pid is not None
+        assert _references(worker.pid, ino) == (0, 0)
+        for i in range(5):
+            await a.send(i)
+        await a.aclose()  # the worker's recv() now sees EOF
+        worker.join(10)
+        assert not worker.is_alive(), "the worker did not see EOF after the async end closed"
+    finally:
+        await a.aclose()
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
+    assert worker.exitcode == 0
+
+
+# --- 7. the fast path: cancellation and fairness ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("use_threads", "where"),
+    [(False, "kernel"), (False, "decoder"), (True, "kernel")],
+    ids=["fd-kernel", "fd-decoder", "threads-kernel"],
+)
+async def test_buffered_message_still_honours_cancellation(use_threads: bool, where: str) -> None:
+    a, b = asyncmp.Pipe(use_threads=use_threads)
+    try:
+        b.send_bytes(b"first")
+        b.send_bytes(b"second")
+        if where == "decoder":
+            assert await a.recv_bytes() == b"first"
+            assert _buffered(a.fileno()) == 0  # "second" is held by the connection
+            expected = [b"second"]
+        else:
+            assert a.connection.poll(0)
+            expected = [b"first", b"second"]
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await a.recv_bytes()
+            pytest.fail("a cancelled receive returned a message")
+        assert scope.cancelled_caught
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await a.recv()
+            pytest.fail("a cancelled receive returned a message")
+        assert scope.cancelled_caught
+        with anyio.fail_after(10):
+            assert [await a.recv_bytes() for _ in expected] == expected
+    finally:
+        await a.aclose()
+        b.close()
+
+
+BURST = 10_000
+
+
+@LINUX_ONLY
+@ROUTES
+async def test_fast_path_receive_lets_the_loop_run(use_threads: bool) -> None:
+    a, b = _recv_pair("pipe", use_threads=use_threads)
+    try:
+        _grow_pipe(b.fileno())
+        count = BURST if not use_threads else BURST // 50  # a thread per receive is slow
+        for i in range(count):
+            b.send(i)
+        with anyio.fail_after(30):
+            async with _heartbeat(0) as beat:
+                start = time.perf_counter()
+                beat.reset()
+                got = [await a.recv() for _ in range(count)]
+                ticks = beat.ticks
+                took = time.perf_counter() - start
+        print(f"{count} receives in {took * 1e3:.1f} ms, heartbeat ticked {ticks} times")
+        assert got == list(range(count))
+        assert ticks >= 3, f"the loop got {ticks} turns in {took * 1e3:.1f} ms of receiving"
+    finally:
+        await a.aclose()
+        b.close()
+
+
+@LINUX_ONLY
+@ROUTES
+async def test_fast_path_send_lets_the_loop_run(use_threads: bool) -> None:
+    a, peer = _send_pair("pipe", use_threads=use_threads)
+    try:
+        _grow_pipe(peer.fileno())
+        count = BURST if not use_threads else BURST // 50
+        with anyio.fail_after(30):
+            async with _heartbeat(0) as beat:
+                start = time.perf_counter()
+                beat.reset()
+                for i in range(count):
+                    await a.send(i)  # always room: never waits
+                ticks = beat.ticks
+                took = time.perf_counter() - start
+        print(f"{count} sends in {took * 1e3:.1f} ms, heartbeat ticked {ticks} times")
+        assert [peer.recv() for _ in range(count)] == list(range(count))
+        assert ticks >= 3, f"the loop got {ticks} turns in {took * 1e3:.1f} ms of sending"
+    finally:
+        await a.aclose()
+        peer.close()
+
+
+@LINUX_ONLY
+@ROUTES
+async def test_receivers_sharing_a_busy_connection_take_turns(use_threads: bool) -> None:
+    a, b = _recv_pair("pipe", use_threads=use_threads)
+    try:
+        _grow_pipe(b.fileno())
+        count = BURST if not use_threads else BURST // 50
+        for i in range(count):
+            b.send(i)
+        b.send(None)
+        b.send(None)
+        shares: list[list[int]] = [[], []]
+
+        async def receive(mine: list[int]) -> None:
+            while (item := await a.recv()) is not None:
+                mine.append(item)
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                for share in shares:
+                    tg.start_soon(receive, share)
+        print(f"shares: {len(shares[0])} and {len(shares[1])}")
+        assert sorted(shares[0] + shares[1]) == list(range(count))
+        for share in shares:
+            assert share == sorted(share)
+            assert len(share) >= count // 10, "one receiver starved the other"
+    finally:
+        await a.aclose()
+        b.close()
+
+
+# --- 8. EOF (the plain cases are in test_connection.py) -------------------------------------------
+
+
+@ROUTES
+@TRANSPORTS
+async def test_eof_wakes_a_pending_receive(transport: str, use_threads: bool) -> None:
+    a, b = _recv_pair(transport, use_threads=use_threads)
+    try:
+        outcome: list[BaseException] = []
+
+        async def receive() -> None:
+            try:
+                await a.recv()
+            except ConnectionEOF as exc:
+                outcome.append(exc)
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(receive)
+                await anyio.wait_all_tasks_blocked()
+                b.close()
+        assert len(outcome) == 1
+    finally:
+        await a.aclose()
+        b.close()
