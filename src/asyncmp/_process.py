@@ -117,7 +117,16 @@ class AsyncProcess:
         """Wait until the process has ended and been reaped; return its exit code.
 
         If cancelled, nothing changed: the process runs on and can be waited for again.
+        It raises nothing of its own.
         """
+        try:
+            return await self._wait()
+        except BaseException:
+            # Don't keep descriptors open for a wait nobody is doing any more.
+            self._close_waiter()
+            raise
+
+    async def _wait(self) -> int:
         while True:
             code = self.exitcode  # reaps it if it has ended (waitpid WNOHANG)
             if code is not None:
@@ -129,7 +138,15 @@ class AsyncProcess:
                 continue
             if self._waiter is None:
                 self._open_waiter()
-            if self._pidfd >= 0 or not self._sentinel_ready():
+            if self._pidfd >= 0:
+                await self._waiter.wait()
+                if self.exitcode is None:
+                    # The process has ended, yet waitpid can't reap it: it is not our
+                    # child (a forkserver's). Its exit status comes through the
+                    # sentinel, a moment later; wait for that instead of spinning.
+                    self._close_waiter()
+                    self._waiter = ReadinessWaiter(self._process.sentinel)
+            elif not self._sentinel_ready():
                 await self._waiter.wait()
             else:
                 # The sentinel says "gone" a moment before waitpid can reap.
@@ -174,6 +191,7 @@ class AsyncProcess:
         """Terminate, wait up to *grace* seconds, kill, and reap. Returns the exit code.
 
         Runs to completion even if cancelled (shielded): a half-stopped process is worse.
+        It raises nothing of its own.
         """
         with anyio.CancelScope(shield=True):
             self.terminate()
@@ -223,7 +241,12 @@ async def open_process(
     Leaving the block normally waits up to *shutdown_timeout* seconds for the process to
     end on its own, then terminates it, then kills it. Leaving on an exception or a
     cancellation terminates it at once and kills it after a short grace. The process is
-    reaped before the block exits.
+    reaped before the block exits, and what the block raised then propagates.
+
+    Entering starts the process at once and is not a checkpoint. Leaving is shielded
+    where it must be: a cancellation can't leave the process running or unreaped.
+
+    :raises OSError: (or what ``Process.start()`` raises) the process could not start.
     """
     ctx = context if context is not None else multiprocessing.get_context()
     process = ctx.Process(target=target, args=args, name=name)
@@ -245,6 +268,7 @@ class Worker:
 
     It has :class:`AsyncConnection`'s methods. When the worker dies, a pending or later
     receive raises :class:`WorkerExited` (an ``EOFError``) saying how it ended.
+    ``async for msg in worker`` receives until the worker closes its end.
     """
 
     def __init__(self, connection: AsyncConnection, process: AsyncProcess) -> None:
@@ -267,7 +291,10 @@ class Worker:
         return error
 
     async def recv(self) -> Any:
-        """As :meth:`AsyncConnection.recv`; raises :class:`WorkerExited` at EOF."""
+        """As :meth:`AsyncConnection.recv`; raises :class:`WorkerExited` at EOF.
+
+        If cancelled, no message was consumed; the next call returns it.
+        """
         try:
             return await self._conn.recv()
         except WorkerExited:
@@ -276,31 +303,48 @@ class Worker:
             raise await self._explain_eof(eof) from eof
 
     async def recv_bytes(self, maxlength: int | None = None) -> bytes:
-        """As :meth:`AsyncConnection.recv_bytes`; raises :class:`WorkerExited` at EOF."""
+        """As :meth:`AsyncConnection.recv_bytes`; raises :class:`WorkerExited` at EOF.
+
+        If cancelled, no message was consumed; the next call returns it.
+        """
         try:
             return await self._conn.recv_bytes(maxlength)
         except ConnectionEOF as eof:
             raise await self._explain_eof(eof) from eof
 
     def recv_nowait(self) -> Any:
+        """As :meth:`AsyncConnection.recv_nowait`."""
         return self._conn.recv_nowait()
 
     async def send(self, obj: Any) -> None:
+        """As :meth:`AsyncConnection.send`, with its cancellation behaviour and exceptions."""
         await self._conn.send(obj)
 
     async def send_bytes(self, buf: Any, offset: int = 0, size: int | None = None) -> None:
+        """As :meth:`AsyncConnection.send_bytes`, with its cancellation behaviour and
+        exceptions."""
         await self._conn.send_bytes(buf, offset, size)
 
     def __aiter__(self) -> Worker:
         return self
 
     async def __anext__(self) -> Any:
+        # EOF ends the iteration if the worker ended well (or still runs, having closed
+        # its end); a crash is not a clean end of the stream, so it raises.
         try:
             return await self._conn.recv()
-        except ConnectionEOF:
-            raise StopAsyncIteration from None
+        except ConnectionEOF as eof:
+            error = await self._explain_eof(eof)
+            if error.exitcode in (0, None):
+                raise StopAsyncIteration from None
+            raise error from eof
 
     async def aclose(self) -> None:
+        """Close the parent's end of the pipe: the worker's ``recv()`` sees EOF.
+
+        The process itself is left to the :func:`open_worker` block. As
+        :meth:`AsyncConnection.aclose`: closing happens even if cancelled; raises nothing.
+        """
         await self._conn.aclose()
 
     def __repr__(self) -> str:
@@ -319,7 +363,13 @@ async def open_worker(
 
     On leaving the block the parent's end is closed first, so a worker looping on
     ``conn.recv()`` sees ``EOFError`` and can return; then the process is shut down as
-    :func:`open_process` does.
+    :func:`open_process` does. Leaving on an exception or a cancellation closes the
+    parent's end and terminates the worker at once; either way it is reaped before the
+    block exits.
+
+    Entering starts the process at once and is not a checkpoint.
+
+    :raises OSError: (or what ``Process.start()`` raises) the process could not start.
     """
     ctx = context if context is not None else multiprocessing.get_context()
     parent_end, child_end = ctx.Pipe(duplex=True)
@@ -343,7 +393,13 @@ async def open_worker(
             conn.close()
             await aprocess._shutdown(0, failed=True)
             raise
-        await conn.aclose()
+        try:
+            await conn.aclose()
+        except BaseException:
+            # Cancelled on the way out (aclose is a checkpoint): stop it as on an error,
+            # rather than leave it running unreaped.
+            await aprocess._shutdown(0, failed=True)
+            raise
         await aprocess._shutdown(shutdown_timeout, failed=False)
     finally:
         conn.close()

@@ -1,0 +1,454 @@
+"""The life of a process under ``open_process`` / ``open_worker``, and ``AsyncProcess.wait``.
+
+Every test here runs on each event-loop backend, and those where the start method changes
+how a process is started, waited for or reaped run on each start method too: a forkserver's
+children are not this process's children, so their exit status comes through the sentinel
+and not from ``waitpid``. A child that must be running before the test acts says ``"ready"``
+first (see ``tests/process_workers.py``), so no test guesses with a sleep. Timings appear
+only as generous bounds that tell "at once" from "after shutdown_timeout".
+
+After every block, the process must be reaped: ``waitpid`` knows nothing of it, and on
+Linux ``/proc/<pid>`` is gone (neither a zombie nor an orphan). The suite's leak check adds
+that no descriptor, thread or child process outlives a test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import os
+import pickle
+import re
+import select
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from multiprocessing.process import BaseProcess
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import pytest
+
+import asyncmp
+from asyncmp import AsyncConnection, AsyncProcess, Worker, WorkerExited
+
+from . import process_workers as pw
+
+if TYPE_CHECKING:
+    from tests.workers import MPContext
+
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals and exit codes"),
+]
+
+FORK: Any = multiprocessing.get_context("fork") if sys.platform != "win32" else None
+#: A shutdown_timeout that a test must never sit out: leaving "at once" takes far less.
+LONG = 60.0
+#: The bound for "at once" and "within about a second": generous, for a loaded CI machine.
+PROMPT = 15.0
+SIGTERM = -signal.SIGTERM
+SIGKILL = -getattr(signal, "SIGKILL", 9)  # (the module is skipped on Windows, which lacks it)
+
+
+# --- helpers ------------------------------------------------------------------------------------
+
+
+def assert_reaped(pid: int) -> None:
+    """The process is gone: not a zombie of ours, not an orphan still running."""
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
+    if sys.platform == "linux":
+        assert not os.path.exists(f"/proc/{pid}"), f"pid {pid} still exists"
+
+
+def ready_pipe() -> tuple[AsyncConnection, Any]:
+    """``(async end that receives, end for the child)`` for a child's "ready"."""
+    return asyncmp.Pipe(duplex=False)
+
+
+async def open_ready_process(
+    stack: AsyncExitStack,
+    target: Callable[..., object],
+    context: Any,
+    *,
+    shutdown_timeout: float = 5.0,
+) -> AsyncProcess:
+    """Start ``target(ready_end)`` under ``open_process`` and wait for its "ready"."""
+    ready, child_end = ready_pipe()
+    async with ready:
+        try:
+            process = await stack.enter_async_context(
+                asyncmp.open_process(
+                    target, child_end, context=context, shutdown_timeout=shutdown_timeout
+                )
+            )
+        finally:
+            child_end.close()  # the child has its own copy now
+        assert await ready.recv() == "ready"
+    return process
+
+
+# --- AsyncProcess -------------------------------------------------------------------------------
+
+
+def test_async_process_needs_a_started_process() -> None:
+    with pytest.raises(ValueError, match="not been started"):
+        AsyncProcess(FORK.Process(target=pw.exit_with, args=(0,)))
+
+
+async def test_wait_on_a_process_started_elsewhere(mp_context: MPContext) -> None:
+    process = mp_context.Process(target=pw.exit_with, args=(3,))
+    process.start()
+    pid = process.pid
+    aprocess = AsyncProcess(process)
+    assert aprocess.process is process
+    assert aprocess.pid == process.pid
+    assert await aprocess.wait() == 3
+    assert await aprocess.wait() == 3  # again: the code is kept
+    aprocess.close()
+    assert aprocess.exitcode == 3  # still readable once the process object is closed
+    assert not aprocess.is_alive()
+    assert repr(aprocess) == f"<asyncmp.AsyncProcess pid={pid} exitcode=3>"
+    assert_reaped(aprocess.pid)
+
+
+async def test_wait_starts_no_thread(mp_context: MPContext) -> None:
+    codes: list[int] = []
+    async with AsyncExitStack() as stack:
+        process = await open_ready_process(stack, pw.say_ready_then_hang, mp_context)
+        threads = set(threading.enumerate())
+
+        async def wait() -> None:
+            codes.append(await process.wait())
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait)
+            await anyio.wait_all_tasks_blocked()
+            assert set(threading.enumerate()) == threads
+            assert process.is_alive()
+            process.terminate()
+    assert codes == [SIGTERM]
+    assert_reaped(process.pid)
+
+
+async def test_cancelled_wait_changes_nothing() -> None:
+    async with AsyncExitStack() as stack:
+        process = await open_ready_process(stack, pw.say_ready_then_hang, FORK)
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await process.wait()
+        assert scope.cancelled_caught
+        assert process.is_alive()
+        assert process.exitcode is None
+        process.terminate()
+        assert await process.wait() == SIGTERM
+    assert_reaped(process.pid)
+
+
+@pytest.mark.skipif(
+    not hasattr(os, "pidfd_open") or "forkserver" not in multiprocessing.get_all_start_methods(),
+    reason="a pidfd and a forkserver",
+)
+async def test_wait_for_a_forkserver_child_does_not_spin() -> None:
+    """Between its child's exit and the status it writes on the sentinel, the forkserver
+    can lag (here: it is stopped). The process's pidfd is readable all that time, and
+    waitpid() can't reap a child that is not ours; the wait must not spin on the pidfd."""
+    from multiprocessing import forkserver
+
+    context = multiprocessing.get_context("forkserver")
+    async with AsyncExitStack() as stack:
+        process = await open_ready_process(stack, pw.say_ready_then_hang, context)
+        server_pid = getattr(forkserver._forkserver, "_forkserver_pid", None)
+        if server_pid is None:
+            pytest.skip("this Python keeps the forkserver's pid elsewhere")
+        os.kill(server_pid, signal.SIGSTOP)
+        try:
+            pidfd = os.pidfd_open(process.pid)
+            try:
+                process.terminate()
+                assert select.select([pidfd], [], [], PROMPT)[0], "the child did not exit"
+            finally:
+                os.close(pidfd)
+            wall, cpu = time.monotonic(), time.process_time()
+            with anyio.move_on_after(0.5) as scope:
+                await process.wait()
+            wall, cpu = time.monotonic() - wall, time.process_time() - cpu
+            assert scope.cancelled_caught  # no status without the forkserver
+            assert cpu < 0.1 * wall, f"{cpu * 1e3:.1f} ms of CPU in {wall * 1e3:.0f} ms"
+        finally:
+            os.kill(server_pid, signal.SIGCONT)
+        with anyio.fail_after(PROMPT):
+            assert await process.wait() == SIGTERM
+    assert_reaped(process.pid)
+
+
+# --- open_process -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("target", "args", "expected"),
+    [
+        pytest.param(pw.exit_with, (0,), 0, id="returns"),
+        pytest.param(pw.exit_with, (7,), 7, id="exit-7"),
+        pytest.param(pw.kill_self, (), SIGKILL, id="sigkill"),
+    ],
+)
+async def test_exit_code(
+    mp_context: MPContext, target: Callable[..., object], args: tuple[Any, ...], expected: int
+) -> None:
+    async with asyncmp.open_process(target, *args, context=mp_context, name="exit-code") as p:
+        assert isinstance(p.process, BaseProcess)
+        assert p.process.name == "exit-code"
+        assert p.pid == p.process.pid
+        assert await p.wait() == expected
+        assert p.exitcode == expected
+        assert not p.is_alive()
+    # Readable after the block, which closed the process object; stopping is a no-op now.
+    assert p.exitcode == expected
+    assert not p.is_alive()
+    p.terminate()
+    p.kill()
+    assert_reaped(p.pid)
+
+
+async def test_leaving_normally_lets_the_process_finish(mp_context: MPContext) -> None:
+    start = time.monotonic()
+    async with asyncmp.open_process(
+        pw.exit_with, 0, context=mp_context, shutdown_timeout=LONG
+    ) as p:
+        pass  # the child is likely still starting: the block waits for it to end
+    assert p.exitcode == 0  # not terminated
+    assert time.monotonic() - start < PROMPT
+    assert_reaped(p.pid)
+
+
+async def test_runaway_child_is_terminated_after_shutdown_timeout(mp_context: MPContext) -> None:
+    async with AsyncExitStack() as stack:
+        p = await open_ready_process(
+            stack, pw.say_ready_then_hang, mp_context, shutdown_timeout=0.1
+        )
+    assert p.exitcode == SIGTERM
+    assert_reaped(p.pid)
+
+
+async def test_runaway_child_ignoring_sigterm_is_killed(mp_context: MPContext) -> None:
+    async with AsyncExitStack() as stack:
+        p = await open_ready_process(
+            stack, pw.ignore_sigterm_then_hang, mp_context, shutdown_timeout=0.1
+        )
+    assert p.exitcode == SIGKILL
+    assert_reaped(p.pid)
+
+
+class Boom(Exception):
+    pass
+
+
+def raises_boom_if(how: str) -> contextlib.AbstractContextManager[object]:
+    """Expect :class:`Boom` when the block is left on an exception, else nothing."""
+    return pytest.raises(Boom) if how == "exception" else contextlib.nullcontext()
+
+
+@pytest.mark.parametrize("how", ["exception", "cancellation"])
+async def test_leaving_on_error_terminates_at_once(mp_context: MPContext, how: str) -> None:
+    start = time.monotonic()
+    with anyio.CancelScope() as scope, raises_boom_if(how):
+        async with AsyncExitStack() as stack:
+            p = await open_ready_process(
+                stack, pw.say_ready_then_hang, mp_context, shutdown_timeout=LONG
+            )
+            if how == "exception":
+                raise Boom
+            scope.cancel()
+            await anyio.sleep_forever()
+    assert scope.cancelled_caught == (how == "cancellation")
+    assert p.exitcode == SIGTERM
+    assert time.monotonic() - start < PROMPT
+    assert_reaped(p.pid)
+
+
+@pytest.mark.parametrize("how", ["exception", "cancellation"])
+async def test_leaving_on_error_kills_a_child_ignoring_sigterm(how: str) -> None:
+    with anyio.CancelScope() as scope, raises_boom_if(how):
+        async with AsyncExitStack() as stack:
+            p = await open_ready_process(
+                stack, pw.ignore_sigterm_then_hang, FORK, shutdown_timeout=LONG
+            )
+            if how == "exception":
+                raise Boom
+            scope.cancel()
+            await anyio.sleep_forever()
+    assert p.exitcode == SIGKILL
+    assert_reaped(p.pid)
+
+
+# --- open_worker --------------------------------------------------------------------------------
+
+
+async def test_worker_recv_loop_ends_on_eof_when_the_block_exits(mp_context: MPContext) -> None:
+    start = time.monotonic()
+    async with asyncmp.open_worker(
+        pw.echo_until_eof, context=mp_context, shutdown_timeout=LONG
+    ) as w:
+        assert isinstance(w, Worker)
+        assert isinstance(w.process, AsyncProcess)
+        for msg in ["hello", [42, None, "hello"], b"\x00" * 100_000]:
+            await w.send(msg)
+            assert await w.recv() == msg
+        await w.send_bytes(pickle.dumps("raw"))  # the worker unpickles what it gets
+        assert pickle.loads(await w.recv_bytes()) == "raw"
+    assert w.connection.closed
+    assert w.process.exitcode == 0  # it returned on EOF: neither terminated nor killed
+    assert time.monotonic() - start < PROMPT
+    assert_reaped(w.process.pid)
+
+
+async def test_async_for_ends_when_the_worker_returns(mp_context: MPContext) -> None:
+    async with asyncmp.open_worker(pw.send_then_return, 5, context=mp_context) as w:
+        assert [msg async for msg in w] == [0, 1, 2, 3, 4]
+    assert w.process.exitcode == 0
+    assert_reaped(w.process.pid)
+
+
+async def test_async_for_raises_when_the_worker_crashes(mp_context: MPContext) -> None:
+    received: list[int] = []
+    async with asyncmp.open_worker(pw.send_then_exit, 3, 7, context=mp_context) as w:
+        with pytest.raises(WorkerExited, match="worker exited with code 7"):
+            async for msg in w:
+                received.append(msg)
+    assert received == [0, 1, 2]  # what it sent before dying is delivered first
+    assert w.process.exitcode == 7
+    assert_reaped(w.process.pid)
+
+
+@pytest.mark.parametrize(
+    ("crash", "message", "exitcode"),
+    [
+        pytest.param((pw.EXIT, 7), "worker exited with code 7", 7, id="exit-7"),
+        pytest.param(pw.KILL, "worker was killed by signal 9 (SIGKILL)", SIGKILL, id="sigkill"),
+    ],
+)
+async def test_worker_crash_mid_conversation_fails_the_pending_recv(
+    mp_context: MPContext, crash: object, message: str, exitcode: int
+) -> None:
+    errors: list[tuple[WorkerExited, float]] = []
+    async with asyncmp.open_worker(
+        pw.echo_until_eof, context=mp_context, shutdown_timeout=LONG
+    ) as w:
+        await w.send("hello")
+        assert await w.recv() == "hello"
+
+        async def recv_pending() -> None:
+            with pytest.raises(WorkerExited) as info:
+                await w.recv()
+            errors.append((info.value, time.monotonic()))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(recv_pending)
+            await anyio.wait_all_tasks_blocked()
+            crashed_at = time.monotonic()
+            await w.send(crash)
+        # Every later receive says the same.
+        with pytest.raises(WorkerExited, match=re.escape(message)):
+            await w.recv()
+    [(error, raised_at)] = errors
+    assert str(error) == message
+    assert error.exitcode == exitcode
+    assert isinstance(error, EOFError)
+    assert isinstance(error, asyncmp.ConnectionEOF)
+    assert isinstance(error.__cause__, asyncmp.ConnectionEOF)
+    assert raised_at - crashed_at < PROMPT  # "within about a second", with room for CI
+    assert w.process.exitcode == exitcode
+    assert_reaped(w.process.pid)
+
+
+async def test_worker_killed_by_the_parent_fails_the_pending_recv() -> None:
+    async with asyncmp.open_worker(pw.echo_until_eof, context=FORK) as w:
+        async with anyio.create_task_group() as tg:
+
+            async def recv_pending() -> None:
+                with pytest.raises(WorkerExited, match=r"killed by signal 15 \(SIGTERM\)"):
+                    await w.recv()
+
+            tg.start_soon(recv_pending)
+            await anyio.wait_all_tasks_blocked()
+            w.process.terminate()
+    assert w.process.exitcode == SIGTERM
+    assert_reaped(w.process.pid)
+
+
+@pytest.mark.parametrize("how", ["exception", "cancellation"])
+async def test_worker_left_on_error_is_terminated_at_once(mp_context: MPContext, how: str) -> None:
+    start = time.monotonic()
+    with anyio.CancelScope() as scope, raises_boom_if(how):
+        # The target ignores its connection: it neither reads nor sees EOF, so only the
+        # signal can end it, and the exit code tells which one did.
+        async with asyncmp.open_worker(
+            pw.say_ready_then_hang, context=mp_context, shutdown_timeout=LONG
+        ) as w:
+            assert await w.recv() == "ready"
+            if how == "exception":
+                raise Boom
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(w.recv)  # a receive pending when the scope is cancelled
+                await anyio.wait_all_tasks_blocked()
+                scope.cancel()
+    assert w.connection.closed
+    assert w.process.exitcode == SIGTERM
+    assert time.monotonic() - start < PROMPT
+    assert_reaped(w.process.pid)
+
+
+async def test_runaway_worker_is_killed() -> None:
+    async with asyncmp.open_worker(
+        pw.worker_ignoring_sigterm_and_eof, context=FORK, shutdown_timeout=0.1
+    ) as w:
+        assert await w.recv() == "ready"
+    assert w.process.exitcode == SIGKILL
+    assert_reaped(w.process.pid)
+
+
+@pytest.mark.parametrize("opener", ["open_process", "open_worker"])
+async def test_cancellation_pending_at_a_normal_exit_still_stops_the_process(opener: str) -> None:
+    """The block ends without an error, but the scope was cancelled on the way out."""
+    start = time.monotonic()
+    with anyio.CancelScope() as scope:
+        async with AsyncExitStack() as stack:
+            if opener == "open_process":
+                p = await open_ready_process(
+                    stack, pw.say_ready_then_hang, FORK, shutdown_timeout=LONG
+                )
+            else:
+                w = await stack.enter_async_context(
+                    asyncmp.open_worker(pw.say_ready_then_hang, context=FORK, shutdown_timeout=LONG)
+                )
+                assert await w.recv() == "ready"
+                p = w.process
+            scope.cancel()  # no checkpoint follows inside the block
+    assert scope.cancelled_caught
+    assert p.exitcode == SIGTERM
+    assert time.monotonic() - start < PROMPT
+    assert_reaped(p.pid)
+
+
+async def test_several_workers_at_once_each_see_eof(mp_context: MPContext) -> None:
+    """A worker started after another holds no copy of the other's parent end (fork)."""
+    async with AsyncExitStack() as stack:
+        workers = [
+            await stack.enter_async_context(
+                asyncmp.open_worker(pw.echo_until_eof, context=mp_context, shutdown_timeout=LONG)
+            )
+            for _ in range(3)
+        ]
+        for i, w in enumerate(workers):
+            await w.send(i)
+        assert [await w.recv() for w in workers] == [0, 1, 2]
+        start = time.monotonic()
+    assert time.monotonic() - start < PROMPT
+    assert [w.process.exitcode for w in workers] == [0, 0, 0]
+    for w in workers:
+        assert_reaped(w.process.pid)
