@@ -28,6 +28,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Awaitable
 from multiprocessing.reduction import ForkingPickler
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -64,6 +65,17 @@ SEND_SHIELD_SECONDS = 2.0
 _THREAD_SLICE = 0.05
 
 _last_turn = [0.0]
+_loads = ForkingPickler.loads
+
+
+try:  # One dispatch less per call than anyio.lowlevel.checkpoint_if_cancelled().
+    from anyio._core._eventloop import get_async_backend as _get_async_backend
+
+    def _cancel_check() -> Awaitable[None]:
+        return _get_async_backend().checkpoint_if_cancelled()
+
+except ImportError:  # pragma: no cover - a future anyio moved it
+    _cancel_check = checkpoint_if_cancelled
 
 
 async def _fast_checkpoint() -> None:
@@ -73,7 +85,7 @@ async def _fast_checkpoint() -> None:
         await checkpoint()
         _last_turn[0] = time.perf_counter()
     else:
-        await checkpoint_if_cancelled()
+        await _cancel_check()
 
 
 def _dumps(obj: Any) -> bytes:
@@ -172,8 +184,13 @@ class _FdIO:
             self.broken = f"message of {length} bytes exceeds maxlength={maxlength}"
             raise ProtocolError(self.broken)
 
-    async def recv_frame(self, maxlength: int | None) -> bytes:
-        await _fast_checkpoint()
+    async def recv_frame(self, maxlength: int | None, *, nothing_there: bool = False) -> bytes:
+        """Receive one frame. *nothing_there*: the caller just found no whole frame and
+        nothing to read (and did the cancellation check), so start by waiting."""
+        if nothing_there:
+            await self._wait_readable()
+        else:
+            await _fast_checkpoint()
         while True:
             if self._closed:
                 raise anyio.ClosedResourceError
@@ -185,10 +202,23 @@ class _FdIO:
                 # Long messages: give the loop its turn while the bytes keep coming.
                 await _fast_checkpoint()
                 continue
-            if self._rwait is None:
-                self._rwait = ReadinessWaiter(self._fd)
-            await self._rwait.wait()
-            _last_turn[0] = time.perf_counter()
+            await self._wait_readable()
+
+    async def _wait_readable(self) -> None:
+        if self._rwait is None:
+            self._rwait = ReadinessWaiter(self._fd)
+        await self._rwait.wait()
+        _last_turn[0] = time.perf_counter()
+
+    def take_frame(self) -> bytes | None:
+        """A whole frame that is already here (buffered, or one read away), or None.
+
+        Never waits; the fast path of ``AsyncConnection.recv``.
+        """
+        frame = self._pop()
+        if frame is None and not self._closed and self._read_once():
+            frame = self._pop()
+        return frame
 
     def recv_frame_nowait(self, maxlength: int | None) -> bytes:
         while True:
@@ -355,7 +385,7 @@ class _ThreadIO:
             self._frames.close()
         self._conn.close()
 
-    async def recv_frame(self, maxlength: int | None) -> bytes:
+    async def recv_frame(self, maxlength: int | None, *, nothing_there: bool = False) -> bytes:
         call = self._pending_recv
         if call is None:
             await checkpoint_if_cancelled()
@@ -478,6 +508,7 @@ class AsyncConnection(ObjectStream[Any]):
         self._io: _FdIO | _ThreadIO = (
             _ThreadIO(conn, max_message_size) if use_threads else _FdIO(conn, max_message_size)
         )
+        self._readable = conn.readable
         self._recv_lock = anyio.Lock(fast_acquire=True)
         self._send_lock = anyio.Lock(fast_acquire=True)
         self._closed = False
@@ -554,14 +585,24 @@ class AsyncConnection(ObjectStream[Any]):
         """
         if maxlength is not None and maxlength < 0:
             raise ValueError("negative maxlength")
+        return await self._recv_bytes(maxlength, nothing_there=False)
+
+    async def _recv_bytes(self, maxlength: int | None, *, nothing_there: bool) -> bytes:
         self._check_readable()
-        async with self._recv_lock:
+        lock = self._recv_lock
+        if lock.locked():
+            await lock.acquire()  # first come, first served
+            nothing_there = False
+        else:
+            lock.acquire_nowait()
+        try:
             self._check_readable()
-            try:
-                return await self._io.recv_frame(maxlength)
-            except ProtocolError as exc:
-                self._protocol_error = str(exc)
-                raise
+            return await self._io.recv_frame(maxlength, nothing_there=nothing_there)
+        except ProtocolError as exc:
+            self._protocol_error = str(exc)
+            raise
+        finally:
+            lock.release()
 
     async def recv(self) -> Any:
         """Receive the next message and unpickle it, as ``Connection.recv()`` does.
@@ -570,7 +611,28 @@ class AsyncConnection(ObjectStream[Any]):
         :meth:`recv_bytes` raises, and whatever unpickling raises (the message is then
         consumed, the connection stays usable).
         """
-        return ForkingPickler.loads(await self.recv_bytes())
+        route = self._io
+        if route.__class__ is _FdIO and not self._recv_lock.locked():
+            # Fast path: a whole message already here needs no lock and no trip through
+            # the loop, only the cancellation check (and the loop's turn every ms). No
+            # other task can start receiving between the check and taking the frame:
+            # there is no await in between.
+            await _fast_checkpoint()
+            if (
+                not self._recv_lock.locked()
+                and not self._closed
+                and self._protocol_error is None
+                and self._readable
+            ):
+                try:
+                    frame = route.take_frame()
+                except ProtocolError as exc:
+                    self._protocol_error = str(exc)
+                    raise
+                if frame is not None:
+                    return _loads(frame)
+                return _loads(await self._recv_bytes(None, nothing_there=True))
+        return _loads(await self._recv_bytes(None, nothing_there=False))
 
     def recv_nowait(self) -> Any:
         """Return the next message if all of it has arrived.
@@ -628,9 +690,16 @@ class AsyncConnection(ObjectStream[Any]):
         elif offset + size > n:
             raise ValueError("buffer length < offset + size")
         self._check_writable()
-        async with self._send_lock:
+        lock = self._send_lock
+        if lock.locked():
+            await lock.acquire()  # first come, first served
+        else:
+            lock.acquire_nowait()
+        try:
             self._check_writable()
             await self._io.send_frame(view[offset : offset + size])
+        finally:
+            lock.release()
 
     async def send(self, obj: Any) -> None:
         """Pickle *obj* and send it, as ``Connection.send()`` does.

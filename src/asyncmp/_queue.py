@@ -49,7 +49,12 @@ from types import TracebackType
 from typing import Any, Generic, NoReturn, TypeVar
 
 import anyio
-from anyio.lowlevel import cancel_shielded_checkpoint, checkpoint, checkpoint_if_cancelled
+from anyio.lowlevel import (
+    cancel_shielded_checkpoint,
+    checkpoint,
+    checkpoint_if_cancelled,
+    current_token,
+)
 
 from . import _mpinternals
 from ._connection import _fast_checkpoint
@@ -102,6 +107,7 @@ class AsyncQueue(Generic[T]):
     ``SimpleQueue`` (from any context) or a ``Manager().Queue()`` proxy.
 
     The processes on the other side keep using the plain queue (:attr:`queue`).
+    ``async with`` calls :meth:`aclose` on the way out.
 
     :param use_threads: ``None`` picks the route: the fd route for multiprocessing
         queues on POSIX, threads for anything else. ``True`` forces threads.
@@ -136,7 +142,12 @@ class AsyncQueue(Generic[T]):
             self._waiter: ReadinessWaiter | None = None
             self._decoder = FrameDecoder(None)
             self._rlock_held = False
-            self._handoff: _LockHandoff | None = None
+            # Set once the lock is found held by another consumer. From then on a get
+            # takes (or queues for) the lock before it waits for data, as a sync
+            # consumer does; otherwise a sync consumer that waits for data while
+            # holding the lock would take every item.
+            self._contended = False
+            self._release_scheduled = False
 
     # -- introspection ------------------------------------------------------------------
 
@@ -227,7 +238,10 @@ class AsyncQueue(Generic[T]):
         """Wait for at least one item, then take whatever else is there, up to
         *max_items*, without waiting longer.
 
-        Cancellation and errors: as :meth:`get`.
+        Cancellation and exceptions: as :meth:`get` (items taken before a cancellation
+        are kept for the next ``get``).
+
+        :raises ValueError: *max_items* is less than 1.
         """
         if max_items < 1:
             raise ValueError("max_items must be at least 1")
@@ -245,9 +259,10 @@ class AsyncQueue(Generic[T]):
         return self._transport.available()
 
     def _release_rlock(self) -> None:
-        self._rlock_held = False
-        assert self._parts is not None
-        self._parts.rlock.release()
+        if self._rlock_held:
+            self._rlock_held = False
+            assert self._parts is not None
+            self._parts.rlock.release()
 
     def _read_available(self) -> bytes | None:
         """With the lock held: read no further than one frame; return it if whole."""
@@ -258,7 +273,14 @@ class AsyncQueue(Generic[T]):
             except WireError as exc:
                 self._fail(f"corrupt queue framing: {exc}")
             if frame is not None:
-                self._release_rlock()
+                if self._contended:
+                    # Keep the lock for a get that follows at once, as a sync consumer
+                    # looping on get() does; otherwise the consumer queued behind us
+                    # wins the lock back every time. Released at the loop's next turn
+                    # unless a get holds it by then.
+                    self._release_soon()
+                else:
+                    self._release_rlock()
                 assert self._parts is not None
                 if self._parts.sem is not None:
                     self._parts.sem.release()
@@ -269,6 +291,19 @@ class AsyncQueue(Generic[T]):
             if not data:
                 self._fail("the queue's pipe was closed mid-item")
             decoder.feed(data)
+
+    def _release_soon(self) -> None:
+        if self._release_scheduled:
+            return
+        native: Any = current_token().native_token
+        soon = native.call_soon if hasattr(native, "call_soon") else native.run_sync_soon
+        soon(self._deferred_release)
+        self._release_scheduled = True
+
+    def _deferred_release(self) -> None:
+        self._release_scheduled = False
+        if not self._get_lock.locked() and self._decoder.at_boundary:
+            self._release_rlock()
 
     def _fail(self, reason: str) -> NoReturn:
         self._broken = reason
@@ -287,24 +322,37 @@ class AsyncQueue(Generic[T]):
             return self._kept.popleft()  # type: ignore[no-any-return]
         await _fast_checkpoint()
         assert self._parts is not None
+        rlock = self._parts.rlock
         while True:
             self._check_open()
             if not self._rlock_held:
-                if self._available() == 0:
+                if not self._contended and self._available() == 0:
                     await self._wait_readable()
                     continue
-                if not self._parts.rlock.acquire(False):
+                if not rlock.acquire(False):
+                    # Another consumer holds the lock: queue for it in the kernel, as a
+                    # sync consumer does. Waiting for data first would lose every item
+                    # to a sync consumer that waits for data while holding the lock.
+                    self._contended = True
                     await self._acquire_contended()
-                    self._check_open()
                 self._rlock_held = True
+                self._check_open()
             frame = self._read_available()
             if frame is not None:
                 return frame
-            if self._decoder.at_boundary:
-                # Somebody else took the item between readiness and the lock.
-                self._release_rlock()
+            if not self._decoder.at_boundary:
+                return await self._finish_frame()
+            if self._contended:
+                # Our turn, won in a queue: keep the lock and wait for the item, as the
+                # sync consumer behind us would.
+                try:
+                    await self._wait_readable()
+                except BaseException:
+                    self._release_rlock()
+                    raise
                 continue
-            return await self._finish_frame()
+            # Somebody else took the item between readiness and the lock.
+            self._release_rlock()
 
     async def _finish_frame(self) -> bytes:
         """Part of a frame is read and the lock is held: finish it, shielded."""
@@ -434,7 +482,10 @@ class AsyncQueue(Generic[T]):
         raises in the caller and nothing is put.
 
         :raises queue.Full: no room came within *timeout* seconds.
+        :raises pickle.PicklingError: (or whatever pickling raises) *obj* can't be
+            pickled; nothing was put.
         :raises anyio.ClosedResourceError: the adapter was closed.
+        :raises anyio.BrokenResourceError: an earlier ``get`` found the queue broken.
         """
         self._check_open()
         item = self._prepare(obj)
@@ -505,6 +556,8 @@ class AsyncQueue(Generic[T]):
         """Wait until every item put has been marked done (``JoinableQueue.join``).
 
         If cancelled, nothing changed.
+
+        :raises anyio.ClosedResourceError: the adapter was closed, before or during the wait.
         """
         self._check_open()
         parts = self._joinable
@@ -531,7 +584,8 @@ class AsyncQueue(Generic[T]):
             call.request_stop()
             raise
         self._calls.discard(call)
-        call.result()
+        if not call.result():
+            raise anyio.ClosedResourceError
 
     # -- closing ------------------------------------------------------------------------
 
@@ -543,6 +597,10 @@ class AsyncQueue(Generic[T]):
         blocking the loop, until the feeder thread has written everything this process
         put (as ``Queue.close()`` plus ``join_thread()``). Other processes keep their
         handles. Items this adapter took but did not hand out are dropped.
+
+        If cancelled, the adapter is closed all the same; only the wait for the feeder
+        stops, and the feeder goes on writing in the background. It raises nothing of
+        its own.
         """
         if self._closed:
             await checkpoint()

@@ -1,0 +1,1053 @@
+"""Behaviour of ``AsyncQueue`` and the ``Queue``/``JoinableQueue``/``SimpleQueue`` factories.
+
+Every test runs on both routes (the autouse ``route`` fixture): ``fd``, the queue's pipe
+watched through a private epoll/kqueue while the adapter plays by the queue's reader lock,
+and ``threads``, the queue's public blocking methods in asyncmp's threads (the route of
+Windows and of manager proxies, forced here with ``use_threads=True``); and on every
+event-loop backend. The other side of the queue is plain synchronous code: child processes
+from ``tests/queue_workers.py``, started with ``fork`` unless the start method matters.
+
+Private attributes of the stdlib queue (``_rlock``, ``_reader``, ``_writer``) appear only
+where a test needs to play a misbehaving or slow peer, or to look at the reader lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import multiprocessing
+import multiprocessing.queues
+import os
+import pickle
+import queue
+import random
+import struct
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+import anyio
+import anyio.lowlevel
+import pytest
+
+import asyncmp
+from asyncmp import AsyncQueue
+
+from . import queue_workers
+
+if sys.platform != "win32":
+    import fcntl
+    import resource
+    import termios
+
+if TYPE_CHECKING:
+    from typing_extensions import assert_type
+
+    from tests.workers import MPContext
+
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.skipif(sys.platform == "win32", reason="the peers are forked POSIX processes"),
+]
+
+KiB = 1 << 10
+MiB = 1 << 20
+FORK: Any = multiprocessing.get_context("fork") if sys.platform != "win32" else None
+SPAWN: Any = multiprocessing.get_context("spawn")
+KINDS = ["Queue", "JoinableQueue", "SimpleQueue"]
+BOUNDED_KINDS = ["Queue", "JoinableQueue"]
+#: The stall_timeout of the tests whose producer dies mid-item.
+STALL = 0.5
+
+SIMPLEQUEUE_ON_THREADS = (
+    "library bug: the thread route calls SimpleQueue.get(True, 0.05) and "
+    "SimpleQueue.get_nowait(), neither of which SimpleQueue has"
+)
+
+# ---------------------------------------------------------------------------------------
+# Fixtures and helpers
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["fd", "threads"], autouse=True)
+def route(request: pytest.FixtureRequest) -> str:
+    """The route under test; every test in this module runs on both."""
+    return cast(str, request.param)
+
+
+@pytest.fixture
+def use_threads(route: str) -> bool:
+    return route == "threads"
+
+
+def xfail_simplequeue_on_threads(request: pytest.FixtureRequest, kind: str, route: str) -> None:
+    """Mark the known SimpleQueue bug of the thread route; strict, so a fix shows as XPASS."""
+    if kind == "SimpleQueue" and route == "threads":
+        request.applymarker(pytest.mark.xfail(reason=SIMPLEQUEUE_ON_THREADS, strict=True))
+
+
+def make_queue(kind: str = "Queue", ctx: Any = None, maxsize: int = 0) -> Any:
+    factory = getattr(ctx if ctx is not None else FORK, kind)
+    return factory() if kind == "SimpleQueue" else factory(maxsize)
+
+
+def release_pipe(q: Any) -> None:
+    """Close the queue's pipe in this process (the adapter's aclose() may have already)."""
+    q._reader.close()
+    q._writer.close()
+
+
+@contextlib.asynccontextmanager
+async def open_queue(
+    kind: str = "Queue",
+    *,
+    use_threads: bool,
+    maxsize: int = 0,
+    ctx: Any = None,
+    stall_timeout: float = asyncmp.DEFAULT_STALL_TIMEOUT,
+) -> AsyncIterator[AsyncQueue[Any]]:
+    """A fresh queue and its adapter; the adapter is closed and the pipe released on exit."""
+    q = make_queue(kind, ctx, maxsize)
+    try:
+        async with AsyncQueue[Any](q, use_threads=use_threads, stall_timeout=stall_timeout) as aq:
+            yield aq
+    finally:
+        release_pipe(q)
+
+
+async def join_process(proc: BaseProcess, timeout: float = 30.0) -> None:
+    """Wait for *proc* to exit without blocking the loop; kill it if it doesn't in time."""
+    try:
+        with anyio.fail_after(timeout):
+            await anyio.wait_readable(proc.sentinel)
+    finally:
+        if proc.is_alive():
+            proc.kill()
+        proc.join()
+
+
+@contextlib.asynccontextmanager
+async def child(target: Callable[..., object], *args: Any, ctx: Any = None) -> AsyncIterator[Any]:
+    """Run *target* in a child process; on exit wait for it (bounded), or kill it if the
+    body failed. The test checks ``exitcode`` afterwards."""
+    proc = (ctx if ctx is not None else FORK).Process(
+        target=target, args=args, name=f"test-{target.__name__}", daemon=True
+    )
+    proc.start()
+    finished = False
+    try:
+        yield proc
+        finished = True
+    finally:
+        if finished:
+            await join_process(proc)
+        else:
+            proc.kill()
+            proc.join()
+
+
+async def fill(q: Any, items: list[Any]) -> None:
+    """Put *items* from a child process that has exited, so they are all in the pipe."""
+    async with child(queue_workers.put_all, q, items) as producer:
+        pass
+    assert producer.exitcode == 0
+
+
+def read_report(path: Path) -> Any:
+    return pickle.loads(path.read_bytes())
+
+
+async def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    """Poll *predicate* until it holds (a condition another process makes true)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout} s waiting until {what}")
+        await anyio.sleep(0.001)
+
+
+def reader_lock_is_held(q: Any) -> bool:
+    """True if somebody holds the queue's reader lock (it is free again afterwards)."""
+    if q._rlock.acquire(False):
+        q._rlock.release()
+        return False
+    return True
+
+
+def buffered(fd: int) -> int:
+    count = struct.pack("i", 0)
+    return int(struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, count))[0])
+
+
+def nonblocking(fd: int) -> bool:
+    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK)
+
+
+def header(size: int) -> bytes:
+    """The stdlib's frame header: big-endian signed 32-bit length."""
+    return struct.pack("!i", size)
+
+
+def asyncmp_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name.startswith("asyncmp")]
+
+
+def os_thread_count() -> int:
+    """Threads of this process as the OS counts them, foreign (non-Python) ones included."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except FileNotFoundError:  # no procfs
+        return threading.active_count()
+
+
+def backend_of(anyio_backend: object) -> tuple[str, bool]:
+    """(backend name, whether it runs on uvloop) of the ``anyio_backend`` fixture's value."""
+    if isinstance(anyio_backend, tuple):
+        return str(anyio_backend[0]), bool(anyio_backend[1])
+    return str(anyio_backend), False
+
+
+async def outcome(fn: Callable[[], Awaitable[object]]) -> str:
+    """Await *fn()*; return ``"returned"`` or the name of the exception it raised."""
+    try:
+        await fn()
+    except Exception as exc:
+        return type(exc).__name__
+    return "returned"
+
+
+# ---------------------------------------------------------------------------------------
+# What can be wrapped
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_wraps_every_kind_from_every_context(
+    request: pytest.FixtureRequest, route: str, use_threads: bool, kind: str, mp_context: MPContext
+) -> None:
+    xfail_simplequeue_on_threads(request, kind, route)
+    q = make_queue(kind, mp_context)
+    try:
+        with anyio.fail_after(20):
+            async with AsyncQueue[Any](q, use_threads=use_threads) as aq:
+                assert aq.queue is q
+                assert aq.uses_threads is use_threads
+                assert f"route={route}" in repr(aq)
+                await aq.put({"n": 1})
+                assert await aq.get() == {"n": 1}
+                # Plain and async calls mix on one queue in one process.
+                q.put("plain")
+                assert await aq.get() == "plain"
+                await aq.put("async")
+                assert (q.get() if kind == "SimpleQueue" else q.get(timeout=10)) == "async"
+    finally:
+        release_pipe(q)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_child_of_every_start_method_shares_the_queue(
+    request: pytest.FixtureRequest, route: str, use_threads: bool, kind: str, mp_context: MPContext
+) -> None:
+    xfail_simplequeue_on_threads(request, kind, route)
+    items: list[Any] = [0, "two", b"3" * 100 * KiB, (4, None), None]
+    async with open_queue(kind, use_threads=use_threads, ctx=mp_context) as to_child:
+        async with open_queue(kind, use_threads=use_threads, ctx=mp_context) as from_child:
+            async with child(
+                queue_workers.echo_until_none, to_child.queue, from_child.queue, ctx=mp_context
+            ) as echo:
+                with anyio.fail_after(30):
+                    for item in items:
+                        await to_child.put(item)
+                    echoed = [await from_child.get() for _ in items]
+    assert echo.exitcode == 0
+    assert echoed == items
+
+
+async def test_manager_proxy_takes_the_thread_route(use_threads: bool) -> None:
+    with FORK.Manager() as manager:
+        q = manager.Queue(2)
+        async with AsyncQueue[Any](q, use_threads=use_threads) as aq:
+            assert aq.uses_threads, "a proxy has no pipe: threads whatever use_threads says"
+            assert aq.queue is q
+            await aq.put("one")
+            aq.put_nowait("two")
+            assert aq.qsize() == 2
+            assert aq.full()
+            with pytest.raises(queue.Full):
+                aq.put_nowait("three")
+            with pytest.raises(queue.Full):
+                await aq.put("three", timeout=0.05)
+            assert await aq.get() == "one"
+            assert aq.get_nowait() == "two"
+            assert aq.empty()
+            with pytest.raises(queue.Empty):
+                aq.get_nowait()
+            with pytest.raises(queue.Empty):
+                await aq.get(timeout=0.05)
+            # The abandoned get of the timeout above collects the next item.
+            q.put("four")
+            with anyio.fail_after(10):
+                assert await aq.get() == "four"
+            with pytest.raises(TypeError):
+                await aq.put(threading.Lock())  # unpicklable: raised in the caller
+            assert aq.qsize() == 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_factories(
+    request: pytest.FixtureRequest, route: str, use_threads: bool, kind: str
+) -> None:
+    xfail_simplequeue_on_threads(request, kind, route)
+    factory = getattr(asyncmp, kind)
+    expected_type = getattr(multiprocessing.queues, kind)
+    for context in (None, FORK):
+        args = () if kind == "SimpleQueue" else (3,)
+        aq = factory(*args, context=context, use_threads=use_threads, stall_timeout=1.0)
+        try:
+            async with aq:
+                assert isinstance(aq, AsyncQueue)
+                assert type(aq.queue) is expected_type
+                assert aq.uses_threads is use_threads
+                if kind != "SimpleQueue":
+                    assert aq.queue._maxsize == 3
+                await aq.put(kind)
+                with anyio.fail_after(10):
+                    assert await aq.get() == kind
+        finally:
+            release_pipe(aq.queue)
+
+
+async def test_generic_item_type(use_threads: bool) -> None:
+    q = FORK.Queue()
+    try:
+        async with AsyncQueue[int](q, use_threads=use_threads) as aq:
+            await aq.put(7)
+            item = await aq.get()
+            assert item == 7
+            if TYPE_CHECKING:  # checked by mypy: an unused ignore is an error under --strict
+                assert_type(item, int)
+                assert_type(aq.get_nowait(), int)
+                assert_type(await aq.get_many(3), list[int])
+                await aq.put("seven")  # type: ignore[arg-type]
+    finally:
+        release_pipe(q)
+
+
+# ---------------------------------------------------------------------------------------
+# get, put and their non-blocking and timed forms
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_empty_queue_get_timeout_and_get_nowait_raise_empty(
+    request: pytest.FixtureRequest, route: str, use_threads: bool, kind: str
+) -> None:
+    xfail_simplequeue_on_threads(request, kind, route)
+    async with open_queue(kind, use_threads=use_threads) as aq:
+        with pytest.raises(queue.Empty):
+            aq.get_nowait()
+        for timeout in (0, 0.05):
+            start = time.monotonic()
+            with pytest.raises(queue.Empty):
+                await aq.get(timeout=timeout)
+            assert time.monotonic() - start >= timeout
+        with pytest.raises(queue.Empty):
+            await aq.get_many(5, timeout=0.01)
+        # The gets that timed out took nothing: the next item goes to the next get.
+        await aq.put("after")
+        with anyio.fail_after(10):
+            assert await aq.get(timeout=10) == "after"
+        with pytest.raises(queue.Empty):
+            aq.get_nowait()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_get_nowait_takes_what_is_there_unless_another_reader_holds_the_lock(
+    request: pytest.FixtureRequest, route: str, use_threads: bool, kind: str
+) -> None:
+    xfail_simplequeue_on_threads(request, kind, route)
+    async with open_queue(kind, use_threads=use_threads) as aq:
+        q = aq.queue
+        await fill(q, ["first", "second"])
+        assert aq.get_nowait() == "first"
+        assert q._rlock.acquire(False)  # as another consumer, mid-get
+        try:
+            with pytest.raises(queue.Empty):
+                aq.get_nowait()
+        finally:
+            q._rlock.release()
+        assert aq.get_nowait() == "second"
+        with pytest.raises(queue.Empty):
+            aq.get_nowait()
+
+
+@pytest.mark.parametrize("kind", BOUNDED_KINDS)
+async def test_full_bounded_queue_raises_full(use_threads: bool, kind: str) -> None:
+    async with open_queue(kind, use_threads=use_threads, maxsize=2) as aq:
+        aq.put_nowait("a")
+        await aq.put("b")
+        with pytest.raises(queue.Full):
+            aq.put_nowait("x")
+        start = time.monotonic()
+        with pytest.raises(queue.Full):
+            await aq.put("y", timeout=0.05)
+        assert time.monotonic() - start >= 0.05
+        assert aq.qsize() == 2
+        with anyio.fail_after(10):
+            assert await aq.get() == "a"
+            await aq.put("c", timeout=5)
+            assert [await aq.get(), await aq.get()] == ["b", "c"]
+        assert aq.qsize() == 0
+
+
+async def test_simplequeue_has_no_put_nowait(use_threads: bool) -> None:
+    async with open_queue("SimpleQueue", use_threads=use_threads) as aq:
+        with pytest.raises(TypeError, match="put_nowait"):
+            aq.put_nowait(1)
+
+
+async def test_get_many_takes_what_is_there_without_waiting_for_more(use_threads: bool) -> None:
+    async with open_queue(use_threads=use_threads) as aq:
+        with pytest.raises(ValueError, match="max_items"):
+            await aq.get_many(0)
+        await fill(aq.queue, list(range(5)))
+        with anyio.fail_after(10):
+            assert await aq.get_many(3) == [0, 1, 2]
+            assert await aq.get_many(10) == [3, 4]
+            # With nothing there it waits for one item, then returns it alone.
+            async with anyio.create_task_group() as tg:
+                got: list[list[int]] = []
+
+                async def get_many() -> None:
+                    got.append(await aq.get_many(10))
+
+                tg.start_soon(get_many)
+                await anyio.wait_all_tasks_blocked()
+                assert not got
+                await aq.put(5)
+            assert got == [[5]]
+
+
+@pytest.mark.parametrize("kind", BOUNDED_KINDS)
+async def test_qsize_empty_full(use_threads: bool, kind: str) -> None:
+    async with open_queue(kind, use_threads=use_threads, maxsize=3) as aq:
+        assert (aq.qsize(), aq.empty(), aq.full()) == (0, True, False)
+        await fill(aq.queue, ["a", "b", "c"])
+        assert (aq.qsize(), aq.empty(), aq.full()) == (3, False, True)
+        with anyio.fail_after(10):
+            assert await aq.get() == "a"
+            assert (aq.qsize(), aq.empty(), aq.full()) == (2, False, False)
+            assert await aq.get_many(5) == ["b", "c"]
+        assert (aq.qsize(), aq.empty(), aq.full()) == (0, True, False)
+
+
+async def test_simplequeue_empty(
+    request: pytest.FixtureRequest, route: str, use_threads: bool
+) -> None:
+    xfail_simplequeue_on_threads(request, "SimpleQueue", route)
+    async with open_queue("SimpleQueue", use_threads=use_threads) as aq:
+        assert aq.empty()
+        await aq.put("a")
+        assert not aq.empty()
+        assert await aq.get() == "a"
+        assert aq.empty()
+
+
+# ---------------------------------------------------------------------------------------
+# JoinableQueue: task_done() and join()
+# ---------------------------------------------------------------------------------------
+
+
+async def test_join_waits_for_task_done_in_a_consumer_process(use_threads: bool) -> None:
+    async with open_queue("JoinableQueue", use_threads=use_threads) as aq:
+        with anyio.fail_after(5):
+            await aq.join()  # nothing put: nothing to wait for
+        for i in range(3):
+            await aq.put(i)
+        holding, release = FORK.Event(), FORK.Event()
+        async with child(
+            queue_workers.task_done_but_hold_the_last, aq.queue, 3, holding, release
+        ) as consumer:
+            await wait_until(holding.is_set, "the consumer has marked 2 of 3 items done")
+            # One item is not done yet: join waits, and the wait can be cancelled.
+            with anyio.move_on_after(0.3) as scope:
+                await aq.join()
+            assert scope.cancelled_caught, "join() returned with an item not done"
+            release.set()
+            with anyio.fail_after(10):
+                await aq.join()
+        assert consumer.exitcode == 0
+
+
+async def test_task_done_in_this_process(use_threads: bool) -> None:
+    async with open_queue("JoinableQueue", use_threads=use_threads) as aq:
+        await aq.put("a")
+        await aq.put("b")
+        with anyio.fail_after(10):
+            assert [await aq.get(), await aq.get()] == ["a", "b"]
+        aq.task_done()
+        with anyio.move_on_after(0.1) as scope:
+            await aq.join()
+        assert scope.cancelled_caught, "join() returned with one item not done"
+        aq.task_done()
+        with anyio.fail_after(5):
+            await aq.join()
+        with pytest.raises(ValueError):
+            aq.task_done()
+
+
+# ---------------------------------------------------------------------------------------
+# Closing
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_operations_after_aclose_raise_closed_resource_error(
+    use_threads: bool, kind: str
+) -> None:
+    q = make_queue(kind)
+    try:
+        async with AsyncQueue[Any](q, use_threads=use_threads) as aq:
+            await aq.put(1)
+        with pytest.raises(anyio.ClosedResourceError):
+            await aq.get()
+        with pytest.raises(anyio.ClosedResourceError):
+            await aq.get(timeout=1)
+        with pytest.raises(anyio.ClosedResourceError):
+            aq.get_nowait()
+        with pytest.raises(anyio.ClosedResourceError):
+            await aq.get_many(3)
+        with pytest.raises(anyio.ClosedResourceError):
+            await aq.put(2)
+        with pytest.raises(anyio.ClosedResourceError):
+            aq.put_nowait(2)
+        if kind == "JoinableQueue":
+            with pytest.raises(anyio.ClosedResourceError):
+                await aq.join()
+        await aq.aclose()  # again: nothing happens
+    finally:
+        release_pipe(q)
+
+
+@pytest.mark.parametrize("waiting_for", ["data", "the reader lock"])
+async def test_aclose_wakes_a_pending_get(use_threads: bool, waiting_for: str) -> None:
+    async with open_queue(use_threads=use_threads) as aq:
+        q = aq.queue
+        if waiting_for == "the reader lock":
+            await aq.put("held back")
+            await wait_until(lambda: buffered(q._reader.fileno()) > 0, "the item is in the pipe")
+            assert q._rlock.acquire(False)  # as another consumer, mid-get
+        try:
+            results: list[str] = []
+            async with anyio.create_task_group() as tg:
+
+                async def get() -> None:
+                    results.append(await outcome(aq.get))
+
+                tg.start_soon(get)
+                await anyio.wait_all_tasks_blocked()
+                with anyio.fail_after(5):
+                    await aq.aclose()
+            assert results == ["ClosedResourceError"]
+            assert asyncmp_threads() == []
+        finally:
+            if waiting_for == "the reader lock":
+                q._rlock.release()
+
+
+async def test_aclose_ends_every_asyncmp_thread(use_threads: bool) -> None:
+    async with open_queue(use_threads=use_threads) as getter:
+        async with open_queue("JoinableQueue", use_threads=use_threads, maxsize=1) as joinable:
+            joinable.put_nowait("fills it, and is never done")
+            results: dict[str, str] = {}
+
+            async def run(name: str, fn: Callable[[], Awaitable[object]]) -> None:
+                results[name] = await outcome(fn)
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run, "get", getter.get)
+                tg.start_soon(run, "put", functools.partial(joinable.put, "no room"))
+                tg.start_soon(run, "join", joinable.join)
+                await anyio.wait_all_tasks_blocked()
+                # put and join wait in threads on both routes, get only on the thread route
+                assert len(asyncmp_threads()) == (3 if use_threads else 2)
+                with anyio.fail_after(5):
+                    await getter.aclose()
+                    await joinable.aclose()
+                assert asyncmp_threads() == [], "a thread outlived aclose()"
+            assert results == dict.fromkeys(("get", "put", "join"), "ClosedResourceError")
+
+
+async def test_aclose_flushes_what_this_process_put(
+    anyio_backend: object, use_threads: bool
+) -> None:
+    """A worker that puts, closes the adapter and exits hard still delivers every item:
+    ``aclose()`` waited for the feeder thread. Spawned, so the child runs a fresh loop."""
+    backend, on_uvloop = backend_of(anyio_backend)
+    count, size = 60, 20 * KiB  # more than the pipe holds: the feeder has to wait for us
+    async with open_queue(use_threads=use_threads, ctx=SPAWN) as aq:
+        async with child(
+            queue_workers.async_put_then_exit,
+            aq.queue,
+            count,
+            size,
+            backend,
+            on_uvloop,
+            use_threads,
+            ctx=SPAWN,
+        ) as putter:
+            with anyio.fail_after(30):
+                got = [await aq.get() for _ in range(count)]
+        assert putter.exitcode == 0
+    assert got == [queue_workers.flush_item(i, size) for i in range(count)]
+
+
+# ---------------------------------------------------------------------------------------
+# Many consumers, sync and async, and fairness
+# ---------------------------------------------------------------------------------------
+
+
+async def test_every_item_is_received_exactly_once(use_threads: bool, tmp_path: Path) -> None:
+    producers, per_producer = 3, 400
+    report = tmp_path / "sync-consumer"
+    async with open_queue(use_threads=use_threads) as aq:
+        q = aq.queue
+        mine: list[list[Any]] = [[], []]
+
+        async def consume(into: list[Any]) -> None:
+            while (item := await aq.get()) is not None:
+                into.append(item)
+
+        with anyio.fail_after(60):
+            async with child(queue_workers.consume_until_none, q, str(report)) as consumer:
+                async with anyio.create_task_group() as tg:
+                    for into in mine:
+                        tg.start_soon(consume, into)
+                    async with contextlib.AsyncExitStack() as stack:
+                        procs = [
+                            await stack.enter_async_context(
+                                child(queue_workers.produce, q, tag, per_producer)
+                            )
+                            for tag in range(producers)
+                        ]
+                    assert [p.exitcode for p in procs] == [0] * producers
+                    for _ in range(3):  # one end marker per consumer
+                        await aq.put(None)
+        assert consumer.exitcode == 0
+    theirs = read_report(report)
+    everyone = [mine[0], mine[1], theirs]
+    received = Counter((tag, i) for got in everyone for tag, i, _ in got)
+    assert received == Counter((t, i) for t in range(producers) for i in range(per_producer))
+    for got in everyone:  # each consumer saw each producer's items in order
+        for tag in range(producers):
+            seq = [i for t, i, _ in got if t == tag]
+            assert seq == sorted(seq)
+
+
+FAIRNESS_THREADS = (
+    "library bug, flaky: on the thread route each get starts a new thread (about 0.5 ms), "
+    "so between two items the getter is not queued for the lock at all (measured: 1-28 % "
+    "for the async getter, median about 15 %, against 50 % for a second sync consumer)"
+)
+
+
+async def test_async_getter_gets_a_share_next_to_a_sync_consumer(
+    request: pytest.FixtureRequest, route: str, use_threads: bool, tmp_path: Path
+) -> None:
+    """Fairness, not speed: the producer is slower than both consumers (it pauses between
+    items; that pause is load, not synchronisation), so both are waiting whenever an item
+    arrives. Two plain sync consumers split such a stream about evenly."""
+    if route != "fd":
+        request.applymarker(pytest.mark.xfail(reason=FAIRNESS_THREADS, strict=False))
+    count, pause = 300, 0.0015
+    report = tmp_path / "sync-consumer"
+    async with open_queue(use_threads=use_threads) as aq:
+        q = aq.queue
+        mine: list[int] = []
+        with anyio.fail_after(60):
+            async with child(queue_workers.consume_until_none, q, str(report)) as consumer:
+                await wait_until(lambda: reader_lock_is_held(q), "the sync consumer waits")
+                async with child(
+                    queue_workers.put_paced, q, [*range(count), None, None], pause
+                ) as producer:
+                    while (item := await aq.get()) is not None:
+                        mine.append(item)
+        assert (producer.exitcode, consumer.exitcode) == (0, 0)
+    theirs = read_report(report)
+    assert sorted(mine + theirs) == list(range(count))
+    print(f"async getter: {len(mine)} of {count}, sync consumer: {len(theirs)}")
+    assert len(mine) > count * 0.05, f"the async getter got only {len(mine)} of {count} items"
+
+
+@pytest.mark.parametrize("holder", ["sync get on an empty queue", "lock held over an item"])
+async def test_waiting_behind_another_reader_does_not_spin(
+    use_threads: bool, tmp_path: Path, holder: str
+) -> None:
+    report = tmp_path / "sync-consumer"
+    lock_held_here = holder == "lock held over an item"
+    async with open_queue(use_threads=use_threads) as aq:
+        q = aq.queue
+        if lock_held_here:
+            await fill(q, ["waiting"])
+            # As a consumer stuck between taking the lock and reading would hold it: the
+            # pipe stays readable the whole time.
+            assert q._rlock.acquire(False)
+            cm: Any = contextlib.nullcontext()
+        else:
+            cm = child(queue_workers.get_blocking, q, str(report))
+        try:
+            async with cm as consumer:
+                await wait_until(lambda: reader_lock_is_held(q), "another reader holds the lock")
+                wall, cpu = time.monotonic(), time.process_time()
+                with anyio.move_on_after(0.5) as scope:
+                    await aq.get()
+                wall, cpu = time.monotonic() - wall, time.process_time() - cpu
+                assert scope.cancelled_caught
+                print(f"{cpu * 1e3:.1f} ms of CPU in {wall * 1e3:.0f} ms waiting")
+                assert cpu < 0.05 * wall, f"{cpu * 1e3:.1f} ms of CPU in {wall * 1e3:.0f} ms"
+                if not lock_held_here:
+                    # The blocked consumer holds the lock: this item is its.
+                    await aq.put("for the sync consumer")
+        finally:
+            if lock_held_here:
+                q._rlock.release()
+        if lock_held_here:
+            with anyio.fail_after(10):
+                assert await aq.get() == "waiting"
+        else:
+            assert consumer.exitcode == 0
+            assert read_report(report) == ("ok", "for the sync consumer")
+
+
+# ---------------------------------------------------------------------------------------
+# Cancellation
+# ---------------------------------------------------------------------------------------
+
+
+async def test_gets_cancelled_at_random_lose_nothing(use_threads: bool) -> None:
+    count, big_every, big_size = 300, 7, 100 * KiB  # a big item's frame arrives in parts
+    rng = random.Random(20240611)
+    async with open_queue(use_threads=use_threads) as aq:
+        q = aq.queue
+        got: list[Any] = []
+        cancelled = 0
+        # The producer pauses now and then, so that gets are also cancelled as they wait.
+        async with child(
+            queue_workers.produce, q, 0, count, big_every, big_size, 5, 0.002
+        ) as producer:
+            with anyio.fail_after(30):
+                while len(got) < count:
+                    with anyio.move_on_after(rng.uniform(0, 0.002)) as scope:
+                        got.append(await aq.get())
+                    cancelled += scope.cancelled_caught
+        assert producer.exitcode == 0
+        assert [i for _, i, _ in got] == list(range(count))
+        assert [len(pad) for _, _, pad in got] == [
+            big_size if i % big_every == big_every - 1 else 0 for i in range(count)
+        ]
+        assert cancelled > 0
+        with pytest.raises(queue.Empty):
+            aq.get_nowait()  # nothing kept twice
+        # No get left the reader lock taken: a plain consumer elsewhere can read.
+        await aq.put("for the checker")
+        async with child(queue_workers.get_expecting, q, "for the checker", 10) as checker:
+            pass
+        assert checker.exitcode == 0
+        print(f"{cancelled} gets cancelled")
+
+
+async def test_puts_cancelled_at_random_put_exactly_what_returned(
+    use_threads: bool, tmp_path: Path
+) -> None:
+    """Random short timeouts on puts into a bounded queue that is mostly full: the
+    consumer sees exactly the items whose put returned, in order."""
+    attempts = 200
+    rng = random.Random(20240612)
+    report = tmp_path / "consumer"
+    async with open_queue(use_threads=use_threads, maxsize=2) as aq:
+        returned: list[int] = []
+        # A consumer slower than the puts, so that they mostly wait for room; now and then
+        # it stalls for longer than a waiting put's time slice.
+        async with child(
+            queue_workers.consume_until_none, aq.queue, str(report), 0.001, 25, 0.06
+        ) as consumer:
+            with anyio.fail_after(60):
+                for i in range(attempts):
+                    with anyio.move_on_after(rng.uniform(0, 0.002)):
+                        await aq.put(i)
+                        returned.append(i)
+                await aq.put(None)
+        assert consumer.exitcode == 0
+    print(f"{len(returned)} of {attempts} puts returned")
+    assert 0 < len(returned) < attempts
+    assert read_report(report) == returned
+
+
+async def test_gets_cancelled_while_waiting_for_the_reader_lock_leave_it_free(
+    use_threads: bool,
+) -> None:
+    """Another reader holds the lock; it lets go, and the waiting get is cancelled a
+    random number of loop turns later: around the moment the get's thread takes the lock.
+    Whoever ends up with it, the lock is free afterwards and no item is lost."""
+    rounds = 60
+    rng = random.Random(20240613)
+    async with open_queue(use_threads=use_threads) as aq:
+        q = aq.queue
+        got: list[int] = []
+        cancelled = 0
+        with anyio.fail_after(30):
+            for i in range(rounds):
+                await aq.put(i)
+                await wait_until(lambda: buffered(q._reader.fileno()) > 0, "an item is there")
+                assert q._rlock.acquire(False)  # as another consumer, mid-get
+
+                async def get() -> None:
+                    got.append(await aq.get())
+
+                def waiting_or_returned(before: int = len(got)) -> bool:
+                    return bool(asyncmp_threads()) or len(got) > before
+
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(get)
+                    try:
+                        await wait_until(
+                            waiting_or_returned,
+                            "the get waits for the lock in a thread, or has returned",
+                        )
+                    finally:
+                        q._rlock.release()
+                    for _ in range(rng.randrange(8)):
+                        await anyio.lowlevel.checkpoint()
+                    tg.cancel_scope.cancel()
+                cancelled += tg.cancel_scope.cancelled_caught and len(got) <= i
+                # A cancelled acquisition stops its thread; once it has, the lock is free.
+                await wait_until(lambda: not asyncmp_threads(), "the get's thread ended")
+                # A get that won the lock in a queue keeps it until the loop's next turn,
+                # for a get that follows at once; then it lets go.
+                await wait_until(
+                    lambda: not reader_lock_is_held(q), f"round {i}: the reader lock is let go"
+                )
+            while len(got) < rounds:
+                got.append(await aq.get())
+        assert got == list(range(rounds))
+        with pytest.raises(queue.Empty):
+            aq.get_nowait()
+        print(f"{cancelled} of {rounds} gets cancelled")
+
+
+@pytest.mark.parametrize("kind", BOUNDED_KINDS)
+async def test_put_cancelled_on_a_full_queue_puts_nothing(use_threads: bool, kind: str) -> None:
+    async with open_queue(kind, use_threads=use_threads, maxsize=2) as aq:
+        aq.put_nowait("a")
+        aq.put_nowait("b")
+        with anyio.fail_after(5):  # the cancelled put gives up promptly
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(aq.put, "cancelled")
+                await anyio.wait_all_tasks_blocked()
+                tg.cancel_scope.cancel()
+        assert aq.qsize() == 2
+        with anyio.fail_after(10):
+            assert await aq.get() == "a"
+            await aq.put("c")
+            assert [await aq.get(), await aq.get()] == ["b", "c"]
+        assert aq.qsize() == 0
+        with pytest.raises(queue.Empty):
+            await aq.get(timeout=0.1)
+
+
+async def test_unpicklable_item_raises_in_put_and_puts_nothing(
+    request: pytest.FixtureRequest,
+    route: str,
+    use_threads: bool,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    for kind in KINDS:
+        if kind == "SimpleQueue" and route == "threads":
+            continue  # the get below hits the known SimpleQueue bug of the thread route
+        async with open_queue(kind, use_threads=use_threads) as aq:
+            with pytest.raises(TypeError, match="pickle"):
+                await aq.put(threading.Lock())
+            if kind != "SimpleQueue":
+                with pytest.raises(TypeError, match="pickle"):
+                    aq.put_nowait(threading.Lock())
+                assert aq.qsize() == 0
+            await aq.put("after")
+            with anyio.fail_after(10):
+                assert await aq.get() == "after"  # the feeder got past anything before it
+            with pytest.raises(queue.Empty):
+                aq.get_nowait()
+    _, err = capfd.readouterr()
+    assert "Traceback" not in err, err
+
+
+# ---------------------------------------------------------------------------------------
+# Producers that stall or die mid-item
+# ---------------------------------------------------------------------------------------
+
+
+def big_frame(size: int = MiB + 4 * KiB) -> tuple[bytes, object]:
+    """A whole frame of a pickled ``bytes`` item of *size* bytes, and the item."""
+    item = b"p" * size
+    payload = pickle.dumps(item, pickle.HIGHEST_PROTOCOL)
+    return header(len(payload)) + payload, item
+
+
+@pytest.mark.parametrize("cancelled", [False, True], ids=["plain", "cancelled"])
+async def test_producer_dying_mid_item_breaks_the_get_after_stall_timeout(
+    request: pytest.FixtureRequest, route: str, use_threads: bool, cancelled: bool
+) -> None:
+    if route == "threads":
+        request.applymarker(
+            pytest.mark.xfail(
+                reason="library limitation: the thread route's Queue.get() blocks in "
+                "recv_bytes() for the rest of the item, holding the reader lock, and never "
+                "applies stall_timeout",
+                strict=True,
+            )
+        )
+    frame, _ = big_frame()
+    split = 8 * KiB
+    async with open_queue(use_threads=use_threads, stall_timeout=STALL) as aq:
+        q = aq.queue
+        async with child(queue_workers.write_partial_frame, q, frame[:split]) as writer:
+            pass
+        assert writer.exitcode == 0
+        start = time.monotonic()
+        try:
+            with pytest.raises(anyio.BrokenResourceError, match="mid-item"):
+                with anyio.fail_after(STALL + 1):
+                    if cancelled:
+                        # The part read is shielded: the cancelled get still ends by
+                        # reporting the broken item, once stall_timeout has passed.
+                        with anyio.move_on_after(0.05):
+                            await aq.get()
+                    else:
+                        await aq.get()
+            elapsed = time.monotonic() - start
+            assert STALL * 0.9 <= elapsed < STALL + 1
+            assert not reader_lock_is_held(q), "the broken get kept the reader lock"
+            with pytest.raises(anyio.BrokenResourceError):
+                await aq.get()  # broken from now on
+            with pytest.raises(anyio.BrokenResourceError):
+                await aq.put("x")
+        finally:
+            if use_threads and asyncmp_threads():
+                # Unblock the thread stuck reading the rest of the item.
+                os.write(q._writer.fileno(), frame[split:])
+
+
+@pytest.mark.parametrize("cancelled", [False, True], ids=["plain", "cancelled"])
+async def test_producer_stalling_mid_item_is_waited_for(use_threads: bool, cancelled: bool) -> None:
+    frame, item = big_frame()
+    split = 8 * KiB
+    async with open_queue(use_threads=use_threads, stall_timeout=30) as aq:
+        q = aq.queue
+        release = FORK.Event()
+        async with child(
+            queue_workers.write_frame_in_two_parts, q, frame[:split], frame[split:], release
+        ) as writer:
+            got: list[object] = []
+            with anyio.fail_after(20):
+                async with anyio.create_task_group() as tg:
+
+                    async def get() -> None:
+                        got.append(await aq.get())
+
+                    tg.start_soon(get)
+                    await wait_until(
+                        lambda: buffered(q._reader.fileno()) == 0 and reader_lock_is_held(q),
+                        "the get has read the first part",
+                    )
+                    if cancelled:
+                        tg.cancel_scope.cancel()
+                    release.set()
+                if cancelled:
+                    assert got == []
+                    got.append(await aq.get())  # the cancelled get kept the item for this one
+        assert writer.exitcode == 0
+        assert got == [item]
+        assert not reader_lock_is_held(q)
+
+
+# ---------------------------------------------------------------------------------------
+# Threads and descriptor flags
+# ---------------------------------------------------------------------------------------
+
+
+async def test_pending_gets_on_a_thousand_queues_start_no_threads(route: str) -> None:
+    """On the fd route a pending get is a registration, not a thread. On the thread route
+    the same count is a control: it does go up, so the count can fail."""
+    count = 1000 if route == "fd" else 5
+    needed = 4 * count + 256  # two pipe ends and a helper epoll per queue, and some room
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < needed:
+        if hard != resource.RLIM_INFINITY and hard < needed:
+            pytest.skip(f"needs {needed} descriptors, the hard limit is {hard}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+    queues = [FORK.Queue() for _ in range(count)]
+    adapters = [AsyncQueue[int](q, use_threads=route == "threads") for q in queues]
+    try:
+        got: dict[int, int] = {}
+        before = (threading.active_count(), os_thread_count())
+
+        async def get(i: int, aq: AsyncQueue[int]) -> None:
+            got[i] = await aq.get()
+
+        async with anyio.create_task_group() as tg:
+            for i, aq in enumerate(adapters):
+                tg.start_soon(get, i, aq)
+            await anyio.wait_all_tasks_blocked()
+            during = (threading.active_count(), os_thread_count())
+            assert got == {}
+            # The gets are really waiting: each takes what arrives on its queue.
+            some = sorted({0, count // 2, count - 1})
+            for i in some:
+                await adapters[i].put(i)
+            await wait_until(lambda: len(got) == len(some), "the fed gets returned")
+            tg.cancel_scope.cancel()
+        assert got == {i: i for i in some}
+        if route == "fd":
+            assert during == before, f"threads before and during: {before} -> {during}"
+        else:
+            assert during[0] >= before[0] + count
+    finally:
+        with anyio.CancelScope(shield=True):
+            for aq in adapters:
+                await aq.aclose()
+        for q in queues:
+            release_pipe(q)
+        if soft < needed:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def test_reader_stays_blocking_while_a_get_waits(use_threads: bool, tmp_path: Path) -> None:
+    """A pending get must not set O_NONBLOCK on the pipe every consumer shares (uvloop's
+    add_reader would): a plain consumer's blocking get() would then fail."""
+    report = tmp_path / "sync-consumer"
+    async with open_queue(use_threads=use_threads) as aq:
+        q = aq.queue
+        fd = q._reader.fileno()
+        got: list[str] = []
+        with anyio.fail_after(20):
+            async with child(queue_workers.get_blocking, q, str(report)) as consumer:
+                await wait_until(lambda: reader_lock_is_held(q), "the child blocks in get()")
+                async with anyio.create_task_group() as tg:
+
+                    async def get() -> None:
+                        got.append(await aq.get())
+
+                    tg.start_soon(get)
+                    await anyio.wait_all_tasks_blocked()
+                    assert not nonblocking(fd), "O_NONBLOCK set while a get waits"
+                    await aq.put("one")
+                    await aq.put("two")
+        assert consumer.exitcode == 0
+        status, theirs = read_report(report)
+        assert status == "ok", theirs
+        assert sorted([theirs, *got]) == ["one", "two"]
+        assert not nonblocking(fd), "O_NONBLOCK set after a get"
