@@ -64,10 +64,6 @@ BOUNDED_KINDS = ["Queue", "JoinableQueue"]
 #: The stall_timeout of the tests whose producer dies mid-item.
 STALL = 0.5
 
-SIMPLEQUEUE_ON_THREADS = (
-    "library bug: the thread route calls SimpleQueue.get(True, 0.05) and "
-    "SimpleQueue.get_nowait(), neither of which SimpleQueue has"
-)
 
 # ---------------------------------------------------------------------------------------
 # Fixtures and helpers
@@ -83,12 +79,6 @@ def route(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def use_threads(route: str) -> bool:
     return route == "threads"
-
-
-def xfail_simplequeue_on_threads(request: pytest.FixtureRequest, kind: str, route: str) -> None:
-    """Mark the known SimpleQueue bug of the thread route; strict, so a fix shows as XPASS."""
-    if kind == "SimpleQueue" and route == "threads":
-        request.applymarker(pytest.mark.xfail(reason=SIMPLEQUEUE_ON_THREADS, strict=True))
 
 
 def make_queue(kind: str = "Queue", ctx: Any = None, maxsize: int = 0) -> Any:
@@ -230,7 +220,6 @@ async def outcome(fn: Callable[[], Awaitable[object]]) -> str:
 async def test_wraps_every_kind_from_every_context(
     request: pytest.FixtureRequest, route: str, use_threads: bool, kind: str, mp_context: MPContext
 ) -> None:
-    xfail_simplequeue_on_threads(request, kind, route)
     q = make_queue(kind, mp_context)
     try:
         with anyio.fail_after(20):
@@ -253,7 +242,6 @@ async def test_wraps_every_kind_from_every_context(
 async def test_a_child_of_every_start_method_shares_the_queue(
     request: pytest.FixtureRequest, route: str, use_threads: bool, kind: str, mp_context: MPContext
 ) -> None:
-    xfail_simplequeue_on_threads(request, kind, route)
     items: list[Any] = [0, "two", b"3" * 100 * KiB, (4, None), None]
     async with open_queue(kind, use_threads=use_threads, ctx=mp_context) as to_child:
         async with open_queue(kind, use_threads=use_threads, ctx=mp_context) as from_child:
@@ -302,7 +290,6 @@ async def test_manager_proxy_takes_the_thread_route(use_threads: bool) -> None:
 async def test_factories(
     request: pytest.FixtureRequest, route: str, use_threads: bool, kind: str
 ) -> None:
-    xfail_simplequeue_on_threads(request, kind, route)
     factory = getattr(asyncmp, kind)
     expected_type = getattr(multiprocessing.queues, kind)
     for context in (None, FORK):
@@ -347,7 +334,6 @@ async def test_generic_item_type(use_threads: bool) -> None:
 async def test_empty_queue_get_timeout_and_get_nowait_raise_empty(
     request: pytest.FixtureRequest, route: str, use_threads: bool, kind: str
 ) -> None:
-    xfail_simplequeue_on_threads(request, kind, route)
     async with open_queue(kind, use_threads=use_threads) as aq:
         with pytest.raises(queue.Empty):
             aq.get_nowait()
@@ -370,7 +356,6 @@ async def test_empty_queue_get_timeout_and_get_nowait_raise_empty(
 async def test_get_nowait_takes_what_is_there_unless_another_reader_holds_the_lock(
     request: pytest.FixtureRequest, route: str, use_threads: bool, kind: str
 ) -> None:
-    xfail_simplequeue_on_threads(request, kind, route)
     async with open_queue(kind, use_threads=use_threads) as aq:
         q = aq.queue
         await fill(q, ["first", "second"])
@@ -449,7 +434,6 @@ async def test_qsize_empty_full(use_threads: bool, kind: str) -> None:
 async def test_simplequeue_empty(
     request: pytest.FixtureRequest, route: str, use_threads: bool
 ) -> None:
-    xfail_simplequeue_on_threads(request, "SimpleQueue", route)
     async with open_queue("SimpleQueue", use_threads=use_threads) as aq:
         assert aq.empty()
         await aq.put("a")

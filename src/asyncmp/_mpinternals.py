@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import multiprocessing.connection
 import multiprocessing.queues
+import queue
 import sys
 import threading
 from dataclasses import dataclass
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
-__all__ = ("QueueParts", "feeder_thread", "joinable_parts", "queue_parts")
+__all__ = ("QueueParts", "feeder_thread", "joinable_parts", "queue_parts", "timed_get")
 
 #: The versions whose ``multiprocessing.queues`` layout this module knows.
 _KNOWN = (3, 10) <= sys.version_info[:2] <= (3, 14)
@@ -81,3 +83,26 @@ def feeder_thread(q: object) -> threading.Thread | None:
         return None
     thread = getattr(q, "_thread", None)
     return thread if isinstance(thread, threading.Thread) else None
+
+
+def timed_get(q: Any, timeout: float) -> Any:
+    """``q.get()`` that gives up after *timeout* seconds (0: don't wait) with
+    ``queue.Empty``, for every queue kind: ``SimpleQueue`` has no timeout of its own, so
+    its get is rebuilt from its reader lock and read end, as ``Queue.get`` does it."""
+    if _KNOWN and isinstance(q, multiprocessing.queues.SimpleQueue):
+        rlock: Any = getattr(q, "_rlock", None)
+        reader = getattr(q, "_reader", None)
+        if _lock_like(rlock) and isinstance(reader, multiprocessing.connection.Connection):
+            acquired = rlock.acquire(True, timeout) if timeout > 0 else rlock.acquire(False)
+            if not acquired:
+                raise queue.Empty
+            try:
+                if not reader.poll(timeout):
+                    raise queue.Empty
+                data = reader.recv_bytes()
+            finally:
+                rlock.release()
+            return ForkingPickler.loads(data)
+    if timeout > 0:
+        return q.get(True, timeout)
+    return q.get_nowait()

@@ -426,7 +426,7 @@ class AsyncQueue(Generic[T]):
             def blocking_get(c: BlockingCall[Any]) -> Any:
                 while not c.stopping:
                     try:
-                        return q.get(True, _SLICE)
+                        return _mpinternals.timed_get(q, _SLICE)
                     except queue.Empty:
                         continue
                 raise anyio.ClosedResourceError
@@ -449,7 +449,7 @@ class AsyncQueue(Generic[T]):
             self._pending_get = None
             self._calls.discard(call)
             return call.result()
-        return self._q.get_nowait()
+        return _mpinternals.timed_get(self._q, 0)
 
     # -- putting ------------------------------------------------------------------------
 
