@@ -18,13 +18,21 @@ from ._queue import AsyncQueue as AsyncQueue
 from ._queue import JoinableQueue as JoinableQueue
 from ._queue import Queue as Queue
 from ._queue import SimpleQueue as SimpleQueue
+from ._remote import DEFAULT_BACKLOG as DEFAULT_BACKLOG
+from ._remote import DEFAULT_HANDSHAKE_TIMEOUT as DEFAULT_HANDSHAKE_TIMEOUT
+from ._remote import AsyncListener as AsyncListener
+from ._remote import connect as connect
+from ._remote import serve as serve
 from ._wire import DEFAULT_MAX_MESSAGE_SIZE as DEFAULT_MAX_MESSAGE_SIZE
 
 __all__ = (
+    "DEFAULT_BACKLOG",
+    "DEFAULT_HANDSHAKE_TIMEOUT",
     "DEFAULT_MAX_MESSAGE_SIZE",
     "DEFAULT_STALL_TIMEOUT",
     "SEND_SHIELD_SECONDS",
     "AsyncConnection",
+    "AsyncListener",
     "AsyncProcess",
     "AsyncQueue",
     "AsyncmpError",
@@ -36,8 +44,10 @@ __all__ = (
     "SimpleQueue",
     "Worker",
     "WorkerExited",
+    "connect",
     "open_process",
     "open_worker",
+    "serve",
 )
 
 __version__ = "0.1.0"
