@@ -1,0 +1,363 @@
+"""The contenders: each one receives the same messages its own way and times itself.
+
+Every consumer takes the parent's end of a data connection and a message count. It
+receives the first message untimed (the worker's wake-up and any first-use costs land
+there) and returns the seconds the remaining ``n`` took, measured with
+``time.perf_counter`` around the receiving loop only: creating an event loop or a
+wrapper is outside the timed part. They also return the CPU time this process spent
+meanwhile (``time.process_time``, every thread of it), which a busy machine disturbs
+less than the wall clock.
+
+The asyncmp consumers wrap a ``dup`` of the descriptor, so closing the
+AsyncConnection at the end of a trial leaves the shared connection open for the next
+contender.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import multiprocessing.connection
+import os
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from time import perf_counter, process_time
+from typing import Any
+
+import anyio
+import anyio.to_thread
+
+from asyncmp import AsyncConnection
+
+__all__ = (
+    "BACKENDS",
+    "DEFAULT_IMPLS",
+    "Contender",
+    "Impl",
+    "Timing",
+    "large_contenders",
+    "load_candidate",
+    "pingpong_contenders",
+    "small_contenders",
+)
+
+Connection = multiprocessing.connection.Connection
+
+BACKENDS = ("asyncio", "uvloop", "trio")
+
+#: (wall-clock seconds, CPU seconds of this process, all its threads included)
+Timing = tuple[float, float]
+#: A consumer: (data connection, messages to time, extra argument) -> its timing.
+Consumer = Callable[[Connection, int, Any], Timing]
+
+
+def _start() -> Timing:
+    return perf_counter(), process_time()
+
+
+def _since(start: Timing) -> Timing:
+    return perf_counter() - start[0], process_time() - start[1]
+
+
+@dataclass(frozen=True)
+class Contender:
+    key: str  #: unique id, used in the JSON
+    label: str  #: what the tables show
+    backend: str | None  #: event loop, or None for the no-loop baselines
+    consume: Consumer
+    family: str  #: "asyncmp", "sync", "thread" or "raw"
+
+
+@dataclass(frozen=True)
+class Impl:
+    """An asyncmp to measure: the one installed (tag "") or a candidate copy."""
+
+    tag: str
+    cls: type[Any]  #: its AsyncConnection
+
+    @property
+    def name(self) -> str:
+        return f"asyncmp:{self.tag}" if self.tag else "asyncmp"
+
+
+DEFAULT_IMPLS = (Impl("", AsyncConnection),)
+
+
+def load_candidate(tag: str, path: Path) -> Impl:
+    """Import a copy of asyncmp from *path* (a ``src`` directory holding ``asyncmp/``,
+    or the package directory itself) under a private name, to run beside the installed
+    one: a proposed change measured side by side, in the same run."""
+    pkg = path / "asyncmp" if (path / "asyncmp" / "__init__.py").is_file() else path
+    init = pkg / "__init__.py"
+    if not init.is_file():
+        raise SystemExit(f"no asyncmp package at {path}")
+    name = f"_asyncmp_candidate_{tag.replace('-', '_')}"
+    spec = importlib.util.spec_from_file_location(name, init, submodule_search_locations=[str(pkg)])
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return Impl(tag, module.AsyncConnection)
+
+
+def _asyncmp(
+    impls: tuple[Impl, ...],
+    backends: tuple[str, ...],
+    what: str,
+    fn: Callable[..., Awaitable[Timing]],
+) -> list[Contender]:
+    return [
+        Contender(
+            f"{impl.name}-{b}",
+            f"{impl.name} {what} [{b}]",
+            b,
+            _on(b, partial(fn, impl.cls)),
+            "candidate" if impl.tag else "asyncmp",
+        )
+        for b in backends
+        for impl in impls
+    ]
+
+
+def _run_on(backend: str, fn: Callable[..., Awaitable[Timing]], *args: Any) -> Timing:
+    if backend == "uvloop":
+        import uvloop
+
+        return anyio.run(
+            fn, *args, backend="asyncio", backend_options={"loop_factory": uvloop.new_event_loop}
+        )
+    return anyio.run(fn, *args, backend=backend)
+
+
+def _dup(conn: Connection) -> Connection:
+    return Connection(os.dup(conn.fileno()), readable=conn.readable, writable=conn.writable)
+
+
+def _check(got: object, expected: object) -> None:
+    if got != expected:
+        raise AssertionError(f"received {got!r:.80}, expected {expected!r:.80}")
+
+
+# ---------------------------------------------------------------------------------------
+# 1. Small messages: recv() of ~100-byte pickles
+# ---------------------------------------------------------------------------------------
+
+
+def _sync_small(conn: Connection, n: int, expected: object) -> Timing:
+    recv = conn.recv
+    recv()
+    t0 = _start()
+    for _ in range(n - 1):
+        recv()
+    last = recv()
+    elapsed = _since(t0)
+    _check(last, expected)
+    return elapsed
+
+
+async def _asyncmp_small(cls: type[Any], conn: Connection, n: int, expected: object) -> Timing:
+    async with cls(_dup(conn)) as aconn:
+        recv = aconn.recv
+        await recv()
+        t0 = _start()
+        for _ in range(n - 1):
+            await recv()
+        last = await recv()
+        elapsed = _since(t0)
+    _check(last, expected)
+    return elapsed
+
+
+async def _executor_small(conn: Connection, n: int, expected: object) -> Timing:
+    loop = asyncio.get_running_loop()
+    recv = conn.recv
+    await loop.run_in_executor(None, recv)
+    t0 = _start()
+    for _ in range(n - 1):
+        await loop.run_in_executor(None, recv)
+    last = await loop.run_in_executor(None, recv)
+    elapsed = _since(t0)
+    _check(last, expected)
+    return elapsed
+
+
+async def _to_thread_small(conn: Connection, n: int, expected: object) -> Timing:
+    run_sync = anyio.to_thread.run_sync
+    recv = conn.recv
+    await run_sync(recv)
+    t0 = _start()
+    for _ in range(n - 1):
+        await run_sync(recv)
+    last = await run_sync(recv)
+    elapsed = _since(t0)
+    _check(last, expected)
+    return elapsed
+
+
+async def _aioprocessing_small(conn: Connection, n: int, expected: object) -> Timing:
+    from aioprocessing.connection import AioConnection  # type: ignore[import-untyped]
+
+    aconn: Any = AioConnection(conn)
+    try:
+        coro_recv = aconn.coro_recv
+        await coro_recv()
+        t0 = _start()
+        for _ in range(n - 1):
+            await coro_recv()
+        last = await coro_recv()
+        elapsed = _since(t0)
+    finally:
+        executor = getattr(aconn, "_executor", None)
+        if executor is not None:
+            executor.shutdown(wait=True)
+    _check(last, expected)
+    return elapsed
+
+
+def _on(backend: str, fn: Callable[..., Awaitable[Timing]]) -> Consumer:
+    def consume(conn: Connection, n: int, arg: Any) -> Timing:
+        return _run_on(backend, fn, conn, n, arg)
+
+    return consume
+
+
+def small_contenders(
+    backends: tuple[str, ...], impls: tuple[Impl, ...] = DEFAULT_IMPLS
+) -> list[Contender]:
+    """Contenders for the small-message receive benchmark.
+
+    The sync loop and ``run_in_executor`` are baselines and always run; the others
+    run when their event loop is among *backends*.
+    """
+    found = [Contender("sync", "sync conn.recv() loop", None, _sync_small, "sync")]
+    found += _asyncmp(impls, backends, "recv()", _asyncmp_small)
+    found.append(
+        Contender(
+            "executor-asyncio",
+            "run_in_executor(conn.recv) [asyncio]",
+            "asyncio",
+            _on("asyncio", _executor_small),
+            "thread",
+        )
+    )
+    found += [
+        Contender(
+            f"to_thread-{b}",
+            f"anyio.to_thread.run_sync(conn.recv) [{b}]",
+            b,
+            _on(b, _to_thread_small),
+            "thread",
+        )
+        for b in ("asyncio", "trio")
+        if b in backends
+    ]
+    if "asyncio" in backends:
+        found.append(
+            Contender(
+                "aioprocessing-asyncio",
+                "aioprocessing coro_recv() [asyncio]",
+                "asyncio",
+                _on("asyncio", _aioprocessing_small),
+                "thread",
+            )
+        )
+    return found
+
+
+# ---------------------------------------------------------------------------------------
+# 2. Ping-pong: send one message, await the echo
+# ---------------------------------------------------------------------------------------
+
+
+def _sync_pingpong(conn: Connection, n: int, msg: object) -> Timing:
+    send, recv = conn.send, conn.recv
+    send(msg)
+    recv()
+    t0 = _start()
+    for _ in range(n):
+        send(msg)
+        recv()
+    elapsed = _since(t0)
+    return elapsed
+
+
+async def _asyncmp_pingpong(cls: type[Any], conn: Connection, n: int, msg: object) -> Timing:
+    async with cls(_dup(conn)) as aconn:
+        send, recv = aconn.send, aconn.recv
+        await send(msg)
+        await recv()
+        t0 = _start()
+        for _ in range(n):
+            await send(msg)
+            await recv()
+        elapsed = _since(t0)
+    return elapsed
+
+
+def pingpong_contenders(
+    backends: tuple[str, ...], impls: tuple[Impl, ...] = DEFAULT_IMPLS
+) -> list[Contender]:
+    found = [Contender("sync", "sync send()+recv()", None, _sync_pingpong, "sync")]
+    return found + _asyncmp(impls, backends, "send()+recv()", _asyncmp_pingpong)
+
+
+# ---------------------------------------------------------------------------------------
+# 3. Large messages: recv_bytes() of 1 MiB .. 64 MiB, against a raw copy
+# ---------------------------------------------------------------------------------------
+
+
+def _sync_large(conn: Connection, n: int, size: int) -> Timing:
+    recv_bytes = conn.recv_bytes
+    recv_bytes()
+    t0 = _start()
+    for _ in range(n):
+        data = recv_bytes()
+    elapsed = _since(t0)
+    _check(len(data), size)
+    return elapsed
+
+
+async def _asyncmp_large(cls: type[Any], conn: Connection, n: int, size: int) -> Timing:
+    async with cls(_dup(conn)) as aconn:
+        recv_bytes = aconn.recv_bytes
+        await recv_bytes()
+        t0 = _start()
+        for _ in range(n):
+            data = await recv_bytes()
+        elapsed = _since(t0)
+    _check(len(data), size)
+    return elapsed
+
+
+def _raw_large(conn: Connection, n: int, size: int) -> Timing:
+    """The floor: the same bytes, unframed, read straight into a buffer allocated once."""
+    fd = conn.fileno()
+    buf = bytearray(size)
+    view = memoryview(buf)
+
+    def read_one() -> None:
+        pos = 0
+        while pos < size:
+            got = os.readv(fd, [view[pos:]])
+            if not got:
+                raise EOFError("worker closed the connection")
+            pos += got
+
+    read_one()
+    t0 = _start()
+    for _ in range(n):
+        read_one()
+    return _since(t0)
+
+
+def large_contenders(
+    backends: tuple[str, ...], impls: tuple[Impl, ...] = DEFAULT_IMPLS
+) -> list[Contender]:
+    found = [
+        Contender("sync", "sync conn.recv_bytes()", None, _sync_large, "sync"),
+        Contender("raw", "raw os.readv() into a preallocated buffer", None, _raw_large, "raw"),
+    ]
+    return found + _asyncmp(impls, backends, "recv_bytes()", _asyncmp_large)

@@ -1,0 +1,210 @@
+"""Statistics over the rounds, and the markdown and JSON that report them."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ("Series", "Table", "Target", "render_markdown", "to_json", "write_results")
+
+
+def _quartiles(values: list[float]) -> tuple[float, float]:
+    if len(values) < 2:
+        return values[0], values[0]
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q3
+
+
+@dataclass
+class Series:
+    """One contender in one benchmark: a value per round, and ratios paired per round."""
+
+    key: str
+    label: str
+    backend: str | None
+    family: str
+    n_per_trial: int = 0
+    values: list[float] = field(default_factory=list)
+    #: ratio against the table's baseline, computed within each round
+    ratios: list[float] = field(default_factory=list)
+    #: CPU microseconds this process spent per message (or round trip), per round
+    cpu: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values)
+
+    @property
+    def ratio(self) -> float | None:
+        return statistics.median(self.ratios) if self.ratios else None
+
+    def to_json(self) -> dict[str, Any]:
+        q1, q3 = _quartiles(self.values)
+        return {
+            "key": self.key,
+            "label": self.label,
+            "backend": self.backend,
+            "family": self.family,
+            "n_per_trial": self.n_per_trial,
+            "samples": self.values,
+            "median": self.median,
+            "q1": q1,
+            "q3": q3,
+            "ratio_vs_baseline": self.ratio,
+            "ratio_samples": self.ratios,
+            "cpu_us_per_op": statistics.median(self.cpu) if self.cpu else None,
+            "cpu_us_per_op_samples": self.cpu,
+        }
+
+
+@dataclass
+class Table:
+    """One benchmark: its contenders' series, in display order."""
+
+    id: str
+    title: str
+    unit: str
+    higher_is_better: bool
+    ratio_label: str
+    params: dict[str, Any]
+    series: list[Series]
+    baseline: str = "sync"
+    op: str = "msg"  #: what one operation is, for the CPU column
+
+    def get(self, key: str) -> Series | None:
+        for s in self.series:
+            if s.key == key:
+                return s
+        return None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "title": self.title,
+            "unit": self.unit,
+            "higher_is_better": self.higher_is_better,
+            "baseline": self.baseline,
+            "ratio_label": self.ratio_label,
+            "op": self.op,
+            "params": self.params,
+            "results": [s.to_json() for s in self.series],
+        }
+
+
+@dataclass
+class Target:
+    benchmark: str
+    contender: str
+    description: str
+    op: str  #: ">=", "<=", or "ref" for a reference value that is no target
+    threshold: float
+    measured: float | None
+
+    @property
+    def met(self) -> bool | None:
+        if self.measured is None or self.op == "ref":
+            return None
+        if self.op == ">=":
+            return self.measured >= self.threshold
+        return self.measured <= self.threshold
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "benchmark": self.benchmark,
+            "contender": self.contender,
+            "description": self.description,
+            "op": self.op,
+            "threshold": self.threshold,
+            "measured": self.measured,
+            "met": self.met,
+        }
+
+
+def _fmt(value: float) -> str:
+    if value >= 100:
+        return f"{value:,.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def _fmt_ratio(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3g}x" if value < 10 else f"{value:.1f}x"
+
+
+def render_markdown(meta: dict[str, Any], tables: list[Table], targets: list[Target]) -> str:
+    lines = ["# asyncmp benchmarks", ""]
+    lines.append(
+        f"{meta['python']} on {meta['platform']}, {meta['cpus']} CPUs; "
+        + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
+        + "."
+    )
+    lines.append(
+        f"Mode {meta['mode']}: {meta['rounds']} rounds of ~{meta['trial_seconds']:.2f} s trials,"
+        f" contenders interleaved in a shuffled order each round (seed {meta['seed']});"
+        f" {meta['started']}, {meta['elapsed_seconds']:.0f} s in all."
+    )
+    lines.append(
+        "Values are medians over the rounds, IQR the middle half of them; ratios are the"
+        " median of per-round ratios against the baseline measured in the same round."
+        " CPU is the time the measuring process spent (all its threads, not the worker's)"
+        " per operation: less disturbed by a busy machine than the wall clock."
+    )
+    lines.append("")
+    for table in tables:
+        lines.append(f"## {table.title}")
+        lines.append("")
+        better = "higher" if table.higher_is_better else "lower"
+        lines.append(
+            f"| contender | {table.unit} (median, {better} is better) | IQR"
+            f" | {table.ratio_label} | CPU us/{table.op} | n/trial |"
+        )
+        lines.append("| --- | ---: | ---: | ---: | ---: | ---: |")
+        for s in table.series:
+            q1, q3 = _quartiles(s.values)
+            ratio = "1 (baseline)" if s.key == table.baseline else _fmt_ratio(s.ratio)
+            cpu = _fmt(statistics.median(s.cpu)) if s.cpu else "-"
+            lines.append(
+                f"| {s.label} | {_fmt(s.median)} | {_fmt(q1)} - {_fmt(q3)} | {ratio}"
+                f" | {cpu} | {s.n_per_trial:,} |"
+            )
+        lines.append("")
+    if targets:
+        lines.append("## Targets")
+        lines.append("")
+        lines.append("| benchmark | target | measured | met |")
+        lines.append("| --- | --- | ---: | :---: |")
+        for t in targets:
+            if t.op == "ref":
+                lines.append(f"| {t.benchmark} | ({t.description}) | {_fmt_ratio(t.measured)} | |")
+                continue
+            status = {True: "yes", False: "**no**", None: "n/a"}[t.met]
+            lines.append(
+                f"| {t.benchmark} | {t.description} {t.op} {t.threshold:g} |"
+                f" {_fmt_ratio(t.measured)} | {status} |"
+            )
+        lines.append("")
+    for note in meta.get("notes", []):
+        lines.append(f"Note: {note}")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def to_json(meta: dict[str, Any], tables: list[Table], targets: list[Target]) -> str:
+    doc = {
+        "schema": 1,
+        "meta": meta,
+        "benchmarks": [t.to_json() for t in tables],
+        "targets": [t.to_json() for t in targets],
+    }
+    return json.dumps(doc, indent=2) + "\n"
+
+
+def write_results(directory: Path, markdown: str, json_text: str) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "latest.md").write_text(markdown, encoding="utf-8")
+    (directory / "latest.json").write_text(json_text, encoding="utf-8")
