@@ -41,6 +41,7 @@ import multiprocessing
 import multiprocessing.queues
 import pickle
 import queue
+import select
 import sys
 import threading
 from collections import deque
@@ -421,12 +422,11 @@ class AsyncQueue(Generic[T]):
         call = self._pending_get
         if call is None:
             await checkpoint_if_cancelled()
-            q = self._q
 
             def blocking_get(c: BlockingCall[Any]) -> Any:
                 while not c.stopping:
                     try:
-                        return _mpinternals.timed_get(q, _SLICE)
+                        return self._timed_get(_SLICE)
                     except queue.Empty:
                         continue
                 raise anyio.ClosedResourceError
@@ -439,7 +439,61 @@ class AsyncQueue(Generic[T]):
         self._pending_get = None
         self._calls.discard(call)
         self._check_open()
-        return call.result()
+        try:
+            return call.result()
+        except anyio.BrokenResourceError as exc:
+            self._broken = str(exc)
+            raise
+
+    def _timed_get(self, timeout: float) -> Any:
+        """One get that gives up with ``queue.Empty`` after *timeout* (0: don't wait).
+
+        A POSIX multiprocessing queue is read as the fd route reads it, only blocking:
+        the reader lock, then exactly one frame, each wait for its next bytes bounded by
+        ``stall_timeout``, so a producer that died mid-item can't hold this thread and
+        the lock forever. Anything else goes through its own ``get``.
+        """
+        parts = _mpinternals.queue_parts(self._q) if sys.platform != "win32" else None
+        if parts is None:
+            return _mpinternals.timed_get(self._q, timeout)
+        rlock = parts.rlock
+        if not (rlock.acquire(True, timeout) if timeout > 0 else rlock.acquire(False)):
+            raise queue.Empty
+        try:
+            if not parts.reader.poll(timeout):
+                raise queue.Empty
+            frame = self._read_frame_blocking(parts.reader.fileno())
+        finally:
+            rlock.release()
+        if parts.sem is not None:
+            parts.sem.release()
+        return _loads(frame)
+
+    def _read_frame_blocking(self, fd: int) -> bytes:
+        decoder = FrameDecoder(None)
+        transport = open_transport(fd)
+        waiter = select.poll()
+        waiter.register(fd, select.POLLIN)
+        try:
+            while True:
+                try:
+                    frame = decoder.next_frame()
+                except WireError as exc:
+                    raise anyio.BrokenResourceError(f"corrupt queue framing: {exc}") from None
+                if frame is not None:
+                    return frame
+                data = transport.read_some(decoder.bytes_wanted())
+                if data:
+                    decoder.feed(data)
+                elif data is not None:
+                    raise anyio.BrokenResourceError("the queue's pipe was closed mid-item")
+                elif not waiter.poll(self._stall_timeout * 1000):
+                    raise anyio.BrokenResourceError(
+                        f"a producer stopped mid-item: no progress for {self._stall_timeout} s "
+                        f"with {decoder.buffered} bytes of it read"
+                    )
+        finally:
+            transport.close()
 
     def _get_nowait_threaded(self) -> Any:
         call = self._pending_get
@@ -449,7 +503,7 @@ class AsyncQueue(Generic[T]):
             self._pending_get = None
             self._calls.discard(call)
             return call.result()
-        return _mpinternals.timed_get(self._q, 0)
+        return self._timed_get(0)
 
     # -- putting ------------------------------------------------------------------------
 
