@@ -509,6 +509,7 @@ class AsyncConnection(ObjectStream[Any]):
             _ThreadIO(conn, max_message_size) if use_threads else _FdIO(conn, max_message_size)
         )
         self._readable = conn.readable
+        self._writable = conn.writable
         self._recv_lock = anyio.Lock(fast_acquire=True)
         self._send_lock = anyio.Lock(fast_acquire=True)
         self._closed = False
@@ -559,12 +560,13 @@ class AsyncConnection(ObjectStream[Any]):
             raise OSError("connection is write-only")
 
     def _check_writable(self) -> None:
-        self._check_open()
+        if self._closed:
+            raise anyio.ClosedResourceError
         if self._protocol_error is not None:
             raise anyio.BrokenResourceError(self._protocol_error)
         if self._io.broken is not None:
             raise anyio.BrokenResourceError(self._io.broken)
-        if not self._conn.writable:
+        if not self._writable:
             raise OSError("connection is read-only")
 
     # -- receiving ----------------------------------------------------------------------
@@ -689,6 +691,9 @@ class AsyncConnection(ObjectStream[Any]):
             raise ValueError("size is negative")
         elif offset + size > n:
             raise ValueError("buffer length < offset + size")
+        await self._send_frame(view[offset : offset + size])
+
+    async def _send_frame(self, payload: memoryview) -> None:
         self._check_writable()
         lock = self._send_lock
         if lock.locked():
@@ -697,7 +702,7 @@ class AsyncConnection(ObjectStream[Any]):
             lock.acquire_nowait()
         try:
             self._check_writable()
-            await self._io.send_frame(view[offset : offset + size])
+            await self._io.send_frame(payload)
         finally:
             lock.release()
 
@@ -713,7 +718,7 @@ class AsyncConnection(ObjectStream[Any]):
         :raises anyio.ClosedResourceError: this end was closed.
         """
         self._check_writable()
-        await self.send_bytes(_dumps(obj))
+        await self._send_frame(memoryview(_dumps(obj)))
 
     async def send_eof(self) -> None:
         """Tell the peer no more messages come (``shutdown(SHUT_WR)`` on a socket).
