@@ -30,7 +30,6 @@ import sys
 import time
 from collections.abc import Awaitable
 from multiprocessing.reduction import ForkingPickler
-from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -769,25 +768,8 @@ class AsyncConnection(ObjectStream[Any]):
         except OSError:
             pass
 
-    async def __aenter__(self) -> AsyncConnection:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc_val: BaseException | None,
-        exc_tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    def __aiter__(self) -> AsyncConnection:
-        return self
-
-    async def __anext__(self) -> Any:
-        try:
-            return await self.recv()
-        except ConnectionEOF:
-            raise StopAsyncIteration from None
+    # async with and async for come from anyio's ObjectStream: aclose() on exit, and
+    # receive() until EndOfStream (ConnectionEOF is one).
 
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"

@@ -46,10 +46,10 @@ import sys
 import threading
 from collections import deque
 from multiprocessing.reduction import ForkingPickler
-from types import TracebackType
 from typing import Any, Generic, NoReturn, TypeVar
 
 import anyio
+from anyio.abc import AsyncResource
 from anyio.lowlevel import (
     cancel_shielded_checkpoint,
     checkpoint,
@@ -103,7 +103,7 @@ class _LockHandoff:
         self.acquired = False
 
 
-class AsyncQueue(Generic[T]):
+class AsyncQueue(AsyncResource, Generic[T]):
     """Async adapter for a ``multiprocessing`` ``Queue``, ``JoinableQueue``,
     ``SimpleQueue`` (from any context) or a ``Manager().Queue()`` proxy.
 
@@ -706,17 +706,6 @@ class AsyncQueue(Generic[T]):
         finally:
             call.request_stop()
             call.join()
-
-    async def __aenter__(self) -> AsyncQueue[T]:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc_val: BaseException | None,
-        exc_tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
 
     def __repr__(self) -> str:
         route = "threads" if self.uses_threads else "fd"
