@@ -39,9 +39,11 @@ from __future__ import annotations
 import io
 import multiprocessing
 import multiprocessing.queues
+import os
 import pickle
 import queue
 import select
+import struct
 import sys
 import threading
 from collections import deque
@@ -74,6 +76,7 @@ DEFAULT_STALL_TIMEOUT = 10.0
 #: How often a thread blocked on a lock or semaphore checks whether to give up.
 _SLICE = 0.05
 _loads = pickle.loads
+_HEADER = struct.Struct("!i")
 
 
 class _Prepickled:
@@ -201,10 +204,17 @@ class AsyncQueue(AsyncResource, Generic[T]):
 
     async def _get(self) -> T:
         self._check_open()
-        async with self._get_lock:
+        lock = self._get_lock
+        if lock.locked():
+            await lock.acquire()  # first come, first served
+        else:
+            lock.acquire_nowait()
+        try:
             if self._parts is not None:
                 return self._unpickle(await self._get_frame())
             return await self._get_threaded()  # type: ignore[no-any-return]
+        finally:
+            lock.release()
 
     def _unpickle(self, frame: bytes) -> T:
         return _loads(frame)  # type: ignore[no-any-return]
@@ -268,30 +278,47 @@ class AsyncQueue(AsyncResource, Generic[T]):
     def _read_available(self) -> bytes | None:
         """With the lock held: read no further than one frame; return it if whole."""
         decoder = self._decoder
+        if decoder.at_boundary:
+            # The common case in two reads: FIONREAD says the whole frame is here, so
+            # read the header, then exactly the body.
+            avail = self._available()
+            if avail >= 4:
+                header = os.read(self._fd, 4)
+                (size,) = _HEADER.unpack(header)
+                if 0 <= size <= avail - 4:
+                    body = os.read(self._fd, size) if size else b""
+                    if len(body) == size:
+                        return self._took(body)
+                    decoder.feed(header + body)
+                else:  # partial, negative or long form: the decoder sorts it out
+                    decoder.feed(header)
         while True:
             try:
                 frame = decoder.next_frame()
             except WireError as exc:
                 self._fail(f"corrupt queue framing: {exc}")
             if frame is not None:
-                if self._contended:
-                    # Keep the lock for a get that follows at once, as a sync consumer
-                    # looping on get() does; otherwise the consumer queued behind us
-                    # wins the lock back every time. Released at the loop's next turn
-                    # unless a get holds it by then.
-                    self._release_soon()
-                else:
-                    self._release_rlock()
-                assert self._parts is not None
-                if self._parts.sem is not None:
-                    self._parts.sem.release()
-                return frame
+                return self._took(frame)
             data = self._transport.read_some(decoder.bytes_wanted())
             if data is None:
                 return None
             if not data:
                 self._fail("the queue's pipe was closed mid-item")
             decoder.feed(data)
+
+    def _took(self, frame: bytes) -> bytes:
+        """A whole item was read: let go of the lock and count it, as ``Queue.get`` does."""
+        if self._contended:
+            # Keep the lock for a get that follows at once, as a sync consumer looping
+            # on get() does; otherwise the consumer queued behind us wins the lock back
+            # every time. Released at the loop's next turn unless a get holds it by then.
+            self._release_soon()
+        else:
+            self._release_rlock()
+        assert self._parts is not None
+        if self._parts.sem is not None:
+            self._parts.sem.release()
+        return frame
 
     def _release_soon(self) -> None:
         if self._release_scheduled:
