@@ -341,7 +341,8 @@ async def test_empty_queue_get_timeout_and_get_nowait_raise_empty(
             start = time.monotonic()
             with pytest.raises(queue.Empty):
                 await aq.get(timeout=timeout)
-            assert time.monotonic() - start >= timeout
+            # An event loop may fire a timer up to its clock resolution early.
+            assert time.monotonic() - start >= timeout - 0.005
         with pytest.raises(queue.Empty):
             await aq.get_many(5, timeout=0.01)
         # The gets that timed out took nothing: the next item goes to the next get.
