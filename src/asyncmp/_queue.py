@@ -77,6 +77,8 @@ DEFAULT_STALL_TIMEOUT = 10.0
 _SLICE = 0.05
 _loads = pickle.loads
 _HEADER = struct.Struct("!i")
+#: The most one read of a big item takes before the event loop gets a turn.
+_READ_BUDGET = 4 << 20
 
 
 class _Prepickled:
@@ -169,10 +171,16 @@ class AsyncQueue(AsyncResource, Generic[T]):
 
         :raises NotImplementedError: where the platform can't count (macOS).
         """
-        return int(self._q.qsize()) + len(self._kept)
+        return int(self._q.qsize()) + self._held()
 
     def empty(self) -> bool:
-        return not self._kept and bool(self._q.empty())
+        return not self._held() and bool(self._q.empty())
+
+    def _held(self) -> int:
+        """Items taken from the queue that the next gets on this adapter return first."""
+        call = self._pending_get  # thread route: a cancelled get's thread may hold one
+        pending = call is not None and call.done and call.error is None
+        return len(self._kept) + pending
 
     def full(self) -> bool:
         return bool(self._q.full())
@@ -292,6 +300,7 @@ class AsyncQueue(AsyncResource, Generic[T]):
                     decoder.feed(header + body)
                 else:  # partial, negative or long form: the decoder sorts it out
                     decoder.feed(header)
+        budget = _READ_BUDGET
         while True:
             try:
                 frame = decoder.next_frame()
@@ -299,7 +308,10 @@ class AsyncQueue(AsyncResource, Generic[T]):
                 self._fail(f"corrupt queue framing: {exc}")
             if frame is not None:
                 return self._took(frame)
-            data = self._transport.read_some(decoder.bytes_wanted())
+            if budget <= 0:
+                return None  # the caller gives the loop a turn, then comes back
+            data = self._transport.read_some(min(decoder.bytes_wanted(), _READ_BUDGET))
+            budget -= len(data) if data else 0
             if data is None:
                 return None
             if not data:
@@ -364,7 +376,9 @@ class AsyncQueue(AsyncResource, Generic[T]):
                     self._contended = True
                     await self._acquire_contended()
                 self._rlock_held = True
-                self._check_open()
+                if self._closed:  # closed while the lock was being handed over
+                    self._release_rlock()
+                    raise anyio.ClosedResourceError
             frame = self._read_available()
             if frame is not None:
                 return frame

@@ -146,6 +146,11 @@ class BlockingCall(Generic[T]):
             # The thread signalled from its last lines: this join is immediate.
             self._thread.join()
 
+    @property
+    def error(self) -> BaseException | None:
+        """What the function raised, once it has finished (None if it returned)."""
+        return self._error
+
     def result(self) -> T:
         """Return what the function returned, or raise what it raised."""
         if not self._finished.is_set():
