@@ -32,6 +32,15 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session
+def soak(session: nox.Session) -> None:
+    """Minutes of producers killed at random and calls cancelled at random, with sync and async
+    consumers; fails unless only the documented items were lost. Not run by default or on CI.
+    Arguments after -- go to tests/faults/soak.py (e.g. --duration 600 --backend trio)."""
+    session.install(*group("test"), ".")
+    session.run("python", "tests/faults/soak.py", *session.posargs)
+
+
+@nox.session
 def demo(session: nox.Session) -> None:
     """CPU-bound workers stream results to an async consumer; a heartbeat shows the loop never
     stalled. Arguments after -- go to examples/demo.py (e.g. --backend trio)."""

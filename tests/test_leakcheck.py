@@ -119,3 +119,30 @@ def test_garbage_resource_warning_is_an_error(run_inner: RunInner) -> None:
     )
     result.assert_outcomes(passed=1, errors=1)
     result.stdout.fnmatch_lines(["*ResourceWarning*unclosed*socket*"])
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="zombies are listed from /proc")
+def test_zombie_is_an_error_and_is_reaped(run_inner: RunInner) -> None:
+    result = run_inner(
+        """
+        import os
+
+        zombies = []
+
+        def test_leaves_a_zombie():
+            pid = os.fork()
+            if pid == 0:
+                os._exit(0)
+            zombies.append(pid)  # never waited for: the child stays a zombie
+
+        def test_runs_after_it():
+            try:
+                os.waitpid(zombies[0], os.WNOHANG)
+            except ChildProcessError:
+                pass  # the leak check reaped it
+            else:
+                raise AssertionError("the zombie of the previous test is still there")
+        """
+    )
+    result.assert_outcomes(passed=2, errors=1)
+    result.stdout.fnmatch_lines(["*ERROR at teardown of test_leaves_a_zombie*", "*state Z*"])
