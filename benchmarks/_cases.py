@@ -30,18 +30,23 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from asyncmp import AsyncConnection
+from asyncmp import AsyncConnection, AsyncQueue
 
 __all__ = (
     "BACKENDS",
     "DEFAULT_IMPLS",
+    "Consumer",
     "Contender",
     "Impl",
     "Timing",
     "large_contenders",
     "load_candidate",
+    "on",
     "pingpong_contenders",
+    "run_on",
+    "since",
     "small_contenders",
+    "start_timing",
 )
 
 Connection = multiprocessing.connection.Connection
@@ -50,15 +55,16 @@ BACKENDS = ("asyncio", "uvloop", "trio")
 
 #: (wall-clock seconds, CPU seconds of this process, all its threads included)
 Timing = tuple[float, float]
-#: A consumer: (data connection, messages to time, extra argument) -> its timing.
-Consumer = Callable[[Connection, int, Any], Timing]
+#: A consumer: (data source, messages to time, extra argument) -> its timing. The source
+#: is the parent's end of a connection here, the benchmark's queues in ``_queues``.
+Consumer = Callable[[Any, int, Any], Timing]
 
 
-def _start() -> Timing:
+def start_timing() -> Timing:
     return perf_counter(), process_time()
 
 
-def _since(start: Timing) -> Timing:
+def since(start: Timing) -> Timing:
     return perf_counter() - start[0], process_time() - start[1]
 
 
@@ -77,13 +83,14 @@ class Impl:
 
     tag: str
     cls: type[Any]  #: its AsyncConnection
+    queue_cls: type[Any] | None = None  #: its AsyncQueue, if it has one
 
     @property
     def name(self) -> str:
         return f"asyncmp:{self.tag}" if self.tag else "asyncmp"
 
 
-DEFAULT_IMPLS = (Impl("", AsyncConnection),)
+DEFAULT_IMPLS = (Impl("", AsyncConnection, AsyncQueue),)
 
 
 def load_candidate(tag: str, path: Path) -> Impl:
@@ -100,7 +107,7 @@ def load_candidate(tag: str, path: Path) -> Impl:
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
-    return Impl(tag, module.AsyncConnection)
+    return Impl(tag, module.AsyncConnection, getattr(module, "AsyncQueue", None))
 
 
 def _asyncmp(
@@ -114,7 +121,7 @@ def _asyncmp(
             f"{impl.name}-{b}",
             f"{impl.name} {what} [{b}]",
             b,
-            _on(b, partial(fn, impl.cls)),
+            on(b, partial(fn, impl.cls)),
             "candidate" if impl.tag else "asyncmp",
         )
         for b in backends
@@ -122,7 +129,7 @@ def _asyncmp(
     ]
 
 
-def _run_on(backend: str, fn: Callable[..., Awaitable[Timing]], *args: Any) -> Timing:
+def run_on(backend: str, fn: Callable[..., Awaitable[Timing]], *args: Any) -> Timing:
     if backend == "uvloop":
         import uvloop
 
@@ -149,11 +156,11 @@ def _check(got: object, expected: object) -> None:
 def _sync_small(conn: Connection, n: int, expected: object) -> Timing:
     recv = conn.recv
     recv()
-    t0 = _start()
+    t0 = start_timing()
     for _ in range(n - 1):
         recv()
     last = recv()
-    elapsed = _since(t0)
+    elapsed = since(t0)
     _check(last, expected)
     return elapsed
 
@@ -162,11 +169,11 @@ async def _asyncmp_small(cls: type[Any], conn: Connection, n: int, expected: obj
     async with cls(_dup(conn)) as aconn:
         recv = aconn.recv
         await recv()
-        t0 = _start()
+        t0 = start_timing()
         for _ in range(n - 1):
             await recv()
         last = await recv()
-        elapsed = _since(t0)
+        elapsed = since(t0)
     _check(last, expected)
     return elapsed
 
@@ -175,11 +182,11 @@ async def _executor_small(conn: Connection, n: int, expected: object) -> Timing:
     loop = asyncio.get_running_loop()
     recv = conn.recv
     await loop.run_in_executor(None, recv)
-    t0 = _start()
+    t0 = start_timing()
     for _ in range(n - 1):
         await loop.run_in_executor(None, recv)
     last = await loop.run_in_executor(None, recv)
-    elapsed = _since(t0)
+    elapsed = since(t0)
     _check(last, expected)
     return elapsed
 
@@ -188,11 +195,11 @@ async def _to_thread_small(conn: Connection, n: int, expected: object) -> Timing
     run_sync = anyio.to_thread.run_sync
     recv = conn.recv
     await run_sync(recv)
-    t0 = _start()
+    t0 = start_timing()
     for _ in range(n - 1):
         await run_sync(recv)
     last = await run_sync(recv)
-    elapsed = _since(t0)
+    elapsed = since(t0)
     _check(last, expected)
     return elapsed
 
@@ -204,11 +211,11 @@ async def _aioprocessing_small(conn: Connection, n: int, expected: object) -> Ti
     try:
         coro_recv = aconn.coro_recv
         await coro_recv()
-        t0 = _start()
+        t0 = start_timing()
         for _ in range(n - 1):
             await coro_recv()
         last = await coro_recv()
-        elapsed = _since(t0)
+        elapsed = since(t0)
     finally:
         executor = getattr(aconn, "_executor", None)
         if executor is not None:
@@ -217,9 +224,11 @@ async def _aioprocessing_small(conn: Connection, n: int, expected: object) -> Ti
     return elapsed
 
 
-def _on(backend: str, fn: Callable[..., Awaitable[Timing]]) -> Consumer:
-    def consume(conn: Connection, n: int, arg: Any) -> Timing:
-        return _run_on(backend, fn, conn, n, arg)
+def on(backend: str, fn: Callable[..., Awaitable[Timing]]) -> Consumer:
+    """A consumer that runs ``fn(source, n, arg)`` on *backend*'s event loop."""
+
+    def consume(source: Any, n: int, arg: Any) -> Timing:
+        return run_on(backend, fn, source, n, arg)
 
     return consume
 
@@ -239,7 +248,7 @@ def small_contenders(
             "executor-asyncio",
             "run_in_executor(conn.recv) [asyncio]",
             "asyncio",
-            _on("asyncio", _executor_small),
+            on("asyncio", _executor_small),
             "thread",
         )
     )
@@ -248,7 +257,7 @@ def small_contenders(
             f"to_thread-{b}",
             f"anyio.to_thread.run_sync(conn.recv) [{b}]",
             b,
-            _on(b, _to_thread_small),
+            on(b, _to_thread_small),
             "thread",
         )
         for b in ("asyncio", "trio")
@@ -260,7 +269,7 @@ def small_contenders(
                 "aioprocessing-asyncio",
                 "aioprocessing coro_recv() [asyncio]",
                 "asyncio",
-                _on("asyncio", _aioprocessing_small),
+                on("asyncio", _aioprocessing_small),
                 "thread",
             )
         )
@@ -276,11 +285,11 @@ def _sync_pingpong(conn: Connection, n: int, msg: object) -> Timing:
     send, recv = conn.send, conn.recv
     send(msg)
     recv()
-    t0 = _start()
+    t0 = start_timing()
     for _ in range(n):
         send(msg)
         recv()
-    elapsed = _since(t0)
+    elapsed = since(t0)
     return elapsed
 
 
@@ -289,11 +298,11 @@ async def _asyncmp_pingpong(cls: type[Any], conn: Connection, n: int, msg: objec
         send, recv = aconn.send, aconn.recv
         await send(msg)
         await recv()
-        t0 = _start()
+        t0 = start_timing()
         for _ in range(n):
             await send(msg)
             await recv()
-        elapsed = _since(t0)
+        elapsed = since(t0)
     return elapsed
 
 
@@ -312,10 +321,10 @@ def pingpong_contenders(
 def _sync_large(conn: Connection, n: int, size: int) -> Timing:
     recv_bytes = conn.recv_bytes
     recv_bytes()
-    t0 = _start()
+    t0 = start_timing()
     for _ in range(n):
         data = recv_bytes()
-    elapsed = _since(t0)
+    elapsed = since(t0)
     _check(len(data), size)
     return elapsed
 
@@ -324,10 +333,10 @@ async def _asyncmp_large(cls: type[Any], conn: Connection, n: int, size: int) ->
     async with cls(_dup(conn)) as aconn:
         recv_bytes = aconn.recv_bytes
         await recv_bytes()
-        t0 = _start()
+        t0 = start_timing()
         for _ in range(n):
             data = await recv_bytes()
-        elapsed = _since(t0)
+        elapsed = since(t0)
     _check(len(data), size)
     return elapsed
 
@@ -347,10 +356,10 @@ def _raw_large(conn: Connection, n: int, size: int) -> Timing:
             pos += got
 
     read_one()
-    t0 = _start()
+    t0 = start_timing()
     for _ in range(n):
         read_one()
-    return _since(t0)
+    return since(t0)
 
 
 def large_contenders(

@@ -71,7 +71,7 @@ class Table:
     ratio_label: str
     params: dict[str, Any]
     series: list[Series]
-    baseline: str = "sync"
+    baseline: str | None = "sync"  #: None: no ratios (nothing to compare against)
     op: str = "msg"  #: what one operation is, for the CPU column
 
     def get(self, key: str) -> Series | None:
@@ -102,6 +102,7 @@ class Target:
     op: str  #: ">=", "<=", or "ref" for a reference value that is no target
     threshold: float
     measured: float | None
+    unit: str = "x"  #: "x" for a ratio, "%" for a percentage
 
     @property
     def met(self) -> bool | None:
@@ -119,6 +120,7 @@ class Target:
             "op": self.op,
             "threshold": self.threshold,
             "measured": self.measured,
+            "unit": self.unit,
             "met": self.met,
         }
 
@@ -137,6 +139,16 @@ def _fmt_ratio(value: float | None) -> str:
     return f"{value:.3g}x" if value < 10 else f"{value:.1f}x"
 
 
+def _fmt_measured(value: float | None, unit: str) -> str:
+    if unit == "%":
+        return "-" if value is None else f"{value:.2g}%"
+    return _fmt_ratio(value)
+
+
+def _unit(unit: str) -> str:
+    return "%" if unit == "%" else ""
+
+
 def render_markdown(meta: dict[str, Any], tables: list[Table], targets: list[Target]) -> str:
     lines = ["# asyncmp benchmarks", ""]
     lines.append(
@@ -144,10 +156,12 @@ def render_markdown(meta: dict[str, Any], tables: list[Table], targets: list[Tar
         + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
         + "."
     )
+    idle = meta.get("idle_rounds")
     lines.append(
         f"Mode {meta['mode']}: {meta['rounds']} rounds of ~{meta['trial_seconds']:.2f} s trials,"
         f" contenders interleaved in a shuffled order each round (seed {meta['seed']});"
-        f" {meta['started']}, {meta['elapsed_seconds']:.0f} s in all."
+        + (f" {idle} rounds of the idle-CPU probe;" if idle else "")
+        + f" {meta['started']}, {meta['elapsed_seconds']:.0f} s in all."
     )
     lines.append(
         "Values are medians over the rounds, IQR the middle half of them; ratios are the"
@@ -181,12 +195,13 @@ def render_markdown(meta: dict[str, Any], tables: list[Table], targets: list[Tar
         lines.append("| --- | --- | ---: | :---: |")
         for t in targets:
             if t.op == "ref":
-                lines.append(f"| {t.benchmark} | ({t.description}) | {_fmt_ratio(t.measured)} | |")
+                measured = _fmt_measured(t.measured, t.unit)
+                lines.append(f"| {t.benchmark} | ({t.description}) | {measured} | |")
                 continue
             status = {True: "yes", False: "**no**", None: "n/a"}[t.met]
             lines.append(
-                f"| {t.benchmark} | {t.description} {t.op} {t.threshold:g} |"
-                f" {_fmt_ratio(t.measured)} | {status} |"
+                f"| {t.benchmark} | {t.description} {t.op} {t.threshold:g}{_unit(t.unit)} |"
+                f" {_fmt_measured(t.measured, t.unit)} | {status} |"
             )
         lines.append("")
     for note in meta.get("notes", []):

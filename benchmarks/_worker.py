@@ -159,6 +159,11 @@ class Worker:
             for conn in (child_ctrl, child_sock, child_pipe_w):
                 conn.close()
 
+    def parent_ends(self) -> list[Connection]:
+        """This process's ends of the worker's connections: a process forked later must
+        close its copies, or the worker would not see EOF when the parent closes them."""
+        return [self._ctrl, self._sock, self._pipe_r]
+
     def data(self, transport: str) -> Connection:
         """The parent's end of the data connection for *transport* ("socket"/"pipe")."""
         return self._sock if transport == "socket" else self._pipe_r

@@ -30,7 +30,7 @@ DEFAULT_INPUT = HERE / "results" / "latest.json"
 DEFAULT_OUTPUT = HERE.parent / "docs" / "images" / "bench.png"
 
 #: Bar colours: asyncmp per event loop, then the other families.
-COLOURS = {
+COLOURS: dict[object, str] = {
     ("asyncmp", "asyncio"): "#1f6feb",
     ("asyncmp", "uvloop"): "#0a3d91",
     ("asyncmp", "trio"): "#6ca4f8",

@@ -4,7 +4,7 @@ Run ``python benchmarks/run.py`` (``nox -s bench`` passes its arguments through)
 
 * ``--quick``: a short run (under 30 s) for a smoke check;
 * ``--backend asyncio,trio`` (or the option repeated): only these event loops;
-* ``--only small,pingpong,large``: only these benchmarks.
+* ``--only small,pingpong,large,queue``: only these benchmarks.
 
 What is measured, against one forked worker process:
 
@@ -16,6 +16,14 @@ What is measured, against one forked worker process:
 2. Ping-pong latency: the parent sends, the worker echoes.
 3. Large-message throughput: ``recv_bytes()`` of 1 MiB and 64 MiB, against a raw copy of
    the same bytes into a preallocated buffer.
+4. ``multiprocessing.Queue`` (fork context), against producer processes forked once:
+   get throughput of 100-byte pickles, (a) when the producer calls ``put()`` per item
+   and (b) when it writes pre-framed batches into the queue's pipe, so the consumer is
+   the bottleneck; contenders: the sync ``q.get()`` loop, asyncmp ``AsyncQueue.get()``
+   and ``get_many(100)`` per event loop, ``run_in_executor(None, q.get)``,
+   ``anyio.to_thread.run_sync(q.get)`` and aioprocessing's ``AioQueue.coro_get()``.
+   (c) Fan-in from four producers, asyncmp against the sync loop. (d) The CPU an
+   asyncmp ``get()`` burns while it waits and another process holds the reader lock.
 
 The machine may be shared and noisy, so the contenders of a benchmark run interleaved,
 in a freshly shuffled order every round, and the report gives medians over rounds and
@@ -63,6 +71,14 @@ from _cases import (  # noqa: E402
     pingpong_contenders,
     small_contenders,
 )
+from _queues import (  # noqa: E402
+    QUEUE_ITEM,
+    QueueProducers,
+    fanin_contenders,
+    get_contenders,
+    idle_contenders,
+    queue_name,
+)
 from _report import (  # noqa: E402
     Series,
     Table,
@@ -77,6 +93,8 @@ from _worker import Command, Worker  # noqa: E402
 SMALL_MESSAGE = b"x" * 85
 PINGPONG_MESSAGE = b"x" * 85
 LARGE_SIZES = (1 << 20, 64 << 20)
+#: Producer processes for the queue benchmarks (fan-in uses all of them).
+QUEUE_PRODUCERS = 4
 
 
 @dataclass
@@ -87,7 +105,8 @@ class Workload:
     higher_is_better: bool
     ratio_label: str
     contenders: list[Contender]
-    #: (contender, messages timed) -> the worker's command (it sends one more)
+    #: (contender, messages timed) -> the command for the worker, or for the producers
+    #: of a queue workload to share (either way one more than timed is sent)
     command: Callable[[Contender, int], Command]
     arg: Any  #: passed to each consumer
     transport: str
@@ -98,6 +117,8 @@ class Workload:
     n_max: int
     params: dict[str, Any]
     op: str = "msg"
+    #: Queue workloads: how many producer processes share the command's count.
+    producers: int = 1
 
 
 def _rate(seconds: float, n: int) -> float:
@@ -185,22 +206,87 @@ def _large(size: int, backends: tuple[str, ...], impls: tuple[Impl, ...]) -> Wor
     )
 
 
+def _queue_get(regime: str, backends: tuple[str, ...], impls: tuple[Impl, ...]) -> Workload:
+    if regime == "put":
+        number, how = "4a", "the producer calls put() per item"
+    else:
+        number = "4b"
+        how = "the producer writes pre-framed batches (the consumer is the bottleneck)"
+    return Workload(
+        id=f"queue-{regime}",
+        title=f"{number}. Queue get() of 100-byte pickles from a producer process: {how}",
+        unit="items/s",
+        higher_is_better=True,
+        ratio_label="x sync",
+        contenders=get_contenders(backends, impls, find_spec("aioprocessing") is not None),
+        command=lambda c, n: (regime, queue_name(c), n + 1, QUEUE_ITEM),
+        arg=QUEUE_ITEM,
+        transport="queue",
+        value=_rate,
+        probe_n=lambda c: 1000 if c.family == "thread" else 10000,
+        n_min=200,
+        n_max=2_000_000,
+        params={"item_pickle_bytes": 100, "regime": regime, "producers": 1},
+        op="item",
+    )
+
+
+def _queue_fanin(backends: tuple[str, ...], impls: tuple[Impl, ...]) -> Workload:
+    return Workload(
+        id="queue-fanin",
+        title=f"4c. Queue get() fan-in: {QUEUE_PRODUCERS} producer processes call put() per item",
+        unit="items/s",
+        higher_is_better=True,
+        ratio_label="x sync",
+        contenders=fanin_contenders(backends, impls),
+        command=lambda c, n: ("put", "main", n + 1, QUEUE_ITEM),
+        arg=QUEUE_ITEM,
+        transport="queue",
+        value=_rate,
+        probe_n=lambda c: 10000,
+        n_min=200,
+        n_max=2_000_000,
+        params={"item_pickle_bytes": 100, "regime": "put", "producers": QUEUE_PRODUCERS},
+        op="item",
+        producers=QUEUE_PRODUCERS,
+    )
+
+
 class Bench:
-    def __init__(self, worker: Worker, trial_seconds: float, progress: bool) -> None:
+    def __init__(
+        self,
+        worker: Worker | None,
+        producers: QueueProducers | None,
+        trial_seconds: float,
+        progress: bool,
+    ) -> None:
         self.worker = worker
+        self.producers = producers
         self.trial_seconds = trial_seconds
         self.progress = progress
         self.notes: list[str] = []
 
     def trial(self, w: Workload, c: Contender, n: int) -> Timing:
+        if w.transport == "queue":
+            assert self.producers is not None
+            timing = self.producers.trial(
+                w.command(c, n), w.producers, lambda source: c.consume(source, n, w.arg)
+            )
+            self.check_flags(c, self.producers.source.readers())
+            return timing
+        assert self.worker is not None
         self.worker.start(w.command(c, n))
         timing = c.consume(self.worker.data(w.transport), n, w.arg)
         self.worker.finish()
-        fd = self.worker.data(w.transport).fileno()
-        if not os.get_blocking(fd):  # the project's invariant: never flip shared flags
-            self.notes.append(f"{c.label} left O_NONBLOCK set on the shared descriptor")
-            os.set_blocking(fd, True)
+        self.check_flags(c, [self.worker.data(w.transport)])
         return timing
+
+    def check_flags(self, c: Contender, shared: list[Any]) -> None:
+        for conn in shared:
+            fd = conn.fileno()
+            if not os.get_blocking(fd):  # the project's invariant: never flip shared flags
+                self.notes.append(f"{c.label} left O_NONBLOCK set on a shared descriptor")
+                os.set_blocking(fd, True)
 
     def calibrate(self, w: Workload, c: Contender) -> int:
         """One warm-up trial, which also sizes the trials to ~trial_seconds."""
@@ -253,20 +339,60 @@ def run(
                 cpu[c.key] = cpu_seconds / n * 1e6
             per_round[i].append(got)
             table = tables[i]
-            base = got[table.baseline]
+            base = got[table.baseline] if table.baseline is not None else None
             for s in table.series:
                 s.values.append(got[s.key])
                 s.cpu.append(cpu[s.key])
-                if s.key != table.baseline:
+                if base is not None and s.key != table.baseline:
                     s.ratios.append(got[s.key] / base)
         bench.log(f"round {r + 1}/{rounds} done in {perf_counter() - start:.1f} s")
     return tables, _targets(tables, per_round)
+
+
+def run_idle(
+    contenders: list[Contender], rounds: int, window: float, bench: Bench, rng: random.Random
+) -> tuple[Table, list[Target]]:
+    """4d: each contender waits *window* seconds in a get() while another process holds
+    the reader lock; the value is this process's CPU time over that wall time."""
+    assert bench.producers is not None
+    table = Table(
+        id="queue-idle",
+        title=f"4d. Idle CPU while a get() waits ~{window:g} s and another process holds the"
+        " reader lock (a sync consumer blocked in get() on the empty queue)",
+        unit="% CPU",
+        higher_is_better=False,
+        ratio_label="ratio",
+        params={"wait_seconds": window},
+        series=[Series(c.key, c.label, c.backend, c.family, 1) for c in contenders],
+        baseline=None,
+        op="wait",
+    )
+    series = {s.key: s for s in table.series}
+    for r in range(rounds):
+        start = perf_counter()
+        order = list(contenders)
+        rng.shuffle(order)
+        for c in order:
+            seconds, cpu_seconds = c.consume(bench.producers, 1, window)
+            bench.check_flags(c, bench.producers.source.readers())
+            series[c.key].values.append(100.0 * cpu_seconds / seconds)
+            series[c.key].cpu.append(cpu_seconds * 1e6)
+        bench.log(f"idle round {r + 1}/{rounds} done in {perf_counter() - start:.1f} s")
+    targets = [
+        Target(table.id, s.key, f"{s.key} idle CPU", "<=", 1.0, s.median, unit="%")
+        for s in table.series
+        if s.family == "asyncmp"
+    ]
+    return table, targets
 
 
 def _targets(tables: list[Table], per_round: list[list[dict[str, float]]]) -> list[Target]:
     targets: list[Target] = []
     for table, rounds in zip(tables, per_round, strict=True):
         threads = [t.key for t in table.series if t.family == "thread"]
+        if table.id.startswith("queue-"):
+            targets += _queue_targets(table, rounds, threads)
+            continue
         if table.id.startswith("small-") and threads:
             # Where the producer sets the pace, no consumer can exceed it: this ratio of
             # the sync loop bounds what any "x thread-per-call" can reach here.
@@ -305,6 +431,41 @@ def _targets(tables: list[Table], per_round: list[list[dict[str, float]]]) -> li
             elif table.id.startswith("large-"):
                 targets.append(Target(table.id, s.key, f"{s.key} / sync", ">=", 1.0, s.ratio))
     return targets
+
+
+def _queue_targets(
+    table: Table, rounds: list[dict[str, float]], threads: list[str]
+) -> list[Target]:
+    found: list[Target] = []
+    if threads:
+        ratios = [got["sync"] / max(got[k] for k in threads) for got in rounds]
+        found.append(
+            Target(
+                table.id,
+                "sync",
+                "reference: sync / fastest thread-per-call",
+                "ref",
+                0.0,
+                statistics.median(ratios),
+            )
+        )
+    for s in table.series:
+        if s.family != "asyncmp" or "get_many" in s.key:
+            continue
+        found.append(Target(table.id, s.key, f"{s.key} / sync", ">=", 1.0, s.ratio))
+        if threads:
+            ratios = [got[s.key] / max(got[k] for k in threads) for got in rounds]
+            found.append(
+                Target(
+                    table.id,
+                    s.key,
+                    f"{s.key} / fastest thread-per-call",
+                    ">=",
+                    10.0,
+                    statistics.median(ratios),
+                )
+            )
+    return found
 
 
 def _versions() -> dict[str, str]:
@@ -351,9 +512,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--only",
         action="append",
         metavar="NAME[,NAME]",
-        help="benchmarks to run: small, pingpong, large (default: all)",
+        help="benchmarks to run: small, pingpong, large, queue (default: all)",
     )
     parser.add_argument("--rounds", type=int, help="rounds (default 7, quick 3)")
+    parser.add_argument(
+        "--idle-rounds", type=int, help="rounds of the queue's idle-CPU probe (default 2, quick 1)"
+    )
+    parser.add_argument(
+        "--idle-seconds", type=float, default=1.0, help="how long each idle get() waits (1.0)"
+    )
     parser.add_argument(
         "--trial-seconds", type=float, help="target length of one trial (default 0.15, quick 0.04)"
     )
@@ -381,8 +548,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("the benchmarks fork a worker: POSIX only")
     available = tuple(b for b in BACKENDS if b != "uvloop" or find_spec("uvloop") is not None)
     backends = _split(args.backend, available, "backend")
-    only = _split(args.only, ("small", "pingpong", "large"), "benchmark")
+    only = _split(args.only, ("small", "pingpong", "large", "queue"), "benchmark")
     rounds = args.rounds or (3 if args.quick else 7)
+    idle_rounds = args.idle_rounds or (1 if args.quick else 2)
     trial_seconds = args.trial_seconds or (0.04 if args.quick else 0.15)
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1 << 30)
     rng = random.Random(seed)
@@ -400,17 +568,40 @@ def main(argv: list[str] | None = None) -> int:
         workloads.append(_pingpong(backends, impls))
     if "large" in only:
         workloads += [_large(size, backends, impls) for size in LARGE_SIZES]
+    if "queue" in only:
+        if not args.quick:
+            workloads.append(_queue_get("put", backends, impls))
+        workloads += [_queue_get("fill", backends, impls), _queue_fanin(backends, impls)]
 
     started = datetime.datetime.now(datetime.timezone.utc)
     t0 = perf_counter()
-    worker = Worker()
+    # Every process is forked here, before any event loop or thread has run.
+    worker: Worker | None = None
+    producers: QueueProducers | None = None
     try:
-        bench = Bench(worker, trial_seconds, progress=not args.quiet)
-        if "large" in only:
+        if any(w.transport != "queue" for w in workloads):
+            worker = Worker()
+        if "queue" in only:
+            inherited = worker.parent_ends() if worker is not None else []
+            producers = QueueProducers(QUEUE_PRODUCERS, inherited)
+        bench = Bench(worker, producers, trial_seconds, progress=not args.quiet)
+        if worker is not None and "large" in only:
             worker.run(("prepare", LARGE_SIZES))
         tables, targets = run(workloads, rounds, bench, rng)
+        if producers is not None:
+            bench.log("measuring idle CPU")
+            idle, idle_targets = run_idle(
+                idle_contenders(backends, impls), idle_rounds, args.idle_seconds, bench, rng
+            )
+            tables.append(idle)
+            targets += idle_targets
     finally:
-        worker.close()
+        # Independent of each other (the producers closed their copies of the worker's
+        # connections); the producers first, as they take at most about half a second.
+        if producers is not None:
+            producers.close()
+        if worker is not None:
+            worker.close()
     meta: dict[str, Any] = {
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "platform": f"{platform.system()} {platform.machine()}",
@@ -418,6 +609,7 @@ def main(argv: list[str] | None = None) -> int:
         "versions": _versions(),
         "mode": "quick" if args.quick else "full",
         "rounds": rounds,
+        "idle_rounds": idle_rounds if "queue" in only else None,
         "trial_seconds": trial_seconds,
         "seed": seed,
         "backends": list(backends),
@@ -438,5 +630,5 @@ if __name__ == "__main__":
     try:
         sys.exit(main())
     except KeyboardInterrupt:
-        print("interrupted; the worker was stopped and reaped", file=sys.stderr)
+        print("interrupted; the worker processes were stopped and reaped", file=sys.stderr)
         sys.exit(130)
