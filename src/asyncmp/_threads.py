@@ -23,6 +23,7 @@ trio's ``run_sync_soon``): a thread must never wait on a loop that may be gone.
 from __future__ import annotations
 
 import threading
+import traceback
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
@@ -108,6 +109,11 @@ class BlockingCall(Generic[T]):
         try:
             self._result = self._fn(self)
         except BaseException as exc:  # handed to the awaiting task
+            # Keep the exception, not its frames' locals. A stdlib call that failed with a
+            # memoryview exported from a BytesIO in a local (SimpleQueue.put pickles with
+            # ForkingPickler.dumps) otherwise leaves a cycle that crashes the garbage
+            # collector of CPython 3.12.1 ("deallocated BytesIO object has exported buffers").
+            traceback.clear_frames(exc.__traceback__)
             self._error = exc
         finally:
             self._finished.set()
