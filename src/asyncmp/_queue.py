@@ -368,6 +368,10 @@ class AsyncQueue(AsyncResource, Generic[T]):
             if not self._rlock_held:
                 if not self._contended and self._available() == 0:
                     await self._wait_readable()
+                    if self._available() == 0:
+                        # Readable, yet empty: another consumer took the item first.
+                        # That is contention too; from now on queue for the lock.
+                        self._contended = True
                     continue
                 if not rlock.acquire(False):
                     # Another consumer holds the lock: queue for it in the kernel, as a
