@@ -179,7 +179,8 @@ class AsyncQueue(AsyncResource, Generic[T]):
     def _held(self) -> int:
         """Items taken from the queue that the next gets on this adapter return first."""
         call = self._pending_get  # thread route: a cancelled get's thread may hold one
-        pending = call is not None and call.done and call.error is None
+        # Finished, not done: the thread may have ended before the loop heard of it.
+        pending = call is not None and call.finished and call.error is None
         return len(self._kept) + pending
 
     def full(self) -> bool:

@@ -81,7 +81,14 @@ class BlockingCall(Generic[T]):
 
     @property
     def done(self) -> bool:
+        """True once the event loop has heard that the call finished."""
         return self._done.is_set()
+
+    @property
+    def finished(self) -> bool:
+        """True once the function has returned or raised, as seen from any thread (the
+        loop may not have heard yet)."""
+        return self._finished.is_set()
 
     async def start(self) -> None:
         """Start the thread once the limiter has room.
