@@ -3,24 +3,36 @@
 The Queue fast path needs a queue's read end (``_reader``), its cross-process reader
 lock (``_rlock``) and the semaphore that counts its items (``_sem``); joining a
 JoinableQueue needs ``_cond`` and ``_unfinished_tasks``; flushing needs the feeder
-thread. None of that is public. Every reader here is checked against the Python
-versions whose ``multiprocessing.queues`` we have read (3.10 to 3.14) and against the
-types it expects; anything it doesn't recognise returns ``None``, and the caller then
-takes the thread route, which uses only public methods.
+thread; telling that nobody reads the queue any more needs its write end (``_writer``)
+and the feeder's error handler (``_on_queue_feeder_error``). None of that is public.
+Every reader here is checked against the Python versions whose ``multiprocessing.queues``
+we have read (3.10 to 3.14) and against the types it expects; anything it doesn't
+recognise returns ``None``, and the caller then takes the thread route, which uses only
+public methods.
 """
 
 from __future__ import annotations
 
 import multiprocessing.connection
 import multiprocessing.queues
+import os
 import queue
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
-__all__ = ("QueueParts", "feeder_thread", "joinable_parts", "queue_parts", "timed_get")
+__all__ = (
+    "QueueParts",
+    "feeder_thread",
+    "hook_feeder_errors",
+    "joinable_parts",
+    "queue_parts",
+    "queue_writer",
+    "timed_get",
+)
 
 #: The versions whose ``multiprocessing.queues`` layout this module knows.
 _KNOWN = (3, 10) <= sys.version_info[:2] <= (3, 14)
@@ -83,6 +95,47 @@ def feeder_thread(q: object) -> threading.Thread | None:
         return None
     thread = getattr(q, "_thread", None)
     return thread if isinstance(thread, threading.Thread) else None
+
+
+def queue_writer(q: object) -> multiprocessing.connection.Connection | None:
+    """The write end of *q* (a Queue or SimpleQueue) in this process, while it is open."""
+    if not _KNOWN or sys.platform == "win32":
+        return None
+    if not isinstance(q, (multiprocessing.queues.Queue, multiprocessing.queues.SimpleQueue)):
+        return None
+    writer = getattr(q, "_writer", None)
+    if not isinstance(writer, multiprocessing.connection.Connection) or writer.closed:
+        return None
+    return writer
+
+
+def hook_feeder_errors(q: object, handled: Callable[[Exception], bool]) -> bool:
+    """Have the feeder thread of *q* offer its errors to *handled* first.
+
+    ``Queue`` reports an error of its feeder thread (the item it could not write is
+    dropped) by calling its ``_on_queue_feeder_error(e, obj)``, which prints a
+    traceback. The thread takes that handler when it starts, so this works only before
+    the first ``put`` of this process. *handled* returns True for an error it has dealt
+    with, False to leave it to the queue's own handler. Only this process is hooked: a
+    forked child inherits the attribute, and there the queue's own handler runs.
+
+    Returns False when the hook could not be installed.
+    """
+    if not _KNOWN or not isinstance(q, multiprocessing.queues.Queue):
+        return False
+    if getattr(q, "_thread", None) is not None:
+        return False  # the feeder runs already, with the handler it was given
+    default = getattr(q, "_on_queue_feeder_error", None)
+    if not callable(default):
+        return False
+    pid = os.getpid()
+
+    def on_feeder_error(e: Exception, obj: object) -> None:
+        if os.getpid() != pid or not handled(e):
+            default(e, obj)
+
+    q._on_queue_feeder_error = on_feeder_error  # type: ignore[attr-defined]
+    return True
 
 
 def timed_get(q: Any, timeout: float) -> Any:

@@ -36,6 +36,7 @@ running and its item goes to the next ``get``.
 
 from __future__ import annotations
 
+import errno
 import io
 import multiprocessing
 import multiprocessing.queues
@@ -46,6 +47,7 @@ import select
 import struct
 import sys
 import threading
+import weakref
 from collections import deque
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, Generic, NoReturn, TypeVar
@@ -79,6 +81,7 @@ _loads = pickle.loads
 _HEADER = struct.Struct("!i")
 #: The most one read of a big item takes before the event loop gets a turn.
 _READ_BUDGET = 4 << 20
+_NO_READERS = "nobody reads this queue any more: every read end is closed"
 
 
 class _Prepickled:
@@ -142,6 +145,16 @@ class AsyncQueue(AsyncResource, Generic[T]):
         self._broken: str | None = None
         self._calls: set[BlockingCall[Any]] = set()
         self._pending_get: BlockingCall[Any] | None = None
+        # Knowing that nobody reads the queue any more (see _check_readers).
+        self._feeder_error: Exception | None = None
+        self._writer = _mpinternals.queue_writer(q)
+        self._writer_poll: Any = None
+        if self._writer is not None:
+            self._writer_poll = select.poll()
+            self._writer_poll.register(self._writer.fileno(), 0)  # POLLERR and POLLHUP only
+        if self._is_mp_queue:
+            method = weakref.WeakMethod(self._feeder_failed)
+            _mpinternals.hook_feeder_errors(q, lambda e: (m := method()) is not None and m(e))
         if self._parts is not None:
             self._fd = self._parts.reader.fileno()
             self._transport: FdTransport = open_transport(self._fd)
@@ -561,14 +574,41 @@ class AsyncQueue(AsyncResource, Generic[T]):
             return _Prepickled(buf.getvalue())
         return obj
 
+    def _feeder_failed(self, exc: Exception) -> bool:
+        """The queue's feeder thread could not write an item (in the feeder thread)."""
+        if getattr(exc, "errno", None) != errno.EPIPE:
+            return False  # not ours to judge: the queue prints it, as it always has
+        self._feeder_error = exc
+        return True
+
+    def _check_readers(self) -> None:
+        """Raise if no process holds the queue's read end any more.
+
+        Then a put could only lose the item: the feeder thread would fail to write it
+        (and print a traceback). The pipe tells: polling its write end reports an error
+        (Linux) or a hangup once the last read end is closed. If the last reader goes
+        after this check, the feeder's write fails; the hook records that quietly, and
+        the item is lost, but the next put raises.
+        """
+        error = self._feeder_error
+        if error is not None:
+            raise anyio.BrokenResourceError(_NO_READERS) from error
+        writer = self._writer
+        if writer is not None and not writer.closed:
+            for _, events in self._writer_poll.poll(0):
+                if events & (select.POLLERR | select.POLLHUP):
+                    raise anyio.BrokenResourceError(_NO_READERS)
+
     def put_nowait(self, obj: T) -> None:
         """Put *obj* if there is room now.
 
         :raises queue.Full: a bounded queue is full.
         :raises pickle.PicklingError: (or what pickling raises) *obj* can't be pickled;
             nothing was put.
+        :raises anyio.BrokenResourceError: no process reads the queue any more.
         """
         self._check_open()
+        self._check_readers()
         item = self._prepare(obj)
         if isinstance(self._q, multiprocessing.queues.SimpleQueue):
             raise TypeError("a SimpleQueue has no put_nowait(); use await put()")
@@ -585,9 +625,12 @@ class AsyncQueue(AsyncResource, Generic[T]):
         :raises pickle.PicklingError: (or whatever pickling raises) *obj* can't be
             pickled; nothing was put.
         :raises anyio.ClosedResourceError: the adapter was closed.
-        :raises anyio.BrokenResourceError: an earlier ``get`` found the queue broken.
+        :raises anyio.BrokenResourceError: an earlier ``get`` found the queue broken, or
+            no process reads the queue any more (every read end is closed; the consumer
+            is gone). Then the item was not put.
         """
         self._check_open()
+        self._check_readers()
         item = self._prepare(obj)
         plain_queue = self._is_mp_queue and not isinstance(
             self._q, multiprocessing.queues.JoinableQueue
@@ -616,7 +659,10 @@ class AsyncQueue(AsyncResource, Generic[T]):
 
         def blocking_put(c: BlockingCall[bool]) -> bool:
             if isinstance(q, multiprocessing.queues.SimpleQueue):
-                q.put(item)
+                try:
+                    q.put(item)
+                except BrokenPipeError as exc:
+                    raise anyio.BrokenResourceError(_NO_READERS) from exc
                 return True
             while not c.stopping:
                 try:

@@ -13,9 +13,12 @@ know that the consumer is gone. Setup: the producer dropped its copy of the read
 queue's private ``_reader``) and the only consumer process is SIGKILLed. Expected: ``put``
 raises ``anyio.BrokenResourceError``, and no feeder thread prints a traceback.
 
+Race: the last read end closes after a put found one, while the feeder thread still holds the
+item. Expected: nothing printed; the next put raises ``anyio.BrokenResourceError``.
+
 Lost: connections: the message whose send raised (a send that waited may have put part of
 it on the wire; nobody reads it). Queues: nothing while a read end is open; the item whose put
-raised, when none is.
+raised, when none is (it was not put); in the race, the items the feeder held.
 """
 
 from __future__ import annotations
@@ -134,12 +137,6 @@ async def test_put_after_the_consumer_died_waits_in_the_pipe_for_the_next(
 
 @ROUTES
 @pytest.mark.parametrize("kind", ["Queue", "SimpleQueue"])
-@pytest.mark.xfail(
-    reason="library bug: with no read end left, AsyncQueue.put() of a Queue returns and "
-    "the feeder thread prints a BrokenPipeError traceback (the item is lost silently); of a "
-    "SimpleQueue it raises BrokenPipeError instead of anyio.BrokenResourceError",
-    strict=True,
-)
 async def test_put_with_no_read_end_left_is_a_broken_resource(
     use_threads: bool, kind: str, capfd: pytest.CaptureFixture[str]
 ) -> None:
@@ -165,3 +162,37 @@ async def test_put_with_no_read_end_left_is_a_broken_resource(
         q._writer.close()
     _, err = capfd.readouterr()
     assert (outcome, err) == ("BrokenResourceError", "")
+
+
+@ROUTES
+async def test_the_last_reader_gone_while_the_feeder_holds_an_item(
+    use_threads: bool, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The race after the check: put() found a reader, the feeder thread then found none.
+
+    The put returned and its item is lost (documented); the feeder prints nothing, and the
+    next put raises.
+    """
+    q = FORK.Queue()
+    aq = AsyncQueue[Any](q, use_threads=use_threads)
+    try:
+        await start_and_kill(fault_workers.hold_then_wait_to_be_killed, q)
+        # The feeder writes under the queue's write lock: holding it keeps the item in the
+        # feeder while this process's read end still makes the put look fine.
+        assert q._wlock.acquire(timeout=5)
+        try:
+            with anyio.fail_after(5):
+                await aq.put("lost: the feeder can't write it")
+            q._reader.close()
+        finally:
+            q._wlock.release()
+        await wait_until(lambda: aq._feeder_error is not None, "the feeder's write failed")
+        with pytest.raises(anyio.BrokenResourceError), anyio.fail_after(5):
+            await aq.put("refused")
+        with anyio.fail_after(10):
+            await aq.aclose()
+    finally:
+        await aq.aclose()
+        q._writer.close()
+    _, err = capfd.readouterr()
+    assert err == ""
