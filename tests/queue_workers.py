@@ -209,3 +209,10 @@ def async_put_then_exit(
         sys.stderr.flush()
         os._exit(ASYNC_PART_FAILED)
     os._exit(0)
+
+
+class FailsToUnpickle:
+    """Pickles fine; unpickling it raises ValueError (``int("not a number")``)."""
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return (int, ("not a number",))

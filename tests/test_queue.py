@@ -419,6 +419,44 @@ async def test_get_many_takes_what_is_there_without_waiting_for_more(use_threads
             assert got == [[5]]
 
 
+async def test_get_many_returns_the_items_before_one_that_fails_to_unpickle(
+    use_threads: bool,
+) -> None:
+    async with open_queue(use_threads=use_threads) as aq:
+        await fill(aq.queue, [0, 1, queue_workers.FailsToUnpickle(), 3])
+        with anyio.fail_after(10):
+            assert await aq.get_many(10) == [0, 1]
+            with pytest.raises(ValueError, match="not a number"):
+                await aq.get()
+            assert await aq.get_many(10) == [3]
+        assert aq.empty()
+
+
+async def test_get_many_takes_whole_items_only(route: str, use_threads: bool) -> None:
+    """Items after the first come only if their whole frame is in the pipe: a partial one
+    is neither waited for (the loop stays free) nor split (the next get finishes it)."""
+    async with open_queue(use_threads=use_threads) as aq:
+        q = aq.queue
+        frames = [header(len(p)) + p for p in (pickle.dumps(i) for i in ["a", "b", "c"])]
+        for _ in frames:
+            assert q._sem.acquire(timeout=5)  # as put() does, per item
+        cut = len(frames[0]) + len(frames[1]) + 6
+        data = b"".join(frames)
+        with q._wlock:
+            os.write(q._writer.fileno(), data[:cut])
+            with anyio.fail_after(5):  # "no stall": the get must not wait for "c"
+                got = await aq.get_many(10)
+            assert got == ["a", "b"]
+            # What was read of "c" stays with this adapter, and so does the reader lock,
+            # so that no other consumer starts reading in the middle of "c".
+            assert reader_lock_is_held(q)
+            os.write(q._writer.fileno(), data[cut:])
+        with anyio.fail_after(10):
+            assert await aq.get() == "c"
+        assert aq.empty()
+        assert not reader_lock_is_held(q)
+
+
 @pytest.mark.parametrize("kind", BOUNDED_KINDS)
 async def test_qsize_empty_full(use_threads: bool, kind: str) -> None:
     async with open_queue(kind, use_threads=use_threads, maxsize=3) as aq:

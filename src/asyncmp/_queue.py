@@ -36,6 +36,7 @@ running and its item goes to the next ``get``.
 
 from __future__ import annotations
 
+import array
 import errno
 import io
 import multiprocessing
@@ -67,6 +68,9 @@ from ._threads import BlockingCall
 from ._wire import FrameDecoder, WireError
 
 if sys.platform != "win32":
+    import fcntl
+    import termios
+
     from ._fdio import FdTransport, ReadinessWaiter, open_transport
 
 __all__ = ("DEFAULT_STALL_TIMEOUT", "AsyncQueue", "JoinableQueue", "Queue", "SimpleQueue")
@@ -99,6 +103,23 @@ class _Prepickled:
 
     def __reduce__(self) -> tuple[Any, tuple[bytes]]:
         return _loads, (self.data,)
+
+
+class _Failed:
+    """Thread route: the error of an item that failed to unpickle in a ``get_many``,
+    kept in its place so that the next ``get`` raises it."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    @staticmethod
+    def unwrap(item: Any) -> Any:
+        if type(item) is _Failed:
+            error = item.error
+            raise error
+        return item
 
 
 class _LockHandoff:
@@ -145,6 +166,9 @@ class AsyncQueue(AsyncResource, Generic[T]):
         self._broken: str | None = None
         self._calls: set[BlockingCall[Any]] = set()
         self._pending_get: BlockingCall[Any] | None = None
+        # Thread route, POSIX: the item a get_nowait() found partly written, read so far;
+        # the reader lock stays taken with it until a get finishes it.
+        self._partial: FrameDecoder | None = None
         # Knowing that nobody reads the queue any more (see _check_readers).
         self._feeder_error: Exception | None = None
         self._writer = _mpinternals.queue_writer(q)
@@ -157,6 +181,7 @@ class AsyncQueue(AsyncResource, Generic[T]):
             _mpinternals.hook_feeder_errors(q, lambda e: (m := method()) is not None and m(e))
         if self._parts is not None:
             self._fd = self._parts.reader.fileno()
+            self._count = array.array("i", [0])  # FIONREAD's answer
             self._transport: FdTransport = open_transport(self._fd)
             self._waiter: ReadinessWaiter | None = None
             self._decoder = FrameDecoder(None)
@@ -251,7 +276,9 @@ class AsyncQueue(AsyncResource, Generic[T]):
             raise queue.Empty
         if self._kept:
             item = self._kept.popleft()
-            return self._unpickle(item) if self._parts is not None else item
+            if self._parts is not None:
+                return self._unpickle(item)
+            return _Failed.unwrap(item)  # type: ignore[no-any-return]
         if self._parts is None:
             return self._get_nowait_threaded()  # type: ignore[no-any-return]
         if not self._rlock_held:
@@ -271,20 +298,84 @@ class AsyncQueue(AsyncResource, Generic[T]):
         """Wait for at least one item, then take whatever else is there, up to
         *max_items*, without waiting longer.
 
+        On the fd route the items after the first are read under one hold of the
+        reader lock, with one ``FIONREAD``: only whole frames that are in the pipe, each
+        read exactly, and unpickled once the lock is released.
+
         Cancellation and exceptions: as :meth:`get` (items taken before a cancellation
-        are kept for the next ``get``).
+        are kept for the next ``get``). If an item after the first fails to unpickle,
+        the items before it are returned, and the next ``get`` raises its error.
 
         :raises ValueError: *max_items* is less than 1.
         """
         if max_items < 1:
             raise ValueError("max_items must be at least 1")
         items = [await self.get(timeout)]
-        while len(items) < max_items:
+        if self._parts is None:
+            while len(items) < max_items:
+                try:
+                    items.append(self.get_nowait())
+                except queue.Empty:
+                    break
+                except Exception as exc:
+                    self._kept.appendleft(_Failed(exc))  # for the next get() to raise
+                    break
+            return items
+        frames = self._take_whole_frames(max_items - 1)
+        for i, frame in enumerate(frames):
             try:
-                items.append(self.get_nowait())
-            except queue.Empty:
+                items.append(self._unpickle(frame))
+            except Exception:
+                # Return what came before it; the next get() raises this one's error.
+                self._kept.extendleft(reversed(frames[i:]))
                 break
         return items
+
+    def _take_whole_frames(self, limit: int) -> list[bytes]:
+        """Up to *limit* frames that are already in the pipe whole, under one hold of the
+        reader lock (the fd route; never waits)."""
+        frames: list[bytes] = []
+        kept = self._kept
+        while kept and len(frames) < limit:
+            frames.append(kept.popleft())
+        parts = self._parts
+        assert parts is not None
+        if len(frames) == limit or self._closed or self._broken is not None:
+            return frames
+        if self._get_lock.locked() or not self._decoder.at_boundary:
+            return frames  # other getters come first / a partial item is the next get's
+        if not self._rlock_held:
+            if not parts.rlock.acquire(False):
+                return frames
+            self._rlock_held = True
+        fd, sem, count = self._fd, parts.sem, self._count
+        fcntl.ioctl(fd, termios.FIONREAD, count, True)
+        avail = count[0]
+        taken = 0
+        while len(frames) < limit and avail >= 4:
+            header = os.read(fd, 4)
+            (size,) = _HEADER.unpack(header)
+            if not 0 <= size <= avail - 4:
+                # Partial, long form or corrupt: the lock stays here and the next get()
+                # sorts it out, as after get_nowait().
+                self._decoder.feed(header)
+                break
+            body = os.read(fd, size) if size else b""
+            if len(body) != size:
+                self._decoder.feed(header + body)
+                break
+            avail -= 4 + size
+            frames.append(body)
+            taken += 1
+        if self._decoder.at_boundary:
+            if self._contended:
+                self._release_soon()
+            else:
+                self._release_rlock()
+        if sem is not None:
+            for _ in range(taken):
+                sem.release()
+        return frames
 
     # fd route ------------------------------------------------------------------------
 
@@ -477,7 +568,7 @@ class AsyncQueue(AsyncResource, Generic[T]):
     async def _get_threaded(self) -> Any:
         if self._kept:
             await _fast_checkpoint()
-            return self._kept.popleft()
+            return _Failed.unwrap(self._kept.popleft())
         call = self._pending_get
         if call is None:
             await checkpoint_if_cancelled()
@@ -516,20 +607,58 @@ class AsyncQueue(AsyncResource, Generic[T]):
         if parts is None:
             return _mpinternals.timed_get(self._q, timeout)
         rlock = parts.rlock
-        if not (rlock.acquire(True, timeout) if timeout > 0 else rlock.acquire(False)):
-            raise queue.Empty
-        try:
-            if not parts.reader.poll(timeout):
+        decoder = self._partial
+        if decoder is None:
+            if not (rlock.acquire(True, timeout) if timeout > 0 else rlock.acquire(False)):
                 raise queue.Empty
-            frame = self._read_frame_blocking(parts.reader.fileno())
+            decoder = FrameDecoder(None)
+        # The lock is ours (taken now, or kept with a partial item by a get_nowait).
+        self._partial = None
+        fd = parts.reader.fileno()
+        frame: bytes | None
+        try:
+            if timeout > 0:
+                if decoder.at_boundary and not parts.reader.poll(timeout):
+                    raise queue.Empty
+                frame = self._read_frame_blocking(fd, decoder)
+            else:
+                # In the event loop's thread: read only what is there.
+                frame = self._read_frame_now(fd, decoder)
+                if frame is None:
+                    if not decoder.at_boundary:
+                        self._partial = decoder  # the lock stays, for the next get
+                    raise queue.Empty
         finally:
-            rlock.release()
+            if self._partial is None:
+                rlock.release()
         if parts.sem is not None:
             parts.sem.release()
         return _loads(frame)
 
-    def _read_frame_blocking(self, fd: int) -> bytes:
-        decoder = FrameDecoder(None)
+    def _read_frame_now(self, fd: int, decoder: FrameDecoder) -> bytes | None:
+        """Go on with *decoder*'s frame with the bytes that are in the pipe now, at most
+        ``_READ_BUDGET`` of them; the frame if it is whole, else None."""
+        transport = open_transport(fd)
+        budget = _READ_BUDGET
+        try:
+            while True:
+                try:
+                    frame = decoder.next_frame()
+                except WireError as exc:
+                    raise anyio.BrokenResourceError(f"corrupt queue framing: {exc}") from None
+                if frame is not None or budget <= 0:
+                    return frame
+                data = transport.read_some(min(decoder.bytes_wanted(), budget))
+                if data is None:
+                    return None
+                if not data:
+                    raise anyio.BrokenResourceError("the queue's pipe was closed mid-item")
+                budget -= len(data)
+                decoder.feed(data)
+        finally:
+            transport.close()
+
+    def _read_frame_blocking(self, fd: int, decoder: FrameDecoder) -> bytes:
         transport = open_transport(fd)
         waiter = select.poll()
         waiter.register(fd, select.POLLIN)
@@ -767,6 +896,11 @@ class AsyncQueue(AsyncResource, Generic[T]):
                 if self._rlock_held:
                     self._release_rlock()
                 self._transport.close()
+            if self._partial is not None:  # thread route: a partial item held the lock
+                self._partial = None
+                parts = _mpinternals.queue_parts(self._q)
+                assert parts is not None
+                parts.rlock.release()
         await self._flush()
 
     async def _flush(self) -> None:
