@@ -432,6 +432,23 @@ async def test_get_many_returns_the_items_before_one_that_fails_to_unpickle(
         assert aq.empty()
 
 
+async def test_a_get_in_a_cancelled_scope_takes_nothing_though_items_are_there(
+    use_threads: bool,
+) -> None:
+    async with open_queue(use_threads=use_threads) as aq:
+        await fill(aq.queue, ["a", "b"])
+        for _ in range(3):  # the fast path too: its cancellation check
+            with anyio.CancelScope() as scope:
+                scope.cancel()
+                await aq.get()
+            assert scope.cancelled_caught
+            with anyio.move_on_after(0) as scope:
+                await aq.get_many(5)
+            assert scope.cancelled_caught
+        with anyio.fail_after(10):
+            assert await aq.get_many(5) == ["a", "b"]
+
+
 async def test_get_many_takes_whole_items_only(route: str, use_threads: bool) -> None:
     """Items after the first come only if their whole frame is in the pipe: a partial one
     is neither waited for (the loop stays free) nor split (the next get finishes it)."""

@@ -28,7 +28,8 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Awaitable
+from asyncio import _get_running_loop
+from collections.abc import Awaitable, Callable
 from multiprocessing.reduction import ForkingPickler
 from typing import TYPE_CHECKING, Any
 
@@ -67,11 +68,19 @@ _last_turn = [0.0]
 _loads = ForkingPickler.loads
 
 
-try:  # One dispatch less per call than anyio.lowlevel.checkpoint_if_cancelled().
+try:  # Two dispatches less per call than anyio.lowlevel.checkpoint_if_cancelled().
     from anyio._core._eventloop import get_async_backend as _get_async_backend
 
+    #: The backend's own check, by "is an asyncio loop running in this thread": anyio's
+    #: two backends are asyncio (with or without uvloop) and trio.
+    _backend_checks: dict[bool, Callable[[], Awaitable[None]]] = {}
+
     def _cancel_check() -> Awaitable[None]:
-        return _get_async_backend().checkpoint_if_cancelled()
+        in_asyncio = _get_running_loop() is not None
+        check = _backend_checks.get(in_asyncio)
+        if check is None:
+            check = _backend_checks[in_asyncio] = _get_async_backend().checkpoint_if_cancelled
+        return check()
 
 except ImportError:  # pragma: no cover - a future anyio moved it
     _cancel_check = checkpoint_if_cancelled
