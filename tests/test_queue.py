@@ -689,11 +689,6 @@ async def test_every_item_is_received_exactly_once(use_threads: bool, tmp_path: 
             assert seq == sorted(seq)
 
 
-FAIRNESS_THREADS = (
-    "library bug, flaky: on the thread route each get starts a new thread (about 0.5 ms), "
-    "so between two items the getter is not queued for the lock at all (measured: 1-28 % "
-    "for the async getter, median about 15 %, against 50 % for a second sync consumer)"
-)
 
 
 async def test_async_getter_gets_a_share_next_to_a_sync_consumer(
@@ -702,8 +697,6 @@ async def test_async_getter_gets_a_share_next_to_a_sync_consumer(
     """Fairness, not speed: the producer is slower than both consumers (it pauses between
     items; that pause is load, not synchronisation), so both are waiting whenever an item
     arrives. Two plain sync consumers split such a stream about evenly."""
-    if route != "fd":
-        request.applymarker(pytest.mark.xfail(reason=FAIRNESS_THREADS, strict=False))
     count, pause = 300, 0.0015
     report = tmp_path / "sync-consumer"
     async with open_queue(use_threads=use_threads) as aq:
@@ -971,8 +964,8 @@ async def test_producer_dying_mid_item_breaks_the_get_after_stall_timeout(
             with pytest.raises(anyio.BrokenResourceError):
                 await aq.put("x")
         finally:
-            if use_threads and asyncmp_threads():
-                # Unblock the thread stuck reading the rest of the item.
+            if use_threads and reader_lock_is_held(q):
+                # Unblock the thread stuck reading the rest of the item (it holds the lock).
                 os.write(q._writer.fileno(), frame[split:])
 
 

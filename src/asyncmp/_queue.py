@@ -65,7 +65,7 @@ from anyio.lowlevel import (
 
 from . import _mpinternals
 from ._connection import _TURN_INTERVAL, _cancel_check, _fast_checkpoint, _last_turn
-from ._threads import BlockingCall
+from ._threads import BlockingCall, Worker
 from ._wire import FrameDecoder, WireError
 
 if sys.platform != "win32":
@@ -167,6 +167,10 @@ class AsyncQueue(AsyncResource, Generic[T]):
         self._broken: str | None = None
         self._calls: set[BlockingCall[Any]] = set()
         self._pending_get: BlockingCall[Any] | None = None
+        # One thread each for the gets of the thread route and for the reader lock of the
+        # fd route, kept between calls: a new thread per call costs more than an item.
+        self._get_worker = Worker("asyncmp-queue-get")
+        self._rlock_worker = Worker("asyncmp-queue-rlock")
         # Thread route, POSIX: the item a get_nowait() found partly written, read so far;
         # the reader lock stays taken with it until a get finishes it.
         self._partial: FrameDecoder | None = None
@@ -600,7 +604,9 @@ class AsyncQueue(AsyncResource, Generic[T]):
                     return True
             return False
 
-        call: BlockingCall[bool] = BlockingCall(acquire, name="asyncmp-queue-rlock")
+        call: BlockingCall[bool] = BlockingCall(
+            acquire, name="asyncmp-queue-rlock", worker=self._rlock_worker
+        )
         await call.start()
         self._calls.add(call)
         try:
@@ -636,7 +642,7 @@ class AsyncQueue(AsyncResource, Generic[T]):
                         continue
                 raise anyio.ClosedResourceError
 
-            call = BlockingCall(blocking_get, name="asyncmp-queue-get")
+            call = BlockingCall(blocking_get, name="asyncmp-queue-get", worker=self._get_worker)
             await call.start()
             self._calls.add(call)
             self._pending_get = call
@@ -948,6 +954,10 @@ class AsyncQueue(AsyncResource, Generic[T]):
             for call in calls:
                 call.join()
             self._calls.clear()
+            for worker in (self._get_worker, self._rlock_worker):
+                thread = worker.close()
+                if thread is not None:
+                    thread.join()  # its calls have returned: it is on its way out
             if self._parts is not None:
                 if self._rlock_held:
                     self._release_rlock()

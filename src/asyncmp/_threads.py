@@ -11,10 +11,14 @@ that the async caller keeps asyncmp's guarantees:
 * **A private limiter.** Threads are counted by a :class:`anyio.CapacityLimiter` of
   asyncmp's own (per event loop), not anyio's default one, so a burst of pending
   receives can't starve ``anyio.to_thread`` users, or the reverse.
-* **No thread outlives its owner.** Each call runs in a dedicated daemon thread named
+* **No thread outlives its owner.** Each call runs in a daemon thread named
   ``asyncmp-…``; it never blocks interpreter exit. Blocking functions are written as
   loops of short time slices that check :attr:`BlockingCall.stopping`, so an owner
   that closes can ask its thread to stop and wait for it.
+* **A thread per call only when calls are rare.** Starting a thread costs far more than
+  a small item takes to arrive. An owner that makes the same kind of call over and over
+  (an adapter's gets) gives its calls a :class:`Worker`: one thread that runs them one
+  after the other, and ends when it has been idle for a moment, or when its owner closes.
 
 The thread tells the loop it is done with a non-blocking ``call_soon_threadsafe`` (or
 trio's ``run_sync_soon``): a thread must never wait on a loop that may be gone.
@@ -24,13 +28,14 @@ from __future__ import annotations
 
 import threading
 import traceback
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 import anyio
 from anyio.lowlevel import RunVar, current_token
 
-__all__ = ("DEFAULT_THREAD_LIMIT", "BlockingCall", "thread_limiter")
+__all__ = ("DEFAULT_THREAD_LIMIT", "BlockingCall", "Worker", "thread_limiter")
 
 T = TypeVar("T")
 
@@ -49,6 +54,61 @@ def thread_limiter() -> anyio.CapacityLimiter:
         return limiter
 
 
+class Worker:
+    """A thread that runs its owner's blocking calls one after the other.
+
+    It starts with the first call, waits up to ``idle`` seconds for the next one once a
+    call is done, and then ends; the next call starts it again. :meth:`close` ends it
+    for good once the call it runs (if any) has returned.
+    """
+
+    def __init__(self, name: str, *, idle: float = 0.05) -> None:
+        self._name = name
+        self._idle = idle
+        self._jobs: deque[Callable[[], None]] = deque()
+        self._cond = threading.Condition(threading.Lock())
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def submit(self, job: Callable[[], None]) -> None:
+        """Run *job* in the worker's thread, after the jobs before it."""
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the worker is closed")
+            self._jobs.append(job)
+            if self._thread is None:
+                thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
+                thread.start()
+                self._thread = thread
+            else:
+                self._cond.notify()
+
+    def _loop(self) -> None:
+        cond, jobs = self._cond, self._jobs
+        while True:
+            with cond:
+                if not jobs and not self._closed:
+                    cond.wait(self._idle)
+                if not jobs:
+                    # Idle (or closed): end. submit() starts a new thread for the next job.
+                    self._thread = None
+                    return
+                job = jobs.popleft()
+            job()
+
+    @property
+    def thread(self) -> threading.Thread | None:
+        """The worker's thread while it runs."""
+        return self._thread
+
+    def close(self) -> threading.Thread | None:
+        """Let the thread end once its jobs are done; return it, to join."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+            return self._thread
+
+
 class BlockingCall(Generic[T]):
     """One blocking function running in its own thread, with its outcome kept.
 
@@ -57,9 +117,13 @@ class BlockingCall(Generic[T]):
     :attr:`stopping` between time slices.
     """
 
-    def __init__(self, fn: Callable[[BlockingCall[T]], T], *, name: str) -> None:
+    def __init__(
+        self, fn: Callable[[BlockingCall[T]], T], *, name: str, worker: Worker | None = None
+    ) -> None:
         self._fn = fn
         self._name = name
+        self._worker = worker
+        self._submitted = False
         self._result: T | None = None
         self._error: BaseException | None = None
         self._finished = threading.Event()
@@ -104,10 +168,14 @@ class BlockingCall(Generic[T]):
             if hasattr(native, "call_soon_threadsafe")
             else native.run_sync_soon
         )
-        thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-        self._thread = thread
         try:
-            thread.start()
+            if self._worker is not None:
+                self._worker.submit(self._run)
+                self._submitted = True
+            else:
+                thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+                self._thread = thread
+                thread.start()
         except BaseException:
             limiter.release_on_behalf_of(self)
             raise
@@ -152,12 +220,14 @@ class BlockingCall(Generic[T]):
         """Wait until the function has returned or raised.
 
         If cancelled, the call goes on in its thread; its outcome is kept. Once it
-        returns, the thread has ended too.
+        returns, the thread has ended too (on a :class:`Worker`: the call has returned,
+        and the thread may go on to the next call).
         """
         await self._done.wait()
         if self._thread is not None:
             # The thread signalled from its last lines: this join is immediate.
             self._thread.join()
+        # On a Worker, the call has returned; the thread goes on to the next one.
 
     @property
     def error(self) -> BaseException | None:
@@ -178,8 +248,9 @@ class BlockingCall(Generic[T]):
         self._stop.set()
 
     def join(self, timeout: float | None = None) -> bool:
-        """Block until the thread has ended; True if it did within *timeout*."""
+        """Block until the call's own thread has ended (on a Worker: until the call has
+        returned); True if it did within *timeout*."""
         if self._thread is None:
-            return True
+            return not self._submitted or self._finished.wait(timeout)
         self._thread.join(timeout)
         return not self._thread.is_alive()
