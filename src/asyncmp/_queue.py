@@ -42,13 +42,12 @@ import multiprocessing.queues
 import os
 import pickle
 import queue
-import select
 import struct
 import sys
 import threading
 from collections import deque
 from multiprocessing.reduction import ForkingPickler
-from typing import Any, Generic, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar
 
 import anyio
 from anyio.abc import AsyncResource
@@ -64,8 +63,8 @@ from ._connection import _fast_checkpoint
 from ._threads import BlockingCall
 from ._wire import FrameDecoder, WireError
 
-if sys.platform != "win32":
-    from ._fdio import FdTransport, ReadinessWaiter, open_transport
+if TYPE_CHECKING or sys.platform != "win32":
+    from ._fdio import FdTransport, ReadinessWaiter, open_transport, poller
 
 __all__ = ("DEFAULT_STALL_TIMEOUT", "AsyncQueue", "JoinableQueue", "Queue", "SimpleQueue")
 
@@ -498,7 +497,7 @@ class AsyncQueue(AsyncResource, Generic[T]):
         ``stall_timeout``, so a producer that died mid-item can't hold this thread and
         the lock forever. Anything else goes through its own ``get``.
         """
-        parts = _mpinternals.queue_parts(self._q) if sys.platform != "win32" else None
+        parts = _mpinternals.queue_parts(self._q)
         if parts is None:
             return _mpinternals.timed_get(self._q, timeout)
         rlock = parts.rlock
@@ -517,8 +516,7 @@ class AsyncQueue(AsyncResource, Generic[T]):
     def _read_frame_blocking(self, fd: int) -> bytes:
         decoder = FrameDecoder(None)
         transport = open_transport(fd)
-        waiter = select.poll()
-        waiter.register(fd, select.POLLIN)
+        waiter = poller(fd, writable=False)
         try:
             while True:
                 try:
