@@ -689,8 +689,6 @@ async def test_every_item_is_received_exactly_once(use_threads: bool, tmp_path: 
             assert seq == sorted(seq)
 
 
-
-
 async def test_async_getter_gets_a_share_next_to_a_sync_consumer(
     request: pytest.FixtureRequest, route: str, use_threads: bool, tmp_path: Path
 ) -> None:

@@ -37,21 +37,30 @@ import anyio
 from anyio.abc import ObjectStream
 from anyio.lowlevel import checkpoint, checkpoint_if_cancelled
 
+from . import _platform
 from ._exceptions import ConnectionEOF, ProtocolError
 from ._threads import BlockingCall
 from ._wire import DEFAULT_MAX_MESSAGE_SIZE, FrameDecoder, WireError, encode_header
 
 if TYPE_CHECKING:
+    from typing import TypeAlias
+
     from typing_extensions import Buffer
 
-if sys.platform != "win32":
+if TYPE_CHECKING or sys.platform != "win32":
     from ._fdio import FdTransport, ReadinessWaiter, open_transport, register_fork_owned
 else:  # pragma: no cover
     register_fork_owned = None
 
 __all__ = ("AsyncConnection", "Pipe")
 
-Connection = multiprocessing.connection.Connection
+if sys.platform == "win32":
+    # A Windows Pipe() end is a PipeConnection, a sibling of Connection (a socket end).
+    Connection: TypeAlias = (
+        "multiprocessing.connection.Connection | multiprocessing.connection.PipeConnection"
+    )
+else:
+    Connection: TypeAlias = multiprocessing.connection.Connection
 
 #: A receive that finds a message already buffered skips the trip through the event
 #: loop, but the loop still gets a turn at least this often (seconds).
@@ -340,7 +349,8 @@ class _ThreadIO:
     def __init__(self, conn: Connection, max_message_size: int | None) -> None:
         self._conn = conn
         self._limit = max_message_size
-        self._frames = _FdIO(conn, max_message_size) if sys.platform != "win32" else None
+        # Windows (or a test that says it is): message-mode handles, the stdlib's calls.
+        self._frames = _FdIO(conn, max_message_size) if _platform.POSIX_FDS else None
         self._pending_recv: BlockingCall[bytes] | None = None
         self._calls: set[BlockingCall[Any]] = set()
         self._closed = False
@@ -355,9 +365,17 @@ class _ThreadIO:
                     return frames.recv_frame_nowait(maxlength)
                 except anyio.WouldBlock:
                     conn.poll(_THREAD_SLICE)
-            elif conn.poll(_THREAD_SLICE):  # pragma: no cover - Windows
+            elif self._stdlib_poll(_THREAD_SLICE):
                 return self._stdlib_recv(maxlength)
         raise anyio.ClosedResourceError
+
+    def _stdlib_poll(self, timeout: float) -> bool:
+        try:
+            return self._conn.poll(timeout)
+        except BrokenPipeError:
+            # A Windows PipeConnection's poll() raises this once the peer has closed
+            # (python/cpython#85180); recv_bytes() then returns what is left, or EOF.
+            return True
 
     def _stdlib_recv(self, maxlength: int | None) -> bytes:
         limit = self._limit if maxlength is None else maxlength
@@ -420,9 +438,9 @@ class _ThreadIO:
         if self._frames is not None:
             return self._frames.recv_frame_nowait(maxlength)
         # Windows pipes are message mode: poll() true means a whole message is there.
-        if not self._conn.poll(0):  # pragma: no cover - Windows
+        if not self._stdlib_poll(0):
             raise anyio.WouldBlock
-        return self._stdlib_recv(maxlength)  # pragma: no cover - Windows
+        return self._stdlib_recv(maxlength)
 
     async def send_frame(self, payload: memoryview) -> None:
         def blocking_send(call: BlockingCall[None]) -> None:
@@ -452,7 +470,7 @@ class _ThreadIO:
     def send_eof(self) -> None:
         # A Windows pipe handle has no half-close, and os.dup() can't copy a Windows
         # socket handle; POSIX descriptors get what the fd route does.
-        if sys.platform != "win32":
+        if _platform.POSIX_FDS:
             _shutdown_socket_write(self._conn.fileno())
 
     def close(self) -> None:
@@ -511,7 +529,9 @@ class AsyncConnection(ObjectStream[Any]):
             # Checked before the route opens descriptors of its own.
             raise ValueError(f"max_message_size={max_message_size} is negative")
         if use_threads is None:
-            use_threads = sys.platform == "win32"
+            use_threads = not _platform.POSIX_FDS
+        elif not use_threads and not _platform.POSIX_FDS:
+            raise ValueError("use_threads=False needs POSIX descriptors; Windows takes threads")
         self._conn = conn
         self._io: _FdIO | _ThreadIO = (
             _ThreadIO(conn, max_message_size) if use_threads else _FdIO(conn, max_message_size)

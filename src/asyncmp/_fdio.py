@@ -45,6 +45,7 @@ import stat
 import sys
 import termios
 import weakref
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 import anyio
@@ -52,8 +53,11 @@ import anyio
 __all__ = (
     "FdTransport",
     "ForkOwned",
+    "KqueueAPI",
+    "Poller",
     "ReadinessWaiter",
     "open_transport",
+    "poller",
     "register_fork_owned",
 )
 
@@ -63,6 +67,17 @@ _MSG_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
 #: The most one write_some() call moves, so the loop gets a turn in between.
 _MAX_WRITE_PER_CALL = 4 << 20
 _EOF_ERRNOS = frozenset({errno.ECONNRESET, errno.ECONNABORTED, errno.ENOTCONN})
+
+if sys.platform != "win32":
+    _ioctl = fcntl.ioctl
+    _FIONREAD = termios.FIONREAD
+else:  # pragma: no cover
+    # Nothing in this module runs on Windows (no descriptors to poll there: see
+    # _platform); these stand-ins only let type checkers read it for Windows too.
+    _FIONREAD = 0
+
+    def _ioctl(fd: int, request: int, arg: Any, mutate_flag: bool = True, /) -> Any:
+        raise OSError(errno.ENOTSUP, "FIONREAD needs POSIX")
 
 
 # ---------------------------------------------------------------------------------------
@@ -105,8 +120,58 @@ def close_quietly(fd: int) -> None:
 # ---------------------------------------------------------------------------------------
 
 
+class _Kqueue(Protocol):
+    """The part of a ``select.kqueue`` object the helper uses."""
+
+    def control(
+        self, changelist: Iterable[Any] | None, maxevents: int, timeout: float | None = None, /
+    ) -> list[Any]: ...
+    def fileno(self) -> int: ...
+    def close(self) -> None: ...
+
+
+class KqueueAPI(Protocol):
+    """The part of the ``select`` module the kqueue helper uses.
+
+    It is ``select`` itself where the platform has kqueue (macOS, the BSDs); the test suite
+    hands in a stand-in to run the kqueue helper on Linux.
+    """
+
+    KQ_FILTER_READ: int
+    KQ_FILTER_WRITE: int
+    KQ_EV_ADD: int
+
+    def kqueue(self) -> _Kqueue: ...
+    def kevent(self, ident: int, filter: int = ..., flags: int = ...) -> Any: ...
+
+
+#: Where kqueue and kevent come from; None where the platform has no kqueue (Linux uses
+#: epoll). The helper reads it at each call, so tests can set it.
+KQUEUE: KqueueAPI | None
+if sys.platform != "linux" and sys.platform != "win32":
+    KQUEUE = select if hasattr(select, "kqueue") else None
+else:
+    KQUEUE = None
+
+
+def _open_kqueue(api: KqueueAPI, fd: int, writable: bool) -> tuple[_Kqueue, int]:
+    """A kqueue with *fd* registered for one direction, level-triggered (no EV_CLEAR,
+    no EV_ONESHOT): it stays readable for as long as *fd* is ready."""
+    kq = api.kqueue()
+    try:
+        kfilter = api.KQ_FILTER_WRITE if writable else api.KQ_FILTER_READ
+        kq.control([api.kevent(fd, kfilter, api.KQ_EV_ADD)], 0, 0)
+    except BaseException:
+        kq.close()
+        raise
+    return kq, kq.fileno()
+
+
 def _open_helper(fd: int, writable: bool) -> tuple[Any, int]:
     """Return an epoll or kqueue object watching *fd*, and the descriptor to give the loop."""
+    kqueue_api = KQUEUE
+    if kqueue_api is not None:
+        return _open_kqueue(kqueue_api, fd, writable)
     if sys.platform == "linux":
         ep = select.epoll()
         try:
@@ -115,18 +180,10 @@ def _open_helper(fd: int, writable: bool) -> tuple[Any, int]:
             ep.close()
             raise
         return ep, ep.fileno()
-    if sys.platform == "darwin" or "bsd" in sys.platform:  # type: ignore[unreachable, unused-ignore]
-        kq = select.kqueue()
-        try:
-            kfilter = select.KQ_FILTER_WRITE if writable else select.KQ_FILTER_READ
-            kq.control([select.kevent(fd, kfilter, select.KQ_EV_ADD)], 0, 0)
-        except BaseException:
-            kq.close()
-            raise
-        return kq, kq.fileno()
-    # No epoll or kqueue: the loop watches the descriptor itself. Flag-safe on trio and
-    # asyncio's selector loops; not under uvloop.
-    return None, fd  # pragma: no cover
+    else:  # an else, not a fall-through: type checkers then skip it on Linux
+        # No epoll or kqueue: the loop watches the descriptor itself. Flag-safe on trio
+        # and asyncio's selector loops; not under uvloop.
+        return None, fd  # pragma: no cover
 
 
 class ReadinessWaiter:
@@ -193,7 +250,7 @@ class FdTransport:
 
     def available(self) -> int:
         """Bytes buffered in the kernel, ready to read now (``FIONREAD``)."""
-        fcntl.ioctl(self.fd, termios.FIONREAD, self._count, True)
+        _ioctl(self.fd, _FIONREAD, self._count, True)
         return self._count[0]
 
     def read_some(self, max_bytes: int) -> bytes | None:
@@ -244,10 +301,8 @@ class _PipeTransport(FdTransport):
 
     def __init__(self, fd: int) -> None:
         super().__init__(fd)
-        self._poll_in = select.poll()
-        self._poll_in.register(fd, select.POLLIN)
-        self._poll_out = select.poll()
-        self._poll_out.register(fd, select.POLLOUT)
+        self._poll_in = poller(fd, writable=False)
+        self._poll_out = poller(fd, writable=True)
 
     def read_some(self, max_bytes: int) -> bytes | None:
         n = self.available()
@@ -272,6 +327,19 @@ class _PipeTransport(FdTransport):
         while written < total and poll(0):
             written += os.write(self.fd, data[written : written + min(_PIPE_BUF, total - written)])
         return written
+
+
+class Poller(Protocol):
+    def poll(self, timeout: float | None = None, /) -> list[tuple[int, int]]: ...
+
+
+def poller(fd: int, *, writable: bool) -> Poller:
+    """A ``select.poll`` object watching *fd* for one direction (POSIX only)."""
+    if sys.platform != "win32":
+        p = select.poll()
+        p.register(fd, select.POLLOUT if writable else select.POLLIN)
+        return p
+    raise OSError(errno.ENOTSUP, "poll() needs POSIX")  # pragma: no cover
 
 
 def open_transport(fd: int) -> FdTransport:

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
+from . import _platform
+
 __all__ = (
     "QueueParts",
     "feeder_thread",
@@ -55,9 +57,15 @@ def _lock_like(obj: object) -> bool:
     return callable(getattr(obj, "acquire", None)) and callable(getattr(obj, "release", None))
 
 
+def _connection_like(obj: object) -> bool:
+    # A Windows queue's read end is a PipeConnection, a sibling of Connection, not a
+    # subclass: ask for the two methods used instead.
+    return callable(getattr(obj, "poll", None)) and callable(getattr(obj, "recv_bytes", None))
+
+
 def queue_parts(q: object) -> QueueParts | None:
     """Return the parts of *q* the fd route needs, or ``None`` to use threads."""
-    if not _KNOWN or sys.platform == "win32":
+    if not _KNOWN or not _platform.POSIX_FDS:
         return None
     if isinstance(q, multiprocessing.queues.Queue):  # JoinableQueue is a subclass
         has_feeder = True
@@ -99,7 +107,7 @@ def feeder_thread(q: object) -> threading.Thread | None:
 
 def queue_writer(q: object) -> multiprocessing.connection.Connection | None:
     """The write end of *q* (a Queue or SimpleQueue) in this process, while it is open."""
-    if not _KNOWN or sys.platform == "win32":
+    if not _KNOWN or not _platform.POSIX_FDS:
         return None
     if not isinstance(q, (multiprocessing.queues.Queue, multiprocessing.queues.SimpleQueue)):
         return None
@@ -144,8 +152,8 @@ def timed_get(q: Any, timeout: float) -> Any:
     its get is rebuilt from its reader lock and read end, as ``Queue.get`` does it."""
     if _KNOWN and isinstance(q, multiprocessing.queues.SimpleQueue):
         rlock: Any = getattr(q, "_rlock", None)
-        reader = getattr(q, "_reader", None)
-        if _lock_like(rlock) and isinstance(reader, multiprocessing.connection.Connection):
+        reader: Any = getattr(q, "_reader", None)
+        if _lock_like(rlock) and _connection_like(reader):
             acquired = rlock.acquire(True, timeout) if timeout > 0 else rlock.acquire(False)
             if not acquired:
                 raise queue.Empty

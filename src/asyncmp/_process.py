@@ -23,16 +23,17 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.lowlevel import checkpoint
 
+from . import _platform
 from ._connection import AsyncConnection
 from ._exceptions import ConnectionEOF
 from ._threads import BlockingCall
 
-if sys.platform != "win32":
+if TYPE_CHECKING or sys.platform != "win32":
     from ._fdio import ReadinessWaiter
 
 __all__ = ("AsyncProcess", "Worker", "WorkerExited", "open_process", "open_worker")
@@ -133,7 +134,7 @@ class AsyncProcess:
                 self._close_waiter()
                 await checkpoint()
                 return code
-            if sys.platform == "win32":  # pragma: no cover
+            if not _platform.POSIX_FDS:  # Windows: a sentinel is a handle
                 await self._wait_in_thread()
                 continue
             if self._waiter is None:
@@ -173,7 +174,7 @@ class AsyncProcess:
             os.close(self._pidfd)
             self._pidfd = -1
 
-    async def _wait_in_thread(self) -> None:  # pragma: no cover - Windows
+    async def _wait_in_thread(self) -> None:
         process = self._process
 
         def join(call: BlockingCall[None]) -> None:

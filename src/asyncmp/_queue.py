@@ -44,7 +44,6 @@ import multiprocessing.queues
 import os
 import pickle
 import queue
-import select
 import struct
 import sys
 import threading
@@ -52,7 +51,7 @@ import weakref
 from collections import deque
 from multiprocessing.reduction import ForkingPickler
 from time import perf_counter as _perf_counter
-from typing import Any, Generic, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar
 
 import anyio
 from anyio.abc import AsyncResource
@@ -68,11 +67,16 @@ from ._connection import _TURN_INTERVAL, _cancel_check, _fast_checkpoint, _last_
 from ._threads import BlockingCall, Worker
 from ._wire import FrameDecoder, WireError
 
-if sys.platform != "win32":
-    import fcntl
-    import termios
+if TYPE_CHECKING or sys.platform != "win32":
+    from ._fdio import _FIONREAD, FdTransport, ReadinessWaiter, _ioctl, open_transport, poller
 
-    from ._fdio import FdTransport, ReadinessWaiter, open_transport
+if sys.platform != "win32":
+    import select
+
+    #: What polling a queue's write end says once no process holds its read end.
+    _READERS_GONE = select.POLLERR | select.POLLHUP
+else:  # pragma: no cover
+    _READERS_GONE = 0
 
 __all__ = ("DEFAULT_STALL_TIMEOUT", "AsyncQueue", "JoinableQueue", "Queue", "SimpleQueue")
 
@@ -179,8 +183,7 @@ class AsyncQueue(AsyncResource, Generic[T]):
         self._writer = _mpinternals.queue_writer(q)
         self._writer_poll: Any = None
         if self._writer is not None:
-            self._writer_poll = select.poll()
-            self._writer_poll.register(self._writer.fileno(), 0)  # POLLERR and POLLHUP only
+            self._writer_poll = poller(self._writer.fileno(), writable=True)
         if self._is_mp_queue:
             method = weakref.WeakMethod(self._feeder_failed)
             _mpinternals.hook_feeder_errors(q, lambda e: (m := method()) is not None and m(e))
@@ -304,7 +307,7 @@ class AsyncQueue(AsyncResource, Generic[T]):
             return None
         fd = self._fd
         count = self._count
-        fcntl.ioctl(fd, termios.FIONREAD, count, True)  # as _transport.available(), inline
+        _ioctl(fd, _FIONREAD, count, True)  # as _transport.available(), inline
         avail = count[0]
         if avail >= 4:
             header = os.read(fd, 4)
@@ -407,7 +410,7 @@ class AsyncQueue(AsyncResource, Generic[T]):
                 return frames
             self._rlock_held = True
         fd, sem, count = self._fd, parts.sem, self._count
-        fcntl.ioctl(fd, termios.FIONREAD, count, True)
+        _ioctl(fd, _FIONREAD, count, True)
         avail = count[0]
         taken = 0
         while len(frames) < limit and avail >= 4:
@@ -664,7 +667,7 @@ class AsyncQueue(AsyncResource, Generic[T]):
         ``stall_timeout``, so a producer that died mid-item can't hold this thread and
         the lock forever. Anything else goes through its own ``get``.
         """
-        parts = _mpinternals.queue_parts(self._q) if sys.platform != "win32" else None
+        parts = _mpinternals.queue_parts(self._q)
         if parts is None:
             return _mpinternals.timed_get(self._q, timeout)
         rlock = parts.rlock
@@ -721,8 +724,7 @@ class AsyncQueue(AsyncResource, Generic[T]):
 
     def _read_frame_blocking(self, fd: int, decoder: FrameDecoder) -> bytes:
         transport = open_transport(fd)
-        waiter = select.poll()
-        waiter.register(fd, select.POLLIN)
+        waiter = poller(fd, writable=False)
         try:
             while True:
                 try:
@@ -786,7 +788,7 @@ class AsyncQueue(AsyncResource, Generic[T]):
         writer = self._writer
         if writer is not None and not writer.closed:
             for _, events in self._writer_poll.poll(0):
-                if events & (select.POLLERR | select.POLLHUP):
+                if events & _READERS_GONE:
                     raise anyio.BrokenResourceError(_NO_READERS)
 
     def put_nowait(self, obj: T) -> None:
