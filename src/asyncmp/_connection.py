@@ -39,7 +39,7 @@ from anyio.lowlevel import checkpoint, checkpoint_if_cancelled
 
 from . import _platform
 from ._exceptions import ConnectionEOF, ProtocolError
-from ._threads import BlockingCall
+from ._threads import BlockingCall, Worker
 from ._wire import DEFAULT_MAX_MESSAGE_SIZE, FrameDecoder, WireError, encode_header
 
 if TYPE_CHECKING:
@@ -344,7 +344,16 @@ class _ThreadIO:
     headers, partial messages and memory bounds behave exactly as on that route.
     """
 
-    __slots__ = ("_calls", "_closed", "_conn", "_frames", "_limit", "_pending_recv", "broken")
+    __slots__ = (
+        "_calls",
+        "_closed",
+        "_conn",
+        "_frames",
+        "_limit",
+        "_pending_recv",
+        "_workers",
+        "broken",
+    )
 
     def __init__(self, conn: Connection, max_message_size: int | None) -> None:
         self._conn = conn
@@ -355,6 +364,8 @@ class _ThreadIO:
         self._calls: set[BlockingCall[Any]] = set()
         self._closed = False
         self.broken: str | None = None
+        # A thread per direction, kept between calls (see _threads.Worker).
+        self._workers = (Worker("asyncmp-recv"), Worker("asyncmp-send"))
 
     def _blocking_recv(self, call: BlockingCall[bytes], maxlength: int | None) -> bytes:
         conn = self._conn
@@ -415,7 +426,11 @@ class _ThreadIO:
         call = self._pending_recv
         if call is None:
             await checkpoint_if_cancelled()
-            call = BlockingCall(lambda c: self._blocking_recv(c, maxlength), name="asyncmp-recv")
+            call = BlockingCall(
+                lambda c: self._blocking_recv(c, maxlength),
+                name="asyncmp-recv",
+                worker=self._workers[0],
+            )
             await call.start()
             self._track(call)
             self._pending_recv = call
@@ -450,7 +465,9 @@ class _ThreadIO:
                 raise anyio.BrokenResourceError("the peer closed the connection") from exc
 
         await checkpoint_if_cancelled()
-        call: BlockingCall[None] = BlockingCall(blocking_send, name="asyncmp-send")
+        call: BlockingCall[None] = BlockingCall(
+            blocking_send, name="asyncmp-send", worker=self._workers[1]
+        )
         await call.start()
         self._track(call)
         try:
@@ -477,6 +494,8 @@ class _ThreadIO:
         self._closed = True
         for call in self._calls:
             call.request_stop()
+        for worker in self._workers:
+            worker.close()  # its thread ends once its call (if any) has returned
         if not self._calls:
             self._release()
 
@@ -491,6 +510,10 @@ class _ThreadIO:
                     self._finished(call)
         for call in calls:
             call.join(0.5)
+        for worker in self._workers:
+            thread = worker.thread
+            if thread is not None:
+                thread.join(0.5)
 
 
 class AsyncConnection(ObjectStream[Any]):

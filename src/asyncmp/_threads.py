@@ -74,7 +74,7 @@ class Worker:
         """Run *job* in the worker's thread, after the jobs before it."""
         with self._cond:
             if self._closed:
-                raise RuntimeError("the worker is closed")
+                raise anyio.ClosedResourceError  # its owner is closed
             self._jobs.append(job)
             if self._thread is None:
                 thread = threading.Thread(target=self._loop, name=self._name, daemon=True)

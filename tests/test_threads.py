@@ -1,0 +1,83 @@
+"""The thread route's building blocks: a Worker runs its owner's blocking calls one after
+the other on one thread, and that thread ends when idle or when its owner closes."""
+
+from __future__ import annotations
+
+import threading
+
+import anyio
+import pytest
+
+from asyncmp._threads import BlockingCall, Worker
+from tests.faults.support import wait_until
+
+pytestmark = pytest.mark.anyio
+
+
+async def wait_for_thread_end(worker: Worker) -> None:
+    """The worker's thread has ended on its own: polled, with a "no hang" bound."""
+    await wait_until(lambda: worker.thread is None, "the idle worker's thread ended")
+
+
+async def test_calls_on_a_worker_share_one_thread_in_order() -> None:
+    worker = Worker("asyncmp-test", idle=10)
+    ran: list[tuple[int, int]] = []
+    try:
+
+        def note(i: int) -> int:
+            ran.append((i, threading.get_ident()))
+            return i
+
+        for i in range(5):
+            call: BlockingCall[int] = BlockingCall(
+                lambda c, i=i: note(i),  # type: ignore[misc]
+                name="asyncmp-test",
+                worker=worker,
+            )
+            await call.start()
+            await call.wait()
+            assert call.result() == i
+            assert call.join(0)  # the call has returned: nothing to wait for
+        assert [i for i, _ in ran] == list(range(5))
+        assert len({ident for _, ident in ran}) == 1
+        assert worker.thread is not None  # kept for the next call
+    finally:
+        thread = worker.close()
+    assert thread is not None
+    thread.join(10)
+    assert not thread.is_alive()
+
+
+async def test_an_idle_worker_ends_its_thread_and_the_next_call_starts_another() -> None:
+    worker = Worker("asyncmp-test", idle=0.01)
+    try:
+        for _ in range(2):
+            call: BlockingCall[str] = BlockingCall(lambda c: "done", name="t", worker=worker)
+            await call.start()
+            await call.wait()
+            assert call.result() == "done"
+            await wait_for_thread_end(worker)
+    finally:
+        worker.close()
+
+
+async def test_close_lets_the_running_call_finish_then_ends_the_thread() -> None:
+    worker = Worker("asyncmp-test", idle=10)
+    started, release = threading.Event(), threading.Event()
+
+    def blocking(c: BlockingCall[bool]) -> bool:
+        started.set()
+        return release.wait(10)
+
+    call: BlockingCall[bool] = BlockingCall(blocking, name="t", worker=worker)
+    await call.start()
+    assert await anyio.to_thread.run_sync(started.wait, 10)
+    thread = worker.close()
+    assert thread is not None and thread.is_alive()
+    with pytest.raises(anyio.ClosedResourceError):
+        await BlockingCall(lambda c: None, name="t", worker=worker).start()
+    release.set()
+    await call.wait()
+    assert call.result() is True
+    thread.join(10)
+    assert not thread.is_alive()
