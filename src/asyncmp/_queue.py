@@ -679,19 +679,15 @@ class AsyncQueue(AsyncResource, Generic[T]):
         # The lock is ours (taken now, or kept with a partial item by a get_nowait).
         self._partial = None
         fd = parts.reader.fileno()
-        frame: bytes | None
         try:
-            if timeout > 0:
-                if decoder.at_boundary and not parts.reader.poll(timeout):
-                    raise queue.Empty
-                frame = self._read_frame_blocking(fd, decoder)
-            else:
-                # In the event loop's thread: read only what is there.
-                frame = self._read_frame_now(fd, decoder)
-                if frame is None:
-                    if not decoder.at_boundary:
-                        self._partial = decoder  # the lock stays, for the next get
-                    raise queue.Empty
+            if timeout > 0 and decoder.at_boundary and not parts.reader.poll(timeout):
+                raise queue.Empty
+            # timeout 0 is get_nowait() in the event loop's thread: only what is there.
+            frame = self._read_frame(fd, decoder, wait=timeout > 0)
+            if frame is None:
+                if not decoder.at_boundary:
+                    self._partial = decoder  # the lock stays, for the next get
+                raise queue.Empty
         finally:
             if self._partial is None:
                 rlock.release()
@@ -699,10 +695,16 @@ class AsyncQueue(AsyncResource, Generic[T]):
             parts.sem.release()
         return _loads(frame)
 
-    def _read_frame_now(self, fd: int, decoder: FrameDecoder) -> bytes | None:
-        """Go on with *decoder*'s frame with the bytes that are in the pipe now, at most
-        ``_READ_BUDGET`` of them; the frame if it is whole, else None."""
+    def _read_frame(self, fd: int, decoder: FrameDecoder, *, wait: bool) -> bytes | None:
+        """Go on with *decoder*'s frame; return it once whole.
+
+        ``wait=False`` (in the event loop's thread): read only what is in the pipe now,
+        at most ``_READ_BUDGET`` bytes, and return None if the frame is not whole by then.
+        ``wait=True`` (in a thread): wait for the rest, each wait for more bytes bounded by
+        ``stall_timeout``.
+        """
         transport = open_transport(fd)
+        waiter = poller(fd, writable=False) if wait else None
         budget = _READ_BUDGET
         try:
             while True:
@@ -710,39 +712,23 @@ class AsyncQueue(AsyncResource, Generic[T]):
                     frame = decoder.next_frame()
                 except WireError as exc:
                     raise anyio.BrokenResourceError(f"corrupt queue framing: {exc}") from None
-                if frame is not None or budget <= 0:
+                if frame is not None or (waiter is None and budget <= 0):
                     return frame
-                data = transport.read_some(min(decoder.bytes_wanted(), budget))
+                want = decoder.bytes_wanted()
+                data = transport.read_some(want if waiter is not None else min(want, budget))
                 if data is None:
-                    return None
+                    if waiter is None:
+                        return None
+                    if not waiter.poll(self._stall_timeout * 1000):
+                        raise anyio.BrokenResourceError(
+                            f"a producer stopped mid-item: no progress for "
+                            f"{self._stall_timeout} s with {decoder.buffered} bytes of it read"
+                        )
+                    continue
                 if not data:
                     raise anyio.BrokenResourceError("the queue's pipe was closed mid-item")
                 budget -= len(data)
                 decoder.feed(data)
-        finally:
-            transport.close()
-
-    def _read_frame_blocking(self, fd: int, decoder: FrameDecoder) -> bytes:
-        transport = open_transport(fd)
-        waiter = poller(fd, writable=False)
-        try:
-            while True:
-                try:
-                    frame = decoder.next_frame()
-                except WireError as exc:
-                    raise anyio.BrokenResourceError(f"corrupt queue framing: {exc}") from None
-                if frame is not None:
-                    return frame
-                data = transport.read_some(decoder.bytes_wanted())
-                if data:
-                    decoder.feed(data)
-                elif data is not None:
-                    raise anyio.BrokenResourceError("the queue's pipe was closed mid-item")
-                elif not waiter.poll(self._stall_timeout * 1000):
-                    raise anyio.BrokenResourceError(
-                        f"a producer stopped mid-item: no progress for {self._stall_timeout} s "
-                        f"with {decoder.buffered} bytes of it read"
-                    )
         finally:
             transport.close()
 
