@@ -36,6 +36,8 @@ the parent closes its end, the worker's ``recv()`` sees EOF, as it should.
 from __future__ import annotations
 
 import array
+import asyncio
+import asyncio.selector_events
 import errno
 import fcntl
 import os
@@ -49,6 +51,8 @@ from typing import Any, Protocol
 
 import anyio
 
+_get_running_loop = asyncio._get_running_loop
+
 __all__ = (
     "FdTransport",
     "ForkOwned",
@@ -58,8 +62,11 @@ __all__ = (
 )
 
 _PIPE_BUF = getattr(select, "PIPE_BUF", 512)
-_MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
-_MSG_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
+# Plain ints: the socket module's are enum members, and ``|`` on those goes through
+# the enum machinery on every call.
+_MSG_DONTWAIT = int(getattr(socket, "MSG_DONTWAIT", 0))
+_MSG_NOSIGNAL = int(getattr(socket, "MSG_NOSIGNAL", 0))
+_SEND_FLAGS = _MSG_DONTWAIT | _MSG_NOSIGNAL
 #: The most one write_some() call moves, so the loop gets a turn in between.
 _MAX_WRITE_PER_CALL = 4 << 20
 _EOF_ERRNOS = frozenset({errno.ECONNRESET, errno.ECONNABORTED, errno.ENOTCONN})
@@ -129,19 +136,71 @@ def _open_helper(fd: int, writable: bool) -> tuple[Any, int]:
     return None, fd  # pragma: no cover
 
 
+def _in_trio() -> bool:
+    trio = sys.modules.get("trio")
+    if trio is None:
+        return False
+    try:
+        trio.lowlevel.current_task()
+    except RuntimeError:
+        return False
+    return True
+
+
 class ReadinessWaiter:
     """Wait until a descriptor is readable (or writable) without touching its flags.
 
     The event loop is handed a private epoll or kqueue descriptor in which the target is
     registered; see the module docstring for why. One waiter serves one direction, so a
-    reader is never woken because the descriptor became writable.
+    reader is never woken because the descriptor became writable. One task waits at a
+    time; a second one gets ``anyio.BusyResourceError``.
+
+    On an asyncio loop (uvloop included) the helper stays registered with the loop from
+    one wait to the next: registering and unregistering per wait costs two ``epoll_ctl``
+    calls and, under uvloop, an ``ioctl`` besides (it sets ``O_NONBLOCK`` on the helper
+    every time). The loop's watch is level-triggered, so while nobody waits the callback
+    unregisters the helper the first time it fires, instead of firing in every turn.
+
+    An asyncio selector loop polls, then runs the callbacks queued before the poll (the
+    woken task's step among them), then the poll's callbacks. So the task this waiter
+    woke runs in the next turn, reads what woke it and may wait again, and only then
+    does the callback of that turn's poll run: that poll saw the bytes just read. So on
+    a selector loop the first callback after a wake-up is ignored. That is always safe:
+    the helper stays registered, and the watch is level-triggered, so a readiness that
+    is still there is reported again by the next poll. uvloop runs a watch's callback
+    from the poll itself, after the tasks, and needs no such care.
+
+    On trio, and anywhere else, each wait goes through the library's own call.
     """
 
-    __slots__ = ("__weakref__", "_closed", "_helper", "_helper_fd")
+    __slots__ = (
+        "__weakref__",
+        "_add",
+        "_closed",
+        "_elsewhere",
+        "_fut",
+        "_helper",
+        "_helper_fd",
+        "_loop",
+        "_registered",
+        "_remove",
+        "_selector_loop",
+        "_skip_one",
+        "_writable",
+    )
 
     def __init__(self, fd: int, *, writable: bool = False) -> None:
         self._closed = False
+        self._writable = writable
         self._helper, self._helper_fd = _open_helper(fd, writable)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._add: Any = None
+        self._remove: Any = None
+        self._registered = False
+        self._selector_loop = False
+        self._skip_one = False
+        self._fut: asyncio.Future[None] | None = None
+        self._elsewhere = False
         register_fork_owned(self)
 
     def fileno(self) -> int:
@@ -152,22 +211,108 @@ class ReadinessWaiter:
 
         If cancelled, nothing happened. :raises anyio.ClosedResourceError: if
         :meth:`close` was called, before or during the wait.
+        :raises anyio.BusyResourceError: another task is waiting on this waiter.
         """
         if self._closed:
             raise anyio.ClosedResourceError
-        await anyio.wait_readable(self._helper_fd)
+        loop = _get_running_loop()
+        if loop is not self._loop:
+            self._attach(loop)
+        if self._add is None:
+            await self._wait_elsewhere()
+            return
+        if self._fut is not None:
+            raise anyio.BusyResourceError("writing to" if self._writable else "reading from")
+        assert loop is not None
+        fut: asyncio.Future[None] = loop.create_future()
+        if not self._registered:
+            try:
+                self._add(self._helper_fd, self._on_ready)
+            except NotImplementedError:  # pragma: no cover - e.g. a proactor loop
+                self._add = None
+                await self._wait_elsewhere()
+                return
+            self._registered = True
+            self._skip_one = False  # no poll has seen it yet: nothing is stale
+        self._fut = fut
+        try:
+            await fut
+        finally:
+            if self._fut is fut:
+                self._fut = None
+        if self._closed:
+            raise anyio.ClosedResourceError
+
+    def _attach(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        """Watch through *loop* from now on (no loop: the async library's own call)."""
+        self._unregister()
+        self._loop = loop
+        self._skip_one = False
+        if loop is None:
+            self._add = self._remove = None
+        else:
+            # The helper is readable while the target is ready, in either direction.
+            self._add, self._remove = loop.add_reader, loop.remove_reader
+        self._selector_loop = isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop)
+
+    def _on_ready(self) -> None:
+        if self._skip_one:
+            self._skip_one = False  # from the poll before the woken task read
+            return
+        fut = self._fut
+        if fut is None:
+            # Nobody waits: stop watching, or the loop calls this in every turn while
+            # the target stays ready. The next wait registers again.
+            self._unregister()
+            return
+        self._fut = None
+        self._skip_one = self._selector_loop
+        if not fut.done():
+            fut.set_result(None)
+
+    def _unregister(self) -> None:
+        if self._registered:
+            self._registered = False
+            try:
+                self._remove(self._helper_fd)
+            except RuntimeError:  # pragma: no cover - the loop was closed
+                pass
+
+    async def _wait_elsewhere(self) -> None:
+        self._elsewhere = True
+        if _in_trio():
+            import trio
+
+            try:
+                await trio.lowlevel.wait_readable(self._helper_fd)
+            except trio.ClosedResourceError:
+                raise anyio.ClosedResourceError from None
+            except trio.BusyResourceError:
+                raise anyio.BusyResourceError(
+                    "writing to" if self._writable else "reading from"
+                ) from None
+        else:
+            await anyio.wait_readable(self._helper_fd)
 
     def close(self) -> None:
         """Wake every task in :meth:`wait` with ``ClosedResourceError``, then close."""
         if self._closed:
             return
         self._closed = True
-        anyio.notify_closing(self._helper_fd)
+        fut = self._fut
+        self._fut = None
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+        self._unregister()
+        if self._elsewhere:
+            anyio.notify_closing(self._helper_fd)
         if self._helper is not None:
             self._helper.close()
 
     def _forget_in_forked_child(self) -> None:
         self._closed = True
+        self._registered = False
+        self._fut = None
         if self._helper is not None:
             self._helper.close()
 
@@ -231,7 +376,7 @@ class _SocketTransport(FdTransport):
 
     def write_some(self, data: memoryview) -> int:
         try:
-            return self._send(data[:_MAX_WRITE_PER_CALL], _MSG_DONTWAIT | _MSG_NOSIGNAL)
+            return self._send(data[:_MAX_WRITE_PER_CALL], _SEND_FLAGS)
         except BlockingIOError:
             return 0
 
