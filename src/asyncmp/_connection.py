@@ -28,7 +28,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from multiprocessing.reduction import ForkingPickler
 from typing import TYPE_CHECKING, Any
 
@@ -67,14 +67,28 @@ _last_turn = [0.0]
 _loads = ForkingPickler.loads
 
 
-try:  # One dispatch less per call than anyio.lowlevel.checkpoint_if_cancelled().
+try:
     from anyio._core._eventloop import get_async_backend as _get_async_backend
 
-    def _cancel_check() -> Awaitable[None]:
-        return _get_async_backend().checkpoint_if_cancelled()
+    def _resolve_cancel_check() -> Callable[[], Awaitable[None]]:
+        return _get_async_backend().checkpoint_if_cancelled
 
 except ImportError:  # pragma: no cover - a future anyio moved it
-    _cancel_check = checkpoint_if_cancelled
+
+    def _resolve_cancel_check() -> Callable[[], Awaitable[None]]:
+        return checkpoint_if_cancelled
+
+
+def _resolve_then_check() -> Awaitable[None]:
+    _cancel_check[0] = check = _resolve_cancel_check()
+    return check()
+
+
+#: The running async library's own checkpoint_if_cancelled, looked up once instead of
+#: per call (anyio.lowlevel.checkpoint_if_cancelled asks which library runs every time).
+#: Each library's raises RuntimeError at once when called outside it (no running
+#: asyncio loop, no trio run), and _fast_checkpoint then looks again.
+_cancel_check: list[Callable[[], Awaitable[None]]] = [_resolve_then_check]
 
 
 async def _fast_checkpoint() -> None:
@@ -84,7 +98,13 @@ async def _fast_checkpoint() -> None:
         await checkpoint()
         _last_turn[0] = time.perf_counter()
     else:
-        await _cancel_check()
+        try:
+            await _cancel_check[0]()
+        except RuntimeError:
+            # Another async library than the one looked up last: a library's check
+            # raises RuntimeError only when called outside that library.
+            _cancel_check[0] = check = _resolve_cancel_check()
+            await check()
 
 
 def _dumps(obj: Any) -> bytes:
@@ -135,7 +155,6 @@ class _FdIO:
         "_decoder",
         "_fd",
         "_rwait",
-        "_sock",
         "_transport",
         "_wwait",
         "broken",
@@ -198,6 +217,10 @@ class _FdIO:
             if frame is not None:
                 return frame
             if self._read_once():
+                self._check_length(maxlength)
+                frame = self._pop()
+                if frame is not None:
+                    return frame
                 # Long messages: give the loop its turn while the bytes keep coming.
                 await _fast_checkpoint()
                 continue
@@ -212,7 +235,10 @@ class _FdIO:
     def take_frame(self) -> bytes | None:
         """A whole frame that is already here (buffered, or one read away), or None.
 
-        Never waits; the fast path of ``AsyncConnection.recv``.
+        Never waits; the fast path of ``AsyncConnection.recv``. It asks the kernel even
+        right after a send: a peer that answers each message often has its answer there
+        before this process got from its send to here, and a read that finds nothing
+        costs less than a turn of the loop that would find it.
         """
         frame = self._pop()
         if frame is None and not self._closed and self._read_once():
@@ -254,21 +280,45 @@ class _FdIO:
                 self._wwait = ReadinessWaiter(self._fd, writable=True)
             await self._wwait.wait()
 
-    async def send_frame(self, payload: memoryview) -> None:
-        # A send that finds room never waits, so without this a loop of sends would
-        # never give the event loop a turn. Before the first byte: a cancelled send
-        # sends nothing.
-        await _fast_checkpoint()
+    def send_frame_nowait(self, payload: memoryview) -> int | None:
+        """Write as much of a small frame as fits now, without waiting.
+
+        The caller has just passed its cancellation point and holds the send side (no
+        other sender can start before it awaits). Returns None if all of the frame went
+        out, else how many of its bytes did (maybe 0): :meth:`send_frame` sends the rest.
+        """
+        if self._closed:
+            raise anyio.ClosedResourceError
+        if len(payload) > _COALESCE_LIMIT:
+            return 0
+        frame = encode_header(len(payload)) + payload
+        written = self._write(memoryview(frame))
+        return None if written == len(frame) else written
+
+    async def send_frame(self, payload: memoryview, already: int = -1) -> None:
+        """Send one frame. *already*: :meth:`send_frame_nowait` wrote that many of its
+        bytes, after the caller's cancellation point (-1: nothing was tried yet)."""
+        if already < 0:
+            # A send that finds room never waits, so without this a loop of sends would
+            # never give the event loop a turn. Before the first byte: a cancelled send
+            # sends nothing.
+            await _fast_checkpoint()
+            already = 0
         header = encode_header(len(payload))
         if len(payload) <= _COALESCE_LIMIT:
             parts = [memoryview(header + payload)]
         else:
             parts = [memoryview(header), payload]
         total = len(header) + len(payload)
-        progress = [0]  # bytes of this frame written so far
+        progress = [already]  # bytes of this frame written so far
         try:
+            done = already
             for part in parts:
-                await self._write_all(part, progress)
+                if done >= len(part):
+                    done -= len(part)
+                    continue
+                await self._write_all(part[done:], progress)
+                done = 0
         except anyio.get_cancelled_exc_class():
             if 0 < progress[0] < total:
                 await self._finish_torn_frame(parts, progress, total)
@@ -552,10 +602,11 @@ class AsyncConnection(ObjectStream[Any]):
             raise anyio.ClosedResourceError
 
     def _check_readable(self) -> None:
-        self._check_open()
+        if self._closed:
+            raise anyio.ClosedResourceError
         if self._protocol_error is not None:
             raise ProtocolError(self._protocol_error)
-        if not self._conn.readable:
+        if not self._readable:
             raise OSError("connection is write-only")
 
     def _check_writable(self) -> None:
@@ -632,7 +683,17 @@ class AsyncConnection(ObjectStream[Any]):
                     raise
                 if frame is not None:
                     return _loads(frame)
-                return _loads(await self._recv_bytes(None, nothing_there=True))
+                # Nothing here yet: wait, holding the lock (no await since the check).
+                lock = self._recv_lock
+                lock.acquire_nowait()
+                try:
+                    frame = await route.recv_frame(None, nothing_there=True)
+                except ProtocolError as exc:
+                    self._protocol_error = str(exc)
+                    raise
+                finally:
+                    lock.release()
+                return _loads(frame)
         return _loads(await self._recv_bytes(None, nothing_there=False))
 
     def recv_nowait(self) -> Any:
@@ -695,6 +756,25 @@ class AsyncConnection(ObjectStream[Any]):
     async def _send_frame(self, payload: memoryview) -> None:
         self._check_writable()
         lock = self._send_lock
+        route = self._io
+        if route.__class__ is _FdIO and not lock.locked():
+            # Fast path: nobody else is sending. After the cancellation check (and the
+            # loop's turn every ms), write what fits at once, with no await in between,
+            # so no other sender can slip in. A frame that did not go out whole takes
+            # the lock before anything awaits and is finished on the async path, which
+            # finishes or breaks a frame torn by a cancellation.
+            await _fast_checkpoint()
+            if not lock.locked():
+                self._check_writable()
+                written = route.send_frame_nowait(payload)
+                if written is None:
+                    return
+                lock.acquire_nowait()
+                try:
+                    await route.send_frame(payload, written)
+                finally:
+                    lock.release()
+                return
         if lock.locked():
             await lock.acquire()  # first come, first served
         else:
