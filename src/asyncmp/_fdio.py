@@ -326,8 +326,10 @@ class FdTransport:
     """Non-blocking reads and writes on a descriptor whose flags say "blocking".
 
     ``read_some`` returns ``None`` when it would block and ``b""`` at EOF (a reset
-    counts as EOF). ``write_some`` returns how many bytes it wrote, 0 when it would
-    block, and raises ``BrokenPipeError`` (or another ``OSError``) when the peer is gone.
+    counts as EOF); ``read_into`` fills a buffer instead and returns how many bytes it
+    read, ``None`` when it would block and 0 at EOF. ``write_some`` returns how many
+    bytes it wrote, 0 when it would block, and raises ``BrokenPipeError`` (or another
+    ``OSError``) when the peer is gone.
     """
 
     __slots__ = ("_count", "fd")
@@ -344,6 +346,9 @@ class FdTransport:
     def read_some(self, max_bytes: int) -> bytes | None:
         raise NotImplementedError
 
+    def read_into(self, buf: memoryview) -> int | None:
+        raise NotImplementedError
+
     def write_some(self, data: memoryview) -> int:
         raise NotImplementedError
 
@@ -352,7 +357,7 @@ class FdTransport:
 
 
 class _SocketTransport(FdTransport):
-    __slots__ = ("_recv", "_send", "_sock")
+    __slots__ = ("_recv", "_recv_into", "_send", "_sock")
 
     def __init__(self, fd: int) -> None:
         super().__init__(fd)
@@ -362,6 +367,7 @@ class _SocketTransport(FdTransport):
         # checks that it is not.
         self._sock = socket.socket(fileno=os.dup(fd))
         self._recv = self._sock.recv
+        self._recv_into = self._sock.recv_into
         self._send = self._sock.send
 
     def read_some(self, max_bytes: int) -> bytes | None:
@@ -372,6 +378,16 @@ class _SocketTransport(FdTransport):
         except OSError as exc:
             if exc.errno in _EOF_ERRNOS:
                 return b""
+            raise
+
+    def read_into(self, buf: memoryview) -> int | None:
+        try:
+            return self._recv_into(buf, len(buf), _MSG_DONTWAIT)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            if exc.errno in _EOF_ERRNOS:
+                return 0
             raise
 
     def write_some(self, data: memoryview) -> int:
@@ -406,6 +422,16 @@ class _PipeTransport(FdTransport):
             if n == 0:
                 return os.read(self.fd, 1)  # returns b"" at once: the writers are gone
         return os.read(self.fd, min(n, max_bytes))
+
+    def read_into(self, buf: memoryview) -> int | None:
+        n = self.available()
+        if n == 0:
+            if not self._poll_in.poll(0):
+                return None
+            n = self.available()
+            if n == 0:
+                return os.readv(self.fd, [buf[:1]])  # returns 0 at once: the writers are gone
+        return os.readv(self.fd, [buf[: min(n, len(buf))]])
 
     def write_some(self, data: memoryview) -> int:
         # A pipe that polls writable has room for PIPE_BUF bytes, and a write of at
