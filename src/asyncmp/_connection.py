@@ -28,6 +28,7 @@ import os
 import socket
 import sys
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from multiprocessing.reduction import ForkingPickler
 from typing import TYPE_CHECKING, Any
@@ -107,6 +108,57 @@ async def _fast_checkpoint() -> None:
             # raises RuntimeError only when called outside that library.
             _cancel_check[0] = check = _resolve_cancel_check()
             await check()
+
+
+class _FairLock:
+    """First come, first served, as ``anyio.Lock(fast_acquire=True)``, without its
+    owner bookkeeping: that asks for the current task on every acquire and release,
+    which on asyncio before Python 3.12 is a ``getpid()`` system call each time.
+
+    ``release()`` hands the lock to the longest waiter. A waiter cancelled just as it
+    was handed the lock passes it on; one cancelled before leaves the queue.
+    """
+
+    __slots__ = ("_locked", "_waiters")
+
+    def __init__(self) -> None:
+        self._locked = False
+        self._waiters: deque[anyio.Event] = deque()
+
+    def locked(self) -> bool:
+        return self._locked
+
+    def acquire_nowait(self) -> None:
+        if self._locked:
+            raise anyio.WouldBlock
+        self._locked = True
+
+    async def acquire(self) -> None:
+        if not self._locked:
+            self._locked = True
+            return
+        event = anyio.Event()
+        self._waiters.append(event)
+        try:
+            await event.wait()
+        except BaseException:
+            if event.is_set():
+                self.release()  # it was ours already: the next in line gets it
+            else:
+                self._waiters.remove(event)
+            raise
+
+    def release(self) -> None:
+        if self._waiters:
+            self._waiters.popleft().set()  # stays locked, for the one woken
+        else:
+            self._locked = False
+
+    async def __aenter__(self) -> None:
+        await self.acquire()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.release()
 
 
 def _dumps(obj: Any) -> bytes:
@@ -579,8 +631,8 @@ class AsyncConnection(ObjectStream[Any]):
         )
         self._readable = conn.readable
         self._writable = conn.writable
-        self._recv_lock = anyio.Lock(fast_acquire=True)
-        self._send_lock = anyio.Lock(fast_acquire=True)
+        self._recv_lock = _FairLock()
+        self._send_lock = _FairLock()
         self._closed = False
         # Set by the first ProtocolError: the incoming stream can't be trusted from then
         # on, whatever the route would make of the bytes that follow.
