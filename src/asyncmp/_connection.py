@@ -240,18 +240,26 @@ class _FdIO:
         decoder = self._decoder
         view = decoder.body_buffer(_BODY_READ)
         if view is not None:
-            # A large body in progress: straight into its buffer, no copy on the way.
+            # A large body in progress: straight into its buffer, no copy on the way,
+            # and on until the kernel has no more or the view is full (at most
+            # _BODY_READ bytes, about a millisecond of copying).
+            read_into = self._transport.read_into
+            got = 0
+            n: int | None = 0
             try:
-                n = self._transport.read_into(view)
-            except BaseException:
-                decoder.body_received(0)
-                raise
-            decoder.body_received(n or 0)
+                while got < len(view):
+                    with view[got:] as rest:
+                        n = read_into(rest)
+                    if not n:
+                        break
+                    got += n
+            finally:
+                decoder.body_received(got)
+            if got:
+                return True
             if n is None:
                 return False
-            if not n:
-                raise _eof(False, decoder.buffered)
-            return True
+            raise _eof(False, decoder.buffered)
         data = self._transport.read_some(self._read_size())
         if data is None:
             return False

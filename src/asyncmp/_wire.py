@@ -48,8 +48,9 @@ DEFAULT_MAX_MESSAGE_SIZE = 4 << 30
 SPILL_THRESHOLD = 64 * 1024
 #: The body buffer grows in steps of at least this (capped by the frame's length) ...
 BODY_GROWTH_MIN = 1 << 20
-#: ... and at most this: zero-filling a step of this size costs about a millisecond.
-BODY_GROWTH_MAX = 8 << 20
+#: ... and at most this: growing (a realloc, zero-filling and first touching the new
+#: pages) by more would hold the event loop for several milliseconds at once.
+BODY_GROWTH_MAX = 2 << 20
 
 _ESCAPE = _SHORT.pack(-1)
 
