@@ -883,6 +883,46 @@ async def test_concurrent_senders_send_whole_messages_in_order(
     assert received == payloads, "messages were interleaved"
 
 
+async def test_a_sender_cancelled_in_the_queue_sends_nothing_and_keeps_the_order(
+    use_threads: bool,
+) -> None:
+    payloads = [bytes([ord("A") + i]) * MiB for i in range(3)]
+    reader, writer = multiprocessing.Pipe()
+    go = threading.Event()
+    with reader:
+        async with AsyncConnection(writer, use_threads=use_threads) as aconn:
+
+            def receive_all() -> list[bytes]:
+                go.wait(20)
+                return [reader.recv_bytes() for _ in range(2)]
+
+            middle = anyio.CancelScope()
+
+            async def send_middle() -> None:
+                with middle:
+                    await aconn.send_bytes(payloads[1])
+
+            with anyio.fail_after(20):
+                async with peer_thread(receive_all, abort=aconn.close) as peer:
+                    try:
+                        async with anyio.create_task_group() as tg:
+                            tg.start_soon(aconn.send_bytes, payloads[0])
+                            await anyio.wait_all_tasks_blocked()  # mid-frame, holding the lock
+                            tg.start_soon(send_middle)
+                            await anyio.wait_all_tasks_blocked()
+                            tg.start_soon(aconn.send_bytes, payloads[2])
+                            await anyio.wait_all_tasks_blocked()
+                            middle.cancel()
+                            await anyio.wait_all_tasks_blocked()
+                            go.set()
+                    finally:
+                        go.set()
+                assert middle.cancelled_caught
+                received = cast(list[bytes], peer.result)
+            assert not reader.poll(0), "the cancelled message went out after all"
+    assert received == [payloads[0], payloads[2]]
+
+
 # ---------------------------------------------------------------------------------------
 # Introspection and threads
 # ---------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from asyncmp._wire import (
+    BODY_GROWTH_MIN,
     DEFAULT_MAX_MESSAGE_SIZE,
     LONG_FORM_THRESHOLD,
     SPILL_THRESHOLD,
@@ -720,3 +721,60 @@ def test_unlimited_huge_frame_holds_only_what_arrived(header: bytes) -> None:
     finally:
         tracemalloc.stop()
     assert peak < MiB
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    size=st.sampled_from([SPILL_THRESHOLD + 1, 300_000, 2_500_000]),
+    first=st.integers(4, 200_000),
+    steps=st.lists(
+        st.tuples(st.booleans(), st.integers(1, 3_000_000), st.floats(0, 1)), max_size=80
+    ),
+)
+def test_body_buffer_and_feed_interleaved_give_the_payload(
+    size: int, first: int, steps: list[tuple[bool, int, float]]
+) -> None:
+    payload = random.Random(size).randbytes(size)
+    frame = encode_header(size) + payload + encode_header(3) + b"end"
+    decoder = FrameDecoder()
+    decoder.feed(frame[:first])
+    pos = min(first, len(frame))
+    got = [f for f in iter(decoder.next_frame, None)]
+    for use_view, n, fraction in [*steps, *[(False, 1 << 30, 1.0)] * 2]:
+        view = decoder.body_buffer(n) if use_view else None
+        if view is None:
+            decoder.feed(frame[pos : pos + n])
+            pos += len(frame[pos : pos + n])
+        else:
+            assert 0 < len(view) <= n
+            k = int(len(view) * fraction)
+            view[:k] = frame[pos : pos + k]
+            pos += k
+            decoder.body_received(k)
+            with pytest.raises(ValueError):
+                view[:1] = b"x"  # taken back
+        got += iter(decoder.next_frame, None)
+        assert decoder.buffered == pos - sum(len(f) + 4 for f in got)
+    assert got == [payload, b"end"]
+    assert decoder.at_boundary
+
+
+def test_body_buffer_grows_only_by_what_arrived() -> None:
+    claimed = 2**40
+    decoder = FrameDecoder(None)
+    decoder.feed(struct.pack("!iQ", -1, claimed) + b"\x01")
+    assert decoder.next_frame() is None
+    held = 1
+    for _ in range(40):
+        view = decoder.body_buffer(1 << 30)
+        assert view is not None
+        # Room for what arrived again (at least BODY_GROWTH_MIN), never the claim.
+        n = len(view)
+        assert n <= max(held, BODY_GROWTH_MIN)
+        view[:] = b"\x02" * n
+        decoder.body_received(n)
+        held += n
+        if held > 16 * MiB:
+            break
+    assert decoder.buffered == 12 + held
+    assert decoder.frame_length() == claimed

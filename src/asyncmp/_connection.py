@@ -29,6 +29,7 @@ import socket
 import sys
 import time
 from asyncio import _get_running_loop
+from collections import deque
 from collections.abc import Awaitable, Callable
 from multiprocessing.reduction import ForkingPickler
 from typing import TYPE_CHECKING, Any
@@ -65,6 +66,8 @@ else:
 #: A receive that finds a message already buffered skips the trip through the event
 #: loop, but the loop still gets a turn at least this often (seconds).
 _TURN_INTERVAL = 0.001
+#: The most one read moves into the body of a large message.
+_BODY_READ = 4 << 20
 #: Payloads up to this size go out in one write together with their header.
 _COALESCE_LIMIT = 16 * 1024
 #: How long a send cancelled mid-frame may go on, shielded, to finish its frame before
@@ -103,6 +106,57 @@ async def _fast_checkpoint() -> None:
         _last_turn[0] = time.perf_counter()
     else:
         await _cancel_check()
+
+
+class _FairLock:
+    """First come, first served, as ``anyio.Lock(fast_acquire=True)``, without its
+    owner bookkeeping: that asks for the current task on every acquire and release,
+    which on asyncio before Python 3.12 is a ``getpid()`` system call each time.
+
+    ``release()`` hands the lock to the longest waiter. A waiter cancelled just as it
+    was handed the lock passes it on; one cancelled before leaves the queue.
+    """
+
+    __slots__ = ("_locked", "_waiters")
+
+    def __init__(self) -> None:
+        self._locked = False
+        self._waiters: deque[anyio.Event] = deque()
+
+    def locked(self) -> bool:
+        return self._locked
+
+    def acquire_nowait(self) -> None:
+        if self._locked:
+            raise anyio.WouldBlock
+        self._locked = True
+
+    async def acquire(self) -> None:
+        if not self._locked:
+            self._locked = True
+            return
+        event = anyio.Event()
+        self._waiters.append(event)
+        try:
+            await event.wait()
+        except BaseException:
+            if event.is_set():
+                self.release()  # it was ours already: the next in line gets it
+            else:
+                self._waiters.remove(event)
+            raise
+
+    def release(self) -> None:
+        if self._waiters:
+            self._waiters.popleft().set()  # stays locked, for the one woken
+        else:
+            self._locked = False
+
+    async def __aenter__(self) -> None:
+        await self.acquire()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.release()
 
 
 def _dumps(obj: Any) -> bytes:
@@ -153,7 +207,6 @@ class _FdIO:
         "_decoder",
         "_fd",
         "_rwait",
-        "_sock",
         "_transport",
         "_wwait",
         "broken",
@@ -182,6 +235,29 @@ class _FdIO:
 
     def _read_once(self) -> bool:
         """Read what is there into the decoder; False if nothing was."""
+        decoder = self._decoder
+        view = decoder.body_buffer(_BODY_READ)
+        if view is not None:
+            # A large body in progress: straight into its buffer, no copy on the way,
+            # and on until the kernel has no more or the view is full (at most
+            # _BODY_READ bytes, about a millisecond of copying).
+            read_into = self._transport.read_into
+            got = 0
+            n: int | None = 0
+            try:
+                while got < len(view):
+                    with view[got:] as rest:
+                        n = read_into(rest)
+                    if not n:
+                        break
+                    got += n
+            finally:
+                decoder.body_received(got)
+            if got:
+                return True
+            if n is None:
+                return False
+            raise _eof(False, decoder.buffered)
         data = self._transport.read_some(self._read_size())
         if data is None:
             return False
@@ -216,8 +292,15 @@ class _FdIO:
             if frame is not None:
                 return frame
             if self._read_once():
-                # Long messages: give the loop its turn while the bytes keep coming.
-                await _fast_checkpoint()
+                self._check_length(maxlength)
+                frame = self._pop()
+                if frame is not None:
+                    return frame
+                # A long message: read on while the bytes keep coming, giving the loop
+                # its turn (a full checkpoint) every ms; no cancellation check per read.
+                if time.perf_counter() - _last_turn[0] >= _TURN_INTERVAL:
+                    await checkpoint()
+                    _last_turn[0] = time.perf_counter()
                 continue
             await self._wait_readable()
 
@@ -230,7 +313,10 @@ class _FdIO:
     def take_frame(self) -> bytes | None:
         """A whole frame that is already here (buffered, or one read away), or None.
 
-        Never waits; the fast path of ``AsyncConnection.recv``.
+        Never waits; the fast path of ``AsyncConnection.recv``. It asks the kernel even
+        right after a send: a peer that answers each message often has its answer there
+        before this process got from its send to here, and a read that finds nothing
+        costs less than a turn of the loop that would find it.
         """
         frame = self._pop()
         if frame is None and not self._closed and self._read_once():
@@ -272,21 +358,45 @@ class _FdIO:
                 self._wwait = ReadinessWaiter(self._fd, writable=True)
             await self._wwait.wait()
 
-    async def send_frame(self, payload: memoryview) -> None:
-        # A send that finds room never waits, so without this a loop of sends would
-        # never give the event loop a turn. Before the first byte: a cancelled send
-        # sends nothing.
-        await _fast_checkpoint()
+    def send_frame_nowait(self, payload: memoryview) -> int | None:
+        """Write as much of a small frame as fits now, without waiting.
+
+        The caller has just passed its cancellation point and holds the send side (no
+        other sender can start before it awaits). Returns None if all of the frame went
+        out, else how many of its bytes did (maybe 0): :meth:`send_frame` sends the rest.
+        """
+        if self._closed:
+            raise anyio.ClosedResourceError
+        if len(payload) > _COALESCE_LIMIT:
+            return 0
+        frame = encode_header(len(payload)) + payload
+        written = self._write(memoryview(frame))
+        return None if written == len(frame) else written
+
+    async def send_frame(self, payload: memoryview, already: int = -1) -> None:
+        """Send one frame. *already*: :meth:`send_frame_nowait` wrote that many of its
+        bytes, after the caller's cancellation point (-1: nothing was tried yet)."""
+        if already < 0:
+            # A send that finds room never waits, so without this a loop of sends would
+            # never give the event loop a turn. Before the first byte: a cancelled send
+            # sends nothing.
+            await _fast_checkpoint()
+            already = 0
         header = encode_header(len(payload))
         if len(payload) <= _COALESCE_LIMIT:
             parts = [memoryview(header + payload)]
         else:
             parts = [memoryview(header), payload]
         total = len(header) + len(payload)
-        progress = [0]  # bytes of this frame written so far
+        progress = [already]  # bytes of this frame written so far
         try:
+            done = already
             for part in parts:
-                await self._write_all(part, progress)
+                if done >= len(part):
+                    done -= len(part)
+                    continue
+                await self._write_all(part[done:], progress)
+                done = 0
         except anyio.get_cancelled_exc_class():
             if 0 < progress[0] < total:
                 await self._finish_torn_frame(parts, progress, total)
@@ -561,8 +671,8 @@ class AsyncConnection(ObjectStream[Any]):
         )
         self._readable = conn.readable
         self._writable = conn.writable
-        self._recv_lock = anyio.Lock(fast_acquire=True)
-        self._send_lock = anyio.Lock(fast_acquire=True)
+        self._recv_lock = _FairLock()
+        self._send_lock = _FairLock()
         self._closed = False
         # Set by the first ProtocolError: the incoming stream can't be trusted from then
         # on, whatever the route would make of the bytes that follow.
@@ -604,10 +714,11 @@ class AsyncConnection(ObjectStream[Any]):
             raise anyio.ClosedResourceError
 
     def _check_readable(self) -> None:
-        self._check_open()
+        if self._closed:
+            raise anyio.ClosedResourceError
         if self._protocol_error is not None:
             raise ProtocolError(self._protocol_error)
-        if not self._conn.readable:
+        if not self._readable:
             raise OSError("connection is write-only")
 
     def _check_writable(self) -> None:
@@ -684,7 +795,17 @@ class AsyncConnection(ObjectStream[Any]):
                     raise
                 if frame is not None:
                     return _loads(frame)
-                return _loads(await self._recv_bytes(None, nothing_there=True))
+                # Nothing here yet: wait, holding the lock (no await since the check).
+                lock = self._recv_lock
+                lock.acquire_nowait()
+                try:
+                    frame = await route.recv_frame(None, nothing_there=True)
+                except ProtocolError as exc:
+                    self._protocol_error = str(exc)
+                    raise
+                finally:
+                    lock.release()
+                return _loads(frame)
         return _loads(await self._recv_bytes(None, nothing_there=False))
 
     def recv_nowait(self) -> Any:
@@ -747,6 +868,25 @@ class AsyncConnection(ObjectStream[Any]):
     async def _send_frame(self, payload: memoryview) -> None:
         self._check_writable()
         lock = self._send_lock
+        route = self._io
+        if route.__class__ is _FdIO and not lock.locked():
+            # Fast path: nobody else is sending. After the cancellation check (and the
+            # loop's turn every ms), write what fits at once, with no await in between,
+            # so no other sender can slip in. A frame that did not go out whole takes
+            # the lock before anything awaits and is finished on the async path, which
+            # finishes or breaks a frame torn by a cancellation.
+            await _fast_checkpoint()
+            if not lock.locked():
+                self._check_writable()
+                written = route.send_frame_nowait(payload)
+                if written is None:
+                    return
+                lock.acquire_nowait()
+                try:
+                    await route.send_frame(payload, written)
+                finally:
+                    lock.release()
+                return
         if lock.locked():
             await lock.acquire()  # first come, first served
         else:

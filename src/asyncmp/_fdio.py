@@ -36,6 +36,8 @@ the parent closes its end, the worker's ``recv()`` sees EOF, as it should.
 from __future__ import annotations
 
 import array
+import asyncio
+import asyncio.selector_events
 import errno
 import fcntl
 import os
@@ -50,6 +52,8 @@ from typing import Any, Protocol
 
 import anyio
 
+_get_running_loop = asyncio._get_running_loop
+
 __all__ = (
     "FdTransport",
     "ForkOwned",
@@ -62,8 +66,11 @@ __all__ = (
 )
 
 _PIPE_BUF = getattr(select, "PIPE_BUF", 512)
-_MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
-_MSG_NOSIGNAL = getattr(socket, "MSG_NOSIGNAL", 0)
+# Plain ints: the socket module's are enum members, and ``|`` on those goes through
+# the enum machinery on every call.
+_MSG_DONTWAIT = int(getattr(socket, "MSG_DONTWAIT", 0))
+_MSG_NOSIGNAL = int(getattr(socket, "MSG_NOSIGNAL", 0))
+_SEND_FLAGS = _MSG_DONTWAIT | _MSG_NOSIGNAL
 #: The most one write_some() call moves, so the loop gets a turn in between.
 _MAX_WRITE_PER_CALL = 4 << 20
 _EOF_ERRNOS = frozenset({errno.ECONNRESET, errno.ECONNABORTED, errno.ENOTCONN})
@@ -71,6 +78,7 @@ _EOF_ERRNOS = frozenset({errno.ECONNRESET, errno.ECONNABORTED, errno.ENOTCONN})
 if sys.platform != "win32":
     _ioctl = fcntl.ioctl
     _FIONREAD = termios.FIONREAD
+    _readv = os.readv
 else:  # pragma: no cover
     # Nothing in this module runs on Windows (no descriptors to poll there: see
     # _platform); these stand-ins only let type checkers read it for Windows too.
@@ -78,6 +86,9 @@ else:  # pragma: no cover
 
     def _ioctl(fd: int, request: int, arg: Any, mutate_flag: bool = True, /) -> Any:
         raise OSError(errno.ENOTSUP, "FIONREAD needs POSIX")
+
+    def _readv(fd: int, buffers: list[memoryview], /) -> int:
+        raise OSError(errno.ENOTSUP, "readv() needs POSIX")
 
 
 # ---------------------------------------------------------------------------------------
@@ -186,19 +197,71 @@ def _open_helper(fd: int, writable: bool) -> tuple[Any, int]:
         return None, fd  # pragma: no cover
 
 
+def _in_trio() -> bool:
+    trio = sys.modules.get("trio")
+    if trio is None:
+        return False
+    try:
+        trio.lowlevel.current_task()
+    except RuntimeError:
+        return False
+    return True
+
+
 class ReadinessWaiter:
     """Wait until a descriptor is readable (or writable) without touching its flags.
 
     The event loop is handed a private epoll or kqueue descriptor in which the target is
     registered; see the module docstring for why. One waiter serves one direction, so a
-    reader is never woken because the descriptor became writable.
+    reader is never woken because the descriptor became writable. One task waits at a
+    time; a second one gets ``anyio.BusyResourceError``.
+
+    On an asyncio loop (uvloop included) the helper stays registered with the loop from
+    one wait to the next: registering and unregistering per wait costs two ``epoll_ctl``
+    calls and, under uvloop, an ``ioctl`` besides (it sets ``O_NONBLOCK`` on the helper
+    every time). The loop's watch is level-triggered, so while nobody waits the callback
+    unregisters the helper the first time it fires, instead of firing in every turn.
+
+    An asyncio selector loop polls, then runs the callbacks queued before the poll (the
+    woken task's step among them), then the poll's callbacks. So the task this waiter
+    woke runs in the next turn, reads what woke it and may wait again, and only then
+    does the callback of that turn's poll run: that poll saw the bytes just read. So on
+    a selector loop the first callback after a wake-up is ignored. That is always safe:
+    the helper stays registered, and the watch is level-triggered, so a readiness that
+    is still there is reported again by the next poll. uvloop runs a watch's callback
+    from the poll itself, after the tasks, and needs no such care.
+
+    On trio, and anywhere else, each wait goes through the library's own call.
     """
 
-    __slots__ = ("__weakref__", "_closed", "_helper", "_helper_fd")
+    __slots__ = (
+        "__weakref__",
+        "_add",
+        "_closed",
+        "_elsewhere",
+        "_fut",
+        "_helper",
+        "_helper_fd",
+        "_loop",
+        "_registered",
+        "_remove",
+        "_selector_loop",
+        "_skip_one",
+        "_writable",
+    )
 
     def __init__(self, fd: int, *, writable: bool = False) -> None:
         self._closed = False
+        self._writable = writable
         self._helper, self._helper_fd = _open_helper(fd, writable)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._add: Any = None
+        self._remove: Any = None
+        self._registered = False
+        self._selector_loop = False
+        self._skip_one = False
+        self._fut: asyncio.Future[None] | None = None
+        self._elsewhere = False
         register_fork_owned(self)
 
     def fileno(self) -> int:
@@ -209,22 +272,108 @@ class ReadinessWaiter:
 
         If cancelled, nothing happened. :raises anyio.ClosedResourceError: if
         :meth:`close` was called, before or during the wait.
+        :raises anyio.BusyResourceError: another task is waiting on this waiter.
         """
         if self._closed:
             raise anyio.ClosedResourceError
-        await anyio.wait_readable(self._helper_fd)
+        loop = _get_running_loop()
+        if loop is not self._loop:
+            self._attach(loop)
+        if self._add is None:
+            await self._wait_elsewhere()
+            return
+        if self._fut is not None:
+            raise anyio.BusyResourceError("writing to" if self._writable else "reading from")
+        assert loop is not None
+        fut: asyncio.Future[None] = loop.create_future()
+        if not self._registered:
+            try:
+                self._add(self._helper_fd, self._on_ready)
+            except NotImplementedError:  # pragma: no cover - e.g. a proactor loop
+                self._add = None
+                await self._wait_elsewhere()
+                return
+            self._registered = True
+            self._skip_one = False  # no poll has seen it yet: nothing is stale
+        self._fut = fut
+        try:
+            await fut
+        finally:
+            if self._fut is fut:
+                self._fut = None
+        if self._closed:
+            raise anyio.ClosedResourceError
+
+    def _attach(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        """Watch through *loop* from now on (no loop: the async library's own call)."""
+        self._unregister()
+        self._loop = loop
+        self._skip_one = False
+        if loop is None:
+            self._add = self._remove = None
+        else:
+            # The helper is readable while the target is ready, in either direction.
+            self._add, self._remove = loop.add_reader, loop.remove_reader
+        self._selector_loop = isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop)
+
+    def _on_ready(self) -> None:
+        if self._skip_one:
+            self._skip_one = False  # from the poll before the woken task read
+            return
+        fut = self._fut
+        if fut is None:
+            # Nobody waits: stop watching, or the loop calls this in every turn while
+            # the target stays ready. The next wait registers again.
+            self._unregister()
+            return
+        self._fut = None
+        self._skip_one = self._selector_loop
+        if not fut.done():
+            fut.set_result(None)
+
+    def _unregister(self) -> None:
+        if self._registered:
+            self._registered = False
+            try:
+                self._remove(self._helper_fd)
+            except RuntimeError:  # pragma: no cover - the loop was closed
+                pass
+
+    async def _wait_elsewhere(self) -> None:
+        self._elsewhere = True
+        if _in_trio():
+            import trio
+
+            try:
+                await trio.lowlevel.wait_readable(self._helper_fd)
+            except trio.ClosedResourceError:
+                raise anyio.ClosedResourceError from None
+            except trio.BusyResourceError:
+                raise anyio.BusyResourceError(
+                    "writing to" if self._writable else "reading from"
+                ) from None
+        else:
+            await anyio.wait_readable(self._helper_fd)
 
     def close(self) -> None:
         """Wake every task in :meth:`wait` with ``ClosedResourceError``, then close."""
         if self._closed:
             return
         self._closed = True
-        anyio.notify_closing(self._helper_fd)
+        fut = self._fut
+        self._fut = None
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+        self._unregister()
+        if self._elsewhere:
+            anyio.notify_closing(self._helper_fd)
         if self._helper is not None:
             self._helper.close()
 
     def _forget_in_forked_child(self) -> None:
         self._closed = True
+        self._registered = False
+        self._fut = None
         if self._helper is not None:
             self._helper.close()
 
@@ -238,8 +387,10 @@ class FdTransport:
     """Non-blocking reads and writes on a descriptor whose flags say "blocking".
 
     ``read_some`` returns ``None`` when it would block and ``b""`` at EOF (a reset
-    counts as EOF). ``write_some`` returns how many bytes it wrote, 0 when it would
-    block, and raises ``BrokenPipeError`` (or another ``OSError``) when the peer is gone.
+    counts as EOF); ``read_into`` fills a buffer instead and returns how many bytes it
+    read, ``None`` when it would block and 0 at EOF. ``write_some`` returns how many
+    bytes it wrote, 0 when it would block, and raises ``BrokenPipeError`` (or another
+    ``OSError``) when the peer is gone.
     """
 
     __slots__ = ("_count", "fd")
@@ -256,6 +407,9 @@ class FdTransport:
     def read_some(self, max_bytes: int) -> bytes | None:
         raise NotImplementedError
 
+    def read_into(self, buf: memoryview) -> int | None:
+        raise NotImplementedError
+
     def write_some(self, data: memoryview) -> int:
         raise NotImplementedError
 
@@ -264,7 +418,7 @@ class FdTransport:
 
 
 class _SocketTransport(FdTransport):
-    __slots__ = ("_recv", "_send", "_sock")
+    __slots__ = ("_recv", "_recv_into", "_send", "_sock")
 
     def __init__(self, fd: int) -> None:
         super().__init__(fd)
@@ -274,6 +428,7 @@ class _SocketTransport(FdTransport):
         # checks that it is not.
         self._sock = socket.socket(fileno=os.dup(fd))
         self._recv = self._sock.recv
+        self._recv_into = self._sock.recv_into
         self._send = self._sock.send
 
     def read_some(self, max_bytes: int) -> bytes | None:
@@ -286,9 +441,19 @@ class _SocketTransport(FdTransport):
                 return b""
             raise
 
+    def read_into(self, buf: memoryview) -> int | None:
+        try:
+            return self._recv_into(buf, len(buf), _MSG_DONTWAIT)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            if exc.errno in _EOF_ERRNOS:
+                return 0
+            raise
+
     def write_some(self, data: memoryview) -> int:
         try:
-            return self._send(data[:_MAX_WRITE_PER_CALL], _MSG_DONTWAIT | _MSG_NOSIGNAL)
+            return self._send(data[:_MAX_WRITE_PER_CALL], _SEND_FLAGS)
         except BlockingIOError:
             return 0
 
@@ -316,6 +481,16 @@ class _PipeTransport(FdTransport):
             if n == 0:
                 return os.read(self.fd, 1)  # returns b"" at once: the writers are gone
         return os.read(self.fd, min(n, max_bytes))
+
+    def read_into(self, buf: memoryview) -> int | None:
+        n = self.available()
+        if n == 0:
+            if not self._poll_in.poll(0):
+                return None
+            n = self.available()
+            if n == 0:
+                return _readv(self.fd, [buf[:1]])  # returns 0 at once: the writers are gone
+        return _readv(self.fd, [buf[: min(n, len(buf))]])
 
     def write_some(self, data: memoryview) -> int:
         # A pipe that polls writable has room for PIPE_BUF bytes, and a write of at

@@ -11,10 +11,16 @@ whole payloads; :func:`encode_header` returns the bytes that go before one. It i
 neither ``os`` nor an async library, so it can be tested one byte at a time.
 
 Memory: the decoder never allocates what a header merely claims. A body larger than
-:data:`SPILL_THRESHOLD` is gathered in a growing buffer as its chunks actually arrive,
-so memory stays bounded by the bytes received. The copying is spread over the chunks:
-completing even a huge body costs no big copy at the end (an ``io.BytesIO`` hands over
-its buffer), so the caller's event loop never stalls on it.
+:data:`SPILL_THRESHOLD` is gathered in a growing buffer as its chunks actually arrive:
+the buffer grows in steps of at most :data:`BODY_GROWTH_MAX` bytes, and only when the
+bytes already received fill it, so memory stays bounded by the bytes received plus one
+step. The copying is spread over the chunks: completing even a huge body costs no big
+copy at the end (an ``io.BytesIO`` hands over its buffer), so the caller's event loop
+never stalls on it.
+
+A reader can skip a copy: :meth:`FrameDecoder.body_buffer` lends a writable view of that
+buffer for the next bytes of the body (to ``recv_into`` or ``readv`` into), and
+:meth:`FrameDecoder.body_received` takes note of how many were written.
 """
 
 from __future__ import annotations
@@ -40,6 +46,11 @@ DEFAULT_MAX_MESSAGE_SIZE = 4 << 30
 #: A partial body missing more than this is collected as chunks rather than by
 #: re-concatenating the buffer on every feed (which would be quadratic).
 SPILL_THRESHOLD = 64 * 1024
+#: The body buffer grows in steps of at least this (capped by the frame's length) ...
+BODY_GROWTH_MIN = 1 << 20
+#: ... and at most this: growing (a realloc, zero-filling and first touching the new
+#: pages) by more would hold the event loop for several milliseconds at once.
+BODY_GROWTH_MAX = 2 << 20
 
 _ESCAPE = _SHORT.pack(-1)
 
@@ -70,7 +81,9 @@ class FrameDecoder:
 
     __slots__ = (
         "_body",
+        "_body_view",
         "_buf",
+        "_capacity",
         "_error",
         "_held",
         "_limit",
@@ -93,6 +106,10 @@ class FrameDecoder:
         self._body: io.BytesIO | None = None
         self._held = 0
         self._missing = 0
+        # The body's buffer holds _capacity bytes (>= _held; the rest is zeros, to be
+        # overwritten); _body_view is the view lent by body_buffer(), if any.
+        self._capacity = 0
+        self._body_view: memoryview | None = None
         # A spilled body that completed and awaits next_frame().
         self._spilled: bytes | None = None
         # Header bytes of the spilled frame (in progress or awaiting next_frame()): they
@@ -137,16 +154,79 @@ class FrameDecoder:
     def _add_chunk(self, chunk: bytes) -> None:
         body = self._body
         assert body is not None
+        self._release_view()
+        body.seek(self._held)
         body.write(chunk)
         self._held += len(chunk)
+        self._capacity = max(self._capacity, self._held)
         self._missing -= len(chunk)
         if self._missing == 0:
-            # getvalue() returns the BytesIO's own buffer, trimmed: no copy. (Joining a
-            # list of chunks here would copy the whole body at once, a stall of ~100 ms
-            # for 64 MiB.)
-            self._spilled = body.getvalue()
-            self._body = None
-            self._held = 0
+            self._complete_body()
+
+    def _complete_body(self) -> None:
+        # getvalue() returns the BytesIO's own buffer, trimmed: no copy. (Joining a
+        # list of chunks here would copy the whole body at once, a stall of ~100 ms for
+        # 64 MiB.)
+        assert self._body is not None
+        self._spilled = self._body.getvalue()
+        self._body = None
+        self._held = self._capacity = 0
+
+    def _release_view(self) -> None:
+        view = self._body_view
+        if view is not None:
+            self._body_view = None
+            view.release()
+
+    def body_buffer(self, max_bytes: int) -> memoryview | None:
+        """A writable view for the next bytes of the large body in progress, or None.
+
+        At most *max_bytes* long, never past the end of the frame nor the buffer's
+        room. Write into it, then call :meth:`body_received`; :meth:`feed` or another
+        call of this method first takes the view back (released: writing to it then
+        raises ValueError). Only once the bytes received fill the buffer does it grow,
+        by as many as it holds (at least :data:`BODY_GROWTH_MIN`, at most
+        :data:`BODY_GROWTH_MAX`), never past the end of the frame.
+        """
+        body = self._body
+        if body is None or max_bytes <= 0:
+            return None
+        self._release_view()
+        held = self._held
+        capacity = self._capacity
+        if held == capacity:
+            step = min(max(capacity, BODY_GROWTH_MIN), BODY_GROWTH_MAX)
+            capacity = held + min(self._missing, step)
+            if held < BODY_GROWTH_MIN:
+                # A new buffer, with what arrived copied in: bytes(n) comes from calloc
+                # (fresh zero pages for a big one, nothing to fill), and a BytesIO that
+                # holds the only reference to its initial bytes writes into them.
+                fresh = io.BytesIO(bytes(capacity))
+                fresh.write(body.getvalue())
+                self._body = body = fresh
+            else:
+                # Writing a byte at the new end makes the BytesIO zero-fill up to it.
+                body.seek(capacity - 1)
+                body.write(b"\0")
+            self._capacity = capacity
+        end = min(capacity, held + max_bytes)
+        whole = body.getbuffer()
+        view = whole[held:end]
+        whole.release()  # the slice keeps the buffer exported until it is released
+        self._body_view = view
+        return view
+
+    def body_received(self, n: int) -> None:
+        """Take note that the first *n* bytes of the view :meth:`body_buffer` lent were
+        written, and take the view back."""
+        view = self._body_view
+        if view is None or not 0 <= n <= len(view):
+            raise ValueError("body_received() without a matching body_buffer()")
+        self._release_view()
+        self._held += n
+        self._missing -= n
+        if self._missing == 0:
+            self._complete_body()
 
     def next_frame(self) -> bytes | None:
         """Return the next whole payload, or ``None`` if more bytes are needed.
@@ -187,7 +267,7 @@ class FrameDecoder:
             self._pos = 0
             self._body = io.BytesIO()
             self._body.write(first)
-            self._held = len(first)
+            self._held = self._capacity = len(first)
             self._missing = missing
             self._spill_header = start - pos
         return None
