@@ -63,7 +63,7 @@ from anyio.lowlevel import (
 )
 
 from . import _mpinternals
-from ._connection import _TURN_INTERVAL, _cancel_check, _fast_checkpoint, _last_turn
+from ._connection import _TURN_INTERVAL, _cancel_check, _FairLock, _fast_checkpoint, _last_turn
 from ._threads import BlockingCall, Worker
 from ._wire import FrameDecoder, WireError
 
@@ -166,7 +166,7 @@ class AsyncQueue(AsyncResource, Generic[T]):
         # Items taken from the queue but not yet handed out (kept across cancellation):
         # raw frames on the fd route, objects on the thread route.
         self._kept: deque[Any] = deque()
-        self._get_lock = anyio.Lock(fast_acquire=True)
+        self._get_lock = _FairLock()
         self._closed = False
         self._broken: str | None = None
         self._calls: set[BlockingCall[Any]] = set()
