@@ -253,10 +253,13 @@ class AsyncQueue(AsyncResource, Generic[T]):
             ``stall_timeout``), or the queue's framing is corrupt.
         :raises anyio.ClosedResourceError: the adapter was closed.
         """
-        if self._fast_route:
+        if self._fast_route and not self._rlock_held:
             # The fast path: a cancellation check, then, if a whole item is in the pipe
             # and the reader lock is free, take it without a trip through the loop (a
-            # full turn of the loop still comes about every millisecond).
+            # full turn of the loop still comes about every millisecond). Not while this
+            # adapter keeps the lock for this very get (won in a queue against other
+            # consumers): the loop's turn here would let it go (_deferred_release), and
+            # the consumers queued in the kernel would take it back every time.
             if _perf_counter() - _last_turn[0] >= _TURN_INTERVAL:
                 await checkpoint()
                 _last_turn[0] = _perf_counter()
