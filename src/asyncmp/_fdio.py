@@ -469,28 +469,22 @@ class _PipeTransport(FdTransport):
         self._poll_in = poller(fd, writable=False)
         self._poll_out = poller(fd, writable=True)
 
-    def read_some(self, max_bytes: int) -> bytes | None:
+    def _readable(self) -> int:
+        """How much to read now without blocking: 0 if nothing is there yet."""
         n = self.available()
-        if n == 0:
-            # Nothing buffered: either no data yet, or EOF (readable with nothing in
-            # it). A zero-timeout poll tells them apart; data that arrived in between
-            # shows up in the second FIONREAD.
-            if not self._poll_in.poll(0):
-                return None
-            n = self.available()
-            if n == 0:
-                return os.read(self.fd, 1)  # returns b"" at once: the writers are gone
-        return os.read(self.fd, min(n, max_bytes))
+        if n == 0 and self._poll_in.poll(0):
+            # Readable with nothing buffered: data that arrived since (the second FIONREAD
+            # sees it), or EOF, where a read of one byte returns empty at once.
+            n = self.available() or 1
+        return n
+
+    def read_some(self, max_bytes: int) -> bytes | None:
+        n = self._readable()
+        return os.read(self.fd, min(n, max_bytes)) if n else None
 
     def read_into(self, buf: memoryview) -> int | None:
-        n = self.available()
-        if n == 0:
-            if not self._poll_in.poll(0):
-                return None
-            n = self.available()
-            if n == 0:
-                return _readv(self.fd, [buf[:1]])  # returns 0 at once: the writers are gone
-        return _readv(self.fd, [buf[: min(n, len(buf))]])
+        n = self._readable()
+        return _readv(self.fd, [buf[: min(n, len(buf))]]) if n else None
 
     def write_some(self, data: memoryview) -> int:
         # A pipe that polls writable has room for PIPE_BUF bytes, and a write of at
