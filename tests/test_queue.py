@@ -721,7 +721,7 @@ FAIRNESS_THREADS = (
     "library limitation, flaky: on the thread route the sync consumer takes the reader lock "
     "again within microseconds of letting it go, before the getter's woken thread can "
     "(measured on a quiet machine: 1-10 % of the items for the async getter; 20-58 % under "
-    "load; the fd route keeps the lock for the next get and gets about half)"
+    "load; the fd route keeps the lock for the next get instead)"
 )
 
 
