@@ -22,7 +22,6 @@ Where a guarantee holds for both routes, tests run on the descriptor route
 
 from __future__ import annotations
 
-import array
 import asyncio
 import hashlib
 import multiprocessing
@@ -33,7 +32,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from multiprocessing.connection import Connection
 
@@ -46,10 +45,10 @@ import asyncmp._connection
 from asyncmp import AsyncConnection, ConnectionEOF
 
 from . import guarantee_workers
+from .faults.support import buffered, wait_until
 
 if sys.platform != "win32":
     import fcntl
-    import termios
 
 pytestmark = [
     pytest.mark.anyio,
@@ -89,13 +88,6 @@ def _frame(payload: bytes) -> bytes:
     return struct.pack("!i", len(payload)) + payload
 
 
-def _buffered(fd: int) -> int:
-    """Bytes waiting to be read on a pipe or socket (FIONREAD)."""
-    count = array.array("i", [0])
-    fcntl.ioctl(fd, termios.FIONREAD, count, True)
-    return count[0]
-
-
 def _writable_now(fd: int) -> bool:
     poller = select.poll()
     poller.register(fd, select.POLLOUT)
@@ -128,15 +120,6 @@ def _running_uvloop() -> bool:
     except RuntimeError:  # trio
         return False
     return type(loop).__module__.startswith("uvloop")
-
-
-async def _wait_until(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    """Poll *predicate* until it holds (a condition another thread or process makes true)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting until {what}")
-        await anyio.sleep(0.001)
 
 
 async def _cancel_a_waiting_receive(conn: AsyncConnection) -> None:
@@ -308,7 +291,7 @@ async def test_receive_cancelled_mid_frame_resumes_whole(
             await anyio.wait_all_tasks_blocked()
             os.write(b.fileno(), frame[:cut])  # fits in any pipe or socket buffer
             # The receiver has taken the partial frame out of the kernel buffer.
-            await _wait_until(lambda: _buffered(a.fileno()) == 0, "the receiver read the bytes")
+            await wait_until(lambda: buffered(a.fileno()) == 0, "the receiver read the bytes")
             await anyio.wait_all_tasks_blocked()
             scope.cancel()
         assert scope.cancelled_caught
@@ -359,9 +342,9 @@ async def test_send_cancelled_mid_frame_completes_under_the_shield(
         async with _task_group() as tg:
             tg.start_soon(send)
             # Part of the frame is out and nobody reads: the send waits for room.
-            await _wait_until(lambda: _buffered(peer.fileno()) > 0, "the send started")
+            await wait_until(lambda: buffered(peer.fileno()) > 0, "the send started")
             await anyio.wait_all_tasks_blocked()
-            assert 0 < _buffered(peer.fileno()) < len(big)
+            assert 0 < buffered(peer.fileno()) < len(big)
             scope.cancel()
             await anyio.wait_all_tasks_blocked()  # the send now waits under the shield
             reader.start()
@@ -397,7 +380,7 @@ async def test_send_cancelled_past_the_shield_breaks_the_connection(
 
         async with _task_group() as tg:
             tg.start_soon(send)
-            await _wait_until(lambda: _buffered(peer.fileno()) > 0, "the send started")
+            await wait_until(lambda: buffered(peer.fileno()) > 0, "the send started")
             await anyio.wait_all_tasks_blocked()
             scope.cancel()
         # Nobody read during the shield: the frame is torn, the connection broken.
@@ -437,17 +420,17 @@ async def test_thread_route_closes_once_an_abandoned_send_ends(
     try:
         async with _task_group() as tg:
             tg.start_soon(a.send_bytes, random.randbytes(8 << 20))
-            await _wait_until(lambda: _buffered(peer.fileno()) > 0, "the send started")
+            await wait_until(lambda: buffered(peer.fileno()) > 0, "the send started")
             tg.cancel_scope.cancel()
         with pytest.raises(anyio.BrokenResourceError):
             await a.send_bytes(b"after")
         await a.aclose()  # the send's thread still blocks: the peer does not read
         peer.close()  # now its write fails and the thread ends
-        await _wait_until(
+        await wait_until(
             lambda: not any(t.name == "asyncmp-send" for t in threading.enumerate()),
             "the send's thread ended",
         )
-        await _wait_until(lambda: a.connection.closed, "the connection is closed", timeout=2)
+        await wait_until(lambda: a.connection.closed, "the connection is closed", timeout=2)
     finally:
         peer.close()
 
@@ -487,7 +470,7 @@ async def test_send_waiting_for_room_cancelled_sends_nothing() -> None:
         while _writable_now(a.fileno()):
             await a.send_bytes(page)
             filled += 1
-        assert _buffered(peer.fileno()) == filled * 4096
+        assert buffered(peer.fileno()) == filled * 4096
 
         scope = anyio.CancelScope()
 
@@ -500,7 +483,7 @@ async def test_send_waiting_for_room_cancelled_sends_nothing() -> None:
             await anyio.wait_all_tasks_blocked()
             scope.cancel()
         assert scope.cancelled_caught
-        assert _buffered(peer.fileno()) == filled * 4096
+        assert buffered(peer.fileno()) == filled * 4096
 
         for _ in range(filled):
             assert peer.recv_bytes() == page
@@ -622,7 +605,7 @@ async def test_pending_send_leaves_the_descriptor_blocking(transport: str) -> No
         assert not _nonblocking(fd)
         async with _task_group() as tg:
             tg.start_soon(a.send_bytes, big)
-            await _wait_until(lambda: _buffered(peer.fileno()) > 0, "the send started")
+            await wait_until(lambda: buffered(peer.fileno()) > 0, "the send started")
             await anyio.wait_all_tasks_blocked()  # waiting for room: nobody reads yet
             assert not _nonblocking(fd), "O_NONBLOCK set while a send waits"
             reader.start()
@@ -690,7 +673,7 @@ async def test_control_thread_route_does_start_threads() -> None:
         async with _task_group() as tg:
             for a, _ in pairs:
                 tg.start_soon(a.recv)
-            await _wait_until(
+            await wait_until(
                 lambda: threading.active_count() >= before + 5, "5 receive threads run"
             )
             for i, (_, b) in enumerate(pairs):
@@ -774,7 +757,7 @@ async def test_buffered_message_still_honours_cancellation(use_threads: bool, wh
         b.send_bytes(b"second")
         if where == "decoder":
             assert await a.recv_bytes() == b"first"
-            assert _buffered(a.fileno()) == 0  # "second" is held by the connection
+            assert buffered(a.fileno()) == 0  # "second" is held by the connection
             expected = [b"second"]
         else:
             assert a.connection.poll(0)

@@ -39,11 +39,16 @@ import asyncmp
 from asyncmp import AsyncQueue
 
 from . import queue_workers
+from .faults.support import (
+    buffered,
+    nonblocking,
+    reader_lock_is_held,
+    wait_for_event,
+    wait_until,
+)
 
 if sys.platform != "win32":
-    import fcntl
     import resource
-    import termios
 
 if TYPE_CHECKING:
     from typing_extensions import assert_type
@@ -150,32 +155,6 @@ async def fill(q: Any, items: list[Any]) -> None:
 
 def read_report(path: Path) -> Any:
     return pickle.loads(path.read_bytes())
-
-
-async def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
-    """Poll *predicate* until it holds (a condition another process makes true)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting until {what}")
-        await anyio.sleep(0.001)
-
-
-def reader_lock_is_held(q: Any) -> bool:
-    """True if somebody holds the queue's reader lock (it is free again afterwards)."""
-    if q._rlock.acquire(False):
-        q._rlock.release()
-        return False
-    return True
-
-
-def buffered(fd: int) -> int:
-    count = struct.pack("i", 0)
-    return int(struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, count))[0])
-
-
-def nonblocking(fd: int) -> bool:
-    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK)
 
 
 def header(size: int) -> bytes:
@@ -513,7 +492,7 @@ async def test_join_waits_for_task_done_in_a_consumer_process(use_threads: bool)
         async with child(
             queue_workers.task_done_but_hold_the_last, aq.queue, 3, holding, release
         ) as consumer:
-            await wait_until(holding.is_set, "the consumer has marked 2 of 3 items done")
+            await wait_for_event(holding, "the consumer has marked 2 of 3 items done")
             # One item is not done yet: join waits, and the wait can be cancelled.
             with anyio.move_on_after(0.3) as scope:
                 await aq.join()

@@ -22,6 +22,7 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
+import anyio.to_thread
 import pytest
 
 if sys.platform != "win32":
@@ -43,6 +44,7 @@ __all__ = (
     "reader_lock_is_held",
     "settle",
     "take_over_fd",
+    "wait_for_event",
     "wait_until",
     "write_all",
 )
@@ -83,12 +85,21 @@ def write_all(fd: int, data: bytes) -> None:
 
 async def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
     """Poll *predicate* until it holds: a condition that another thread or process makes
-    true. The timeout is a "no hang" bound, never part of what is tested."""
+    true and that no event announces (bytes in a pipe, a lock's state, a thread's end; for
+    an Event use :func:`wait_for_event`). The timeout is a "no hang" bound, never part of
+    what is tested."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
             pytest.fail(f"timed out after {timeout} s waiting until {what}")
         await anyio.sleep(0.001)
+
+
+async def wait_for_event(event: Any, what: str, timeout: float = 10.0) -> None:
+    """Wait for a ``multiprocessing`` (or ``threading``) Event, blocked on it in a thread:
+    no polling. The timeout is a "no hang" bound."""
+    if not await anyio.to_thread.run_sync(event.wait, timeout):
+        pytest.fail(f"timed out after {timeout} s waiting until {what}")
 
 
 async def settle(timeout: float = 10.0) -> None:

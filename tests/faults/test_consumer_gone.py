@@ -37,7 +37,7 @@ from tests import queue_workers
 from tests.test_queue import FORK, child, open_queue
 
 from . import fault_workers
-from .support import MiB, settle, wait_until
+from .support import MiB, settle, wait_for_event, wait_until
 
 pytestmark = [
     pytest.mark.anyio,
@@ -54,7 +54,7 @@ async def start_and_kill(target: Any, *args: Any) -> None:
     proc = FORK.Process(target=target, args=(*args, ready), name="test-consumer")
     proc.start()
     try:
-        await wait_until(ready.is_set, "the consumer is ready")
+        await wait_for_event(ready, "the consumer is ready")
     finally:
         proc.kill()
         await anyio.to_thread.run_sync(proc.join)
@@ -93,7 +93,7 @@ async def test_send_to_a_killed_consumer_is_a_broken_resource(
                 outcome.append(None)
 
         with anyio.fail_after(10):
-            await wait_until(ready.is_set, "the consumer is ready")
+            await wait_for_event(ready, "the consumer is ready")
             if when == "before the send":
                 proc.kill()
                 await anyio.to_thread.run_sync(proc.join)

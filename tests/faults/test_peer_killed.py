@@ -32,7 +32,7 @@ from tests.workers import MPContext
 
 from . import fault_workers
 from .fault_workers import message
-from .support import wait_until
+from .support import wait_for_event
 
 pytestmark = [
     pytest.mark.anyio,
@@ -54,7 +54,7 @@ async def kill_after_sending(ctx: MPContext, transport: str, use_threads: bool) 
         b.close()  # the child's end lives in the child only
         with anyio.fail_after(20):
             got = [await a.recv_bytes() for _ in range(2)]
-            await wait_until(sent.is_set, "the child sent everything")
+            await wait_for_event(sent, "the child sent everything")
             child.kill()  # the fault
             await anyio.to_thread.run_sync(child.join)
             assert child.exitcode == -signal.SIGKILL

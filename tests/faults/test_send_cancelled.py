@@ -45,7 +45,7 @@ from asyncmp import AsyncConnection
 from asyncmp._wire import FrameDecoder
 
 from .fault_workers import message
-from .support import KiB, MiB, buffered, patched, settle, wait_until
+from .support import KiB, MiB, buffered, patched, settle, wait_for_event, wait_until
 
 pytestmark = [
     pytest.mark.anyio,
@@ -117,7 +117,7 @@ async def run_scenario(
 
             async with anyio.create_task_group() as tg:
                 tg.start_soon(send)
-                await wait_until(reader.paused.is_set, "the reader paused")
+                await wait_for_event(reader.paused, "the reader paused")
                 # The send fills the buffer and waits for room (or it is done already).
                 await wait_until(
                     lambda: buffered(peer.fileno()) > 0 or len(reader.data) >= len(big),
