@@ -36,7 +36,6 @@ running and its item goes to the next ``get``.
 
 from __future__ import annotations
 
-import array
 import errno
 import io
 import multiprocessing
@@ -68,7 +67,7 @@ from ._threads import BlockingCall, Worker
 from ._wire import FrameDecoder, WireError
 
 if TYPE_CHECKING or sys.platform != "win32":
-    from ._fdio import _FIONREAD, FdTransport, ReadinessWaiter, _ioctl, open_transport, poller
+    from ._fdio import FdTransport, ReadinessWaiter, open_transport, poller
 
 if sys.platform != "win32":
     import select
@@ -191,7 +190,6 @@ class AsyncQueue(AsyncResource, Generic[T]):
         self._fast_route = self._parts is not None
         if self._parts is not None:
             self._fd = self._parts.reader.fileno()
-            self._count = array.array("i", [0])  # FIONREAD's answer
             self._transport: FdTransport = open_transport(self._fd)
             self._waiter: ReadinessWaiter | None = None
             self._decoder = FrameDecoder(None)
@@ -292,9 +290,9 @@ class AsyncQueue(AsyncResource, Generic[T]):
         """The fd route's fast path: an item's frame if one is here whole, else None.
 
         Never waits. It takes the item only when no other task of this adapter is in a
-        ``get`` (they come first), the reader lock is free or already ours between two
-        items, and ``FIONREAD`` says the whole frame is in the pipe. Anything else (a
-        partial frame, a long header, contention) is left to the full path.
+        ``get`` (they come first), the reader lock is free, and ``FIONREAD`` says the
+        whole frame is in the pipe. Anything else (a partial frame, a long header,
+        contention) is left to the full path.
         """
         if self._get_lock.locked():
             return None
@@ -302,29 +300,17 @@ class AsyncQueue(AsyncResource, Generic[T]):
             return self._kept.popleft()  # type: ignore[no-any-return]
         parts = self._parts
         assert parts is not None
-        if not self._rlock_held:
-            if not parts.rlock.acquire(False):
-                return None
-            self._rlock_held = True
-        elif not self._decoder.at_boundary:
+        if not parts.rlock.acquire(False):
             return None
-        fd = self._fd
-        count = self._count
-        _ioctl(fd, _FIONREAD, count, True)  # as _transport.available(), inline
-        avail = count[0]
-        if avail >= 4:
-            header = os.read(fd, 4)
-            (size,) = _HEADER.unpack(header)
-            if 0 <= size <= avail - 4:
-                body = os.read(fd, size) if size else b""
-                if len(body) == size:
-                    return self._took(body)
-                self._decoder.feed(header + body)
-            else:
-                self._decoder.feed(header)
-            return None  # the lock stays ours, mid-frame: the full path finishes it
-        if not self._contended:
+        self._rlock_held = True
+        avail = self._available()
+        body = self._read_whole(avail)
+        if body is not None:
+            return self._took(body)
+        if avail < 4 and not self._contended:
             self._release_rlock()
+        # else: the lock stays ours, mid-frame (or queued for, as contended consumers
+        # keep it while they wait): the full path goes on from here.
         return None
 
     def _unpickle(self, frame: bytes) -> T:
@@ -412,23 +398,13 @@ class AsyncQueue(AsyncResource, Generic[T]):
             if not parts.rlock.acquire(False):
                 return frames
             self._rlock_held = True
-        fd, sem, count = self._fd, parts.sem, self._count
-        _ioctl(fd, _FIONREAD, count, True)
-        avail = count[0]
+        avail = self._available()
         taken = 0
-        while len(frames) < limit and avail >= 4:
-            header = os.read(fd, 4)
-            (size,) = _HEADER.unpack(header)
-            if not 0 <= size <= avail - 4:
-                # Partial, long form or corrupt: the lock stays here and the next get()
-                # sorts it out, as after get_nowait().
-                self._decoder.feed(header)
-                break
-            body = os.read(fd, size) if size else b""
-            if len(body) != size:
-                self._decoder.feed(header + body)
-                break
-            avail -= 4 + size
+        while len(frames) < limit:
+            body = self._read_whole(avail)
+            if body is None:
+                break  # a partial item stays with the lock, for the next get()
+            avail -= 4 + len(body)
             frames.append(body)
             taken += 1
         if self._decoder.at_boundary:
@@ -436,9 +412,9 @@ class AsyncQueue(AsyncResource, Generic[T]):
                 self._release_soon()
             else:
                 self._release_rlock()
-        if sem is not None:
+        if parts.sem is not None:
             for _ in range(taken):
-                sem.release()
+                parts.sem.release()
         return frames
 
     # fd route ------------------------------------------------------------------------
@@ -452,23 +428,36 @@ class AsyncQueue(AsyncResource, Generic[T]):
             assert self._parts is not None
             self._parts.rlock.release()
 
+    def _read_whole(self, avail: int) -> bytes | None:
+        """The common case in two reads, with the lock held at a frame boundary and *avail*
+        bytes in the pipe (``FIONREAD``): if the next frame is all there, read its header,
+        then exactly its body, and return the body.
+
+        Otherwise return None. Nothing was read if fewer than 4 bytes are there; else
+        the bytes read went to the decoder (partial, negative or long form), and the
+        frame is the lock holder's to finish.
+        """
+        if avail < 4:
+            return None
+        fd = self._fd
+        header = os.read(fd, 4)
+        (size,) = _HEADER.unpack(header)
+        if 0 <= size <= avail - 4:
+            body = os.read(fd, size) if size else b""
+            if len(body) == size:
+                return body
+            self._decoder.feed(header + body)
+        else:
+            self._decoder.feed(header)
+        return None
+
     def _read_available(self) -> bytes | None:
         """With the lock held: read no further than one frame; return it if whole."""
         decoder = self._decoder
         if decoder.at_boundary:
-            # The common case in two reads: FIONREAD says the whole frame is here, so
-            # read the header, then exactly the body.
-            avail = self._available()
-            if avail >= 4:
-                header = os.read(self._fd, 4)
-                (size,) = _HEADER.unpack(header)
-                if 0 <= size <= avail - 4:
-                    body = os.read(self._fd, size) if size else b""
-                    if len(body) == size:
-                        return self._took(body)
-                    decoder.feed(header + body)
-                else:  # partial, negative or long form: the decoder sorts it out
-                    decoder.feed(header)
+            body = self._read_whole(self._available())
+            if body is not None:
+                return self._took(body)
         budget = _READ_BUDGET
         while True:
             try:
