@@ -386,6 +386,23 @@ def run_idle(
     return table, targets
 
 
+def _versus_threads(
+    table: Table,
+    rounds: list[dict[str, float]],
+    threads: list[str],
+    key: str,
+    op: str,
+    goal: float,
+) -> Target:
+    """*key* against the fastest thread-per-call contender, round by round: a target, or
+    (op "ref", key "sync") the reference that bounds what any contender can reach."""
+    ratios = [got[key] / max(got[k] for k in threads) for got in rounds]
+    what = "reference: sync" if op == "ref" else key
+    return Target(
+        table.id, key, f"{what} / fastest thread-per-call", op, goal, statistics.median(ratios)
+    )
+
+
 def _targets(tables: list[Table], per_round: list[list[dict[str, float]]]) -> list[Target]:
     targets: list[Target] = []
     for table, rounds in zip(tables, per_round, strict=True):
@@ -396,34 +413,14 @@ def _targets(tables: list[Table], per_round: list[list[dict[str, float]]]) -> li
         if table.id.startswith("small-") and threads:
             # Where the producer sets the pace, no consumer can exceed it: this ratio of
             # the sync loop bounds what any "x thread-per-call" can reach here.
-            ratios = [got["sync"] / max(got[k] for k in threads) for got in rounds]
-            targets.append(
-                Target(
-                    table.id,
-                    "sync",
-                    "reference: sync / fastest thread-per-call",
-                    "ref",
-                    0.0,
-                    statistics.median(ratios),
-                )
-            )
+            targets.append(_versus_threads(table, rounds, threads, "sync", "ref", 0.0))
         for s in table.series:
             if s.family != "asyncmp":
                 continue
             if table.id.startswith("small-"):
                 targets.append(Target(table.id, s.key, f"{s.key} / sync", ">=", 1.0, s.ratio))
                 if threads:
-                    ratios = [got[s.key] / max(got[k] for k in threads) for got in rounds]
-                    targets.append(
-                        Target(
-                            table.id,
-                            s.key,
-                            f"{s.key} / fastest thread-per-call",
-                            ">=",
-                            20.0,
-                            statistics.median(ratios),
-                        )
-                    )
+                    targets.append(_versus_threads(table, rounds, threads, s.key, ">=", 20.0))
             elif table.id == "pingpong":
                 targets.append(
                     Target(table.id, s.key, f"{s.key} latency / sync", "<=", 1.3, s.ratio)
@@ -438,33 +435,13 @@ def _queue_targets(
 ) -> list[Target]:
     found: list[Target] = []
     if threads:
-        ratios = [got["sync"] / max(got[k] for k in threads) for got in rounds]
-        found.append(
-            Target(
-                table.id,
-                "sync",
-                "reference: sync / fastest thread-per-call",
-                "ref",
-                0.0,
-                statistics.median(ratios),
-            )
-        )
+        found.append(_versus_threads(table, rounds, threads, "sync", "ref", 0.0))
     for s in table.series:  # get() and get_many(), each judged on its own
         if s.family != "asyncmp":
             continue
         found.append(Target(table.id, s.key, f"{s.key} / sync", ">=", 1.0, s.ratio))
         if threads:
-            ratios = [got[s.key] / max(got[k] for k in threads) for got in rounds]
-            found.append(
-                Target(
-                    table.id,
-                    s.key,
-                    f"{s.key} / fastest thread-per-call",
-                    ">=",
-                    10.0,
-                    statistics.median(ratios),
-                )
-            )
+            found.append(_versus_threads(table, rounds, threads, s.key, ">=", 10.0))
     return found
 
 
