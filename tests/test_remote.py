@@ -158,6 +158,15 @@ async def recv_frame(sock: socket.socket) -> bytes:
     return await recv_exactly(sock, size)
 
 
+async def assert_serves_a_good_client(listener: Any) -> None:
+    """A plain stdlib client that authenticates is accepted and served (after a bad one)."""
+    async with sync_peer(lambda: stdlib_client(listener.address, KEY, "hi")) as good:
+        async with await listener.accept() as conn:
+            assert await conn.recv() == "hi"
+            await conn.send("served")
+        assert await good.result() == "served"
+
+
 async def wait_for_eof(sock: socket.socket, timeout: float = 10.0) -> None:
     """Wait until the server closed *sock* (whatever it sent before is discarded)."""
     with anyio.fail_after(timeout):
@@ -357,11 +366,7 @@ async def test_wrong_key_from_sync_client_is_dropped_and_the_server_goes_on(
         async with sync_peer(lambda: stdlib_client(listener.address, WRONG_KEY)) as bad:
             with pytest.raises(AuthenticationError, match="digest sent was rejected"):
                 await bad.result()
-        async with sync_peer(lambda: stdlib_client(listener.address, KEY, "hi")) as good:
-            async with await listener.accept() as conn:
-                assert await conn.recv() == "hi"
-                await conn.send("served")
-            assert await good.result() == "served"
+        await assert_serves_a_good_client(listener)
     [message] = rejections(caplog)
     assert "AuthenticationError" not in message  # the message says what, not the class
     assert "digest received was wrong" in message
@@ -394,11 +399,7 @@ async def test_oversized_handshake_message_is_rejected_on_its_header(
             assert (await recv_frame(sock)).startswith(CHALLENGE)
             sock.sendall(struct.pack("!i", 1 << 30) + b"x" * 100)  # claims 1 GiB
             await wait_for_eof(sock)
-        async with sync_peer(lambda: stdlib_client(listener.address, KEY, "hi")) as good:
-            async with await listener.accept() as conn:
-                assert await conn.recv() == "hi"
-                await conn.send("served")
-            assert await good.result() == "served"
+        await assert_serves_a_good_client(listener)
     [message] = rejections(caplog)
     assert "1073741824" in message
     assert "256" in message
@@ -465,11 +466,7 @@ async def test_silent_peer_does_not_hold_up_others(address: Any) -> None:
     async with asyncmp.serve(address, authkey=KEY, handshake_timeout=None) as listener:
         with raw_client(listener.address) as silent:
             assert (await recv_frame(silent)).startswith(CHALLENGE)
-            async with sync_peer(lambda: stdlib_client(listener.address, KEY, "hi")) as good:
-                async with await listener.accept() as conn:
-                    assert await conn.recv() == "hi"
-                    await conn.send("served")
-                assert await good.result() == "served"
+            await assert_serves_a_good_client(listener)
             # Still in its handshake, not dropped: no EOF for it yet.
             with pytest.raises(BlockingIOError):
                 silent.recv(1)
@@ -481,11 +478,7 @@ async def test_silent_peer_times_out(address: Any, caplog: pytest.LogCaptureFixt
         with raw_client(listener.address) as silent:
             assert (await recv_frame(silent)).startswith(CHALLENGE)
             await wait_for_eof(silent)
-        async with sync_peer(lambda: stdlib_client(listener.address, KEY, "hi")) as good:
-            async with await listener.accept() as conn:
-                assert await conn.recv() == "hi"
-                await conn.send("served")
-            assert await good.result() == "served"
+        await assert_serves_a_good_client(listener)
     [message] = rejections(caplog)
     assert "did not complete the handshake within 0.2 s" in message
 
