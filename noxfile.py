@@ -139,5 +139,6 @@ def bench(session: nox.Session) -> None:
     if "--no-save" in session.posargs or "--output" in session.posargs:
         session.log("results not in benchmarks/results: the docs' chart is left as it was")
         return
-    # benchmarks/results/latest.json -> docs/images/bench.png, shown on the performance page.
+    # benchmarks/results/latest.json -> docs/images/bench.png (the summary) and
+    # docs/images/bench/<id>.png (a chart per benchmark), shown on the performance page.
     session.run("python", "benchmarks/chart.py")
