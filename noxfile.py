@@ -6,6 +6,10 @@ classifiers. An interpreter that is not on PATH is skipped, not an error, on CI 
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
+
 import nox
 
 nox.needs_version = ">=2025.10.16"  # dependency_groups, download_python, Session.env_dir
@@ -23,9 +27,44 @@ def group(name: str) -> tuple[str, ...]:
     return nox.project.dependency_groups(PYPROJECT, name)
 
 
+_HINTED = False
+
+
+def hint_missing_pythons(session: nox.Session) -> None:
+    """Once per run: name the classified Pythons that don't run here, and how to add them.
+
+    nox itself only says "Python interpreter 3.12 not found". A pyenv shim is on PATH even
+    for a version pyenv is not told to use, and fails when run, so each one is tried.
+    """
+    global _HINTED
+    if _HINTED or sys.platform == "win32":  # Windows finds its Pythons through `py`
+        return
+    _HINTED = True
+    missing = [v for v in PYTHONS if not runs(f"python{v}")]
+    if missing:
+        session.warn(
+            f"Python {', '.join(missing)} not on PATH: nox skips those sessions. To run them"
+            " with pyenv's interpreters, list the versions: `pyenv global 3.11.7 3.10.13"
+            " 3.12.1` (or `pyenv shell ...` for this terminal only); `pyenv versions` shows"
+            " what is installed."
+        )
+
+
+def runs(program: str) -> bool:
+    path = shutil.which(program)
+    if path is None:
+        return False
+    try:
+        subprocess.run([path, "-c", ""], check=True, capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return True
+
+
 @nox.session(python=PYTHONS)
 def tests(session: nox.Session) -> None:
     """Run the test suite; each async test runs on asyncio, uvloop and trio."""
+    hint_missing_pythons(session)
     session.install(*group("test"), ".")
     junit = session.env_dir / "junit.xml"  # read by .ci/run for its summary
     session.run("pytest", f"--junitxml={junit}", *session.posargs)
@@ -33,25 +72,33 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def soak(session: nox.Session) -> None:
-    """Minutes of producers killed at random and calls cancelled at random, with sync and async
-    consumers; fails unless only the documented items were lost. Not run by default or on CI.
-    Arguments after -- go to tests/faults/soak.py (e.g. --duration 600 --backend trio)."""
+    """Kill producers and cancel calls at random for minutes; only documented losses pass.
+
+    Sync and async consumers take part. Not run by default or on CI. Arguments after -- go to
+    tests/faults/soak.py (e.g. --duration 600 --backend trio).
+    """
     session.install(*group("test"), ".")
     session.run("python", "tests/faults/soak.py", *session.posargs)
 
 
 @nox.session
 def demo(session: nox.Session) -> None:
-    """CPU-bound workers stream results to an async consumer; a heartbeat shows the loop never
-    stalled. Arguments after -- go to examples/demo.py (e.g. --backend trio)."""
+    """Show workers streaming results to an async consumer whose loop never stalls.
+
+    The workers are CPU-bound; a heartbeat shows the loop keeps running. Arguments after -- go
+    to examples/demo.py (e.g. --backend trio).
+    """
     session.install(".", *group("examples"))
     session.run("python", "examples/demo.py", *session.posargs)
 
 
 @nox.session
 def examples(session: nox.Session) -> None:
-    """Run every example on each backend and start method where it applies, and check what it
-    prints; arguments after -- name the examples to run (e.g. service pipeline)."""
+    """Run every example on each backend and start method, and check what it prints.
+
+    Each runs where it applies; arguments after -- name the examples to run (e.g. service
+    pipeline).
+    """
     session.install(".", *group("examples"))
     session.run("python", "examples/_check.py", *session.posargs)
 
@@ -66,8 +113,10 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    """Type-check src and tests with mypy in strict mode, then src as macOS and Windows see it
-    (the platform checks in src keep each platform's branches honest)."""
+    """Type-check src and tests with mypy (strict), and src as macOS and Windows see it.
+
+    The platform checks keep each platform's branches in src honest.
+    """
     session.install(*group("typecheck"))
     session.run("mypy", *session.posargs)
     for platform in ("darwin", "win32"):
@@ -90,5 +139,6 @@ def bench(session: nox.Session) -> None:
     if "--no-save" in session.posargs or "--output" in session.posargs:
         session.log("results not in benchmarks/results: the docs' chart is left as it was")
         return
-    # benchmarks/results/latest.json -> docs/images/bench.png, shown on the performance page.
+    # benchmarks/results/latest.json -> docs/images/bench.png (the summary) and
+    # docs/images/bench/<id>.png (a chart per benchmark), shown on the performance page.
     session.run("python", "benchmarks/chart.py")

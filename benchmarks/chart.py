@@ -1,22 +1,30 @@
-"""Draw the benchmark results as one PNG: a panel per benchmark, a bar per contender.
+"""Draw the benchmark results: one summary chart, and one chart per benchmark.
 
 Reads the JSON that ``benchmarks/run.py`` writes (``benchmarks/results/latest.json``) and
-writes ``docs/images/bench.png``, which the documentation's performance page shows. Each
-bar is the median over the rounds; the whisker spans the middle half of the rounds (IQR).
-A panel whose values span more than a factor of 30 gets a logarithmic axis, so that the
-thread-per-call contenders and asyncmp fit on one scale.
+writes, into ``docs/images/`` (the documentation's performance page shows them):
 
-    python benchmarks/chart.py [--input results/latest.json] [--output ../docs/images/bench.png]
+- ``bench.png``, the summary, made to be read at the page's width: for each scenario, how
+  fast asyncmp is on each event loop next to the plain blocking loop (1 on the axis) and
+  next to the fastest thread-per-call way, on one logarithmic axis.
+- ``bench/<benchmark id>.png``, one chart per benchmark, a bar per contender: each bar is
+  the median over the rounds, the whisker spans the middle half of the rounds (IQR). A
+  chart whose values span more than a factor of 30 gets a logarithmic axis, so that the
+  thread-per-call contenders and asyncmp fit on one scale.
 
-``nox -s bench`` runs it after ``run.py``.
+    python benchmarks/chart.py [--input results/latest.json] [--output-dir ../docs/images]
+
+``nox -s bench`` runs it after ``run.py``. Charts in ``bench/`` that the results no longer
+have are removed, so the page never shows a chart from another run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
+import textwrap
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,10 +32,19 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display needed, none opened
 import matplotlib.pyplot as plt
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FuncFormatter
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_INPUT = HERE / "results" / "latest.json"
-DEFAULT_OUTPUT = HERE.parent / "docs" / "images" / "bench.png"
+DEFAULT_OUTPUT_DIR = HERE.parent / "docs" / "images"
+SUMMARY = "bench.png"
+DETAILS = "bench"  # a directory: one PNG per benchmark, named by its id
+
+#: The documentation's content column is about 730 CSS pixels wide: the charts are drawn
+#: for it at twice its resolution, 7.3 inches at 200 dots per inch.
+WIDTH_INCHES = 7.3
+DPI = 200
 
 #: Bar colours: asyncmp per event loop, then the other families.
 COLOURS: dict[object, str] = {
@@ -41,7 +58,23 @@ COLOURS: dict[object, str] = {
     "thread": "#d4731b",
 }
 FALLBACK_COLOUR = "#afb8c1"
+MARKERS = {"asyncio": "o", "uvloop": "s", "trio": "D"}
 LOG_SPAN = 30.0
+GRID = "#d0d7de"
+MUTED = "#57606a"
+
+#: The summary's row names; a benchmark not named here is shown with its title's first part.
+SHORT_NAMES = {
+    "small-send-socket": "1a  small messages, producer-paced",
+    "small-batch-socket": "1b  small messages, consumer-paced",
+    "small-batch-pipe": "1b  the same on a one-way pipe",
+    "pingpong": "2   ping-pong round trip",
+    "large-1MiB": "3   1 MiB messages",
+    "large-64MiB": "3   64 MiB messages",
+    "queue-put": "4a  queue, producer-paced",
+    "queue-fill": "4b  queue, consumer-paced",
+    "queue-fanin": "4c  queue, 4 producers",
+}
 
 
 def colour(result: dict[str, Any]) -> str:
@@ -49,16 +82,192 @@ def colour(result: dict[str, Any]) -> str:
     return COLOURS.get((family, result.get("backend")), COLOURS.get(family, FALLBACK_COLOUR))
 
 
-def subtitle(meta: dict[str, Any]) -> str:
-    versions = ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items())
+def machine(meta: dict[str, Any]) -> str:
     return (
         f"{meta.get('python', '?')} on {meta.get('platform', '?')}, {meta.get('cpus', '?')} CPUs;"
-        f" mode {meta.get('mode', '?')}, {meta.get('rounds', '?')} rounds; {versions}"
+        f" medians of {meta.get('rounds', '?')} rounds"
     )
 
 
-def draw_panel(ax: Any, bench: dict[str, Any]) -> None:
+# --- the summary ------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    """One line of the summary: a scenario and one of asyncmp's calls in it."""
+
+    name: str
+    asyncmp: dict[str, float]  # backend -> speed relative to the sync loop
+    thread: float | None  # the fastest thread-per-call contender's, if it ran
+    thread_factor: str  # "20-22x", how much faster asyncmp is than that thread
+
+
+def speed(result: dict[str, Any], bench: dict[str, Any]) -> float | None:
+    """Speed relative to the baseline: the ratio, inverted where lower is better."""
+    ratio = result.get("ratio_vs_baseline")
+    if ratio is None or ratio <= 0:
+        return None
+    return float(ratio) if bench.get("higher_is_better", True) else 1.0 / float(ratio)
+
+
+def method_of(key: str) -> str:
+    """'asyncmp-get_many-trio' -> 'get_many'; 'asyncmp-trio' -> ''."""
+    parts = key.split("-")
+    return "-".join(parts[1:-1])
+
+
+def call_of(label: str) -> str:
+    """'asyncmp get_many(100) [trio]' -> 'get_many(100)'."""
+    return label.removeprefix("asyncmp ").split(" [")[0]
+
+
+def summary_rows(doc: dict[str, Any]) -> Iterator[Row]:
+    targets: dict[tuple[str, str], float] = {
+        (t["benchmark"], t["contender"]): t["measured"]
+        for t in doc.get("targets", [])
+        if t.get("description", "").endswith("/ fastest thread-per-call")
+    }
+    for bench in doc["benchmarks"]:
+        if bench.get("baseline") is None:
+            continue  # no sync loop to compare with (the idle-CPU probe)
+        results = bench["results"]
+        threads = [s for r in results if r["family"] == "thread" if (s := speed(r, bench))]
+        methods: dict[str, dict[str, float]] = {}
+        factors: dict[str, list[float]] = {}
+        calls: dict[str, str] = {}
+        for r in results:
+            s = speed(r, bench)
+            if r["family"] != "asyncmp" or s is None:
+                continue
+            method = method_of(r["key"])
+            methods.setdefault(method, {})[r["backend"]] = s
+            calls[method] = call_of(r["label"])
+            factor = targets.get((bench["id"], r["key"]))
+            if factor is None and threads:
+                factor = s / max(threads)
+            if factor is not None:
+                factors.setdefault(method, []).append(factor)
+        base = SHORT_NAMES.get(bench["id"]) or bench["title"].split(":")[0].split(" (")[0]
+        for method, by_backend in methods.items():
+            name = f"{base}: {calls[method]}" if len(methods) > 1 else base
+            spread = factors.get(method, [])
+            low, high = (min(spread), max(spread)) if spread else (0.0, 0.0)
+            same = round(low) == round(high)
+            times = f"{low:.0f}x" if same else f"{low:.0f}-{high:.0f}x"
+            yield Row(name, by_backend, max(threads) if threads else None, times)
+
+
+def render_summary(doc: dict[str, Any], output: Path) -> None:
+    rows = list(summary_rows(doc))
+    if not rows:
+        raise SystemExit("chart: no benchmark has a sync baseline to compare with")
+    backends = [b for b in MARKERS if any(b in row.asyncmp for row in rows)]
+    # The loops sit a little apart within a row, so that equal speeds don't hide each other.
+    offsets = {b: (i - (len(backends) - 1) / 2) * 0.26 for i, b in enumerate(backends)}
+    fig, ax = plt.subplots(figsize=(WIDTH_INCHES, 1.5 + 0.3 * len(rows)), layout="constrained")
+    values = [v for row in rows for v in row.asyncmp.values()]
+    values += [row.thread for row in rows if row.thread is not None]
+    left, right = min([*values, 0.5]) / 1.6, max([*values, 1.0]) * 1.5
+    ax.set_xscale("log")
+    ax.set_xlim(left, right)
+    ax.set_ylim(len(rows) - 0.5, -0.5)  # the first scenario on top
+    ax.axvspan(left, 1.0, color="#f6f8fa", zorder=0)
+    ax.axvline(1.0, color=COLOURS["sync"], linewidth=1.5, zorder=1)
+    for pos, row in enumerate(rows):
+        if pos:
+            ax.axhline(pos - 0.5, color=GRID, linewidth=0.6, zorder=1)
+        if row.thread is not None:
+            slowest = min(row.asyncmp.values())
+            ax.plot(
+                [row.thread, slowest],
+                [pos, pos],
+                color="#e6a77a",
+                linewidth=1.2,
+                linestyle=(0, (2, 2)),
+                zorder=2,
+            )
+            ax.plot(row.thread, pos, "v", color=COLOURS["thread"], markersize=9, zorder=3)
+            ax.annotate(
+                f"asyncmp {row.thread_factor} faster",
+                ((row.thread * slowest) ** 0.5, pos),  # the middle of the line, on a log axis
+                xytext=(0, 2),
+                textcoords="offset points",
+                ha="center",
+                va="bottom",
+                fontsize=8,
+                color="#9a4f0f",
+            )
+        for backend in backends:
+            if backend in row.asyncmp:
+                ax.plot(
+                    row.asyncmp[backend],
+                    pos + offsets[backend],
+                    MARKERS[backend],
+                    color=COLOURS["asyncmp", backend],
+                    markersize=7,
+                    markeredgecolor="white",
+                    markeredgewidth=0.6,
+                    zorder=4,
+                )
+    ax.set_yticks(range(len(rows)), [row.name for row in rows], fontsize=9)
+    ax.tick_params(axis="y", length=0)
+    ticks = [t for t in (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5) if left <= t <= right]
+    ax.set_xticks(ticks, [f"{t:g}x" for t in ticks], fontsize=8.5)
+    ax.minorticks_off()
+    ax.set_xlabel("speed next to the plain blocking loop (right is faster; log scale)", fontsize=9)
+    for side in ("top", "right", "left"):
+        ax.spines[side].set_visible(False)
+    handles = [
+        Line2D(
+            [],
+            [],
+            marker=MARKERS[b],
+            linestyle="",
+            color=COLOURS["asyncmp", b],
+            markersize=7,
+            label=f"asyncmp, {b}",
+        )
+        for b in backends
+    ]
+    handles.append(
+        Line2D(
+            [],
+            [],
+            marker="v",
+            linestyle="",
+            color=COLOURS["thread"],
+            markersize=9,
+            label="fastest thread per call",
+        )
+    )
+    handles.append(Line2D([], [], color=COLOURS["sync"], linewidth=1.5, label="sync loop (1x)"))
+    fig.legend(
+        handles=handles,
+        loc="outside lower center",
+        ncol=len(handles),
+        fontsize=8,
+        frameon=False,
+        handletextpad=0.3,
+        columnspacing=1.0,
+    )
+    fig.suptitle(
+        f"asyncmp next to a blocking loop and a thread per call\n{machine(doc.get('meta', {}))}",
+        fontsize=10.5,
+    )
+    save(fig, output)
+
+
+# --- one chart per benchmark ------------------------------------------------------------------
+
+
+def render_detail(bench: dict[str, Any], output: Path) -> None:
     results = bench["results"]
+    title = textwrap.fill(bench["title"], 92)
+    title_lines = title.count("\n") + 1
+    fig, ax = plt.subplots(
+        figsize=(WIDTH_INCHES, 0.8 + 0.2 * title_lines + 0.3 * len(results)),
+        layout="constrained",
+    )
     labels = [r["label"] for r in results]
     medians = [r["median"] for r in results]
     lower = [max(r["median"] - r["q1"], 0.0) for r in results]
@@ -69,19 +278,23 @@ def draw_panel(ax: Any, bench: dict[str, Any]) -> None:
         medians,
         xerr=[lower, upper],
         color=[colour(r) for r in results],
-        error_kw={"ecolor": "#57606a", "capsize": 2, "linewidth": 0.8},
+        error_kw={"ecolor": MUTED, "capsize": 2.5, "linewidth": 0.9},
     )
     ax.set_yticks(positions, labels, fontsize=8)
     ax.invert_yaxis()  # the table's order, top to bottom
     better = "higher" if bench.get("higher_is_better", True) else "lower"
-    ax.set_xlabel(f"{bench['unit']} ({better} is better)", fontsize=8)
-    ax.set_title(bench["title"], fontsize=9, loc="left", wrap=True)
+    ax.set_xlabel(f"{bench['unit']} ({better} is better)", fontsize=8.5)
+    fig.suptitle(title, fontsize=9, x=0.01, ha="left")
     ax.tick_params(axis="x", labelsize=8)
     positive = [m for m in medians if m > 0]
     if positive and max(positive) / min(positive) > LOG_SPAN:
         ax.set_xscale("log")
-    ax.grid(axis="x", color="#d0d7de", linewidth=0.6)
+        ax.xaxis.set_major_formatter(FuncFormatter(plain_number))
+    ax.grid(axis="x", color=GRID, linewidth=0.6)
     ax.set_axisbelow(True)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    ax.margins(x=0.12)  # room for the ratios right of the longest bar
     for pos, result in zip(positions, results, strict=True):
         ratio = result.get("ratio_vs_baseline")
         if result["key"] == bench.get("baseline"):
@@ -89,58 +302,64 @@ def draw_panel(ax: Any, bench: dict[str, Any]) -> None:
         elif ratio is None:
             continue
         else:
-            note = f"{ratio:.2f}x"
+            note = f"{ratio:.3g}x"  # as the tables round it
         ax.annotate(
             note,
             (max(result["median"], result["q3"]), pos),  # right of the whisker
             xytext=(4, 0),
             textcoords="offset points",
             va="center",
-            fontsize=7,
-            color="#57606a",
+            fontsize=7.5,
+            color=MUTED,
         )
+    save(fig, output)
 
 
-def render(doc: dict[str, Any], output: Path) -> None:
+def plain_number(value: float, _position: object) -> str:
+    """A log axis's tick as the tables write numbers: 10,000 rather than 10^4."""
+    return f"{value:,.0f}" if value >= 1 else f"{value:g}"
+
+
+def save(fig: Any, output: Path) -> None:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=DPI)
+    plt.close(fig)
+
+
+def render(doc: dict[str, Any], output_dir: Path) -> list[Path]:
+    """Write the summary and a chart per benchmark; return the paths written."""
     benchmarks = doc.get("benchmarks", [])
     if not benchmarks:
         raise SystemExit("chart: the results hold no benchmark")
-    columns = 2 if len(benchmarks) > 1 else 1
-    rows = math.ceil(len(benchmarks) / columns)
-    heights = [
-        max(len(b["results"]) for b in benchmarks[i : i + columns])
-        for i in range(0, len(benchmarks), columns)
-    ]
-    fig, axes = plt.subplots(
-        rows,
-        columns,
-        figsize=(7.5 * columns, sum(0.32 * h + 1.4 for h in heights)),
-        gridspec_kw={"height_ratios": heights},
-        squeeze=False,
-    )
-    for ax, bench in zip(axes.flat, benchmarks, strict=False):
-        draw_panel(ax, bench)
-    for ax in list(axes.flat)[len(benchmarks) :]:
-        ax.set_visible(False)
-    fig.suptitle(f"asyncmp benchmarks\n{subtitle(doc.get('meta', {}))}", fontsize=10)
-    fig.tight_layout()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, dpi=110)
-    plt.close(fig)
+    written = [output_dir / SUMMARY]
+    render_summary(doc, written[0])
+    details = output_dir / DETAILS
+    for bench in benchmarks:
+        path = details / f"{bench['id']}.png"
+        render_detail(bench, path)
+        written.append(path)
+    for stale in set(details.glob("*.png")) - set(written):
+        stale.unlink()  # a benchmark this run did not have
+    return written
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--input", type=Path, default=DEFAULT_INPUT, help="run.py's JSON")
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, help="the PNG to write")
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        default=DEFAULT_OUTPUT_DIR,
+        help=f"where {SUMMARY} and {DETAILS}/<benchmark id>.png go",
+    )
     args = parser.parse_args(argv)
     try:
         doc = json.loads(args.input.read_text(encoding="utf-8"))
     except FileNotFoundError:
         print(f"chart: {args.input} not found; run benchmarks/run.py first", file=sys.stderr)
         return 1
-    render(doc, args.output)
-    print(f"chart: wrote {args.output}", file=sys.stderr)
+    for path in render(doc, args.output_dir):
+        print(f"chart: wrote {path}", file=sys.stderr)
     return 0
 
 

@@ -41,10 +41,11 @@ async def main() -> None:
         print(await conn.recv())  # child got '666'
     finally:
         await conn.aclose()
-        # The child returns as soon as it sees EOF; join() blocks, so it runs in a thread.
-        await anyio.to_thread.run_sync(process.join)
-    if process.exitcode != 0:
-        raise SystemExit(f"the child exited with code {process.exitcode}")
+        # The child returns as soon as it sees EOF. Waiting for it takes no thread: on
+        # POSIX, AsyncProcess waits on a descriptor that the process's end makes readable.
+        exitcode = await asyncmp.AsyncProcess(process).wait()
+    if exitcode != 0:
+        raise SystemExit(f"the child exited with code {exitcode}")
 
 
 def backend_args(backend: str) -> dict[str, Any]:

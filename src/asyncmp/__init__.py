@@ -1,7 +1,5 @@
 """Await messages from multiprocessing workers: no thread, no loop stall, nothing lost."""
 
-from __future__ import annotations
-
 from ._connection import SEND_SHIELD_SECONDS as SEND_SHIELD_SECONDS
 from ._connection import AsyncConnection as AsyncConnection
 from ._connection import Pipe as Pipe
