@@ -32,7 +32,7 @@ from asyncio import _get_running_loop
 from collections import deque
 from collections.abc import Awaitable, Callable
 from multiprocessing.reduction import ForkingPickler
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import anyio
 from anyio.abc import ObjectStream
@@ -626,6 +626,40 @@ class _ThreadIO:
                 thread.join(0.5)
 
 
+def _connection_like(conn: object) -> bool:
+    """Has what AsyncConnection uses of a Connection (a Windows PipeConnection is a
+    sibling of Connection, not a subclass: ask for the methods instead)."""
+    return hasattr(conn, "closed") and all(
+        callable(getattr(conn, name, None))
+        for name in ("fileno", "poll", "recv_bytes", "send_bytes", "close")
+    )
+
+
+def _not_a_connection(conn: object) -> TypeError:
+    if isinstance(conn, AsyncConnection):
+        return TypeError(
+            "this is already an AsyncConnection: use it as it is, or wrap its plain "
+            "multiprocessing Connection (its .connection) only once"
+        )
+    message = (
+        "AsyncConnection wraps a multiprocessing Connection (an end of "
+        "multiprocessing.Pipe(), or one from Client() or Listener.accept()), "
+        f"not {type(conn).__module__}.{type(conn).__qualname__}"
+    )
+    if callable(getattr(conn, "get", None)) and callable(getattr(conn, "put", None)):
+        message += "; for a queue, use AsyncQueue"
+    return TypeError(message)
+
+
+_CLOSED_HERE = "this AsyncConnection was closed (close() or aclose())"
+_INHERITED = (
+    "this AsyncConnection was inherited by a forked child process and is closed here: "
+    "its end belongs to the parent. Give the child a plain multiprocessing Connection "
+    "instead, the other end of the pipe (asyncmp.Pipe() returns it second), and wrap it "
+    "in an AsyncConnection in the child if the child is async"
+)
+
+
 class AsyncConnection(ObjectStream[Any]):
     """The async end of a ``multiprocessing.connection.Connection``.
 
@@ -635,7 +669,10 @@ class AsyncConnection(ObjectStream[Any]):
     synchronous Connection; the bytes on the wire are the stdlib's.
 
     On POSIX the descriptor is closed in any child forked after this call, so a worker
-    never holds a copy of this end and sees EOF once it is closed here.
+    never holds a copy of this end and sees EOF once it is closed here. An
+    AsyncConnection belongs to the process that made it: pickling it, or passing it to
+    a spawned child, raises ``TypeError``; a forked child that uses its copy gets
+    ``anyio.ClosedResourceError``. Give a child the plain Connection at the other end.
 
     ``async for msg in conn`` receives until the peer closes its end (the iteration then
     ends instead of raising :class:`ConnectionEOF`); each step is a :meth:`recv`, with its
@@ -647,6 +684,8 @@ class AsyncConnection(ObjectStream[Any]):
         allocated. ``None`` means no limit.
     :param use_threads: ``None`` picks the route by platform: descriptor readiness on
         POSIX, threads on Windows. ``True`` forces the thread route anywhere.
+    :raises TypeError: *conn* is not a ``multiprocessing`` Connection.
+    :raises anyio.ClosedResourceError: *conn* is closed already.
     """
 
     def __init__(
@@ -656,6 +695,8 @@ class AsyncConnection(ObjectStream[Any]):
         max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
         use_threads: bool | None = None,
     ) -> None:
+        if not _connection_like(conn):  # an AsyncConnection is not: it has no poll()
+            raise _not_a_connection(conn)
         if conn.closed:
             raise anyio.ClosedResourceError("the connection is already closed")
         if max_message_size is not None and max_message_size < 0:
@@ -674,6 +715,7 @@ class AsyncConnection(ObjectStream[Any]):
         self._recv_lock = _FairLock()
         self._send_lock = _FairLock()
         self._closed = False
+        self._why_closed = _CLOSED_HERE
         # Set by the first ProtocolError: the incoming stream can't be trusted from then
         # on, whatever the route would make of the bytes that follow.
         self._protocol_error: str | None = None
@@ -711,11 +753,11 @@ class AsyncConnection(ObjectStream[Any]):
 
     def _check_open(self) -> None:
         if self._closed:
-            raise anyio.ClosedResourceError
+            raise anyio.ClosedResourceError(self._why_closed)
 
     def _check_readable(self) -> None:
         if self._closed:
-            raise anyio.ClosedResourceError
+            raise anyio.ClosedResourceError(self._why_closed)
         if self._protocol_error is not None:
             raise ProtocolError(self._protocol_error)
         if not self._readable:
@@ -723,7 +765,7 @@ class AsyncConnection(ObjectStream[Any]):
 
     def _check_writable(self) -> None:
         if self._closed:
-            raise anyio.ClosedResourceError
+            raise anyio.ClosedResourceError(self._why_closed)
         if self._protocol_error is not None:
             raise anyio.BrokenResourceError(self._protocol_error)
         if self._io.broken is not None:
@@ -953,12 +995,21 @@ class AsyncConnection(ObjectStream[Any]):
 
     def _forget_in_forked_child(self) -> None:
         self._closed = True
+        self._why_closed = _INHERITED
         if isinstance(self._io, _FdIO):
             self._io._forget_in_forked_child()
         try:
             self._conn.close()
         except OSError:
             pass
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError(
+            "an AsyncConnection can't be pickled or passed to another process: pass a plain "
+            "multiprocessing Connection instead, the other end of the pipe (asyncmp.Pipe() "
+            "returns it second), and wrap it in an AsyncConnection there if that process "
+            "is async"
+        )
 
     # async with and async for come from anyio's ObjectStream: aclose() on exit, and
     # receive() until EndOfStream (ConnectionEOF is one).

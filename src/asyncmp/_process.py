@@ -23,7 +23,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import anyio
 from anyio.lowlevel import checkpoint
@@ -68,7 +68,11 @@ class WorkerExited(ConnectionEOF):
 
 
 class AsyncProcess:
-    """Async handle on a started ``multiprocessing.Process``."""
+    """Async handle on a started ``multiprocessing.Process``.
+
+    Only the process that started it can wait for it: pickling an AsyncProcess, or
+    passing it to a spawned child, raises ``TypeError``.
+    """
 
     def __init__(self, process: multiprocessing.process.BaseProcess) -> None:
         if process.pid is None:
@@ -84,10 +88,12 @@ class AsyncProcess:
 
     @property
     def process(self) -> multiprocessing.process.BaseProcess:
+        """The wrapped ``multiprocessing`` process object."""
         return self._process
 
     @property
     def pid(self) -> int:
+        """The process id."""
         return self._pid
 
     @property
@@ -225,6 +231,12 @@ class AsyncProcess:
             self._closed = True
             self._process.close()
 
+    def __reduce__(self) -> NoReturn:
+        raise TypeError(
+            "an AsyncProcess can't be pickled or passed to another process: only the "
+            "process that started it can wait for it; pass its .pid to say which one it is"
+        )
+
     def __repr__(self) -> str:
         return f"<asyncmp.AsyncProcess pid={self.pid} exitcode={self.exitcode}>"
 
@@ -270,6 +282,9 @@ class Worker:
     It has :class:`AsyncConnection`'s methods. When the worker dies, a pending or later
     receive raises :class:`WorkerExited` (an ``EOFError``) saying how it ended.
     ``async for msg in worker`` receives until the worker closes its end.
+
+    A Worker belongs to the process that opened it: pickling it, or passing it to a
+    spawned child, raises ``TypeError``.
     """
 
     def __init__(self, connection: AsyncConnection, process: AsyncProcess) -> None:
@@ -278,10 +293,14 @@ class Worker:
 
     @property
     def process(self) -> AsyncProcess:
+        """The worker process: its :attr:`~AsyncProcess.pid`, its
+        :attr:`~AsyncProcess.exitcode`, :meth:`~AsyncProcess.wait` for it to end, or
+        :meth:`~AsyncProcess.stop` it."""
         return self._process
 
     @property
     def connection(self) -> AsyncConnection:
+        """The parent's end of the pipe (owned by the Worker)."""
         return self._conn
 
     async def _explain_eof(self, eof: ConnectionEOF) -> WorkerExited:
@@ -347,6 +366,13 @@ class Worker:
         :meth:`AsyncConnection.aclose`: closing happens even if cancelled; raises nothing.
         """
         await self._conn.aclose()
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError(
+            "a Worker can't be pickled or passed to another process: it is this process's "
+            "handle on its worker; to reach the worker from elsewhere, give that process a "
+            "plain Pipe or Queue of its own"
+        )
 
     def __repr__(self) -> str:
         return f"<asyncmp.Worker {self._process!r}>"
