@@ -66,12 +66,18 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    """Type-check src and tests with mypy in strict mode, then src as macOS and Windows see it
-    (the platform checks in src keep each platform's branches honest)."""
+    """Type-check src and tests with mypy (strict), src as macOS and Windows see it, and the API.
+
+    The API's types are checked as a user's program sees them: tests/typecheck/check_api.py."""
     session.install(*group("typecheck"))
     session.run("mypy", *session.posargs)
+    # The platform checks in src keep each platform's branches honest.
     for platform in ("darwin", "win32"):
         session.run("mypy", "--platform", platform, "src")
+    # assert_type lines, and errors that must stay errors (an unused ignore fails), on the
+    # oldest Python and on one where TypeVar defaults come from typing itself.
+    for version in ("3.10", "3.13"):
+        session.run("mypy", "--python-version", version, "tests/typecheck/check_api.py")
 
 
 @nox.session

@@ -43,6 +43,11 @@ from ._exceptions import ConnectionEOF, ProtocolError
 from ._threads import BlockingCall, Worker
 from ._wire import DEFAULT_MAX_MESSAGE_SIZE, FrameDecoder, WireError, encode_header
 
+if sys.version_info >= (3, 13):
+    from typing import TypeVar
+else:
+    from typing_extensions import TypeVar
+
 if TYPE_CHECKING:
     from typing import TypeAlias
 
@@ -78,6 +83,9 @@ _THREAD_SLICE = 0.05
 
 _last_turn = [0.0]
 _loads = ForkingPickler.loads
+
+#: What an AsyncConnection receives and sends; ``Any`` unless the code says otherwise.
+T = TypeVar("T", default=Any)
 
 
 try:  # Two dispatches less per call than anyio.lowlevel.checkpoint_if_cancelled().
@@ -660,7 +668,7 @@ _INHERITED = (
 )
 
 
-class AsyncConnection(ObjectStream[Any]):
+class AsyncConnection(ObjectStream[T]):
     """The async end of a ``multiprocessing.connection.Connection``.
 
     Wraps *conn* (either end of ``multiprocessing.Pipe()``, or a connection from
@@ -673,6 +681,10 @@ class AsyncConnection(ObjectStream[Any]):
     AsyncConnection belongs to the process that made it: pickling it, or passing it to
     a spawned child, raises ``TypeError``; a forked child that uses its copy gets
     ``anyio.ClosedResourceError``. Give a child the plain Connection at the other end.
+
+    ``AsyncConnection[T]`` says what it carries: :meth:`recv` returns ``T`` and
+    :meth:`send` takes one (``Any`` without a type argument; nothing is checked at run
+    time).
 
     ``async for msg in conn`` receives until the peer closes its end (the iteration then
     ends instead of raising :class:`ConnectionEOF`); each step is a :meth:`recv`, with its
@@ -810,7 +822,7 @@ class AsyncConnection(ObjectStream[Any]):
         finally:
             lock.release()
 
-    async def recv(self) -> Any:
+    async def recv(self) -> T:
         """Receive the next message and unpickle it, as ``Connection.recv()`` does.
 
         If cancelled, no message was consumed; the next call returns it. Raises what
@@ -836,7 +848,7 @@ class AsyncConnection(ObjectStream[Any]):
                     self._protocol_error = str(exc)
                     raise
                 if frame is not None:
-                    return _loads(frame)
+                    return _loads(frame)  # type: ignore[no-any-return]
                 # Nothing here yet: wait, holding the lock (no await since the check).
                 lock = self._recv_lock
                 lock.acquire_nowait()
@@ -847,10 +859,10 @@ class AsyncConnection(ObjectStream[Any]):
                     raise
                 finally:
                     lock.release()
-                return _loads(frame)
-        return _loads(await self._recv_bytes(None, nothing_there=False))
+                return _loads(frame)  # type: ignore[no-any-return]
+        return _loads(await self._recv_bytes(None, nothing_there=False))  # type: ignore[no-any-return]
 
-    def recv_nowait(self) -> Any:
+    def recv_nowait(self) -> T:
         """Return the next message if all of it has arrived.
 
         :raises anyio.WouldBlock: no whole message is there (or another task is
@@ -867,9 +879,9 @@ class AsyncConnection(ObjectStream[Any]):
         except ProtocolError as exc:
             self._protocol_error = str(exc)
             raise
-        return ForkingPickler.loads(frame)
+        return ForkingPickler.loads(frame)  # type: ignore[no-any-return]
 
-    async def receive(self) -> Any:
+    async def receive(self) -> T:
         """``anyio.abc.ObjectReceiveStream`` name for :meth:`recv`.
 
         Cancellation and exceptions: as :meth:`recv` (a clean EOF raises
@@ -939,7 +951,7 @@ class AsyncConnection(ObjectStream[Any]):
         finally:
             lock.release()
 
-    async def send(self, obj: Any) -> None:
+    async def send(self, obj: T) -> None:
         """Pickle *obj* and send it, as ``Connection.send()`` does.
 
         The object is pickled first, in the caller: an unpicklable object raises here and
@@ -1025,7 +1037,7 @@ def Pipe(
     *,
     max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
     use_threads: bool | None = None,
-) -> tuple[AsyncConnection, Connection]:
+) -> tuple[AsyncConnection[Any], Connection]:
     """Return ``(async_end, worker_end)``: the first for this process, the second to hand
     to a worker. With ``duplex=False`` the async end is the receiving one."""
     a, b = multiprocessing.Pipe(duplex)

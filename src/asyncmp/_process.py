@@ -23,7 +23,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, Generic, NoReturn
 
 import anyio
 from anyio.lowlevel import checkpoint
@@ -33,10 +33,18 @@ from ._connection import AsyncConnection
 from ._exceptions import ConnectionEOF
 from ._threads import BlockingCall
 
+if sys.version_info >= (3, 13):
+    from typing import TypeVar
+else:
+    from typing_extensions import TypeVar
+
 if TYPE_CHECKING or sys.platform != "win32":
     from ._fdio import ReadinessWaiter
 
 __all__ = ("AsyncProcess", "Worker", "WorkerExited", "open_process", "open_worker")
+
+#: What a Worker's pipe carries; ``Any`` unless the code says otherwise.
+T = TypeVar("T", default=Any)
 
 #: Grace between terminate() and kill() when a block is left on an error.
 TERMINATE_GRACE = 1.0
@@ -276,18 +284,19 @@ async def open_process(
         aprocess.close()
 
 
-class Worker:
+class Worker(Generic[T]):
     """A worker process and the async end of its duplex Pipe.
 
     It has :class:`AsyncConnection`'s methods. When the worker dies, a pending or later
     receive raises :class:`WorkerExited` (an ``EOFError``) saying how it ended.
     ``async for msg in worker`` receives until the worker closes its end.
 
-    A Worker belongs to the process that opened it: pickling it, or passing it to a
-    spawned child, raises ``TypeError``.
+    ``Worker[T]`` says what the pipe carries, as ``AsyncConnection[T]`` does (``Any``
+    without a type argument). A Worker belongs to the process that opened it: pickling
+    it, or passing it to a spawned child, raises ``TypeError``.
     """
 
-    def __init__(self, connection: AsyncConnection, process: AsyncProcess) -> None:
+    def __init__(self, connection: AsyncConnection[T], process: AsyncProcess) -> None:
         self._conn = connection
         self._process = process
 
@@ -299,7 +308,7 @@ class Worker:
         return self._process
 
     @property
-    def connection(self) -> AsyncConnection:
+    def connection(self) -> AsyncConnection[T]:
         """The parent's end of the pipe (owned by the Worker)."""
         return self._conn
 
@@ -310,7 +319,7 @@ class Worker:
         error.__cause__ = eof
         return error
 
-    async def recv(self) -> Any:
+    async def recv(self) -> T:
         """As :meth:`AsyncConnection.recv`; raises :class:`WorkerExited` at EOF.
 
         If cancelled, no message was consumed; the next call returns it.
@@ -332,11 +341,11 @@ class Worker:
         except ConnectionEOF as eof:
             raise await self._explain_eof(eof) from eof
 
-    def recv_nowait(self) -> Any:
+    def recv_nowait(self) -> T:
         """As :meth:`AsyncConnection.recv_nowait`."""
         return self._conn.recv_nowait()
 
-    async def send(self, obj: Any) -> None:
+    async def send(self, obj: T) -> None:
         """As :meth:`AsyncConnection.send`, with its cancellation behaviour and exceptions."""
         await self._conn.send(obj)
 
@@ -345,10 +354,10 @@ class Worker:
         exceptions."""
         await self._conn.send_bytes(buf, offset, size)
 
-    def __aiter__(self) -> Worker:
+    def __aiter__(self) -> Worker[T]:
         return self
 
-    async def __anext__(self) -> Any:
+    async def __anext__(self) -> T:
         # EOF ends the iteration if the worker ended well (or still runs, having closed
         # its end); a crash is not a clean end of the stream, so it raises.
         try:

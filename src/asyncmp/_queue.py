@@ -51,7 +51,7 @@ import weakref
 from collections import deque
 from multiprocessing.reduction import ForkingPickler
 from time import perf_counter as _perf_counter
-from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, NoReturn
 
 import anyio
 from anyio.abc import AsyncResource
@@ -67,6 +67,11 @@ from ._connection import _TURN_INTERVAL, _cancel_check, _FairLock, _fast_checkpo
 from ._threads import BlockingCall, Worker
 from ._wire import FrameDecoder, WireError
 
+if sys.version_info >= (3, 13):
+    from typing import TypeVar
+else:
+    from typing_extensions import TypeVar
+
 if TYPE_CHECKING or sys.platform != "win32":
     from ._fdio import FdTransport, ReadinessWaiter, open_transport, poller
 
@@ -80,7 +85,8 @@ else:  # pragma: no cover
 
 __all__ = ("DEFAULT_STALL_TIMEOUT", "AsyncQueue", "JoinableQueue", "Queue", "SimpleQueue")
 
-T = TypeVar("T")
+#: What an AsyncQueue carries; ``Any`` unless the code says otherwise.
+T = TypeVar("T", default=Any)
 
 #: How long a get waits for the rest of an item whose first bytes it has read.
 DEFAULT_STALL_TIMEOUT = 10.0
@@ -174,6 +180,9 @@ class AsyncQueue(AsyncResource, Generic[T]):
     AsyncQueue belongs to the process that made it, and pickling it, or passing it to
     a spawned child, raises ``TypeError``. ``async with`` calls :meth:`aclose` on the
     way out.
+
+    ``AsyncQueue[T]`` says what it carries: :meth:`get` returns ``T`` and :meth:`put`
+    takes one (``Any`` without a type argument; nothing is checked at run time).
 
     :param use_threads: ``None`` picks the route: the fd route for multiprocessing
         queues on POSIX, threads for anything else. ``True`` forces threads.
