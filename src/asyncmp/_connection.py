@@ -32,7 +32,7 @@ from asyncio import _get_running_loop
 from collections import deque
 from collections.abc import Awaitable, Callable
 from multiprocessing.reduction import ForkingPickler
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import anyio
 from anyio.abc import ObjectStream
@@ -42,6 +42,11 @@ from . import _platform
 from ._exceptions import ConnectionEOF, ProtocolError
 from ._threads import BlockingCall, Worker
 from ._wire import DEFAULT_MAX_MESSAGE_SIZE, FrameDecoder, WireError, encode_header
+
+if sys.version_info >= (3, 13):
+    from typing import TypeVar
+else:
+    from typing_extensions import TypeVar
 
 if TYPE_CHECKING:
     from typing import TypeAlias
@@ -78,6 +83,9 @@ _THREAD_SLICE = 0.05
 
 _last_turn = [0.0]
 _loads = ForkingPickler.loads
+
+#: What an AsyncConnection receives and sends; ``Any`` unless the code says otherwise.
+T = TypeVar("T", default=Any)
 
 
 try:  # Two dispatches less per call than anyio.lowlevel.checkpoint_if_cancelled().
@@ -626,7 +634,41 @@ class _ThreadIO:
                 thread.join(0.5)
 
 
-class AsyncConnection(ObjectStream[Any]):
+def _connection_like(conn: object) -> bool:
+    """Has what AsyncConnection uses of a Connection (a Windows PipeConnection is a
+    sibling of Connection, not a subclass: ask for the methods instead)."""
+    return hasattr(conn, "closed") and all(
+        callable(getattr(conn, name, None))
+        for name in ("fileno", "poll", "recv_bytes", "send_bytes", "close")
+    )
+
+
+def _not_a_connection(conn: object) -> TypeError:
+    if isinstance(conn, AsyncConnection):
+        return TypeError(
+            "this is already an AsyncConnection: use it as it is, or wrap its plain "
+            "multiprocessing Connection (its .connection) only once"
+        )
+    message = (
+        "AsyncConnection wraps a multiprocessing Connection (an end of "
+        "multiprocessing.Pipe(), or one from Client() or Listener.accept()), "
+        f"not {type(conn).__module__}.{type(conn).__qualname__}"
+    )
+    if callable(getattr(conn, "get", None)) and callable(getattr(conn, "put", None)):
+        message += "; for a queue, use AsyncQueue"
+    return TypeError(message)
+
+
+_CLOSED_HERE = "this AsyncConnection was closed (close() or aclose())"
+_INHERITED = (
+    "this AsyncConnection was inherited by a forked child process and is closed here: "
+    "its end belongs to the parent. Give the child a plain multiprocessing Connection "
+    "instead, the other end of the pipe (asyncmp.Pipe() returns it second), and wrap it "
+    "in an AsyncConnection in the child if the child is async"
+)
+
+
+class AsyncConnection(ObjectStream[T]):
     """The async end of a ``multiprocessing.connection.Connection``.
 
     Wraps *conn* (either end of ``multiprocessing.Pipe()``, or a connection from
@@ -635,7 +677,14 @@ class AsyncConnection(ObjectStream[Any]):
     synchronous Connection; the bytes on the wire are the stdlib's.
 
     On POSIX the descriptor is closed in any child forked after this call, so a worker
-    never holds a copy of this end and sees EOF once it is closed here.
+    never holds a copy of this end and sees EOF once it is closed here. An
+    AsyncConnection belongs to the process that made it: pickling it, or passing it to
+    a spawned child, raises ``TypeError``; a forked child that uses its copy gets
+    ``anyio.ClosedResourceError``. Give a child the plain Connection at the other end.
+
+    ``AsyncConnection[T]`` says what it carries: :meth:`recv` returns ``T`` and
+    :meth:`send` takes one (``Any`` without a type argument; nothing is checked at run
+    time).
 
     ``async for msg in conn`` receives until the peer closes its end (the iteration then
     ends instead of raising :class:`ConnectionEOF`); each step is a :meth:`recv`, with its
@@ -647,6 +696,8 @@ class AsyncConnection(ObjectStream[Any]):
         allocated. ``None`` means no limit.
     :param use_threads: ``None`` picks the route by platform: descriptor readiness on
         POSIX, threads on Windows. ``True`` forces the thread route anywhere.
+    :raises TypeError: *conn* is not a ``multiprocessing`` Connection.
+    :raises anyio.ClosedResourceError: *conn* is closed already.
     """
 
     def __init__(
@@ -656,6 +707,8 @@ class AsyncConnection(ObjectStream[Any]):
         max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
         use_threads: bool | None = None,
     ) -> None:
+        if not _connection_like(conn):  # an AsyncConnection is not: it has no poll()
+            raise _not_a_connection(conn)
         if conn.closed:
             raise anyio.ClosedResourceError("the connection is already closed")
         if max_message_size is not None and max_message_size < 0:
@@ -674,6 +727,7 @@ class AsyncConnection(ObjectStream[Any]):
         self._recv_lock = _FairLock()
         self._send_lock = _FairLock()
         self._closed = False
+        self._why_closed = _CLOSED_HERE
         # Set by the first ProtocolError: the incoming stream can't be trusted from then
         # on, whatever the route would make of the bytes that follow.
         self._protocol_error: str | None = None
@@ -711,11 +765,11 @@ class AsyncConnection(ObjectStream[Any]):
 
     def _check_open(self) -> None:
         if self._closed:
-            raise anyio.ClosedResourceError
+            raise anyio.ClosedResourceError(self._why_closed)
 
     def _check_readable(self) -> None:
         if self._closed:
-            raise anyio.ClosedResourceError
+            raise anyio.ClosedResourceError(self._why_closed)
         if self._protocol_error is not None:
             raise ProtocolError(self._protocol_error)
         if not self._readable:
@@ -723,7 +777,7 @@ class AsyncConnection(ObjectStream[Any]):
 
     def _check_writable(self) -> None:
         if self._closed:
-            raise anyio.ClosedResourceError
+            raise anyio.ClosedResourceError(self._why_closed)
         if self._protocol_error is not None:
             raise anyio.BrokenResourceError(self._protocol_error)
         if self._io.broken is not None:
@@ -768,7 +822,7 @@ class AsyncConnection(ObjectStream[Any]):
         finally:
             lock.release()
 
-    async def recv(self) -> Any:
+    async def recv(self) -> T:
         """Receive the next message and unpickle it, as ``Connection.recv()`` does.
 
         If cancelled, no message was consumed; the next call returns it. Raises what
@@ -794,7 +848,7 @@ class AsyncConnection(ObjectStream[Any]):
                     self._protocol_error = str(exc)
                     raise
                 if frame is not None:
-                    return _loads(frame)
+                    return _loads(frame)  # type: ignore[no-any-return]
                 # Nothing here yet: wait, holding the lock (no await since the check).
                 lock = self._recv_lock
                 lock.acquire_nowait()
@@ -805,10 +859,10 @@ class AsyncConnection(ObjectStream[Any]):
                     raise
                 finally:
                     lock.release()
-                return _loads(frame)
-        return _loads(await self._recv_bytes(None, nothing_there=False))
+                return _loads(frame)  # type: ignore[no-any-return]
+        return _loads(await self._recv_bytes(None, nothing_there=False))  # type: ignore[no-any-return]
 
-    def recv_nowait(self) -> Any:
+    def recv_nowait(self) -> T:
         """Return the next message if all of it has arrived.
 
         :raises anyio.WouldBlock: no whole message is there (or another task is
@@ -825,9 +879,9 @@ class AsyncConnection(ObjectStream[Any]):
         except ProtocolError as exc:
             self._protocol_error = str(exc)
             raise
-        return ForkingPickler.loads(frame)
+        return ForkingPickler.loads(frame)  # type: ignore[no-any-return]
 
-    async def receive(self) -> Any:
+    async def receive(self) -> T:
         """``anyio.abc.ObjectReceiveStream`` name for :meth:`recv`.
 
         Cancellation and exceptions: as :meth:`recv` (a clean EOF raises
@@ -897,7 +951,7 @@ class AsyncConnection(ObjectStream[Any]):
         finally:
             lock.release()
 
-    async def send(self, obj: Any) -> None:
+    async def send(self, obj: T) -> None:
         """Pickle *obj* and send it, as ``Connection.send()`` does.
 
         The object is pickled first, in the caller: an unpicklable object raises here and
@@ -953,12 +1007,21 @@ class AsyncConnection(ObjectStream[Any]):
 
     def _forget_in_forked_child(self) -> None:
         self._closed = True
+        self._why_closed = _INHERITED
         if isinstance(self._io, _FdIO):
             self._io._forget_in_forked_child()
         try:
             self._conn.close()
         except OSError:
             pass
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError(
+            "an AsyncConnection can't be pickled or passed to another process: pass a plain "
+            "multiprocessing Connection instead, the other end of the pipe (asyncmp.Pipe() "
+            "returns it second), and wrap it in an AsyncConnection there if that process "
+            "is async"
+        )
 
     # async with and async for come from anyio's ObjectStream: aclose() on exit, and
     # receive() until EndOfStream (ConnectionEOF is one).
@@ -974,7 +1037,7 @@ def Pipe(
     *,
     max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
     use_threads: bool | None = None,
-) -> tuple[AsyncConnection, Connection]:
+) -> tuple[AsyncConnection[Any], Connection]:
     """Return ``(async_end, worker_end)``: the first for this process, the second to hand
     to a worker. With ``duplex=False`` the async end is the receiving one."""
     a, b = multiprocessing.Pipe(duplex)

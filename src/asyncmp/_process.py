@@ -23,7 +23,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, NoReturn
 
 import anyio
 from anyio.lowlevel import checkpoint
@@ -33,10 +33,18 @@ from ._connection import AsyncConnection
 from ._exceptions import ConnectionEOF
 from ._threads import BlockingCall
 
+if sys.version_info >= (3, 13):
+    from typing import TypeVar
+else:
+    from typing_extensions import TypeVar
+
 if TYPE_CHECKING or sys.platform != "win32":
     from ._fdio import ReadinessWaiter
 
 __all__ = ("AsyncProcess", "Worker", "WorkerExited", "open_process", "open_worker")
+
+#: What a Worker's pipe carries; ``Any`` unless the code says otherwise.
+T = TypeVar("T", default=Any)
 
 #: Grace between terminate() and kill() when a block is left on an error.
 TERMINATE_GRACE = 1.0
@@ -68,7 +76,11 @@ class WorkerExited(ConnectionEOF):
 
 
 class AsyncProcess:
-    """Async handle on a started ``multiprocessing.Process``."""
+    """Async handle on a started ``multiprocessing.Process``.
+
+    Only the process that started it can wait for it: pickling an AsyncProcess, or
+    passing it to a spawned child, raises ``TypeError``.
+    """
 
     def __init__(self, process: multiprocessing.process.BaseProcess) -> None:
         if process.pid is None:
@@ -84,10 +96,12 @@ class AsyncProcess:
 
     @property
     def process(self) -> multiprocessing.process.BaseProcess:
+        """The wrapped ``multiprocessing`` process object."""
         return self._process
 
     @property
     def pid(self) -> int:
+        """The process id."""
         return self._pid
 
     @property
@@ -225,6 +239,12 @@ class AsyncProcess:
             self._closed = True
             self._process.close()
 
+    def __reduce__(self) -> NoReturn:
+        raise TypeError(
+            "an AsyncProcess can't be pickled or passed to another process: only the "
+            "process that started it can wait for it; pass its .pid to say which one it is"
+        )
+
     def __repr__(self) -> str:
         return f"<asyncmp.AsyncProcess pid={self.pid} exitcode={self.exitcode}>"
 
@@ -264,24 +284,32 @@ async def open_process(
         aprocess.close()
 
 
-class Worker:
+class Worker(Generic[T]):
     """A worker process and the async end of its duplex Pipe.
 
     It has :class:`AsyncConnection`'s methods. When the worker dies, a pending or later
     receive raises :class:`WorkerExited` (an ``EOFError``) saying how it ended.
     ``async for msg in worker`` receives until the worker closes its end.
+
+    ``Worker[T]`` says what the pipe carries, as ``AsyncConnection[T]`` does (``Any``
+    without a type argument). A Worker belongs to the process that opened it: pickling
+    it, or passing it to a spawned child, raises ``TypeError``.
     """
 
-    def __init__(self, connection: AsyncConnection, process: AsyncProcess) -> None:
+    def __init__(self, connection: AsyncConnection[T], process: AsyncProcess) -> None:
         self._conn = connection
         self._process = process
 
     @property
     def process(self) -> AsyncProcess:
+        """The worker process: its :attr:`~AsyncProcess.pid`, its
+        :attr:`~AsyncProcess.exitcode`, :meth:`~AsyncProcess.wait` for it to end, or
+        :meth:`~AsyncProcess.stop` it."""
         return self._process
 
     @property
-    def connection(self) -> AsyncConnection:
+    def connection(self) -> AsyncConnection[T]:
+        """The parent's end of the pipe (owned by the Worker)."""
         return self._conn
 
     async def _explain_eof(self, eof: ConnectionEOF) -> WorkerExited:
@@ -291,7 +319,7 @@ class Worker:
         error.__cause__ = eof
         return error
 
-    async def recv(self) -> Any:
+    async def recv(self) -> T:
         """As :meth:`AsyncConnection.recv`; raises :class:`WorkerExited` at EOF.
 
         If cancelled, no message was consumed; the next call returns it.
@@ -313,11 +341,11 @@ class Worker:
         except ConnectionEOF as eof:
             raise await self._explain_eof(eof) from eof
 
-    def recv_nowait(self) -> Any:
+    def recv_nowait(self) -> T:
         """As :meth:`AsyncConnection.recv_nowait`."""
         return self._conn.recv_nowait()
 
-    async def send(self, obj: Any) -> None:
+    async def send(self, obj: T) -> None:
         """As :meth:`AsyncConnection.send`, with its cancellation behaviour and exceptions."""
         await self._conn.send(obj)
 
@@ -326,10 +354,10 @@ class Worker:
         exceptions."""
         await self._conn.send_bytes(buf, offset, size)
 
-    def __aiter__(self) -> Worker:
+    def __aiter__(self) -> Worker[T]:
         return self
 
-    async def __anext__(self) -> Any:
+    async def __anext__(self) -> T:
         # EOF ends the iteration if the worker ended well (or still runs, having closed
         # its end); a crash is not a clean end of the stream, so it raises.
         try:
@@ -347,6 +375,13 @@ class Worker:
         :meth:`AsyncConnection.aclose`: closing happens even if cancelled; raises nothing.
         """
         await self._conn.aclose()
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError(
+            "a Worker can't be pickled or passed to another process: it is this process's "
+            "handle on its worker; to reach the worker from elsewhere, give that process a "
+            "plain Pipe or Queue of its own"
+        )
 
     def __repr__(self) -> str:
         return f"<asyncmp.Worker {self._process!r}>"

@@ -37,6 +37,7 @@ running and its item goes to the next ``get``.
 from __future__ import annotations
 
 import errno
+import inspect
 import io
 import multiprocessing
 import multiprocessing.queues
@@ -50,7 +51,7 @@ import weakref
 from collections import deque
 from multiprocessing.reduction import ForkingPickler
 from time import perf_counter as _perf_counter
-from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, NoReturn
 
 import anyio
 from anyio.abc import AsyncResource
@@ -66,6 +67,11 @@ from ._connection import _TURN_INTERVAL, _cancel_check, _FairLock, _fast_checkpo
 from ._threads import BlockingCall, Worker
 from ._wire import FrameDecoder, WireError
 
+if sys.version_info >= (3, 13):
+    from typing import TypeVar
+else:
+    from typing_extensions import TypeVar
+
 if TYPE_CHECKING or sys.platform != "win32":
     from ._fdio import FdTransport, ReadinessWaiter, open_transport, poller
 
@@ -79,7 +85,8 @@ else:  # pragma: no cover
 
 __all__ = ("DEFAULT_STALL_TIMEOUT", "AsyncQueue", "JoinableQueue", "Queue", "SimpleQueue")
 
-T = TypeVar("T")
+#: What an AsyncQueue carries; ``Any`` unless the code says otherwise.
+T = TypeVar("T", default=Any)
 
 #: How long a get waits for the rest of an item whose first bytes it has read.
 DEFAULT_STALL_TIMEOUT = 10.0
@@ -136,18 +143,53 @@ class _LockHandoff:
         self.acquired = False
 
 
+def _queue_like(q: object) -> bool:
+    """Has the blocking ``get`` and ``put`` of a queue (a manager's proxy has no more to
+    tell it by), and is no asyncio queue, whose are coroutines."""
+    get = getattr(q, "get", None)
+    put = getattr(q, "put", None)
+    return (
+        callable(get)
+        and callable(put)
+        and not inspect.iscoroutinefunction(get)
+        and not inspect.iscoroutinefunction(put)
+    )
+
+
+def _not_a_queue(q: object) -> TypeError:
+    if isinstance(q, AsyncQueue):
+        return TypeError(
+            "this is already an AsyncQueue: use it as it is, or wrap its plain queue "
+            "(its .queue) only once"
+        )
+    message = (
+        "AsyncQueue wraps a multiprocessing Queue, JoinableQueue or SimpleQueue (of any "
+        "context) or a Manager().Queue() proxy, "
+        f"not {type(q).__module__}.{type(q).__qualname__}"
+    )
+    if callable(getattr(q, "recv_bytes", None)):
+        message += "; for a Connection, use AsyncConnection"
+    return TypeError(message)
+
+
 class AsyncQueue(AsyncResource, Generic[T]):
     """Async adapter for a ``multiprocessing`` ``Queue``, ``JoinableQueue``,
     ``SimpleQueue`` (from any context) or a ``Manager().Queue()`` proxy.
 
-    The processes on the other side keep using the plain queue (:attr:`queue`).
-    ``async with`` calls :meth:`aclose` on the way out.
+    The processes on the other side keep using the plain queue (:attr:`queue`): an
+    AsyncQueue belongs to the process that made it, and pickling it, or passing it to
+    a spawned child, raises ``TypeError``. ``async with`` calls :meth:`aclose` on the
+    way out.
+
+    ``AsyncQueue[T]`` says what it carries: :meth:`get` returns ``T`` and :meth:`put`
+    takes one (``Any`` without a type argument; nothing is checked at run time).
 
     :param use_threads: ``None`` picks the route: the fd route for multiprocessing
         queues on POSIX, threads for anything else. ``True`` forces threads.
     :param stall_timeout: how long a ``get`` that has read part of an item waits for
         the rest before it reports ``anyio.BrokenResourceError`` (the producer died
         mid-put).
+    :raises TypeError: *q* is not a queue.
     """
 
     def __init__(
@@ -157,6 +199,8 @@ class AsyncQueue(AsyncResource, Generic[T]):
         use_threads: bool | None = None,
         stall_timeout: float = DEFAULT_STALL_TIMEOUT,
     ) -> None:
+        if isinstance(q, AsyncQueue) or not _queue_like(q):
+            raise _not_a_queue(q)
         self._q = q
         self._stall_timeout = stall_timeout
         self._parts = None if use_threads else _mpinternals.queue_parts(q)
@@ -978,6 +1022,13 @@ class AsyncQueue(AsyncResource, Generic[T]):
         finally:
             call.request_stop()
             call.join()
+
+    def __reduce__(self) -> NoReturn:
+        raise TypeError(
+            "an AsyncQueue can't be pickled or passed to another process: pass its .queue "
+            "instead, the plain multiprocessing queue, and wrap that in an AsyncQueue there "
+            "if that process is async"
+        )
 
     def __repr__(self) -> str:
         route = "threads" if self.uses_threads else "fd"

@@ -694,6 +694,12 @@ class AsyncListener:
         self._unlink = False
         self._sock.close()
 
+    def __reduce__(self) -> NoReturn:
+        raise TypeError(
+            "an AsyncListener can't be pickled or passed to another process: it listens in "
+            "this process; pass its .address (and the authkey) and connect() from there"
+        )
+
     def __repr__(self) -> str:
         state = "closed" if self._closed else "open"
         return f"<asyncmp.AsyncListener {state} {self._family} address={self._address!r}>"

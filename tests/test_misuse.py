@@ -1,0 +1,188 @@
+"""The likeliest mistakes with asyncmp's adapters fail at once, saying what to do instead.
+
+An adapter (``AsyncQueue``, ``AsyncConnection``, ``Worker``, ``AsyncProcess``,
+``AsyncListener``) belongs to the process that made it: pickling one, or handing it to a
+spawned child, raises a ``TypeError`` that names the plain object to pass. A forked child
+that uses an ``AsyncConnection`` it inherited learns why it is closed. An adapter given the
+wrong kind of object raises ``TypeError`` at construction, naming what it accepts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import multiprocessing.connection
+import pickle
+import queue
+import socket
+import sys
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, cast
+
+import anyio
+import pytest
+
+import asyncmp
+from asyncmp import AsyncConnection, AsyncQueue
+
+from . import misuse_workers
+
+if TYPE_CHECKING:
+    from tests.workers import MPContext
+
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.skipif(sys.platform == "win32", reason="the peers are POSIX processes"),
+]
+
+FORK = "fork" in multiprocessing.get_all_start_methods()
+
+#: What the TypeError says to pass instead, per adapter.
+INSTEAD = {
+    "AsyncQueue": r"pass its \.queue",
+    "AsyncConnection": r"plain multiprocessing Connection",
+    "Worker": r"plain Pipe or Queue",
+    "AsyncProcess": r"\.pid",
+    "AsyncListener": r"\.address",
+}
+
+
+async def adapters() -> AsyncIterator[tuple[str, object]]:
+    """Each adapter, open, then closed once the caller is done with it."""
+    context = multiprocessing.get_context("fork" if FORK else "spawn")
+    aq = asyncmp.Queue(context=context)
+    async with aq:
+        yield "AsyncQueue", aq
+    aconn, worker_end = asyncmp.Pipe()
+    with worker_end:
+        async with aconn:
+            yield "AsyncConnection", aconn
+    async with asyncmp.open_worker(misuse_workers.noop, context=context) as worker:
+        yield "Worker", worker
+        yield "AsyncProcess", worker.process
+    async with asyncmp.serve() as listener:
+        yield "AsyncListener", listener
+
+
+# ---------------------------------------------------------------------------------------
+# Pickling an adapter
+# ---------------------------------------------------------------------------------------
+
+
+async def test_pickling_an_adapter_says_what_to_pass_instead() -> None:
+    seen = []
+    async for name, adapter in adapters():
+        for dump in (pickle.dumps, multiprocessing.reduction.ForkingPickler.dumps):
+            with pytest.raises(TypeError, match=rf"^an? {name} can't be pickled.*{INSTEAD[name]}"):
+                dump(adapter)
+        seen.append(name)
+    assert seen == list(INSTEAD)
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+async def test_handing_an_adapter_to_a_spawned_child_says_what_to_pass_instead(
+    method: str,
+) -> None:
+    if method not in multiprocessing.get_all_start_methods():
+        pytest.skip(f"no {method} start method here")
+    context = cast("MPContext", multiprocessing.get_context(method))
+    async for name, adapter in adapters():
+        process = context.Process(target=misuse_workers.noop, args=(adapter,))
+        with pytest.raises(TypeError, match=rf"^an? {name} can't be pickled.*{INSTEAD[name]}"):
+            process.start()
+        assert process.pid is None  # nothing was started
+
+
+# ---------------------------------------------------------------------------------------
+# A forked child's inherited AsyncConnection
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not FORK, reason="no fork start method here")
+async def test_a_forked_child_using_an_inherited_connection_learns_why_it_is_closed() -> None:
+    context = multiprocessing.get_context("fork")
+    aconn, worker_end = asyncmp.Pipe()
+    report_in, report_out = context.Pipe(duplex=False)
+    with worker_end:
+        async with aconn, AsyncConnection(report_in) as report:
+            async with asyncmp.open_process(
+                misuse_workers.report_inherited_connection, aconn, report_out, context=context
+            ):
+                report_out.close()
+                with anyio.fail_after(20):
+                    kind, message = await report.recv()
+    assert kind == "ClosedResourceError"
+    assert "inherited by a forked child" in message
+    assert "plain multiprocessing Connection" in message
+    assert "other end" in message
+
+
+async def test_a_connection_closed_here_says_so_and_nothing_of_fork() -> None:
+    aconn, worker_end = asyncmp.Pipe()
+    with worker_end:
+        await aconn.aclose()
+        calls: list[Callable[[], object]] = [aconn.recv_nowait, aconn.fileno]
+        for call in calls:
+            with pytest.raises(anyio.ClosedResourceError, match="was closed") as info:
+                call()
+            assert "fork" not in str(info.value)
+        with pytest.raises(anyio.ClosedResourceError, match="was closed"):
+            await aconn.send("x")
+        with pytest.raises(anyio.ClosedResourceError, match="was closed"):
+            await aconn.recv()
+
+
+# ---------------------------------------------------------------------------------------
+# The wrong kind of object, at construction
+# ---------------------------------------------------------------------------------------
+
+
+async def test_async_queue_refuses_what_is_no_queue() -> None:
+    a, b = multiprocessing.Pipe()
+    with a, b:
+        wrong: object
+        for wrong in ([1, 2], {"get": 1}, a, asyncio.Queue[int](), None):
+            with pytest.raises(TypeError, match=r"^AsyncQueue wraps a multiprocessing Queue"):
+                AsyncQueue(wrong)
+    with pytest.raises(TypeError, match=r"use AsyncConnection"):
+        AsyncQueue(a)
+    async with asyncmp.Queue() as aq:
+        with pytest.raises(TypeError, match=r"already an AsyncQueue"):
+            AsyncQueue(aq)
+
+
+async def test_async_queue_still_takes_a_manager_queue_and_a_thread_queue() -> None:
+    with multiprocessing.get_context("fork" if FORK else "spawn").Manager() as manager:
+        async with AsyncQueue[Any](manager.Queue()) as aq:
+            assert aq.uses_threads
+            await aq.put("through the manager")
+            with anyio.fail_after(10):
+                assert await aq.get() == "through the manager"
+    async with AsyncQueue[Any](queue.Queue()) as aq:
+        await aq.put(1)
+        with anyio.fail_after(10):
+            assert await aq.get() == 1
+
+
+async def test_async_connection_refuses_what_is_no_connection() -> None:
+    q: multiprocessing.Queue[Any] = multiprocessing.Queue()
+    s1, s2 = socket.socketpair()
+    try:
+        wrong: Any
+        for wrong in (q, s1, [1], None):
+            with pytest.raises(
+                TypeError, match=r"^AsyncConnection wraps a multiprocessing Connection"
+            ):
+                AsyncConnection(wrong)
+        with pytest.raises(TypeError, match=r"use AsyncQueue"):
+            AsyncConnection(cast(Any, q))
+    finally:
+        q.close()
+        q.join_thread()
+        s1.close()
+        s2.close()
+    aconn, worker_end = asyncmp.Pipe()
+    with worker_end:
+        async with aconn:
+            with pytest.raises(TypeError, match=r"already an AsyncConnection"):
+                AsyncConnection(aconn)  # type: ignore[arg-type]
