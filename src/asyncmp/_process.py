@@ -37,9 +37,35 @@ from ._threads import BlockingCall
 if TYPE_CHECKING or sys.platform != "win32":
     from ._fdio import ReadinessWaiter
 
-__all__ = ("AsyncProcess", "Worker", "WorkerExited", "open_process", "open_worker")
+# The extra positional arguments of open_process() and open_worker() are checked against
+# the target's parameters. ParamSpec can't do that here: its P.args needs P.kwargs beside
+# it, and these functions take keyword-only options instead. A TypeVarTuple can, and it is
+# in typing from 3.11; on 3.10 only type checkers read it, from typing_extensions' stubs
+# (which they ship), so typing_extensions is no dependency.
+if sys.version_info >= (3, 11):
+    from typing import TypeVarTuple, Unpack
+elif TYPE_CHECKING:
+    from typing_extensions import TypeVarTuple, Unpack
+if sys.version_info >= (3, 11) or TYPE_CHECKING:
+    Ts = TypeVarTuple("Ts")
 
-#: Grace between terminate() and kill() when a block is left on an error.
+if sys.platform == "win32":
+    from multiprocessing.connection import PipeConnection as _WorkerEnd
+else:
+    from multiprocessing.connection import Connection as _WorkerEnd
+
+__all__ = (
+    "TERMINATE_GRACE",
+    "AsyncProcess",
+    "Worker",
+    "WorkerExited",
+    "open_process",
+    "open_worker",
+)
+
+#: Seconds :meth:`AsyncProcess.stop` waits after ``terminate()`` before ``kill()`` by
+#: default; also the grace when an :func:`open_process` or :func:`open_worker` block is
+#: left on an error or a cancellation, or after its ``shutdown_timeout``.
 TERMINATE_GRACE = 1.0
 #: How long a receive that hit EOF waits for the worker's exit code to explain it.
 _EXIT_CODE_WAIT = 1.0
@@ -326,13 +352,15 @@ class AsyncProcess:
 
 @asynccontextmanager
 async def open_process(
-    target: Callable[..., object],
-    *args: Any,
+    target: Callable[[Unpack[Ts]], object],
+    *args: Unpack[Ts],
     context: Any = None,
     name: str | None = None,
     shutdown_timeout: float = 5.0,
 ) -> AsyncIterator[AsyncProcess]:
     """Start ``target(*args)`` in a process for the duration of the block.
+
+    Type checkers check *args* against *target*'s parameters.
 
     Leaving the block normally waits up to *shutdown_timeout* seconds for the process to
     end on its own, then terminates it, then kills it. Leaving on an exception or a
@@ -451,13 +479,15 @@ class Worker:
 
 @asynccontextmanager
 async def open_worker(
-    target: Callable[..., object],
-    *args: Any,
+    target: Callable[[_WorkerEnd, Unpack[Ts]], object],
+    *args: Unpack[Ts],
     context: Any = None,
     shutdown_timeout: float = 5.0,
 ) -> AsyncIterator[Worker]:
     """Run ``target(conn, *args)`` in a child, where ``conn`` is the plain worker end of a
     duplex Pipe; yield a :class:`Worker` to talk to it.
+
+    Type checkers check *args* against *target*'s parameters after the first.
 
     On leaving the block the parent's end is closed first, so a worker looping on
     ``conn.recv()`` sees ``EOFError`` and can return; then the process is shut down as
