@@ -33,7 +33,7 @@ import anyio
 import pytest
 
 import asyncmp
-from asyncmp import AsyncConnection, AsyncProcess, Worker, WorkerExited
+from asyncmp import AsyncConnection, AsyncProcess, Worker, WorkerExited, _platform
 
 from . import process_workers as pw
 
@@ -90,6 +90,15 @@ async def open_ready_process(
             child_end.close()  # the child has its own copy now
         assert await ready.recv() == "ready"
     return process
+
+
+class Boom(Exception):
+    pass
+
+
+def raises_boom_if(how: str) -> contextlib.AbstractContextManager[object]:
+    """Expect :class:`Boom` when the block is left on an exception, else nothing."""
+    return pytest.raises(Boom) if how == "exception" else contextlib.nullcontext()
 
 
 # --- AsyncProcess -------------------------------------------------------------------------------
@@ -186,6 +195,234 @@ async def test_wait_for_a_forkserver_child_does_not_spin() -> None:
     assert_reaped(process.pid)
 
 
+# --- many waiters -------------------------------------------------------------------------------
+#
+# Any number of tasks may wait for one process, and each gets the exit code, whatever the others
+# do meanwhile: be cancelled, stop() it, or leave the block that owns it. Each test runs on every
+# way of watching a process: a pidfd (Linux), the sentinel (macOS; and a forkserver's children,
+# whose status only the sentinel brings), and the thread of the Windows route.
+
+WAIT_ROUTES = ["pidfd", "sentinel", "thread"]
+
+
+@pytest.fixture(params=WAIT_ROUTES)
+def wait_route(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Watch processes through a pidfd, the sentinel, or a thread, for this test."""
+    route: str = request.param
+    if route == "pidfd" and not hasattr(os, "pidfd_open"):
+        pytest.skip("no pidfd on this platform")
+    if route == "sentinel":
+        monkeypatch.delattr(os, "pidfd_open", raising=False)  # as on macOS
+    if route == "thread":
+        monkeypatch.setattr(_platform, "POSIX_FDS", False)  # as on Windows
+    return route
+
+
+def open_fds() -> set[int]:
+    """This process's open descriptors (empty where they can't be listed)."""
+    fd_dir = {"linux": "/proc/self/fd", "darwin": "/dev/fd"}.get(sys.platform)
+    return set(map(int, os.listdir(fd_dir))) if fd_dir else set()
+
+
+async def wait_into(process: AsyncProcess, codes: list[int]) -> None:
+    codes.append(await process.wait())
+
+
+@pytest.mark.usefixtures("wait_route")
+async def test_several_tasks_wait_at_once(mp_context: MPContext) -> None:
+    codes: list[int] = []
+    async with AsyncExitStack() as stack:
+        process = await open_ready_process(stack, pw.say_ready_then_hang, mp_context)
+        async with anyio.create_task_group() as tg:
+            for _ in range(3):
+                tg.start_soon(wait_into, process, codes)
+            await anyio.wait_all_tasks_blocked()
+            assert codes == []
+            assert process.is_alive()
+            process.terminate()
+        assert codes == [SIGTERM] * 3
+        assert await process.wait() == SIGTERM  # and a later call, at once
+    assert_reaped(process.pid)
+
+
+@pytest.mark.usefixtures("wait_route")
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        pytest.param(pw.say_ready_then_hang, SIGTERM, id="terminated"),
+        pytest.param(pw.ignore_sigterm_then_hang, SIGKILL, id="killed-after-grace"),
+    ],
+)
+async def test_stop_while_other_tasks_wait(
+    mp_context: MPContext, target: Callable[..., object], expected: int
+) -> None:
+    codes: list[int] = []
+    async with AsyncExitStack() as stack:
+        process = await open_ready_process(stack, target, mp_context, shutdown_timeout=LONG)
+        async with anyio.create_task_group() as tg:
+            for _ in range(2):
+                tg.start_soon(wait_into, process, codes)
+            await anyio.wait_all_tasks_blocked()
+            start = time.monotonic()
+            assert await process.stop(grace=0.2) == expected
+            assert time.monotonic() - start < PROMPT
+            assert not process.is_alive()
+        assert codes == [expected] * 2
+    assert process.exitcode == expected
+    assert_reaped(process.pid)
+
+
+@pytest.mark.usefixtures("wait_route")
+async def test_two_tasks_stop_at_once() -> None:
+    codes: list[int] = []
+    async with AsyncExitStack() as stack:
+        process = await open_ready_process(stack, pw.ignore_sigterm_then_hang, FORK)
+
+        async def stop() -> None:
+            codes.append(await process.stop(grace=0.2))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(stop)
+            tg.start_soon(stop)
+    assert codes == [SIGKILL] * 2
+    assert_reaped(process.pid)
+
+
+@pytest.mark.usefixtures("wait_route")
+@pytest.mark.parametrize("how", ["normally", "exception"])
+@pytest.mark.parametrize("opener", ["open_process", "open_worker"])
+async def test_leaving_the_block_while_tasks_wait(
+    mp_context: MPContext, opener: str, how: str
+) -> None:
+    """Tasks outside the block wait for its process; the block ends, and they get the code."""
+    codes: list[int] = []
+    async with anyio.create_task_group() as tg:
+        with raises_boom_if(how):
+            async with AsyncExitStack() as stack:
+                if opener == "open_process":
+                    p = await open_ready_process(
+                        stack, pw.say_ready_then_hang, mp_context, shutdown_timeout=0.1
+                    )
+                else:
+                    w = await stack.enter_async_context(
+                        asyncmp.open_worker(
+                            pw.say_ready_then_hang, context=mp_context, shutdown_timeout=0.1
+                        )
+                    )
+                    assert await w.recv() == "ready"
+                    p = w.process
+                for _ in range(2):
+                    tg.start_soon(wait_into, p, codes)
+                await anyio.wait_all_tasks_blocked()
+                if how == "exception":
+                    raise Boom
+    assert codes == [SIGTERM] * 2
+    assert p.exitcode == SIGTERM
+    assert_reaped(p.pid)
+
+
+@pytest.mark.usefixtures("wait_route")
+async def test_a_cancelled_waiter_leaves_the_others_waiting(mp_context: MPContext) -> None:
+    codes: list[int] = []
+    scopes = [anyio.CancelScope() for _ in range(4)]
+
+    async def wait(scope: anyio.CancelScope) -> None:
+        with scope:
+            codes.append(await process.wait())
+
+    async with AsyncExitStack() as stack:
+        process = await open_ready_process(stack, pw.say_ready_then_hang, mp_context)
+        async with anyio.create_task_group() as tg:
+            for scope in scopes:
+                tg.start_soon(wait, scope)
+            await anyio.wait_all_tasks_blocked()
+            scopes[0].cancel()  # the first to wait: the one that watches for the others
+            scopes[2].cancel()
+            await anyio.wait_all_tasks_blocked()
+            assert codes == []
+            assert process.is_alive()
+            scopes[1].cancel()  # the next one that watched
+            await anyio.wait_all_tasks_blocked()
+            assert codes == []
+            process.terminate()
+        assert codes == [SIGTERM]  # the last one's
+        assert [scope.cancelled_caught for scope in scopes] == [True, True, True, False]
+    assert_reaped(process.pid)
+
+
+@pytest.mark.usefixtures("wait_route")
+async def test_the_last_waiter_gone_leaves_no_descriptor(mp_context: MPContext) -> None:
+    async with AsyncExitStack() as stack:
+        process = await open_ready_process(stack, pw.say_ready_then_hang, mp_context)
+        before = open_fds()
+        for _ in range(2):  # and a second round can wait again
+            async with anyio.create_task_group() as tg:
+                for _ in range(3):
+                    tg.start_soon(process.wait)
+                await anyio.wait_all_tasks_blocked()
+                tg.cancel_scope.cancel()
+            assert open_fds() == before
+            assert process.is_alive()
+        codes: list[int] = []
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait_into, process, codes)
+            await anyio.wait_all_tasks_blocked()
+            process.terminate()
+        assert codes == [SIGTERM]
+        assert open_fds() == before
+    assert_reaped(process.pid)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_close_outside_a_loop_after_waits(backend: str) -> None:
+    """The waits, done and cancelled, released what they held in their loop: close() needs
+    none, and leaves no descriptor behind."""
+    process = FORK.Process(target=pw.exit_with, args=(0,))
+    process.start()
+    aprocess = AsyncProcess(process)
+    before = open_fds()
+
+    async def main() -> int:
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            await aprocess.wait()
+        return await aprocess.wait()
+
+    assert anyio.run(main, backend=backend) == 0
+    assert open_fds() == before
+    aprocess.close()
+    assert open_fds() < before  # the process object's own descriptors, closed
+    assert aprocess.exitcode == 0
+    assert_reaped(aprocess.pid)
+
+
+async def test_close_while_tasks_wait(mp_context: MPContext, wait_route: str) -> None:
+    """The process is reaped outside the waits (a sync ``exitcode`` read) and closed while
+    tasks wait: closing releases what they watch at once, and they get the code."""
+    codes: list[int] = []
+    async with anyio.create_task_group() as tg:
+        async with AsyncExitStack() as stack:
+            process = await open_ready_process(stack, pw.say_ready_then_hang, mp_context)
+            sentinel = process.process.sentinel
+            before = open_fds()
+            for _ in range(2):
+                tg.start_soon(wait_into, process, codes)
+            await anyio.wait_all_tasks_blocked()
+            process.terminate()
+            deadline = time.monotonic() + PROMPT
+            while process.exitcode is None:  # no checkpoint: the waiters don't run meanwhile
+                assert time.monotonic() < deadline, "the process did not end"
+                process.process.join(0.05)
+            process.close()
+            assert codes == []
+            if wait_route != "thread":  # (there, the thread may still be in its last slice)
+                assert open_fds() <= before - {sentinel}  # nothing new, the process's closed
+    assert codes == [SIGTERM] * 2
+    assert open_fds() <= before - {sentinel}
+    assert process.exitcode == SIGTERM
+    assert_reaped(process.pid)
+
+
 # --- open_process -------------------------------------------------------------------------------
 
 
@@ -242,15 +479,6 @@ async def test_runaway_child_ignoring_sigterm_is_killed(mp_context: MPContext) -
         )
     assert p.exitcode == SIGKILL
     assert_reaped(p.pid)
-
-
-class Boom(Exception):
-    pass
-
-
-def raises_boom_if(how: str) -> contextlib.AbstractContextManager[object]:
-    """Expect :class:`Boom` when the block is left on an exception, else nothing."""
-    return pytest.raises(Boom) if how == "exception" else contextlib.nullcontext()
 
 
 @pytest.mark.parametrize("how", ["exception", "cancellation"])

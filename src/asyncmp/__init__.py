@@ -6,6 +6,7 @@ from ._connection import Pipe as Pipe
 from ._exceptions import AsyncmpError as AsyncmpError
 from ._exceptions import ConnectionEOF as ConnectionEOF
 from ._exceptions import ProtocolError as ProtocolError
+from ._process import TERMINATE_GRACE as TERMINATE_GRACE
 from ._process import AsyncProcess as AsyncProcess
 from ._process import Worker as Worker
 from ._process import WorkerExited as WorkerExited
@@ -29,6 +30,7 @@ __all__ = (
     "DEFAULT_MAX_MESSAGE_SIZE",
     "DEFAULT_STALL_TIMEOUT",
     "SEND_SHIELD_SECONDS",
+    "TERMINATE_GRACE",
     "AsyncConnection",
     "AsyncListener",
     "AsyncProcess",

@@ -4,7 +4,8 @@
 watches a pidfd, which becomes readable once the process has exited and can be
 reaped; elsewhere on POSIX it watches the process sentinel (a pipe whose write end the
 child holds), then reaps. Either way the wait goes through ``_fdio``'s helper
-descriptor, and no thread is involved. On Windows a thread waits in short slices.
+descriptor, and no thread is involved. On Windows a thread waits in short slices. However
+many tasks wait, one watch serves them all (see :class:`AsyncProcess`).
 
 :func:`open_process` and :func:`open_worker` tie a process's life to an ``async with``
 block. Leaving the block normally lets the process finish on its own for up to
@@ -41,12 +42,36 @@ else:
 if TYPE_CHECKING or sys.platform != "win32":
     from ._fdio import ReadinessWaiter
 
-__all__ = ("AsyncProcess", "Worker", "WorkerExited", "open_process", "open_worker")
+# The extra positional arguments of open_process() and open_worker() are checked against
+# the target's parameters. ParamSpec can't do that here: its P.args needs P.kwargs beside
+# it, and these functions take keyword-only options instead. A TypeVarTuple can; it is in
+# typing from 3.11, and in typing_extensions (a dependency before 3.13) for 3.10.
+if sys.version_info >= (3, 11):
+    from typing import TypeVarTuple, Unpack
+else:
+    from typing_extensions import TypeVarTuple, Unpack
+Ts = TypeVarTuple("Ts")
 
 #: What a Worker's pipe carries; ``Any`` unless the code says otherwise.
 T = TypeVar("T", default=Any)
 
-#: Grace between terminate() and kill() when a block is left on an error.
+if sys.platform == "win32":
+    from multiprocessing.connection import PipeConnection as _WorkerEnd
+else:
+    from multiprocessing.connection import Connection as _WorkerEnd
+
+__all__ = (
+    "TERMINATE_GRACE",
+    "AsyncProcess",
+    "Worker",
+    "WorkerExited",
+    "open_process",
+    "open_worker",
+)
+
+#: Seconds :meth:`AsyncProcess.stop` waits after ``terminate()`` before ``kill()`` by
+#: default; also the grace when an :func:`open_process` or :func:`open_worker` block is
+#: left on an error or a cancellation, or after its ``shutdown_timeout``.
 TERMINATE_GRACE = 1.0
 #: How long a receive that hit EOF waits for the worker's exit code to explain it.
 _EXIT_CODE_WAIT = 1.0
@@ -78,6 +103,14 @@ class WorkerExited(ConnectionEOF):
 class AsyncProcess:
     """Async handle on a started ``multiprocessing.Process``.
 
+    Any number of tasks (of one event loop) may wait for the process at once. The first
+    one watches it: a pidfd (Linux) or the process sentinel (elsewhere on POSIX, and for
+    a forkserver's children, whose exit status comes through the sentinel) through
+    ``_fdio``'s private helper descriptor, or a thread on Windows. The others wait for
+    that task; if it is cancelled, one of them takes over. What the watch holds (the
+    pidfd, the helper descriptor, the thread) is shared by the waiting tasks and released
+    when the last of them returns or is cancelled, or by :meth:`close`.
+
     Only the process that started it can wait for it: pickling an AsyncProcess, or
     passing it to a spawned child, raises ``TypeError``.
     """
@@ -91,8 +124,19 @@ class AsyncProcess:
         self._pid: int = process.pid
         self._exitcode: int | None = None  # kept once reaped: it outlives close()
         self._closed = False
-        self._waiter: Any = None
+        #: Tasks in wait(): the last one out releases the watch.
+        self._waiting = 0
+        #: Set when the task that watches for the others stops watching; None while
+        #: nobody watches.
+        self._watch_ended: anyio.Event | None = None
+        self._waiter: ReadinessWaiter | None = None
         self._pidfd = -1
+        #: The thread route's call that waits for the sentinel, while it is wanted.
+        self._call: BlockingCall[None] | None = None
+        #: Every such call whose thread may still run, wanted or not: the thread uses the
+        #: sentinel, so close() leaves the process object open until they have ended.
+        self._calls: set[BlockingCall[None]] = set()
+        self._close_pending = False
 
     @property
     def process(self) -> multiprocessing.process.BaseProcess:
@@ -109,7 +153,8 @@ class AsyncProcess:
         """The exit code once reaped: negative for a signal, as ``Process.exitcode``.
 
         Reading it reaps the process if it has ended. It stays readable after the
-        ``async with`` block closed the process object.
+        ``async with`` block closed the process object. It may be read outside an event
+        loop.
         """
         if self._exitcode is None and not self._closed:
             self._exitcode = self._process.exitcode
@@ -131,82 +176,143 @@ class AsyncProcess:
     async def wait(self) -> int:
         """Wait until the process has ended and been reaped; return its exit code.
 
-        If cancelled, nothing changed: the process runs on and can be waited for again.
-        It raises nothing of its own.
-        """
-        try:
-            return await self._wait()
-        except BaseException:
-            # Don't keep descriptors open for a wait nobody is doing any more.
-            self._close_waiter()
-            raise
+        Any number of tasks of one event loop may wait at once, and each gets the exit
+        code; once it is known, a call returns it at once (after a checkpoint). Another
+        task's :meth:`stop`, :meth:`close` or the end of the :func:`open_process` block
+        meanwhile changes none of that.
 
-    async def _wait(self) -> int:
-        while True:
-            code = self.exitcode  # reaps it if it has ended (waitpid WNOHANG)
-            if code is not None:
-                self._close_waiter()
-                await checkpoint()
-                return code
+        If cancelled, nothing changed: the process runs on and can be waited for again,
+        and the other waiting tasks keep waiting. The last waiting task to leave, by
+        returning or by a cancellation, releases the descriptors (or the thread) the
+        wait used. It raises nothing of its own.
+        """
+        self._waiting += 1
+        try:
+            while True:
+                code = self.exitcode  # reaps it if it has ended (waitpid WNOHANG)
+                if code is not None:
+                    await checkpoint()
+                    return code
+                ended = self._watch_ended
+                if ended is not None:
+                    # Another task watches. Look again when it stops: it found the
+                    # process reaped, or it was cancelled and one of us takes over.
+                    await ended.wait()
+                    continue
+                ended = self._watch_ended = anyio.Event()
+                try:
+                    await self._watch()
+                finally:
+                    self._watch_ended = None
+                    ended.set()
+        finally:
+            self._waiting -= 1
+            if self._waiting == 0:
+                self._release()
+
+    async def _watch(self) -> None:
+        """Return once the process has been reaped. One task at a time watches."""
+        while self.exitcode is None:
             if not _platform.POSIX_FDS:  # Windows: a sentinel is a handle
-                await self._wait_in_thread()
+                if not self._sentinel_ready():
+                    await self._wait_in_thread()
+                else:
+                    await anyio.sleep(_REAP_RETRY)
                 continue
             if self._waiter is None:
                 self._open_waiter()
-            if self._pidfd >= 0:
-                await self._waiter.wait()
-                if self.exitcode is None:
-                    # The process has ended, yet waitpid can't reap it: it is not our
-                    # child (a forkserver's). Its exit status comes through the
-                    # sentinel, a moment later; wait for that instead of spinning.
-                    self._close_waiter()
-                    self._waiter = ReadinessWaiter(self._process.sentinel)
-            elif not self._sentinel_ready():
-                await self._waiter.wait()
-            else:
-                # The sentinel says "gone" a moment before waitpid can reap.
-                await anyio.sleep(_REAP_RETRY)
+            waiter = self._waiter
+            assert waiter is not None
+            try:
+                if self._pidfd >= 0:
+                    await waiter.wait()
+                    if self.exitcode is None:
+                        # The process has ended, yet waitpid can't reap it: it is not our
+                        # child (a forkserver's). Its exit status comes through the
+                        # sentinel, a moment later; wait for that instead of spinning.
+                        self._close_descriptors()
+                        self._waiter = ReadinessWaiter(self._process.sentinel)
+                elif not self._sentinel_ready():
+                    await waiter.wait()
+                else:
+                    # The sentinel says "gone" a moment before waitpid can reap.
+                    await anyio.sleep(_REAP_RETRY)
+            except anyio.ClosedResourceError:
+                # close() released the descriptors: it reaped the process. Look again.
+                continue
 
     def _open_waiter(self) -> None:
         fd = -1
-        if hasattr(os, "pidfd_open") and self._process.pid is not None:
+        if hasattr(os, "pidfd_open"):
             try:
-                fd = os.pidfd_open(self._process.pid)
+                fd = os.pidfd_open(self._pid)
             except OSError:
                 fd = -1
         self._pidfd = fd
-        self._waiter = ReadinessWaiter(fd if fd >= 0 else self._process.sentinel)
+        try:
+            self._waiter = ReadinessWaiter(fd if fd >= 0 else self._process.sentinel)
+        except BaseException:
+            self._close_descriptors()
+            raise
 
     def _sentinel_ready(self) -> bool:
         return bool(multiprocessing.connection.wait([self._process.sentinel], 0))
 
-    def _close_waiter(self) -> None:
-        if self._waiter is not None:
-            self._waiter.close()
-            self._waiter = None
+    def _close_descriptors(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None:
+            waiter.close()  # wakes a task waiting on it, with ClosedResourceError
         if self._pidfd >= 0:
             os.close(self._pidfd)
             self._pidfd = -1
 
+    def _release(self) -> None:
+        """Release what the watch holds: nobody waits any more, or close() was called."""
+        self._close_descriptors()
+        call, self._call = self._call, None
+        if call is not None:
+            call.request_stop()  # its thread ends within one time slice
+
     async def _wait_in_thread(self) -> None:
-        process = self._process
+        """Wait in a thread, in short slices, until the sentinel is ready.
 
-        def join(call: BlockingCall[None]) -> None:
-            while process.exitcode is None and not call.stopping:
-                process.join(0.05)
+        The thread only waits: the reaping happens here, in the loop's thread, so that
+        no two threads ever poll the process at once (a forkserver's child's exit status
+        is read from the sentinel, and a second reader would find nothing). A call whose
+        waiter was cancelled goes on for the next waiter.
+        """
+        call = self._call
+        if call is None:
+            sentinel = self._process.sentinel
 
-        call: BlockingCall[None] = BlockingCall(join, name="asyncmp-process-wait")
-        await call.start()
-        try:
-            await call.wait()
-        finally:
-            call.request_stop()
+            def wait_for_sentinel(call: BlockingCall[None]) -> None:
+                while not call.stopping and not multiprocessing.connection.wait([sentinel], 0.05):
+                    pass
+
+            call = BlockingCall(wait_for_sentinel, name="asyncmp-process-wait")
+            await call.start()  # if cancelled here, no thread was started
+            self._call = call
+            self._calls.add(call)
+            call.add_done_callback(self._call_done)
+        await call.wait()
+        if self._call is call:
+            self._call = None
+        call.result()  # what the thread raised, if anything
+
+    def _call_done(self, call: BlockingCall[None]) -> None:
+        self._calls.discard(call)
+        if self._call is call:
+            self._call = None
+        if self._close_pending and not self._calls:
+            self._close_pending = False
+            self._process.close()
 
     async def stop(self, *, grace: float = TERMINATE_GRACE) -> int:
         """Terminate, wait up to *grace* seconds, kill, and reap. Returns the exit code.
 
-        Runs to completion even if cancelled (shielded): a half-stopped process is worse.
-        It raises nothing of its own.
+        Other tasks waiting in :meth:`wait` meanwhile get the exit code too, and several
+        tasks may stop the process at once. Runs to completion even if cancelled
+        (shielded): a half-stopped process is worse. It raises nothing of its own.
         """
         with anyio.CancelScope(shield=True):
             self.terminate()
@@ -233,10 +339,22 @@ class AsyncProcess:
         await self.stop()
 
     def close(self) -> None:
-        """Release the process object's resources (after it has been reaped)."""
-        self._close_waiter()
-        if not self._closed and self.exitcode is not None:
-            self._closed = True
+        """Release the process object's resources, once the process has been reaped.
+
+        It reaps the process if it has ended. If the process still runs, it does nothing:
+        the process object stays open, and waiting tasks keep waiting. Otherwise it
+        closes the descriptors that waiting tasks watch, and those tasks return the exit
+        code; the process object is closed at once, or on the Windows route as soon as
+        the waiting thread has seen the end (within one short time slice). It raises
+        nothing, and it may be called outside an event loop.
+        """
+        if self._closed or self.exitcode is None:
+            return
+        self._closed = True
+        self._release()
+        if any(not call.finished for call in self._calls):
+            self._close_pending = True  # a thread still waits on the sentinel
+        else:
             self._process.close()
 
     def __reduce__(self) -> NoReturn:
@@ -251,18 +369,22 @@ class AsyncProcess:
 
 @asynccontextmanager
 async def open_process(
-    target: Callable[..., object],
-    *args: Any,
+    target: Callable[[Unpack[Ts]], object],
+    *args: Unpack[Ts],
     context: Any = None,
     name: str | None = None,
     shutdown_timeout: float = 5.0,
 ) -> AsyncIterator[AsyncProcess]:
     """Start ``target(*args)`` in a process for the duration of the block.
 
+    Type checkers check *args* against *target*'s parameters.
+
     Leaving the block normally waits up to *shutdown_timeout* seconds for the process to
     end on its own, then terminates it, then kills it. Leaving on an exception or a
     cancellation terminates it at once and kills it after a short grace. The process is
-    reaped before the block exits, and what the block raised then propagates.
+    reaped before the block exits, and what the block raised then propagates. Tasks that
+    wait for it meanwhile (:meth:`AsyncProcess.wait`, inside or outside the block) get
+    its exit code.
 
     Entering starts the process at once and is not a checkpoint. Leaving is shielded
     where it must be: a cancellation can't leave the process running or unreaped.
@@ -389,19 +511,21 @@ class Worker(Generic[T]):
 
 @asynccontextmanager
 async def open_worker(
-    target: Callable[..., object],
-    *args: Any,
+    target: Callable[[_WorkerEnd, Unpack[Ts]], object],
+    *args: Unpack[Ts],
     context: Any = None,
     shutdown_timeout: float = 5.0,
 ) -> AsyncIterator[Worker]:
     """Run ``target(conn, *args)`` in a child, where ``conn`` is the plain worker end of a
     duplex Pipe; yield a :class:`Worker` to talk to it.
 
+    Type checkers check *args* against *target*'s parameters after the first.
+
     On leaving the block the parent's end is closed first, so a worker looping on
     ``conn.recv()`` sees ``EOFError`` and can return; then the process is shut down as
     :func:`open_process` does. Leaving on an exception or a cancellation closes the
     parent's end and terminates the worker at once; either way it is reaped before the
-    block exits.
+    block exits, and tasks waiting for it meanwhile get its exit code.
 
     Entering starts the process at once and is not a checkpoint.
 
