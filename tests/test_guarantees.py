@@ -28,6 +28,7 @@ import multiprocessing
 import os
 import random
 import select
+import socket
 import struct
 import sys
 import threading
@@ -617,6 +618,67 @@ async def test_pending_send_leaves_the_descriptor_blocking(transport: str) -> No
         await a.aclose()
         if reader.ident is not None:
             _join(reader)
+        peer.close()
+
+
+@ROUTES
+async def test_a_default_socket_timeout_changes_no_flag(
+    use_threads: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``socket.setdefaulttimeout()`` makes every new socket object non-blocking, and a socket
+    object made over a copy of a shared descriptor would set O_NONBLOCK on the description
+    behind both. Under a default timeout: creating, receiving, sending, ``send_eof()`` and
+    breaking the connection after a send cancelled past its shield leave the flag clear."""
+    monkeypatch.setattr(asyncmp._connection, "SEND_SHIELD_SECONDS", 0.05)
+    saved = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(5.0)
+    try:
+        for path in ("send_eof", "broken"):
+            a, peer = asyncmp.Pipe(use_threads=use_threads)
+            try:
+                fd = a.fileno()
+                assert not _nonblocking(fd), "O_NONBLOCK set by Pipe()"
+                peer.send("in")
+                assert await a.recv() == "in"
+                await a.send("out")
+                assert peer.recv() == "out"
+                assert not _nonblocking(fd), "O_NONBLOCK set by a receive or a send"
+                if path == "send_eof":
+                    await a.send_eof()
+                else:
+                    with anyio.move_on_after(0.5) as scope:
+                        await a.send_bytes(bytes(8 << 20))  # the peer does not read
+                    assert scope.cancelled_caught
+                    with pytest.raises(anyio.BrokenResourceError):
+                        await a.send("after")
+                assert not _nonblocking(fd), f"O_NONBLOCK set by {path}"
+                assert not _nonblocking(peer.fileno())
+            finally:
+                await a.aclose()
+                peer.close()
+    finally:
+        socket.setdefaulttimeout(saved)
+
+
+@ROUTES
+async def test_a_reset_under_a_default_socket_timeout_is_eof(use_threads: bool) -> None:
+    """A peer that closes (or dies) with messages of ours unread resets the socket: that is
+    the end of the stream, with or without a default socket timeout."""
+    saved = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(5.0)
+    try:
+        a, peer = asyncmp.Pipe(use_threads=use_threads)
+    finally:
+        socket.setdefaulttimeout(saved)
+    try:
+        await a.send("never read by the peer")
+        peer.send("first")
+        peer.close()  # with unread data: a reset on Linux, a plain end elsewhere
+        assert await a.recv() == "first"
+        with anyio.fail_after(10), pytest.raises(ConnectionEOF):
+            await a.recv()
+    finally:
+        await a.aclose()
         peer.close()
 
 

@@ -24,15 +24,15 @@ import errno
 import io
 import multiprocessing
 import multiprocessing.connection
-import os
 import socket
 import sys
+import threading
 import time
 from asyncio import _get_running_loop
 from collections import deque
 from collections.abc import Awaitable, Callable
 from multiprocessing.reduction import ForkingPickler
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 from anyio.abc import ObjectStream
@@ -49,11 +49,20 @@ if TYPE_CHECKING:
     from typing_extensions import Buffer
 
 if TYPE_CHECKING or sys.platform != "win32":
-    from ._fdio import FdTransport, ReadinessWaiter, open_transport, register_fork_owned
+    from ._fdio import (
+        FdTransport,
+        ReadinessWaiter,
+        open_transport,
+        poller,
+        register_fork_owned,
+        socket_over_dup,
+    )
 else:  # pragma: no cover
     register_fork_owned = None
 
 __all__ = ("AsyncConnection", "Pipe")
+
+T = TypeVar("T")
 
 if sys.platform == "win32":
     # A Windows Pipe() end is a PipeConnection, a sibling of Connection (a socket end).
@@ -180,16 +189,14 @@ def _eof(decoder_at_boundary: bool, held: int) -> ConnectionEOF:
 
 
 def _shutdown_socket_write(fd: int) -> None:
-    """``shutdown(SHUT_WR)`` on a socket *fd*; nothing on anything else (no half-close)."""
-    dup = os.dup(fd)
+    """``shutdown(SHUT_WR)`` on a socket *fd*; nothing on anything else (no half-close).
+
+    The socket object is made by ``socket_over_dup``, which never sets ``O_NONBLOCK`` on
+    the shared descriptor (``socket.socket(fileno=)`` does under a default timeout)."""
     try:
-        sock = socket.socket(fileno=dup)
-    except OSError:
-        # Not a socket (a pipe has no half-close). socket() leaves the descriptor
-        # open when it fails; a stray copy of a pipe's write end would keep the
-        # peer from ever seeing EOF.
-        os.close(dup)
-        return
+        sock = socket_over_dup(fd)
+    except (ValueError, OSError):
+        return  # not a socket (a pipe has no half-close), or closed already
     try:
         sock.shutdown(socket.SHUT_WR)
     except OSError:
