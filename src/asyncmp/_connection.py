@@ -438,10 +438,12 @@ class _FdIO:
 
     def close(self) -> None:
         self._closed = True
-        for waiter in (self._rwait, self._wwait):
-            if waiter is not None:
-                waiter.close()
-        self._transport.close()
+        try:
+            for waiter in (self._rwait, self._wwait):
+                if waiter is not None:
+                    waiter.close()
+        finally:
+            self._transport.close()
 
     async def aclose(self) -> None:
         self.close()
@@ -936,25 +938,39 @@ class AsyncConnection(ObjectStream[Any]):
     # -- closing ------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Close this end now. Tasks waiting on it get ``anyio.ClosedResourceError``."""
+        """Close this end now. Tasks waiting on it get ``anyio.ClosedResourceError`` at
+        once; a message being sent is cut (the peer sees the end of the stream inside
+        it), and the messages queued behind it are not sent.
+
+        It may be called outside an event loop (before it starts, or after it ended). On
+        the descriptor route the descriptor is closed before it returns. On the thread
+        route it is closed by the last of asyncmp's threads that still use it, once that
+        thread stops (within ``_THREAD_SLICE``, 50 ms, on POSIX; on Windows a send in
+        progress first has to return); :meth:`aclose` waits for that. It raises nothing,
+        and closing a closed end does nothing.
+        """
         if self._closed:
             return
         self._closed = True
-        self._io.close()
-        if isinstance(self._io, _FdIO):
-            self._conn.close()
+        self._close_route()
+
+    def _close_route(self) -> None:
+        try:
+            self._io.close()
+        finally:
+            if isinstance(self._io, _FdIO):
+                self._conn.close()
 
     async def aclose(self) -> None:
-        """Close this end; on the thread route, also wait for asyncmp's threads to end.
+        """Close this end as :meth:`close` does; on the thread route, also wait for
+        asyncmp's threads to end.
 
         It is a checkpoint; closing happens even if it is cancelled. It raises nothing,
         and closing a closed end does nothing.
         """
         if not self._closed:
             self._closed = True
-            self._io.close()
-            if isinstance(self._io, _FdIO):
-                self._conn.close()
+            self._close_route()
             await self._io.aclose()
         await checkpoint()
 

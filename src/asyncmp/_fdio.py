@@ -357,19 +357,30 @@ class ReadinessWaiter:
             await anyio.wait_readable(self._helper_fd)
 
     def close(self) -> None:
-        """Wake every task in :meth:`wait` with ``ClosedResourceError``, then close."""
+        """Wake every task in :meth:`wait` with ``ClosedResourceError``, then close.
+
+        It works outside an event loop too (before one started, or after it ended): no
+        task can be waiting then, and the helper descriptor is closed all the same.
+        """
         if self._closed:
             return
         self._closed = True
-        fut = self._fut
-        self._fut = None
-        if fut is not None and not fut.done():
-            fut.set_result(None)
-        self._unregister()
-        if self._elsewhere:
-            anyio.notify_closing(self._helper_fd)
-        if self._helper is not None:
-            self._helper.close()
+        try:
+            fut = self._fut
+            self._fut = None
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+            self._unregister()
+            if self._elsewhere:
+                try:
+                    anyio.notify_closing(self._helper_fd)
+                except RuntimeError:
+                    # No event loop runs here (anyio's NoEventLoopError, or sniffio's
+                    # error on older anyio): nobody can be waiting on the descriptor.
+                    pass
+        finally:
+            if self._helper is not None:
+                self._helper.close()
 
     def _forget_in_forked_child(self) -> None:
         self._closed = True
