@@ -453,6 +453,11 @@ class _FdIO:
         self._transport.close()
 
 
+def _has_finished(call: BlockingCall[Any]) -> bool:
+    """``call.finished``, read anew (a type checker would keep an earlier reading)."""
+    return call.finished
+
+
 class _ThreadIO:
     """Route for handles the loop can't watch: blocking calls in asyncmp threads.
 
@@ -461,16 +466,38 @@ class _ThreadIO:
     descriptor is a byte stream, so there the thread waits with ``poll()`` and frames
     the bytes with the same non-blocking decoder as the fd route (``_FdIO``): hostile
     headers, partial messages and memory bounds behave exactly as on that route.
+
+    Sending: on POSIX the thread writes what fits without blocking (the fd route's
+    writer) and waits for room with ``poll()`` in slices of ``_THREAD_SLICE``, so a
+    send can be stopped between slices: by ``close()``, or by a cancellation that outlived
+    its shield. A Windows pipe handle gets the stdlib's ``send_bytes()``, which can't be
+    stopped: it returns once the peer has read enough or closed its end.
+
+    Threads: one per direction at most (a :class:`Worker` each), so the route never uses
+    more than two threads per connection, and they are not counted by asyncmp's thread
+    limiter (``limited=False``): a receive waiting for a silent peer may wait for ever,
+    and with a shared limit, enough of those would leave an active connection without a
+    thread.
+
+    Closing: ``close()`` wakes the tasks waiting on a call at once, asks the calls to
+    stop, and the handle is closed when no thread uses it any more, by the last thread
+    to finish (or by ``close()`` itself if none runs). That needs no event loop, so a
+    connection closed after its loop has ended still releases its handle.
     """
 
     __slots__ = (
+        "_active",
+        "_active_lock",
         "_calls",
         "_closed",
         "_conn",
         "_frames",
         "_limit",
         "_pending_recv",
+        "_released",
+        "_wakers",
         "_workers",
+        "_wpoll",
         "broken",
     )
 
@@ -479,24 +506,103 @@ class _ThreadIO:
         self._limit = max_message_size
         # Windows (or a test that says it is): message-mode handles, the stdlib's calls.
         self._frames = _FdIO(conn, max_message_size) if _platform.POSIX_FDS else None
+        self._wpoll = poller(conn.fileno(), writable=True) if _platform.POSIX_FDS else None
         self._pending_recv: BlockingCall[bytes] | None = None
         self._calls: set[BlockingCall[Any]] = set()
         self._closed = False
         self.broken: str | None = None
         # A thread per direction, kept between calls (see _threads.Worker).
         self._workers = (Worker("asyncmp-recv"), Worker("asyncmp-send"))
+        # How many calls may still use the handle (counted from the loop when a call is
+        # made, down in its thread when it ends); the last one out after close() closes
+        # the handle. Guarded by _active_lock.
+        self._active = 0
+        self._active_lock = threading.Lock()
+        self._released = False
+        # Events of the tasks waiting on a call, set by close() to wake them at once.
+        self._wakers: set[anyio.Event] = set()
 
-    def _blocking_recv(self, call: BlockingCall[bytes], maxlength: int | None) -> bytes:
+    # -- the calls ----------------------------------------------------------------------
+
+    def _call(
+        self, fn: Callable[[BlockingCall[T]], T], name: str, worker: Worker
+    ) -> BlockingCall[T]:
+        """A call of *fn* that counts as a user of the handle until it has returned."""
+
+        def run(call: BlockingCall[T]) -> T:
+            try:
+                return fn(call)
+            finally:
+                self._leave()
+
+        with self._active_lock:
+            if self._closed:
+                raise anyio.ClosedResourceError
+            self._active += 1
+        return BlockingCall(run, name=name, worker=worker, limited=False)
+
+    async def _start(self, call: BlockingCall[Any]) -> None:
+        try:
+            await call.start()
+        except BaseException:
+            self._leave()  # it never ran
+            raise
+        self._calls.add(call)
+        call.add_done_callback(self._calls.discard)
+
+    def _leave(self) -> None:
+        with self._active_lock:
+            self._active -= 1
+            release = self._closed and self._active == 0 and not self._released
+            if release:
+                self._released = True
+        if release:
+            self._release()
+
+    def _release(self) -> None:
+        # Only once no thread uses the handle: closing a descriptor under a thread that
+        # still reads or writes it could hand that thread a reused descriptor number.
+        try:
+            if self._frames is not None:
+                self._frames.close()
+        finally:
+            self._conn.close()
+
+    async def _wait(self, call: BlockingCall[Any]) -> None:
+        """Wait until *call* has finished, or until this end is closed."""
+        if self._closed:
+            return
+        waker = anyio.Event()
+
+        def wake(_: BlockingCall[Any]) -> None:
+            waker.set()
+
+        self._wakers.add(waker)
+        call.add_done_callback(wake)
+        try:
+            await waker.wait()
+        finally:
+            # A receive cancelled again and again while one call waits for a silent peer
+            # leaves nothing behind on that call.
+            call.remove_done_callback(wake)
+            self._wakers.discard(waker)
+
+    # -- receiving ----------------------------------------------------------------------
+
+    def _blocking_recv(self, call: BlockingCall[bytes]) -> bytes:
+        # No maxlength here: a receive cancelled while this runs hands the frame to the
+        # next receive, which may have another maxlength. The frame is bounded by
+        # max_message_size; each receive checks its own maxlength when it takes it.
         conn = self._conn
         frames = self._frames
         while not call.stopping:
             if frames is not None:
                 try:
-                    return frames.recv_frame_nowait(maxlength)
+                    return frames.recv_frame_nowait(None)
                 except anyio.WouldBlock:
                     conn.poll(_THREAD_SLICE)
             elif self._stdlib_poll(_THREAD_SLICE):
-                return self._stdlib_recv(maxlength)
+                return self._stdlib_recv(None)
         raise anyio.ClosedResourceError
 
     def _stdlib_poll(self, timeout: float) -> bool:
@@ -523,52 +629,35 @@ class _ThreadIO:
                 raise ConnectionEOF("the peer closed the connection") from None
             raise
 
-    def _track(self, call: BlockingCall[Any]) -> None:
-        # Abandoned calls (a cancelled send past its shield) are collected whenever
-        # they end, and the last one out closes the handle if this end was closed.
-        self._calls.add(call)
-        call.add_done_callback(self._finished)
-
-    def _finished(self, call: BlockingCall[Any]) -> None:
-        self._calls.discard(call)
-        if self._closed and not self._calls:
-            self._release()
-
-    def _release(self) -> None:
-        # Only once no thread uses the handle: closing a descriptor under a thread that
-        # still reads or writes it could hand that thread a reused descriptor number.
-        if self._frames is not None:
-            self._frames.close()
-        self._conn.close()
+    def _check_maxlength(self, frame: bytes, maxlength: int | None) -> bytes:
+        if maxlength is not None and len(frame) > maxlength:
+            self.broken = f"message of {len(frame)} bytes exceeds maxlength={maxlength}"
+            raise ProtocolError(self.broken)
+        return frame
 
     async def recv_frame(self, maxlength: int | None, *, nothing_there: bool = False) -> bytes:
         call = self._pending_recv
         if call is None:
             await checkpoint_if_cancelled()
-            call = BlockingCall(
-                lambda c: self._blocking_recv(c, maxlength),
-                name="asyncmp-recv",
-                worker=self._workers[0],
-            )
-            await call.start()
-            self._track(call)
+            call = self._call(self._blocking_recv, "asyncmp-recv", self._workers[0])
+            await self._start(call)
             self._pending_recv = call
-        await call.wait()
-        return self._collect(call)
+        await self._wait(call)
+        return self._collect(call, maxlength)
 
-    def _collect(self, call: BlockingCall[bytes]) -> bytes:
-        self._pending_recv = None
-        self._finished(call)
+    def _collect(self, call: BlockingCall[bytes], maxlength: int | None) -> bytes:
         if self._closed:
             raise anyio.ClosedResourceError
-        return call.result()
+        self._pending_recv = None
+        return self._check_maxlength(call.result(), maxlength)
 
     def recv_frame_nowait(self, maxlength: int | None) -> bytes:
         call = self._pending_recv
         if call is not None:
-            if not call.done:
+            # finished, not done: outside a loop (after it ended) the loop never hears.
+            if not call.finished:
                 raise anyio.WouldBlock
-            return self._collect(call)
+            return self._collect(call, maxlength)
         if self._frames is not None:
             return self._frames.recv_frame_nowait(maxlength)
         # Windows pipes are message mode: poll() true means a whole message is there.
@@ -576,31 +665,66 @@ class _ThreadIO:
             raise anyio.WouldBlock
         return self._stdlib_recv(maxlength)
 
-    async def send_frame(self, payload: memoryview) -> None:
-        def blocking_send(call: BlockingCall[None]) -> None:
+    # -- sending ------------------------------------------------------------------------
+
+    def _blocking_send(
+        self, call: BlockingCall[None], payload: memoryview, done: list[int]
+    ) -> None:
+        """Send one frame; *done* counts its bytes written so far (POSIX)."""
+        frames, wpoll = self._frames, self._wpoll
+        if frames is None or wpoll is None:
             try:
                 self._conn.send_bytes(payload)
             except (BrokenPipeError, ConnectionResetError) as exc:
                 raise anyio.BrokenResourceError("the peer closed the connection") from exc
+            return
+        header = encode_header(len(payload))
+        if len(payload) <= _COALESCE_LIMIT:
+            parts = [memoryview(header + payload)]
+        else:
+            parts = [memoryview(header), payload]
+        slice_ms = int(_THREAD_SLICE * 1000)
+        for part in parts:
+            offset = 0
+            while offset < len(part):
+                if call.stopping:
+                    raise anyio.ClosedResourceError
+                n = frames._write(part[offset:])
+                if n:
+                    offset += n
+                    done[0] += n
+                else:
+                    wpoll.poll(slice_ms)
 
+    async def send_frame(self, payload: memoryview) -> None:
         await checkpoint_if_cancelled()
-        call: BlockingCall[None] = BlockingCall(
-            blocking_send, name="asyncmp-send", worker=self._workers[1]
+        done = [0]
+        total = len(encode_header(len(payload))) + len(payload)
+        call: BlockingCall[None] = self._call(
+            lambda c: self._blocking_send(c, payload, done), "asyncmp-send", self._workers[1]
         )
-        await call.start()
-        self._track(call)
+        await self._start(call)
         try:
-            await call.wait()
+            await self._wait(call)
         except anyio.get_cancelled_exc_class():
-            # The write can't be taken back: let it finish (bounded), else call it broken.
+            # The write can't be taken back: let it finish (bounded), else stop it and
+            # break the connection if part of the frame went out.
             with anyio.move_on_after(SEND_SHIELD_SECONDS, shield=True):
-                await call.wait()
-            if not call.done:
-                self.broken = "a send was cancelled and did not finish"
-            else:
-                self._finished(call)
+                await self._wait(call)
+            if not call.finished and not self._closed:
+                call.request_stop()
+                if self._frames is not None:  # POSIX: it stops within a slice
+                    with anyio.move_on_after(SEND_SHIELD_SECONDS, shield=True):
+                        await self._wait(call)
+                if not _has_finished(call) or 0 < done[0] < total:
+                    self.broken = (
+                        f"a send was cancelled after {done[0]} of {total} bytes of its message"
+                    )
+                    self.send_eof()  # the peer sees EOF, never a torn frame and more
             raise
-        self._finished(call)
+        if self._closed:
+            # The frame in progress is cut: the peer sees the end of the stream in it.
+            raise anyio.ClosedResourceError
         call.result()
 
     def send_eof(self) -> None:
@@ -609,14 +733,25 @@ class _ThreadIO:
         if _platform.POSIX_FDS:
             _shutdown_socket_write(self._conn.fileno())
 
+    # -- closing ------------------------------------------------------------------------
+
     def close(self) -> None:
-        self._closed = True
-        for call in self._calls:
-            call.request_stop()
-        for worker in self._workers:
-            worker.close()  # its thread ends once its call (if any) has returned
-        if not self._calls:
-            self._release()
+        with self._active_lock:
+            self._closed = True
+            release = self._active == 0 and not self._released
+            if release:
+                self._released = True
+        try:
+            for waker in self._wakers:
+                waker.set()  # the tasks waiting on a call raise ClosedResourceError now
+            self._wakers.clear()
+            for call in self._calls:
+                call.request_stop()
+            for worker in self._workers:
+                worker.close()  # its thread ends once its call (if any) has returned
+        finally:
+            if release:
+                self._release()
 
     async def aclose(self) -> None:
         self.close()
@@ -625,8 +760,6 @@ class _ThreadIO:
             for call in calls:
                 with anyio.move_on_after(SEND_SHIELD_SECONDS + 1.0):
                     await call.wait()
-                if call.done:
-                    self._finished(call)
         for call in calls:
             call.join(0.5)
         for worker in self._workers:
