@@ -447,14 +447,16 @@ def socket_over_dup(fd: int) -> socket.socket:
     """
     if not stat.S_ISSOCK(os.fstat(fd).st_mode):
         raise ValueError(f"file descriptor {fd} is not a socket")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.settimeout(None)  # blocking mode, on the throwaway's own description
-        os.dup2(fd, sock.fileno(), inheritable=False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+    if sys.platform != "win32":
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(None)  # blocking mode, on the throwaway's own description
+            os.dup2(fd, sock.fileno(), inheritable=False)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    raise OSError(errno.ENOTSUP, "socket_over_dup() needs POSIX")  # pragma: no cover
 
 
 class _SocketTransport(FdTransport):
