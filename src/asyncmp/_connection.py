@@ -425,7 +425,8 @@ class _FdIO:
             self.broken = (
                 f"a send was cancelled after {progress[0]} of {total} bytes of its message"
             )
-            self._shutdown_write()
+            if not self._closed:  # else the number may belong to another file by now
+                self._shutdown_write()
 
     def _shutdown_write(self) -> None:
         # Never leave a torn frame followed by more data: make the peer see EOF.
@@ -720,7 +721,8 @@ class _ThreadIO:
                     self.broken = (
                         f"a send was cancelled after {done[0]} of {total} bytes of its message"
                     )
-                    self.send_eof()  # the peer sees EOF, never a torn frame and more
+                    if not self._closed:  # closed meanwhile: the handle may be gone
+                        self.send_eof()  # the peer sees EOF, never a torn frame and more
             raise
         if self._closed:
             # The frame in progress is cut: the peer sees the end of the stream in it.
@@ -788,7 +790,14 @@ class AsyncConnection(ObjectStream[Any]):
         announces more raises :class:`ProtocolError` before anything of that size is
         allocated. ``None`` means no limit.
     :param use_threads: ``None`` picks the route by platform: descriptor readiness on
-        POSIX, threads on Windows. ``True`` forces the thread route anywhere.
+        POSIX, threads on Windows. ``True`` forces the thread route anywhere. The thread
+        route runs at most one thread per direction per connection, and asyncmp's thread
+        limiter doesn't count them: any number of connections may wait at once.
+
+    Outside an event loop (before it starts, after it ended, or in a process that never
+    runs one) these work: the constructor and :func:`Pipe`, :meth:`close`,
+    :meth:`recv_nowait`, :meth:`fileno` and the properties. Everything else is awaited.
+    None of them is thread-safe: call them from the thread that runs the loop, if one runs.
     """
 
     def __init__(
@@ -847,7 +856,9 @@ class AsyncConnection(ObjectStream[Any]):
         return isinstance(self._io, _ThreadIO)
 
     def fileno(self) -> int:
-        """The descriptor (or handle) of the wrapped connection."""
+        """The descriptor (or handle) of the wrapped connection (also outside a loop).
+
+        :raises anyio.ClosedResourceError: this end was closed."""
         self._check_open()
         return self._conn.fileno()
 
@@ -885,6 +896,9 @@ class AsyncConnection(ObjectStream[Any]):
             delivered); also an ``EOFError`` and an ``anyio.EndOfStream``.
         :raises ProtocolError: the stream broke the framing, or a message exceeds
             ``max_message_size`` or *maxlength*. The connection is broken from then on.
+            *maxlength* is this call's own: a receive cancelled before it does not pass
+            its *maxlength* on. (On the thread route a message above *maxlength* but
+            within ``max_message_size`` is read before it is refused.)
         :raises anyio.ClosedResourceError: this end was closed, before or during the call.
         :raises ValueError: *maxlength* is negative.
         :raises OSError: this end is write-only (the sending end of ``Pipe(False)``).
@@ -953,6 +967,9 @@ class AsyncConnection(ObjectStream[Any]):
     def recv_nowait(self) -> Any:
         """Return the next message if all of it has arrived.
 
+        It may be called outside an event loop (after it ended, say, to drain the
+        messages that are there before closing).
+
         :raises anyio.WouldBlock: no whole message is there (or another task is
             receiving); bytes of a partial one stay buffered.
         :raises ConnectionEOF: the peer closed its end and every message was delivered.
@@ -985,11 +1002,17 @@ class AsyncConnection(ObjectStream[Any]):
         If cancelled before any byte went out, nothing was sent. If cancelled mid-message,
         the rest is sent under a shield for up to ``SEND_SHIELD_SECONDS``; if that is not
         enough, the connection is broken (the peer sees EOF, never a torn message followed
-        by more data) and later sends raise ``anyio.BrokenResourceError``.
+        by more data) and later sends raise ``anyio.BrokenResourceError``. On the thread
+        route the write goes on in a thread meanwhile; on POSIX that thread stops at its
+        next 50 ms slice once the shield has run out, on Windows the stdlib's write can't
+        be stopped, and the connection is broken while it runs.
 
         :raises anyio.BrokenResourceError: the peer is gone, or an earlier send broke
             the connection.
-        :raises anyio.ClosedResourceError: this end was closed.
+        :raises anyio.ClosedResourceError: this end was closed, before or during the call
+            (at once, on both routes). A message being written when this end was closed
+            is cut: the peer sees the end of the stream inside it (on the thread route
+            its thread may still finish the message in the moment before it stops).
         :raises ValueError: *offset* or *size* is negative or beyond the buffer.
         :raises OSError: this end is read-only (the receiving end of ``Pipe(False)``).
         """
