@@ -760,6 +760,8 @@ class _ThreadIO:
         calls = list(self._calls)
         with anyio.CancelScope(shield=True):
             for call in calls:
+                if call.finished:
+                    continue  # maybe in a loop that has ended: it would never say so
                 with anyio.move_on_after(SEND_SHIELD_SECONDS + 1.0):
                     await call.wait()
         for call in calls:
