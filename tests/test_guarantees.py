@@ -28,6 +28,7 @@ import multiprocessing
 import os
 import random
 import select
+import socket
 import struct
 import sys
 import threading
@@ -391,7 +392,7 @@ async def test_send_cancelled_past_the_shield_breaks_the_connection(
             await a.send("after")
 
         reader.start()
-        if transport == "socket" and not use_threads:
+        if transport == "socket":
             # The write side was shut down: the peer sees the end while this end is open.
             reader.join(10)
             assert not reader.is_alive(), "the peer still waits for the rest of a torn frame"
@@ -401,18 +402,18 @@ async def test_send_cancelled_past_the_shield_breaks_the_connection(
             _join(reader)
         peer.close()
 
-    # Never a garbage message: the torn one is not delivered (the thread route cannot
-    # stop its blocking write, so the peer may get the whole message), then EOF.
-    if use_threads:
-        assert reader.messages in ([], [big])
-    else:
-        assert reader.messages == []
+    # Never a garbage message: the torn one is not delivered (the thread route's send
+    # stops at its next slice, as the fd route's does at once), then EOF.
+    assert reader.messages == []
     assert isinstance(reader.error, (EOFError, OSError)), reader.error
 
 
-async def test_thread_route_closes_once_an_abandoned_send_ends(
+async def test_thread_route_stops_an_abandoned_send_and_closes(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """A send cancelled past its shield on the thread route: its thread stops at its next
+    slice though the peer never reads, and aclose() closes the handle while the peer is
+    still there."""
     if _running_uvloop() or not _running_asyncio():
         pytest.skip("independent of the backend; run once")
     monkeypatch.setattr(asyncmp._connection, "SEND_SHIELD_SECONDS", 0.05)
@@ -424,13 +425,9 @@ async def test_thread_route_closes_once_an_abandoned_send_ends(
             tg.cancel_scope.cancel()
         with pytest.raises(anyio.BrokenResourceError):
             await a.send_bytes(b"after")
-        await a.aclose()  # the send's thread still blocks: the peer does not read
-        peer.close()  # now its write fails and the thread ends
-        await wait_until(
-            lambda: not any(t.name == "asyncmp-send" for t in threading.enumerate()),
-            "the send's thread ended",
-        )
-        await wait_until(lambda: a.connection.closed, "the connection is closed", timeout=2)
+        await a.aclose()  # the peer still does not read
+        assert a.connection.closed
+        assert not any(t.name == "asyncmp-send" for t in threading.enumerate())
     finally:
         peer.close()
 
@@ -617,6 +614,67 @@ async def test_pending_send_leaves_the_descriptor_blocking(transport: str) -> No
         await a.aclose()
         if reader.ident is not None:
             _join(reader)
+        peer.close()
+
+
+@ROUTES
+async def test_a_default_socket_timeout_changes_no_flag(
+    use_threads: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``socket.setdefaulttimeout()`` makes every new socket object non-blocking, and a socket
+    object made over a copy of a shared descriptor would set O_NONBLOCK on the description
+    behind both. Under a default timeout: creating, receiving, sending, ``send_eof()`` and
+    breaking the connection after a send cancelled past its shield leave the flag clear."""
+    monkeypatch.setattr(asyncmp._connection, "SEND_SHIELD_SECONDS", 0.05)
+    saved = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(5.0)
+    try:
+        for path in ("send_eof", "broken"):
+            a, peer = asyncmp.Pipe(use_threads=use_threads)
+            try:
+                fd = a.fileno()
+                assert not _nonblocking(fd), "O_NONBLOCK set by Pipe()"
+                peer.send("in")
+                assert await a.recv() == "in"
+                await a.send("out")
+                assert peer.recv() == "out"
+                assert not _nonblocking(fd), "O_NONBLOCK set by a receive or a send"
+                if path == "send_eof":
+                    await a.send_eof()
+                else:
+                    with anyio.move_on_after(0.5) as scope:
+                        await a.send_bytes(bytes(8 << 20))  # the peer does not read
+                    assert scope.cancelled_caught
+                    with pytest.raises(anyio.BrokenResourceError):
+                        await a.send("after")
+                assert not _nonblocking(fd), f"O_NONBLOCK set by {path}"
+                assert not _nonblocking(peer.fileno())
+            finally:
+                await a.aclose()
+                peer.close()
+    finally:
+        socket.setdefaulttimeout(saved)
+
+
+@ROUTES
+async def test_a_reset_under_a_default_socket_timeout_is_eof(use_threads: bool) -> None:
+    """A peer that closes (or dies) with messages of ours unread resets the socket: that is
+    the end of the stream, with or without a default socket timeout."""
+    saved = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(5.0)
+    try:
+        a, peer = asyncmp.Pipe(use_threads=use_threads)
+    finally:
+        socket.setdefaulttimeout(saved)
+    try:
+        await a.send("never read by the peer")
+        peer.send("first")
+        peer.close()  # with unread data: a reset on Linux, a plain end elsewhere
+        assert await a.recv() == "first"
+        with anyio.fail_after(10), pytest.raises(ConnectionEOF):
+            await a.recv()
+    finally:
+        await a.aclose()
         peer.close()
 
 

@@ -229,7 +229,7 @@ async def test_windows_message_over_the_limit_is_a_protocol_error(
             peer.send_bytes(b"x" * KiB)
             assert await aconn.recv_bytes() == b"x" * KiB
             peer.send_bytes(b"x" * 200)
-            with pytest.raises(ProtocolError, match="limit of 100 bytes"):
+            with pytest.raises(ProtocolError, match="exceeds maxlength=100"):
                 await aconn.recv_bytes(100)
             # The stream can't be trusted any more, whatever comes next.
             peer.send("fine")

@@ -8,7 +8,7 @@ import threading
 import anyio
 import pytest
 
-from asyncmp._threads import BlockingCall, Worker
+from asyncmp._threads import BlockingCall, Worker, thread_limiter
 from tests.faults.support import wait_until
 
 pytestmark = pytest.mark.anyio
@@ -81,3 +81,44 @@ async def test_close_lets_the_running_call_finish_then_ends_the_thread() -> None
     assert call.result() is True
     thread.join(10)
     assert not thread.is_alive()
+
+
+async def test_an_unlimited_call_takes_no_token() -> None:
+    """An owner that bounds its own threads (a connection: one per direction) starts its
+    calls with ``limited=False``: they run while the limiter is full, and take nothing."""
+    limiter = thread_limiter()
+    saved = limiter.total_tokens
+    holder = object()
+    limiter.total_tokens = 1
+    await limiter.acquire_on_behalf_of(holder)
+    try:
+        call: BlockingCall[str] = BlockingCall(lambda c: "ran", name="t", limited=False)
+        with anyio.fail_after(10):
+            await call.start()
+            await call.wait()
+        assert call.result() == "ran"
+        assert limiter.borrowed_tokens == 1
+    finally:
+        limiter.release_on_behalf_of(holder)
+        limiter.total_tokens = saved
+
+
+async def test_a_removed_done_callback_does_not_run() -> None:
+    release = threading.Event()
+    call: BlockingCall[bool] = BlockingCall(lambda c: release.wait(10), name="t")
+    ran: list[str] = []
+
+    def kept(c: BlockingCall[bool]) -> None:
+        ran.append("kept")
+
+    def removed(c: BlockingCall[bool]) -> None:
+        ran.append("removed")
+
+    await call.start()
+    call.add_done_callback(kept)
+    call.add_done_callback(removed)
+    call.remove_done_callback(removed)
+    call.remove_done_callback(removed)  # again: nothing to do
+    release.set()
+    await call.wait()
+    assert ran == ["kept"]

@@ -24,9 +24,9 @@ import errno
 import io
 import multiprocessing
 import multiprocessing.connection
-import os
 import socket
 import sys
+import threading
 import time
 from asyncio import _get_running_loop
 from collections import deque
@@ -54,11 +54,21 @@ if TYPE_CHECKING:
     from typing_extensions import Buffer
 
 if TYPE_CHECKING or sys.platform != "win32":
-    from ._fdio import FdTransport, ReadinessWaiter, open_transport, register_fork_owned
+    from ._fdio import (
+        FdTransport,
+        ReadinessWaiter,
+        open_transport,
+        poller,
+        register_fork_owned,
+        socket_over_dup,
+    )
 else:  # pragma: no cover
     register_fork_owned = None
 
 __all__ = ("AsyncConnection", "Pipe")
+
+#: What a blocking call of the thread route returns.
+_R = TypeVar("_R")
 
 if sys.platform == "win32":
     # A Windows Pipe() end is a PipeConnection, a sibling of Connection (a socket end).
@@ -188,16 +198,14 @@ def _eof(decoder_at_boundary: bool, held: int) -> ConnectionEOF:
 
 
 def _shutdown_socket_write(fd: int) -> None:
-    """``shutdown(SHUT_WR)`` on a socket *fd*; nothing on anything else (no half-close)."""
-    dup = os.dup(fd)
+    """``shutdown(SHUT_WR)`` on a socket *fd*; nothing on anything else (no half-close).
+
+    The socket object is made by ``socket_over_dup``, which never sets ``O_NONBLOCK`` on
+    the shared descriptor (``socket.socket(fileno=)`` does under a default timeout)."""
     try:
-        sock = socket.socket(fileno=dup)
-    except OSError:
-        # Not a socket (a pipe has no half-close). socket() leaves the descriptor
-        # open when it fails; a stray copy of a pipe's write end would keep the
-        # peer from ever seeing EOF.
-        os.close(dup)
-        return
+        sock = socket_over_dup(fd)
+    except (ValueError, OSError):
+        return  # not a socket (a pipe has no half-close), or closed already
     try:
         sock.shutdown(socket.SHUT_WR)
     except OSError:
@@ -426,7 +434,8 @@ class _FdIO:
             self.broken = (
                 f"a send was cancelled after {progress[0]} of {total} bytes of its message"
             )
-            self._shutdown_write()
+            if not self._closed:  # else the number may belong to another file by now
+                self._shutdown_write()
 
     def _shutdown_write(self) -> None:
         # Never leave a torn frame followed by more data: make the peer see EOF.
@@ -439,10 +448,12 @@ class _FdIO:
 
     def close(self) -> None:
         self._closed = True
-        for waiter in (self._rwait, self._wwait):
-            if waiter is not None:
-                waiter.close()
-        self._transport.close()
+        try:
+            for waiter in (self._rwait, self._wwait):
+                if waiter is not None:
+                    waiter.close()
+        finally:
+            self._transport.close()
 
     async def aclose(self) -> None:
         self.close()
@@ -450,6 +461,11 @@ class _FdIO:
     def _forget_in_forked_child(self) -> None:
         self._closed = True
         self._transport.close()
+
+
+def _has_finished(call: BlockingCall[Any]) -> bool:
+    """``call.finished``, read anew (a type checker would keep an earlier reading)."""
+    return call.finished
 
 
 class _ThreadIO:
@@ -460,16 +476,38 @@ class _ThreadIO:
     descriptor is a byte stream, so there the thread waits with ``poll()`` and frames
     the bytes with the same non-blocking decoder as the fd route (``_FdIO``): hostile
     headers, partial messages and memory bounds behave exactly as on that route.
+
+    Sending: on POSIX the thread writes what fits without blocking (the fd route's
+    writer) and waits for room with ``poll()`` in slices of ``_THREAD_SLICE``, so a
+    send can be stopped between slices: by ``close()``, or by a cancellation that outlived
+    its shield. A Windows pipe handle gets the stdlib's ``send_bytes()``, which can't be
+    stopped: it returns once the peer has read enough or closed its end.
+
+    Threads: one per direction at most (a :class:`Worker` each), so the route never uses
+    more than two threads per connection, and they are not counted by asyncmp's thread
+    limiter (``limited=False``): a receive waiting for a silent peer may wait for ever,
+    and with a shared limit, enough of those would leave an active connection without a
+    thread.
+
+    Closing: ``close()`` wakes the tasks waiting on a call at once, asks the calls to
+    stop, and the handle is closed when no thread uses it any more, by the last thread
+    to finish (or by ``close()`` itself if none runs). That needs no event loop, so a
+    connection closed after its loop has ended still releases its handle.
     """
 
     __slots__ = (
+        "_active",
+        "_active_lock",
         "_calls",
         "_closed",
         "_conn",
         "_frames",
         "_limit",
         "_pending_recv",
+        "_released",
+        "_wakers",
         "_workers",
+        "_wpoll",
         "broken",
     )
 
@@ -478,24 +516,103 @@ class _ThreadIO:
         self._limit = max_message_size
         # Windows (or a test that says it is): message-mode handles, the stdlib's calls.
         self._frames = _FdIO(conn, max_message_size) if _platform.POSIX_FDS else None
+        self._wpoll = poller(conn.fileno(), writable=True) if _platform.POSIX_FDS else None
         self._pending_recv: BlockingCall[bytes] | None = None
         self._calls: set[BlockingCall[Any]] = set()
         self._closed = False
         self.broken: str | None = None
         # A thread per direction, kept between calls (see _threads.Worker).
         self._workers = (Worker("asyncmp-recv"), Worker("asyncmp-send"))
+        # How many calls may still use the handle (counted from the loop when a call is
+        # made, down in its thread when it ends); the last one out after close() closes
+        # the handle. Guarded by _active_lock.
+        self._active = 0
+        self._active_lock = threading.Lock()
+        self._released = False
+        # Events of the tasks waiting on a call, set by close() to wake them at once.
+        self._wakers: set[anyio.Event] = set()
 
-    def _blocking_recv(self, call: BlockingCall[bytes], maxlength: int | None) -> bytes:
+    # -- the calls ----------------------------------------------------------------------
+
+    def _call(
+        self, fn: Callable[[BlockingCall[_R]], _R], name: str, worker: Worker
+    ) -> BlockingCall[_R]:
+        """A call of *fn* that counts as a user of the handle until it has returned."""
+
+        def run(call: BlockingCall[_R]) -> _R:
+            try:
+                return fn(call)
+            finally:
+                self._leave()
+
+        with self._active_lock:
+            if self._closed:
+                raise anyio.ClosedResourceError
+            self._active += 1
+        return BlockingCall(run, name=name, worker=worker, limited=False)
+
+    async def _start(self, call: BlockingCall[Any]) -> None:
+        try:
+            await call.start()
+        except BaseException:
+            self._leave()  # it never ran
+            raise
+        self._calls.add(call)
+        call.add_done_callback(self._calls.discard)
+
+    def _leave(self) -> None:
+        with self._active_lock:
+            self._active -= 1
+            release = self._closed and self._active == 0 and not self._released
+            if release:
+                self._released = True
+        if release:
+            self._release()
+
+    def _release(self) -> None:
+        # Only once no thread uses the handle: closing a descriptor under a thread that
+        # still reads or writes it could hand that thread a reused descriptor number.
+        try:
+            if self._frames is not None:
+                self._frames.close()
+        finally:
+            self._conn.close()
+
+    async def _wait(self, call: BlockingCall[Any]) -> None:
+        """Wait until *call* has finished, or until this end is closed."""
+        if self._closed:
+            return
+        waker = anyio.Event()
+
+        def wake(_: BlockingCall[Any]) -> None:
+            waker.set()
+
+        self._wakers.add(waker)
+        call.add_done_callback(wake)
+        try:
+            await waker.wait()
+        finally:
+            # A receive cancelled again and again while one call waits for a silent peer
+            # leaves nothing behind on that call.
+            call.remove_done_callback(wake)
+            self._wakers.discard(waker)
+
+    # -- receiving ----------------------------------------------------------------------
+
+    def _blocking_recv(self, call: BlockingCall[bytes]) -> bytes:
+        # No maxlength here: a receive cancelled while this runs hands the frame to the
+        # next receive, which may have another maxlength. The frame is bounded by
+        # max_message_size; each receive checks its own maxlength when it takes it.
         conn = self._conn
         frames = self._frames
         while not call.stopping:
             if frames is not None:
                 try:
-                    return frames.recv_frame_nowait(maxlength)
+                    return frames.recv_frame_nowait(None)
                 except anyio.WouldBlock:
                     conn.poll(_THREAD_SLICE)
             elif self._stdlib_poll(_THREAD_SLICE):
-                return self._stdlib_recv(maxlength)
+                return self._stdlib_recv(None)
         raise anyio.ClosedResourceError
 
     def _stdlib_poll(self, timeout: float) -> bool:
@@ -522,52 +639,35 @@ class _ThreadIO:
                 raise ConnectionEOF("the peer closed the connection") from None
             raise
 
-    def _track(self, call: BlockingCall[Any]) -> None:
-        # Abandoned calls (a cancelled send past its shield) are collected whenever
-        # they end, and the last one out closes the handle if this end was closed.
-        self._calls.add(call)
-        call.add_done_callback(self._finished)
-
-    def _finished(self, call: BlockingCall[Any]) -> None:
-        self._calls.discard(call)
-        if self._closed and not self._calls:
-            self._release()
-
-    def _release(self) -> None:
-        # Only once no thread uses the handle: closing a descriptor under a thread that
-        # still reads or writes it could hand that thread a reused descriptor number.
-        if self._frames is not None:
-            self._frames.close()
-        self._conn.close()
+    def _check_maxlength(self, frame: bytes, maxlength: int | None) -> bytes:
+        if maxlength is not None and len(frame) > maxlength:
+            self.broken = f"message of {len(frame)} bytes exceeds maxlength={maxlength}"
+            raise ProtocolError(self.broken)
+        return frame
 
     async def recv_frame(self, maxlength: int | None, *, nothing_there: bool = False) -> bytes:
         call = self._pending_recv
         if call is None:
             await checkpoint_if_cancelled()
-            call = BlockingCall(
-                lambda c: self._blocking_recv(c, maxlength),
-                name="asyncmp-recv",
-                worker=self._workers[0],
-            )
-            await call.start()
-            self._track(call)
+            call = self._call(self._blocking_recv, "asyncmp-recv", self._workers[0])
+            await self._start(call)
             self._pending_recv = call
-        await call.wait()
-        return self._collect(call)
+        await self._wait(call)
+        return self._collect(call, maxlength)
 
-    def _collect(self, call: BlockingCall[bytes]) -> bytes:
-        self._pending_recv = None
-        self._finished(call)
+    def _collect(self, call: BlockingCall[bytes], maxlength: int | None) -> bytes:
         if self._closed:
             raise anyio.ClosedResourceError
-        return call.result()
+        self._pending_recv = None
+        return self._check_maxlength(call.result(), maxlength)
 
     def recv_frame_nowait(self, maxlength: int | None) -> bytes:
         call = self._pending_recv
         if call is not None:
-            if not call.done:
+            # finished, not done: outside a loop (after it ended) the loop never hears.
+            if not call.finished:
                 raise anyio.WouldBlock
-            return self._collect(call)
+            return self._collect(call, maxlength)
         if self._frames is not None:
             return self._frames.recv_frame_nowait(maxlength)
         # Windows pipes are message mode: poll() true means a whole message is there.
@@ -575,31 +675,67 @@ class _ThreadIO:
             raise anyio.WouldBlock
         return self._stdlib_recv(maxlength)
 
-    async def send_frame(self, payload: memoryview) -> None:
-        def blocking_send(call: BlockingCall[None]) -> None:
+    # -- sending ------------------------------------------------------------------------
+
+    def _blocking_send(
+        self, call: BlockingCall[None], payload: memoryview, done: list[int]
+    ) -> None:
+        """Send one frame; *done* counts its bytes written so far (POSIX)."""
+        frames, wpoll = self._frames, self._wpoll
+        if frames is None or wpoll is None:
             try:
                 self._conn.send_bytes(payload)
             except (BrokenPipeError, ConnectionResetError) as exc:
                 raise anyio.BrokenResourceError("the peer closed the connection") from exc
+            return
+        header = encode_header(len(payload))
+        if len(payload) <= _COALESCE_LIMIT:
+            parts = [memoryview(header + payload)]
+        else:
+            parts = [memoryview(header), payload]
+        slice_ms = int(_THREAD_SLICE * 1000)
+        for part in parts:
+            offset = 0
+            while offset < len(part):
+                if call.stopping:
+                    raise anyio.ClosedResourceError
+                n = frames._write(part[offset:])
+                if n:
+                    offset += n
+                    done[0] += n
+                else:
+                    wpoll.poll(slice_ms)
 
+    async def send_frame(self, payload: memoryview) -> None:
         await checkpoint_if_cancelled()
-        call: BlockingCall[None] = BlockingCall(
-            blocking_send, name="asyncmp-send", worker=self._workers[1]
+        done = [0]
+        total = len(encode_header(len(payload))) + len(payload)
+        call: BlockingCall[None] = self._call(
+            lambda c: self._blocking_send(c, payload, done), "asyncmp-send", self._workers[1]
         )
-        await call.start()
-        self._track(call)
+        await self._start(call)
         try:
-            await call.wait()
+            await self._wait(call)
         except anyio.get_cancelled_exc_class():
-            # The write can't be taken back: let it finish (bounded), else call it broken.
+            # The write can't be taken back: let it finish (bounded), else stop it and
+            # break the connection if part of the frame went out.
             with anyio.move_on_after(SEND_SHIELD_SECONDS, shield=True):
-                await call.wait()
-            if not call.done:
-                self.broken = "a send was cancelled and did not finish"
-            else:
-                self._finished(call)
+                await self._wait(call)
+            if not call.finished and not self._closed:
+                call.request_stop()
+                if self._frames is not None:  # POSIX: it stops within a slice
+                    with anyio.move_on_after(SEND_SHIELD_SECONDS, shield=True):
+                        await self._wait(call)
+                if not _has_finished(call) or 0 < done[0] < total:
+                    self.broken = (
+                        f"a send was cancelled after {done[0]} of {total} bytes of its message"
+                    )
+                    if not self._closed:  # closed meanwhile: the handle may be gone
+                        self.send_eof()  # the peer sees EOF, never a torn frame and more
             raise
-        self._finished(call)
+        if self._closed:
+            # The frame in progress is cut: the peer sees the end of the stream in it.
+            raise anyio.ClosedResourceError
         call.result()
 
     def send_eof(self) -> None:
@@ -608,24 +744,35 @@ class _ThreadIO:
         if _platform.POSIX_FDS:
             _shutdown_socket_write(self._conn.fileno())
 
+    # -- closing ------------------------------------------------------------------------
+
     def close(self) -> None:
-        self._closed = True
-        for call in self._calls:
-            call.request_stop()
-        for worker in self._workers:
-            worker.close()  # its thread ends once its call (if any) has returned
-        if not self._calls:
-            self._release()
+        with self._active_lock:
+            self._closed = True
+            release = self._active == 0 and not self._released
+            if release:
+                self._released = True
+        try:
+            for waker in self._wakers:
+                waker.set()  # the tasks waiting on a call raise ClosedResourceError now
+            self._wakers.clear()
+            for call in self._calls:
+                call.request_stop()
+            for worker in self._workers:
+                worker.close()  # its thread ends once its call (if any) has returned
+        finally:
+            if release:
+                self._release()
 
     async def aclose(self) -> None:
         self.close()
         calls = list(self._calls)
         with anyio.CancelScope(shield=True):
             for call in calls:
+                if call.finished:
+                    continue  # maybe in a loop that has ended: it would never say so
                 with anyio.move_on_after(SEND_SHIELD_SECONDS + 1.0):
                     await call.wait()
-                if call.done:
-                    self._finished(call)
         for call in calls:
             call.join(0.5)
         for worker in self._workers:
@@ -695,9 +842,16 @@ class AsyncConnection(ObjectStream[T]):
         announces more raises :class:`ProtocolError` before anything of that size is
         allocated. ``None`` means no limit.
     :param use_threads: ``None`` picks the route by platform: descriptor readiness on
-        POSIX, threads on Windows. ``True`` forces the thread route anywhere.
+        POSIX, threads on Windows. ``True`` forces the thread route anywhere. The thread
+        route runs at most one thread per direction per connection, and asyncmp's thread
+        limiter doesn't count them: any number of connections may wait at once.
     :raises TypeError: *conn* is not a ``multiprocessing`` Connection.
     :raises anyio.ClosedResourceError: *conn* is closed already.
+
+    Outside an event loop (before it starts, after it ended, or in a process that never
+    runs one) these work: the constructor and :func:`Pipe`, :meth:`close`,
+    :meth:`recv_nowait`, :meth:`fileno` and the properties. Everything else is awaited.
+    None of them is thread-safe: call them from the thread that runs the loop, if one runs.
     """
 
     def __init__(
@@ -759,7 +913,9 @@ class AsyncConnection(ObjectStream[T]):
         return isinstance(self._io, _ThreadIO)
 
     def fileno(self) -> int:
-        """The descriptor (or handle) of the wrapped connection."""
+        """The descriptor (or handle) of the wrapped connection (also outside a loop).
+
+        :raises anyio.ClosedResourceError: this end was closed."""
         self._check_open()
         return self._conn.fileno()
 
@@ -797,6 +953,9 @@ class AsyncConnection(ObjectStream[T]):
             delivered); also an ``EOFError`` and an ``anyio.EndOfStream``.
         :raises ProtocolError: the stream broke the framing, or a message exceeds
             ``max_message_size`` or *maxlength*. The connection is broken from then on.
+            *maxlength* is this call's own: a receive cancelled before it does not pass
+            its *maxlength* on. (On the thread route a message above *maxlength* but
+            within ``max_message_size`` is read before it is refused.)
         :raises anyio.ClosedResourceError: this end was closed, before or during the call.
         :raises ValueError: *maxlength* is negative.
         :raises OSError: this end is write-only (the sending end of ``Pipe(False)``).
@@ -865,6 +1024,9 @@ class AsyncConnection(ObjectStream[T]):
     def recv_nowait(self) -> T:
         """Return the next message if all of it has arrived.
 
+        It may be called outside an event loop (after it ended, say, to drain the
+        messages that are there before closing).
+
         :raises anyio.WouldBlock: no whole message is there (or another task is
             receiving); bytes of a partial one stay buffered.
         :raises ConnectionEOF: the peer closed its end and every message was delivered.
@@ -897,11 +1059,17 @@ class AsyncConnection(ObjectStream[T]):
         If cancelled before any byte went out, nothing was sent. If cancelled mid-message,
         the rest is sent under a shield for up to ``SEND_SHIELD_SECONDS``; if that is not
         enough, the connection is broken (the peer sees EOF, never a torn message followed
-        by more data) and later sends raise ``anyio.BrokenResourceError``.
+        by more data) and later sends raise ``anyio.BrokenResourceError``. On the thread
+        route the write goes on in a thread meanwhile; on POSIX that thread stops at its
+        next 50 ms slice once the shield has run out, on Windows the stdlib's write can't
+        be stopped, and the connection is broken while it runs.
 
         :raises anyio.BrokenResourceError: the peer is gone, or an earlier send broke
             the connection.
-        :raises anyio.ClosedResourceError: this end was closed.
+        :raises anyio.ClosedResourceError: this end was closed, before or during the call
+            (at once, on both routes). A message being written when this end was closed
+            is cut: the peer sees the end of the stream inside it (on the thread route
+            its thread may still finish the message in the moment before it stops).
         :raises ValueError: *offset* or *size* is negative or beyond the buffer.
         :raises OSError: this end is read-only (the receiving end of ``Pipe(False)``).
         """
@@ -983,25 +1151,39 @@ class AsyncConnection(ObjectStream[T]):
     # -- closing ------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Close this end now. Tasks waiting on it get ``anyio.ClosedResourceError``."""
+        """Close this end now. Tasks waiting on it get ``anyio.ClosedResourceError`` at
+        once; a message being sent is cut (the peer sees the end of the stream inside
+        it), and the messages queued behind it are not sent.
+
+        It may be called outside an event loop (before it starts, or after it ended). On
+        the descriptor route the descriptor is closed before it returns. On the thread
+        route it is closed by the last of asyncmp's threads that still use it, once that
+        thread stops (within ``_THREAD_SLICE``, 50 ms, on POSIX; on Windows a send in
+        progress first has to return); :meth:`aclose` waits for that. It raises nothing,
+        and closing a closed end does nothing.
+        """
         if self._closed:
             return
         self._closed = True
-        self._io.close()
-        if isinstance(self._io, _FdIO):
-            self._conn.close()
+        self._close_route()
+
+    def _close_route(self) -> None:
+        try:
+            self._io.close()
+        finally:
+            if isinstance(self._io, _FdIO):
+                self._conn.close()
 
     async def aclose(self) -> None:
-        """Close this end; on the thread route, also wait for asyncmp's threads to end.
+        """Close this end as :meth:`close` does; on the thread route, also wait for
+        asyncmp's threads to end.
 
         It is a checkpoint; closing happens even if it is cancelled. It raises nothing,
         and closing a closed end does nothing.
         """
         if not self._closed:
             self._closed = True
-            self._io.close()
-            if isinstance(self._io, _FdIO):
-                self._conn.close()
+            self._close_route()
             await self._io.aclose()
         await checkpoint()
 

@@ -63,6 +63,7 @@ __all__ = (
     "open_transport",
     "poller",
     "register_fork_owned",
+    "socket_over_dup",
 )
 
 _PIPE_BUF = getattr(select, "PIPE_BUF", 512)
@@ -356,19 +357,30 @@ class ReadinessWaiter:
             await anyio.wait_readable(self._helper_fd)
 
     def close(self) -> None:
-        """Wake every task in :meth:`wait` with ``ClosedResourceError``, then close."""
+        """Wake every task in :meth:`wait` with ``ClosedResourceError``, then close.
+
+        It works outside an event loop too (before one started, or after it ended): no
+        task can be waiting then, and the helper descriptor is closed all the same.
+        """
         if self._closed:
             return
         self._closed = True
-        fut = self._fut
-        self._fut = None
-        if fut is not None and not fut.done():
-            fut.set_result(None)
-        self._unregister()
-        if self._elsewhere:
-            anyio.notify_closing(self._helper_fd)
-        if self._helper is not None:
-            self._helper.close()
+        try:
+            fut = self._fut
+            self._fut = None
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+            self._unregister()
+            if self._elsewhere:
+                try:
+                    anyio.notify_closing(self._helper_fd)
+                except RuntimeError:
+                    # No event loop runs here (anyio's NoEventLoopError, or sniffio's
+                    # error on older anyio): nobody can be waiting on the descriptor.
+                    pass
+        finally:
+            if self._helper is not None:
+                self._helper.close()
 
     def _forget_in_forked_child(self) -> None:
         self._closed = True
@@ -417,16 +429,44 @@ class FdTransport:
         """Release what the transport holds; the descriptor itself is its owner's."""
 
 
+def socket_over_dup(fd: int) -> socket.socket:
+    """A blocking socket object of our own over a duplicate of the socket *fd*, made
+    without touching the flags of the open file description behind *fd*.
+
+    Closing it closes only the duplicate. ``socket.socket(fileno=...)`` can't be used for
+    this: under a global ``socket.setdefaulttimeout()`` it puts the new object in timeout
+    mode, which sets ``O_NONBLOCK`` on the description that *fd* shares with other
+    processes. So the object is made over a throwaway socket of its own, switched to
+    blocking mode there (on the throwaway's description, which nobody else has), and
+    then the throwaway descriptor is replaced by a duplicate of *fd* with ``dup2()``,
+    which changes no flags. The object keeps the throwaway's family and type in its
+    attributes; its ``recv``, ``send`` and ``shutdown`` go to the kernel by descriptor and
+    don't depend on them.
+
+    :raises ValueError: *fd* is not a socket (nothing is left open).
+    """
+    if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+        raise ValueError(f"file descriptor {fd} is not a socket")
+    if sys.platform != "win32":
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(None)  # blocking mode, on the throwaway's own description
+            os.dup2(fd, sock.fileno(), inheritable=False)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    raise OSError(errno.ENOTSUP, "socket_over_dup() needs POSIX")  # pragma: no cover
+
+
 class _SocketTransport(FdTransport):
     __slots__ = ("_recv", "_recv_into", "_send", "_sock")
 
     def __init__(self, fd: int) -> None:
         super().__init__(fd)
         # A socket object of our own, on a duplicate descriptor: closing it never closes
-        # the owner's descriptor. socket(fileno=) only changes the blocking mode (of the
-        # shared description) when a global default timeout is set; open_transport()
-        # checks that it is not.
-        self._sock = socket.socket(fileno=os.dup(fd))
+        # the owner's descriptor, and making it changes no flag (see socket_over_dup).
+        self._sock = socket_over_dup(fd)
         self._recv = self._sock.recv
         self._recv_into = self._sock.recv_into
         self._send = self._sock.send
@@ -514,7 +554,7 @@ def poller(fd: int, *, writable: bool) -> Poller:
 def open_transport(fd: int) -> FdTransport:
     """Return the byte mover that suits *fd*: sockets use ``MSG_DONTWAIT``."""
     mode = os.fstat(fd).st_mode
-    if stat.S_ISSOCK(mode) and _MSG_DONTWAIT and socket.getdefaulttimeout() is None:
+    if stat.S_ISSOCK(mode) and _MSG_DONTWAIT:
         return _SocketTransport(fd)
     if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode):
         return _PipeTransport(fd)

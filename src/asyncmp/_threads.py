@@ -10,7 +10,10 @@ that the async caller keeps asyncmp's guarantees:
   result to the next caller instead of starting a new one.
 * **A private limiter.** Threads are counted by a :class:`anyio.CapacityLimiter` of
   asyncmp's own (per event loop), not anyio's default one, so a burst of pending
-  receives can't starve ``anyio.to_thread`` users, or the reverse.
+  receives can't starve ``anyio.to_thread`` users, or the reverse. An owner whose
+  threads are bounded by the owner itself (a connection has at most one thread per
+  direction) passes ``limited=False``: its waits, which may be idle for as long as the
+  peer is silent, must not take the room that active calls elsewhere need.
 * **No thread outlives its owner.** Each call runs in a daemon thread named
   ``asyncmp-…``; it never blocks interpreter exit. Blocking functions are written as
   loops of short time slices that check :attr:`BlockingCall.stopping`, so an owner
@@ -118,9 +121,15 @@ class BlockingCall(Generic[T]):
     """
 
     def __init__(
-        self, fn: Callable[[BlockingCall[T]], T], *, name: str, worker: Worker | None = None
+        self,
+        fn: Callable[[BlockingCall[T]], T],
+        *,
+        name: str,
+        worker: Worker | None = None,
+        limited: bool = True,
     ) -> None:
         self._fn = fn
+        self._limited = limited
         self._name = name
         self._worker = worker
         self._submitted = False
@@ -155,13 +164,15 @@ class BlockingCall(Generic[T]):
         return self._finished.is_set()
 
     async def start(self) -> None:
-        """Start the thread once the limiter has room.
+        """Start the thread once the limiter has room (at once if not *limited*).
 
         If cancelled while waiting for room, no thread was started.
         """
-        limiter = thread_limiter()
-        await limiter.acquire_on_behalf_of(self)
-        self._limiter = limiter
+        limiter: anyio.CapacityLimiter | None = None
+        if self._limited:
+            limiter = thread_limiter()
+            await limiter.acquire_on_behalf_of(self)
+            self._limiter = limiter
         native: Any = current_token().native_token
         self._notify = (
             native.call_soon_threadsafe
@@ -177,7 +188,9 @@ class BlockingCall(Generic[T]):
                 self._thread = thread
                 thread.start()
         except BaseException:
-            limiter.release_on_behalf_of(self)
+            if limiter is not None:
+                self._limiter = None
+                limiter.release_on_behalf_of(self)
             raise
 
     def _run(self) -> None:
@@ -215,6 +228,13 @@ class BlockingCall(Generic[T]):
             callback(self)
         else:
             self._callbacks.append(callback)
+
+    def remove_done_callback(self, callback: Callable[[BlockingCall[T]], object]) -> None:
+        """Forget *callback* if it has not run yet (a waiter that gave up)."""
+        try:
+            self._callbacks.remove(callback)
+        except ValueError:
+            pass
 
     async def wait(self) -> None:
         """Wait until the function has returned or raised.

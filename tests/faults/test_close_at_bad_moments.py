@@ -24,8 +24,11 @@ Lost: what the peer wrote and nobody received: closing an end gives up its unrea
 
 from __future__ import annotations
 
+import multiprocessing
 import sys
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import anyio
@@ -37,6 +40,7 @@ from asyncmp._threads import BlockingCall
 from tests.test_queue import asyncmp_threads, open_queue
 
 from .support import (
+    MiB,
     after_await,
     after_readiness,
     buffered,
@@ -192,3 +196,100 @@ async def test_queue_aclose_while_the_reader_lock_is_handed_over() -> None:
             assert fired
         assert results == ["ClosedResourceError"]
         assert not reader_lock_is_held(q), "the reader lock stayed taken after aclose()"
+
+
+@TRANSPORTS
+@pytest.mark.parametrize("use_threads", [False, True], ids=["fd", "threads"])
+async def test_close_wakes_the_send_in_progress_and_those_queued(
+    use_threads: bool, transport: str
+) -> None:
+    """A peer that never reads: one send blocks mid-message, two wait behind it. Closing
+    wakes all three at once; the message in progress is cut (the peer sees the end of the
+    stream in the middle of it), and nothing of the queued ones goes out."""
+    if transport == "socket":
+        a, peer = asyncmp.Pipe(use_threads=use_threads)
+    else:
+        reader, writer = multiprocessing.Pipe(duplex=False)
+        a, peer = asyncmp.AsyncConnection(writer, use_threads=use_threads), reader
+    results: list[str] = []
+    try:
+        with anyio.fail_after(5):  # at once; the bound is only a "no hang" one
+            async with anyio.create_task_group() as tg:
+
+                async def send(payload: bytes) -> None:
+                    results.append(await outcome(lambda: a.send_bytes(payload)))
+
+                tg.start_soon(send, bytes(8 * MiB))
+                await wait_until(lambda: buffered(peer.fileno()) > 0, "the first send started")
+                tg.start_soon(send, b"queued 1")
+                tg.start_soon(send, b"queued 2")
+                await settle()
+                assert results == []
+                a.close()
+        assert results == ["ClosedResourceError"] * 3
+        await wait_until(lambda: a.connection.closed and not asyncmp_threads(), "released")
+        # The first message is cut: the stdlib reports the end of the stream inside it.
+        with pytest.raises(OSError, match="end of file during message"):
+            peer.recv_bytes()
+    finally:
+        await a.aclose()
+        peer.close()
+
+
+# --- closing outside any event loop --------------------------------------------------------
+
+
+def run_loop(anyio_backend: Any, fn: Callable[[], Awaitable[None]]) -> None:
+    """Run *fn* in an event loop of the backend under test, to its end."""
+    name, options = (anyio_backend, {}) if isinstance(anyio_backend, str) else anyio_backend
+    anyio.run(fn, backend=name, backend_options=options)
+
+
+def join_asyncmp_threads(timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    for thread in threading.enumerate():
+        if thread.name.startswith("asyncmp"):
+            thread.join(max(0.0, deadline - time.monotonic()))
+            assert not thread.is_alive(), f"{thread.name} still runs after {timeout} s"
+
+
+@pytest.mark.parametrize("use_threads", [False, True], ids=["fd", "threads"])
+def test_close_after_the_loop_ended_closes_the_descriptor(
+    anyio_backend: Any, use_threads: bool
+) -> None:
+    """A connection used in a loop (a receive served, one cancelled while it waited) is
+    closed after that loop has ended: close() raises nothing, and the descriptor is
+    closed, at once on the descriptor route, once its thread stopped on the thread route.
+    recv_nowait() works there too."""
+    a, peer = asyncmp.Pipe(use_threads=use_threads)
+    try:
+
+        async def use() -> None:
+            peer.send("served")
+            assert await a.recv() == "served"
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(a.recv)
+                await settle()
+                tg.cancel_scope.cancel()
+
+        run_loop(anyio_backend, use)
+        peer.send("after the loop")
+        deadline = time.monotonic() + 10
+        while True:  # the thread route's abandoned receive takes it in its thread
+            try:
+                assert a.recv_nowait() == "after the loop"
+                break
+            except anyio.WouldBlock:
+                assert time.monotonic() < deadline, "recv_nowait() never got the message"
+                time.sleep(0.001)
+        a.close()
+        assert a.closed
+        join_asyncmp_threads()
+        assert a.connection.closed
+        with pytest.raises(EOFError):
+            peer.recv()
+        a.close()  # again: nothing to do
+    finally:
+        a.close()
+        join_asyncmp_threads()
+        peer.close()

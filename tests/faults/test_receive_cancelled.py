@@ -147,3 +147,32 @@ async def test_cancelled_receive_loses_nothing(
     use_threads: bool, scenario: tuple[str, list[int], list[tuple[int, str]]]
 ) -> None:
     await run_scenario(use_threads, *scenario)
+
+
+@pytest.mark.parametrize("use_threads", [False, True], ids=["fd", "threads"])
+@pytest.mark.parametrize(
+    ("cancelled", "then", "expected"),
+    [(None, 10, "ProtocolError"), (10, None, "1000 bytes"), (2000, 10, "ProtocolError")],
+)
+async def test_each_receive_applies_its_own_maxlength(
+    use_threads: bool, cancelled: int | None, then: int | None, expected: str
+) -> None:
+    """A receive with one *maxlength* is cancelled while it waits; the message comes, and
+    the next receive, with another *maxlength*, judges it by its own (on the thread route
+    the cancelled receive goes on in its thread and hands its message on)."""
+    a, peer = asyncmp.Pipe(use_threads=use_threads)
+    try:
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(a.recv_bytes, cancelled)
+                await settle()
+                tg.cancel_scope.cancel()
+            peer.send_bytes(b"m" * 1000)
+            try:
+                outcome = f"{len(await a.recv_bytes(then))} bytes"
+            except asyncmp.ProtocolError:
+                outcome = "ProtocolError"
+        assert outcome == expected
+    finally:
+        await a.aclose()
+        peer.close()
