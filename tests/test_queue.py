@@ -860,6 +860,138 @@ async def test_gets_cancelled_while_waiting_for_the_reader_lock_leave_it_free(
         print(f"{cancelled} of {rounds} gets cancelled")
 
 
+async def make_contended(aq: AsyncQueue[Any]) -> None:
+    """Have the adapter queue once for the reader lock behind another consumer, as under
+    contention: from then on (fd route) a get takes the lock before it waits for data,
+    and keeps it after an item until the loop's next turn."""
+    q = aq.queue
+    await aq.put("contended")
+    await wait_until(lambda: buffered(q._reader.fileno()) > 0, "the item is in the pipe")
+    assert q._rlock.acquire(False)  # as another consumer, mid-get
+    got: list[Any] = []
+    async with anyio.create_task_group() as tg:
+
+        async def get() -> None:
+            got.append(await aq.get())
+
+        tg.start_soon(get)
+        try:
+            await wait_until(lambda: bool(asyncmp_threads()), "the get queues for the lock")
+        finally:
+            q._rlock.release()
+    assert got == ["contended"]
+    await wait_until(lambda: not reader_lock_is_held(q), "the reader lock is let go")
+
+
+async def test_a_get_cancelled_while_queued_behind_another_leaves_the_reader_lock_free(
+    use_threads: bool,
+) -> None:
+    """Getter A waits for an item, getter B queues behind it on the same adapter; an item
+    comes, and A, having got it, cancels B before B reads anything. The reader lock must
+    be let go (by the loop's next turn): the next item is anybody's."""
+    async with open_queue(use_threads=use_threads) as aq:
+        q = aq.queue
+        with anyio.fail_after(20):
+            await make_contended(aq)
+            b_scope = anyio.CancelScope()
+            got: list[Any] = []
+
+            async def getter_a() -> None:
+                got.append(await aq.get())
+                b_scope.cancel()
+
+            async def getter_b() -> None:
+                with b_scope:
+                    got.append(await aq.get())
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(getter_a)
+                await anyio.wait_all_tasks_blocked()
+                tg.start_soon(getter_b)
+                await anyio.wait_all_tasks_blocked()
+                await aq.put("first")
+            assert got == ["first"]
+            assert b_scope.cancelled_caught
+            await aq.put("second")
+            async with child(queue_workers.get_expecting, q, "second", 5) as consumer:
+                pass
+        assert consumer.exitcode == 0, "the reader lock stayed with the adapter"
+        assert not reader_lock_is_held(q)
+
+
+async def test_storm_of_cancelled_gets_next_to_a_plain_consumer_loses_nothing(
+    use_threads: bool, tmp_path: Path
+) -> None:
+    """3 producers, 2 async getters on one adapter whose gets are cancelled at random, and
+    a plain consumer in another process: every item arrives exactly once, and in time."""
+    producers, per_producer = 3, 150
+    rng = random.Random(20261202)
+    report = tmp_path / "sync-consumer"
+    async with open_queue(use_threads=use_threads) as aq:
+        q = aq.queue
+        mine: list[Any] = []
+        cancelled = 0
+
+        async def consume() -> None:
+            nonlocal cancelled
+            while True:
+                with anyio.move_on_after(rng.uniform(0, 0.003)) as scope:
+                    item = await aq.get()
+                    if item is None:
+                        return
+                    mine.append(item)
+                cancelled += scope.cancelled_caught
+
+        with anyio.fail_after(60):
+            async with child(queue_workers.consume_until_none, q, str(report)) as consumer:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(consume)
+                    tg.start_soon(consume)
+                    async with contextlib.AsyncExitStack() as stack:
+                        procs = [
+                            await stack.enter_async_context(
+                                child(queue_workers.produce, q, tag, per_producer, 0, 0, 7, 0.001)
+                            )
+                            for tag in range(producers)
+                        ]
+                    assert [p.exitcode for p in procs] == [0] * producers
+                    for _ in range(3):  # one end marker per consumer
+                        await aq.put(None)
+        assert consumer.exitcode == 0
+    theirs = read_report(report)
+    received = Counter((tag, i) for tag, i, _ in [*mine, *theirs])
+    assert received == Counter((t, i) for t in range(producers) for i in range(per_producer))
+    print(f"{cancelled} gets cancelled; async {len(mine)}, sync {len(theirs)}")
+
+
+def test_get_nowait_outside_a_loop_after_contention(
+    anyio_backend: object, use_threads: bool
+) -> None:
+    """get_nowait() may be called once the event loop has ended: after the adapter queued
+    for the reader lock in the loop (so that it keeps the lock for a following get), it
+    still returns the item and lets go of the lock, and loses nothing."""
+    backend, options = anyio_backend if isinstance(anyio_backend, tuple) else (anyio_backend, {})
+    q = make_queue()
+    aq = AsyncQueue[Any](q, use_threads=use_threads)
+    try:
+
+        async def in_the_loop() -> None:
+            with anyio.fail_after(20):
+                await make_contended(aq)
+                await fill(q, ["a", "b", "c"])
+                assert await aq.get() == "a"
+
+        anyio.run(in_the_loop, backend=backend, backend_options=options)
+        assert aq.get_nowait() == "b"
+        assert not reader_lock_is_held(q), "get_nowait() kept the reader lock"
+        assert q.get(timeout=5) == "c"  # a plain consumer gets the next one
+        with pytest.raises(queue.Empty):
+            aq.get_nowait()
+    finally:
+        anyio.run(aq.aclose, backend=backend, backend_options=options)
+        release_pipe(q)
+
+
 @pytest.mark.parametrize("kind", BOUNDED_KINDS)
 async def test_put_cancelled_on_a_full_queue_puts_nothing(use_threads: bool, kind: str) -> None:
     async with open_queue(kind, use_threads=use_threads, maxsize=2) as aq:

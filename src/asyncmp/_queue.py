@@ -215,11 +215,15 @@ class AsyncQueue(AsyncResource, Generic[T]):
     def qsize(self) -> int:
         """Items in the queue plus items this adapter took and still holds.
 
+        May be called outside a running event loop.
+
         :raises NotImplementedError: where the platform can't count (macOS).
         """
         return int(self._q.qsize()) + self._held()
 
     def empty(self) -> bool:
+        """True if neither the queue nor this adapter holds an item. May be called
+        outside a running event loop."""
         return not self._held() and bool(self._q.empty())
 
     def _held(self) -> int:
@@ -230,6 +234,7 @@ class AsyncQueue(AsyncResource, Generic[T]):
         return len(self._kept) + pending
 
     def full(self) -> bool:
+        """As ``Queue.full()``. May be called outside a running event loop."""
         return bool(self._q.full())
 
     def _check_open(self) -> None:
@@ -285,6 +290,12 @@ class AsyncQueue(AsyncResource, Generic[T]):
             return await self._get_threaded()  # type: ignore[no-any-return]
         finally:
             lock.release()
+            if self._parts is not None and self._rlock_held and self._decoder.at_boundary:
+                # The reader lock is kept past a get only until the loop's next turn. A
+                # deferred release that found this get (or any get) in progress left the
+                # lock to it; if it ends without reading (cancelled while queued on
+                # _get_lock, say), the release is due again now.
+                self._release_soon()
 
     def _take_whole_frame(self) -> bytes | None:
         """The fd route's fast path: an item's frame if one is here whole, else None.
@@ -319,7 +330,14 @@ class AsyncQueue(AsyncResource, Generic[T]):
     def get_nowait(self) -> T:
         """Return an item if one is there now.
 
+        May be called outside a running event loop (after it ended, for example): an
+        item it reads is returned, and the reader lock is let go at once. Like every
+        method of the adapter, it is not for another thread while a loop uses the
+        adapter.
+
         :raises queue.Empty: none is, or the reader lock is held elsewhere.
+        :raises anyio.ClosedResourceError: the adapter was closed.
+        :raises anyio.BrokenResourceError: the queue's framing is corrupt.
         """
         self._check_open()
         if self._get_lock.locked():
@@ -491,11 +509,26 @@ class AsyncQueue(AsyncResource, Generic[T]):
         return frame
 
     def _release_soon(self) -> None:
+        """Let go of the reader lock at the loop's next turn, unless a get holds the
+        adapter's get lock by then; that get then uses the lock, and when it ends it
+        calls this again. Outside a running loop (a sync method called after the loop
+        ended), let go at once."""
+        try:
+            native: Any = current_token().native_token
+        except (RuntimeError, anyio.NoEventLoopError):
+            # No loop, so no next turn: a release scheduled in a loop that has ended
+            # never ran either.
+            self._release_scheduled = False
+            self._release_rlock()
+            return
         if self._release_scheduled:
             return
-        native: Any = current_token().native_token
         soon = native.call_soon if hasattr(native, "call_soon") else native.run_sync_soon
-        soon(self._deferred_release)
+        try:
+            soon(self._deferred_release)
+        except RuntimeError:  # the loop is closing: no next turn is coming
+            self._release_rlock()
+            return
         self._release_scheduled = True
 
     def _deferred_release(self) -> None:
@@ -727,7 +760,9 @@ class AsyncQueue(AsyncResource, Generic[T]):
     def _get_nowait_threaded(self) -> Any:
         call = self._pending_get
         if call is not None:
-            if not call.done:
+            # Finished, not done: outside a loop (or before it ran again) the loop never
+            # hears of it, and the item is there all the same.
+            if not call.finished:
                 raise queue.Empty
             self._pending_get = None
             self._calls.discard(call)
@@ -770,7 +805,7 @@ class AsyncQueue(AsyncResource, Generic[T]):
                     raise anyio.BrokenResourceError(_NO_READERS)
 
     def put_nowait(self, obj: T) -> None:
-        """Put *obj* if there is room now.
+        """Put *obj* if there is room now. May be called outside a running event loop.
 
         :raises queue.Full: a bounded queue is full.
         :raises pickle.PicklingError: (or what pickling raises) *obj* can't be pickled;
@@ -865,7 +900,7 @@ class AsyncQueue(AsyncResource, Generic[T]):
     # -- joinable queues ----------------------------------------------------------------
 
     def task_done(self) -> None:
-        """As ``JoinableQueue.task_done()``."""
+        """As ``JoinableQueue.task_done()``. May be called outside a running event loop."""
         self._q.task_done()
 
     async def join(self) -> None:
