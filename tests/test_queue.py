@@ -520,6 +520,46 @@ async def test_task_done_in_this_process(use_threads: bool) -> None:
             aq.task_done()
 
 
+async def test_aclose_after_a_cancelled_join_on_a_manager_proxy_is_prompt(
+    use_threads: bool,
+) -> None:
+    """A proxy's join() waits in a thread that can't poll the count of tasks not done: a
+    cancelled join must still not leave that thread behind, nor hold up aclose()."""
+    with FORK.Manager() as manager:
+        q = manager.JoinableQueue()
+        aq = AsyncQueue[Any](q, use_threads=use_threads)
+        try:
+            await aq.put("never done")
+            with anyio.move_on_after(0.2) as scope:
+                await aq.join()
+            assert scope.cancelled_caught
+            # The cancelled join's thread ends promptly, without anything being done.
+            await wait_until(lambda: not asyncmp_threads(), "the join's thread ended", 5)
+            # join() works again after the cancelled one.
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(aq.join)
+                await anyio.wait_all_tasks_blocked()
+                assert await aq.get() == "never done"
+                aq.task_done()
+            # And a join still waiting is ended by aclose().
+            await aq.put("this one neither")
+            results: list[str] = []
+            async with anyio.create_task_group() as tg:
+
+                async def join() -> None:
+                    results.append(await outcome(aq.join))
+
+                tg.start_soon(join)
+                await anyio.wait_all_tasks_blocked()
+                with anyio.fail_after(5):
+                    await aq.aclose()
+            assert results == ["ClosedResourceError"]
+            assert asyncmp_threads() == [], "a thread outlived aclose()"
+        finally:
+            with anyio.CancelScope(shield=True), anyio.fail_after(5):
+                await aq.aclose()
+
+
 # ---------------------------------------------------------------------------------------
 # Closing
 # ---------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ public methods.
 from __future__ import annotations
 
 import multiprocessing.connection
+import multiprocessing.managers
 import multiprocessing.queues
 import os
 import queue
@@ -31,6 +32,7 @@ __all__ = (
     "feeder_thread",
     "hook_feeder_errors",
     "joinable_parts",
+    "proxy_connection",
     "queue_parts",
     "queue_writer",
     "timed_get",
@@ -95,6 +97,22 @@ def joinable_parts(q: object) -> tuple[Any, Any] | None:
     if cond is None or not callable(getattr(cond, "wait", None)) or not callable(is_zero):
         return None
     return cond, is_zero
+
+
+def proxy_connection(proxy: object) -> multiprocessing.connection.Connection | None:
+    """The connection to its manager that *proxy* uses in the calling thread, opened now
+    if the thread has none yet (a proxy opens one per thread, on its first call there);
+    None if *proxy* is not a manager proxy this module knows."""
+    if not _KNOWN or not isinstance(proxy, multiprocessing.managers.BaseProxy):
+        return None
+    tls = getattr(proxy, "_tls", None)
+    connect = getattr(proxy, "_connect", None)
+    if tls is None or not callable(connect):
+        return None
+    if getattr(tls, "connection", None) is None:
+        connect()
+    conn = getattr(tls, "connection", None)
+    return conn if isinstance(conn, multiprocessing.connection.Connection) else None
 
 
 def feeder_thread(q: object) -> threading.Thread | None:

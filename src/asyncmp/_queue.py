@@ -43,6 +43,8 @@ import multiprocessing.queues
 import os
 import pickle
 import queue
+import socket
+import stat
 import struct
 import sys
 import threading
@@ -136,6 +138,66 @@ class _LockHandoff:
         self.acquired = False
 
 
+class _Interrupter:
+    """Ends a blocking call that waits on a manager connection, from another thread.
+
+    The thread arms it with the connection it is about to wait on; :meth:`fire` shuts
+    that connection down (both directions), which makes the pending ``recv`` return
+    end-of-file at once. Shutting down, not closing: the descriptor stays the waiting
+    thread's until it lets go of it. The connection is this thread's own (a proxy opens
+    one per thread), shared with no other process.
+    """
+
+    __slots__ = ("_conn", "_fired", "_guard")
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._conn: Any = None
+        self._fired = False
+
+    def arm(self, conn: Any) -> bool:
+        """In the waiting thread: watch *conn*; False if there is nothing to interrupt."""
+        if conn is None:
+            return False
+        try:
+            fd = conn.fileno()
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                return False
+        except (OSError, ValueError):
+            return False
+        with self._guard:
+            self._conn = conn
+            fired = self._fired
+        if fired:
+            self._shutdown(conn)
+        return True
+
+    def disarm(self) -> None:
+        with self._guard:
+            self._conn = None
+
+    def fire(self) -> None:
+        with self._guard:
+            self._fired = True
+            conn = self._conn
+            if conn is None:
+                return
+            self._shutdown(conn)
+
+    @staticmethod
+    def _shutdown(conn: Any) -> None:
+        try:
+            sock = socket.socket(fileno=os.dup(conn.fileno()))
+        except (OSError, ValueError):
+            return
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        finally:
+            sock.close()
+
+
 class AsyncQueue(AsyncResource, Generic[T]):
     """Async adapter for a ``multiprocessing`` ``Queue``, ``JoinableQueue``,
     ``SimpleQueue`` (from any context) or a ``Manager().Queue()`` proxy.
@@ -169,6 +231,8 @@ class AsyncQueue(AsyncResource, Generic[T]):
         self._closed = False
         self._broken: str | None = None
         self._calls: set[BlockingCall[Any]] = set()
+        # The joins of a proxy, which wait in a call that only shutting its connection ends.
+        self._interrupters: dict[BlockingCall[Any], _Interrupter] = {}
         self._pending_get: BlockingCall[Any] | None = None
         # One thread each for the gets of the thread route and for the reader lock of the
         # fd route, kept between calls: a new thread per call costs more than an item.
@@ -906,17 +970,39 @@ class AsyncQueue(AsyncResource, Generic[T]):
     async def join(self) -> None:
         """Wait until every item put has been marked done (``JoinableQueue.join``).
 
-        If cancelled, nothing changed.
+        If cancelled, nothing changed, and the wait stops at once: a multiprocessing
+        ``JoinableQueue`` is waited for in a thread in short time slices; a manager's
+        proxy, whose ``join()`` can only block, is waited for on a connection to the
+        manager of that thread's own, which cancelling (or :meth:`aclose`) shuts down.
+        (Where that connection is not a socket, a Windows named pipe, the thread can't
+        be interrupted and lasts until every item is done.)
 
         :raises anyio.ClosedResourceError: the adapter was closed, before or during the wait.
         """
         self._check_open()
         parts = self._joinable
         q = self._q
+        interrupt = _Interrupter()
 
         def blocking_join(c: BlockingCall[bool]) -> bool:
             if parts is None:
-                q.join()
+                # A proxy (or a queue whose insides are unknown) offers only a join() that
+                # blocks until every task is done. Its call waits on the connection to
+                # the manager that this thread opens; interrupt() shuts that connection
+                # down, which ends the wait here (the manager's side finds the connection
+                # gone when the tasks are done).
+                armed = interrupt.arm(_mpinternals.proxy_connection(q))
+                if c.stopping:
+                    return False
+                if not armed:  # nothing to interrupt (not a proxy over a socket): block
+                    q.join()
+                    return True
+                try:
+                    q.join()
+                except (OSError, EOFError):
+                    if c.stopping:
+                        return False
+                    raise
                 return True
             cond, is_done = parts
             while not c.stopping:
@@ -927,14 +1013,20 @@ class AsyncQueue(AsyncResource, Generic[T]):
             return False
 
         call: BlockingCall[bool] = BlockingCall(blocking_join, name="asyncmp-queue-join")
+        call.add_done_callback(lambda _: interrupt.disarm())
         await call.start()
         self._calls.add(call)
+        self._interrupters[call] = interrupt
         try:
             await call.wait()
         except BaseException:
             call.request_stop()
+            interrupt.fire()
             raise
-        self._calls.discard(call)
+        finally:
+            if call.done:
+                self._calls.discard(call)
+                self._interrupters.pop(call, None)
         if not call.result():
             raise anyio.ClosedResourceError
 
@@ -963,12 +1055,15 @@ class AsyncQueue(AsyncResource, Generic[T]):
         calls = list(self._calls)
         for call in calls:
             call.request_stop()
+        for interrupter in self._interrupters.values():
+            interrupter.fire()
         with anyio.CancelScope(shield=True):
             for call in calls:
                 await call.wait()
             for call in calls:
                 call.join()
             self._calls.clear()
+            self._interrupters.clear()
             for worker in (self._get_worker, self._rlock_worker):
                 thread = worker.close()
                 if thread is not None:
