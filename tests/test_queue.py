@@ -21,6 +21,7 @@ import os
 import pickle
 import queue
 import random
+import select
 import struct
 import sys
 import threading
@@ -43,6 +44,7 @@ from .faults.support import (
     buffered,
     nonblocking,
     reader_lock_is_held,
+    settle,
     wait_for_event,
     wait_until,
 )
@@ -1050,6 +1052,83 @@ async def test_put_cancelled_on_a_full_queue_puts_nothing(use_threads: bool, kin
         assert aq.qsize() == 0
         with pytest.raises(queue.Empty):
             await aq.get(timeout=0.1)
+
+
+def fill_the_pipe(q: Any) -> int:
+    """Write whole frames raw into the queue's pipe until it has no room left (as
+    producers that nobody drains would), counting a slot of the queue per frame; return
+    how many."""
+    fd = q._writer.fileno()
+    item = pickle.dumps(b"f" * 4000, pickle.HIGHEST_PROTOCOL)
+    count = 0
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    while poller.poll(0):
+        sem = getattr(q, "_sem", None)
+        if sem is not None:
+            assert sem.acquire(False)
+        os.write(fd, header(len(item)) + item)
+        count += 1
+    return count
+
+
+async def test_a_simplequeue_put_into_a_full_pipe_heeds_cancellation(use_threads: bool) -> None:
+    """A SimpleQueue's put writes into the pipe itself (no feeder thread). Nobody drains
+    the pipe: a big put, cancelled, returns promptly, and a small put that waits for room
+    gives up with nothing written. Each put went in whole or not at all: a consumer that
+    comes later reads exactly the items whose put returned, whole."""
+    big = b"p" * 300_000
+    async with open_queue("SimpleQueue", use_threads=use_threads, stall_timeout=30) as aq:
+        q = aq.queue
+        fd = q._reader.fileno()
+        expected: list[Any] = []
+        with anyio.fail_after(10):  # "promptly"
+            with anyio.move_on_after(1) as scope:
+                await aq.put(big)
+            if not scope.cancelled_caught:
+                # The put had begun its frame: it reports the put as done, and the frame
+                # goes in whole as the consumer reads it.
+                expected.append(big)
+            assert buffered(fd) > 0
+            with anyio.move_on_after(0.5) as scope:
+                await aq.put("small")
+            assert scope.cancelled_caught, "a put that waited for room returned"
+            async with child(queue_workers.get_simple_expecting, q, expected) as consumer:
+                pass
+        assert consumer.exitcode == 0, "the consumer did not read exactly the items put"
+        with anyio.fail_after(5):
+            await aq.put("after")
+            assert await aq.get() == "after"
+        with anyio.fail_after(5):
+            await aq.aclose()
+
+
+async def test_aclose_ends_a_simplequeue_put_waiting_for_room(use_threads: bool) -> None:
+    async with open_queue("SimpleQueue", use_threads=use_threads) as aq:
+        q = aq.queue
+        count = fill_the_pipe(q)
+        before = buffered(q._reader.fileno())
+        start = FORK.Event()
+        # The consumer that checks the pipe afterwards: started now, as aclose() closes
+        # the queue in this process.
+        async with child(
+            queue_workers.get_simple_expecting, q, [b"f" * 4000] * count, start
+        ) as consumer:
+            results: list[str] = []
+            async with anyio.create_task_group() as tg:
+
+                async def put() -> None:
+                    results.append(await outcome(functools.partial(aq.put, b"x" * 100_000)))
+
+                tg.start_soon(put)
+                await settle()
+                assert buffered(q._reader.fileno()) == before
+                with anyio.fail_after(5):
+                    await aq.aclose()
+            start.set()
+        assert results == ["ClosedResourceError"]
+        assert asyncmp_threads() == []
+        assert consumer.exitcode == 0, "the put wrote part of its item"
 
 
 async def test_unpicklable_item_raises_in_put_and_puts_nothing(

@@ -34,6 +34,7 @@ __all__ = (
     "joinable_parts",
     "proxy_connection",
     "queue_parts",
+    "queue_wlock",
     "queue_writer",
     "timed_get",
 )
@@ -133,6 +134,18 @@ def queue_writer(q: object) -> multiprocessing.connection.Connection | None:
     if not isinstance(writer, multiprocessing.connection.Connection) or writer.closed:
         return None
     return writer
+
+
+def queue_wlock(q: object) -> Any | None:
+    """The cross-process lock under which every producer writes one frame into *q*'s
+    pipe (a Queue's feeder thread, a SimpleQueue's put), on POSIX; None elsewhere (on
+    Windows a SimpleQueue has none: a message-mode pipe keeps writes apart)."""
+    if not _KNOWN or not _platform.POSIX_FDS:
+        return None
+    if not isinstance(q, (multiprocessing.queues.Queue, multiprocessing.queues.SimpleQueue)):
+        return None
+    wlock = getattr(q, "_wlock", None)
+    return wlock if _lock_like(wlock) else None
 
 
 def hook_feeder_errors(q: object, handled: Callable[[Exception], bool]) -> bool:

@@ -66,7 +66,7 @@ from anyio.lowlevel import (
 from . import _mpinternals
 from ._connection import _TURN_INTERVAL, _cancel_check, _FairLock, _fast_checkpoint, _last_turn
 from ._threads import BlockingCall, Worker
-from ._wire import FrameDecoder, WireError
+from ._wire import FrameDecoder, WireError, encode_header
 
 if TYPE_CHECKING or sys.platform != "win32":
     from ._fdio import FdTransport, ReadinessWaiter, open_transport, poller
@@ -76,8 +76,11 @@ if sys.platform != "win32":
 
     #: What polling a queue's write end says once no process holds its read end.
     _READERS_GONE = select.POLLERR | select.POLLHUP
+    #: The most one write into a pipe that polls writable takes whole, without blocking.
+    _PIPE_BUF: int = getattr(select, "PIPE_BUF", 512)
 else:  # pragma: no cover
     _READERS_GONE = 0
+    _PIPE_BUF = 512
 
 __all__ = ("DEFAULT_STALL_TIMEOUT", "AsyncQueue", "JoinableQueue", "Queue", "SimpleQueue")
 
@@ -136,6 +139,60 @@ class _LockHandoff:
     def __init__(self) -> None:
         self.guard = threading.Lock()
         self.acquired = False
+
+
+def _write_frame(
+    c: BlockingCall[bool],
+    fd: int,
+    wlock: Any,
+    frame: bytes,
+    stall_timeout: float,
+    on_begun: Any,
+) -> bool:
+    """Write one whole *frame* into a queue's pipe, as a producer does, in a thread.
+
+    The queue's write lock is taken, and the pipe's room waited for, in short time
+    slices; until the first byte is written a stop request ends the call (returning
+    False) with nothing written. Each write is at most ``PIPE_BUF`` bytes after
+    ``poll()`` said the pipe is writable, so it never blocks: a pipe that polls
+    writable has room for that much, and such a write is atomic. A frame of at most
+    ``PIPE_BUF`` bytes so goes in whole in one write. A longer one can't be written at
+    once (how much room a pipe has is not known exactly, and a frame may be larger than
+    the pipe), so once its first byte is in, it is finished whatever is asked, as the
+    consumers make room: a frame left half-written would tear the stream that every
+    consumer of the queue reads. *on_begun* is called then. Only a pipe that takes no
+    byte for *stall_timeout* seconds ends it early, with ``anyio.BrokenResourceError``
+    (the pipe then holds part of the frame, as after a producer that died mid-put).
+    """
+    while not wlock.acquire(True, _SLICE):
+        if c.stopping:
+            return False
+    try:
+        watch = poller(fd, writable=True)
+        view = memoryview(frame)
+        written = 0
+        last_progress = _perf_counter()
+        while written < len(view):
+            if not written and c.stopping:
+                return False
+            events = watch.poll(_SLICE * 1000)
+            if not events:
+                if written and _perf_counter() - last_progress > stall_timeout:
+                    raise anyio.BrokenResourceError(
+                        f"a put stopped mid-item: nobody read the queue for "
+                        f"{stall_timeout} s with {written} of its {len(view)} bytes written"
+                    )
+                continue
+            if events[0][1] & _READERS_GONE:
+                raise anyio.BrokenResourceError(_NO_READERS)
+            n = os.write(fd, view[written : written + _PIPE_BUF])
+            if not written:
+                on_begun()
+            written += n
+            last_progress = _perf_counter()
+        return True
+    finally:
+        wlock.release()
 
 
 class _Interrupter:
@@ -244,6 +301,14 @@ class AsyncQueue(AsyncResource, Generic[T]):
         # Knowing that nobody reads the queue any more (see _check_readers).
         self._feeder_error: Exception | None = None
         self._writer = _mpinternals.queue_writer(q)
+        self._wlock = _mpinternals.queue_wlock(q)
+        # A SimpleQueue's put writes its frame itself, under the queue's write lock; this
+        # adapter does the same, so that a put can give up before its first byte.
+        self._writes_frames = (
+            isinstance(q, multiprocessing.queues.SimpleQueue)
+            and self._writer is not None
+            and self._wlock is not None
+        )
         self._writer_poll: Any = None
         if self._writer is not None:
             self._writer_poll = poller(self._writer.fileno(), writable=True)
@@ -890,6 +955,21 @@ class AsyncQueue(AsyncResource, Generic[T]):
         returned did put it. *obj* is pickled here first, so an unpicklable object
         raises in the caller and nothing is put.
 
+        A ``Queue`` or ``JoinableQueue`` hands the item to the queue's feeder thread, as
+        ``Queue.put()`` does. A ``SimpleQueue`` has no feeder: on POSIX the put writes
+        the item's frame into the pipe from one of asyncmp's threads, under the queue's
+        write lock, and waits for room before the first byte, where a cancellation
+        stops it with nothing written. A frame of at most ``PIPE_BUF`` bytes goes in
+        whole in one write. A longer one (the pipe may be smaller than the item) goes
+        in as the consumers make room; once its first byte is in, the put counts as
+        done and returns even if cancelled, and the rest is written in the background,
+        because a frame left half-written would tear the stream every consumer reads.
+        The next put and :meth:`aclose` wait for it; if nobody reads the queue for
+        ``stall_timeout`` seconds meanwhile, the item is lost, the pipe holds part of
+        it (consumers see a producer that stopped mid-item), and this adapter is
+        broken. (On Windows a ``SimpleQueue`` put is the stdlib's, in a thread, which
+        a cancellation can't stop.)
+
         :raises queue.Full: no room came within *timeout* seconds.
         :raises pickle.PicklingError: (or whatever pickling raises) *obj* can't be
             pickled; nothing was put.
@@ -900,6 +980,17 @@ class AsyncQueue(AsyncResource, Generic[T]):
         """
         self._check_open()
         self._check_readers()
+        if self._writes_frames:
+            # A SimpleQueue has no feeder thread: its put writes the frame itself.
+            payload = ForkingPickler.dumps(obj)
+            frame = encode_header(len(payload)) + payload
+            if timeout is None:
+                await self._put_frame(frame)
+                return
+            with anyio.move_on_after(timeout):
+                await self._put_frame(frame)
+                return
+            raise queue.Full
         item = self._prepare(obj)
         plain_queue = self._is_mp_queue and not isinstance(
             self._q, multiprocessing.queues.JoinableQueue
@@ -922,6 +1013,64 @@ class AsyncQueue(AsyncResource, Generic[T]):
             await self._put_threaded(item)
             return
         raise queue.Full
+
+    async def _put_frame(self, frame: bytes, *, stall_timeout: float | None = None) -> None:
+        """Write *frame* into the queue's pipe from a thread (:func:`_write_frame`).
+
+        Returns once the frame is in the pipe, or once it has begun: then it is written
+        whole in the background and counts as put (as ``Queue.put`` counts an item
+        handed to its feeder), and the next put of this adapter, and :meth:`aclose`,
+        come after it. If cancelled before the first byte, nothing is written.
+        """
+        writer, wlock = self._writer, self._wlock
+        assert writer is not None and wlock is not None
+        fd = writer.fileno()
+        stall = self._stall_timeout if stall_timeout is None else stall_timeout
+        begun = anyio.Event()
+        native: Any = current_token().native_token
+        notify = (
+            native.call_soon_threadsafe
+            if hasattr(native, "call_soon_threadsafe")
+            else native.run_sync_soon
+        )
+
+        def on_begun() -> None:
+            try:
+                notify(begun.set)
+            except Exception:  # the loop is gone: nobody waits for this
+                pass
+
+        def write(c: BlockingCall[bool]) -> bool:
+            return _write_frame(c, fd, wlock, frame, stall, on_begun)
+
+        def finished(call: BlockingCall[bool]) -> None:
+            self._calls.discard(call)
+            begun.set()
+            error = call.error
+            if isinstance(error, anyio.BrokenResourceError) and "mid-item" in str(error):
+                # Part of a frame is in the pipe for good: this adapter can't put again.
+                self._broken = str(error)
+
+        await checkpoint_if_cancelled()
+        call: BlockingCall[bool] = BlockingCall(write, name="asyncmp-queue-put")
+        await call.start()
+        self._calls.add(call)
+        call.add_done_callback(finished)
+        try:
+            await call.wait()
+        except anyio.get_cancelled_exc_class():
+            # Stop the thread if it has not written anything yet; a frame it has begun
+            # is finished in the background, and the put counts as done. Never both.
+            call.request_stop()
+            with anyio.CancelScope(shield=True):
+                await begun.wait()  # one of the two, within a time slice
+            if not call.done:
+                return  # begun: it goes in whole
+            if call.error is None and call.result():
+                return
+            raise
+        if not call.result():
+            raise anyio.ClosedResourceError
 
     async def _put_threaded(self, item: Any) -> None:
         q = self._q
@@ -1000,7 +1149,7 @@ class AsyncQueue(AsyncResource, Generic[T]):
                 try:
                     q.join()
                 except (OSError, EOFError):
-                    if c.stopping:
+                    if c.stop_requested():
                         return False
                     raise
                 return True
