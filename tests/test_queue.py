@@ -1240,6 +1240,65 @@ async def test_producer_stalling_mid_item_is_waited_for(use_threads: bool, cance
         assert not reader_lock_is_held(q)
 
 
+def whole_and_start_of_big() -> tuple[bytes, bytes, object]:
+    """The bytes of one whole item ("whole") plus the first 1,000 bytes of a 100 KB one,
+    the rest of that one, and the 100 KB item."""
+    payload = pickle.dumps("whole")
+    whole = header(len(payload)) + payload
+    big, item = big_frame(100 * KiB)
+    return whole + big[:1000], big[1000:], item
+
+
+async def test_aclose_never_lets_go_of_the_reader_lock_mid_item(use_threads: bool) -> None:
+    """get_many() took one whole item and read into the next, which a producer is still
+    writing (1,000 bytes of 100 KB are there); then the adapter is closed. aclose() must
+    not hand the reader lock on in the middle of that item: it finishes the item (as the
+    producer goes on) and gives it back to the queue, where another consumer gets it
+    whole."""
+    first, rest, item = whole_and_start_of_big()
+    async with open_queue(use_threads=use_threads, stall_timeout=30) as aq:
+        q = aq.queue
+        assert q._sem.acquire(timeout=5)  # the slot of "whole" (the writer takes the other)
+        release = FORK.Event()
+        async with child(queue_workers.write_frame_in_two_parts, q, first, rest, release):
+            await wait_until(lambda: buffered(q._reader.fileno()) == len(first), "written")
+            with anyio.fail_after(20):
+                assert await aq.get_many(5) == ["whole"]
+            assert reader_lock_is_held(q)  # by the adapter, in the middle of the item
+            async with child(queue_workers.get_expecting, q, item, 20) as consumer:
+                with anyio.fail_after(20):
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(aq.aclose)
+                        await settle()
+                        release.set()  # the producer finishes the item
+        assert consumer.exitcode == 0, "the other consumer did not get the item whole"
+        assert not reader_lock_is_held(q)
+
+
+async def test_aclose_mid_item_gives_up_after_stall_timeout(use_threads: bool) -> None:
+    """As above, but the producer does not go on: aclose() waits no longer than
+    stall_timeout for the rest of the item, then lets go of the lock (the item is lost;
+    as after any producer that stopped mid-item, the queue is unusable)."""
+    first, rest, _ = whole_and_start_of_big()
+    async with open_queue(use_threads=use_threads, stall_timeout=STALL) as aq:
+        q = aq.queue
+        assert q._sem.acquire(timeout=5)
+        release = FORK.Event()
+        async with child(queue_workers.write_frame_in_two_parts, q, first, rest, release) as writer:
+            try:
+                await wait_until(lambda: buffered(q._reader.fileno()) == len(first), "written")
+                with anyio.fail_after(20):
+                    assert await aq.get_many(5) == ["whole"]
+                assert reader_lock_is_held(q)
+                started = time.monotonic()
+                with anyio.fail_after(STALL + 5):
+                    await aq.aclose()
+                assert STALL * 0.9 <= time.monotonic() - started < STALL + 2
+                assert not reader_lock_is_held(q)
+            finally:
+                writer.kill()  # it would wait for room for the rest for ever
+
+
 # ---------------------------------------------------------------------------------------
 # Threads and descriptor flags
 # ---------------------------------------------------------------------------------------

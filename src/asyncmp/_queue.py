@@ -1217,16 +1217,69 @@ class AsyncQueue(AsyncResource, Generic[T]):
                 thread = worker.close()
                 if thread is not None:
                     thread.join()  # its calls have returned: it is on its way out
+            await self._give_back_partial_item()
             if self._parts is not None:
                 if self._rlock_held:
                     self._release_rlock()
                 self._transport.close()
-            if self._partial is not None:  # thread route: a partial item held the lock
-                self._partial = None
-                parts = _mpinternals.queue_parts(self._q)
-                assert parts is not None
-                parts.rlock.release()
         await self._flush()
+
+    async def _give_back_partial_item(self) -> None:
+        """In aclose(): if this adapter holds the reader lock in the middle of an item (a
+        get_many() or get_nowait() read into an item a producer is still writing), finish
+        that item and put it back into the queue, then let go of the lock.
+
+        The lock is never let go mid-item: the next reader would start in the middle of
+        it. The rest is waited for in a thread, each wait for more bytes bounded by
+        ``stall_timeout``; if it does not come, the item is lost and the lock is let go
+        as a get lets it go after a producer that stopped mid-item. The item goes back
+        whole, at the end of the queue, with its slot in a bounded queue still counted
+        (it was never released). Shielded: aclose() runs to completion.
+        """
+        parts = _mpinternals.queue_parts(self._q)
+        if parts is None:
+            return
+        if self._parts is not None:
+            decoder: FrameDecoder | None = None if self._decoder.at_boundary else self._decoder
+            if decoder is None or not self._rlock_held:
+                return
+        else:
+            decoder, self._partial = self._partial, None
+            if decoder is None:
+                return
+        fd = parts.reader.fileno()
+
+        def finish(c: BlockingCall[bytes | None]) -> bytes | None:
+            return self._read_frame(fd, decoder, wait=True)
+
+        call: BlockingCall[bytes | None] = BlockingCall(finish, name="asyncmp-queue-finish")
+        await call.start()
+        await call.wait()
+        try:
+            frame = call.result()
+        except anyio.BrokenResourceError as exc:
+            self._broken = str(exc)
+            frame = None
+        # At the item's end (or given up on it): the lock goes.
+        if self._parts is not None:
+            self._decoder = FrameDecoder(None)
+            self._release_rlock()
+        else:
+            parts.rlock.release()
+        writer, wlock = self._writer, self._wlock
+        if frame is None or writer is None or writer.closed or wlock is None:
+            return
+        whole = encode_header(len(frame)) + frame
+        stall = self._stall_timeout
+
+        def write(c: BlockingCall[bool]) -> bool:
+            return _write_frame(c, writer.fileno(), wlock, whole, stall, lambda: None)
+
+        put_back: BlockingCall[bool] = BlockingCall(write, name="asyncmp-queue-put")
+        await put_back.start()
+        await put_back.wait()
+        if put_back.error is not None:
+            self._broken = str(put_back.error)
 
     async def _flush(self) -> None:
         """Close the queue in this process and wait for its feeder to write it all.
