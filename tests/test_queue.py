@@ -334,6 +334,24 @@ async def test_empty_queue_get_timeout_and_get_nowait_raise_empty(
             aq.get_nowait()
 
 
+async def test_a_get_that_timed_out_leaves_the_next_item_to_anybody(use_threads: bool) -> None:
+    """get(timeout) raised queue.Empty: it took nothing, and nothing of it goes on taking
+    items for this adapter (on the thread route its thread stops within a time slice), so
+    the next item is there for any consumer."""
+    async with open_queue(use_threads=use_threads) as aq:
+        q = aq.queue
+        with pytest.raises(queue.Empty):
+            await aq.get(timeout=0.1)
+        await wait_until(lambda: not asyncmp_threads(), "the get's thread ended", 5)
+        assert aq.qsize() == 0
+        await aq.put("next")
+        async with child(queue_workers.get_expecting, q, "next", 10) as consumer:
+            pass
+        assert consumer.exitcode == 0
+        with pytest.raises(queue.Empty):
+            aq.get_nowait()
+
+
 @pytest.mark.parametrize("kind", KINDS)
 async def test_get_nowait_takes_what_is_there_unless_another_reader_holds_the_lock(
     request: pytest.FixtureRequest, route: str, use_threads: bool, kind: str

@@ -97,6 +97,10 @@ _READ_BUDGET = 4 << 20
 _NO_READERS = "nobody reads this queue any more: every read end is closed"
 
 
+#: What a thread-route get's thread returns when it stopped without taking an item.
+_STOPPED: Any = object()
+
+
 class _Prepickled:
     """An item pickled in the caller of ``put``; unpickles to the original object.
 
@@ -359,7 +363,12 @@ class AsyncQueue(AsyncResource, Generic[T]):
         """Items taken from the queue that the next gets on this adapter return first."""
         call = self._pending_get  # thread route: a cancelled get's thread may hold one
         # Finished, not done: the thread may have ended before the loop heard of it.
-        pending = call is not None and call.finished and call.error is None
+        pending = (
+            call is not None
+            and call.finished
+            and call.error is None
+            and call.result() is not _STOPPED
+        )
         return len(self._kept) + pending
 
     def full(self) -> bool:
@@ -787,31 +796,41 @@ class AsyncQueue(AsyncResource, Generic[T]):
         if self._kept:
             await _fast_checkpoint()
             return _Failed.unwrap(self._kept.popleft())
-        call = self._pending_get
-        if call is None:
-            await checkpoint_if_cancelled()
+        while True:
+            call = self._pending_get
+            if call is None:
+                await checkpoint_if_cancelled()
 
-            def blocking_get(c: BlockingCall[Any]) -> Any:
-                while not c.stopping:
-                    try:
-                        return self._timed_get(_SLICE)
-                    except queue.Empty:
-                        continue
-                raise anyio.ClosedResourceError
+                def blocking_get(c: BlockingCall[Any]) -> Any:
+                    while not c.stopping:
+                        try:
+                            return self._timed_get(_SLICE)
+                        except queue.Empty:
+                            continue
+                    return _STOPPED
 
-            call = BlockingCall(blocking_get, name="asyncmp-queue-get", worker=self._get_worker)
-            await call.start()
-            self._calls.add(call)
-            self._pending_get = call
-        await call.wait()  # if cancelled, the call goes on and the next get collects it
-        self._pending_get = None
-        self._calls.discard(call)
-        self._check_open()
-        try:
-            return call.result()
-        except anyio.BrokenResourceError as exc:
-            self._broken = str(exc)
-            raise
+                call = BlockingCall(blocking_get, name="asyncmp-queue-get", worker=self._get_worker)
+                await call.start()
+                self._calls.add(call)
+                self._pending_get = call
+            try:
+                await call.wait()
+            except BaseException:
+                # Cancelled (a timeout too): the thread stops at its next time slice,
+                # unless it has taken an item by then; the next get collects that one.
+                call.request_stop()
+                raise
+            self._pending_get = None
+            self._calls.discard(call)
+            self._check_open()
+            try:
+                item = call.result()
+            except anyio.BrokenResourceError as exc:
+                self._broken = str(exc)
+                raise
+            if item is not _STOPPED:
+                return item
+            # A get cancelled before ours stopped without an item: start a new one.
 
     def _timed_get(self, timeout: float) -> Any:
         """One get that gives up with ``queue.Empty`` after *timeout* (0: don't wait).
@@ -895,7 +914,9 @@ class AsyncQueue(AsyncResource, Generic[T]):
                 raise queue.Empty
             self._pending_get = None
             self._calls.discard(call)
-            return call.result()
+            item = call.result()
+            if item is not _STOPPED:
+                return item
         return self._timed_get(0)
 
     # -- putting ------------------------------------------------------------------------
