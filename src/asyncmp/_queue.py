@@ -27,11 +27,18 @@ the same rules, without a thread per pending ``get``:
 the feeder thread, then hands the pickle to the queue's own feeder thread. Waiting for
 room in a bounded queue is a semaphore, which has no descriptor: a thread tries in
 short time slices, and a cancelled put waits for that thread's current slice so that
-"returned" and "enqueued" always agree.
+"returned" and "enqueued" always agree. A ``SimpleQueue`` has no feeder: its put writes
+the frame from a thread, ``PIPE_BUF`` bytes at a time as the pipe has room, under the
+queue's write lock; it gives up on cancellation until its first byte, and finishes the
+frame after it (see :func:`_write_frame`).
+
+The reader lock is let go only between two items (``aclose()`` finishes an item this
+adapter has begun, and puts it back), and is kept past a get only until the loop's next
+turn, unless a get of this adapter is using it.
 
 The thread route (manager proxies, Windows, or on request) uses only public methods in
-asyncmp's threads, with the same guarantees: a ``get`` abandoned on cancellation keeps
-running and its item goes to the next ``get``.
+asyncmp's threads, with the same guarantees: a ``get`` abandoned on cancellation stops
+at its next time slice, and an item it took before that goes to the next ``get``.
 """
 
 from __future__ import annotations
@@ -388,6 +395,8 @@ class AsyncQueue(AsyncResource, Generic[T]):
 
         If cancelled (a timeout is a cancellation), no item was lost: either none was
         taken, or the item taken is kept and the next ``get`` on this adapter returns it.
+        (On the thread route the cancelled get's thread stops at its next time slice,
+        within about 50 ms; an item it takes before that is the one kept.)
 
         :raises queue.Empty: no item came within *timeout* seconds.
         :raises anyio.BrokenResourceError: a producer died mid-item (after
@@ -1209,11 +1218,21 @@ class AsyncQueue(AsyncResource, Generic[T]):
         ``Queue`` it then closes the queue *in this process* and waits, without
         blocking the loop, until the feeder thread has written everything this process
         put (as ``Queue.close()`` plus ``join_thread()``). Other processes keep their
-        handles. Items this adapter took but did not hand out are dropped.
+        handles. Items this adapter took whole but did not hand out are dropped.
 
-        If cancelled, the adapter is closed all the same; only the wait for the feeder
-        stops, and the feeder goes on writing in the background. It raises nothing of
-        its own.
+        It never lets go of the reader lock in the middle of an item. If a
+        ``get_many()`` or ``get_nowait()`` read into an item a producer is still
+        writing, it waits for the rest (each wait for more bytes bounded by
+        ``stall_timeout``) and puts the item back, whole, at the end of the queue, for
+        the other consumers. If the rest does not come in time, it gives up and lets
+        go of the lock mid-item, as a get does after a producer that stopped mid-item:
+        that item is lost, and so is the queue (the next reader elsewhere starts inside
+        the item's remaining bytes, if any ever come). Likewise it waits for a
+        ``SimpleQueue`` put that has begun writing its item (see :meth:`put`).
+
+        If cancelled, the adapter is closed all the same; those two waits still run to
+        their end, and only the wait for the feeder stops, the feeder going on writing
+        in the background. It raises nothing of its own.
         """
         if self._closed:
             await checkpoint()
