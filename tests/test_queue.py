@@ -982,46 +982,64 @@ async def test_a_get_cancelled_while_queued_behind_another_leaves_the_reader_loc
 async def test_storm_of_cancelled_gets_next_to_a_plain_consumer_loses_nothing(
     use_threads: bool, tmp_path: Path
 ) -> None:
-    """3 producers, 2 async getters on one adapter whose gets are cancelled at random, and
-    a plain consumer in another process: every item arrives exactly once, and in time."""
+    """3 producers; 2 async getters on one adapter that race for each item, the first to
+    get one cancelling the other (and now and then a timeout cancelling both); a plain
+    consumer in another process. Every item arrives exactly once, and in time."""
     producers, per_producer = 3, 150
     rng = random.Random(20261202)
     report = tmp_path / "sync-consumer"
     async with open_queue(use_threads=use_threads) as aq:
         q = aq.queue
         mine: list[Any] = []
-        cancelled = 0
+        ends = 0
+        rounds = cancelled = 0
 
-        async def consume() -> None:
-            nonlocal cancelled
-            while True:
-                with anyio.move_on_after(rng.uniform(0, 0.003)) as scope:
-                    item = await aq.get()
-                    if item is None:
-                        return
+        async def race() -> None:
+            nonlocal ends, cancelled
+
+            async def getter(tg: anyio.abc.TaskGroup) -> None:
+                nonlocal ends
+                item = await aq.get()
+                if item is None:
+                    ends += 1
+                else:
                     mine.append(item)
-                cancelled += scope.cancelled_caught
+                tg.cancel_scope.cancel()
+
+            with anyio.move_on_after(rng.uniform(0, 0.02)) as scope:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(getter, tg)
+                    tg.start_soon(getter, tg)
+            cancelled += scope.cancelled_caught
 
         with anyio.fail_after(60):
             async with child(queue_workers.consume_until_none, q, str(report)) as consumer:
                 async with anyio.create_task_group() as tg:
-                    tg.start_soon(consume)
+
+                    async def consume() -> None:
+                        nonlocal rounds
+                        while not ends:
+                            await race()
+                            rounds += 1
+                        for _ in range(ends - 1):  # end markers meant for the others
+                            await aq.put(None)
+
                     tg.start_soon(consume)
                     async with contextlib.AsyncExitStack() as stack:
                         procs = [
                             await stack.enter_async_context(
-                                child(queue_workers.produce, q, tag, per_producer, 0, 0, 7, 0.001)
+                                child(queue_workers.produce, q, tag, per_producer, 0, 0, 3, 0.002)
                             )
                             for tag in range(producers)
                         ]
                     assert [p.exitcode for p in procs] == [0] * producers
-                    for _ in range(3):  # one end marker per consumer
+                    for _ in range(2):  # one end marker per consumer
                         await aq.put(None)
         assert consumer.exitcode == 0
     theirs = read_report(report)
     received = Counter((tag, i) for tag, i, _ in [*mine, *theirs])
     assert received == Counter((t, i) for t in range(producers) for i in range(per_producer))
-    print(f"{cancelled} gets cancelled; async {len(mine)}, sync {len(theirs)}")
+    print(f"{rounds} races, {cancelled} timed out; async {len(mine)}, sync {len(theirs)}")
 
 
 def test_get_nowait_outside_a_loop_after_contention(
