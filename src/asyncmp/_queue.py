@@ -339,7 +339,8 @@ class AsyncQueue(AsyncResource, Generic[T]):
             # consumer does; otherwise a sync consumer that waits for data while
             # holding the lock would take every item.
             self._contended = False
-            self._release_scheduled = False
+            # The loop (its native token) in which a release is scheduled, if any.
+            self._release_scheduled: Any = None
 
     # -- introspection ------------------------------------------------------------------
 
@@ -662,24 +663,24 @@ class AsyncQueue(AsyncResource, Generic[T]):
         ended), let go at once."""
         try:
             native: Any = current_token().native_token
-        except (RuntimeError, anyio.NoEventLoopError):
+        except RuntimeError:  # anyio.NoEventLoopError (a RuntimeError) where it exists
             # No loop, so no next turn: a release scheduled in a loop that has ended
             # never ran either.
-            self._release_scheduled = False
+            self._release_scheduled = None
             self._release_rlock()
             return
-        if self._release_scheduled:
-            return
+        if self._release_scheduled is native:
+            return  # (one scheduled in a loop that has ended since never runs)
         soon = native.call_soon if hasattr(native, "call_soon") else native.run_sync_soon
         try:
             soon(self._deferred_release)
         except RuntimeError:  # the loop is closing: no next turn is coming
             self._release_rlock()
             return
-        self._release_scheduled = True
+        self._release_scheduled = native
 
     def _deferred_release(self) -> None:
-        self._release_scheduled = False
+        self._release_scheduled = None
         if not self._get_lock.locked() and self._decoder.at_boundary:
             self._release_rlock()
 
