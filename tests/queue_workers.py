@@ -26,6 +26,7 @@ __all__ = (
     "flush_item",
     "get_blocking",
     "get_expecting",
+    "get_simple_expecting",
     "produce",
     "put_all",
     "put_paced",
@@ -108,6 +109,20 @@ def get_expecting(q: Any, expected: Any, timeout: float) -> None:
     except queue.Empty:
         sys.exit(NO_ITEM)
     if item != expected:
+        sys.exit(WRONG_ITEM)
+
+
+def get_simple_expecting(q: Any, expected: list[Any], start: Any = None) -> None:
+    """``q.get()`` (a ``SimpleQueue``'s, which has no timeout) once per item of *expected*,
+    after *start* (an Event) is set if given: exit 0 if they came in that order and the
+    queue is empty afterwards. A missing item blocks; the test bounds the wait and kills
+    this process."""
+    if start is not None and not start.wait(30):
+        sys.exit(NO_ITEM)
+    for want in expected:
+        if q.get() != want:
+            sys.exit(WRONG_ITEM)
+    if not q.empty():
         sys.exit(WRONG_ITEM)
 
 

@@ -21,6 +21,7 @@ import os
 import pickle
 import queue
 import random
+import select
 import struct
 import sys
 import threading
@@ -43,6 +44,7 @@ from .faults.support import (
     buffered,
     nonblocking,
     reader_lock_is_held,
+    settle,
     wait_for_event,
     wait_until,
 )
@@ -332,6 +334,24 @@ async def test_empty_queue_get_timeout_and_get_nowait_raise_empty(
             aq.get_nowait()
 
 
+async def test_a_get_that_timed_out_leaves_the_next_item_to_anybody(use_threads: bool) -> None:
+    """get(timeout) raised queue.Empty: it took nothing, and nothing of it goes on taking
+    items for this adapter (on the thread route its thread stops within a time slice), so
+    the next item is there for any consumer."""
+    async with open_queue(use_threads=use_threads) as aq:
+        q = aq.queue
+        with pytest.raises(queue.Empty):
+            await aq.get(timeout=0.1)
+        await wait_until(lambda: not asyncmp_threads(), "the get's thread ended", 5)
+        assert aq.qsize() == 0
+        await aq.put("next")
+        async with child(queue_workers.get_expecting, q, "next", 10) as consumer:
+            pass
+        assert consumer.exitcode == 0
+        with pytest.raises(queue.Empty):
+            aq.get_nowait()
+
+
 @pytest.mark.parametrize("kind", KINDS)
 async def test_get_nowait_takes_what_is_there_unless_another_reader_holds_the_lock(
     request: pytest.FixtureRequest, route: str, use_threads: bool, kind: str
@@ -518,6 +538,46 @@ async def test_task_done_in_this_process(use_threads: bool) -> None:
             await aq.join()
         with pytest.raises(ValueError):
             aq.task_done()
+
+
+async def test_aclose_after_a_cancelled_join_on_a_manager_proxy_is_prompt(
+    use_threads: bool,
+) -> None:
+    """A proxy's join() waits in a thread that can't poll the count of tasks not done: a
+    cancelled join must still not leave that thread behind, nor hold up aclose()."""
+    with FORK.Manager() as manager:
+        q = manager.JoinableQueue()
+        aq = AsyncQueue[Any](q, use_threads=use_threads)
+        try:
+            await aq.put("never done")
+            with anyio.move_on_after(0.2) as scope:
+                await aq.join()
+            assert scope.cancelled_caught
+            # The cancelled join's thread ends promptly, without anything being done.
+            await wait_until(lambda: not asyncmp_threads(), "the join's thread ended", 5)
+            # join() works again after the cancelled one.
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(aq.join)
+                await anyio.wait_all_tasks_blocked()
+                assert await aq.get() == "never done"
+                aq.task_done()
+            # And a join still waiting is ended by aclose().
+            await aq.put("this one neither")
+            results: list[str] = []
+            async with anyio.create_task_group() as tg:
+
+                async def join() -> None:
+                    results.append(await outcome(aq.join))
+
+                tg.start_soon(join)
+                await anyio.wait_all_tasks_blocked()
+                with anyio.fail_after(5):
+                    await aq.aclose()
+            assert results == ["ClosedResourceError"]
+            assert asyncmp_threads() == [], "a thread outlived aclose()"
+        finally:
+            with anyio.CancelScope(shield=True), anyio.fail_after(5):
+                await aq.aclose()
 
 
 # ---------------------------------------------------------------------------------------
@@ -857,6 +917,156 @@ async def test_gets_cancelled_while_waiting_for_the_reader_lock_leave_it_free(
         print(f"{cancelled} of {rounds} gets cancelled")
 
 
+async def make_contended(aq: AsyncQueue[Any]) -> None:
+    """Have the adapter queue once for the reader lock behind another consumer, as under
+    contention: from then on (fd route) a get takes the lock before it waits for data,
+    and keeps it after an item until the loop's next turn."""
+    q = aq.queue
+    await aq.put("contended")
+    await wait_until(lambda: buffered(q._reader.fileno()) > 0, "the item is in the pipe")
+    assert q._rlock.acquire(False)  # as another consumer, mid-get
+    got: list[Any] = []
+    async with anyio.create_task_group() as tg:
+
+        async def get() -> None:
+            got.append(await aq.get())
+
+        tg.start_soon(get)
+        try:
+            await wait_until(lambda: bool(asyncmp_threads()), "the get queues for the lock")
+        finally:
+            q._rlock.release()
+    assert got == ["contended"]
+    await wait_until(lambda: not reader_lock_is_held(q), "the reader lock is let go")
+
+
+async def test_a_get_cancelled_while_queued_behind_another_leaves_the_reader_lock_free(
+    use_threads: bool,
+) -> None:
+    """Getter A waits for an item, getter B queues behind it on the same adapter; an item
+    comes, and A, having got it, cancels B before B reads anything. The reader lock must
+    be let go (by the loop's next turn): the next item is anybody's."""
+    async with open_queue(use_threads=use_threads) as aq:
+        q = aq.queue
+        with anyio.fail_after(20):
+            await make_contended(aq)
+            b_scope = anyio.CancelScope()
+            got: list[Any] = []
+
+            async def getter_a() -> None:
+                got.append(await aq.get())
+                b_scope.cancel()
+
+            async def getter_b() -> None:
+                with b_scope:
+                    got.append(await aq.get())
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(getter_a)
+                await anyio.wait_all_tasks_blocked()
+                tg.start_soon(getter_b)
+                await anyio.wait_all_tasks_blocked()
+                await aq.put("first")
+            assert got == ["first"]
+            assert b_scope.cancelled_caught
+            await aq.put("second")
+            async with child(queue_workers.get_expecting, q, "second", 5) as consumer:
+                pass
+        assert consumer.exitcode == 0, "the reader lock stayed with the adapter"
+        assert not reader_lock_is_held(q)
+
+
+async def test_storm_of_cancelled_gets_next_to_a_plain_consumer_loses_nothing(
+    use_threads: bool, tmp_path: Path
+) -> None:
+    """3 producers; 2 async getters on one adapter that race for each item, the first to
+    get one cancelling the other (and now and then a timeout cancelling both); a plain
+    consumer in another process. Every item arrives exactly once, and in time."""
+    producers, per_producer = 3, 150
+    rng = random.Random(20261202)
+    report = tmp_path / "sync-consumer"
+    async with open_queue(use_threads=use_threads) as aq:
+        q = aq.queue
+        mine: list[Any] = []
+        ends = 0
+        rounds = cancelled = 0
+
+        async def race() -> None:
+            nonlocal ends, cancelled
+
+            async def getter(tg: anyio.abc.TaskGroup) -> None:
+                nonlocal ends
+                item = await aq.get()
+                if item is None:
+                    ends += 1
+                else:
+                    mine.append(item)
+                tg.cancel_scope.cancel()
+
+            with anyio.move_on_after(rng.uniform(0, 0.02)) as scope:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(getter, tg)
+                    tg.start_soon(getter, tg)
+            cancelled += scope.cancelled_caught
+
+        with anyio.fail_after(60):
+            async with child(queue_workers.consume_until_none, q, str(report)) as consumer:
+                async with anyio.create_task_group() as tg:
+
+                    async def consume() -> None:
+                        nonlocal rounds
+                        while not ends:
+                            await race()
+                            rounds += 1
+                        for _ in range(ends - 1):  # end markers meant for the others
+                            await aq.put(None)
+
+                    tg.start_soon(consume)
+                    async with contextlib.AsyncExitStack() as stack:
+                        procs = [
+                            await stack.enter_async_context(
+                                child(queue_workers.produce, q, tag, per_producer, 0, 0, 3, 0.002)
+                            )
+                            for tag in range(producers)
+                        ]
+                    assert [p.exitcode for p in procs] == [0] * producers
+                    for _ in range(2):  # one end marker per consumer
+                        await aq.put(None)
+        assert consumer.exitcode == 0
+    theirs = read_report(report)
+    received = Counter((tag, i) for tag, i, _ in [*mine, *theirs])
+    assert received == Counter((t, i) for t in range(producers) for i in range(per_producer))
+    print(f"{rounds} races, {cancelled} timed out; async {len(mine)}, sync {len(theirs)}")
+
+
+def test_get_nowait_outside_a_loop_after_contention(
+    anyio_backend: object, use_threads: bool
+) -> None:
+    """get_nowait() may be called once the event loop has ended: after the adapter queued
+    for the reader lock in the loop (so that it keeps the lock for a following get), it
+    still returns the item and lets go of the lock, and loses nothing."""
+    backend, options = anyio_backend if isinstance(anyio_backend, tuple) else (anyio_backend, {})
+    q = make_queue()
+    aq = AsyncQueue[Any](q, use_threads=use_threads)
+    try:
+
+        async def in_the_loop() -> None:
+            with anyio.fail_after(20):
+                await make_contended(aq)
+                await fill(q, ["a", "b", "c"])
+                assert await aq.get() == "a"
+
+        anyio.run(in_the_loop, backend=backend, backend_options=options)
+        assert aq.get_nowait() == "b"
+        assert not reader_lock_is_held(q), "get_nowait() kept the reader lock"
+        assert q.get(timeout=5) == "c"  # a plain consumer gets the next one
+        with pytest.raises(queue.Empty):
+            aq.get_nowait()
+    finally:
+        anyio.run(aq.aclose, backend=backend, backend_options=options)
+        release_pipe(q)
+
+
 @pytest.mark.parametrize("kind", BOUNDED_KINDS)
 async def test_put_cancelled_on_a_full_queue_puts_nothing(use_threads: bool, kind: str) -> None:
     async with open_queue(kind, use_threads=use_threads, maxsize=2) as aq:
@@ -875,6 +1085,83 @@ async def test_put_cancelled_on_a_full_queue_puts_nothing(use_threads: bool, kin
         assert aq.qsize() == 0
         with pytest.raises(queue.Empty):
             await aq.get(timeout=0.1)
+
+
+def fill_the_pipe(q: Any) -> int:
+    """Write whole frames raw into the queue's pipe until it has no room left (as
+    producers that nobody drains would), counting a slot of the queue per frame; return
+    how many."""
+    fd = q._writer.fileno()
+    item = pickle.dumps(b"f" * 4000, pickle.HIGHEST_PROTOCOL)
+    count = 0
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    while poller.poll(0):
+        sem = getattr(q, "_sem", None)
+        if sem is not None:
+            assert sem.acquire(False)
+        os.write(fd, header(len(item)) + item)
+        count += 1
+    return count
+
+
+async def test_a_simplequeue_put_into_a_full_pipe_heeds_cancellation(use_threads: bool) -> None:
+    """A SimpleQueue's put writes into the pipe itself (no feeder thread). Nobody drains
+    the pipe: a big put, cancelled, returns promptly, and a small put that waits for room
+    gives up with nothing written. Each put went in whole or not at all: a consumer that
+    comes later reads exactly the items whose put returned, whole."""
+    big = b"p" * 300_000
+    async with open_queue("SimpleQueue", use_threads=use_threads, stall_timeout=30) as aq:
+        q = aq.queue
+        fd = q._reader.fileno()
+        expected: list[Any] = []
+        with anyio.fail_after(10):  # "promptly"
+            with anyio.move_on_after(1) as scope:
+                await aq.put(big)
+            if not scope.cancelled_caught:
+                # The put had begun its frame: it reports the put as done, and the frame
+                # goes in whole as the consumer reads it.
+                expected.append(big)
+            assert buffered(fd) > 0
+            with anyio.move_on_after(0.5) as scope:
+                await aq.put("small")
+            assert scope.cancelled_caught, "a put that waited for room returned"
+            async with child(queue_workers.get_simple_expecting, q, expected) as consumer:
+                pass
+        assert consumer.exitcode == 0, "the consumer did not read exactly the items put"
+        with anyio.fail_after(5):
+            await aq.put("after")
+            assert await aq.get() == "after"
+        with anyio.fail_after(5):
+            await aq.aclose()
+
+
+async def test_aclose_ends_a_simplequeue_put_waiting_for_room(use_threads: bool) -> None:
+    async with open_queue("SimpleQueue", use_threads=use_threads) as aq:
+        q = aq.queue
+        count = fill_the_pipe(q)
+        before = buffered(q._reader.fileno())
+        start = FORK.Event()
+        # The consumer that checks the pipe afterwards: started now, as aclose() closes
+        # the queue in this process.
+        async with child(
+            queue_workers.get_simple_expecting, q, [b"f" * 4000] * count, start
+        ) as consumer:
+            results: list[str] = []
+            async with anyio.create_task_group() as tg:
+
+                async def put() -> None:
+                    results.append(await outcome(functools.partial(aq.put, b"x" * 100_000)))
+
+                tg.start_soon(put)
+                await settle()
+                assert buffered(q._reader.fileno()) == before
+                with anyio.fail_after(5):
+                    await aq.aclose()
+            start.set()
+        assert results == ["ClosedResourceError"]
+        assert asyncmp_threads() == []
+        assert consumer.exitcode == 0, "the put wrote part of its item"
 
 
 async def test_unpicklable_item_raises_in_put_and_puts_nothing(
@@ -984,6 +1271,65 @@ async def test_producer_stalling_mid_item_is_waited_for(use_threads: bool, cance
         assert writer.exitcode == 0
         assert got == [item]
         assert not reader_lock_is_held(q)
+
+
+def whole_and_start_of_big() -> tuple[bytes, bytes, object]:
+    """The bytes of one whole item ("whole") plus the first 1,000 bytes of a 100 KB one,
+    the rest of that one, and the 100 KB item."""
+    payload = pickle.dumps("whole")
+    whole = header(len(payload)) + payload
+    big, item = big_frame(100 * KiB)
+    return whole + big[:1000], big[1000:], item
+
+
+async def test_aclose_never_lets_go_of_the_reader_lock_mid_item(use_threads: bool) -> None:
+    """get_many() took one whole item and read into the next, which a producer is still
+    writing (1,000 bytes of 100 KB are there); then the adapter is closed. aclose() must
+    not hand the reader lock on in the middle of that item: it finishes the item (as the
+    producer goes on) and gives it back to the queue, where another consumer gets it
+    whole."""
+    first, rest, item = whole_and_start_of_big()
+    async with open_queue(use_threads=use_threads, stall_timeout=30) as aq:
+        q = aq.queue
+        assert q._sem.acquire(timeout=5)  # the slot of "whole" (the writer takes the other)
+        release = FORK.Event()
+        async with child(queue_workers.write_frame_in_two_parts, q, first, rest, release):
+            await wait_until(lambda: buffered(q._reader.fileno()) == len(first), "written")
+            with anyio.fail_after(20):
+                assert await aq.get_many(5) == ["whole"]
+            assert reader_lock_is_held(q)  # by the adapter, in the middle of the item
+            async with child(queue_workers.get_expecting, q, item, 20) as consumer:
+                with anyio.fail_after(20):
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(aq.aclose)
+                        await settle()
+                        release.set()  # the producer finishes the item
+        assert consumer.exitcode == 0, "the other consumer did not get the item whole"
+        assert not reader_lock_is_held(q)
+
+
+async def test_aclose_mid_item_gives_up_after_stall_timeout(use_threads: bool) -> None:
+    """As above, but the producer does not go on: aclose() waits no longer than
+    stall_timeout for the rest of the item, then lets go of the lock (the item is lost;
+    as after any producer that stopped mid-item, the queue is unusable)."""
+    first, rest, _ = whole_and_start_of_big()
+    async with open_queue(use_threads=use_threads, stall_timeout=STALL) as aq:
+        q = aq.queue
+        assert q._sem.acquire(timeout=5)
+        release = FORK.Event()
+        async with child(queue_workers.write_frame_in_two_parts, q, first, rest, release) as writer:
+            try:
+                await wait_until(lambda: buffered(q._reader.fileno()) == len(first), "written")
+                with anyio.fail_after(20):
+                    assert await aq.get_many(5) == ["whole"]
+                assert reader_lock_is_held(q)
+                started = time.monotonic()
+                with anyio.fail_after(STALL + 5):
+                    await aq.aclose()
+                assert STALL * 0.9 <= time.monotonic() - started < STALL + 2
+                assert not reader_lock_is_held(q)
+            finally:
+                writer.kill()  # it would wait for room for the rest for ever
 
 
 # ---------------------------------------------------------------------------------------

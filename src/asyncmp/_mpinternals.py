@@ -14,6 +14,7 @@ public methods.
 from __future__ import annotations
 
 import multiprocessing.connection
+import multiprocessing.managers
 import multiprocessing.queues
 import os
 import queue
@@ -31,7 +32,9 @@ __all__ = (
     "feeder_thread",
     "hook_feeder_errors",
     "joinable_parts",
+    "proxy_connection",
     "queue_parts",
+    "queue_wlock",
     "queue_writer",
     "timed_get",
 )
@@ -97,6 +100,22 @@ def joinable_parts(q: object) -> tuple[Any, Any] | None:
     return cond, is_zero
 
 
+def proxy_connection(proxy: object) -> multiprocessing.connection.Connection | None:
+    """The connection to its manager that *proxy* uses in the calling thread, opened now
+    if the thread has none yet (a proxy opens one per thread, on its first call there);
+    None if *proxy* is not a manager proxy this module knows."""
+    if not _KNOWN or not isinstance(proxy, multiprocessing.managers.BaseProxy):
+        return None
+    tls = getattr(proxy, "_tls", None)
+    connect = getattr(proxy, "_connect", None)
+    if tls is None or not callable(connect):
+        return None
+    if getattr(tls, "connection", None) is None:
+        connect()
+    conn = getattr(tls, "connection", None)
+    return conn if isinstance(conn, multiprocessing.connection.Connection) else None
+
+
 def feeder_thread(q: object) -> threading.Thread | None:
     """The thread that writes what this process put into *q*, if it has started."""
     if not _KNOWN or not isinstance(q, multiprocessing.queues.Queue):
@@ -115,6 +134,18 @@ def queue_writer(q: object) -> multiprocessing.connection.Connection | None:
     if not isinstance(writer, multiprocessing.connection.Connection) or writer.closed:
         return None
     return writer
+
+
+def queue_wlock(q: object) -> Any | None:
+    """The cross-process lock under which every producer writes one frame into *q*'s
+    pipe (a Queue's feeder thread, a SimpleQueue's put), on POSIX; None elsewhere (on
+    Windows a SimpleQueue has none: a message-mode pipe keeps writes apart)."""
+    if not _KNOWN or not _platform.POSIX_FDS:
+        return None
+    if not isinstance(q, (multiprocessing.queues.Queue, multiprocessing.queues.SimpleQueue)):
+        return None
+    wlock = getattr(q, "_wlock", None)
+    return wlock if _lock_like(wlock) else None
 
 
 def hook_feeder_errors(q: object, handled: Callable[[Exception], bool]) -> bool:

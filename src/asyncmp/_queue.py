@@ -27,11 +27,18 @@ the same rules, without a thread per pending ``get``:
 the feeder thread, then hands the pickle to the queue's own feeder thread. Waiting for
 room in a bounded queue is a semaphore, which has no descriptor: a thread tries in
 short time slices, and a cancelled put waits for that thread's current slice so that
-"returned" and "enqueued" always agree.
+"returned" and "enqueued" always agree. A ``SimpleQueue`` has no feeder: its put writes
+the frame from a thread, ``PIPE_BUF`` bytes at a time as the pipe has room, under the
+queue's write lock; it gives up on cancellation until its first byte, and finishes the
+frame after it (see :func:`_write_frame`).
+
+The reader lock is let go only between two items (``aclose()`` finishes an item this
+adapter has begun, and puts it back), and is kept past a get only until the loop's next
+turn, unless a get of this adapter is using it.
 
 The thread route (manager proxies, Windows, or on request) uses only public methods in
-asyncmp's threads, with the same guarantees: a ``get`` abandoned on cancellation keeps
-running and its item goes to the next ``get``.
+asyncmp's threads, with the same guarantees: a ``get`` abandoned on cancellation stops
+at its next time slice, and an item it took before that goes to the next ``get``.
 """
 
 from __future__ import annotations
@@ -44,6 +51,8 @@ import multiprocessing.queues
 import os
 import pickle
 import queue
+import socket
+import stat
 import struct
 import sys
 import threading
@@ -65,7 +74,7 @@ from anyio.lowlevel import (
 from . import _mpinternals
 from ._connection import _TURN_INTERVAL, _cancel_check, _FairLock, _fast_checkpoint, _last_turn
 from ._threads import BlockingCall, Worker
-from ._wire import FrameDecoder, WireError
+from ._wire import FrameDecoder, WireError, encode_header
 
 if sys.version_info >= (3, 13):
     from typing import TypeVar
@@ -73,15 +82,18 @@ else:
     from typing_extensions import TypeVar
 
 if TYPE_CHECKING or sys.platform != "win32":
-    from ._fdio import FdTransport, ReadinessWaiter, open_transport, poller
+    from ._fdio import FdTransport, ReadinessWaiter, open_transport, poller, socket_over_dup
 
 if sys.platform != "win32":
     import select
 
     #: What polling a queue's write end says once no process holds its read end.
     _READERS_GONE = select.POLLERR | select.POLLHUP
+    #: The most one write into a pipe that polls writable takes whole, without blocking.
+    _PIPE_BUF: int = getattr(select, "PIPE_BUF", 512)
 else:  # pragma: no cover
     _READERS_GONE = 0
+    _PIPE_BUF = 512
 
 __all__ = ("DEFAULT_STALL_TIMEOUT", "AsyncQueue", "JoinableQueue", "Queue", "SimpleQueue")
 
@@ -97,6 +109,10 @@ _HEADER = struct.Struct("!i")
 #: The most one read of a big item takes before the event loop gets a turn.
 _READ_BUDGET = 4 << 20
 _NO_READERS = "nobody reads this queue any more: every read end is closed"
+
+
+#: What a thread-route get's thread returns when it stopped without taking an item.
+_STOPPED: Any = object()
 
 
 class _Prepickled:
@@ -172,6 +188,122 @@ def _not_a_queue(q: object) -> TypeError:
     return TypeError(message)
 
 
+def _write_frame(
+    c: BlockingCall[bool],
+    fd: int,
+    wlock: Any,
+    frame: bytes,
+    stall_timeout: float,
+    on_begun: Any,
+) -> bool:
+    """Write one whole *frame* into a queue's pipe, as a producer does, in a thread.
+
+    The queue's write lock is taken, and the pipe's room waited for, in short time
+    slices; until the first byte is written a stop request ends the call (returning
+    False) with nothing written. Each write is at most ``PIPE_BUF`` bytes after
+    ``poll()`` said the pipe is writable, so it never blocks: a pipe that polls
+    writable has room for that much, and such a write is atomic. A frame of at most
+    ``PIPE_BUF`` bytes so goes in whole in one write. A longer one can't be written at
+    once (how much room a pipe has is not known exactly, and a frame may be larger than
+    the pipe), so once its first byte is in, it is finished whatever is asked, as the
+    consumers make room: a frame left half-written would tear the stream that every
+    consumer of the queue reads. *on_begun* is called then. Only a pipe that takes no
+    byte for *stall_timeout* seconds ends it early, with ``anyio.BrokenResourceError``
+    (the pipe then holds part of the frame, as after a producer that died mid-put).
+    """
+    while not wlock.acquire(True, _SLICE):
+        if c.stopping:
+            return False
+    try:
+        watch = poller(fd, writable=True)
+        view = memoryview(frame)
+        written = 0
+        last_progress = _perf_counter()
+        while written < len(view):
+            if not written and c.stopping:
+                return False
+            events = watch.poll(_SLICE * 1000)
+            if not events:
+                if written and _perf_counter() - last_progress > stall_timeout:
+                    raise anyio.BrokenResourceError(
+                        f"a put stopped mid-item: nobody read the queue for "
+                        f"{stall_timeout} s with {written} of its {len(view)} bytes written"
+                    )
+                continue
+            if events[0][1] & _READERS_GONE:
+                raise anyio.BrokenResourceError(_NO_READERS)
+            n = os.write(fd, view[written : written + _PIPE_BUF])
+            if not written:
+                on_begun()
+            written += n
+            last_progress = _perf_counter()
+        return True
+    finally:
+        wlock.release()
+
+
+class _Interrupter:
+    """Ends a blocking call that waits on a manager connection, from another thread.
+
+    The thread arms it with the connection it is about to wait on; :meth:`fire` shuts
+    that connection down (both directions), which makes the pending ``recv`` return
+    end-of-file at once. Shutting down, not closing: the descriptor stays the waiting
+    thread's until it lets go of it. The connection is this thread's own (a proxy opens
+    one per thread), shared with no other process.
+    """
+
+    __slots__ = ("_conn", "_fired", "_guard")
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._conn: Any = None
+        self._fired = False
+
+    def arm(self, conn: Any) -> bool:
+        """In the waiting thread: watch *conn*; False if there is nothing to interrupt."""
+        if conn is None:
+            return False
+        try:
+            fd = conn.fileno()
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                return False
+        except (OSError, ValueError):
+            return False
+        with self._guard:
+            self._conn = conn
+            fired = self._fired
+        if fired:
+            self._shutdown(conn)
+        return True
+
+    def disarm(self) -> None:
+        with self._guard:
+            self._conn = None
+
+    def fire(self) -> None:
+        with self._guard:
+            self._fired = True
+            conn = self._conn
+            if conn is None:
+                return
+            self._shutdown(conn)
+
+    @staticmethod
+    def _shutdown(conn: Any) -> None:
+        try:
+            # Never socket.socket(fileno=): under a default timeout it would make the
+            # descriptor non-blocking (see _fdio.socket_over_dup).
+            sock = socket_over_dup(conn.fileno())
+        except (OSError, ValueError):
+            return
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        finally:
+            sock.close()
+
+
 class AsyncQueue(AsyncResource, Generic[T]):
     """Async adapter for a ``multiprocessing`` ``Queue``, ``JoinableQueue``,
     ``SimpleQueue`` (from any context) or a ``Manager().Queue()`` proxy.
@@ -213,6 +345,8 @@ class AsyncQueue(AsyncResource, Generic[T]):
         self._closed = False
         self._broken: str | None = None
         self._calls: set[BlockingCall[Any]] = set()
+        # The joins of a proxy, which wait in a call that only shutting its connection ends.
+        self._interrupters: dict[BlockingCall[Any], _Interrupter] = {}
         self._pending_get: BlockingCall[Any] | None = None
         # One thread each for the gets of the thread route and for the reader lock of the
         # fd route, kept between calls: a new thread per call costs more than an item.
@@ -224,6 +358,14 @@ class AsyncQueue(AsyncResource, Generic[T]):
         # Knowing that nobody reads the queue any more (see _check_readers).
         self._feeder_error: Exception | None = None
         self._writer = _mpinternals.queue_writer(q)
+        self._wlock = _mpinternals.queue_wlock(q)
+        # A SimpleQueue's put writes its frame itself, under the queue's write lock; this
+        # adapter does the same, so that a put can give up before its first byte.
+        self._writes_frames = (
+            isinstance(q, multiprocessing.queues.SimpleQueue)
+            and self._writer is not None
+            and self._wlock is not None
+        )
         self._writer_poll: Any = None
         if self._writer is not None:
             self._writer_poll = poller(self._writer.fileno(), writable=True)
@@ -243,7 +385,8 @@ class AsyncQueue(AsyncResource, Generic[T]):
             # consumer does; otherwise a sync consumer that waits for data while
             # holding the lock would take every item.
             self._contended = False
-            self._release_scheduled = False
+            # The loop (its native token) in which a release is scheduled, if any.
+            self._release_scheduled: Any = None
 
     # -- introspection ------------------------------------------------------------------
 
@@ -259,21 +402,31 @@ class AsyncQueue(AsyncResource, Generic[T]):
     def qsize(self) -> int:
         """Items in the queue plus items this adapter took and still holds.
 
+        May be called outside a running event loop.
+
         :raises NotImplementedError: where the platform can't count (macOS).
         """
         return int(self._q.qsize()) + self._held()
 
     def empty(self) -> bool:
+        """True if neither the queue nor this adapter holds an item. May be called
+        outside a running event loop."""
         return not self._held() and bool(self._q.empty())
 
     def _held(self) -> int:
         """Items taken from the queue that the next gets on this adapter return first."""
         call = self._pending_get  # thread route: a cancelled get's thread may hold one
         # Finished, not done: the thread may have ended before the loop heard of it.
-        pending = call is not None and call.finished and call.error is None
+        pending = (
+            call is not None
+            and call.finished
+            and call.error is None
+            and call.result() is not _STOPPED
+        )
         return len(self._kept) + pending
 
     def full(self) -> bool:
+        """As ``Queue.full()``. May be called outside a running event loop."""
         return bool(self._q.full())
 
     def _check_open(self) -> None:
@@ -289,6 +442,8 @@ class AsyncQueue(AsyncResource, Generic[T]):
 
         If cancelled (a timeout is a cancellation), no item was lost: either none was
         taken, or the item taken is kept and the next ``get`` on this adapter returns it.
+        (On the thread route the cancelled get's thread stops at its next time slice,
+        within about 50 ms; an item it takes before that is the one kept.)
 
         :raises queue.Empty: no item came within *timeout* seconds.
         :raises anyio.BrokenResourceError: a producer died mid-item (after
@@ -329,6 +484,12 @@ class AsyncQueue(AsyncResource, Generic[T]):
             return await self._get_threaded()  # type: ignore[no-any-return]
         finally:
             lock.release()
+            if self._parts is not None and self._rlock_held and self._decoder.at_boundary:
+                # The reader lock is kept past a get only until the loop's next turn. A
+                # deferred release that found this get (or any get) in progress left the
+                # lock to it; if it ends without reading (cancelled while queued on
+                # _get_lock, say), the release is due again now.
+                self._release_soon()
 
     def _take_whole_frame(self) -> bytes | None:
         """The fd route's fast path: an item's frame if one is here whole, else None.
@@ -363,7 +524,14 @@ class AsyncQueue(AsyncResource, Generic[T]):
     def get_nowait(self) -> T:
         """Return an item if one is there now.
 
+        May be called outside a running event loop (after it ended, for example): an
+        item it reads is returned, and the reader lock is let go at once. Like every
+        method of the adapter, it is not for another thread while a loop uses the
+        adapter.
+
         :raises queue.Empty: none is, or the reader lock is held elsewhere.
+        :raises anyio.ClosedResourceError: the adapter was closed.
+        :raises anyio.BrokenResourceError: the queue's framing is corrupt.
         """
         self._check_open()
         if self._get_lock.locked():
@@ -535,15 +703,30 @@ class AsyncQueue(AsyncResource, Generic[T]):
         return frame
 
     def _release_soon(self) -> None:
-        if self._release_scheduled:
+        """Let go of the reader lock at the loop's next turn, unless a get holds the
+        adapter's get lock by then; that get then uses the lock, and when it ends it
+        calls this again. Outside a running loop (a sync method called after the loop
+        ended), let go at once."""
+        try:
+            native: Any = current_token().native_token
+        except RuntimeError:  # anyio.NoEventLoopError (a RuntimeError) where it exists
+            # No loop, so no next turn: a release scheduled in a loop that has ended
+            # never ran either.
+            self._release_scheduled = None
+            self._release_rlock()
             return
-        native: Any = current_token().native_token
+        if self._release_scheduled is native:
+            return  # (one scheduled in a loop that has ended since never runs)
         soon = native.call_soon if hasattr(native, "call_soon") else native.run_sync_soon
-        soon(self._deferred_release)
-        self._release_scheduled = True
+        try:
+            soon(self._deferred_release)
+        except RuntimeError:  # the loop is closing: no next turn is coming
+            self._release_rlock()
+            return
+        self._release_scheduled = native
 
     def _deferred_release(self) -> None:
-        self._release_scheduled = False
+        self._release_scheduled = None
         if not self._get_lock.locked() and self._decoder.at_boundary:
             self._release_rlock()
 
@@ -669,31 +852,41 @@ class AsyncQueue(AsyncResource, Generic[T]):
         if self._kept:
             await _fast_checkpoint()
             return _Failed.unwrap(self._kept.popleft())
-        call = self._pending_get
-        if call is None:
-            await checkpoint_if_cancelled()
+        while True:
+            call = self._pending_get
+            if call is None:
+                await checkpoint_if_cancelled()
 
-            def blocking_get(c: BlockingCall[Any]) -> Any:
-                while not c.stopping:
-                    try:
-                        return self._timed_get(_SLICE)
-                    except queue.Empty:
-                        continue
-                raise anyio.ClosedResourceError
+                def blocking_get(c: BlockingCall[Any]) -> Any:
+                    while not c.stopping:
+                        try:
+                            return self._timed_get(_SLICE)
+                        except queue.Empty:
+                            continue
+                    return _STOPPED
 
-            call = BlockingCall(blocking_get, name="asyncmp-queue-get", worker=self._get_worker)
-            await call.start()
-            self._calls.add(call)
-            self._pending_get = call
-        await call.wait()  # if cancelled, the call goes on and the next get collects it
-        self._pending_get = None
-        self._calls.discard(call)
-        self._check_open()
-        try:
-            return call.result()
-        except anyio.BrokenResourceError as exc:
-            self._broken = str(exc)
-            raise
+                call = BlockingCall(blocking_get, name="asyncmp-queue-get", worker=self._get_worker)
+                await call.start()
+                self._calls.add(call)
+                self._pending_get = call
+            try:
+                await call.wait()
+            except BaseException:
+                # Cancelled (a timeout too): the thread stops at its next time slice,
+                # unless it has taken an item by then; the next get collects that one.
+                call.request_stop()
+                raise
+            self._pending_get = None
+            self._calls.discard(call)
+            self._check_open()
+            try:
+                item = call.result()
+            except anyio.BrokenResourceError as exc:
+                self._broken = str(exc)
+                raise
+            if item is not _STOPPED:
+                return item
+            # A get cancelled before ours stopped without an item: start a new one.
 
     def _timed_get(self, timeout: float) -> Any:
         """One get that gives up with ``queue.Empty`` after *timeout* (0: don't wait).
@@ -771,11 +964,15 @@ class AsyncQueue(AsyncResource, Generic[T]):
     def _get_nowait_threaded(self) -> Any:
         call = self._pending_get
         if call is not None:
-            if not call.done:
+            # Finished, not done: outside a loop (or before it ran again) the loop never
+            # hears of it, and the item is there all the same.
+            if not call.finished:
                 raise queue.Empty
             self._pending_get = None
             self._calls.discard(call)
-            return call.result()
+            item = call.result()
+            if item is not _STOPPED:
+                return item
         return self._timed_get(0)
 
     # -- putting ------------------------------------------------------------------------
@@ -814,7 +1011,7 @@ class AsyncQueue(AsyncResource, Generic[T]):
                     raise anyio.BrokenResourceError(_NO_READERS)
 
     def put_nowait(self, obj: T) -> None:
-        """Put *obj* if there is room now.
+        """Put *obj* if there is room now. May be called outside a running event loop.
 
         :raises queue.Full: a bounded queue is full.
         :raises pickle.PicklingError: (or what pickling raises) *obj* can't be pickled;
@@ -835,6 +1032,21 @@ class AsyncQueue(AsyncResource, Generic[T]):
         returned did put it. *obj* is pickled here first, so an unpicklable object
         raises in the caller and nothing is put.
 
+        A ``Queue`` or ``JoinableQueue`` hands the item to the queue's feeder thread, as
+        ``Queue.put()`` does. A ``SimpleQueue`` has no feeder: on POSIX the put writes
+        the item's frame into the pipe from one of asyncmp's threads, under the queue's
+        write lock, and waits for room before the first byte, where a cancellation
+        stops it with nothing written. A frame of at most ``PIPE_BUF`` bytes goes in
+        whole in one write. A longer one (the pipe may be smaller than the item) goes
+        in as the consumers make room; once its first byte is in, the put counts as
+        done and returns even if cancelled, and the rest is written in the background,
+        because a frame left half-written would tear the stream every consumer reads.
+        The next put and :meth:`aclose` wait for it; if nobody reads the queue for
+        ``stall_timeout`` seconds meanwhile, the item is lost, the pipe holds part of
+        it (consumers see a producer that stopped mid-item), and this adapter is
+        broken. (On Windows a ``SimpleQueue`` put is the stdlib's, in a thread, which
+        a cancellation can't stop.)
+
         :raises queue.Full: no room came within *timeout* seconds.
         :raises pickle.PicklingError: (or whatever pickling raises) *obj* can't be
             pickled; nothing was put.
@@ -845,6 +1057,17 @@ class AsyncQueue(AsyncResource, Generic[T]):
         """
         self._check_open()
         self._check_readers()
+        if self._writes_frames:
+            # A SimpleQueue has no feeder thread: its put writes the frame itself.
+            payload = ForkingPickler.dumps(obj)
+            frame = encode_header(len(payload)) + payload
+            if timeout is None:
+                await self._put_frame(frame)
+                return
+            with anyio.move_on_after(timeout):
+                await self._put_frame(frame)
+                return
+            raise queue.Full
         item = self._prepare(obj)
         plain_queue = self._is_mp_queue and not isinstance(
             self._q, multiprocessing.queues.JoinableQueue
@@ -867,6 +1090,64 @@ class AsyncQueue(AsyncResource, Generic[T]):
             await self._put_threaded(item)
             return
         raise queue.Full
+
+    async def _put_frame(self, frame: bytes, *, stall_timeout: float | None = None) -> None:
+        """Write *frame* into the queue's pipe from a thread (:func:`_write_frame`).
+
+        Returns once the frame is in the pipe, or once it has begun: then it is written
+        whole in the background and counts as put (as ``Queue.put`` counts an item
+        handed to its feeder), and the next put of this adapter, and :meth:`aclose`,
+        come after it. If cancelled before the first byte, nothing is written.
+        """
+        writer, wlock = self._writer, self._wlock
+        assert writer is not None and wlock is not None
+        fd = writer.fileno()
+        stall = self._stall_timeout if stall_timeout is None else stall_timeout
+        begun = anyio.Event()
+        native: Any = current_token().native_token
+        notify = (
+            native.call_soon_threadsafe
+            if hasattr(native, "call_soon_threadsafe")
+            else native.run_sync_soon
+        )
+
+        def on_begun() -> None:
+            try:
+                notify(begun.set)
+            except Exception:  # the loop is gone: nobody waits for this
+                pass
+
+        def write(c: BlockingCall[bool]) -> bool:
+            return _write_frame(c, fd, wlock, frame, stall, on_begun)
+
+        def finished(call: BlockingCall[bool]) -> None:
+            self._calls.discard(call)
+            begun.set()
+            error = call.error
+            if isinstance(error, anyio.BrokenResourceError) and "mid-item" in str(error):
+                # Part of a frame is in the pipe for good: this adapter can't put again.
+                self._broken = str(error)
+
+        await checkpoint_if_cancelled()
+        call: BlockingCall[bool] = BlockingCall(write, name="asyncmp-queue-put")
+        await call.start()
+        self._calls.add(call)
+        call.add_done_callback(finished)
+        try:
+            await call.wait()
+        except anyio.get_cancelled_exc_class():
+            # Stop the thread if it has not written anything yet; a frame it has begun
+            # is finished in the background, and the put counts as done. Never both.
+            call.request_stop()
+            with anyio.CancelScope(shield=True):
+                await begun.wait()  # one of the two, within a time slice
+            if not call.done:
+                return  # begun: it goes in whole
+            if call.error is None and call.result():
+                return
+            raise
+        if not call.result():
+            raise anyio.ClosedResourceError
 
     async def _put_threaded(self, item: Any) -> None:
         q = self._q
@@ -909,23 +1190,45 @@ class AsyncQueue(AsyncResource, Generic[T]):
     # -- joinable queues ----------------------------------------------------------------
 
     def task_done(self) -> None:
-        """As ``JoinableQueue.task_done()``."""
+        """As ``JoinableQueue.task_done()``. May be called outside a running event loop."""
         self._q.task_done()
 
     async def join(self) -> None:
         """Wait until every item put has been marked done (``JoinableQueue.join``).
 
-        If cancelled, nothing changed.
+        If cancelled, nothing changed, and the wait stops at once: a multiprocessing
+        ``JoinableQueue`` is waited for in a thread in short time slices; a manager's
+        proxy, whose ``join()`` can only block, is waited for on a connection to the
+        manager of that thread's own, which cancelling (or :meth:`aclose`) shuts down.
+        (Where that connection is not a socket, a Windows named pipe, the thread can't
+        be interrupted and lasts until every item is done.)
 
         :raises anyio.ClosedResourceError: the adapter was closed, before or during the wait.
         """
         self._check_open()
         parts = self._joinable
         q = self._q
+        interrupt = _Interrupter()
 
         def blocking_join(c: BlockingCall[bool]) -> bool:
             if parts is None:
-                q.join()
+                # A proxy (or a queue whose insides are unknown) offers only a join() that
+                # blocks until every task is done. Its call waits on the connection to
+                # the manager that this thread opens; interrupt() shuts that connection
+                # down, which ends the wait here (the manager's side finds the connection
+                # gone when the tasks are done).
+                armed = interrupt.arm(_mpinternals.proxy_connection(q))
+                if c.stopping:
+                    return False
+                if not armed:  # nothing to interrupt (not a proxy over a socket): block
+                    q.join()
+                    return True
+                try:
+                    q.join()
+                except (OSError, EOFError):
+                    if c.stop_requested():
+                        return False
+                    raise
                 return True
             cond, is_done = parts
             while not c.stopping:
@@ -936,14 +1239,20 @@ class AsyncQueue(AsyncResource, Generic[T]):
             return False
 
         call: BlockingCall[bool] = BlockingCall(blocking_join, name="asyncmp-queue-join")
+        call.add_done_callback(lambda _: interrupt.disarm())
         await call.start()
         self._calls.add(call)
+        self._interrupters[call] = interrupt
         try:
             await call.wait()
         except BaseException:
             call.request_stop()
+            interrupt.fire()
             raise
-        self._calls.discard(call)
+        finally:
+            if call.done:
+                self._calls.discard(call)
+                self._interrupters.pop(call, None)
         if not call.result():
             raise anyio.ClosedResourceError
 
@@ -956,11 +1265,21 @@ class AsyncQueue(AsyncResource, Generic[T]):
         ``Queue`` it then closes the queue *in this process* and waits, without
         blocking the loop, until the feeder thread has written everything this process
         put (as ``Queue.close()`` plus ``join_thread()``). Other processes keep their
-        handles. Items this adapter took but did not hand out are dropped.
+        handles. Items this adapter took whole but did not hand out are dropped.
 
-        If cancelled, the adapter is closed all the same; only the wait for the feeder
-        stops, and the feeder goes on writing in the background. It raises nothing of
-        its own.
+        It never lets go of the reader lock in the middle of an item. If a
+        ``get_many()`` or ``get_nowait()`` read into an item a producer is still
+        writing, it waits for the rest (each wait for more bytes bounded by
+        ``stall_timeout``) and puts the item back, whole, at the end of the queue, for
+        the other consumers. If the rest does not come in time, it gives up and lets
+        go of the lock mid-item, as a get does after a producer that stopped mid-item:
+        that item is lost, and so is the queue (the next reader elsewhere starts inside
+        the item's remaining bytes, if any ever come). Likewise it waits for a
+        ``SimpleQueue`` put that has begun writing its item (see :meth:`put`).
+
+        If cancelled, the adapter is closed all the same; those two waits still run to
+        their end, and only the wait for the feeder stops, the feeder going on writing
+        in the background. It raises nothing of its own.
         """
         if self._closed:
             await checkpoint()
@@ -972,26 +1291,82 @@ class AsyncQueue(AsyncResource, Generic[T]):
         calls = list(self._calls)
         for call in calls:
             call.request_stop()
+        for interrupter in self._interrupters.values():
+            interrupter.fire()
         with anyio.CancelScope(shield=True):
             for call in calls:
                 await call.wait()
             for call in calls:
                 call.join()
             self._calls.clear()
+            self._interrupters.clear()
             for worker in (self._get_worker, self._rlock_worker):
                 thread = worker.close()
                 if thread is not None:
                     thread.join()  # its calls have returned: it is on its way out
+            await self._give_back_partial_item()
             if self._parts is not None:
                 if self._rlock_held:
                     self._release_rlock()
                 self._transport.close()
-            if self._partial is not None:  # thread route: a partial item held the lock
-                self._partial = None
-                parts = _mpinternals.queue_parts(self._q)
-                assert parts is not None
-                parts.rlock.release()
         await self._flush()
+
+    async def _give_back_partial_item(self) -> None:
+        """In aclose(): if this adapter holds the reader lock in the middle of an item (a
+        get_many() or get_nowait() read into an item a producer is still writing), finish
+        that item and put it back into the queue, then let go of the lock.
+
+        The lock is never let go mid-item: the next reader would start in the middle of
+        it. The rest is waited for in a thread, each wait for more bytes bounded by
+        ``stall_timeout``; if it does not come, the item is lost and the lock is let go
+        as a get lets it go after a producer that stopped mid-item. The item goes back
+        whole, at the end of the queue, with its slot in a bounded queue still counted
+        (it was never released). Shielded: aclose() runs to completion.
+        """
+        parts = _mpinternals.queue_parts(self._q)
+        if parts is None:
+            return
+        if self._parts is not None:
+            decoder: FrameDecoder | None = None if self._decoder.at_boundary else self._decoder
+            if decoder is None or not self._rlock_held:
+                return
+        else:
+            decoder, self._partial = self._partial, None
+            if decoder is None:
+                return
+        fd = parts.reader.fileno()
+
+        def finish(c: BlockingCall[bytes | None]) -> bytes | None:
+            return self._read_frame(fd, decoder, wait=True)
+
+        call: BlockingCall[bytes | None] = BlockingCall(finish, name="asyncmp-queue-finish")
+        await call.start()
+        await call.wait()
+        try:
+            frame = call.result()
+        except anyio.BrokenResourceError as exc:
+            self._broken = str(exc)
+            frame = None
+        # At the item's end (or given up on it): the lock goes.
+        if self._parts is not None:
+            self._decoder = FrameDecoder(None)
+            self._release_rlock()
+        else:
+            parts.rlock.release()
+        writer, wlock = self._writer, self._wlock
+        if frame is None or writer is None or writer.closed or wlock is None:
+            return
+        whole = encode_header(len(frame)) + frame
+        stall = self._stall_timeout
+
+        def write(c: BlockingCall[bool]) -> bool:
+            return _write_frame(c, writer.fileno(), wlock, whole, stall, lambda: None)
+
+        put_back: BlockingCall[bool] = BlockingCall(write, name="asyncmp-queue-put")
+        await put_back.start()
+        await put_back.wait()
+        if put_back.error is not None:
+            self._broken = str(put_back.error)
 
     async def _flush(self) -> None:
         """Close the queue in this process and wait for its feeder to write it all.

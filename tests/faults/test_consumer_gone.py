@@ -13,10 +13,16 @@ know that the consumer is gone. Setup: the producer dropped its copy of the read
 queue's private ``_reader``) and the only consumer process is SIGKILLed. Expected: ``put``
 raises ``anyio.BrokenResourceError``, and no feeder thread prints a traceback.
 
+A consumer killed while it holds the queue's reader lock (a plain consumer blocked in
+``q.get()`` holds it while it waits). Expected: the queue is dead for every consumer: async
+gets wait until their timeout or cancellation, ``get_nowait()`` and a plain ``get(timeout)``
+find nothing, ``put()`` goes on, ``aclose()`` is prompt.
+
 Race: the last read end closes after a put found one, while the feeder thread still holds the
 item. Expected: nothing printed; the next put raises ``anyio.BrokenResourceError``.
 
-Lost: connections: the message whose send raised (a send that waited may have put part of
+Lost: the queue whose reader lock died with its holder, and every item in it.
+Connections: the message whose send raised (a send that waited may have put part of
 it on the wire; nobody reads it). Queues: nothing while a read end is open; the item whose put
 raised, when none is (it was not put); in the race, the items the feeder held.
 """
@@ -24,6 +30,7 @@ raised, when none is (it was not put); in the race, the items the feeder held.
 from __future__ import annotations
 
 import multiprocessing
+import queue
 import signal
 import sys
 from typing import Any
@@ -37,7 +44,7 @@ from tests import queue_workers
 from tests.test_queue import FORK, child, open_queue
 
 from . import fault_workers
-from .support import MiB, settle, wait_for_event, wait_until
+from .support import MiB, buffered, reader_lock_is_held, settle, wait_for_event, wait_until
 
 pytestmark = [
     pytest.mark.anyio,
@@ -196,3 +203,40 @@ async def test_the_last_reader_gone_while_the_feeder_holds_an_item(
         q._writer.close()
     _, err = capfd.readouterr()
     assert err == ""
+
+
+@ROUTES
+async def test_a_consumer_killed_holding_the_reader_lock_leaves_the_queue_dead(
+    use_threads: bool, tmp_path: Any
+) -> None:
+    """A plain consumer blocked in ``q.get()`` holds the queue's reader lock; SIGKILLed
+    there, it never lets go, and nobody can take an item from the queue any more. What
+    each call then does (docs/faults.md): a get waits (until its timeout or cancellation),
+    get_nowait() finds nothing, put() goes on, aclose() is prompt."""
+    async with open_queue(use_threads=use_threads) as aq:
+        q = aq.queue
+        consumer = FORK.Process(
+            target=queue_workers.get_blocking, args=(q, str(tmp_path / "r")), name="test-consumer"
+        )
+        consumer.start()
+        try:
+            await wait_until(lambda: reader_lock_is_held(q), "the consumer blocks in get()")
+        finally:
+            consumer.kill()
+            await anyio.to_thread.run_sync(consumer.join)
+        assert consumer.exitcode == -signal.SIGKILL
+        with anyio.fail_after(10):
+            await aq.put("stranded")
+            await wait_until(lambda: buffered(q._reader.fileno()) > 0, "the item is in the pipe")
+            with pytest.raises(queue.Empty):
+                aq.get_nowait()
+            with pytest.raises(queue.Empty):
+                await aq.get(timeout=0.2)
+            with anyio.move_on_after(0.2) as scope:
+                await aq.get_many(5)
+            assert scope.cancelled_caught
+            with pytest.raises(queue.Empty):
+                q.get(timeout=0.2)  # a plain consumer too
+            assert reader_lock_is_held(q)
+        with anyio.fail_after(5):
+            await aq.aclose()
