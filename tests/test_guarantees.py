@@ -38,14 +38,15 @@ from multiprocessing.connection import Connection
 
 import anyio
 import pytest
-from anyio.abc import TaskGroup, TaskStatus
+from anyio.abc import TaskGroup
 
 import asyncmp
 import asyncmp._connection
 from asyncmp import AsyncConnection, ConnectionEOF
 
 from . import guarantee_workers
-from .faults.support import buffered, wait_until
+from .support.heartbeat import STALL_CPU_BOUND, STALL_WALL_BOUND, heartbeat
+from .support.io import buffered, wait_until
 
 if sys.platform != "win32":
     import fcntl
@@ -170,58 +171,12 @@ class _Reader(threading.Thread):
             self.error = exc
 
 
-class _Heartbeat:
-    """A task that ticks every *interval* seconds and records the worst gap between ticks.
-
-    Gaps are measured in wall-clock time and in the CPU time of the event loop's thread.
-    A CPU gap is time the loop spent busy without giving the heartbeat its turn: a stall.
-    Wall time beyond that is the thread not running at all: blocked in a call, or waiting
-    while the machine runs other processes.
-    """
-
-    def __init__(self, interval: float) -> None:
-        self.interval = interval
-        self.ticks = 0
-        self.worst_gap = 0.0
-        self.worst_cpu_gap = 0.0
-        self._last = time.perf_counter()
-        self._last_cpu = time.thread_time()
-
-    def reset(self) -> None:
-        self.ticks = 0
-        self.worst_gap = self.worst_cpu_gap = 0.0
-        self._last = time.perf_counter()
-        self._last_cpu = time.thread_time()
-
-    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        self.reset()
-        task_status.started()
-        while True:
-            await anyio.sleep(self.interval)
-            now, now_cpu = time.perf_counter(), time.thread_time()
-            self.worst_gap = max(self.worst_gap, now - self._last)
-            self.worst_cpu_gap = max(self.worst_cpu_gap, now_cpu - self._last_cpu)
-            self._last, self._last_cpu = now, now_cpu
-            self.ticks += 1
-
-
 @asynccontextmanager
 async def _task_group(timeout: float = 30.0) -> AsyncIterator[TaskGroup]:
     """A task group that fails the test rather than hang (say, on a peer that never reads)."""
     with anyio.fail_after(timeout):
         async with anyio.create_task_group() as tg:
             yield tg
-
-
-@asynccontextmanager
-async def _heartbeat(interval: float) -> AsyncIterator[_Heartbeat]:
-    beat = _Heartbeat(interval)
-    async with anyio.create_task_group() as tg:
-        await tg.start(beat.run)
-        try:
-            yield beat
-        finally:
-            tg.cancel_scope.cancel()
 
 
 # --- 1. a cancelled receive loses nothing -------------------------------------------------------
@@ -498,15 +453,6 @@ async def test_send_waiting_for_room_cancelled_sends_nothing() -> None:
 # --- 3. the loop never stalls -------------------------------------------------------------------
 
 STALL_SIZE = 64 << 20
-# Generous bounds; a few ms is the goal. The loop thread's CPU time between two heartbeat
-# ticks is what asyncmp controls: 0.2-8 ms typically here, and up to ~40 ms when growing the
-# body buffer lands on a realloc that copies (and page-faults) tens of MiB at once. Copying
-# and joining a whole 64 MiB message at the end, as an early version did, cost 50-375 ms.
-# Wall-clock gaps also count the time the machine gave to other processes (up to ~300 ms seen
-# on a loaded 2-core machine), so their bound is looser; it catches a call that blocks the
-# loop without using CPU.
-STALL_CPU_BOUND = 0.060
-STALL_WALL_BOUND = 0.5
 
 
 @pytest.mark.parametrize(
@@ -535,7 +481,7 @@ async def test_the_loop_never_stalls_on_64_mib(transport: str, use_threads: bool
         digest = hashlib.sha256(payload).digest()
         gaps: dict[str, tuple[float, float]] = {}
         with anyio.fail_after(60):
-            async with _heartbeat(0.001) as beat:
+            async with heartbeat(0.001) as beat:
                 beat.reset()
                 await out_end.send_bytes(payload)
                 reply = await in_end.recv()
@@ -792,7 +738,7 @@ async def test_fast_path_receive_lets_the_loop_run(use_threads: bool) -> None:
         for i in range(count):
             b.send(i)
         with anyio.fail_after(30):
-            async with _heartbeat(0) as beat:
+            async with heartbeat(0) as beat:
                 start = time.perf_counter()
                 beat.reset()
                 got = [await a.recv() for _ in range(count)]
@@ -814,7 +760,7 @@ async def test_fast_path_send_lets_the_loop_run(use_threads: bool) -> None:
         _grow_pipe(peer.fileno())
         count = BURST if not use_threads else BURST // 50
         with anyio.fail_after(30):
-            async with _heartbeat(0) as beat:
+            async with heartbeat(0) as beat:
                 start = time.perf_counter()
                 beat.reset()
                 for i in range(count):

@@ -34,9 +34,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import asyncmp
+from tests.support.io import Writer, after_readiness, buffered, frame, settle, wait_until, write_all
 
 from .fault_workers import message
-from .support import Writer, after_readiness, buffered, frame, settle, wait_until, write_all
 
 pytestmark = [
     pytest.mark.anyio,
