@@ -3,7 +3,8 @@
 The plain API is tested in ``test_connection.py``. This module tests what the design
 promises beyond it:
 
-1. A cancelled receive loses nothing, even cut in the middle of a frame.
+1. A cancelled receive loses nothing, even cut in the middle of a frame: tested for every
+   channel by ``test_conformance.py``.
 2. A send cancelled mid-frame either finishes under the shield or breaks the connection
    so that the peer sees EOF; a send cancelled before its first byte sends nothing.
 3. The event loop never stalls while 64 MiB go either way.
@@ -179,92 +180,7 @@ async def _task_group(timeout: float = 30.0) -> AsyncIterator[TaskGroup]:
             yield tg
 
 
-# --- 1. a cancelled receive loses nothing -------------------------------------------------------
-
-
-@ROUTES
-async def test_receives_cancelled_at_random_lose_nothing(use_threads: bool) -> None:
-    seed = random.randrange(1 << 32)
-    print(f"seed={seed}")
-    rng = random.Random(seed)
-    sizes = [
-        rng.randrange(1 << 12) if rng.random() < 0.5 else rng.randrange(2 << 20) for _ in range(64)
-    ]
-    messages = [seq.to_bytes(8, "big") + rng.randbytes(size) for seq, size in enumerate(sizes)]
-
-    a, b = asyncmp.Pipe(use_threads=use_threads)
-    producer = _Producer(b, messages)
-    received: list[bytes] = []
-    cancelled = 0
-    try:
-        producer.start()
-        with anyio.fail_after(30):
-            while len(received) < len(messages):
-                roll = rng.random()
-                if roll < 0.3:
-                    delay = 0.0  # cancelled at the first checkpoint
-                elif roll < 0.85:
-                    delay = rng.uniform(0, 0.002)
-                else:
-                    delay = rng.uniform(0.002, 0.02)
-                with anyio.move_on_after(delay) as scope:
-                    received.append(await a.recv_bytes())
-                cancelled += scope.cancelled_caught
-    finally:
-        await a.aclose()  # unblocks the producer if the test failed early
-        _join(producer)
-        b.close()
-
-    print(f"{len(messages)} messages, {sum(sizes) >> 20} MiB, {cancelled} receives cancelled")
-    assert producer.error is None
-    assert [int.from_bytes(m[:8], "big") for m in received] == list(range(len(messages)))
-    pairs = zip(received, messages, strict=True)
-    assert [i for i, (got, sent) in enumerate(pairs) if got != sent] == []
-    assert cancelled >= 10, "too few receives were cancelled for the test to mean anything"
-
-
-@ROUTES
-@TRANSPORTS
-@pytest.mark.parametrize("cut", [2, 60_004], ids=["in-header", "in-body"])
-async def test_receive_cancelled_mid_frame_resumes_whole(
-    transport: str, use_threads: bool, cut: int
-) -> None:
-    payload = random.randbytes(200_000)
-    frame = _frame(payload)
-    a, b = _recv_pair(transport, use_threads=use_threads)
-    writer: threading.Thread | None = None
-    try:
-        scope = anyio.CancelScope()
-        early: list[bytes] = []
-
-        async def receive() -> None:
-            with scope:
-                early.append(await a.recv_bytes())
-
-        async with _task_group() as tg:
-            tg.start_soon(receive)
-            await anyio.wait_all_tasks_blocked()
-            os.write(b.fileno(), frame[:cut])  # fits in any pipe or socket buffer
-            # The receiver has taken the partial frame out of the kernel buffer.
-            await wait_until(lambda: buffered(a.fileno()) == 0, "the receiver read the bytes")
-            await anyio.wait_all_tasks_blocked()
-            scope.cancel()
-        assert scope.cancelled_caught
-        assert early == []
-
-        # The rest may not fit in the buffer at once: a thread writes it, then a second
-        # message to show the stream is still aligned.
-        rest = frame[cut:] + _frame(b"next")
-        writer = threading.Thread(target=_write_all, args=(b.fileno(), rest), name="test-writer")
-        writer.start()
-        with anyio.fail_after(10):
-            assert await a.recv_bytes() == payload
-            assert await a.recv_bytes() == b"next"
-    finally:
-        await a.aclose()  # a writer left blocking (the test failed) now fails and ends
-        if writer is not None:
-            _join(writer)
-        b.close()
+# --- 1. a cancelled receive loses nothing: tests/test_conformance.py, for every channel ------
 
 
 def _write_all(fd: int, data: bytes) -> None:

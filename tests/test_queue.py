@@ -661,40 +661,8 @@ async def test_waiting_behind_another_reader_does_not_spin(
 
 
 # ---------------------------------------------------------------------------------------
-# Cancellation
+# Cancellation (gets cancelled at random: tests/test_conformance.py, for every channel)
 # ---------------------------------------------------------------------------------------
-
-
-async def test_gets_cancelled_at_random_lose_nothing(use_threads: bool) -> None:
-    count, big_every, big_size = 300, 7, 100 * KiB  # a big item's frame arrives in parts
-    rng = random.Random(20240611)
-    async with open_queue(use_threads=use_threads) as aq:
-        q = aq.queue
-        got: list[Any] = []
-        cancelled = 0
-        # The producer pauses now and then, so that gets are also cancelled as they wait.
-        async with child(
-            queue_workers.produce, q, 0, count, big_every, big_size, 5, 0.002
-        ) as producer:
-            with anyio.fail_after(30):
-                while len(got) < count:
-                    with anyio.move_on_after(rng.uniform(0, 0.002)) as scope:
-                        got.append(await aq.get())
-                    cancelled += scope.cancelled_caught
-        assert producer.exitcode == 0
-        assert [i for _, i, _ in got] == list(range(count))
-        assert [len(pad) for _, _, pad in got] == [
-            big_size if i % big_every == big_every - 1 else 0 for i in range(count)
-        ]
-        assert cancelled > 0
-        with pytest.raises(queue.Empty):
-            aq.get_nowait()  # nothing kept twice
-        # No get left the reader lock taken: a plain consumer elsewhere can read.
-        await aq.put("for the checker")
-        async with child(queue_workers.get_expecting, q, "for the checker", 10) as checker:
-            pass
-        assert checker.exitcode == 0
-        print(f"{cancelled} gets cancelled")
 
 
 async def test_puts_cancelled_at_random_put_exactly_what_returned(
