@@ -16,7 +16,7 @@ and then is marked ``xfail(strict=False)`` until its cause is found.
 from __future__ import annotations
 
 import sys
-from typing import Any
+from collections.abc import Callable
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
@@ -61,7 +61,9 @@ FLAKY_FAILURES: dict[tuple[str, str], str] = {
 }
 
 
-def channels(check: str, where: Any = lambda channel: True) -> Any:
+def channels(
+    check: str, where: Callable[[Channel], bool] = lambda channel: True
+) -> pytest.MarkDecorator:
     """Parametrize a test over the channels that *where* accepts, marking known failures."""
     params = []
     for channel in CHANNELS:

@@ -142,9 +142,10 @@ class QueueEnd(End):
         return not self.obj.empty()
 
     def send_would_wait(self) -> bool:
-        q = self.obj.queue
-        if isinstance(q, multiprocessing.queues.SimpleQueue):
-            return not _writable_now(q._writer.fileno())
+        q: Any = self.obj.queue
+        if isinstance(q, multiprocessing.queues.SimpleQueue):  # no size: is the pipe full?
+            writer: Any = getattr(q, "_writer")  # noqa: B009 (a private attribute)
+            return not _writable_now(writer.fileno())
         return bool(q.full())
 
     def reader_fd(self) -> int | None:
@@ -302,7 +303,7 @@ class QueuePeer(Peer):
         super().finish()
 
     def reserve(self, count: int) -> None:
-        sem = getattr(self.q, "_sem", None)
+        sem: Any = getattr(self.q, "_sem", None)
         for _ in range(count if sem is not None else 0):
             assert sem.acquire(False), "no free slot for a raw item"
 
@@ -538,7 +539,7 @@ def _channels() -> list[Channel]:
             hook = family != "AF_INET"
             out.append(Channel(f"{side}-{name}", _remote(family, side), readiness_hook=hook))
     out.append(Channel("Worker", _worker, eof_error=WorkerExited, encode=None, has_close=False))
-    queue = {"eof_error": None, "is_queue": True, "has_close": False}
+    queue: dict[str, Any] = {"eof_error": None, "is_queue": True, "has_close": False}
     for kind in ("Queue", "SimpleQueue", "JoinableQueue"):
         out.append(Channel(f"{kind}-fd", _queue(kind, False), encode=_pickled_frame, **queue))
     out.append(
