@@ -148,7 +148,7 @@ def scenarios(draw: st.DrawFn) -> tuple[list[int], list[tuple[int, str]]]:
 
 
 @channels("mid-frame", lambda channel: channel.encode is not None)
-@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(scenario=scenarios())
 @example(scenario=([200_000], [(2, "waiting"), (60_004, "after-readiness")]))
 @example(scenario=([200_000], [(60_004, "waiting")]))
