@@ -38,7 +38,7 @@ from asyncmp import AsyncConnection, ConnectionEOF, ProtocolError
 from asyncmp._threads import DEFAULT_THREAD_LIMIT, thread_limiter
 
 from . import workers
-from .faults.support import wait_until
+from .support.io import wait_until
 
 pytestmark = [
     pytest.mark.anyio,

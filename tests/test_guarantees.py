@@ -3,7 +3,8 @@
 The plain API is tested in ``test_connection.py``. This module tests what the design
 promises beyond it:
 
-1. A cancelled receive loses nothing, even cut in the middle of a frame.
+1. A cancelled receive loses nothing, even cut in the middle of a frame: tested for every
+   channel by ``test_conformance.py``.
 2. A send cancelled mid-frame either finishes under the shield or breaks the connection
    so that the peer sees EOF; a send cancelled before its first byte sends nothing.
 3. The event loop never stalls while 64 MiB go either way.
@@ -39,14 +40,15 @@ from multiprocessing.connection import Connection
 
 import anyio
 import pytest
-from anyio.abc import TaskGroup, TaskStatus
+from anyio.abc import TaskGroup
 
 import asyncmp
 import asyncmp._connection
 from asyncmp import AsyncConnection, ConnectionEOF
 
 from . import guarantee_workers
-from .faults.support import buffered, wait_until
+from .support.heartbeat import STALL_CPU_BOUND, STALL_WALL_BOUND, heartbeat
+from .support.io import buffered, wait_until
 
 if sys.platform != "win32":
     import fcntl
@@ -171,41 +173,6 @@ class _Reader(threading.Thread):
             self.error = exc
 
 
-class _Heartbeat:
-    """A task that ticks every *interval* seconds and records the worst gap between ticks.
-
-    Gaps are measured in wall-clock time and in the CPU time of the event loop's thread.
-    A CPU gap is time the loop spent busy without giving the heartbeat its turn: a stall.
-    Wall time beyond that is the thread not running at all: blocked in a call, or waiting
-    while the machine runs other processes.
-    """
-
-    def __init__(self, interval: float) -> None:
-        self.interval = interval
-        self.ticks = 0
-        self.worst_gap = 0.0
-        self.worst_cpu_gap = 0.0
-        self._last = time.perf_counter()
-        self._last_cpu = time.thread_time()
-
-    def reset(self) -> None:
-        self.ticks = 0
-        self.worst_gap = self.worst_cpu_gap = 0.0
-        self._last = time.perf_counter()
-        self._last_cpu = time.thread_time()
-
-    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
-        self.reset()
-        task_status.started()
-        while True:
-            await anyio.sleep(self.interval)
-            now, now_cpu = time.perf_counter(), time.thread_time()
-            self.worst_gap = max(self.worst_gap, now - self._last)
-            self.worst_cpu_gap = max(self.worst_cpu_gap, now_cpu - self._last_cpu)
-            self._last, self._last_cpu = now, now_cpu
-            self.ticks += 1
-
-
 @asynccontextmanager
 async def _task_group(timeout: float = 30.0) -> AsyncIterator[TaskGroup]:
     """A task group that fails the test rather than hang (say, on a peer that never reads)."""
@@ -214,103 +181,7 @@ async def _task_group(timeout: float = 30.0) -> AsyncIterator[TaskGroup]:
             yield tg
 
 
-@asynccontextmanager
-async def _heartbeat(interval: float) -> AsyncIterator[_Heartbeat]:
-    beat = _Heartbeat(interval)
-    async with anyio.create_task_group() as tg:
-        await tg.start(beat.run)
-        try:
-            yield beat
-        finally:
-            tg.cancel_scope.cancel()
-
-
-# --- 1. a cancelled receive loses nothing -------------------------------------------------------
-
-
-@ROUTES
-async def test_receives_cancelled_at_random_lose_nothing(use_threads: bool) -> None:
-    seed = random.randrange(1 << 32)
-    print(f"seed={seed}")
-    rng = random.Random(seed)
-    sizes = [
-        rng.randrange(1 << 12) if rng.random() < 0.5 else rng.randrange(2 << 20) for _ in range(64)
-    ]
-    messages = [seq.to_bytes(8, "big") + rng.randbytes(size) for seq, size in enumerate(sizes)]
-
-    a, b = asyncmp.Pipe(use_threads=use_threads)
-    producer = _Producer(b, messages)
-    received: list[bytes] = []
-    cancelled = 0
-    try:
-        producer.start()
-        with anyio.fail_after(30):
-            while len(received) < len(messages):
-                roll = rng.random()
-                if roll < 0.3:
-                    delay = 0.0  # cancelled at the first checkpoint
-                elif roll < 0.85:
-                    delay = rng.uniform(0, 0.002)
-                else:
-                    delay = rng.uniform(0.002, 0.02)
-                with anyio.move_on_after(delay) as scope:
-                    received.append(await a.recv_bytes())
-                cancelled += scope.cancelled_caught
-    finally:
-        await a.aclose()  # unblocks the producer if the test failed early
-        _join(producer)
-        b.close()
-
-    print(f"{len(messages)} messages, {sum(sizes) >> 20} MiB, {cancelled} receives cancelled")
-    assert producer.error is None
-    assert [int.from_bytes(m[:8], "big") for m in received] == list(range(len(messages)))
-    pairs = zip(received, messages, strict=True)
-    assert [i for i, (got, sent) in enumerate(pairs) if got != sent] == []
-    assert cancelled >= 10, "too few receives were cancelled for the test to mean anything"
-
-
-@ROUTES
-@TRANSPORTS
-@pytest.mark.parametrize("cut", [2, 60_004], ids=["in-header", "in-body"])
-async def test_receive_cancelled_mid_frame_resumes_whole(
-    transport: str, use_threads: bool, cut: int
-) -> None:
-    payload = random.randbytes(200_000)
-    frame = _frame(payload)
-    a, b = _recv_pair(transport, use_threads=use_threads)
-    writer: threading.Thread | None = None
-    try:
-        scope = anyio.CancelScope()
-        early: list[bytes] = []
-
-        async def receive() -> None:
-            with scope:
-                early.append(await a.recv_bytes())
-
-        async with _task_group() as tg:
-            tg.start_soon(receive)
-            await anyio.wait_all_tasks_blocked()
-            os.write(b.fileno(), frame[:cut])  # fits in any pipe or socket buffer
-            # The receiver has taken the partial frame out of the kernel buffer.
-            await wait_until(lambda: buffered(a.fileno()) == 0, "the receiver read the bytes")
-            await anyio.wait_all_tasks_blocked()
-            scope.cancel()
-        assert scope.cancelled_caught
-        assert early == []
-
-        # The rest may not fit in the buffer at once: a thread writes it, then a second
-        # message to show the stream is still aligned.
-        rest = frame[cut:] + _frame(b"next")
-        writer = threading.Thread(target=_write_all, args=(b.fileno(), rest), name="test-writer")
-        writer.start()
-        with anyio.fail_after(10):
-            assert await a.recv_bytes() == payload
-            assert await a.recv_bytes() == b"next"
-    finally:
-        await a.aclose()  # a writer left blocking (the test failed) now fails and ends
-        if writer is not None:
-            _join(writer)
-        b.close()
+# --- 1. a cancelled receive loses nothing: tests/test_conformance.py, for every channel ------
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -495,15 +366,6 @@ async def test_send_waiting_for_room_cancelled_sends_nothing() -> None:
 # --- 3. the loop never stalls -------------------------------------------------------------------
 
 STALL_SIZE = 64 << 20
-# Generous bounds; a few ms is the goal. The loop thread's CPU time between two heartbeat
-# ticks is what asyncmp controls: 0.2-8 ms typically here, and up to ~40 ms when growing the
-# body buffer lands on a realloc that copies (and page-faults) tens of MiB at once. Copying
-# and joining a whole 64 MiB message at the end, as an early version did, cost 50-375 ms.
-# Wall-clock gaps also count the time the machine gave to other processes (up to ~300 ms seen
-# on a loaded 2-core machine), so their bound is looser; it catches a call that blocks the
-# loop without using CPU.
-STALL_CPU_BOUND = 0.060
-STALL_WALL_BOUND = 0.5
 
 
 @pytest.mark.parametrize(
@@ -532,7 +394,7 @@ async def test_the_loop_never_stalls_on_64_mib(transport: str, use_threads: bool
         digest = hashlib.sha256(payload).digest()
         gaps: dict[str, tuple[float, float]] = {}
         with anyio.fail_after(60):
-            async with _heartbeat(0.001) as beat:
+            async with heartbeat(0.001) as beat:
                 beat.reset()
                 await out_end.send_bytes(payload)
                 reply = await in_end.recv()
@@ -850,7 +712,7 @@ async def test_fast_path_receive_lets_the_loop_run(use_threads: bool) -> None:
         for i in range(count):
             b.send(i)
         with anyio.fail_after(30):
-            async with _heartbeat(0) as beat:
+            async with heartbeat(0) as beat:
                 start = time.perf_counter()
                 beat.reset()
                 got = [await a.recv() for _ in range(count)]
@@ -872,7 +734,7 @@ async def test_fast_path_send_lets_the_loop_run(use_threads: bool) -> None:
         _grow_pipe(peer.fileno())
         count = BURST if not use_threads else BURST // 50
         with anyio.fail_after(30):
-            async with _heartbeat(0) as beat:
+            async with heartbeat(0) as beat:
                 start = time.perf_counter()
                 beat.reset()
                 for i in range(count):

@@ -22,13 +22,11 @@ import pickle
 import queue
 import random
 import select
-import struct
 import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
-from multiprocessing.process import BaseProcess
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -40,13 +38,27 @@ import asyncmp
 from asyncmp import AsyncQueue
 
 from . import queue_workers
-from .faults.support import (
+from .support.io import (
+    KiB,
     buffered,
     nonblocking,
     reader_lock_is_held,
     settle,
     wait_for_event,
     wait_until,
+)
+from .support.queues import (
+    FORK,
+    asyncmp_threads,
+    backend_of,
+    big_frame,
+    child,
+    header,
+    make_queue,
+    open_queue,
+    os_thread_count,
+    outcome,
+    release_pipe,
 )
 
 if sys.platform != "win32":
@@ -62,9 +74,6 @@ pytestmark = [
     pytest.mark.skipif(sys.platform == "win32", reason="the peers are forked POSIX processes"),
 ]
 
-KiB = 1 << 10
-MiB = 1 << 20
-FORK: Any = multiprocessing.get_context("fork") if sys.platform != "win32" else None
 SPAWN: Any = multiprocessing.get_context("spawn")
 KINDS = ["Queue", "JoinableQueue", "SimpleQueue"]
 BOUNDED_KINDS = ["Queue", "JoinableQueue"]
@@ -88,66 +97,6 @@ def use_threads(route: str) -> bool:
     return route == "threads"
 
 
-def make_queue(kind: str = "Queue", ctx: Any = None, maxsize: int = 0) -> Any:
-    factory = getattr(ctx if ctx is not None else FORK, kind)
-    return factory() if kind == "SimpleQueue" else factory(maxsize)
-
-
-def release_pipe(q: Any) -> None:
-    """Close the queue's pipe in this process (the adapter's aclose() may have already)."""
-    q._reader.close()
-    q._writer.close()
-
-
-@contextlib.asynccontextmanager
-async def open_queue(
-    kind: str = "Queue",
-    *,
-    use_threads: bool,
-    maxsize: int = 0,
-    ctx: Any = None,
-    stall_timeout: float = asyncmp.DEFAULT_STALL_TIMEOUT,
-) -> AsyncIterator[AsyncQueue[Any]]:
-    """A fresh queue and its adapter; the adapter is closed and the pipe released on exit."""
-    q = make_queue(kind, ctx, maxsize)
-    try:
-        async with AsyncQueue[Any](q, use_threads=use_threads, stall_timeout=stall_timeout) as aq:
-            yield aq
-    finally:
-        release_pipe(q)
-
-
-async def join_process(proc: BaseProcess, timeout: float = 30.0) -> None:
-    """Wait for *proc* to exit without blocking the loop; kill it if it doesn't in time."""
-    try:
-        with anyio.fail_after(timeout):
-            await anyio.wait_readable(proc.sentinel)
-    finally:
-        if proc.is_alive():
-            proc.kill()
-        proc.join()
-
-
-@contextlib.asynccontextmanager
-async def child(target: Callable[..., object], *args: Any, ctx: Any = None) -> AsyncIterator[Any]:
-    """Run *target* in a child process; on exit wait for it (bounded), or kill it if the
-    body failed. The test checks ``exitcode`` afterwards."""
-    proc = (ctx if ctx is not None else FORK).Process(
-        target=target, args=args, name=f"test-{target.__name__}", daemon=True
-    )
-    proc.start()
-    finished = False
-    try:
-        yield proc
-        finished = True
-    finally:
-        if finished:
-            await join_process(proc)
-        else:
-            proc.kill()
-            proc.join()
-
-
 async def fill(q: Any, items: list[Any]) -> None:
     """Put *items* from a child process that has exited, so they are all in the pipe."""
     async with child(queue_workers.put_all, q, items) as producer:
@@ -157,39 +106,6 @@ async def fill(q: Any, items: list[Any]) -> None:
 
 def read_report(path: Path) -> Any:
     return pickle.loads(path.read_bytes())
-
-
-def header(size: int) -> bytes:
-    """The stdlib's frame header: big-endian signed 32-bit length."""
-    return struct.pack("!i", size)
-
-
-def asyncmp_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name.startswith("asyncmp")]
-
-
-def os_thread_count() -> int:
-    """Threads of this process as the OS counts them, foreign (non-Python) ones included."""
-    try:
-        return len(os.listdir("/proc/self/task"))
-    except FileNotFoundError:  # no procfs
-        return threading.active_count()
-
-
-def backend_of(anyio_backend: object) -> tuple[str, bool]:
-    """(backend name, whether it runs on uvloop) of the ``anyio_backend`` fixture's value."""
-    if isinstance(anyio_backend, tuple):
-        return str(anyio_backend[0]), bool(anyio_backend[1])
-    return str(anyio_backend), False
-
-
-async def outcome(fn: Callable[[], Awaitable[object]]) -> str:
-    """Await *fn()*; return ``"returned"`` or the name of the exception it raised."""
-    try:
-        await fn()
-    except Exception as exc:
-        return type(exc).__name__
-    return "returned"
 
 
 # ---------------------------------------------------------------------------------------
@@ -802,40 +718,8 @@ async def test_waiting_behind_another_reader_does_not_spin(
 
 
 # ---------------------------------------------------------------------------------------
-# Cancellation
+# Cancellation (gets cancelled at random: tests/test_conformance.py, for every channel)
 # ---------------------------------------------------------------------------------------
-
-
-async def test_gets_cancelled_at_random_lose_nothing(use_threads: bool) -> None:
-    count, big_every, big_size = 300, 7, 100 * KiB  # a big item's frame arrives in parts
-    rng = random.Random(20240611)
-    async with open_queue(use_threads=use_threads) as aq:
-        q = aq.queue
-        got: list[Any] = []
-        cancelled = 0
-        # The producer pauses now and then, so that gets are also cancelled as they wait.
-        async with child(
-            queue_workers.produce, q, 0, count, big_every, big_size, 5, 0.002
-        ) as producer:
-            with anyio.fail_after(30):
-                while len(got) < count:
-                    with anyio.move_on_after(rng.uniform(0, 0.002)) as scope:
-                        got.append(await aq.get())
-                    cancelled += scope.cancelled_caught
-        assert producer.exitcode == 0
-        assert [i for _, i, _ in got] == list(range(count))
-        assert [len(pad) for _, _, pad in got] == [
-            big_size if i % big_every == big_every - 1 else 0 for i in range(count)
-        ]
-        assert cancelled > 0
-        with pytest.raises(queue.Empty):
-            aq.get_nowait()  # nothing kept twice
-        # No get left the reader lock taken: a plain consumer elsewhere can read.
-        await aq.put("for the checker")
-        async with child(queue_workers.get_expecting, q, "for the checker", 10) as checker:
-            pass
-        assert checker.exitcode == 0
-        print(f"{cancelled} gets cancelled")
 
 
 async def test_puts_cancelled_at_random_put_exactly_what_returned(
@@ -1192,13 +1076,6 @@ async def test_unpicklable_item_raises_in_put_and_puts_nothing(
 # ---------------------------------------------------------------------------------------
 # Producers that stall or die mid-item
 # ---------------------------------------------------------------------------------------
-
-
-def big_frame(size: int = MiB + 4 * KiB) -> tuple[bytes, object]:
-    """A whole frame of a pickled ``bytes`` item of *size* bytes, and the item."""
-    item = b"p" * size
-    payload = pickle.dumps(item, pickle.HIGHEST_PROTOCOL)
-    return header(len(payload)) + payload, item
 
 
 @pytest.mark.parametrize("cancelled", [False, True], ids=["plain", "cancelled"])

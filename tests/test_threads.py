@@ -9,7 +9,7 @@ import anyio
 import pytest
 
 from asyncmp._threads import BlockingCall, Worker, thread_limiter
-from tests.faults.support import wait_until
+from tests.support.io import wait_until
 
 pytestmark = pytest.mark.anyio
 

@@ -17,5 +17,5 @@ and exactly what is lost; ``docs/faults.md`` sums them up for users. The cases:
     of ``tests/conftest.py`` wraps every test here too (``tests/test_leakcheck.py`` tests it)
 12. the soak: ``soak.py`` (``nox -s soak``), kept working by ``test_soak``
 
-Child-process targets are in ``fault_workers``, shared helpers in ``support``.
+Child-process targets are in ``fault_workers``; shared helpers are in ``tests/support``.
 """

@@ -37,9 +37,7 @@ import pytest
 
 import asyncmp
 from asyncmp._threads import BlockingCall
-from tests.test_queue import asyncmp_threads, open_queue
-
-from .support import (
+from tests.support.io import (
     MiB,
     after_await,
     after_readiness,
@@ -51,6 +49,7 @@ from .support import (
     wait_until,
     write_all,
 )
+from tests.support.queues import asyncmp_threads, open_queue
 
 pytestmark = [
     pytest.mark.anyio,

@@ -41,10 +41,17 @@ import pytest
 import asyncmp
 from asyncmp import AsyncConnection, AsyncQueue
 from tests import queue_workers
-from tests.test_queue import FORK, child, open_queue
+from tests.support.io import (
+    MiB,
+    buffered,
+    reader_lock_is_held,
+    settle,
+    wait_for_event,
+    wait_until,
+)
+from tests.support.queues import FORK, child, open_queue
 
 from . import fault_workers
-from .support import MiB, buffered, reader_lock_is_held, settle, wait_for_event, wait_until
 
 pytestmark = [
     pytest.mark.anyio,

@@ -40,9 +40,8 @@ import pytest
 
 import asyncmp
 from asyncmp import ConnectionEOF, ProtocolError
-from tests.test_queue import open_queue
-
-from .support import KiB, MiB, reader_lock_is_held, write_all
+from tests.support.io import KiB, MiB, reader_lock_is_held, write_all
+from tests.support.queues import open_queue
 
 pytestmark = [
     pytest.mark.anyio,

@@ -28,11 +28,11 @@ import pytest
 
 import asyncmp
 from asyncmp import ConnectionEOF
+from tests.support.io import wait_for_event
 from tests.workers import MPContext
 
 from . import fault_workers
 from .fault_workers import message
-from .support import wait_for_event
 
 pytestmark = [
     pytest.mark.anyio,

@@ -34,7 +34,7 @@ from typing import Any
 import anyio
 import pytest
 
-from tests.test_queue import backend_of, child, open_queue
+from tests.support.queues import backend_of, child, open_queue
 from tests.workers import MPContext
 
 from . import fault_workers

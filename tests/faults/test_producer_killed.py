@@ -38,11 +38,20 @@ from typing import Any
 import anyio
 import pytest
 
-from tests.test_guarantees import STALL_CPU_BOUND, STALL_WALL_BOUND, _heartbeat
-from tests.test_queue import FORK, open_queue
+from tests.support.heartbeat import STALL_CPU_BOUND, STALL_WALL_BOUND, heartbeat
+from tests.support.io import (
+    KiB,
+    MiB,
+    buffered,
+    patched,
+    reader_lock_is_held,
+    settle,
+    wait_until,
+    write_all,
+)
+from tests.support.queues import FORK, open_queue
 
 from . import fault_workers
-from .support import KiB, MiB, buffered, patched, reader_lock_is_held, settle, wait_until, write_all
 
 pytestmark = [
     pytest.mark.anyio,
@@ -90,7 +99,7 @@ async def test_producer_killed_mid_put_breaks_the_get_within_the_stall_bound(
                     "the feeder filled the pipe",
                 )
                 os.kill(producer.pid or 0, signal.SIGSTOP)
-                async with _heartbeat(0.005) as beat:
+                async with heartbeat(0.005) as beat:
                     async with anyio.create_task_group() as tg:
                         tg.start_soon(get)
                         await wait_until(lambda: buffered(fd) == 0, "the get read the pipe")
@@ -184,7 +193,7 @@ async def test_get_gives_the_loop_turns_while_a_producer_keeps_the_pipe_full() -
         q._sem.acquire()  # the item's slot, as put() takes it
         # The header, and a byte after it that keeps the real pipe readable throughout.
         write_all(q._writer.fileno(), struct.pack("!i", len(payload)) + b"\0")
-        async with _heartbeat(0) as beat:
+        async with heartbeat(0) as beat:
             pipe = AlwaysFullPipe(payload, beat)
             with patched(aq, "_transport", pipe), anyio.fail_after(30):
                 item = await aq.get()
@@ -206,7 +215,7 @@ async def test_get_of_a_64_mib_item_being_written_never_stalls_the_loop() -> Non
         try:
             gaps = []
             with anyio.fail_after(60):
-                async with _heartbeat(0.001) as beat:
+                async with heartbeat(0.001) as beat:
                     for _ in range(count):
                         beat.reset()
                         item = await aq.get()

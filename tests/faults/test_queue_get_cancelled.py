@@ -26,10 +26,10 @@ import anyio
 import pytest
 
 from tests import queue_workers
-from tests.test_queue import FORK, asyncmp_threads, big_frame, child, open_queue
+from tests.support.io import KiB, buffered, reader_lock_is_held, settle, wait_until
+from tests.support.queues import FORK, asyncmp_threads, big_frame, child, open_queue
 
 from . import fault_workers
-from .support import KiB, buffered, reader_lock_is_held, settle, wait_until
 
 pytestmark = [
     pytest.mark.anyio,

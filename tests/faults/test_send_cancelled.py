@@ -43,9 +43,9 @@ import asyncmp
 import asyncmp._connection
 from asyncmp import AsyncConnection
 from asyncmp._wire import FrameDecoder
+from tests.support.io import KiB, MiB, buffered, patched, settle, wait_for_event, wait_until
 
 from .fault_workers import message
-from .support import KiB, MiB, buffered, patched, settle, wait_for_event, wait_until
 
 pytestmark = [
     pytest.mark.anyio,

@@ -30,10 +30,10 @@ import anyio
 import pytest
 
 import asyncmp
-from tests.test_queue import FORK, open_queue
+from tests.support.io import nonblocking, reader_lock_is_held, settle, wait_until
+from tests.support.queues import FORK, open_queue
 
 from . import fault_workers
-from .support import nonblocking, reader_lock_is_held, settle, wait_until
 
 pytestmark = [
     pytest.mark.anyio,

@@ -1,10 +1,9 @@
-"""Helpers of the fault-injection suite: raw framing, kernel buffer probes, fault hooks.
+"""Raw framing, kernel buffer probes, waiting without sleeps, and fault hooks.
 
-The suite's cases use what the other test modules already have where it fits (the heartbeat
-of ``test_guarantees``, the child-process helpers of ``test_queue``); what is here is what
-injecting a fault needs on top: a hook that fires right after the readiness wait of a
-receive or get, a descriptor number taken over by a new file, a writer thread that can be
-joined, and the checks that show a fault landed where the case says it did.
+What a test that plays a peer byte by byte needs: the stdlib's framing, how many bytes wait in
+a kernel buffer, a writer thread that can be joined, a hook that fires right after the
+readiness wait of a receive or get, a descriptor number taken over by a new file, and the
+checks that show a fault landed where the case says it did.
 """
 
 from __future__ import annotations
