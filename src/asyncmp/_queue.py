@@ -59,11 +59,10 @@ from anyio.lowlevel import (
     cancel_shielded_checkpoint,
     checkpoint,
     checkpoint_if_cancelled,
-    current_token,
 )
 
 from . import _mpinternals
-from ._connection import _TURN_INTERVAL, _cancel_check, _FairLock, _fast_checkpoint, _last_turn
+from ._loop import TURN_INTERVAL, FairLock, call_soon, cancel_check, fast_checkpoint, turn_clock
 from ._threads import BlockingCall, Worker
 from ._wire import FrameDecoder, WireError
 
@@ -209,7 +208,7 @@ class AsyncQueue(AsyncResource, Generic[T]):
         # Items taken from the queue but not yet handed out (kept across cancellation):
         # raw frames on the fd route, objects on the thread route.
         self._kept: deque[Any] = deque()
-        self._get_lock = _FairLock()
+        self._get_lock = FairLock()
         self._closed = False
         self._broken: str | None = None
         self._calls: set[BlockingCall[Any]] = set()
@@ -302,11 +301,12 @@ class AsyncQueue(AsyncResource, Generic[T]):
             # adapter keeps the lock for this very get (won in a queue against other
             # consumers): the loop's turn here would let it go (_deferred_release), and
             # the consumers queued in the kernel would take it back every time.
-            if _perf_counter() - _last_turn[0] >= _TURN_INTERVAL:
+            clock = turn_clock
+            if _perf_counter() - clock.last >= TURN_INTERVAL:
                 await checkpoint()
-                _last_turn[0] = _perf_counter()
+                clock.last = _perf_counter()
             else:
-                await _cancel_check()
+                await cancel_check()
             frame = self._take_whole_frame()
             if frame is not None:
                 return _loads(frame)  # type: ignore[no-any-return]
@@ -319,10 +319,7 @@ class AsyncQueue(AsyncResource, Generic[T]):
     async def _get(self) -> T:
         self._check_open()
         lock = self._get_lock
-        if lock.locked():
-            await lock.acquire()  # first come, first served
-        else:
-            lock.acquire_nowait()
+        await lock.acquire_fast()  # first come, first served
         try:
             if self._parts is not None:
                 return self._unpickle(await self._get_frame())
@@ -537,9 +534,7 @@ class AsyncQueue(AsyncResource, Generic[T]):
     def _release_soon(self) -> None:
         if self._release_scheduled:
             return
-        native: Any = current_token().native_token
-        soon = native.call_soon if hasattr(native, "call_soon") else native.run_sync_soon
-        soon(self._deferred_release)
+        call_soon(self._deferred_release)
         self._release_scheduled = True
 
     def _deferred_release(self) -> None:
@@ -561,9 +556,9 @@ class AsyncQueue(AsyncResource, Generic[T]):
 
     async def _get_frame(self) -> bytes:
         if self._kept:
-            await _fast_checkpoint()
+            await fast_checkpoint()
             return self._kept.popleft()  # type: ignore[no-any-return]
-        await _fast_checkpoint()
+        await fast_checkpoint()
         assert self._parts is not None
         rlock = self._parts.rlock
         while True:
@@ -667,7 +662,7 @@ class AsyncQueue(AsyncResource, Generic[T]):
 
     async def _get_threaded(self) -> Any:
         if self._kept:
-            await _fast_checkpoint()
+            await fast_checkpoint()
             return _Failed.unwrap(self._kept.popleft())
         call = self._pending_get
         if call is None:
