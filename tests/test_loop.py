@@ -49,34 +49,46 @@ def _in_a_thread_with_its_own_loop(fn: Callable[[], object]) -> None:
         raise errors[0]
 
 
-async def _gives_a_turn(*, just_had_one: bool = False) -> bool:
-    """Does ``fast_checkpoint()`` let another task of this loop run?"""
-    ran: list[bool] = []
+async def _gives_a_turn(*, just_had_one: bool = False, before: Callable[[], object] = bool) -> bool:
+    """Does ``fast_checkpoint()`` let another task of this loop run?
 
-    async def bystander() -> None:
-        ran.append(True)
+    A task started just before it runs before the caller goes on if the call took a full
+    trip through the loop: always on asyncio; on trio in a shuffled order, so there the
+    trial is repeated until the other task comes first. A call that does not yield never
+    lets it run first. *before* runs right before each trial.
+    """
+    for _ in range(40):
+        ran: list[bool] = []
 
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(bystander)
-        if just_had_one:
-            note_turn()
-        await fast_checkpoint()
-        gave = bool(ran)
-    return gave
+        async def bystander(ran: list[bool] = ran) -> None:
+            ran.append(True)
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(bystander)
+            before()
+            if just_had_one:
+                note_turn()
+            await fast_checkpoint()
+            if ran:
+                return True
+    return False
 
 
 async def test_fast_checkpoint_gives_a_turn_only_when_one_is_due() -> None:
     assert not await _gives_a_turn(just_had_one=True)
+    assert await _gives_a_turn(before=_let_the_turn_fall_due)
+
+
+def _turn_in_another_thread() -> None:
+    """Let this loop's turn fall due, then have another thread's loop take its own turn
+    (its first call: due at once)."""
     _let_the_turn_fall_due()
-    assert await _gives_a_turn()
+    _in_a_thread_with_its_own_loop(lambda: anyio.run(fast_checkpoint))
 
 
 async def test_a_turn_of_a_loop_in_another_thread_does_not_spend_this_loops_turn() -> None:
-    _let_the_turn_fall_due()
-    # Another thread's loop takes its own turn (its first call: due at once).
-    _in_a_thread_with_its_own_loop(lambda: anyio.run(fast_checkpoint))
     # This loop's turn is still due: the other loop's turn was not this loop's.
-    assert await _gives_a_turn()
+    assert await _gives_a_turn(before=_turn_in_another_thread)
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="the fd route's fast path")
@@ -132,7 +144,7 @@ async def test_two_loops_on_the_fast_path_each_get_their_turns(anyio_backend_nam
                 await anyio.lowlevel.checkpoint()
                 last_turn_by = time.perf_counter()  # at the latest
                 deadline = time.monotonic() + 10
-                while due < 50 and time.monotonic() < deadline:
+                while due < 200 and time.monotonic() < deadline:
                     for i in range(batch):
                         b.send(i)
                     for i in range(batch):
