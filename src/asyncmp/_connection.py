@@ -27,10 +27,7 @@ import multiprocessing.connection
 import socket
 import sys
 import threading
-import time
-from asyncio import _get_running_loop
-from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from multiprocessing.reduction import ForkingPickler
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -40,6 +37,7 @@ from anyio.lowlevel import checkpoint, checkpoint_if_cancelled
 
 from . import _platform
 from ._exceptions import ConnectionEOF, ProtocolError
+from ._loop import FairLock, fast_checkpoint, note_turn, turn_if_due
 from ._threads import BlockingCall, Worker
 from ._wire import DEFAULT_MAX_MESSAGE_SIZE, FrameDecoder, WireError, encode_header
 
@@ -78,9 +76,6 @@ if sys.platform == "win32":
 else:
     Connection: TypeAlias = multiprocessing.connection.Connection
 
-#: A receive that finds a message already buffered skips the trip through the event
-#: loop, but the loop still gets a turn at least this often (seconds).
-_TURN_INTERVAL = 0.001
 #: The most one read moves into the body of a large message.
 _BODY_READ = 4 << 20
 #: Payloads up to this size go out in one write together with their header.
@@ -91,90 +86,10 @@ SEND_SHIELD_SECONDS = 2.0
 #: Thread path: how often a blocked thread checks whether its owner is closing.
 _THREAD_SLICE = 0.05
 
-_last_turn = [0.0]
 _loads = ForkingPickler.loads
 
 #: What an AsyncConnection receives and sends; ``Any`` unless the code says otherwise.
 T = TypeVar("T", default=Any)
-
-
-try:  # Two dispatches less per call than anyio.lowlevel.checkpoint_if_cancelled().
-    from anyio._core._eventloop import get_async_backend as _get_async_backend
-
-    #: The backend's own check, by "is an asyncio loop running in this thread": anyio's
-    #: two backends are asyncio (with or without uvloop) and trio.
-    _backend_checks: dict[bool, Callable[[], Awaitable[None]]] = {}
-
-    def _cancel_check() -> Awaitable[None]:
-        in_asyncio = _get_running_loop() is not None
-        check = _backend_checks.get(in_asyncio)
-        if check is None:
-            check = _backend_checks[in_asyncio] = _get_async_backend().checkpoint_if_cancelled
-        return check()
-
-except ImportError:  # pragma: no cover - a future anyio moved it
-    _cancel_check = checkpoint_if_cancelled
-
-
-async def _fast_checkpoint() -> None:
-    """A cancellation check, plus a full trip through the loop once per interval."""
-    now = time.perf_counter()
-    if now - _last_turn[0] >= _TURN_INTERVAL:
-        await checkpoint()
-        _last_turn[0] = time.perf_counter()
-    else:
-        await _cancel_check()
-
-
-class _FairLock:
-    """First come, first served, as ``anyio.Lock(fast_acquire=True)``, without its
-    owner bookkeeping: that asks for the current task on every acquire and release,
-    which on asyncio before Python 3.12 is a ``getpid()`` system call each time.
-
-    ``release()`` hands the lock to the longest waiter. A waiter cancelled just as it
-    was handed the lock passes it on; one cancelled before leaves the queue.
-    """
-
-    __slots__ = ("_locked", "_waiters")
-
-    def __init__(self) -> None:
-        self._locked = False
-        self._waiters: deque[anyio.Event] = deque()
-
-    def locked(self) -> bool:
-        return self._locked
-
-    def acquire_nowait(self) -> None:
-        if self._locked:
-            raise anyio.WouldBlock
-        self._locked = True
-
-    async def acquire(self) -> None:
-        if not self._locked:
-            self._locked = True
-            return
-        event = anyio.Event()
-        self._waiters.append(event)
-        try:
-            await event.wait()
-        except BaseException:
-            if event.is_set():
-                self.release()  # it was ours already: the next in line gets it
-            else:
-                self._waiters.remove(event)
-            raise
-
-    def release(self) -> None:
-        if self._waiters:
-            self._waiters.popleft().set()  # stays locked, for the one woken
-        else:
-            self._locked = False
-
-    async def __aenter__(self) -> None:
-        await self.acquire()
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self.release()
 
 
 def _dumps(obj: Any) -> bytes:
@@ -299,7 +214,7 @@ class _FdIO:
         if nothing_there:
             await self._wait_readable()
         else:
-            await _fast_checkpoint()
+            await fast_checkpoint()
         while True:
             if self._closed:
                 raise anyio.ClosedResourceError
@@ -314,9 +229,7 @@ class _FdIO:
                     return frame
                 # A long message: read on while the bytes keep coming, giving the loop
                 # its turn (a full checkpoint) every ms; no cancellation check per read.
-                if time.perf_counter() - _last_turn[0] >= _TURN_INTERVAL:
-                    await checkpoint()
-                    _last_turn[0] = time.perf_counter()
+                await turn_if_due()
                 continue
             await self._wait_readable()
 
@@ -324,7 +237,7 @@ class _FdIO:
         if self._rwait is None:
             self._rwait = ReadinessWaiter(self._fd)
         await self._rwait.wait()
-        _last_turn[0] = time.perf_counter()
+        note_turn()
 
     def take_frame(self) -> bytes | None:
         """A whole frame that is already here (buffered, or one read away), or None.
@@ -368,7 +281,7 @@ class _FdIO:
                 offset += n
                 progress[0] += n
                 if offset < len(view):
-                    await _fast_checkpoint()
+                    await fast_checkpoint()
                 continue
             if self._wwait is None:
                 self._wwait = ReadinessWaiter(self._fd, writable=True)
@@ -396,7 +309,7 @@ class _FdIO:
             # A send that finds room never waits, so without this a loop of sends would
             # never give the event loop a turn. Before the first byte: a cancelled send
             # sends nothing.
-            await _fast_checkpoint()
+            await fast_checkpoint()
             already = 0
         header = encode_header(len(payload))
         if len(payload) <= _COALESCE_LIMIT:
@@ -878,8 +791,8 @@ class AsyncConnection(ObjectStream[T]):
         )
         self._readable = conn.readable
         self._writable = conn.writable
-        self._recv_lock = _FairLock()
-        self._send_lock = _FairLock()
+        self._recv_lock = FairLock()
+        self._send_lock = FairLock()
         self._closed = False
         self._why_closed = _CLOSED_HERE
         # Set by the first ProtocolError: the incoming stream can't be trusted from then
@@ -967,11 +880,8 @@ class AsyncConnection(ObjectStream[T]):
     async def _recv_bytes(self, maxlength: int | None, *, nothing_there: bool) -> bytes:
         self._check_readable()
         lock = self._recv_lock
-        if lock.locked():
-            await lock.acquire()  # first come, first served
+        if await lock.acquire_fast():  # first come, first served
             nothing_there = False
-        else:
-            lock.acquire_nowait()
         try:
             self._check_readable()
             return await self._io.recv_frame(maxlength, nothing_there=nothing_there)
@@ -994,7 +904,7 @@ class AsyncConnection(ObjectStream[T]):
             # the loop, only the cancellation check (and the loop's turn every ms). No
             # other task can start receiving between the check and taking the frame:
             # there is no await in between.
-            await _fast_checkpoint()
+            await fast_checkpoint()
             if (
                 not self._recv_lock.locked()
                 and not self._closed
@@ -1097,7 +1007,7 @@ class AsyncConnection(ObjectStream[T]):
             # so no other sender can slip in. A frame that did not go out whole takes
             # the lock before anything awaits and is finished on the async path, which
             # finishes or breaks a frame torn by a cancellation.
-            await _fast_checkpoint()
+            await fast_checkpoint()
             if not lock.locked():
                 self._check_writable()
                 written = route.send_frame_nowait(payload)
@@ -1109,10 +1019,7 @@ class AsyncConnection(ObjectStream[T]):
                 finally:
                     lock.release()
                 return
-        if lock.locked():
-            await lock.acquire()  # first come, first served
-        else:
-            lock.acquire_nowait()
+        await lock.acquire_fast()  # first come, first served
         try:
             self._check_writable()
             await self._io.send_frame(payload)

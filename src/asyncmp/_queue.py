@@ -35,9 +35,7 @@ from anyio.abc import AsyncResource
 from anyio.lowlevel import checkpoint
 
 from . import _mpinternals
-from ._connection import _TURN_INTERVAL as TURN_INTERVAL
-from ._connection import _cancel_check as cancel_check
-from ._connection import _last_turn
+from ._loop import TURN_INTERVAL, cancel_check, turn_clock
 from ._queue_fdget import FdGetter, unpickle_frame
 from ._queue_put import Putter
 from ._queue_state import QueueState
@@ -180,9 +178,10 @@ class AsyncQueue(AsyncResource, Generic[T]):
             # adapter keeps the lock for this very get (won in a queue against other
             # consumers): the loop's turn here would let it go (a deferred release), and
             # the consumers queued in the kernel would take it back every time.
-            if _perf_counter() - _last_turn[0] >= TURN_INTERVAL:
+            clock = turn_clock
+            if _perf_counter() - clock.last >= TURN_INTERVAL:
                 await checkpoint()
-                _last_turn[0] = _perf_counter()
+                clock.last = _perf_counter()
             else:
                 await cancel_check()
             frame = fast.take_whole_frame()
@@ -198,10 +197,7 @@ class AsyncQueue(AsyncResource, Generic[T]):
         self._state.check_open()
         getter = self._getter
         lock = getter.get_lock
-        if lock.locked():
-            await lock.acquire()  # first come, first served
-        else:
-            lock.acquire_nowait()
+        await lock.acquire_fast()  # first come, first served
         try:
             return await getter.get()  # type: ignore[no-any-return]
         finally:

@@ -28,8 +28,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import anyio
 from anyio.lowlevel import cancel_shielded_checkpoint, checkpoint_if_cancelled
 
-from ._connection import _FairLock as FairLock
-from ._connection import _fast_checkpoint as fast_checkpoint
+from ._loop import FairLock, fast_checkpoint
 from ._mpinternals import QueueParts
 from ._queue_rlock import ReaderLock
 from ._queue_state import QueueState

@@ -30,14 +30,10 @@ from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 import anyio
-from anyio.lowlevel import (
-    cancel_shielded_checkpoint,
-    checkpoint,
-    checkpoint_if_cancelled,
-    current_token,
-)
+from anyio.lowlevel import cancel_shielded_checkpoint, checkpoint, checkpoint_if_cancelled
 
 from . import _mpinternals
+from ._loop import threadsafe_notifier
 from ._queue_state import THREAD_SLICE, QueueState
 from ._threads import BlockingCall
 from ._wire import encode_header
@@ -57,13 +53,6 @@ else:  # pragma: no cover
     _PIPE_BUF = 512
 
 __all__ = ("Putter", "write_frame")
-
-
-def threadsafe_notifier() -> Any:  # interim, until the loop layer has it
-    native: Any = current_token().native_token
-    if hasattr(native, "call_soon_threadsafe"):
-        return native.call_soon_threadsafe
-    return native.run_sync_soon
 
 
 _NO_READERS = "nobody reads this queue any more: every read end is closed"

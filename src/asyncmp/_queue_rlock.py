@@ -33,6 +33,7 @@ from typing import Any
 import anyio
 from anyio.lowlevel import current_token
 
+from ._loop import call_soon
 from ._queue_state import THREAD_SLICE, QueueState
 from ._threads import BlockingCall, Worker
 
@@ -156,22 +157,21 @@ class ReaderLock:
         """Let go of the lock at the loop's next turn, unless the owner uses it by then
         (then the owner calls this again when done). Outside a running loop, at once."""
         try:
-            token: Any = current_token().native_token
+            loop = current_token().native_token
         except RuntimeError:  # anyio.NoEventLoopError (a RuntimeError) where it exists
             # No loop, so no next turn: a release scheduled in a loop that has ended
             # never ran either.
             self._scheduled = None
             self.release()
             return
-        if self._scheduled is token:
+        if self._scheduled is loop:
             return  # (one scheduled in a loop that has ended since never runs)
-        soon = token.call_soon if hasattr(token, "call_soon") else token.run_sync_soon
         try:
-            soon(self._deferred_release)
+            call_soon(self._deferred_release)
         except RuntimeError:  # the loop is closing: no next turn is coming
             self.release()
             return
-        self._scheduled = token
+        self._scheduled = loop
 
     def _deferred_release(self) -> None:
         self._scheduled = None

@@ -19,8 +19,7 @@ import anyio
 from anyio.lowlevel import checkpoint_if_cancelled
 
 from . import _mpinternals
-from ._connection import _FairLock as FairLock
-from ._connection import _fast_checkpoint as fast_checkpoint
+from ._loop import FairLock, fast_checkpoint
 from ._queue_fdget import ExactReader, finish_in_thread, unpickle_frame
 from ._queue_rlock import acquire_blocking
 from ._queue_state import THREAD_SLICE, QueueState

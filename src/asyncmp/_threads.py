@@ -33,10 +33,12 @@ import threading
 import traceback
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 import anyio
-from anyio.lowlevel import RunVar, current_token
+from anyio.lowlevel import RunVar
+
+from ._loop import threadsafe_notifier
 
 __all__ = ("DEFAULT_THREAD_LIMIT", "BlockingCall", "Worker", "thread_limiter")
 
@@ -173,12 +175,7 @@ class BlockingCall(Generic[T]):
             limiter = thread_limiter()
             await limiter.acquire_on_behalf_of(self)
             self._limiter = limiter
-        native: Any = current_token().native_token
-        self._notify = (
-            native.call_soon_threadsafe
-            if hasattr(native, "call_soon_threadsafe")
-            else native.run_sync_soon
-        )
+        self._notify = threadsafe_notifier()
         try:
             if self._worker is not None:
                 self._worker.submit(self._run)
