@@ -27,7 +27,6 @@ import inspect
 import multiprocessing
 import queue
 import sys
-from time import perf_counter as _perf_counter
 from typing import Any, Generic, NoReturn
 
 import anyio
@@ -35,7 +34,7 @@ from anyio.abc import AsyncResource
 from anyio.lowlevel import checkpoint
 
 from . import _mpinternals
-from ._loop import TURN_INTERVAL, cancel_check, turn_clock
+from ._loop import fast_checkpoint
 from ._queue_fdget import FdGetter, unpickle_frame
 from ._queue_put import Putter
 from ._queue_state import QueueState
@@ -55,6 +54,20 @@ T = TypeVar("T", default=Any)
 DEFAULT_STALL_TIMEOUT = 10.0
 
 
+_WRAPS = (
+    "AsyncQueue wraps a multiprocessing Queue, JoinableQueue or SimpleQueue (of any "
+    "context) or a Manager().Queue() proxy"
+)
+_ALREADY_WRAPPED = (
+    "this is already an AsyncQueue: use it as it is, or wrap its plain queue (its .queue) only once"
+)
+_NOT_PICKLABLE = (
+    "an AsyncQueue can't be pickled or passed to another process: pass its .queue "
+    "instead, the plain multiprocessing queue, and wrap that in an AsyncQueue there "
+    "if that process is async"
+)
+
+
 def _queue_like(q: object) -> bool:
     """Has the blocking ``get`` and ``put`` of a queue (a manager's proxy has no more to
     tell it by), and is no asyncio queue, whose are coroutines."""
@@ -69,19 +82,12 @@ def _queue_like(q: object) -> bool:
 
 
 def _not_a_queue(q: object) -> TypeError:
+    """The error for an object that is no queue AsyncQueue can wrap, with what to do."""
     if isinstance(q, AsyncQueue):
-        return TypeError(
-            "this is already an AsyncQueue: use it as it is, or wrap its plain queue "
-            "(its .queue) only once"
-        )
-    message = (
-        "AsyncQueue wraps a multiprocessing Queue, JoinableQueue or SimpleQueue (of any "
-        "context) or a Manager().Queue() proxy, "
-        f"not {type(q).__module__}.{type(q).__qualname__}"
-    )
-    if callable(getattr(q, "recv_bytes", None)):
-        message += "; for a Connection, use AsyncConnection"
-    return TypeError(message)
+        return TypeError(_ALREADY_WRAPPED)
+    hint = "; for a Connection, use AsyncConnection" if hasattr(q, "recv_bytes") else ""
+    what = f"{type(q).__module__}.{type(q).__qualname__}"
+    return TypeError(f"{_WRAPS}, not {what}{hint}")
 
 
 class AsyncQueue(AsyncResource, Generic[T]):
@@ -135,6 +141,7 @@ class AsyncQueue(AsyncResource, Generic[T]):
 
     @property
     def uses_threads(self) -> bool:
+        """True on the thread route, chosen when the adapter was made."""
         return self._getter.uses_threads
 
     def qsize(self) -> int:
@@ -178,12 +185,7 @@ class AsyncQueue(AsyncResource, Generic[T]):
             # adapter keeps the lock for this very get (won in a queue against other
             # consumers): the loop's turn here would let it go (a deferred release), and
             # the consumers queued in the kernel would take it back every time.
-            clock = turn_clock
-            if _perf_counter() - clock.last >= TURN_INTERVAL:
-                await checkpoint()
-                clock.last = _perf_counter()
-            else:
-                await cancel_check()
+            await fast_checkpoint()
             frame = fast.take_whole_frame()
             if frame is not None:
                 return unpickle_frame(frame)  # type: ignore[no-any-return]
@@ -358,11 +360,7 @@ class AsyncQueue(AsyncResource, Generic[T]):
         await putter.flush()
 
     def __reduce__(self) -> NoReturn:
-        raise TypeError(
-            "an AsyncQueue can't be pickled or passed to another process: pass its .queue "
-            "instead, the plain multiprocessing queue, and wrap that in an AsyncQueue there "
-            "if that process is async"
-        )
+        raise TypeError(_NOT_PICKLABLE)
 
     def __repr__(self) -> str:
         route = "threads" if self.uses_threads else "fd"
