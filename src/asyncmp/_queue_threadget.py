@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import queue
 from collections import deque
-from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 import anyio
@@ -179,6 +178,7 @@ class ThreadGetter:
             return self._plain_timed_get(timeout)
         parts = self._parts
         assert parts is not None
+        parts.reader.fileno()  # raises OSError once this process closed the read end
         rlock = parts.rlock
         # Mid-frame, the lock is ours already (kept with a partial item by a get_nowait).
         if reader.at_boundary and not acquire_blocking(rlock, timeout):
@@ -217,7 +217,7 @@ class ThreadGetter:
             data = reader.recv_bytes()
         finally:
             rlock.release()
-        return ForkingPickler.loads(data)
+        return unpickle_frame(data)
 
     # -- closing ------------------------------------------------------------------------
 
