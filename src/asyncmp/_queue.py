@@ -37,7 +37,7 @@ from . import _mpinternals
 from ._loop import fast_checkpoint
 from ._queue_fdget import FdGetter, unpickle_frame
 from ._queue_put import Putter
-from ._queue_state import QueueState
+from ._queue_state import Getter, QueueState
 from ._queue_threadget import ThreadGetter
 
 if sys.version_info >= (3, 13):
@@ -125,7 +125,7 @@ class AsyncQueue(AsyncResource, Generic[T]):
         # The route, chosen once: its getter. _fast is the fd getter, whose whole frames
         # get() may take without a trip through the loop.
         self._fast: FdGetter | None = None
-        self._getter: FdGetter | ThreadGetter
+        self._getter: Getter
         if parts is not None:
             self._getter = self._fast = FdGetter(parts, self._state)
         else:

@@ -7,13 +7,16 @@ all they know of one another.
 
 from __future__ import annotations
 
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 import anyio
 
 from ._threads import BlockingCall
 
-__all__ = ("THREAD_SLICE", "QueueState")
+if TYPE_CHECKING:
+    from ._loop import FairLock
+
+__all__ = ("THREAD_SLICE", "Getter", "QueueState")
 
 #: How often a thread blocked on a lock or semaphore checks whether to give up (seconds).
 THREAD_SLICE = 0.05
@@ -44,3 +47,39 @@ class QueueState:
         """Mark the queue broken for *reason*, and raise that."""
         self.broken = reason
         raise anyio.BrokenResourceError(reason)
+
+
+class Getter(Protocol):
+    """What the facade asks of a route's getter (``FdGetter`` or ``ThreadGetter``)."""
+
+    #: True on the thread route.
+    uses_threads: bool
+    #: Serialises the adapter's gets, first come, first served.
+    get_lock: FairLock
+
+    def held(self) -> int:
+        """Items taken from the queue that the next gets return first."""
+
+    async def get(self) -> Any:
+        """The next item, waiting for it; with the get lock held."""
+
+    def after_get(self) -> None:
+        """A get ended, its get lock released."""
+
+    def get_nowait(self) -> Any:
+        """An item if one is there now; :raises queue.Empty: none is."""
+
+    def get_more(self, items: list[Any], limit: int) -> None:
+        """``get_many``: append up to *limit* items that are there now, never waiting."""
+
+    def stop(self) -> None:
+        """Closing, first step: stop waiting."""
+
+    def close_threads(self) -> None:
+        """Closing, once the calls have returned: end the kept thread."""
+
+    async def finish_partial(self) -> bytes | None:
+        """Closing: finish an item begun under the reader lock; return it to put back."""
+
+    def close(self) -> None:
+        """Closing, last step: let go of the lock and the transport."""
