@@ -38,7 +38,7 @@ from anyio.lowlevel import checkpoint, checkpoint_if_cancelled
 from . import _platform
 from ._exceptions import ConnectionEOF, ProtocolError
 from ._loop import FairLock, fast_checkpoint, note_turn, turn_if_due
-from ._threads import BlockingCall, Worker
+from ._threads import THREAD_SLICE, BlockingCall, KeptThread
 from ._wire import DEFAULT_MAX_MESSAGE_SIZE, FrameDecoder, WireError, encode_header
 
 if sys.version_info >= (3, 13):
@@ -83,10 +83,9 @@ _COALESCE_LIMIT = 16 * 1024
 #: How long a send cancelled mid-frame may go on, shielded, to finish its frame before
 #: the connection is declared broken instead.
 SEND_SHIELD_SECONDS = 2.0
-#: Thread path: how often a blocked thread checks whether its owner is closing.
-_THREAD_SLICE = 0.05
 
-_loads = ForkingPickler.loads
+#: Unpickles a received frame, as ``Connection.recv()`` does.
+_unpickle_frame = ForkingPickler.loads
 
 #: What an AsyncConnection receives and sends; ``Any`` unless the code says otherwise.
 T = TypeVar("T", default=Any)
@@ -391,12 +390,12 @@ class _ThreadIO:
     headers, partial messages and memory bounds behave exactly as on that route.
 
     Sending: on POSIX the thread writes what fits without blocking (the fd route's
-    writer) and waits for room with ``poll()`` in slices of ``_THREAD_SLICE``, so a
+    writer) and waits for room with ``poll()`` in slices of ``THREAD_SLICE``, so a
     send can be stopped between slices: by ``close()``, or by a cancellation that outlived
     its shield. A Windows pipe handle gets the stdlib's ``send_bytes()``, which can't be
     stopped: it returns once the peer has read enough or closed its end.
 
-    Threads: one per direction at most (a :class:`Worker` each), so the route never uses
+    Threads: one per direction at most (a :class:`KeptThread` each), so the route never uses
     more than two threads per connection, and they are not counted by asyncmp's thread
     limiter (``limited=False``): a receive waiting for a silent peer may wait for ever,
     and with a shared limit, enough of those would leave an active connection without a
@@ -434,8 +433,8 @@ class _ThreadIO:
         self._calls: set[BlockingCall[Any]] = set()
         self._closed = False
         self.broken: str | None = None
-        # A thread per direction, kept between calls (see _threads.Worker).
-        self._workers = (Worker("asyncmp-recv"), Worker("asyncmp-send"))
+        # A thread per direction, kept between calls (see _threads.KeptThread).
+        self._workers = (KeptThread("asyncmp-recv"), KeptThread("asyncmp-send"))
         # How many calls may still use the handle (counted from the loop when a call is
         # made, down in its thread when it ends); the last one out after close() closes
         # the handle. Guarded by _active_lock.
@@ -448,7 +447,7 @@ class _ThreadIO:
     # -- the calls ----------------------------------------------------------------------
 
     def _call(
-        self, fn: Callable[[BlockingCall[_R]], _R], name: str, worker: Worker
+        self, fn: Callable[[BlockingCall[_R]], _R], name: str, worker: KeptThread
     ) -> BlockingCall[_R]:
         """A call of *fn* that counts as a user of the handle until it has returned."""
 
@@ -523,8 +522,8 @@ class _ThreadIO:
                 try:
                     return frames.recv_frame_nowait(None)
                 except anyio.WouldBlock:
-                    conn.poll(_THREAD_SLICE)
-            elif self._stdlib_poll(_THREAD_SLICE):
+                    conn.poll(THREAD_SLICE)
+            elif self._stdlib_poll(THREAD_SLICE):
                 return self._stdlib_recv(None)
         raise anyio.ClosedResourceError
 
@@ -606,7 +605,7 @@ class _ThreadIO:
             parts = [memoryview(header + payload)]
         else:
             parts = [memoryview(header), payload]
-        slice_ms = int(_THREAD_SLICE * 1000)
+        slice_ms = int(THREAD_SLICE * 1000)
         for part in parts:
             offset = 0
             while offset < len(part):
@@ -917,7 +916,7 @@ class AsyncConnection(ObjectStream[T]):
                     self._protocol_error = str(exc)
                     raise
                 if frame is not None:
-                    return _loads(frame)  # type: ignore[no-any-return]
+                    return _unpickle_frame(frame)  # type: ignore[no-any-return]
                 # Nothing here yet: wait, holding the lock (no await since the check).
                 lock = self._recv_lock
                 lock.acquire_nowait()
@@ -928,8 +927,8 @@ class AsyncConnection(ObjectStream[T]):
                     raise
                 finally:
                     lock.release()
-                return _loads(frame)  # type: ignore[no-any-return]
-        return _loads(await self._recv_bytes(None, nothing_there=False))  # type: ignore[no-any-return]
+                return _unpickle_frame(frame)  # type: ignore[no-any-return]
+        return _unpickle_frame(await self._recv_bytes(None, nothing_there=False))  # type: ignore[no-any-return]
 
     def recv_nowait(self) -> T:
         """Return the next message if all of it has arrived.
@@ -951,7 +950,7 @@ class AsyncConnection(ObjectStream[T]):
         except ProtocolError as exc:
             self._protocol_error = str(exc)
             raise
-        return ForkingPickler.loads(frame)  # type: ignore[no-any-return]
+        return _unpickle_frame(frame)  # type: ignore[no-any-return]
 
     async def receive(self) -> T:
         """``anyio.abc.ObjectReceiveStream`` name for :meth:`recv`.
@@ -1065,7 +1064,7 @@ class AsyncConnection(ObjectStream[T]):
         It may be called outside an event loop (before it starts, or after it ended). On
         the descriptor route the descriptor is closed before it returns. On the thread
         route it is closed by the last of asyncmp's threads that still use it, once that
-        thread stops (within ``_THREAD_SLICE``, 50 ms, on POSIX; on Windows a send in
+        thread stops (within ``THREAD_SLICE``, 50 ms, on POSIX; on Windows a send in
         progress first has to return); :meth:`aclose` waits for that. It raises nothing,
         and closing a closed end does nothing.
         """

@@ -49,8 +49,6 @@ class QueueParts:
     rlock: Any
     #: Released once per item taken (Queue, JoinableQueue); None for SimpleQueue.
     sem: Any | None
-    #: True when ``put()`` goes through the feeder thread (Queue, JoinableQueue).
-    has_feeder: bool
 
 
 def _lock_like(obj: object) -> bool:
@@ -68,12 +66,10 @@ def queue_parts(q: object) -> QueueParts | None:
     if not _KNOWN or not _platform.POSIX_FDS:
         return None
     if isinstance(q, multiprocessing.queues.Queue):  # JoinableQueue is a subclass
-        has_feeder = True
         sem = getattr(q, "_sem", None)
         if not _lock_like(sem):
             return None
     elif isinstance(q, multiprocessing.queues.SimpleQueue):
-        has_feeder = False
         sem = None
     else:
         return None
@@ -81,7 +77,7 @@ def queue_parts(q: object) -> QueueParts | None:
     rlock = getattr(q, "_rlock", None)
     if not isinstance(reader, multiprocessing.connection.Connection) or not _lock_like(rlock):
         return None
-    return QueueParts(reader=reader, rlock=rlock, sem=sem, has_feeder=has_feeder)
+    return QueueParts(reader=reader, rlock=rlock, sem=sem)
 
 
 def joinable_parts(q: object) -> tuple[Any, Any] | None:

@@ -63,7 +63,7 @@ from anyio.lowlevel import (
 
 from . import _mpinternals
 from ._loop import TURN_INTERVAL, FairLock, call_soon, cancel_check, fast_checkpoint, turn_clock
-from ._threads import BlockingCall, Worker
+from ._threads import THREAD_SLICE, BlockingCall, KeptThread
 from ._wire import FrameDecoder, WireError
 
 if sys.version_info >= (3, 13):
@@ -89,9 +89,9 @@ T = TypeVar("T", default=Any)
 
 #: How long a get waits for the rest of an item whose first bytes it has read.
 DEFAULT_STALL_TIMEOUT = 10.0
-#: How often a thread blocked on a lock or semaphore checks whether to give up.
-_SLICE = 0.05
-_loads = pickle.loads
+#: Unpickles an item's frame (the stdlib's ``Queue.get()`` uses ``ForkingPickler.loads``,
+#: which is ``pickle.loads``).
+_unpickle_frame = pickle.loads
 _HEADER = struct.Struct("!i")
 #: The most one read of a big item takes before the event loop gets a turn.
 _READ_BUDGET = 4 << 20
@@ -112,7 +112,7 @@ class _Prepickled:
         self.data = data
 
     def __reduce__(self) -> tuple[Any, tuple[bytes]]:
-        return _loads, (self.data,)
+        return pickle.loads, (self.data,)
 
 
 class _Failed:
@@ -215,8 +215,8 @@ class AsyncQueue(AsyncResource, Generic[T]):
         self._pending_get: BlockingCall[Any] | None = None
         # One thread each for the gets of the thread route and for the reader lock of the
         # fd route, kept between calls: a new thread per call costs more than an item.
-        self._get_worker = Worker("asyncmp-queue-get")
-        self._rlock_worker = Worker("asyncmp-queue-rlock")
+        self._get_worker = KeptThread("asyncmp-queue-get")
+        self._rlock_worker = KeptThread("asyncmp-queue-rlock")
         # Thread route, POSIX: the item a get_nowait() found partly written, read so far;
         # the reader lock stays taken with it until a get finishes it.
         self._partial: FrameDecoder | None = None
@@ -309,7 +309,7 @@ class AsyncQueue(AsyncResource, Generic[T]):
                 await cancel_check()
             frame = self._take_whole_frame()
             if frame is not None:
-                return _loads(frame)  # type: ignore[no-any-return]
+                return _unpickle_frame(frame)  # type: ignore[no-any-return]
         if timeout is None:
             return await self._get()
         with anyio.move_on_after(timeout):
@@ -355,7 +355,7 @@ class AsyncQueue(AsyncResource, Generic[T]):
         return None
 
     def _unpickle(self, frame: bytes) -> T:
-        return _loads(frame)  # type: ignore[no-any-return]
+        return _unpickle_frame(frame)  # type: ignore[no-any-return]
 
     def get_nowait(self) -> T:
         """Return an item if one is there now.
@@ -629,7 +629,7 @@ class AsyncQueue(AsyncResource, Generic[T]):
 
         def acquire(call: BlockingCall[bool]) -> bool:
             while not call.stopping:
-                if rlock.acquire(True, _SLICE):
+                if rlock.acquire(True, THREAD_SLICE):
                     with handoff.guard:
                         if call.stop_requested():
                             rlock.release()
@@ -671,7 +671,7 @@ class AsyncQueue(AsyncResource, Generic[T]):
             def blocking_get(c: BlockingCall[Any]) -> Any:
                 while not c.stopping:
                     try:
-                        return self._timed_get(_SLICE)
+                        return self._timed_get(THREAD_SLICE)
                     except queue.Empty:
                         continue
                 raise anyio.ClosedResourceError
@@ -724,7 +724,7 @@ class AsyncQueue(AsyncResource, Generic[T]):
                 rlock.release()
         if parts.sem is not None:
             parts.sem.release()
-        return _loads(frame)
+        return _unpickle_frame(frame)
 
     def _read_frame(self, fd: int, decoder: FrameDecoder, *, wait: bool) -> bytes | None:
         """Go on with *decoder*'s frame; return it once whole.
@@ -875,7 +875,7 @@ class AsyncQueue(AsyncResource, Generic[T]):
                 return True
             while not c.stopping:
                 try:
-                    q.put(item, True, _SLICE)
+                    q.put(item, True, THREAD_SLICE)
                     return True
                 except queue.Full:
                     continue
@@ -927,7 +927,7 @@ class AsyncQueue(AsyncResource, Generic[T]):
                 with cond:
                     if is_done():
                         return True
-                    cond.wait(_SLICE)
+                    cond.wait(THREAD_SLICE)
             return False
 
         call: BlockingCall[bool] = BlockingCall(blocking_join, name="asyncmp-queue-join")
@@ -1008,7 +1008,7 @@ class AsyncQueue(AsyncResource, Generic[T]):
 
         def wait_for_feeder(c: BlockingCall[None]) -> None:
             while feeder.is_alive() and not c.stopping:
-                feeder.join(_SLICE)
+                feeder.join(THREAD_SLICE)
 
         call: BlockingCall[None] = BlockingCall(wait_for_feeder, name="asyncmp-queue-flush")
         await call.start()
