@@ -35,11 +35,19 @@ import anyio
 from anyio.abc import ObjectStream
 from anyio.lowlevel import checkpoint, checkpoint_if_cancelled
 
-from . import _platform
+from . import _frames, _platform
 from ._exceptions import ConnectionEOF, ProtocolError
-from ._loop import FairLock, fast_checkpoint, note_turn, turn_if_due
+from ._frames import (
+    PEER_CLOSED,
+    FrameWriter,
+    GreedyReader,
+    maxlength_exceeded,
+    torn_send,
+)
+from ._frames import SEND_SHIELD_SECONDS as SEND_SHIELD_SECONDS
+from ._loop import FairLock, fast_checkpoint
 from ._threads import THREAD_SLICE, BlockingCall, KeptThread
-from ._wire import DEFAULT_MAX_MESSAGE_SIZE, FrameDecoder, WireError, encode_header
+from ._wire import DEFAULT_MAX_MESSAGE_SIZE, encode_header
 
 if sys.version_info >= (3, 13):
     from typing import TypeVar
@@ -54,7 +62,6 @@ if TYPE_CHECKING:
 if TYPE_CHECKING or sys.platform != "win32":
     from ._fdio import (
         FdTransport,
-        ReadinessWaiter,
         open_transport,
         poller,
         register_fork_owned,
@@ -75,14 +82,6 @@ if sys.platform == "win32":
     )
 else:
     Connection: TypeAlias = multiprocessing.connection.Connection
-
-#: The most one read moves into the body of a large message.
-_BODY_READ = 4 << 20
-#: Payloads up to this size go out in one write together with their header.
-_COALESCE_LIMIT = 16 * 1024
-#: How long a send cancelled mid-frame may go on, shielded, to finish its frame before
-#: the connection is declared broken instead.
-SEND_SHIELD_SECONDS = 2.0
 
 #: Unpickles a received frame, as ``Connection.recv()`` does.
 _unpickle_frame = ForkingPickler.loads
@@ -105,12 +104,6 @@ def _dumps(obj: Any) -> bytes:
     return buf.getvalue()
 
 
-def _eof(decoder_at_boundary: bool, held: int) -> ConnectionEOF:
-    if decoder_at_boundary:
-        return ConnectionEOF("the peer closed the connection")
-    return ConnectionEOF(f"the peer closed the connection mid-message ({held} bytes of it held)")
-
-
 def _shutdown_socket_write(fd: int) -> None:
     """``shutdown(SHUT_WR)`` on a socket *fd*; nothing on anything else (no half-close).
 
@@ -129,241 +122,53 @@ def _shutdown_socket_write(fd: int) -> None:
 
 
 class _FdIO:
-    """POSIX route: readiness through a helper descriptor, never a thread."""
+    """POSIX route: readiness through a helper descriptor, never a thread. The frame
+    engine does the work: a greedy reader and a writer over one transport."""
 
-    __slots__ = (
-        "__weakref__",
-        "_closed",
-        "_decoder",
-        "_fd",
-        "_rwait",
-        "_transport",
-        "_wwait",
-        "broken",
-    )
+    __slots__ = ("__weakref__", "_closed", "_fd", "_transport", "reader", "writer")
 
     def __init__(self, conn: Connection, max_message_size: int | None) -> None:
-        self._fd = conn.fileno()
-        self._transport: FdTransport = open_transport(self._fd)
-        self._decoder = FrameDecoder(max_message_size)
-        self._rwait: ReadinessWaiter | None = None
-        self._wwait: ReadinessWaiter | None = None
+        self._fd = fd = conn.fileno()
+        self._transport: FdTransport = open_transport(fd)
+        self.reader = GreedyReader(self._transport, max_message_size)
+        self.writer = FrameWriter(self._transport, on_torn=lambda: _shutdown_socket_write(fd))
         self._closed = False
-        self.broken: str | None = None
         register_fork_owned(self)
+
+    @property
+    def broken(self) -> str | None:
+        return self.writer.broken
 
     # -- receiving ----------------------------------------------------------------------
 
-    def _read_size(self) -> int:
-        return max(65536, min(self._decoder.bytes_wanted(), 1 << 20))
-
-    def _pop(self) -> bytes | None:
-        try:
-            return self._decoder.next_frame()
-        except WireError as exc:
-            raise ProtocolError(str(exc)) from None
-
-    def _read_once(self) -> bool:
-        """Read what is there into the decoder; False if nothing was."""
-        decoder = self._decoder
-        view = decoder.body_buffer(_BODY_READ)
-        if view is not None:
-            # A large body in progress: straight into its buffer, no copy on the way,
-            # and on until the kernel has no more or the view is full (at most
-            # _BODY_READ bytes, about a millisecond of copying).
-            read_into = self._transport.read_into
-            got = 0
-            n: int | None = 0
-            try:
-                while got < len(view):
-                    with view[got:] as rest:
-                        n = read_into(rest)
-                    if not n:
-                        break
-                    got += n
-            finally:
-                decoder.body_received(got)
-            if got:
-                return True
-            if n is None:
-                return False
-            raise _eof(False, decoder.buffered)
-        data = self._transport.read_some(self._read_size())
-        if data is None:
-            return False
-        if not data:
-            raise _eof(self._decoder.at_boundary, self._decoder.buffered)
-        self._decoder.feed(data)
-        return True
-
-    def _check_length(self, maxlength: int | None) -> None:
-        if maxlength is None:
-            return
-        try:
-            length = self._decoder.frame_length()
-        except WireError as exc:
-            raise ProtocolError(str(exc)) from None
-        if length is not None and length > maxlength:
-            self.broken = f"message of {length} bytes exceeds maxlength={maxlength}"
-            raise ProtocolError(self.broken)
-
     async def recv_frame(self, maxlength: int | None, *, nothing_there: bool = False) -> bytes:
-        """Receive one frame. *nothing_there*: the caller just found no whole frame and
-        nothing to read (and did the cancellation check), so start by waiting."""
-        if nothing_there:
-            await self._wait_readable()
-        else:
-            await fast_checkpoint()
-        while True:
-            if self._closed:
-                raise anyio.ClosedResourceError
-            self._check_length(maxlength)
-            frame = self._pop()
-            if frame is not None:
-                return frame
-            if self._read_once():
-                self._check_length(maxlength)
-                frame = self._pop()
-                if frame is not None:
-                    return frame
-                # A long message: read on while the bytes keep coming, giving the loop
-                # its turn (a full checkpoint) every ms; no cancellation check per read.
-                await turn_if_due()
-                continue
-            await self._wait_readable()
-
-    async def _wait_readable(self) -> None:
-        if self._rwait is None:
-            self._rwait = ReadinessWaiter(self._fd)
-        await self._rwait.wait()
-        note_turn()
+        return await self.reader.recv_frame(maxlength, nothing_there=nothing_there)
 
     def take_frame(self) -> bytes | None:
-        """A whole frame that is already here (buffered, or one read away), or None.
-
-        Never waits; the fast path of ``AsyncConnection.recv``. It asks the kernel even
-        right after a send: a peer that answers each message often has its answer there
-        before this process got from its send to here, and a read that finds nothing
-        costs less than a turn of the loop that would find it.
-        """
-        frame = self._pop()
-        if frame is None and not self._closed and self._read_once():
-            frame = self._pop()
-        return frame
+        return self.reader.take_frame()
 
     def recv_frame_nowait(self, maxlength: int | None) -> bytes:
-        while True:
-            self._check_length(maxlength)
-            frame = self._pop()
-            if frame is not None:
-                return frame
-            if not self._read_once():
-                raise anyio.WouldBlock
+        return self.reader.recv_frame_nowait(maxlength)
 
     # -- sending ------------------------------------------------------------------------
 
-    def _write(self, view: memoryview) -> int:
-        try:
-            return self._transport.write_some(view)
-        except OSError as exc:
-            if isinstance(exc, BrokenPipeError) or exc.errno in (errno.ECONNRESET, errno.EPIPE):
-                raise anyio.BrokenResourceError("the peer closed the connection") from exc
-            raise
-
-    async def _write_all(self, view: memoryview, progress: list[int]) -> None:
-        offset = 0
-        while offset < len(view):
-            if self._closed:
-                raise anyio.ClosedResourceError
-            n = self._write(view[offset:])
-            if n:
-                offset += n
-                progress[0] += n
-                if offset < len(view):
-                    await fast_checkpoint()
-                continue
-            if self._wwait is None:
-                self._wwait = ReadinessWaiter(self._fd, writable=True)
-            await self._wwait.wait()
-
     def send_frame_nowait(self, payload: memoryview) -> int | None:
-        """Write as much of a small frame as fits now, without waiting.
-
-        The caller has just passed its cancellation point and holds the send side (no
-        other sender can start before it awaits). Returns None if all of the frame went
-        out, else how many of its bytes did (maybe 0): :meth:`send_frame` sends the rest.
-        """
-        if self._closed:
-            raise anyio.ClosedResourceError
-        if len(payload) > _COALESCE_LIMIT:
-            return 0
-        frame = encode_header(len(payload)) + payload
-        written = self._write(memoryview(frame))
-        return None if written == len(frame) else written
+        return self.writer.send_nowait(payload)
 
     async def send_frame(self, payload: memoryview, already: int = -1) -> None:
-        """Send one frame. *already*: :meth:`send_frame_nowait` wrote that many of its
-        bytes, after the caller's cancellation point (-1: nothing was tried yet)."""
-        if already < 0:
-            # A send that finds room never waits, so without this a loop of sends would
-            # never give the event loop a turn. Before the first byte: a cancelled send
-            # sends nothing.
-            await fast_checkpoint()
-            already = 0
-        header = encode_header(len(payload))
-        if len(payload) <= _COALESCE_LIMIT:
-            parts = [memoryview(header + payload)]
-        else:
-            parts = [memoryview(header), payload]
-        total = len(header) + len(payload)
-        progress = [already]  # bytes of this frame written so far
-        try:
-            done = already
-            for part in parts:
-                if done >= len(part):
-                    done -= len(part)
-                    continue
-                await self._write_all(part[done:], progress)
-                done = 0
-        except anyio.get_cancelled_exc_class():
-            if 0 < progress[0] < total:
-                await self._finish_torn_frame(parts, progress, total)
-            raise
-
-    async def _finish_torn_frame(
-        self, parts: list[memoryview], progress: list[int], total: int
-    ) -> None:
-        """Part of a frame went out: finish it, shielded and bounded, or break the link."""
-        with anyio.move_on_after(SEND_SHIELD_SECONDS, shield=True):
-            done = progress[0]
-            for part in parts:
-                if done >= len(part):
-                    done -= len(part)
-                    continue
-                await self._write_all(part[done:], progress)
-                done = 0
-        if progress[0] < total:
-            self.broken = (
-                f"a send was cancelled after {progress[0]} of {total} bytes of its message"
-            )
-            if not self._closed:  # else the number may belong to another file by now
-                self._shutdown_write()
-
-    def _shutdown_write(self) -> None:
-        # Never leave a torn frame followed by more data: make the peer see EOF.
-        _shutdown_socket_write(self._fd)
+        await self.writer.send(payload, already)
 
     def send_eof(self) -> None:
-        self._shutdown_write()
+        # Never leave a torn frame followed by more data: make the peer see EOF.
+        _shutdown_socket_write(self._fd)
 
     # -- closing ------------------------------------------------------------------------
 
     def close(self) -> None:
         self._closed = True
         try:
-            for waiter in (self._rwait, self._wwait):
-                if waiter is not None:
-                    waiter.close()
+            self.reader.close()
+            self.writer.close()
         finally:
             self._transport.close()
 
@@ -540,21 +345,19 @@ class _ThreadIO:
         try:
             return self._conn.recv_bytes(limit)
         except EOFError:
-            raise ConnectionEOF("the peer closed the connection") from None
+            raise ConnectionEOF(PEER_CLOSED) from None
         except OSError as exc:
             if exc.args and exc.args[0] == "bad message length":
-                self.broken = f"message exceeds the limit of {limit} bytes"
-                raise ProtocolError(self.broken) from None
+                raise ProtocolError(f"message exceeds the limit of {limit} bytes") from None
             if exc.args and "end of file" in str(exc.args[0]):
-                raise ConnectionEOF("the peer closed the connection mid-message") from None
+                raise ConnectionEOF(f"{PEER_CLOSED} mid-message") from None
             if exc.errno in (errno.ECONNRESET, errno.ECONNABORTED):
-                raise ConnectionEOF("the peer closed the connection") from None
+                raise ConnectionEOF(PEER_CLOSED) from None
             raise
 
     def _check_maxlength(self, frame: bytes, maxlength: int | None) -> bytes:
         if maxlength is not None and len(frame) > maxlength:
-            self.broken = f"message of {len(frame)} bytes exceeds maxlength={maxlength}"
-            raise ProtocolError(self.broken)
+            raise maxlength_exceeded(len(frame), maxlength)
         return frame
 
     async def recv_frame(self, maxlength: int | None, *, nothing_there: bool = False) -> bytes:
@@ -598,25 +401,10 @@ class _ThreadIO:
             try:
                 self._conn.send_bytes(payload)
             except (BrokenPipeError, ConnectionResetError) as exc:
-                raise anyio.BrokenResourceError("the peer closed the connection") from exc
+                raise anyio.BrokenResourceError(PEER_CLOSED) from exc
             return
-        header = encode_header(len(payload))
-        if len(payload) <= _COALESCE_LIMIT:
-            parts = [memoryview(header + payload)]
-        else:
-            parts = [memoryview(header), payload]
         slice_ms = int(THREAD_SLICE * 1000)
-        for part in parts:
-            offset = 0
-            while offset < len(part):
-                if call.stopping:
-                    raise anyio.ClosedResourceError
-                n = frames._write(part[offset:])
-                if n:
-                    offset += n
-                    done[0] += n
-                else:
-                    wpoll.poll(slice_ms)
+        frames.writer.send_blocking(payload, wpoll, slice_ms, call.stop_requested, done)
 
     async def send_frame(self, payload: memoryview) -> None:
         await checkpoint_if_cancelled()
@@ -631,17 +419,15 @@ class _ThreadIO:
         except anyio.get_cancelled_exc_class():
             # The write can't be taken back: let it finish (bounded), else stop it and
             # break the connection if part of the frame went out.
-            with anyio.move_on_after(SEND_SHIELD_SECONDS, shield=True):
+            with anyio.move_on_after(_frames.SEND_SHIELD_SECONDS, shield=True):
                 await self._wait(call)
             if not call.finished and not self._closed:
                 call.request_stop()
                 if self._frames is not None:  # POSIX: it stops within a slice
-                    with anyio.move_on_after(SEND_SHIELD_SECONDS, shield=True):
+                    with anyio.move_on_after(_frames.SEND_SHIELD_SECONDS, shield=True):
                         await self._wait(call)
                 if not _has_finished(call) or 0 < done[0] < total:
-                    self.broken = (
-                        f"a send was cancelled after {done[0]} of {total} bytes of its message"
-                    )
+                    self.broken = torn_send(done[0], total)
                     if not self._closed:  # closed meanwhile: the handle may be gone
                         self.send_eof()  # the peer sees EOF, never a torn frame and more
             raise
@@ -683,7 +469,7 @@ class _ThreadIO:
             for call in calls:
                 if call.finished:
                     continue  # maybe in a loop that has ended: it would never say so
-                with anyio.move_on_after(SEND_SHIELD_SECONDS + 1.0):
+                with anyio.move_on_after(_frames.SEND_SHIELD_SECONDS + 1.0):
                     await call.wait()
         for call in calls:
             call.join(0.5)
