@@ -119,13 +119,6 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-def close_quietly(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass
-
-
 # ---------------------------------------------------------------------------------------
 # Waiting for readiness
 # ---------------------------------------------------------------------------------------
@@ -537,6 +530,3 @@ def open_transport(fd: int) -> FdTransport:
     if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode):
         return _PipeTransport(fd)
     raise ValueError(f"file descriptor {fd} is neither a pipe nor a socket")
-
-
-IS_POSIX = sys.platform != "win32"

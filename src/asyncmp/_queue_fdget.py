@@ -4,23 +4,21 @@
    touching the pipe's flags, which every worker shares).
 2. Take the reader lock (:mod:`._queue_rlock`): without blocking, or, once contended,
    queued in the kernel from a kept thread.
-3. Read *exactly* one frame (:class:`ExactReader`): ``FIONREAD`` says what is there, the
-   decoder says what the frame still needs, and nothing past it is read, because the next
-   frame belongs to whoever takes the lock next. Once the first byte of a frame is
-   consumed, the frame must be finished before the lock is let go, or the next reader
-   would start mid-frame. So that part is shielded from cancellation, bounded by
-   ``stall_timeout`` without progress (a producer that died mid-put); a frame finished for
-   a cancelled caller is kept for the next ``get``.
+3. Read *exactly* one frame (the frame engine's ``ExactReader``): ``FIONREAD`` says what
+   is there, the decoder says what the frame still needs, and nothing past it is read,
+   because the next frame belongs to whoever takes the lock next. Once the first byte of
+   a frame is consumed, the frame must be finished before the lock is let go, or the next
+   reader would start mid-frame. So that part is shielded from cancellation, bounded by
+   ``stall_timeout`` without progress (a producer that died mid-put); a frame finished
+   for a cancelled caller is kept for the next ``get``.
 4. Let go of the lock, release the item semaphore (as ``Queue.get`` does), and unpickle
    outside the lock (the facade does).
 """
 
 from __future__ import annotations
 
-import os
 import pickle
 import queue
-import struct
 import sys
 from collections import deque
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -28,137 +26,20 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import anyio
 from anyio.lowlevel import cancel_shielded_checkpoint, checkpoint_if_cancelled
 
+from ._frames import ExactReader, stalled
 from ._loop import FairLock, fast_checkpoint
 from ._mpinternals import QueueParts
 from ._queue_rlock import ReaderLock
 from ._queue_state import QueueState
 from ._threads import BlockingCall
-from ._wire import FrameDecoder, WireError
 
 if TYPE_CHECKING or sys.platform != "win32":
-    from ._fdio import FdTransport, Poller, ReadinessWaiter, open_transport, poller
+    from ._fdio import FdTransport, ReadinessWaiter, open_transport, poller
 
-__all__ = ("ExactReader", "FdGetter", "finish_in_thread", "unpickle_frame")
+__all__ = ("FdGetter", "finish_in_thread", "unpickle_frame")
 
 #: A frame's payload back into the object put (what ``Queue.get`` does after reading).
 unpickle_frame = pickle.loads
-
-_HEADER = struct.Struct("!i")
-#: The most one read of a big item takes before the event loop gets a turn.
-_READ_BUDGET = 4 << 20
-
-
-class ExactReader:
-    """Reads a queue's pipe one frame at a time, never past the end of the frame.
-
-    The caller holds the reader lock. :meth:`read_whole` is the common case in two reads;
-    :meth:`read_available` reads what is there (a budget per call), for the event loop's
-    thread; :meth:`read_blocking` waits for the rest, for a thread. A frame begun stays in
-    the decoder (:attr:`at_boundary` is False) until one of them finishes it.
-
-    :raises anyio.BrokenResourceError: (the read methods) corrupt framing, the pipe closed
-        mid-item, or a stall.
-    """
-
-    __slots__ = ("_poller", "decoder", "fd", "transport")
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.transport: FdTransport = open_transport(fd)
-        self.decoder = FrameDecoder(None)
-        self._poller: Poller | None = None
-
-    @property
-    def at_boundary(self) -> bool:
-        """No frame is begun."""
-        return self.decoder.at_boundary
-
-    def available(self) -> int:
-        return self.transport.available()
-
-    def read_whole(self, avail: int) -> bytes | None:
-        """At a frame boundary with *avail* bytes in the pipe (``FIONREAD``): if the next
-        frame is all there, read its header, then exactly its body, and return the body.
-
-        Otherwise return None. Nothing was read if fewer than 4 bytes are there; else
-        the bytes read went to the decoder (partial, negative or long form), and the
-        frame is the lock holder's to finish.
-        """
-        if avail < 4:
-            return None
-        fd = self.fd
-        header = os.read(fd, 4)
-        (size,) = _HEADER.unpack(header)
-        if 0 <= size <= avail - 4:
-            body = os.read(fd, size) if size else b""
-            if len(body) == size:
-                return body
-            self.decoder.feed(header + body)
-        else:
-            self.decoder.feed(header)
-        return None
-
-    def read_available(self) -> bytes | None:
-        """Read what is there, no further than one frame, at most ``_READ_BUDGET`` bytes;
-        return the frame if whole (else the caller gives the loop a turn, and comes back)."""
-        decoder = self.decoder
-        if decoder.at_boundary:
-            body = self.read_whole(self.available())
-            if body is not None:
-                return body
-        budget = _READ_BUDGET
-        while True:
-            frame = self._next_frame()
-            if frame is not None:
-                return frame
-            if budget <= 0:
-                return None
-            data = self.transport.read_some(min(decoder.bytes_wanted(), _READ_BUDGET))
-            if data is None:
-                return None
-            self._feed(data)
-            budget -= len(data)
-
-    def read_blocking(self, stall_timeout: float) -> bytes:
-        """In a thread: go on with the frame until it is whole, each wait for more bytes
-        bounded by *stall_timeout*."""
-        if self._poller is None:
-            self._poller = poller(self.fd, writable=False)
-        while True:
-            frame = self._next_frame()
-            if frame is not None:
-                return frame
-            data = self.transport.read_some(self.decoder.bytes_wanted())
-            if data is None:
-                if not self._poller.poll(stall_timeout * 1000):
-                    raise anyio.BrokenResourceError(self.stalled(stall_timeout))
-                continue
-            self._feed(data)
-
-    def stalled(self, stall_timeout: float) -> str:
-        """What a get reports when the rest of its frame did not come."""
-        return (
-            f"a producer stopped mid-item: no progress for {stall_timeout} s "
-            f"with {self.decoder.buffered} bytes of it read"
-        )
-
-    def _next_frame(self) -> bytes | None:
-        try:
-            return self.decoder.next_frame()
-        except WireError as exc:
-            raise anyio.BrokenResourceError(f"corrupt queue framing: {exc}") from None
-
-    def _feed(self, data: bytes) -> None:
-        if not data:
-            raise anyio.BrokenResourceError("the queue's pipe was closed mid-item")
-        self.decoder.feed(data)
-
-    def reset(self) -> None:
-        """Forget a frame begun (given up on)."""
-        self.decoder = FrameDecoder(None)
-
-    def close(self) -> None:
-        self.transport.close()
 
 
 class FdGetter:
@@ -176,7 +57,11 @@ class FdGetter:
         #: Serialises this adapter's gets, first come, first served.
         self.get_lock = FairLock()
         self.kept: deque[bytes] = deque()
-        self.reader = ExactReader(parts.reader.fileno())
+        self._fd = parts.reader.fileno()
+        #: The pipe's byte mover: this adapter's, closed with it.
+        self.transport: FdTransport = open_transport(self._fd)
+        #: The frame engine's exact reader: never past the frame in progress.
+        self.reader = ExactReader(self.transport)
         self.rlock = ReaderLock(parts.rlock, self._in_use)
         self._waiter: ReadinessWaiter | None = None
         #: get() may try take_whole_frame(): open and not broken.
@@ -207,7 +92,7 @@ class FdGetter:
         if not rlock.take_nowait():
             return None
         reader = self.reader
-        avail = reader.transport.available()
+        avail = self.transport.available()
         body = reader.read_whole(avail)
         if body is not None:
             return self._took(body)
@@ -297,7 +182,7 @@ class FdGetter:
                     if frame is None:
                         await cancel_shielded_checkpoint()
                     continue
-                self._fail(self.reader.stalled(stall_timeout))
+                self._fail(str(stalled(stall_timeout, self.reader.decoder.buffered)))
         assert frame is not None
         try:
             await checkpoint_if_cancelled()
@@ -308,7 +193,7 @@ class FdGetter:
 
     async def _wait_readable(self) -> None:
         if self._waiter is None:
-            self._waiter = ReadinessWaiter(self.reader.fd)
+            self._waiter = ReadinessWaiter(self._fd)
         await self._waiter.wait()
 
     def _fail(self, reason: str) -> NoReturn:
@@ -402,23 +287,24 @@ class FdGetter:
         it in a thread and return it; then let go of the lock (see ``finish_in_thread``)."""
         if self.reader.at_boundary or not self.rlock.held:
             return None
-        frame = await finish_in_thread(self.reader, self._state)
+        frame = await finish_in_thread(self.reader, self._fd, self._state)
         self.rlock.release()
         return frame
 
     def close(self) -> None:
         """Last step: let go of the lock and the transport."""
         self.rlock.release()
-        self.reader.close()
+        self.transport.close()
 
 
-async def finish_in_thread(reader: ExactReader, state: QueueState) -> bytes | None:
+async def finish_in_thread(reader: ExactReader, fd: int, state: QueueState) -> bytes | None:
     """Finish *reader*'s frame in a thread (each wait for more bytes bounded by
     ``stall_timeout``) and return it; None if it did not come, and the queue is broken.
     The reader is at a frame boundary again either way. Not cancellable: for aclose()."""
     stall = state.stall_timeout
+    readable = poller(fd, writable=False)
     call: BlockingCall[bytes] = BlockingCall(
-        lambda c: reader.read_blocking(stall), name="asyncmp-queue-finish"
+        lambda c: reader.read_blocking(readable, stall), name="asyncmp-queue-finish"
     )
     await call.start()
     await call.wait()

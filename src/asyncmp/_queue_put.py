@@ -34,8 +34,8 @@ from anyio.lowlevel import cancel_shielded_checkpoint, checkpoint, checkpoint_if
 
 from . import _mpinternals
 from ._loop import threadsafe_notifier
-from ._queue_state import THREAD_SLICE, QueueState
-from ._threads import BlockingCall
+from ._queue_state import QueueState
+from ._threads import THREAD_SLICE, BlockingCall
 from ._wire import encode_header
 
 if TYPE_CHECKING or sys.platform != "win32":

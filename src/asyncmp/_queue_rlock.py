@@ -34,8 +34,8 @@ import anyio
 from anyio.lowlevel import current_token
 
 from ._loop import call_soon
-from ._queue_state import THREAD_SLICE, QueueState
-from ._threads import BlockingCall, Worker
+from ._queue_state import QueueState
+from ._threads import THREAD_SLICE, BlockingCall, KeptThread
 
 __all__ = ("ReaderLock", "acquire_blocking")
 
@@ -80,7 +80,7 @@ class ReaderLock:
         #: The event loop in which a release is scheduled, if any.
         self._scheduled: Any = None
         # Kept between calls: a new thread per contended acquire costs more than an item.
-        self._thread = Worker("asyncmp-queue-rlock")
+        self._thread = KeptThread("asyncmp-queue-rlock")
 
     def take_nowait(self) -> bool:
         """Take the lock if it is free now; True if this adapter holds it."""

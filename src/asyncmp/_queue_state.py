@@ -16,10 +16,7 @@ from ._threads import BlockingCall
 if TYPE_CHECKING:
     from ._loop import FairLock
 
-__all__ = ("THREAD_SLICE", "Getter", "QueueState")
-
-#: How often a thread blocked on a lock or semaphore checks whether to give up (seconds).
-THREAD_SLICE = 0.05
+__all__ = ("Getter", "QueueState")
 
 
 class QueueState:

@@ -11,18 +11,23 @@ thread and the lock forever.
 from __future__ import annotations
 
 import queue
+import sys
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from anyio.lowlevel import checkpoint_if_cancelled
 
 from . import _mpinternals
+from ._frames import ExactReader
 from ._loop import FairLock, fast_checkpoint
-from ._queue_fdget import ExactReader, finish_in_thread, unpickle_frame
+from ._queue_fdget import finish_in_thread, unpickle_frame
 from ._queue_rlock import acquire_blocking
-from ._queue_state import THREAD_SLICE, QueueState
-from ._threads import BlockingCall, Worker
+from ._queue_state import QueueState
+from ._threads import THREAD_SLICE, BlockingCall, KeptThread
+
+if TYPE_CHECKING or sys.platform != "win32":
+    from ._fdio import FdTransport, open_transport, poller
 
 __all__ = ("ThreadGetter",)
 
@@ -66,13 +71,17 @@ class ThreadGetter:
         self._pending: BlockingCall[Any] | None = None
         # One thread for the gets, kept between calls: a new thread per call costs more
         # than an item.
-        self._thread = Worker("asyncmp-queue-get")
+        self._thread = KeptThread("asyncmp-queue-get")
         self._parts = _mpinternals.queue_parts(q)  # a POSIX multiprocessing queue
         # Reads its frames; a frame a get_nowait() found partly written stays in it, with
         # the reader lock, until a get finishes it.
         self._reader: ExactReader | None = None
+        self._transport: FdTransport | None = None
         if self._parts is not None:
-            self._reader = ExactReader(self._parts.reader.fileno())
+            self._fd = self._parts.reader.fileno()
+            self._transport = open_transport(self._fd)
+            self._reader = ExactReader(self._transport)
+            self._readable = poller(self._fd, writable=False)
         # A SimpleQueue without the fd route (Windows) has no get with a timeout of its
         # own: one is rebuilt from its reader lock and read end.
         self._simple = _mpinternals.simple_queue_ends(q)
@@ -187,7 +196,8 @@ class ThreadGetter:
             if timeout > 0:
                 if reader.at_boundary and not parts.reader.poll(timeout):
                     raise queue.Empty
-                frame: bytes | None = reader.read_blocking(self._state.stall_timeout)
+                stall = self._state.stall_timeout
+                frame: bytes | None = reader.read_blocking(self._readable, stall)
             else:
                 frame = reader.read_available()
             if frame is None:
@@ -235,12 +245,12 @@ class ThreadGetter:
         reader = self._reader
         if reader is None or reader.at_boundary:
             return None
-        frame = await finish_in_thread(reader, self._state)
+        frame = await finish_in_thread(reader, self._fd, self._state)
         assert self._parts is not None
         self._parts.rlock.release()
         return frame
 
     def close(self) -> None:
         """Last step: let go of the transport."""
-        if self._reader is not None:
-            self._reader.close()
+        if self._transport is not None:
+            self._transport.close()

@@ -187,7 +187,7 @@ async def test_get_gives_the_loop_turns_while_a_producer_keeps_the_pipe_full() -
         async with _heartbeat(0) as beat:
             pipe = AlwaysFullPipe(payload, beat)
             assert aq._fast is not None
-            with patched(aq._fast.reader, "transport", pipe), anyio.fail_after(30):
+            with patched(aq._fast.reader, "_transport", pipe), anyio.fail_after(30):
                 item = await aq.get()
         assert item == b"\x5a" * SIZE
         print(f"worst: {pipe.worst / MiB:.1f} MiB read without a loop turn")
