@@ -89,8 +89,9 @@ class FdGetter:
         if self.kept:
             return self.kept.popleft()
         rlock = self.rlock
-        if not rlock.take_nowait():
+        if not rlock.lock.acquire(False):  # rlock.take_nowait(), inlined: the fast path
             return None
+        rlock.held = True
         reader = self.reader
         avail = self.transport.available()
         body = reader.read_whole(avail)
