@@ -287,6 +287,21 @@ async def test_get_nowait_takes_what_is_there_unless_another_reader_holds_the_lo
             aq.get_nowait()
 
 
+@pytest.mark.parametrize("kind", KINDS)
+async def test_thread_route_get_after_the_read_end_was_closed_keeps_no_reader_lock(
+    kind: str,
+) -> None:
+    """A get after this process closed the queue's read end raises, and leaves the reader
+    lock to the other consumers."""
+    async with open_queue(kind, use_threads=True) as aq:
+        q = aq.queue
+        q._reader.close()
+        with pytest.raises(OSError):
+            aq.get_nowait()
+        assert q._rlock.acquire(False), "the failed get kept the reader lock"
+        q._rlock.release()
+
+
 @pytest.mark.parametrize("kind", BOUNDED_KINDS)
 async def test_full_bounded_queue_raises_full(use_threads: bool, kind: str) -> None:
     async with open_queue(kind, use_threads=use_threads, maxsize=2) as aq:

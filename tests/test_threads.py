@@ -1,4 +1,4 @@
-"""The thread route's building blocks: a Worker runs its owner's blocking calls one after
+"""The thread route's building blocks: a KeptThread runs its owner's blocking calls one after
 the other on one thread, and that thread ends when idle or when its owner closes."""
 
 from __future__ import annotations
@@ -8,19 +8,19 @@ import threading
 import anyio
 import pytest
 
-from asyncmp._threads import BlockingCall, Worker, thread_limiter
+from asyncmp._threads import BlockingCall, KeptThread, thread_limiter
 from tests.support.io import wait_until
 
 pytestmark = pytest.mark.anyio
 
 
-async def wait_for_thread_end(worker: Worker) -> None:
+async def wait_for_thread_end(worker: KeptThread) -> None:
     """The worker's thread has ended on its own: polled, with a "no hang" bound."""
     await wait_until(lambda: worker.thread is None, "the idle worker's thread ended")
 
 
 async def test_calls_on_a_worker_share_one_thread_in_order() -> None:
-    worker = Worker("asyncmp-test", idle=10)
+    worker = KeptThread("asyncmp-test", idle=10)
     ran: list[tuple[int, int]] = []
     try:
 
@@ -49,7 +49,7 @@ async def test_calls_on_a_worker_share_one_thread_in_order() -> None:
 
 
 async def test_an_idle_worker_ends_its_thread_and_the_next_call_starts_another() -> None:
-    worker = Worker("asyncmp-test", idle=0.01)
+    worker = KeptThread("asyncmp-test", idle=0.01)
     try:
         for _ in range(2):
             call: BlockingCall[str] = BlockingCall(lambda c: "done", name="t", worker=worker)
@@ -62,7 +62,7 @@ async def test_an_idle_worker_ends_its_thread_and_the_next_call_starts_another()
 
 
 async def test_close_lets_the_running_call_finish_then_ends_the_thread() -> None:
-    worker = Worker("asyncmp-test", idle=10)
+    worker = KeptThread("asyncmp-test", idle=10)
     started, release = threading.Event(), threading.Event()
 
     def blocking(c: BlockingCall[bool]) -> bool:

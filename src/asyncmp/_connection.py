@@ -4,44 +4,34 @@ An :class:`AsyncConnection` owns one ``multiprocessing.connection.Connection`` a
 whole messages over it in the stdlib's own framing, so the other end can stay a plain
 synchronous Connection in a worker process.
 
-Two I/O routes sit behind one small interface:
-
-* :class:`_FdIO` (POSIX): waits for readiness through a private epoll/kqueue helper and
-  moves only the bytes that are there (see ``_fdio``). Bytes that arrived but don't
-  make a whole frame yet stay in the connection's decoder, so a cancelled receive loses
-  nothing: the next receive picks up where it stopped.
-* :class:`_ThreadIO` (Windows pipe handles, or on request): runs the stdlib's own
-  blocking calls in asyncmp's threads (see ``_threads``). A receive abandoned on
-  cancellation keeps running, and its message goes to the next receive.
-
-Both serve concurrent callers one at a time, first come first served, through a fair
-lock per direction.
+Its bytes move through a route (``_routes``), behind one interface
+(:class:`~asyncmp._routes.ConnectionRoute`): descriptor readiness and the frame engine
+on POSIX, blocking calls in asyncmp's threads on Windows or on request. AsyncConnection
+never asks which route it has; it keeps what every route shares: one fair lock per
+direction (concurrent callers are served one at a time, first come first served), the
+fast paths where the route offers them, the latch that stops a connection whose
+incoming stream broke the framing, and the closing sequence.
 """
 
 from __future__ import annotations
 
-import errno
 import io
 import multiprocessing
 import multiprocessing.connection
-import socket
 import sys
-import threading
-import time
-from asyncio import _get_running_loop
-from collections import deque
-from collections.abc import Awaitable, Callable
 from multiprocessing.reduction import ForkingPickler
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import anyio
 from anyio.abc import ObjectStream
-from anyio.lowlevel import checkpoint, checkpoint_if_cancelled
+from anyio.lowlevel import checkpoint
 
 from . import _platform
-from ._exceptions import ConnectionEOF, ProtocolError
-from ._threads import BlockingCall, Worker
-from ._wire import DEFAULT_MAX_MESSAGE_SIZE, FrameDecoder, WireError, encode_header
+from ._exceptions import ProtocolError
+from ._frames import SEND_SHIELD_SECONDS as SEND_SHIELD_SECONDS
+from ._loop import FairLock, fast_checkpoint
+from ._routes import Connection, ConnectionRoute, FdRoute, ThreadRoute
+from ._wire import DEFAULT_MAX_MESSAGE_SIZE
 
 if sys.version_info >= (3, 13):
     from typing import TypeVar
@@ -49,132 +39,20 @@ else:
     from typing_extensions import TypeVar
 
 if TYPE_CHECKING:
-    from typing import TypeAlias
-
     from typing_extensions import Buffer
 
 if TYPE_CHECKING or sys.platform != "win32":
-    from ._fdio import (
-        FdTransport,
-        ReadinessWaiter,
-        open_transport,
-        poller,
-        register_fork_owned,
-        socket_over_dup,
-    )
+    from ._fdio import register_fork_owned
 else:  # pragma: no cover
     register_fork_owned = None
 
 __all__ = ("AsyncConnection", "Pipe")
 
-#: What a blocking call of the thread route returns.
-_R = TypeVar("_R")
-
-if sys.platform == "win32":
-    # A Windows Pipe() end is a PipeConnection, a sibling of Connection (a socket end).
-    Connection: TypeAlias = (
-        "multiprocessing.connection.Connection | multiprocessing.connection.PipeConnection"
-    )
-else:
-    Connection: TypeAlias = multiprocessing.connection.Connection
-
-#: A receive that finds a message already buffered skips the trip through the event
-#: loop, but the loop still gets a turn at least this often (seconds).
-_TURN_INTERVAL = 0.001
-#: The most one read moves into the body of a large message.
-_BODY_READ = 4 << 20
-#: Payloads up to this size go out in one write together with their header.
-_COALESCE_LIMIT = 16 * 1024
-#: How long a send cancelled mid-frame may go on, shielded, to finish its frame before
-#: the connection is declared broken instead.
-SEND_SHIELD_SECONDS = 2.0
-#: Thread path: how often a blocked thread checks whether its owner is closing.
-_THREAD_SLICE = 0.05
-
-_last_turn = [0.0]
-_loads = ForkingPickler.loads
+#: Unpickles a received frame, as ``Connection.recv()`` does.
+_unpickle_frame = ForkingPickler.loads
 
 #: What an AsyncConnection receives and sends; ``Any`` unless the code says otherwise.
 T = TypeVar("T", default=Any)
-
-
-try:  # Two dispatches less per call than anyio.lowlevel.checkpoint_if_cancelled().
-    from anyio._core._eventloop import get_async_backend as _get_async_backend
-
-    #: The backend's own check, by "is an asyncio loop running in this thread": anyio's
-    #: two backends are asyncio (with or without uvloop) and trio.
-    _backend_checks: dict[bool, Callable[[], Awaitable[None]]] = {}
-
-    def _cancel_check() -> Awaitable[None]:
-        in_asyncio = _get_running_loop() is not None
-        check = _backend_checks.get(in_asyncio)
-        if check is None:
-            check = _backend_checks[in_asyncio] = _get_async_backend().checkpoint_if_cancelled
-        return check()
-
-except ImportError:  # pragma: no cover - a future anyio moved it
-    _cancel_check = checkpoint_if_cancelled
-
-
-async def _fast_checkpoint() -> None:
-    """A cancellation check, plus a full trip through the loop once per interval."""
-    now = time.perf_counter()
-    if now - _last_turn[0] >= _TURN_INTERVAL:
-        await checkpoint()
-        _last_turn[0] = time.perf_counter()
-    else:
-        await _cancel_check()
-
-
-class _FairLock:
-    """First come, first served, as ``anyio.Lock(fast_acquire=True)``, without its
-    owner bookkeeping: that asks for the current task on every acquire and release,
-    which on asyncio before Python 3.12 is a ``getpid()`` system call each time.
-
-    ``release()`` hands the lock to the longest waiter. A waiter cancelled just as it
-    was handed the lock passes it on; one cancelled before leaves the queue.
-    """
-
-    __slots__ = ("_locked", "_waiters")
-
-    def __init__(self) -> None:
-        self._locked = False
-        self._waiters: deque[anyio.Event] = deque()
-
-    def locked(self) -> bool:
-        return self._locked
-
-    def acquire_nowait(self) -> None:
-        if self._locked:
-            raise anyio.WouldBlock
-        self._locked = True
-
-    async def acquire(self) -> None:
-        if not self._locked:
-            self._locked = True
-            return
-        event = anyio.Event()
-        self._waiters.append(event)
-        try:
-            await event.wait()
-        except BaseException:
-            if event.is_set():
-                self.release()  # it was ours already: the next in line gets it
-            else:
-                self._waiters.remove(event)
-            raise
-
-    def release(self) -> None:
-        if self._waiters:
-            self._waiters.popleft().set()  # stays locked, for the one woken
-        else:
-            self._locked = False
-
-    async def __aenter__(self) -> None:
-        await self.acquire()
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self.release()
 
 
 def _dumps(obj: Any) -> bytes:
@@ -189,596 +67,6 @@ def _dumps(obj: Any) -> bytes:
     buf = io.BytesIO()
     ForkingPickler(buf).dump(obj)
     return buf.getvalue()
-
-
-def _eof(decoder_at_boundary: bool, held: int) -> ConnectionEOF:
-    if decoder_at_boundary:
-        return ConnectionEOF("the peer closed the connection")
-    return ConnectionEOF(f"the peer closed the connection mid-message ({held} bytes of it held)")
-
-
-def _shutdown_socket_write(fd: int) -> None:
-    """``shutdown(SHUT_WR)`` on a socket *fd*; nothing on anything else (no half-close).
-
-    The socket object is made by ``socket_over_dup``, which never sets ``O_NONBLOCK`` on
-    the shared descriptor (``socket.socket(fileno=)`` does under a default timeout)."""
-    try:
-        sock = socket_over_dup(fd)
-    except (ValueError, OSError):
-        return  # not a socket (a pipe has no half-close), or closed already
-    try:
-        sock.shutdown(socket.SHUT_WR)
-    except OSError:
-        pass
-    finally:
-        sock.close()
-
-
-class _FdIO:
-    """POSIX route: readiness through a helper descriptor, never a thread."""
-
-    __slots__ = (
-        "__weakref__",
-        "_closed",
-        "_decoder",
-        "_fd",
-        "_rwait",
-        "_transport",
-        "_wwait",
-        "broken",
-    )
-
-    def __init__(self, conn: Connection, max_message_size: int | None) -> None:
-        self._fd = conn.fileno()
-        self._transport: FdTransport = open_transport(self._fd)
-        self._decoder = FrameDecoder(max_message_size)
-        self._rwait: ReadinessWaiter | None = None
-        self._wwait: ReadinessWaiter | None = None
-        self._closed = False
-        self.broken: str | None = None
-        register_fork_owned(self)
-
-    # -- receiving ----------------------------------------------------------------------
-
-    def _read_size(self) -> int:
-        return max(65536, min(self._decoder.bytes_wanted(), 1 << 20))
-
-    def _pop(self) -> bytes | None:
-        try:
-            return self._decoder.next_frame()
-        except WireError as exc:
-            raise ProtocolError(str(exc)) from None
-
-    def _read_once(self) -> bool:
-        """Read what is there into the decoder; False if nothing was."""
-        decoder = self._decoder
-        view = decoder.body_buffer(_BODY_READ)
-        if view is not None:
-            # A large body in progress: straight into its buffer, no copy on the way,
-            # and on until the kernel has no more or the view is full (at most
-            # _BODY_READ bytes, about a millisecond of copying).
-            read_into = self._transport.read_into
-            got = 0
-            n: int | None = 0
-            try:
-                while got < len(view):
-                    with view[got:] as rest:
-                        n = read_into(rest)
-                    if not n:
-                        break
-                    got += n
-            finally:
-                decoder.body_received(got)
-            if got:
-                return True
-            if n is None:
-                return False
-            raise _eof(False, decoder.buffered)
-        data = self._transport.read_some(self._read_size())
-        if data is None:
-            return False
-        if not data:
-            raise _eof(self._decoder.at_boundary, self._decoder.buffered)
-        self._decoder.feed(data)
-        return True
-
-    def _check_length(self, maxlength: int | None) -> None:
-        if maxlength is None:
-            return
-        try:
-            length = self._decoder.frame_length()
-        except WireError as exc:
-            raise ProtocolError(str(exc)) from None
-        if length is not None and length > maxlength:
-            self.broken = f"message of {length} bytes exceeds maxlength={maxlength}"
-            raise ProtocolError(self.broken)
-
-    async def recv_frame(self, maxlength: int | None, *, nothing_there: bool = False) -> bytes:
-        """Receive one frame. *nothing_there*: the caller just found no whole frame and
-        nothing to read (and did the cancellation check), so start by waiting."""
-        if nothing_there:
-            await self._wait_readable()
-        else:
-            await _fast_checkpoint()
-        while True:
-            if self._closed:
-                raise anyio.ClosedResourceError
-            self._check_length(maxlength)
-            frame = self._pop()
-            if frame is not None:
-                return frame
-            if self._read_once():
-                self._check_length(maxlength)
-                frame = self._pop()
-                if frame is not None:
-                    return frame
-                # A long message: read on while the bytes keep coming, giving the loop
-                # its turn (a full checkpoint) every ms; no cancellation check per read.
-                if time.perf_counter() - _last_turn[0] >= _TURN_INTERVAL:
-                    await checkpoint()
-                    _last_turn[0] = time.perf_counter()
-                continue
-            await self._wait_readable()
-
-    async def _wait_readable(self) -> None:
-        if self._rwait is None:
-            self._rwait = ReadinessWaiter(self._fd)
-        await self._rwait.wait()
-        _last_turn[0] = time.perf_counter()
-
-    def take_frame(self) -> bytes | None:
-        """A whole frame that is already here (buffered, or one read away), or None.
-
-        Never waits; the fast path of ``AsyncConnection.recv``. It asks the kernel even
-        right after a send: a peer that answers each message often has its answer there
-        before this process got from its send to here, and a read that finds nothing
-        costs less than a turn of the loop that would find it.
-        """
-        frame = self._pop()
-        if frame is None and not self._closed and self._read_once():
-            frame = self._pop()
-        return frame
-
-    def recv_frame_nowait(self, maxlength: int | None) -> bytes:
-        while True:
-            self._check_length(maxlength)
-            frame = self._pop()
-            if frame is not None:
-                return frame
-            if not self._read_once():
-                raise anyio.WouldBlock
-
-    # -- sending ------------------------------------------------------------------------
-
-    def _write(self, view: memoryview) -> int:
-        try:
-            return self._transport.write_some(view)
-        except OSError as exc:
-            if isinstance(exc, BrokenPipeError) or exc.errno in (errno.ECONNRESET, errno.EPIPE):
-                raise anyio.BrokenResourceError("the peer closed the connection") from exc
-            raise
-
-    async def _write_all(self, view: memoryview, progress: list[int]) -> None:
-        offset = 0
-        while offset < len(view):
-            if self._closed:
-                raise anyio.ClosedResourceError
-            n = self._write(view[offset:])
-            if n:
-                offset += n
-                progress[0] += n
-                if offset < len(view):
-                    await _fast_checkpoint()
-                continue
-            if self._wwait is None:
-                self._wwait = ReadinessWaiter(self._fd, writable=True)
-            await self._wwait.wait()
-
-    def send_frame_nowait(self, payload: memoryview) -> int | None:
-        """Write as much of a small frame as fits now, without waiting.
-
-        The caller has just passed its cancellation point and holds the send side (no
-        other sender can start before it awaits). Returns None if all of the frame went
-        out, else how many of its bytes did (maybe 0): :meth:`send_frame` sends the rest.
-        """
-        if self._closed:
-            raise anyio.ClosedResourceError
-        if len(payload) > _COALESCE_LIMIT:
-            return 0
-        frame = encode_header(len(payload)) + payload
-        written = self._write(memoryview(frame))
-        return None if written == len(frame) else written
-
-    async def send_frame(self, payload: memoryview, already: int = -1) -> None:
-        """Send one frame. *already*: :meth:`send_frame_nowait` wrote that many of its
-        bytes, after the caller's cancellation point (-1: nothing was tried yet)."""
-        if already < 0:
-            # A send that finds room never waits, so without this a loop of sends would
-            # never give the event loop a turn. Before the first byte: a cancelled send
-            # sends nothing.
-            await _fast_checkpoint()
-            already = 0
-        header = encode_header(len(payload))
-        if len(payload) <= _COALESCE_LIMIT:
-            parts = [memoryview(header + payload)]
-        else:
-            parts = [memoryview(header), payload]
-        total = len(header) + len(payload)
-        progress = [already]  # bytes of this frame written so far
-        try:
-            done = already
-            for part in parts:
-                if done >= len(part):
-                    done -= len(part)
-                    continue
-                await self._write_all(part[done:], progress)
-                done = 0
-        except anyio.get_cancelled_exc_class():
-            if 0 < progress[0] < total:
-                await self._finish_torn_frame(parts, progress, total)
-            raise
-
-    async def _finish_torn_frame(
-        self, parts: list[memoryview], progress: list[int], total: int
-    ) -> None:
-        """Part of a frame went out: finish it, shielded and bounded, or break the link."""
-        with anyio.move_on_after(SEND_SHIELD_SECONDS, shield=True):
-            done = progress[0]
-            for part in parts:
-                if done >= len(part):
-                    done -= len(part)
-                    continue
-                await self._write_all(part[done:], progress)
-                done = 0
-        if progress[0] < total:
-            self.broken = (
-                f"a send was cancelled after {progress[0]} of {total} bytes of its message"
-            )
-            if not self._closed:  # else the number may belong to another file by now
-                self._shutdown_write()
-
-    def _shutdown_write(self) -> None:
-        # Never leave a torn frame followed by more data: make the peer see EOF.
-        _shutdown_socket_write(self._fd)
-
-    def send_eof(self) -> None:
-        self._shutdown_write()
-
-    # -- closing ------------------------------------------------------------------------
-
-    def close(self) -> None:
-        self._closed = True
-        try:
-            for waiter in (self._rwait, self._wwait):
-                if waiter is not None:
-                    waiter.close()
-        finally:
-            self._transport.close()
-
-    async def aclose(self) -> None:
-        self.close()
-
-    def _forget_in_forked_child(self) -> None:
-        self._closed = True
-        self._transport.close()
-
-
-def _has_finished(call: BlockingCall[Any]) -> bool:
-    """``call.finished``, read anew (a type checker would keep an earlier reading)."""
-    return call.finished
-
-
-class _ThreadIO:
-    """Route for handles the loop can't watch: blocking calls in asyncmp threads.
-
-    Receiving: a Windows pipe handle is message-mode, so the stdlib's ``recv_bytes()``
-    reads exactly one whole message once ``poll()`` says one is there. A POSIX
-    descriptor is a byte stream, so there the thread waits with ``poll()`` and frames
-    the bytes with the same non-blocking decoder as the fd route (``_FdIO``): hostile
-    headers, partial messages and memory bounds behave exactly as on that route.
-
-    Sending: on POSIX the thread writes what fits without blocking (the fd route's
-    writer) and waits for room with ``poll()`` in slices of ``_THREAD_SLICE``, so a
-    send can be stopped between slices: by ``close()``, or by a cancellation that outlived
-    its shield. A Windows pipe handle gets the stdlib's ``send_bytes()``, which can't be
-    stopped: it returns once the peer has read enough or closed its end.
-
-    Threads: one per direction at most (a :class:`Worker` each), so the route never uses
-    more than two threads per connection, and they are not counted by asyncmp's thread
-    limiter (``limited=False``): a receive waiting for a silent peer may wait for ever,
-    and with a shared limit, enough of those would leave an active connection without a
-    thread.
-
-    Closing: ``close()`` wakes the tasks waiting on a call at once, asks the calls to
-    stop, and the handle is closed when no thread uses it any more, by the last thread
-    to finish (or by ``close()`` itself if none runs). That needs no event loop, so a
-    connection closed after its loop has ended still releases its handle.
-    """
-
-    __slots__ = (
-        "_active",
-        "_active_lock",
-        "_calls",
-        "_closed",
-        "_conn",
-        "_frames",
-        "_limit",
-        "_pending_recv",
-        "_released",
-        "_wakers",
-        "_workers",
-        "_wpoll",
-        "broken",
-    )
-
-    def __init__(self, conn: Connection, max_message_size: int | None) -> None:
-        self._conn = conn
-        self._limit = max_message_size
-        # Windows (or a test that says it is): message-mode handles, the stdlib's calls.
-        self._frames = _FdIO(conn, max_message_size) if _platform.POSIX_FDS else None
-        self._wpoll = poller(conn.fileno(), writable=True) if _platform.POSIX_FDS else None
-        self._pending_recv: BlockingCall[bytes] | None = None
-        self._calls: set[BlockingCall[Any]] = set()
-        self._closed = False
-        self.broken: str | None = None
-        # A thread per direction, kept between calls (see _threads.Worker).
-        self._workers = (Worker("asyncmp-recv"), Worker("asyncmp-send"))
-        # How many calls may still use the handle (counted from the loop when a call is
-        # made, down in its thread when it ends); the last one out after close() closes
-        # the handle. Guarded by _active_lock.
-        self._active = 0
-        self._active_lock = threading.Lock()
-        self._released = False
-        # Events of the tasks waiting on a call, set by close() to wake them at once.
-        self._wakers: set[anyio.Event] = set()
-
-    # -- the calls ----------------------------------------------------------------------
-
-    def _call(
-        self, fn: Callable[[BlockingCall[_R]], _R], name: str, worker: Worker
-    ) -> BlockingCall[_R]:
-        """A call of *fn* that counts as a user of the handle until it has returned."""
-
-        def run(call: BlockingCall[_R]) -> _R:
-            try:
-                return fn(call)
-            finally:
-                self._leave()
-
-        with self._active_lock:
-            if self._closed:
-                raise anyio.ClosedResourceError
-            self._active += 1
-        return BlockingCall(run, name=name, worker=worker, limited=False)
-
-    async def _start(self, call: BlockingCall[Any]) -> None:
-        try:
-            await call.start()
-        except BaseException:
-            self._leave()  # it never ran
-            raise
-        self._calls.add(call)
-        call.add_done_callback(self._calls.discard)
-
-    def _leave(self) -> None:
-        with self._active_lock:
-            self._active -= 1
-            release = self._closed and self._active == 0 and not self._released
-            if release:
-                self._released = True
-        if release:
-            self._release()
-
-    def _release(self) -> None:
-        # Only once no thread uses the handle: closing a descriptor under a thread that
-        # still reads or writes it could hand that thread a reused descriptor number.
-        try:
-            if self._frames is not None:
-                self._frames.close()
-        finally:
-            self._conn.close()
-
-    async def _wait(self, call: BlockingCall[Any]) -> None:
-        """Wait until *call* has finished, or until this end is closed."""
-        if self._closed:
-            return
-        waker = anyio.Event()
-
-        def wake(_: BlockingCall[Any]) -> None:
-            waker.set()
-
-        self._wakers.add(waker)
-        call.add_done_callback(wake)
-        try:
-            await waker.wait()
-        finally:
-            # A receive cancelled again and again while one call waits for a silent peer
-            # leaves nothing behind on that call.
-            call.remove_done_callback(wake)
-            self._wakers.discard(waker)
-
-    # -- receiving ----------------------------------------------------------------------
-
-    def _blocking_recv(self, call: BlockingCall[bytes]) -> bytes:
-        # No maxlength here: a receive cancelled while this runs hands the frame to the
-        # next receive, which may have another maxlength. The frame is bounded by
-        # max_message_size; each receive checks its own maxlength when it takes it.
-        conn = self._conn
-        frames = self._frames
-        while not call.stopping:
-            if frames is not None:
-                try:
-                    return frames.recv_frame_nowait(None)
-                except anyio.WouldBlock:
-                    conn.poll(_THREAD_SLICE)
-            elif self._stdlib_poll(_THREAD_SLICE):
-                return self._stdlib_recv(None)
-        raise anyio.ClosedResourceError
-
-    def _stdlib_poll(self, timeout: float) -> bool:
-        try:
-            return self._conn.poll(timeout)
-        except BrokenPipeError:
-            # A Windows PipeConnection's poll() raises this once the peer has closed
-            # (python/cpython#85180); recv_bytes() then returns what is left, or EOF.
-            return True
-
-    def _stdlib_recv(self, maxlength: int | None) -> bytes:
-        limit = self._limit if maxlength is None else maxlength
-        try:
-            return self._conn.recv_bytes(limit)
-        except EOFError:
-            raise ConnectionEOF("the peer closed the connection") from None
-        except OSError as exc:
-            if exc.args and exc.args[0] == "bad message length":
-                self.broken = f"message exceeds the limit of {limit} bytes"
-                raise ProtocolError(self.broken) from None
-            if exc.args and "end of file" in str(exc.args[0]):
-                raise ConnectionEOF("the peer closed the connection mid-message") from None
-            if exc.errno in (errno.ECONNRESET, errno.ECONNABORTED):
-                raise ConnectionEOF("the peer closed the connection") from None
-            raise
-
-    def _check_maxlength(self, frame: bytes, maxlength: int | None) -> bytes:
-        if maxlength is not None and len(frame) > maxlength:
-            self.broken = f"message of {len(frame)} bytes exceeds maxlength={maxlength}"
-            raise ProtocolError(self.broken)
-        return frame
-
-    async def recv_frame(self, maxlength: int | None, *, nothing_there: bool = False) -> bytes:
-        call = self._pending_recv
-        if call is None:
-            await checkpoint_if_cancelled()
-            call = self._call(self._blocking_recv, "asyncmp-recv", self._workers[0])
-            await self._start(call)
-            self._pending_recv = call
-        await self._wait(call)
-        return self._collect(call, maxlength)
-
-    def _collect(self, call: BlockingCall[bytes], maxlength: int | None) -> bytes:
-        if self._closed:
-            raise anyio.ClosedResourceError
-        self._pending_recv = None
-        return self._check_maxlength(call.result(), maxlength)
-
-    def recv_frame_nowait(self, maxlength: int | None) -> bytes:
-        call = self._pending_recv
-        if call is not None:
-            # finished, not done: outside a loop (after it ended) the loop never hears.
-            if not call.finished:
-                raise anyio.WouldBlock
-            return self._collect(call, maxlength)
-        if self._frames is not None:
-            return self._frames.recv_frame_nowait(maxlength)
-        # Windows pipes are message mode: poll() true means a whole message is there.
-        if not self._stdlib_poll(0):
-            raise anyio.WouldBlock
-        return self._stdlib_recv(maxlength)
-
-    # -- sending ------------------------------------------------------------------------
-
-    def _blocking_send(
-        self, call: BlockingCall[None], payload: memoryview, done: list[int]
-    ) -> None:
-        """Send one frame; *done* counts its bytes written so far (POSIX)."""
-        frames, wpoll = self._frames, self._wpoll
-        if frames is None or wpoll is None:
-            try:
-                self._conn.send_bytes(payload)
-            except (BrokenPipeError, ConnectionResetError) as exc:
-                raise anyio.BrokenResourceError("the peer closed the connection") from exc
-            return
-        header = encode_header(len(payload))
-        if len(payload) <= _COALESCE_LIMIT:
-            parts = [memoryview(header + payload)]
-        else:
-            parts = [memoryview(header), payload]
-        slice_ms = int(_THREAD_SLICE * 1000)
-        for part in parts:
-            offset = 0
-            while offset < len(part):
-                if call.stopping:
-                    raise anyio.ClosedResourceError
-                n = frames._write(part[offset:])
-                if n:
-                    offset += n
-                    done[0] += n
-                else:
-                    wpoll.poll(slice_ms)
-
-    async def send_frame(self, payload: memoryview) -> None:
-        await checkpoint_if_cancelled()
-        done = [0]
-        total = len(encode_header(len(payload))) + len(payload)
-        call: BlockingCall[None] = self._call(
-            lambda c: self._blocking_send(c, payload, done), "asyncmp-send", self._workers[1]
-        )
-        await self._start(call)
-        try:
-            await self._wait(call)
-        except anyio.get_cancelled_exc_class():
-            # The write can't be taken back: let it finish (bounded), else stop it and
-            # break the connection if part of the frame went out.
-            with anyio.move_on_after(SEND_SHIELD_SECONDS, shield=True):
-                await self._wait(call)
-            if not call.finished and not self._closed:
-                call.request_stop()
-                if self._frames is not None:  # POSIX: it stops within a slice
-                    with anyio.move_on_after(SEND_SHIELD_SECONDS, shield=True):
-                        await self._wait(call)
-                if not _has_finished(call) or 0 < done[0] < total:
-                    self.broken = (
-                        f"a send was cancelled after {done[0]} of {total} bytes of its message"
-                    )
-                    if not self._closed:  # closed meanwhile: the handle may be gone
-                        self.send_eof()  # the peer sees EOF, never a torn frame and more
-            raise
-        if self._closed:
-            # The frame in progress is cut: the peer sees the end of the stream in it.
-            raise anyio.ClosedResourceError
-        call.result()
-
-    def send_eof(self) -> None:
-        # A Windows pipe handle has no half-close, and os.dup() can't copy a Windows
-        # socket handle; POSIX descriptors get what the fd route does.
-        if _platform.POSIX_FDS:
-            _shutdown_socket_write(self._conn.fileno())
-
-    # -- closing ------------------------------------------------------------------------
-
-    def close(self) -> None:
-        with self._active_lock:
-            self._closed = True
-            release = self._active == 0 and not self._released
-            if release:
-                self._released = True
-        try:
-            for waker in self._wakers:
-                waker.set()  # the tasks waiting on a call raise ClosedResourceError now
-            self._wakers.clear()
-            for call in self._calls:
-                call.request_stop()
-            for worker in self._workers:
-                worker.close()  # its thread ends once its call (if any) has returned
-        finally:
-            if release:
-                self._release()
-
-    async def aclose(self) -> None:
-        self.close()
-        calls = list(self._calls)
-        with anyio.CancelScope(shield=True):
-            for call in calls:
-                if call.finished:
-                    continue  # maybe in a loop that has ended: it would never say so
-                with anyio.move_on_after(SEND_SHIELD_SECONDS + 1.0):
-                    await call.wait()
-        for call in calls:
-            call.join(0.5)
-        for worker in self._workers:
-            thread = worker.thread
-            if thread is not None:
-                thread.join(0.5)
 
 
 def _connection_like(conn: object) -> bool:
@@ -873,13 +161,16 @@ class AsyncConnection(ObjectStream[T]):
         elif not use_threads and not _platform.POSIX_FDS:
             raise ValueError("use_threads=False needs POSIX descriptors; Windows takes threads")
         self._conn = conn
-        self._io: _FdIO | _ThreadIO = (
-            _ThreadIO(conn, max_message_size) if use_threads else _FdIO(conn, max_message_size)
+        self._route: ConnectionRoute = (
+            ThreadRoute(conn, max_message_size) if use_threads else FdRoute(conn, max_message_size)
         )
+        # The fast paths, where the route has them (read once: they are the hot paths).
+        self._fast_reader = self._route.fast_reader
+        self._fast_writer = self._route.fast_writer
         self._readable = conn.readable
         self._writable = conn.writable
-        self._recv_lock = _FairLock()
-        self._send_lock = _FairLock()
+        self._recv_lock = FairLock()
+        self._send_lock = FairLock()
         self._closed = False
         self._why_closed = _CLOSED_HERE
         # Set by the first ProtocolError: the incoming stream can't be trusted from then
@@ -910,7 +201,7 @@ class AsyncConnection(ObjectStream[T]):
     @property
     def uses_threads(self) -> bool:
         """True if this connection takes the thread route."""
-        return isinstance(self._io, _ThreadIO)
+        return self._route.uses_threads
 
     def fileno(self) -> int:
         """The descriptor (or handle) of the wrapped connection (also outside a loop).
@@ -936,8 +227,9 @@ class AsyncConnection(ObjectStream[T]):
             raise anyio.ClosedResourceError(self._why_closed)
         if self._protocol_error is not None:
             raise anyio.BrokenResourceError(self._protocol_error)
-        if self._io.broken is not None:
-            raise anyio.BrokenResourceError(self._io.broken)
+        broken = self._route.broken
+        if broken is not None:
+            raise anyio.BrokenResourceError(broken)
         if not self._writable:
             raise OSError("connection is read-only")
 
@@ -962,24 +254,49 @@ class AsyncConnection(ObjectStream[T]):
         """
         if maxlength is not None and maxlength < 0:
             raise ValueError("negative maxlength")
-        return await self._recv_bytes(maxlength, nothing_there=False)
+        return await self._recv_frame(maxlength)
 
-    async def _recv_bytes(self, maxlength: int | None, *, nothing_there: bool) -> bytes:
-        self._check_readable()
+    async def _recv_frame(self, maxlength: int | None, *, fast: bool = False) -> bytes:
+        """Every async receive comes through here. *fast*: try the fast path first."""
         lock = self._recv_lock
-        if lock.locked():
-            await lock.acquire()  # first come, first served
-            nothing_there = False
-        else:
-            lock.acquire_nowait()
         try:
+            reader = self._fast_reader
+            if fast and reader is not None and not lock.locked():
+                # Fast path: a whole message already here needs no lock and no trip
+                # through the loop, only the cancellation check (and the loop's turn
+                # every ms). No other task can start receiving between the check and
+                # taking the frame: there is no await in between.
+                await fast_checkpoint()
+                if (
+                    not lock.locked()
+                    and not self._closed
+                    and self._protocol_error is None
+                    and self._readable
+                ):
+                    frame = reader.take_frame()
+                    if frame is not None:
+                        return frame
+                    # Nothing here yet: wait, holding the lock (no await since the check).
+                    lock.acquire_nowait()
+                    try:
+                        return await reader.recv_frame(None, nothing_there=True)
+                    finally:
+                        lock.release()
             self._check_readable()
-            return await self._io.recv_frame(maxlength, nothing_there=nothing_there)
+            await lock.acquire_fast()  # first come, first served
+            try:
+                self._check_readable()
+                return await self._route.recv_frame(maxlength)
+            finally:
+                lock.release()
         except ProtocolError as exc:
-            self._protocol_error = str(exc)
+            self._latch(exc)
             raise
-        finally:
-            lock.release()
+
+    def _latch(self, exc: ProtocolError) -> None:
+        """The incoming stream can't be trusted any more: refuse to go on, both ways,
+        whatever the route would make of the bytes that follow."""
+        self._protocol_error = str(exc)
 
     async def recv(self) -> T:
         """Receive the next message and unpickle it, as ``Connection.recv()`` does.
@@ -988,38 +305,7 @@ class AsyncConnection(ObjectStream[T]):
         :meth:`recv_bytes` raises, and whatever unpickling raises (the message is then
         consumed, the connection stays usable).
         """
-        route = self._io
-        if route.__class__ is _FdIO and not self._recv_lock.locked():
-            # Fast path: a whole message already here needs no lock and no trip through
-            # the loop, only the cancellation check (and the loop's turn every ms). No
-            # other task can start receiving between the check and taking the frame:
-            # there is no await in between.
-            await _fast_checkpoint()
-            if (
-                not self._recv_lock.locked()
-                and not self._closed
-                and self._protocol_error is None
-                and self._readable
-            ):
-                try:
-                    frame = route.take_frame()
-                except ProtocolError as exc:
-                    self._protocol_error = str(exc)
-                    raise
-                if frame is not None:
-                    return _loads(frame)  # type: ignore[no-any-return]
-                # Nothing here yet: wait, holding the lock (no await since the check).
-                lock = self._recv_lock
-                lock.acquire_nowait()
-                try:
-                    frame = await route.recv_frame(None, nothing_there=True)
-                except ProtocolError as exc:
-                    self._protocol_error = str(exc)
-                    raise
-                finally:
-                    lock.release()
-                return _loads(frame)  # type: ignore[no-any-return]
-        return _loads(await self._recv_bytes(None, nothing_there=False))  # type: ignore[no-any-return]
+        return _unpickle_frame(await self._recv_frame(None, fast=True))  # type: ignore[no-any-return]
 
     def recv_nowait(self) -> T:
         """Return the next message if all of it has arrived.
@@ -1037,11 +323,11 @@ class AsyncConnection(ObjectStream[T]):
         if self._recv_lock.locked():
             raise anyio.WouldBlock
         try:
-            frame = self._io.recv_frame_nowait(None)
+            frame = self._route.recv_frame_nowait(None)
         except ProtocolError as exc:
-            self._protocol_error = str(exc)
+            self._latch(exc)
             raise
-        return ForkingPickler.loads(frame)  # type: ignore[no-any-return]
+        return _unpickle_frame(frame)  # type: ignore[no-any-return]
 
     async def receive(self) -> T:
         """``anyio.abc.ObjectReceiveStream`` name for :meth:`recv`.
@@ -1090,32 +376,29 @@ class AsyncConnection(ObjectStream[T]):
     async def _send_frame(self, payload: memoryview) -> None:
         self._check_writable()
         lock = self._send_lock
-        route = self._io
-        if route.__class__ is _FdIO and not lock.locked():
+        writer = self._fast_writer
+        if writer is not None and not lock.locked():
             # Fast path: nobody else is sending. After the cancellation check (and the
             # loop's turn every ms), write what fits at once, with no await in between,
             # so no other sender can slip in. A frame that did not go out whole takes
             # the lock before anything awaits and is finished on the async path, which
             # finishes or breaks a frame torn by a cancellation.
-            await _fast_checkpoint()
+            await fast_checkpoint()
             if not lock.locked():
                 self._check_writable()
-                written = route.send_frame_nowait(payload)
+                written = writer.send_nowait(payload)
                 if written is None:
                     return
                 lock.acquire_nowait()
                 try:
-                    await route.send_frame(payload, written)
+                    await writer.send(payload, written)
                 finally:
                     lock.release()
                 return
-        if lock.locked():
-            await lock.acquire()  # first come, first served
-        else:
-            lock.acquire_nowait()
+        await lock.acquire_fast()  # first come, first served
         try:
             self._check_writable()
-            await self._io.send_frame(payload)
+            await self._route.send_frame(payload)
         finally:
             lock.release()
 
@@ -1145,7 +428,7 @@ class AsyncConnection(ObjectStream[T]):
         self._check_open()
         async with self._send_lock:
             self._check_open()
-            self._io.send_eof()
+            self._route.send_eof()
         await checkpoint()
 
     # -- closing ------------------------------------------------------------------------
@@ -1158,21 +441,19 @@ class AsyncConnection(ObjectStream[T]):
         It may be called outside an event loop (before it starts, or after it ended). On
         the descriptor route the descriptor is closed before it returns. On the thread
         route it is closed by the last of asyncmp's threads that still use it, once that
-        thread stops (within ``_THREAD_SLICE``, 50 ms, on POSIX; on Windows a send in
+        thread stops (within ``THREAD_SLICE``, 50 ms, on POSIX; on Windows a send in
         progress first has to return); :meth:`aclose` waits for that. It raises nothing,
         and closing a closed end does nothing.
         """
-        if self._closed:
-            return
-        self._closed = True
-        self._close_route()
+        self._close()
 
-    def _close_route(self) -> None:
-        try:
-            self._io.close()
-        finally:
-            if isinstance(self._io, _FdIO):
-                self._conn.close()
+    def _close(self) -> bool:
+        """What close() and aclose() both do; True if this call closed the end."""
+        if self._closed:
+            return False
+        self._closed = True
+        self._route.close()
+        return True
 
     async def aclose(self) -> None:
         """Close this end as :meth:`close` does; on the thread route, also wait for
@@ -1181,21 +462,14 @@ class AsyncConnection(ObjectStream[T]):
         It is a checkpoint; closing happens even if it is cancelled. It raises nothing,
         and closing a closed end does nothing.
         """
-        if not self._closed:
-            self._closed = True
-            self._close_route()
-            await self._io.aclose()
+        if self._close():
+            await self._route.aclose()
         await checkpoint()
 
     def _forget_in_forked_child(self) -> None:
         self._closed = True
         self._why_closed = _INHERITED
-        if isinstance(self._io, _FdIO):
-            self._io._forget_in_forked_child()
-        try:
-            self._conn.close()
-        except OSError:
-            pass
+        self._route.forget_in_forked_child()
 
     def __reduce__(self) -> NoReturn:
         raise TypeError(

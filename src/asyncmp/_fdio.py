@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import array
 import asyncio
-import asyncio.selector_events
 import errno
 import fcntl
 import os
@@ -52,7 +51,7 @@ from typing import Any, Protocol
 
 import anyio
 
-_get_running_loop = asyncio._get_running_loop
+from ._loop import is_selector_loop, running_asyncio_loop, wait_readable_elsewhere
 
 __all__ = (
     "FdTransport",
@@ -118,13 +117,6 @@ def _after_fork_in_child() -> None:
 
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def close_quietly(fd: int) -> None:
-    try:
-        os.close(fd)
-    except OSError:
-        pass
 
 
 # ---------------------------------------------------------------------------------------
@@ -198,17 +190,6 @@ def _open_helper(fd: int, writable: bool) -> tuple[Any, int]:
         return None, fd  # pragma: no cover
 
 
-def _in_trio() -> bool:
-    trio = sys.modules.get("trio")
-    if trio is None:
-        return False
-    try:
-        trio.lowlevel.current_task()
-    except RuntimeError:
-        return False
-    return True
-
-
 class ReadinessWaiter:
     """Wait until a descriptor is readable (or writable) without touching its flags.
 
@@ -277,7 +258,7 @@ class ReadinessWaiter:
         """
         if self._closed:
             raise anyio.ClosedResourceError
-        loop = _get_running_loop()
+        loop = running_asyncio_loop()
         if loop is not self._loop:
             self._attach(loop)
         if self._add is None:
@@ -315,7 +296,7 @@ class ReadinessWaiter:
         else:
             # The helper is readable while the target is ready, in either direction.
             self._add, self._remove = loop.add_reader, loop.remove_reader
-        self._selector_loop = isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop)
+        self._selector_loop = is_selector_loop(loop)
 
     def _on_ready(self) -> None:
         if self._skip_one:
@@ -342,19 +323,9 @@ class ReadinessWaiter:
 
     async def _wait_elsewhere(self) -> None:
         self._elsewhere = True
-        if _in_trio():
-            import trio
-
-            try:
-                await trio.lowlevel.wait_readable(self._helper_fd)
-            except trio.ClosedResourceError:
-                raise anyio.ClosedResourceError from None
-            except trio.BusyResourceError:
-                raise anyio.BusyResourceError(
-                    "writing to" if self._writable else "reading from"
-                ) from None
-        else:
-            await anyio.wait_readable(self._helper_fd)
+        await wait_readable_elsewhere(
+            self._helper_fd, "writing to" if self._writable else "reading from"
+        )
 
     def close(self) -> None:
         """Wake every task in :meth:`wait` with ``ClosedResourceError``, then close.
@@ -559,6 +530,3 @@ def open_transport(fd: int) -> FdTransport:
     if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode):
         return _PipeTransport(fd)
     raise ValueError(f"file descriptor {fd} is neither a pipe nor a socket")
-
-
-IS_POSIX = sys.platform != "win32"

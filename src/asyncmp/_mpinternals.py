@@ -17,12 +17,10 @@ import multiprocessing.connection
 import multiprocessing.managers
 import multiprocessing.queues
 import os
-import queue
 import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 from . import _platform
@@ -36,7 +34,7 @@ __all__ = (
     "queue_parts",
     "queue_wlock",
     "queue_writer",
-    "timed_get",
+    "simple_queue_ends",
 )
 
 #: The versions whose ``multiprocessing.queues`` layout this module knows.
@@ -52,8 +50,6 @@ class QueueParts:
     rlock: Any
     #: Released once per item taken (Queue, JoinableQueue); None for SimpleQueue.
     sem: Any | None
-    #: True when ``put()`` goes through the feeder thread (Queue, JoinableQueue).
-    has_feeder: bool
 
 
 def _lock_like(obj: object) -> bool:
@@ -71,12 +67,10 @@ def queue_parts(q: object) -> QueueParts | None:
     if not _KNOWN or not _platform.POSIX_FDS:
         return None
     if isinstance(q, multiprocessing.queues.Queue):  # JoinableQueue is a subclass
-        has_feeder = True
         sem = getattr(q, "_sem", None)
         if not _lock_like(sem):
             return None
     elif isinstance(q, multiprocessing.queues.SimpleQueue):
-        has_feeder = False
         sem = None
     else:
         return None
@@ -84,7 +78,7 @@ def queue_parts(q: object) -> QueueParts | None:
     rlock = getattr(q, "_rlock", None)
     if not isinstance(reader, multiprocessing.connection.Connection) or not _lock_like(rlock):
         return None
-    return QueueParts(reader=reader, rlock=rlock, sem=sem, has_feeder=has_feeder)
+    return QueueParts(reader=reader, rlock=rlock, sem=sem)
 
 
 def joinable_parts(q: object) -> tuple[Any, Any] | None:
@@ -177,24 +171,14 @@ def hook_feeder_errors(q: object, handled: Callable[[Exception], bool]) -> bool:
     return True
 
 
-def timed_get(q: Any, timeout: float) -> Any:
-    """``q.get()`` that gives up after *timeout* seconds (0: don't wait) with
-    ``queue.Empty``, for every queue kind: ``SimpleQueue`` has no timeout of its own, so
-    its get is rebuilt from its reader lock and read end, as ``Queue.get`` does it."""
-    if _KNOWN and isinstance(q, multiprocessing.queues.SimpleQueue):
-        rlock: Any = getattr(q, "_rlock", None)
-        reader: Any = getattr(q, "_reader", None)
-        if _lock_like(rlock) and _connection_like(reader):
-            acquired = rlock.acquire(True, timeout) if timeout > 0 else rlock.acquire(False)
-            if not acquired:
-                raise queue.Empty
-            try:
-                if not reader.poll(timeout):
-                    raise queue.Empty
-                data = reader.recv_bytes()
-            finally:
-                rlock.release()
-            return ForkingPickler.loads(data)
-    if timeout > 0:
-        return q.get(True, timeout)
-    return q.get_nowait()
+def simple_queue_ends(q: object) -> tuple[Any, Any] | None:
+    """``(rlock, reader)`` of a ``SimpleQueue``: its reader lock and its read end (a
+    ``Connection`` or, on Windows, a ``PipeConnection``), to rebuild a get with a timeout,
+    which ``SimpleQueue`` lacks; None for anything else."""
+    if not _KNOWN or not isinstance(q, multiprocessing.queues.SimpleQueue):
+        return None
+    rlock: Any = getattr(q, "_rlock", None)
+    reader: Any = getattr(q, "_reader", None)
+    if _lock_like(rlock) and _connection_like(reader):
+        return rlock, reader
+    return None

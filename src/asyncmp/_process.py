@@ -32,7 +32,7 @@ from anyio.lowlevel import checkpoint
 from . import _platform
 from ._connection import AsyncConnection
 from ._exceptions import ConnectionEOF
-from ._threads import BlockingCall
+from ._threads import THREAD_SLICE, BlockingCall
 
 if sys.version_info >= (3, 13):
     from typing import TypeVar
@@ -286,7 +286,9 @@ class AsyncProcess:
             sentinel = self._process.sentinel
 
             def wait_for_sentinel(call: BlockingCall[None]) -> None:
-                while not call.stopping and not multiprocessing.connection.wait([sentinel], 0.05):
+                while not call.stopping and not multiprocessing.connection.wait(
+                    [sentinel], THREAD_SLICE
+                ):
                     pass
 
             call = BlockingCall(wait_for_sentinel, name="asyncmp-process-wait")

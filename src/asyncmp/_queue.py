@@ -1,99 +1,49 @@
 """AsyncQueue: await ``get``/``put`` on multiprocessing queues.
 
-The fd route (POSIX ``Queue``, ``JoinableQueue``, ``SimpleQueue``)
---------------------------------------------------------------------
-A multiprocessing queue is a pipe shared by every process that holds the queue, plus
-a cross-process *reader lock*: a consumer takes the lock, reads exactly one frame and
-releases it. Consumers in other processes may be plain synchronous code, so we play by
-the same rules, without a thread per pending ``get``:
+A multiprocessing queue is a pipe shared by every process that holds the queue, plus a
+cross-process *reader lock*: a consumer takes the lock, reads exactly one frame and lets
+it go. Consumers and producers in other processes may be plain synchronous code, so an
+AsyncQueue plays by the same rules, without a thread per pending ``get``.
 
-1. Wait until the pipe is readable, through the helper descriptor of ``_fdio`` (never
-   touching the pipe's flags, which every worker shares).
-2. Take the reader lock *without blocking*. If another process holds it, wait for it
-   the way a sync consumer does: in a blocking ``acquire`` in one of asyncmp's threads,
-   queued inside the kernel with the others. A getter that only polled the lock would
-   lose every race against consumers queued in the kernel.
-3. Read *exactly* one frame: ``FIONREAD`` says what is there, the decoder says what the
-   frame still needs, and we never read more, because the next frame belongs to whoever
-   takes the lock next. Once the first byte of a frame is consumed, the frame must be
-   finished before the lock is released, or the next reader would start mid-frame. So
-   that part is shielded from cancellation, bounded by ``stall_timeout`` without
-   progress (a producer that died mid-put); a frame finished for a cancelled caller
-   is kept for the next ``get``.
-4. Release the lock, release the item semaphore (as ``Queue.get`` does), and unpickle
-   outside the lock.
+:class:`AsyncQueue` is a thin facade. Each job is a part of its own:
 
-``put`` pickles in the caller, so an unpicklable object raises there and not later in
-the feeder thread, then hands the pickle to the queue's own feeder thread. Waiting for
-room in a bounded queue is a semaphore, which has no descriptor: a thread tries in
-short time slices, and a cancelled put waits for that thread's current slice so that
-"returned" and "enqueued" always agree. A ``SimpleQueue`` has no feeder: its put writes
-the frame from a thread, ``PIPE_BUF`` bytes at a time as the pipe has room, under the
-queue's write lock; it gives up on cancellation until its first byte, and finishes the
-frame after it (see :func:`_write_frame`).
+* :mod:`._queue_rlock`: the reader-lock protocol (take without blocking; once
+  contended, queue for it in the kernel from a kept thread; keep it until the loop's
+  next turn; never let it go mid-frame).
+* :mod:`._queue_fdget`: the fd route's gets (POSIX ``Queue``, ``JoinableQueue``,
+  ``SimpleQueue``): the fast path, exact frame reads, a frame finished for a cancelled
+  get kept for the next one.
+* :mod:`._queue_threadget`: the thread route's gets (manager proxies, Windows, or on
+  request), in a kept thread, with the same guarantees.
+* :mod:`._queue_put`: pickling, the feeder's errors, the no-readers check, the frame
+  writer of a ``SimpleQueue``, threaded puts, ``join`` and the flush on close.
 
-The reader lock is let go only between two items (``aclose()`` finishes an item this
-adapter has begun, and puts it back), and is kept past a get only until the loop's next
-turn, unless a get of this adapter is using it.
-
-The thread route (manager proxies, Windows, or on request) uses only public methods in
-asyncmp's threads, with the same guarantees: a ``get`` abandoned on cancellation stops
-at its next time slice, and an item it took before that goes to the next ``get``.
+The route is chosen once, when the adapter is made: its getter.
 """
 
 from __future__ import annotations
 
-import errno
 import inspect
-import io
 import multiprocessing
-import multiprocessing.queues
-import os
-import pickle
 import queue
-import socket
-import stat
-import struct
 import sys
-import threading
-import weakref
-from collections import deque
-from multiprocessing.reduction import ForkingPickler
-from time import perf_counter as _perf_counter
-from typing import TYPE_CHECKING, Any, Generic, NoReturn
+from typing import Any, Generic, NoReturn
 
 import anyio
 from anyio.abc import AsyncResource
-from anyio.lowlevel import (
-    cancel_shielded_checkpoint,
-    checkpoint,
-    checkpoint_if_cancelled,
-    current_token,
-)
+from anyio.lowlevel import checkpoint
 
 from . import _mpinternals
-from ._connection import _TURN_INTERVAL, _cancel_check, _FairLock, _fast_checkpoint, _last_turn
-from ._threads import BlockingCall, Worker
-from ._wire import FrameDecoder, WireError, encode_header
+from ._loop import fast_checkpoint
+from ._queue_fdget import FdGetter, unpickle_frame
+from ._queue_put import Putter
+from ._queue_state import Getter, QueueState
+from ._queue_threadget import ThreadGetter
 
 if sys.version_info >= (3, 13):
     from typing import TypeVar
 else:
     from typing_extensions import TypeVar
-
-if TYPE_CHECKING or sys.platform != "win32":
-    from ._fdio import FdTransport, ReadinessWaiter, open_transport, poller, socket_over_dup
-
-if sys.platform != "win32":
-    import select
-
-    #: What polling a queue's write end says once no process holds its read end.
-    _READERS_GONE = select.POLLERR | select.POLLHUP
-    #: The most one write into a pipe that polls writable takes whole, without blocking.
-    _PIPE_BUF: int = getattr(select, "PIPE_BUF", 512)
-else:  # pragma: no cover
-    _READERS_GONE = 0
-    _PIPE_BUF = 512
 
 __all__ = ("DEFAULT_STALL_TIMEOUT", "AsyncQueue", "JoinableQueue", "Queue", "SimpleQueue")
 
@@ -102,61 +52,20 @@ T = TypeVar("T", default=Any)
 
 #: How long a get waits for the rest of an item whose first bytes it has read.
 DEFAULT_STALL_TIMEOUT = 10.0
-#: How often a thread blocked on a lock or semaphore checks whether to give up.
-_SLICE = 0.05
-_loads = pickle.loads
-_HEADER = struct.Struct("!i")
-#: The most one read of a big item takes before the event loop gets a turn.
-_READ_BUDGET = 4 << 20
-_NO_READERS = "nobody reads this queue any more: every read end is closed"
 
 
-#: What a thread-route get's thread returns when it stopped without taking an item.
-_STOPPED: Any = object()
-
-
-class _Prepickled:
-    """An item pickled in the caller of ``put``; unpickles to the original object.
-
-    The feeder thread pickles this wrapper into a call of ``pickle.loads`` on the bytes,
-    so every consumer, sync or async, gets the original object back, and a pickling
-    error surfaced in ``put`` instead of in the feeder thread.
-    """
-
-    __slots__ = ("data",)
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-    def __reduce__(self) -> tuple[Any, tuple[bytes]]:
-        return _loads, (self.data,)
-
-
-class _Failed:
-    """Thread route: the error of an item that failed to unpickle in a ``get_many``,
-    kept in its place so that the next ``get`` raises it."""
-
-    __slots__ = ("error",)
-
-    def __init__(self, error: Exception) -> None:
-        self.error = error
-
-    @staticmethod
-    def unwrap(item: Any) -> Any:
-        if type(item) is _Failed:
-            error = item.error
-            raise error
-        return item
-
-
-class _LockHandoff:
-    """The reader lock, acquired by a thread on behalf of a getter that may give up."""
-
-    __slots__ = ("acquired", "guard")
-
-    def __init__(self) -> None:
-        self.guard = threading.Lock()
-        self.acquired = False
+_WRAPS = (
+    "AsyncQueue wraps a multiprocessing Queue, JoinableQueue or SimpleQueue (of any "
+    "context) or a Manager().Queue() proxy"
+)
+_ALREADY_WRAPPED = (
+    "this is already an AsyncQueue: use it as it is, or wrap its plain queue (its .queue) only once"
+)
+_NOT_PICKLABLE = (
+    "an AsyncQueue can't be pickled or passed to another process: pass its .queue "
+    "instead, the plain multiprocessing queue, and wrap that in an AsyncQueue there "
+    "if that process is async"
+)
 
 
 def _queue_like(q: object) -> bool:
@@ -173,135 +82,12 @@ def _queue_like(q: object) -> bool:
 
 
 def _not_a_queue(q: object) -> TypeError:
+    """The error for an object that is no queue AsyncQueue can wrap, with what to do."""
     if isinstance(q, AsyncQueue):
-        return TypeError(
-            "this is already an AsyncQueue: use it as it is, or wrap its plain queue "
-            "(its .queue) only once"
-        )
-    message = (
-        "AsyncQueue wraps a multiprocessing Queue, JoinableQueue or SimpleQueue (of any "
-        "context) or a Manager().Queue() proxy, "
-        f"not {type(q).__module__}.{type(q).__qualname__}"
-    )
-    if callable(getattr(q, "recv_bytes", None)):
-        message += "; for a Connection, use AsyncConnection"
-    return TypeError(message)
-
-
-def _write_frame(
-    c: BlockingCall[bool],
-    fd: int,
-    wlock: Any,
-    frame: bytes,
-    stall_timeout: float,
-    on_begun: Any,
-) -> bool:
-    """Write one whole *frame* into a queue's pipe, as a producer does, in a thread.
-
-    The queue's write lock is taken, and the pipe's room waited for, in short time
-    slices; until the first byte is written a stop request ends the call (returning
-    False) with nothing written. Each write is at most ``PIPE_BUF`` bytes after
-    ``poll()`` said the pipe is writable, so it never blocks: a pipe that polls
-    writable has room for that much, and such a write is atomic. A frame of at most
-    ``PIPE_BUF`` bytes so goes in whole in one write. A longer one can't be written at
-    once (how much room a pipe has is not known exactly, and a frame may be larger than
-    the pipe), so once its first byte is in, it is finished whatever is asked, as the
-    consumers make room: a frame left half-written would tear the stream that every
-    consumer of the queue reads. *on_begun* is called then. Only a pipe that takes no
-    byte for *stall_timeout* seconds ends it early, with ``anyio.BrokenResourceError``
-    (the pipe then holds part of the frame, as after a producer that died mid-put).
-    """
-    while not wlock.acquire(True, _SLICE):
-        if c.stopping:
-            return False
-    try:
-        watch = poller(fd, writable=True)
-        view = memoryview(frame)
-        written = 0
-        last_progress = _perf_counter()
-        while written < len(view):
-            if not written and c.stopping:
-                return False
-            events = watch.poll(_SLICE * 1000)
-            if not events:
-                if written and _perf_counter() - last_progress > stall_timeout:
-                    raise anyio.BrokenResourceError(
-                        f"a put stopped mid-item: nobody read the queue for "
-                        f"{stall_timeout} s with {written} of its {len(view)} bytes written"
-                    )
-                continue
-            if events[0][1] & _READERS_GONE:
-                raise anyio.BrokenResourceError(_NO_READERS)
-            n = os.write(fd, view[written : written + _PIPE_BUF])
-            if not written:
-                on_begun()
-            written += n
-            last_progress = _perf_counter()
-        return True
-    finally:
-        wlock.release()
-
-
-class _Interrupter:
-    """Ends a blocking call that waits on a manager connection, from another thread.
-
-    The thread arms it with the connection it is about to wait on; :meth:`fire` shuts
-    that connection down (both directions), which makes the pending ``recv`` return
-    end-of-file at once. Shutting down, not closing: the descriptor stays the waiting
-    thread's until it lets go of it. The connection is this thread's own (a proxy opens
-    one per thread), shared with no other process.
-    """
-
-    __slots__ = ("_conn", "_fired", "_guard")
-
-    def __init__(self) -> None:
-        self._guard = threading.Lock()
-        self._conn: Any = None
-        self._fired = False
-
-    def arm(self, conn: Any) -> bool:
-        """In the waiting thread: watch *conn*; False if there is nothing to interrupt."""
-        if conn is None:
-            return False
-        try:
-            fd = conn.fileno()
-            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
-                return False
-        except (OSError, ValueError):
-            return False
-        with self._guard:
-            self._conn = conn
-            fired = self._fired
-        if fired:
-            self._shutdown(conn)
-        return True
-
-    def disarm(self) -> None:
-        with self._guard:
-            self._conn = None
-
-    def fire(self) -> None:
-        with self._guard:
-            self._fired = True
-            conn = self._conn
-            if conn is None:
-                return
-            self._shutdown(conn)
-
-    @staticmethod
-    def _shutdown(conn: Any) -> None:
-        try:
-            # Never socket.socket(fileno=): under a default timeout it would make the
-            # descriptor non-blocking (see _fdio.socket_over_dup).
-            sock = socket_over_dup(conn.fileno())
-        except (OSError, ValueError):
-            return
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        finally:
-            sock.close()
+        return TypeError(_ALREADY_WRAPPED)
+    hint = "; for a Connection, use AsyncConnection" if hasattr(q, "recv_bytes") else ""
+    what = f"{type(q).__module__}.{type(q).__qualname__}"
+    return TypeError(f"{_WRAPS}, not {what}{hint}")
 
 
 class AsyncQueue(AsyncResource, Generic[T]):
@@ -334,59 +120,17 @@ class AsyncQueue(AsyncResource, Generic[T]):
         if isinstance(q, AsyncQueue) or not _queue_like(q):
             raise _not_a_queue(q)
         self._q = q
-        self._stall_timeout = stall_timeout
-        self._parts = None if use_threads else _mpinternals.queue_parts(q)
-        self._joinable = _mpinternals.joinable_parts(q)
-        self._is_mp_queue = isinstance(q, multiprocessing.queues.Queue)
-        # Items taken from the queue but not yet handed out (kept across cancellation):
-        # raw frames on the fd route, objects on the thread route.
-        self._kept: deque[Any] = deque()
-        self._get_lock = _FairLock()
-        self._closed = False
-        self._broken: str | None = None
-        self._calls: set[BlockingCall[Any]] = set()
-        # The joins of a proxy, which wait in a call that only shutting its connection ends.
-        self._interrupters: dict[BlockingCall[Any], _Interrupter] = {}
-        self._pending_get: BlockingCall[Any] | None = None
-        # One thread each for the gets of the thread route and for the reader lock of the
-        # fd route, kept between calls: a new thread per call costs more than an item.
-        self._get_worker = Worker("asyncmp-queue-get")
-        self._rlock_worker = Worker("asyncmp-queue-rlock")
-        # Thread route, POSIX: the item a get_nowait() found partly written, read so far;
-        # the reader lock stays taken with it until a get finishes it.
-        self._partial: FrameDecoder | None = None
-        # Knowing that nobody reads the queue any more (see _check_readers).
-        self._feeder_error: Exception | None = None
-        self._writer = _mpinternals.queue_writer(q)
-        self._wlock = _mpinternals.queue_wlock(q)
-        # A SimpleQueue's put writes its frame itself, under the queue's write lock; this
-        # adapter does the same, so that a put can give up before its first byte.
-        self._writes_frames = (
-            isinstance(q, multiprocessing.queues.SimpleQueue)
-            and self._writer is not None
-            and self._wlock is not None
-        )
-        self._writer_poll: Any = None
-        if self._writer is not None:
-            self._writer_poll = poller(self._writer.fileno(), writable=True)
-        if self._is_mp_queue:
-            method = weakref.WeakMethod(self._feeder_failed)
-            _mpinternals.hook_feeder_errors(q, lambda e: (m := method()) is not None and m(e))
-        # get() may try _take_whole_frame() first: the fd route, open and not broken.
-        self._fast_route = self._parts is not None
-        if self._parts is not None:
-            self._fd = self._parts.reader.fileno()
-            self._transport: FdTransport = open_transport(self._fd)
-            self._waiter: ReadinessWaiter | None = None
-            self._decoder = FrameDecoder(None)
-            self._rlock_held = False
-            # Set once the lock is found held by another consumer. From then on a get
-            # takes (or queues for) the lock before it waits for data, as a sync
-            # consumer does; otherwise a sync consumer that waits for data while
-            # holding the lock would take every item.
-            self._contended = False
-            # The loop (its native token) in which a release is scheduled, if any.
-            self._release_scheduled: Any = None
+        self._state = QueueState(stall_timeout)
+        parts = None if use_threads else _mpinternals.queue_parts(q)
+        # The route, chosen once: its getter. _fast is the fd getter, whose whole frames
+        # get() may take without a trip through the loop.
+        self._fast: FdGetter | None = None
+        self._getter: Getter
+        if parts is not None:
+            self._getter = self._fast = FdGetter(parts, self._state)
+        else:
+            self._getter = ThreadGetter(q, self._state)
+        self._putter = Putter(q, self._state)
 
     # -- introspection ------------------------------------------------------------------
 
@@ -397,7 +141,8 @@ class AsyncQueue(AsyncResource, Generic[T]):
 
     @property
     def uses_threads(self) -> bool:
-        return self._parts is None
+        """True on the thread route, chosen when the adapter was made."""
+        return self._getter.uses_threads
 
     def qsize(self) -> int:
         """Items in the queue plus items this adapter took and still holds.
@@ -406,34 +151,16 @@ class AsyncQueue(AsyncResource, Generic[T]):
 
         :raises NotImplementedError: where the platform can't count (macOS).
         """
-        return int(self._q.qsize()) + self._held()
+        return int(self._q.qsize()) + self._getter.held()
 
     def empty(self) -> bool:
         """True if neither the queue nor this adapter holds an item. May be called
         outside a running event loop."""
-        return not self._held() and bool(self._q.empty())
-
-    def _held(self) -> int:
-        """Items taken from the queue that the next gets on this adapter return first."""
-        call = self._pending_get  # thread route: a cancelled get's thread may hold one
-        # Finished, not done: the thread may have ended before the loop heard of it.
-        pending = (
-            call is not None
-            and call.finished
-            and call.error is None
-            and call.result() is not _STOPPED
-        )
-        return len(self._kept) + pending
+        return not self._getter.held() and bool(self._q.empty())
 
     def full(self) -> bool:
         """As ``Queue.full()``. May be called outside a running event loop."""
         return bool(self._q.full())
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise anyio.ClosedResourceError
-        if self._broken is not None:
-            raise anyio.BrokenResourceError(self._broken)
 
     # -- getting ------------------------------------------------------------------------
 
@@ -450,21 +177,18 @@ class AsyncQueue(AsyncResource, Generic[T]):
             ``stall_timeout``), or the queue's framing is corrupt.
         :raises anyio.ClosedResourceError: the adapter was closed.
         """
-        if self._fast_route and not self._rlock_held:
+        fast = self._fast
+        if fast is not None and fast.fast and not fast.rlock.held:
             # The fast path: a cancellation check, then, if a whole item is in the pipe
             # and the reader lock is free, take it without a trip through the loop (a
             # full turn of the loop still comes about every millisecond). Not while this
             # adapter keeps the lock for this very get (won in a queue against other
-            # consumers): the loop's turn here would let it go (_deferred_release), and
+            # consumers): the loop's turn here would let it go (a deferred release), and
             # the consumers queued in the kernel would take it back every time.
-            if _perf_counter() - _last_turn[0] >= _TURN_INTERVAL:
-                await checkpoint()
-                _last_turn[0] = _perf_counter()
-            else:
-                await _cancel_check()
-            frame = self._take_whole_frame()
+            await fast_checkpoint()
+            frame = fast.take_whole_frame()
             if frame is not None:
-                return _loads(frame)  # type: ignore[no-any-return]
+                return unpickle_frame(frame)  # type: ignore[no-any-return]
         if timeout is None:
             return await self._get()
         with anyio.move_on_after(timeout):
@@ -472,54 +196,15 @@ class AsyncQueue(AsyncResource, Generic[T]):
         raise queue.Empty
 
     async def _get(self) -> T:
-        self._check_open()
-        lock = self._get_lock
-        if lock.locked():
-            await lock.acquire()  # first come, first served
-        else:
-            lock.acquire_nowait()
+        self._state.check_open()
+        getter = self._getter
+        lock = getter.get_lock
+        await lock.acquire_fast()  # first come, first served
         try:
-            if self._parts is not None:
-                return self._unpickle(await self._get_frame())
-            return await self._get_threaded()  # type: ignore[no-any-return]
+            return await getter.get()  # type: ignore[no-any-return]
         finally:
             lock.release()
-            if self._parts is not None and self._rlock_held and self._decoder.at_boundary:
-                # The reader lock is kept past a get only until the loop's next turn. A
-                # deferred release that found this get (or any get) in progress left the
-                # lock to it; if it ends without reading (cancelled while queued on
-                # _get_lock, say), the release is due again now.
-                self._release_soon()
-
-    def _take_whole_frame(self) -> bytes | None:
-        """The fd route's fast path: an item's frame if one is here whole, else None.
-
-        Never waits. It takes the item only when no other task of this adapter is in a
-        ``get`` (they come first), the reader lock is free, and ``FIONREAD`` says the
-        whole frame is in the pipe. Anything else (a partial frame, a long header,
-        contention) is left to the full path.
-        """
-        if self._get_lock.locked():
-            return None
-        if self._kept:
-            return self._kept.popleft()  # type: ignore[no-any-return]
-        parts = self._parts
-        assert parts is not None
-        if not parts.rlock.acquire(False):
-            return None
-        self._rlock_held = True
-        avail = self._available()
-        body = self._read_whole(avail)
-        if body is not None:
-            return self._took(body)
-        if avail < 4 and not self._contended:
-            self._release_rlock()
-        # else: the lock stays ours, mid-frame (or queued for, as contended consumers
-        # keep it while they wait): the full path goes on from here.
-        return None
-
-    def _unpickle(self, frame: bytes) -> T:
-        return _loads(frame)  # type: ignore[no-any-return]
+            getter.after_get()
 
     def get_nowait(self) -> T:
         """Return an item if one is there now.
@@ -533,28 +218,11 @@ class AsyncQueue(AsyncResource, Generic[T]):
         :raises anyio.ClosedResourceError: the adapter was closed.
         :raises anyio.BrokenResourceError: the queue's framing is corrupt.
         """
-        self._check_open()
-        if self._get_lock.locked():
+        self._state.check_open()
+        getter = self._getter
+        if getter.get_lock.locked():
             raise queue.Empty
-        if self._kept:
-            item = self._kept.popleft()
-            if self._parts is not None:
-                return self._unpickle(item)
-            return _Failed.unwrap(item)  # type: ignore[no-any-return]
-        if self._parts is None:
-            return self._get_nowait_threaded()  # type: ignore[no-any-return]
-        if not self._rlock_held:
-            if self._available() == 0 or not self._parts.rlock.acquire(False):
-                raise queue.Empty
-            self._rlock_held = True
-        frame = self._read_available()
-        if frame is None:
-            if self._decoder.at_boundary:
-                self._release_rlock()
-            # else: a producer is mid-write; the lock and the partial item stay with
-            # this adapter and the next get() finishes them.
-            raise queue.Empty
-        return self._unpickle(frame)
+        return getter.get_nowait()  # type: ignore[no-any-return]
 
     async def get_many(self, max_items: int, timeout: float | None = None) -> list[T]:  # noqa: ASYNC109 (the stdlib's name)
         """Wait for at least one item, then take whatever else is there, up to
@@ -573,442 +241,10 @@ class AsyncQueue(AsyncResource, Generic[T]):
         if max_items < 1:
             raise ValueError("max_items must be at least 1")
         items = [await self.get(timeout)]
-        if self._parts is None:
-            while len(items) < max_items:
-                try:
-                    items.append(self.get_nowait())
-                except queue.Empty:
-                    break
-                except Exception as exc:
-                    self._kept.appendleft(_Failed(exc))  # for the next get() to raise
-                    break
-            return items
-        frames = self._take_whole_frames(max_items - 1)
-        for i, frame in enumerate(frames):
-            try:
-                items.append(self._unpickle(frame))
-            except Exception:
-                # Return what came before it; the next get() raises this one's error.
-                self._kept.extendleft(reversed(frames[i:]))
-                break
+        self._getter.get_more(items, max_items - 1)
         return items
 
-    def _take_whole_frames(self, limit: int) -> list[bytes]:
-        """Up to *limit* frames that are already in the pipe whole, under one hold of the
-        reader lock (the fd route; never waits)."""
-        frames: list[bytes] = []
-        kept = self._kept
-        while kept and len(frames) < limit:
-            frames.append(kept.popleft())
-        parts = self._parts
-        assert parts is not None
-        if len(frames) == limit or self._closed or self._broken is not None:
-            return frames
-        if self._get_lock.locked() or not self._decoder.at_boundary:
-            return frames  # other getters come first / a partial item is the next get's
-        if not self._rlock_held:
-            if not parts.rlock.acquire(False):
-                return frames
-            self._rlock_held = True
-        avail = self._available()
-        taken = 0
-        while len(frames) < limit:
-            body = self._read_whole(avail)
-            if body is None:
-                break  # a partial item stays with the lock, for the next get()
-            avail -= 4 + len(body)
-            frames.append(body)
-            taken += 1
-        if self._decoder.at_boundary:
-            if self._contended:
-                self._release_soon()
-            else:
-                self._release_rlock()
-        if parts.sem is not None:
-            for _ in range(taken):
-                parts.sem.release()
-        return frames
-
-    # fd route ------------------------------------------------------------------------
-
-    def _available(self) -> int:
-        return self._transport.available()
-
-    def _release_rlock(self) -> None:
-        if self._rlock_held:
-            self._rlock_held = False
-            assert self._parts is not None
-            self._parts.rlock.release()
-
-    def _read_whole(self, avail: int) -> bytes | None:
-        """The common case in two reads, with the lock held at a frame boundary and *avail*
-        bytes in the pipe (``FIONREAD``): if the next frame is all there, read its header,
-        then exactly its body, and return the body.
-
-        Otherwise return None. Nothing was read if fewer than 4 bytes are there; else
-        the bytes read went to the decoder (partial, negative or long form), and the
-        frame is the lock holder's to finish.
-        """
-        if avail < 4:
-            return None
-        fd = self._fd
-        header = os.read(fd, 4)
-        (size,) = _HEADER.unpack(header)
-        if 0 <= size <= avail - 4:
-            body = os.read(fd, size) if size else b""
-            if len(body) == size:
-                return body
-            self._decoder.feed(header + body)
-        else:
-            self._decoder.feed(header)
-        return None
-
-    def _read_available(self) -> bytes | None:
-        """With the lock held: read no further than one frame; return it if whole."""
-        decoder = self._decoder
-        if decoder.at_boundary:
-            body = self._read_whole(self._available())
-            if body is not None:
-                return self._took(body)
-        budget = _READ_BUDGET
-        while True:
-            try:
-                frame = decoder.next_frame()
-            except WireError as exc:
-                self._fail(f"corrupt queue framing: {exc}")
-            if frame is not None:
-                return self._took(frame)
-            if budget <= 0:
-                return None  # the caller gives the loop a turn, then comes back
-            data = self._transport.read_some(min(decoder.bytes_wanted(), _READ_BUDGET))
-            budget -= len(data) if data else 0
-            if data is None:
-                return None
-            if not data:
-                self._fail("the queue's pipe was closed mid-item")
-            decoder.feed(data)
-
-    def _took(self, frame: bytes) -> bytes:
-        """A whole item was read: let go of the lock and count it, as ``Queue.get`` does."""
-        if self._contended:
-            # Keep the lock for a get that follows at once, as a sync consumer looping
-            # on get() does; otherwise the consumer queued behind us wins the lock back
-            # every time. Released at the loop's next turn unless a get holds it by then.
-            self._release_soon()
-        else:
-            self._release_rlock()
-        assert self._parts is not None
-        if self._parts.sem is not None:
-            self._parts.sem.release()
-        return frame
-
-    def _release_soon(self) -> None:
-        """Let go of the reader lock at the loop's next turn, unless a get holds the
-        adapter's get lock by then; that get then uses the lock, and when it ends it
-        calls this again. Outside a running loop (a sync method called after the loop
-        ended), let go at once."""
-        try:
-            native: Any = current_token().native_token
-        except RuntimeError:  # anyio.NoEventLoopError (a RuntimeError) where it exists
-            # No loop, so no next turn: a release scheduled in a loop that has ended
-            # never ran either.
-            self._release_scheduled = None
-            self._release_rlock()
-            return
-        if self._release_scheduled is native:
-            return  # (one scheduled in a loop that has ended since never runs)
-        soon = native.call_soon if hasattr(native, "call_soon") else native.run_sync_soon
-        try:
-            soon(self._deferred_release)
-        except RuntimeError:  # the loop is closing: no next turn is coming
-            self._release_rlock()
-            return
-        self._release_scheduled = native
-
-    def _deferred_release(self) -> None:
-        self._release_scheduled = None
-        if not self._get_lock.locked() and self._decoder.at_boundary:
-            self._release_rlock()
-
-    def _fail(self, reason: str) -> NoReturn:
-        self._broken = reason
-        self._fast_route = False
-        if self._rlock_held:
-            self._release_rlock()
-        raise anyio.BrokenResourceError(reason)
-
-    async def _wait_readable(self) -> None:
-        if self._waiter is None:
-            self._waiter = ReadinessWaiter(self._fd)
-        await self._waiter.wait()
-
-    async def _get_frame(self) -> bytes:
-        if self._kept:
-            await _fast_checkpoint()
-            return self._kept.popleft()  # type: ignore[no-any-return]
-        await _fast_checkpoint()
-        assert self._parts is not None
-        rlock = self._parts.rlock
-        while True:
-            self._check_open()
-            if not self._rlock_held:
-                if not self._contended and self._available() == 0:
-                    await self._wait_readable()
-                    if self._available() == 0:
-                        # Readable, yet empty: another consumer took the item first.
-                        # That is contention too; from now on queue for the lock.
-                        self._contended = True
-                    continue
-                if not rlock.acquire(False):
-                    # Another consumer holds the lock: queue for it in the kernel, as a
-                    # sync consumer does. Waiting for data first would lose every item
-                    # to a sync consumer that waits for data while holding the lock.
-                    self._contended = True
-                    await self._acquire_contended()
-                self._rlock_held = True
-                if self._closed:  # closed while the lock was being handed over
-                    self._release_rlock()
-                    raise anyio.ClosedResourceError
-            frame = self._read_available()
-            if frame is not None:
-                return frame
-            if not self._decoder.at_boundary:
-                return await self._finish_frame()
-            if self._contended:
-                # Our turn, won in a queue: keep the lock and wait for the item, as the
-                # sync consumer behind us would.
-                try:
-                    await self._wait_readable()
-                except BaseException:
-                    self._release_rlock()
-                    raise
-                continue
-            # Somebody else took the item between readiness and the lock.
-            self._release_rlock()
-
-    async def _finish_frame(self) -> bytes:
-        """Part of a frame is read and the lock is held: finish it, shielded."""
-        frame: bytes | None = None
-        with anyio.CancelScope(shield=True):
-            while frame is None:
-                with anyio.move_on_after(self._stall_timeout):
-                    await self._wait_readable()
-                    frame = self._read_available()
-                    if frame is None:
-                        await cancel_shielded_checkpoint()
-                    continue
-                self._fail(
-                    f"a producer stopped mid-item: no progress for {self._stall_timeout} s "
-                    f"with {self._decoder.buffered} bytes of it read"
-                )
-        assert frame is not None
-        try:
-            await checkpoint_if_cancelled()
-        except BaseException:
-            self._kept.append(frame)
-            raise
-        return frame
-
-    async def _acquire_contended(self) -> None:
-        """Wait for the reader lock in a thread, as a sync consumer would."""
-        assert self._parts is not None
-        rlock = self._parts.rlock
-        handoff = _LockHandoff()
-
-        def acquire(call: BlockingCall[bool]) -> bool:
-            while not call.stopping:
-                if rlock.acquire(True, _SLICE):
-                    with handoff.guard:
-                        if call.stop_requested():
-                            rlock.release()
-                            return False
-                        handoff.acquired = True
-                    return True
-            return False
-
-        call: BlockingCall[bool] = BlockingCall(
-            acquire, name="asyncmp-queue-rlock", worker=self._rlock_worker
-        )
-        await call.start()
-        self._calls.add(call)
-        try:
-            await call.wait()
-        except BaseException:
-            with handoff.guard:
-                call.request_stop()
-                if handoff.acquired:
-                    handoff.acquired = False
-                    rlock.release()
-            raise
-        finally:
-            if call.done:
-                self._calls.discard(call)
-        if not call.result():
-            raise anyio.ClosedResourceError
-
-    # thread route --------------------------------------------------------------------
-
-    async def _get_threaded(self) -> Any:
-        if self._kept:
-            await _fast_checkpoint()
-            return _Failed.unwrap(self._kept.popleft())
-        while True:
-            call = self._pending_get
-            if call is None:
-                await checkpoint_if_cancelled()
-
-                def blocking_get(c: BlockingCall[Any]) -> Any:
-                    while not c.stopping:
-                        try:
-                            return self._timed_get(_SLICE)
-                        except queue.Empty:
-                            continue
-                    return _STOPPED
-
-                call = BlockingCall(blocking_get, name="asyncmp-queue-get", worker=self._get_worker)
-                await call.start()
-                self._calls.add(call)
-                self._pending_get = call
-            try:
-                await call.wait()
-            except BaseException:
-                # Cancelled (a timeout too): the thread stops at its next time slice,
-                # unless it has taken an item by then; the next get collects that one.
-                call.request_stop()
-                raise
-            self._pending_get = None
-            self._calls.discard(call)
-            self._check_open()
-            try:
-                item = call.result()
-            except anyio.BrokenResourceError as exc:
-                self._broken = str(exc)
-                raise
-            if item is not _STOPPED:
-                return item
-            # A get cancelled before ours stopped without an item: start a new one.
-
-    def _timed_get(self, timeout: float) -> Any:
-        """One get that gives up with ``queue.Empty`` after *timeout* (0: don't wait).
-
-        A POSIX multiprocessing queue is read as the fd route reads it, only blocking:
-        the reader lock, then exactly one frame, each wait for its next bytes bounded by
-        ``stall_timeout``, so a producer that died mid-item can't hold this thread and
-        the lock forever. Anything else goes through its own ``get``.
-        """
-        parts = _mpinternals.queue_parts(self._q)
-        if parts is None:
-            return _mpinternals.timed_get(self._q, timeout)
-        rlock = parts.rlock
-        decoder = self._partial
-        if decoder is None:
-            if not (rlock.acquire(True, timeout) if timeout > 0 else rlock.acquire(False)):
-                raise queue.Empty
-            decoder = FrameDecoder(None)
-        # The lock is ours (taken now, or kept with a partial item by a get_nowait).
-        self._partial = None
-        fd = parts.reader.fileno()
-        try:
-            if timeout > 0 and decoder.at_boundary and not parts.reader.poll(timeout):
-                raise queue.Empty
-            # timeout 0 is get_nowait() in the event loop's thread: only what is there.
-            frame = self._read_frame(fd, decoder, wait=timeout > 0)
-            if frame is None:
-                if not decoder.at_boundary:
-                    self._partial = decoder  # the lock stays, for the next get
-                raise queue.Empty
-        finally:
-            if self._partial is None:
-                rlock.release()
-        if parts.sem is not None:
-            parts.sem.release()
-        return _loads(frame)
-
-    def _read_frame(self, fd: int, decoder: FrameDecoder, *, wait: bool) -> bytes | None:
-        """Go on with *decoder*'s frame; return it once whole.
-
-        ``wait=False`` (in the event loop's thread): read only what is in the pipe now,
-        at most ``_READ_BUDGET`` bytes, and return None if the frame is not whole by then.
-        ``wait=True`` (in a thread): wait for the rest, each wait for more bytes bounded by
-        ``stall_timeout``.
-        """
-        transport = open_transport(fd)
-        waiter = poller(fd, writable=False) if wait else None
-        budget = _READ_BUDGET
-        try:
-            while True:
-                try:
-                    frame = decoder.next_frame()
-                except WireError as exc:
-                    raise anyio.BrokenResourceError(f"corrupt queue framing: {exc}") from None
-                if frame is not None or (waiter is None and budget <= 0):
-                    return frame
-                want = decoder.bytes_wanted()
-                data = transport.read_some(want if waiter is not None else min(want, budget))
-                if data is None:
-                    if waiter is None:
-                        return None
-                    if not waiter.poll(self._stall_timeout * 1000):
-                        raise anyio.BrokenResourceError(
-                            f"a producer stopped mid-item: no progress for "
-                            f"{self._stall_timeout} s with {decoder.buffered} bytes of it read"
-                        )
-                    continue
-                if not data:
-                    raise anyio.BrokenResourceError("the queue's pipe was closed mid-item")
-                budget -= len(data)
-                decoder.feed(data)
-        finally:
-            transport.close()
-
-    def _get_nowait_threaded(self) -> Any:
-        call = self._pending_get
-        if call is not None:
-            # Finished, not done: outside a loop (or before it ran again) the loop never
-            # hears of it, and the item is there all the same.
-            if not call.finished:
-                raise queue.Empty
-            self._pending_get = None
-            self._calls.discard(call)
-            item = call.result()
-            if item is not _STOPPED:
-                return item
-        return self._timed_get(0)
-
     # -- putting ------------------------------------------------------------------------
-
-    def _prepare(self, obj: Any) -> Any:
-        if self._is_mp_queue:
-            # Pickle now: an unpicklable object raises here, not in the feeder thread.
-            buf = io.BytesIO()
-            ForkingPickler(buf, pickle.HIGHEST_PROTOCOL).dump(obj)
-            return _Prepickled(buf.getvalue())
-        return obj
-
-    def _feeder_failed(self, exc: Exception) -> bool:
-        """The queue's feeder thread could not write an item (in the feeder thread)."""
-        if getattr(exc, "errno", None) != errno.EPIPE:
-            return False  # not ours to judge: the queue prints it, as it always has
-        self._feeder_error = exc
-        return True
-
-    def _check_readers(self) -> None:
-        """Raise if no process holds the queue's read end any more.
-
-        Then a put could only lose the item: the feeder thread would fail to write it
-        (and print a traceback). The pipe tells: polling its write end reports an error
-        (Linux) or a hangup once the last read end is closed. If the last reader goes
-        after this check, the feeder's write fails; the hook records that quietly, and
-        the item is lost, but the next put raises.
-        """
-        error = self._feeder_error
-        if error is not None:
-            raise anyio.BrokenResourceError(_NO_READERS) from error
-        writer = self._writer
-        if writer is not None and not writer.closed:
-            for _, events in self._writer_poll.poll(0):
-                if events & _READERS_GONE:
-                    raise anyio.BrokenResourceError(_NO_READERS)
 
     def put_nowait(self, obj: T) -> None:
         """Put *obj* if there is room now. May be called outside a running event loop.
@@ -1018,12 +254,7 @@ class AsyncQueue(AsyncResource, Generic[T]):
             nothing was put.
         :raises anyio.BrokenResourceError: no process reads the queue any more.
         """
-        self._check_open()
-        self._check_readers()
-        item = self._prepare(obj)
-        if isinstance(self._q, multiprocessing.queues.SimpleQueue):
-            raise TypeError("a SimpleQueue has no put_nowait(); use await put()")
-        self._q.put_nowait(item)
+        self._putter.put_nowait(obj)
 
     async def put(self, obj: T, timeout: float | None = None) -> None:  # noqa: ASYNC109 (the stdlib's name)
         """Put *obj* into the queue, waiting for room in a bounded queue.
@@ -1055,137 +286,7 @@ class AsyncQueue(AsyncResource, Generic[T]):
             no process reads the queue any more (every read end is closed; the consumer
             is gone). Then the item was not put.
         """
-        self._check_open()
-        self._check_readers()
-        if self._writes_frames:
-            # A SimpleQueue has no feeder thread: its put writes the frame itself.
-            payload = ForkingPickler.dumps(obj)
-            frame = encode_header(len(payload)) + payload
-            if timeout is None:
-                await self._put_frame(frame)
-                return
-            with anyio.move_on_after(timeout):
-                await self._put_frame(frame)
-                return
-            raise queue.Full
-        item = self._prepare(obj)
-        plain_queue = self._is_mp_queue and not isinstance(
-            self._q, multiprocessing.queues.JoinableQueue
-        )
-        if plain_queue:
-            # Queue.put(block=False) only takes a semaphore and appends to the feeder's
-            # buffer: it never blocks.
-            await checkpoint_if_cancelled()
-            try:
-                self._q.put(item, False)
-            except queue.Full:
-                pass
-            else:
-                await cancel_shielded_checkpoint()
-                return
-        if timeout is None:
-            await self._put_threaded(item)
-            return
-        with anyio.move_on_after(timeout):
-            await self._put_threaded(item)
-            return
-        raise queue.Full
-
-    async def _put_frame(self, frame: bytes, *, stall_timeout: float | None = None) -> None:
-        """Write *frame* into the queue's pipe from a thread (:func:`_write_frame`).
-
-        Returns once the frame is in the pipe, or once it has begun: then it is written
-        whole in the background and counts as put (as ``Queue.put`` counts an item
-        handed to its feeder), and the next put of this adapter, and :meth:`aclose`,
-        come after it. If cancelled before the first byte, nothing is written.
-        """
-        writer, wlock = self._writer, self._wlock
-        assert writer is not None and wlock is not None
-        fd = writer.fileno()
-        stall = self._stall_timeout if stall_timeout is None else stall_timeout
-        begun = anyio.Event()
-        native: Any = current_token().native_token
-        notify = (
-            native.call_soon_threadsafe
-            if hasattr(native, "call_soon_threadsafe")
-            else native.run_sync_soon
-        )
-
-        def on_begun() -> None:
-            try:
-                notify(begun.set)
-            except Exception:  # the loop is gone: nobody waits for this
-                pass
-
-        def write(c: BlockingCall[bool]) -> bool:
-            return _write_frame(c, fd, wlock, frame, stall, on_begun)
-
-        def finished(call: BlockingCall[bool]) -> None:
-            self._calls.discard(call)
-            begun.set()
-            error = call.error
-            if isinstance(error, anyio.BrokenResourceError) and "mid-item" in str(error):
-                # Part of a frame is in the pipe for good: this adapter can't put again.
-                self._broken = str(error)
-
-        await checkpoint_if_cancelled()
-        call: BlockingCall[bool] = BlockingCall(write, name="asyncmp-queue-put")
-        await call.start()
-        self._calls.add(call)
-        call.add_done_callback(finished)
-        try:
-            await call.wait()
-        except anyio.get_cancelled_exc_class():
-            # Stop the thread if it has not written anything yet; a frame it has begun
-            # is finished in the background, and the put counts as done. Never both.
-            call.request_stop()
-            with anyio.CancelScope(shield=True):
-                await begun.wait()  # one of the two, within a time slice
-            if not call.done:
-                return  # begun: it goes in whole
-            if call.error is None and call.result():
-                return
-            raise
-        if not call.result():
-            raise anyio.ClosedResourceError
-
-    async def _put_threaded(self, item: Any) -> None:
-        q = self._q
-
-        def blocking_put(c: BlockingCall[bool]) -> bool:
-            if isinstance(q, multiprocessing.queues.SimpleQueue):
-                try:
-                    q.put(item)
-                except BrokenPipeError as exc:
-                    raise anyio.BrokenResourceError(_NO_READERS) from exc
-                return True
-            while not c.stopping:
-                try:
-                    q.put(item, True, _SLICE)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
-        await checkpoint_if_cancelled()
-        call: BlockingCall[bool] = BlockingCall(blocking_put, name="asyncmp-queue-put")
-        await call.start()
-        self._calls.add(call)
-        try:
-            await call.wait()
-        except anyio.get_cancelled_exc_class():
-            # Stop the thread and learn whether its last try got in: a put that got in
-            # is reported as done, one that did not as cancelled. Never both.
-            call.request_stop()
-            with anyio.CancelScope(shield=True):
-                await call.wait()
-            self._calls.discard(call)
-            if call.result():
-                return
-            raise
-        self._calls.discard(call)
-        if not call.result():
-            raise anyio.ClosedResourceError
+        await self._putter.put(obj, timeout)
 
     # -- joinable queues ----------------------------------------------------------------
 
@@ -1205,56 +306,7 @@ class AsyncQueue(AsyncResource, Generic[T]):
 
         :raises anyio.ClosedResourceError: the adapter was closed, before or during the wait.
         """
-        self._check_open()
-        parts = self._joinable
-        q = self._q
-        interrupt = _Interrupter()
-
-        def blocking_join(c: BlockingCall[bool]) -> bool:
-            if parts is None:
-                # A proxy (or a queue whose insides are unknown) offers only a join() that
-                # blocks until every task is done. Its call waits on the connection to
-                # the manager that this thread opens; interrupt() shuts that connection
-                # down, which ends the wait here (the manager's side finds the connection
-                # gone when the tasks are done).
-                armed = interrupt.arm(_mpinternals.proxy_connection(q))
-                if c.stopping:
-                    return False
-                if not armed:  # nothing to interrupt (not a proxy over a socket): block
-                    q.join()
-                    return True
-                try:
-                    q.join()
-                except (OSError, EOFError):
-                    if c.stop_requested():
-                        return False
-                    raise
-                return True
-            cond, is_done = parts
-            while not c.stopping:
-                with cond:
-                    if is_done():
-                        return True
-                    cond.wait(_SLICE)
-            return False
-
-        call: BlockingCall[bool] = BlockingCall(blocking_join, name="asyncmp-queue-join")
-        call.add_done_callback(lambda _: interrupt.disarm())
-        await call.start()
-        self._calls.add(call)
-        self._interrupters[call] = interrupt
-        try:
-            await call.wait()
-        except BaseException:
-            call.request_stop()
-            interrupt.fire()
-            raise
-        finally:
-            if call.done:
-                self._calls.discard(call)
-                self._interrupters.pop(call, None)
-        if not call.result():
-            raise anyio.ClosedResourceError
+        await self._putter.join()
 
     # -- closing ------------------------------------------------------------------------
 
@@ -1281,129 +333,34 @@ class AsyncQueue(AsyncResource, Generic[T]):
         their end, and only the wait for the feeder stops, the feeder going on writing
         in the background. It raises nothing of its own.
         """
-        if self._closed:
+        state = self._state
+        if state.closed:
             await checkpoint()
             return
-        self._closed = True
-        self._fast_route = False
-        if self._parts is not None and self._waiter is not None:
-            self._waiter.close()
-        calls = list(self._calls)
+        state.closed = True
+        getter, putter = self._getter, self._putter
+        getter.stop()
+        calls = list(state.calls)
         for call in calls:
             call.request_stop()
-        for interrupter in self._interrupters.values():
-            interrupter.fire()
+        putter.interrupt_joins()
         with anyio.CancelScope(shield=True):
             for call in calls:
                 await call.wait()
             for call in calls:
                 call.join()
-            self._calls.clear()
-            self._interrupters.clear()
-            for worker in (self._get_worker, self._rlock_worker):
-                thread = worker.close()
-                if thread is not None:
-                    thread.join()  # its calls have returned: it is on its way out
-            await self._give_back_partial_item()
-            if self._parts is not None:
-                if self._rlock_held:
-                    self._release_rlock()
-                self._transport.close()
-        await self._flush()
-
-    async def _give_back_partial_item(self) -> None:
-        """In aclose(): if this adapter holds the reader lock in the middle of an item (a
-        get_many() or get_nowait() read into an item a producer is still writing), finish
-        that item and put it back into the queue, then let go of the lock.
-
-        The lock is never let go mid-item: the next reader would start in the middle of
-        it. The rest is waited for in a thread, each wait for more bytes bounded by
-        ``stall_timeout``; if it does not come, the item is lost and the lock is let go
-        as a get lets it go after a producer that stopped mid-item. The item goes back
-        whole, at the end of the queue, with its slot in a bounded queue still counted
-        (it was never released). Shielded: aclose() runs to completion.
-        """
-        parts = _mpinternals.queue_parts(self._q)
-        if parts is None:
-            return
-        if self._parts is not None:
-            decoder: FrameDecoder | None = None if self._decoder.at_boundary else self._decoder
-            if decoder is None or not self._rlock_held:
-                return
-        else:
-            decoder, self._partial = self._partial, None
-            if decoder is None:
-                return
-        fd = parts.reader.fileno()
-
-        def finish(c: BlockingCall[bytes | None]) -> bytes | None:
-            return self._read_frame(fd, decoder, wait=True)
-
-        call: BlockingCall[bytes | None] = BlockingCall(finish, name="asyncmp-queue-finish")
-        await call.start()
-        await call.wait()
-        try:
-            frame = call.result()
-        except anyio.BrokenResourceError as exc:
-            self._broken = str(exc)
-            frame = None
-        # At the item's end (or given up on it): the lock goes.
-        if self._parts is not None:
-            self._decoder = FrameDecoder(None)
-            self._release_rlock()
-        else:
-            parts.rlock.release()
-        writer, wlock = self._writer, self._wlock
-        if frame is None or writer is None or writer.closed or wlock is None:
-            return
-        whole = encode_header(len(frame)) + frame
-        stall = self._stall_timeout
-
-        def write(c: BlockingCall[bool]) -> bool:
-            return _write_frame(c, writer.fileno(), wlock, whole, stall, lambda: None)
-
-        put_back: BlockingCall[bool] = BlockingCall(write, name="asyncmp-queue-put")
-        await put_back.start()
-        await put_back.wait()
-        if put_back.error is not None:
-            self._broken = str(put_back.error)
-
-    async def _flush(self) -> None:
-        """Close the queue in this process and wait for its feeder to write it all.
-
-        If cancelled, the feeder goes on writing in the background, as after
-        ``Queue.close()`` without ``join_thread()``.
-        """
-        q = self._q
-        if isinstance(q, multiprocessing.queues.SimpleQueue):
-            q.close()
-        if not isinstance(q, multiprocessing.queues.Queue):
-            await checkpoint()
-            return
-        q.close()
-        feeder = _mpinternals.feeder_thread(q)
-        if feeder is None or not feeder.is_alive():
-            await checkpoint()
-            return
-
-        def wait_for_feeder(c: BlockingCall[None]) -> None:
-            while feeder.is_alive() and not c.stopping:
-                feeder.join(_SLICE)
-
-        call: BlockingCall[None] = BlockingCall(wait_for_feeder, name="asyncmp-queue-flush")
-        await call.start()
-        try:
-            await call.wait()
-        finally:
-            call.request_stop()
-            call.join()
+            state.calls.clear()
+            putter.forget_joins()
+            getter.close_threads()
+            # Never let go of the reader lock mid-item: finish the item, and put it back.
+            frame = await getter.finish_partial()
+            if frame is not None:
+                await putter.put_back(frame)
+            getter.close()
+        await putter.flush()
 
     def __reduce__(self) -> NoReturn:
-        raise TypeError(
-            "an AsyncQueue can't be pickled or passed to another process: pass its .queue "
-            "instead, the plain multiprocessing queue, and wrap that in an AsyncQueue there "
-            "if that process is async"
-        )
+        raise TypeError(_NOT_PICKLABLE)
 
     def __repr__(self) -> str:
         route = "threads" if self.uses_threads else "fd"

@@ -20,7 +20,7 @@ that the async caller keeps asyncmp's guarantees:
   that closes can ask its thread to stop and wait for it.
 * **A thread per call only when calls are rare.** Starting a thread costs far more than
   a small item takes to arrive. An owner that makes the same kind of call over and over
-  (an adapter's gets) gives its calls a :class:`Worker`: one thread that runs them one
+  (an adapter's gets) gives its calls a :class:`KeptThread`: one thread that runs them one
   after the other, and ends when it has been idle for a moment, or when its owner closes.
 
 The thread tells the loop it is done with a non-blocking ``call_soon_threadsafe`` (or
@@ -33,17 +33,24 @@ import threading
 import traceback
 from collections import deque
 from collections.abc import Callable
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 import anyio
-from anyio.lowlevel import RunVar, current_token
+from anyio.lowlevel import RunVar
 
-__all__ = ("DEFAULT_THREAD_LIMIT", "BlockingCall", "Worker", "thread_limiter")
+from ._loop import threadsafe_notifier
+
+__all__ = ("DEFAULT_THREAD_LIMIT", "THREAD_SLICE", "BlockingCall", "KeptThread", "thread_limiter")
 
 T = TypeVar("T")
 
 #: How many asyncmp threads may run at once in one event loop by default.
 DEFAULT_THREAD_LIMIT = 64
+#: How long one time slice of a blocking call lasts: how often a thread blocked on a
+#: lock, a semaphore, a poll or a join checks whether its owner asked it to give up.
+THREAD_SLICE = 0.05
+#: How long a kept thread waits for its owner's next call before it ends.
+_KEPT_IDLE = 0.05
 _limiter: RunVar[anyio.CapacityLimiter] = RunVar("asyncmp_thread_limiter")
 
 
@@ -57,7 +64,7 @@ def thread_limiter() -> anyio.CapacityLimiter:
         return limiter
 
 
-class Worker:
+class KeptThread:
     """A thread that runs its owner's blocking calls one after the other.
 
     It starts with the first call, waits up to ``idle`` seconds for the next one once a
@@ -65,7 +72,7 @@ class Worker:
     for good once the call it runs (if any) has returned.
     """
 
-    def __init__(self, name: str, *, idle: float = 0.05) -> None:
+    def __init__(self, name: str, *, idle: float = _KEPT_IDLE) -> None:
         self._name = name
         self._idle = idle
         self._jobs: deque[Callable[[], None]] = deque()
@@ -125,7 +132,7 @@ class BlockingCall(Generic[T]):
         fn: Callable[[BlockingCall[T]], T],
         *,
         name: str,
-        worker: Worker | None = None,
+        worker: KeptThread | None = None,
         limited: bool = True,
     ) -> None:
         self._fn = fn
@@ -173,12 +180,7 @@ class BlockingCall(Generic[T]):
             limiter = thread_limiter()
             await limiter.acquire_on_behalf_of(self)
             self._limiter = limiter
-        native: Any = current_token().native_token
-        self._notify = (
-            native.call_soon_threadsafe
-            if hasattr(native, "call_soon_threadsafe")
-            else native.run_sync_soon
-        )
+        self._notify = threadsafe_notifier()
         try:
             if self._worker is not None:
                 self._worker.submit(self._run)
@@ -240,14 +242,14 @@ class BlockingCall(Generic[T]):
         """Wait until the function has returned or raised.
 
         If cancelled, the call goes on in its thread; its outcome is kept. Once it
-        returns, the thread has ended too (on a :class:`Worker`: the call has returned,
+        returns, the thread has ended too (on a :class:`KeptThread`: the call has returned,
         and the thread may go on to the next call).
         """
         await self._done.wait()
         if self._thread is not None:
             # The thread signalled from its last lines: this join is immediate.
             self._thread.join()
-        # On a Worker, the call has returned; the thread goes on to the next one.
+        # On a KeptThread, the call has returned; the thread goes on to the next one.
 
     @property
     def error(self) -> BaseException | None:
@@ -268,7 +270,7 @@ class BlockingCall(Generic[T]):
         self._stop.set()
 
     def join(self, timeout: float | None = None) -> bool:
-        """Block until the call's own thread has ended (on a Worker: until the call has
+        """Block until the call's own thread has ended (on a KeptThread: until the call has
         returned); True if it did within *timeout*."""
         if self._thread is None:
             return not self._submitted or self._finished.wait(timeout)

@@ -34,6 +34,7 @@ __all__ = (
     "FrameDecoder",
     "WireError",
     "encode_header",
+    "unpack_short_header",
 )
 
 _SHORT = struct.Struct("!i")
@@ -53,6 +54,10 @@ BODY_GROWTH_MIN = 1 << 20
 BODY_GROWTH_MAX = 2 << 20
 
 _ESCAPE = _SHORT.pack(-1)
+
+#: ``(length,)`` of a 4-byte header: a payload's length, or -1 (the long form's escape)
+#: or another negative number (invalid). For a reader that has read exactly a header.
+unpack_short_header = _SHORT.unpack
 
 
 class WireError(ValueError):

@@ -200,7 +200,7 @@ async def test_the_last_reader_gone_while_the_feeder_holds_an_item(
             q._reader.close()
         finally:
             q._wlock.release()
-        await wait_until(lambda: aq._feeder_error is not None, "the feeder's write failed")
+        await wait_until(lambda: aq._putter.feeder_error is not None, "the feeder's write failed")
         with pytest.raises(anyio.BrokenResourceError), anyio.fail_after(5):
             await aq.put("refused")
         with anyio.fail_after(10):

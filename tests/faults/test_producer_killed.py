@@ -195,7 +195,8 @@ async def test_get_gives_the_loop_turns_while_a_producer_keeps_the_pipe_full() -
         write_all(q._writer.fileno(), struct.pack("!i", len(payload)) + b"\0")
         async with heartbeat(0) as beat:
             pipe = AlwaysFullPipe(payload, beat)
-            with patched(aq, "_transport", pipe), anyio.fail_after(30):
+            assert aq._fast is not None
+            with patched(aq._fast.reader, "_transport", pipe), anyio.fail_after(30):
                 item = await aq.get()
         assert item == b"\x5a" * SIZE
         print(f"worst: {pipe.worst / MiB:.1f} MiB read without a loop turn")

@@ -40,7 +40,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import asyncmp
-import asyncmp._connection
+import asyncmp._frames
 from asyncmp import AsyncConnection
 from asyncmp._wire import FrameDecoder
 from tests.support.io import KiB, MiB, buffered, patched, settle, wait_for_event, wait_until
@@ -108,7 +108,7 @@ async def run_scenario(
     reader.start()
     broken = False
     try:
-        with patched(asyncmp._connection, "SEND_SHIELD_SECONDS", shield), anyio.fail_after(20):
+        with patched(asyncmp._frames, "SEND_SHIELD_SECONDS", shield), anyio.fail_after(20):
             scope = anyio.CancelScope()
 
             async def send() -> None:

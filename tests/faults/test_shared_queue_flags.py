@@ -47,6 +47,8 @@ async def test_sync_consumer_never_sees_blocking_io_error() -> None:
     async with open_queue(use_threads=False) as aq:
         q = aq.queue
         fd = q._reader.fileno()
+        fd_getter = aq._fast
+        assert fd_getter is not None
         flags_seen: list[bool] = [nonblocking(fd)]
         report, child_report = asyncmp.Pipe(duplex=False)
         consumer = FORK.Process(
@@ -84,7 +86,7 @@ async def test_sync_consumer_never_sees_blocking_io_error() -> None:
                 # The child gets the lock back and blocks reading the empty pipe: were the
                 # pipe's description non-blocking, that read would fail now.
                 await wait_until(
-                    lambda: reader_lock_is_held(q) and not aq._rlock_held,
+                    lambda: reader_lock_is_held(q) and not fd_getter.rlock.held,
                     "the child waits in get() again",
                 )
                 await settle()

@@ -1,0 +1,495 @@
+"""The frame engine: whole frames over a descriptor, between the codec and the I/O layer.
+
+``_wire`` knows the framing and moves no bytes; ``_fdio`` moves bytes without blocking
+and knows no framing. This module puts the two together, once, for every adapter:
+
+* :class:`GreedyReader` (connections): reads whatever is there, as much as the decoder
+  can use, so one read may bring many small frames; a large body goes straight into the
+  decoder's buffer. A connection's stream is its own, so reading ahead loses nothing.
+* :class:`ExactReader` (queues): never reads past the frame in progress. A queue's pipe
+  is shared by every consumer, and the next frame belongs to whoever takes the reader
+  lock next. Its fast path reads a frame that is all there in two reads (header, body);
+  :meth:`ExactReader.read_available` goes on with a partial frame within a per-turn
+  budget; :meth:`ExactReader.read_blocking` waits for the rest in a thread, each wait
+  bounded by a stall timeout.
+* :class:`FrameWriter`: header and small payloads in one write, large ones in two; writes
+  what fits, waits for room, and finishes a frame torn by a cancellation (shielded and
+  bounded) or breaks the stream so the peer never sees a torn frame followed by more.
+
+A new read strategy (``preadv2`` with ``RWF_NOWAIT``, io_uring) is one more reader class
+here; the adapters keep their shape.
+
+Errors: bad framing raises :class:`ProtocolError` (connections) or
+``anyio.BrokenResourceError`` (queues, whose error is the adapter's whole state); the
+texts are defined once, below.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import anyio
+
+from ._exceptions import ConnectionEOF, ProtocolError
+from ._loop import fast_checkpoint, note_turn, turn_if_due
+from ._wire import FrameDecoder, WireError, encode_header, unpack_short_header
+
+if TYPE_CHECKING or sys.platform != "win32":
+    from ._fdio import FdTransport, Poller, ReadinessWaiter
+
+__all__ = (
+    "BODY_READ",
+    "COALESCE_LIMIT",
+    "PEER_CLOSED",
+    "READ_BUDGET",
+    "SEND_SHIELD_SECONDS",
+    "ExactReader",
+    "FrameWriter",
+    "GreedyReader",
+    "eof_error",
+    "frame_parts",
+    "maxlength_exceeded",
+    "stalled",
+    "torn_send",
+)
+
+#: The most one read moves into the body of a large message (about a millisecond of
+#: copying), so the loop gets its turn in between.
+BODY_READ = 4 << 20
+#: The most an exact reader reads of one big item before the event loop gets a turn.
+READ_BUDGET = 4 << 20
+#: Payloads up to this size go out in one write together with their header.
+COALESCE_LIMIT = 16 * 1024
+#: How long a send cancelled mid-frame may go on, shielded, to finish its frame before
+#: the connection is declared broken instead.
+SEND_SHIELD_SECONDS = 2.0
+
+PEER_CLOSED = "the peer closed the connection"
+_CORRUPT_QUEUE = "corrupt queue framing: {}"
+_QUEUE_CLOSED_MID_ITEM = "the queue's pipe was closed mid-item"
+
+
+def eof_error(at_boundary: bool, held: int) -> ConnectionEOF:
+    """The EOF of a connection, with what was held of a partial message if any."""
+    if at_boundary:
+        return ConnectionEOF(PEER_CLOSED)
+    return ConnectionEOF(f"{PEER_CLOSED} mid-message ({held} bytes of it held)")
+
+
+def maxlength_exceeded(length: int, maxlength: int) -> ProtocolError:
+    return ProtocolError(f"message of {length} bytes exceeds maxlength={maxlength}")
+
+
+def torn_send(written: int, total: int) -> str:
+    """Why a connection is broken after a send was cancelled mid-message."""
+    return f"a send was cancelled after {written} of {total} bytes of its message"
+
+
+def stalled(stall_timeout: float, held: int) -> anyio.BrokenResourceError:
+    """A producer stopped writing in the middle of a queue item."""
+    return anyio.BrokenResourceError(
+        f"a producer stopped mid-item: no progress for {stall_timeout} s "
+        f"with {held} bytes of it read"
+    )
+
+
+def frame_parts(payload: memoryview) -> tuple[list[memoryview], int]:
+    """What goes on the wire for *payload*, as writes, and their total length: header and
+    payload in one piece up to :data:`COALESCE_LIMIT`, in two above."""
+    header = encode_header(len(payload))
+    if len(payload) <= COALESCE_LIMIT:
+        return [memoryview(header + payload)], len(header) + len(payload)
+    return [memoryview(header), payload], len(header) + len(payload)
+
+
+# ---------------------------------------------------------------------------------------
+# Connections: the greedy reader
+# ---------------------------------------------------------------------------------------
+
+
+class GreedyReader:
+    """Frames of a connection's own stream: reads what is there, keeps what it read.
+
+    Bytes that arrived but don't make a whole frame yet stay in the decoder, so a
+    receive cancelled between reads loses nothing: the next one picks up where it
+    stopped. Methods that read raise :class:`ConnectionEOF` at the end of the stream and
+    :class:`ProtocolError` for bad framing.
+    """
+
+    __slots__ = ("_closed", "_rwait", "_transport", "decoder")
+
+    def __init__(self, transport: FdTransport, max_message_size: int | None) -> None:
+        self._transport = transport
+        self.decoder = FrameDecoder(max_message_size)
+        self._rwait: ReadinessWaiter | None = None
+        self._closed = False
+
+    def next_frame(self) -> bytes | None:
+        """A whole frame from what was read already, or None."""
+        try:
+            return self.decoder.next_frame()
+        except WireError as exc:
+            raise ProtocolError(str(exc)) from None
+
+    def read_once(self) -> bool:
+        """Read what is there into the decoder; False if nothing was."""
+        decoder = self.decoder
+        view = decoder.body_buffer(BODY_READ)
+        if view is not None:
+            # A large body in progress: straight into its buffer, no copy on the way,
+            # and on until the kernel has no more or the view is full.
+            read_into = self._transport.read_into
+            got = 0
+            n: int | None = 0
+            try:
+                while got < len(view):
+                    with view[got:] as rest:
+                        n = read_into(rest)
+                    if not n:
+                        break
+                    got += n
+            finally:
+                decoder.body_received(got)
+            if got:
+                return True
+            if n is None:
+                return False
+            raise eof_error(False, decoder.buffered)
+        data = self._transport.read_some(max(65536, min(decoder.bytes_wanted(), 1 << 20)))
+        if data is None:
+            return False
+        if not data:
+            raise eof_error(decoder.at_boundary, decoder.buffered)
+        decoder.feed(data)
+        return True
+
+    def check_length(self, maxlength: int | None) -> None:
+        """Refuse the frame in progress, by its header, if it is longer than *maxlength*."""
+        if maxlength is None:
+            return
+        try:
+            length = self.decoder.frame_length()
+        except WireError as exc:
+            raise ProtocolError(str(exc)) from None
+        if length is not None and length > maxlength:
+            raise maxlength_exceeded(length, maxlength)
+
+    def take_frame(self) -> bytes | None:
+        """A whole frame that is already here (buffered, or one read away), or None.
+
+        Never waits; the fast path of ``AsyncConnection.recv``. It asks the kernel even
+        right after a send: a peer that answers each message often has its answer there
+        before this process got from its send to here, and a read that finds nothing
+        costs less than a turn of the loop that would find it.
+        """
+        try:
+            frame = self.decoder.next_frame()
+        except WireError as exc:
+            raise ProtocolError(str(exc)) from None
+        if frame is None and not self._closed and self.read_once():
+            frame = self.next_frame()
+        return frame
+
+    def recv_frame_nowait(self, maxlength: int | None) -> bytes:
+        """A whole frame from what is there now. :raises anyio.WouldBlock: none is."""
+        while True:
+            self.check_length(maxlength)
+            frame = self.next_frame()
+            if frame is not None:
+                return frame
+            if not self.read_once():
+                raise anyio.WouldBlock
+
+    async def recv_frame(self, maxlength: int | None, *, nothing_there: bool = False) -> bytes:
+        """Receive one frame, waiting for readiness as needed. *nothing_there*: the
+        caller just found no whole frame and nothing to read (and did the cancellation
+        check), so start by waiting.
+
+        If cancelled, nothing is lost: what was read stays in the decoder.
+        :raises anyio.ClosedResourceError: :meth:`close` was called.
+        """
+        if nothing_there:
+            await self._wait_readable()
+        else:
+            await fast_checkpoint()
+        while True:
+            if self._closed:
+                raise anyio.ClosedResourceError
+            self.check_length(maxlength)
+            frame = self.next_frame()
+            if frame is not None:
+                return frame
+            if self.read_once():
+                self.check_length(maxlength)
+                frame = self.next_frame()
+                if frame is not None:
+                    return frame
+                # A long message: read on while the bytes keep coming, giving the loop
+                # its turn every ms; no cancellation check per read.
+                await turn_if_due()
+                continue
+            await self._wait_readable()
+
+    async def _wait_readable(self) -> None:
+        if self._rwait is None:
+            self._rwait = ReadinessWaiter(self._transport.fd)
+        await self._rwait.wait()
+        note_turn()
+
+    def close(self) -> None:
+        """Wake a task waiting in :meth:`recv_frame` (it raises ``ClosedResourceError``)
+        and close the readiness helper; the transport is its owner's to close."""
+        self._closed = True
+        if self._rwait is not None:
+            self._rwait.close()
+
+
+# ---------------------------------------------------------------------------------------
+# Writing frames
+# ---------------------------------------------------------------------------------------
+
+
+class FrameWriter:
+    """Writes whole frames: what fits now, the rest as room comes.
+
+    :attr:`broken` is set when a send cancelled mid-frame could not finish it within
+    :data:`SEND_SHIELD_SECONDS`; *on_torn* was then called to make the peer see EOF
+    (never a torn frame followed by more).
+    """
+
+    __slots__ = ("_closed", "_on_torn", "_transport", "_wwait", "broken")
+
+    def __init__(self, transport: FdTransport, on_torn: Callable[[], object]) -> None:
+        self._transport = transport
+        self._on_torn = on_torn
+        self._wwait: ReadinessWaiter | None = None
+        self._closed = False
+        self.broken: str | None = None
+
+    def write_some(self, view: memoryview) -> int:
+        """Write what fits now (maybe 0). :raises anyio.BrokenResourceError: the peer
+        is gone."""
+        try:
+            return self._transport.write_some(view)
+        except OSError as exc:
+            if isinstance(exc, BrokenPipeError) or exc.errno in (errno.ECONNRESET, errno.EPIPE):
+                raise anyio.BrokenResourceError(PEER_CLOSED) from exc
+            raise
+
+    def send_nowait(self, payload: memoryview) -> int | None:
+        """Write as much of a small frame as fits now, without waiting.
+
+        The caller has just passed its cancellation point and holds the send side (no
+        other sender can start before it awaits). Returns None if all of the frame went
+        out, else how many of its bytes did (maybe 0): :meth:`send` sends the rest.
+        """
+        if self._closed:
+            raise anyio.ClosedResourceError
+        if len(payload) > COALESCE_LIMIT:
+            return 0
+        frame = encode_header(len(payload)) + payload
+        written = self.write_some(memoryview(frame))
+        return None if written == len(frame) else written
+
+    async def send(self, payload: memoryview, already: int = -1) -> None:
+        """Send one frame. *already*: :meth:`send_nowait` wrote that many of its bytes,
+        after the caller's cancellation point (-1: nothing was tried yet).
+
+        If cancelled before the first byte, nothing was sent; after it, the frame is
+        finished under a shield (see the class docstring).
+        """
+        if already < 0:
+            # A send that finds room never waits, so without this a loop of sends would
+            # never give the event loop a turn. Before the first byte: a cancelled send
+            # sends nothing.
+            await fast_checkpoint()
+            already = 0
+        parts, total = frame_parts(payload)
+        progress = [already]  # bytes of this frame written so far
+        try:
+            await self._write_parts(parts, progress)
+        except anyio.get_cancelled_exc_class():
+            if 0 < progress[0] < total:
+                await self._finish_torn_frame(parts, progress, total)
+            raise
+
+    async def _write_parts(self, parts: list[memoryview], progress: list[int]) -> None:
+        done = progress[0]
+        for part in parts:
+            if done >= len(part):
+                done -= len(part)
+                continue
+            await self._write_all(part[done:], progress)
+            done = 0
+
+    async def _write_all(self, view: memoryview, progress: list[int]) -> None:
+        offset = 0
+        while offset < len(view):
+            if self._closed:
+                raise anyio.ClosedResourceError
+            n = self.write_some(view[offset:])
+            if n:
+                offset += n
+                progress[0] += n
+                if offset < len(view):
+                    await fast_checkpoint()
+                continue
+            if self._wwait is None:
+                self._wwait = ReadinessWaiter(self._transport.fd, writable=True)
+            await self._wwait.wait()
+
+    async def _finish_torn_frame(
+        self, parts: list[memoryview], progress: list[int], total: int
+    ) -> None:
+        """Part of a frame went out: finish it, shielded and bounded, or break the link."""
+        with anyio.move_on_after(SEND_SHIELD_SECONDS, shield=True):
+            await self._write_parts(parts, progress)
+        if progress[0] < total:
+            self.broken = torn_send(progress[0], total)
+            if not self._closed:  # else the number may belong to another file by now
+                self._on_torn()
+
+    def send_blocking(
+        self,
+        payload: memoryview,
+        wait_writable: Poller,
+        slice_ms: int,
+        stopping: Callable[[], bool],
+        done: list[int],
+    ) -> None:
+        """Send one frame from a thread, waiting for room with *wait_writable* in slices
+        of *slice_ms*; *done* counts its bytes written so far.
+
+        :raises anyio.ClosedResourceError: *stopping()* said so between two slices.
+        """
+        for part in frame_parts(payload)[0]:
+            offset = 0
+            while offset < len(part):
+                if stopping():
+                    raise anyio.ClosedResourceError
+                n = self.write_some(part[offset:])
+                if n:
+                    offset += n
+                    done[0] += n
+                else:
+                    wait_writable.poll(slice_ms)
+
+    def close(self) -> None:
+        """Wake a task waiting for room (it raises ``ClosedResourceError``)."""
+        self._closed = True
+        if self._wwait is not None:
+            self._wwait.close()
+
+
+# ---------------------------------------------------------------------------------------
+# Queues: the exact reader
+# ---------------------------------------------------------------------------------------
+
+
+class ExactReader:
+    """Frames of a pipe shared with other consumers: never reads past one frame.
+
+    The caller holds the queue's reader lock across a frame: once the first byte of a
+    frame is read, it must be finished before the lock goes, or the next reader would
+    start mid-frame. What was read of a partial frame stays in :attr:`decoder`
+    (:attr:`at_boundary` is False meanwhile). Bad framing, and the pipe closed mid-item,
+    raise ``anyio.BrokenResourceError``; the queue is broken from then on.
+    """
+
+    __slots__ = ("_fd", "_transport", "decoder")
+
+    def __init__(self, transport: FdTransport) -> None:
+        self._transport = transport
+        self._fd = transport.fd
+        self.decoder = FrameDecoder(None)
+
+    @property
+    def at_boundary(self) -> bool:
+        """True unless part of a frame was read (and the frame must be finished)."""
+        return self.decoder.at_boundary
+
+    def available(self) -> int:
+        """Bytes in the pipe now (``FIONREAD``)."""
+        return self._transport.available()
+
+    def read_whole(self, avail: int) -> bytes | None:
+        """The common case in two reads, at a frame boundary with *avail* bytes in the
+        pipe (from :meth:`available`): if the next frame is all there, read its header,
+        then exactly its body, and return the body.
+
+        Otherwise return None. Nothing was read if fewer than 4 bytes are there; else the
+        bytes read went to the decoder (partial, negative or long form), and the frame is
+        the lock holder's to finish.
+        """
+        if avail < 4:
+            return None
+        fd = self._fd
+        header = os.read(fd, 4)
+        (size,) = unpack_short_header(header)
+        if 0 <= size <= avail - 4:
+            body = os.read(fd, size) if size else b""
+            if len(body) == size:
+                return body
+            self.decoder.feed(header + body)
+        else:
+            self.decoder.feed(header)
+        return None
+
+    def reset(self) -> None:
+        """Forget the frame in progress (given up on: the queue is broken, or the frame
+        was finished elsewhere)."""
+        self.decoder = FrameDecoder(None)
+
+    def _next(self) -> bytes | None:
+        try:
+            return self.decoder.next_frame()
+        except WireError as exc:
+            raise anyio.BrokenResourceError(_CORRUPT_QUEUE.format(exc)) from None
+
+    def _feed(self, data: bytes) -> None:
+        if not data:
+            raise anyio.BrokenResourceError(_QUEUE_CLOSED_MID_ITEM)
+        self.decoder.feed(data)
+
+    def read_available(self, budget: int = READ_BUDGET) -> bytes | None:
+        """Read no further than one frame, at most about *budget* bytes of it; return
+        the frame once whole, else None (nothing more there, or the budget is spent:
+        give the loop a turn, then come back)."""
+        decoder = self.decoder
+        if decoder.at_boundary:
+            body = self.read_whole(self.available())
+            if body is not None:
+                return body
+        while True:
+            frame = self._next()
+            if frame is not None:
+                return frame
+            if budget <= 0:
+                return None
+            data = self._transport.read_some(min(decoder.bytes_wanted(), READ_BUDGET))
+            if data is None:
+                return None
+            budget -= len(data)
+            self._feed(data)
+
+    def read_blocking(self, wait_readable: Poller, stall_timeout: float) -> bytes:
+        """In a thread: finish the frame in progress (or read the next one), waiting for
+        its bytes with *wait_readable*; each wait bounded by *stall_timeout* seconds.
+
+        :raises anyio.BrokenResourceError: no byte came for *stall_timeout*, or as above.
+        """
+        decoder = self.decoder
+        while True:
+            frame = self._next()
+            if frame is not None:
+                return frame
+            data = self._transport.read_some(decoder.bytes_wanted())
+            if data is None:
+                if not wait_readable.poll(stall_timeout * 1000):
+                    raise stalled(stall_timeout, decoder.buffered)
+                continue
+            self._feed(data)

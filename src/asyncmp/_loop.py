@@ -1,0 +1,228 @@
+"""The loop layer: the one module that knows asyncio's, trio's and anyio's internals.
+
+Everything above it (the I/O layer, the frame engine, the adapters) asks here instead of
+reaching into an event loop library, so a change in one of them lands in one place:
+
+* :class:`FairLock`: first come, first served, with a fast acquire that takes a free
+  lock without a trip through the loop and says whether it had to wait.
+* :func:`cancel_check`: the backend's own ``checkpoint_if_cancelled``, found through
+  anyio's private backend lookup (two dispatches less per call than anyio's public
+  one) and cached per backend.
+* The turn clock. A receive or send that finds its bytes there needs no trip through
+  the loop, yet the loop must still get a turn at least every :data:`TURN_INTERVAL`.
+  When it had one last is kept **per thread** (one event loop runs per thread): a second
+  loop in another thread on the same fast path must not spend this loop's turns.
+  :func:`fast_checkpoint` and :func:`turn_if_due` read it, :func:`note_turn` sets it.
+* :func:`call_soon` (run a callback at the loop's next turn, from the loop's thread) and
+  :func:`threadsafe_notifier` (what a thread calls to tell the loop it is done).
+* :func:`in_trio`, :func:`wait_readable_elsewhere`, :data:`running_asyncio_loop` and
+  :func:`is_selector_loop`: which library runs the current task, the asyncio loop of
+  this thread (if any), and what kind of loop it is.
+"""
+
+from __future__ import annotations
+
+import asyncio.selector_events
+import sys
+import threading
+from asyncio import AbstractEventLoop
+from asyncio import _get_running_loop as _asyncio_running_loop
+from collections import deque
+from collections.abc import Awaitable, Callable
+from time import perf_counter
+from typing import Any
+
+import anyio
+from anyio.lowlevel import checkpoint, checkpoint_if_cancelled, current_token
+
+__all__ = (
+    "TURN_INTERVAL",
+    "FairLock",
+    "call_soon",
+    "cancel_check",
+    "fast_checkpoint",
+    "in_trio",
+    "is_selector_loop",
+    "note_turn",
+    "running_asyncio_loop",
+    "threadsafe_notifier",
+    "turn_clock",
+    "turn_if_due",
+    "wait_readable_elsewhere",
+)
+
+#: A receive or send that finds its bytes there skips the trip through the event loop,
+#: but the loop still gets a turn at least this often (seconds).
+TURN_INTERVAL = 0.001
+
+#: The asyncio event loop running in this thread, or None (trio, or no loop at all).
+running_asyncio_loop: Callable[[], AbstractEventLoop | None] = _asyncio_running_loop
+
+
+class _TurnClock(threading.local):
+    """When this thread's event loop last had a full turn (``perf_counter()``)."""
+
+    def __init__(self) -> None:
+        self.last = 0.0
+
+
+#: Per thread: one event loop runs per thread, and each gets its own turns.
+turn_clock = _TurnClock()
+
+
+try:  # Two dispatches less per call than anyio.lowlevel.checkpoint_if_cancelled().
+    from anyio._core._eventloop import get_async_backend as _get_async_backend
+
+    #: The backend's own check, by "is an asyncio loop running in this thread": anyio's
+    #: two backends are asyncio (with or without uvloop) and trio.
+    _backend_checks: dict[bool, Callable[[], Awaitable[None]]] = {}
+
+    def cancel_check() -> Awaitable[None]:
+        """Raise the cancellation if the current task is cancelled; no trip through the
+        loop otherwise (``anyio.lowlevel.checkpoint_if_cancelled``, faster)."""
+        in_asyncio = _asyncio_running_loop() is not None
+        check = _backend_checks.get(in_asyncio)
+        if check is None:
+            check = _backend_checks[in_asyncio] = _get_async_backend().checkpoint_if_cancelled
+        return check()
+
+except ImportError:  # pragma: no cover - a future anyio moved it
+    cancel_check = checkpoint_if_cancelled
+
+
+async def fast_checkpoint() -> None:
+    """A cancellation check, plus a full trip through the loop once per interval."""
+    clock = turn_clock
+    if perf_counter() - clock.last >= TURN_INTERVAL:
+        await checkpoint()
+        clock.last = perf_counter()
+    else:
+        await cancel_check()
+
+
+async def turn_if_due() -> None:
+    """A full trip through the loop if this loop's turn is due; nothing otherwise (no
+    cancellation check: for work that must go on, such as reading the rest of a frame)."""
+    clock = turn_clock
+    if perf_counter() - clock.last >= TURN_INTERVAL:
+        await checkpoint()
+        clock.last = perf_counter()
+
+
+def note_turn() -> None:
+    """Say that this thread's loop just had a turn (the caller came back from a wait)."""
+    turn_clock.last = perf_counter()
+
+
+def call_soon(callback: Callable[[], object]) -> None:
+    """Run *callback* at the current event loop's next turn (from the loop's thread)."""
+    native: Any = current_token().native_token
+    soon = native.call_soon if hasattr(native, "call_soon") else native.run_sync_soon
+    soon(callback)
+
+
+def threadsafe_notifier() -> Callable[[Callable[[], object]], object]:
+    """What another thread calls, without blocking, to have the current event loop run a
+    callback (``call_soon_threadsafe``, or trio's ``run_sync_soon``). It raises if the
+    loop is gone by then; a thread must never wait on a loop that may be gone."""
+    native: Any = current_token().native_token
+    if hasattr(native, "call_soon_threadsafe"):
+        return native.call_soon_threadsafe  # type: ignore[no-any-return]
+    return native.run_sync_soon  # type: ignore[no-any-return]
+
+
+def is_selector_loop(loop: AbstractEventLoop | None) -> bool:
+    """True for asyncio's own selector loops (they run a poll's callbacks after the tasks
+    queued before it; uvloop and the proactor loop don't)."""
+    return isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop)
+
+
+def in_trio() -> bool:
+    """True if the current task runs under trio (only asks if trio was imported)."""
+    trio = sys.modules.get("trio")
+    if trio is None:
+        return False
+    try:
+        trio.lowlevel.current_task()
+    except RuntimeError:
+        return False
+    return True
+
+
+async def wait_readable_elsewhere(fd: int, what: str) -> None:
+    """Wait until *fd* is readable through the async library's own call (not an asyncio
+    loop's ``add_reader``). *what* names the direction in ``BusyResourceError``.
+
+    If cancelled, nothing happened. :raises anyio.ClosedResourceError: *fd* was closed
+    meanwhile. :raises anyio.BusyResourceError: another task waits on *fd*.
+    """
+    if in_trio():
+        import trio
+
+        try:
+            await trio.lowlevel.wait_readable(fd)
+        except trio.ClosedResourceError:
+            raise anyio.ClosedResourceError from None
+        except trio.BusyResourceError:
+            raise anyio.BusyResourceError(what) from None
+    else:
+        await anyio.wait_readable(fd)
+
+
+class FairLock:
+    """First come, first served, as ``anyio.Lock(fast_acquire=True)``, without its
+    owner bookkeeping: that asks for the current task on every acquire and release,
+    which on asyncio before Python 3.12 is a ``getpid()`` system call each time.
+
+    ``release()`` hands the lock to the longest waiter. A waiter cancelled just as it
+    was handed the lock passes it on; one cancelled before leaves the queue.
+    """
+
+    __slots__ = ("_locked", "_waiters")
+
+    def __init__(self) -> None:
+        self._locked = False
+        self._waiters: deque[anyio.Event] = deque()
+
+    def locked(self) -> bool:
+        return self._locked
+
+    def acquire_nowait(self) -> None:
+        """Take the lock now. :raises anyio.WouldBlock: it is taken."""
+        if self._locked:
+            raise anyio.WouldBlock
+        self._locked = True
+
+    async def acquire_fast(self) -> bool:
+        """Take the lock: at once, without a trip through the loop, if it is free, else
+        in turn behind the tasks that wait already. Return True if it had to wait.
+
+        If cancelled while waiting, the lock was not taken (and is passed on if it had
+        just been handed to this task).
+        """
+        if not self._locked:
+            self._locked = True
+            return False
+        event = anyio.Event()
+        self._waiters.append(event)
+        try:
+            await event.wait()
+        except BaseException:
+            if event.is_set():
+                self.release()  # it was ours already: the next in line gets it
+            else:
+                self._waiters.remove(event)
+            raise
+        return True
+
+    def release(self) -> None:
+        if self._waiters:
+            self._waiters.popleft().set()  # stays locked, for the one woken
+        else:
+            self._locked = False
+
+    async def __aenter__(self) -> None:
+        await self.acquire_fast()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.release()

@@ -1,0 +1,317 @@
+"""The fd route of an AsyncQueue's gets (POSIX ``Queue``, ``JoinableQueue``, ``SimpleQueue``).
+
+1. Wait until the pipe is readable, through the helper descriptor of ``_fdio`` (never
+   touching the pipe's flags, which every worker shares).
+2. Take the reader lock (:mod:`._queue_rlock`): without blocking, or, once contended,
+   queued in the kernel from a kept thread.
+3. Read *exactly* one frame (the frame engine's ``ExactReader``): ``FIONREAD`` says what
+   is there, the decoder says what the frame still needs, and nothing past it is read,
+   because the next frame belongs to whoever takes the lock next. Once the first byte of
+   a frame is consumed, the frame must be finished before the lock is let go, or the next
+   reader would start mid-frame. So that part is shielded from cancellation, bounded by
+   ``stall_timeout`` without progress (a producer that died mid-put); a frame finished
+   for a cancelled caller is kept for the next ``get``.
+4. Let go of the lock, release the item semaphore (as ``Queue.get`` does), and unpickle
+   outside the lock (the facade does).
+"""
+
+from __future__ import annotations
+
+import pickle
+import queue
+import sys
+from collections import deque
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import anyio
+from anyio.lowlevel import cancel_shielded_checkpoint, checkpoint_if_cancelled
+
+from ._frames import ExactReader, stalled
+from ._loop import FairLock, fast_checkpoint
+from ._mpinternals import QueueParts
+from ._queue_rlock import ReaderLock
+from ._queue_state import QueueState
+from ._threads import BlockingCall
+
+if TYPE_CHECKING or sys.platform != "win32":
+    from ._fdio import FdTransport, ReadinessWaiter, open_transport, poller
+
+__all__ = ("FdGetter", "finish_in_thread", "unpickle_frame")
+
+#: A frame's payload back into the object put (what ``Queue.get`` does after reading).
+unpickle_frame = pickle.loads
+
+
+class FdGetter:
+    """The gets of the fd route: raw frames, read exactly, under the reader lock.
+
+    ``kept`` holds frames taken whole but not handed out yet (a cancelled get's, or a
+    ``get_many``'s after one that failed to unpickle), for the next gets.
+    """
+
+    uses_threads = False
+
+    def __init__(self, parts: QueueParts, state: QueueState) -> None:
+        self._state = state
+        self._sem = parts.sem
+        #: Serialises this adapter's gets, first come, first served.
+        self.get_lock = FairLock()
+        self.kept: deque[bytes] = deque()
+        self._fd = parts.reader.fileno()
+        #: The pipe's byte mover: this adapter's, closed with it.
+        self.transport: FdTransport = open_transport(self._fd)
+        #: The frame engine's exact reader: never past the frame in progress.
+        self.reader = ExactReader(self.transport)
+        self.rlock = ReaderLock(parts.rlock, self._in_use)
+        self._waiter: ReadinessWaiter | None = None
+        #: get() may try take_whole_frame(): open and not broken.
+        self.fast = True
+
+    def _in_use(self) -> bool:
+        return self.get_lock.locked() or not self.reader.at_boundary
+
+    def held(self) -> int:
+        """Items taken from the queue that the next gets return first."""
+        return len(self.kept)
+
+    # -- the fast path ------------------------------------------------------------------
+
+    def take_whole_frame(self) -> bytes | None:
+        """An item's frame if one is here whole, else None.
+
+        Never waits. It takes the item only when no other task of this adapter is in a
+        ``get`` (they come first), the reader lock is free, and ``FIONREAD`` says the
+        whole frame is in the pipe. Anything else (a partial frame, a long header,
+        contention) is left to the full path.
+        """
+        if self.get_lock.locked():
+            return None
+        if self.kept:
+            return self.kept.popleft()
+        rlock = self.rlock
+        if not rlock.lock.acquire(False):  # rlock.take_nowait(), inlined: the fast path
+            return None
+        rlock.held = True
+        reader = self.reader
+        avail = self.transport.available()
+        body = reader.read_whole(avail)
+        if body is not None:
+            return self._took(body)
+        if avail < 4 and not rlock.contended:
+            rlock.release()
+        # else: the lock stays ours, mid-frame (or queued for, as contended consumers
+        # keep it while they wait): the full path goes on from here.
+        return None
+
+    def _took(self, frame: bytes) -> bytes:
+        """A whole item was read: let go of the lock and count it, as ``Queue.get`` does."""
+        self.rlock.item_done()
+        if self._sem is not None:
+            self._sem.release()
+        return frame
+
+    # -- the full path ------------------------------------------------------------------
+
+    async def get(self) -> Any:
+        """The next item, waiting for it. Called with the get lock held."""
+        return unpickle_frame(await self.get_frame())
+
+    def after_get(self) -> None:
+        """A get ended (its get lock released). The reader lock is kept past a get only
+        until the loop's next turn: a deferred release that found this get (or any get)
+        in progress left the lock to it; if it ends without reading (cancelled while
+        queued on the get lock, say), the release is due again now."""
+        if self.rlock.held and self.reader.at_boundary:
+            self.rlock.release_soon()
+
+    async def get_frame(self) -> bytes:
+        """The next frame, waiting for it. Called with the get lock held."""
+        await fast_checkpoint()
+        if self.kept:
+            return self.kept.popleft()
+        rlock = self.rlock
+        reader = self.reader
+        while True:
+            self._state.check_open()
+            if not rlock.held:
+                if not rlock.contended and reader.available() == 0:
+                    await self._wait_readable()
+                    if reader.available() == 0:
+                        # Readable, yet empty: another consumer took the item first.
+                        # That is contention too; from now on queue for the lock.
+                        rlock.contended = True
+                    continue
+                if not rlock.take_nowait():
+                    # Another consumer holds the lock: queue for it in the kernel, as a
+                    # sync consumer does. Waiting for data first would lose every item
+                    # to a sync consumer that waits for data while holding the lock.
+                    await rlock.take_contended(self._state)
+            frame = self._read_available()
+            if frame is not None:
+                return frame
+            if not reader.at_boundary:
+                return await self._finish_frame()
+            if rlock.contended:
+                # Our turn, won in a queue: keep the lock and wait for the item, as the
+                # sync consumer behind us would.
+                try:
+                    await self._wait_readable()
+                except BaseException:
+                    rlock.release()
+                    raise
+                continue
+            # Somebody else took the item between readiness and the lock.
+            rlock.release()
+
+    def _read_available(self) -> bytes | None:
+        """With the lock held: read no further than one frame; return it if whole."""
+        try:
+            frame = self.reader.read_available()
+        except anyio.BrokenResourceError as exc:
+            self._fail(str(exc))
+        return None if frame is None else self._took(frame)
+
+    async def _finish_frame(self) -> bytes:
+        """Part of a frame is read and the lock is held: finish it, shielded."""
+        frame: bytes | None = None
+        stall_timeout = self._state.stall_timeout
+        with anyio.CancelScope(shield=True):
+            while frame is None:
+                with anyio.move_on_after(stall_timeout):
+                    await self._wait_readable()
+                    frame = self._read_available()
+                    if frame is None:
+                        await cancel_shielded_checkpoint()
+                    continue
+                self._fail(str(stalled(stall_timeout, self.reader.decoder.buffered)))
+        assert frame is not None
+        try:
+            await checkpoint_if_cancelled()
+        except BaseException:
+            self.kept.append(frame)
+            raise
+        return frame
+
+    async def _wait_readable(self) -> None:
+        if self._waiter is None:
+            self._waiter = ReadinessWaiter(self._fd)
+        await self._waiter.wait()
+
+    def _fail(self, reason: str) -> NoReturn:
+        self.fast = False
+        self.rlock.release()
+        self._state.fail(reason)
+
+    # -- without waiting ----------------------------------------------------------------
+
+    def get_nowait(self) -> Any:
+        """The next item if one is here whole now (see :meth:`get_frame_nowait`)."""
+        return unpickle_frame(self.get_frame_nowait())
+
+    def get_more(self, items: list[Any], limit: int) -> None:
+        """``get_many``: append up to *limit* items that are here whole, never waiting. If
+        one fails to unpickle, it and those after it are kept; the next get raises."""
+        frames = self.take_whole_frames(limit)
+        for i, frame in enumerate(frames):
+            try:
+                items.append(unpickle_frame(frame))
+            except Exception:
+                self.kept.extendleft(reversed(frames[i:]))
+                break
+
+    def get_frame_nowait(self) -> bytes:
+        """The next frame if one is here whole now. Outside a running loop too.
+
+        :raises queue.Empty: none is, or the reader lock is held elsewhere.
+        """
+        if self.kept:
+            return self.kept.popleft()
+        rlock = self.rlock
+        if not rlock.held and (self.reader.available() == 0 or not rlock.take_nowait()):
+            raise queue.Empty
+        frame = self._read_available()
+        if frame is None:
+            if self.reader.at_boundary:
+                rlock.release()
+            # else: a producer is mid-write; the lock and the partial item stay with
+            # this adapter and the next get() finishes them.
+            raise queue.Empty
+        return frame
+
+    def take_whole_frames(self, limit: int) -> list[bytes]:
+        """Up to *limit* frames that are already in the pipe whole, under one hold of the
+        reader lock, with one ``FIONREAD`` (never waits)."""
+        frames: list[bytes] = []
+        kept = self.kept
+        while kept and len(frames) < limit:
+            frames.append(kept.popleft())
+        state, rlock, reader = self._state, self.rlock, self.reader
+        if len(frames) == limit or state.closed or state.broken is not None:
+            return frames
+        if self.get_lock.locked() or not reader.at_boundary:
+            return frames  # other getters come first / a partial item is the next get's
+        if not rlock.held and not rlock.take_nowait():
+            return frames
+        avail = reader.available()
+        taken = 0
+        while len(frames) < limit:
+            body = reader.read_whole(avail)
+            if body is None:
+                break  # a partial item stays with the lock, for the next get()
+            avail -= 4 + len(body)
+            frames.append(body)
+            taken += 1
+        if reader.at_boundary:
+            rlock.item_done()
+        if self._sem is not None:
+            for _ in range(taken):
+                self._sem.release()
+        return frames
+
+    # -- closing ------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """First step of closing: no more fast path, no more waiting for readiness."""
+        self.fast = False
+        if self._waiter is not None:
+            self._waiter.close()
+
+    def close_threads(self) -> None:
+        """Second step (the calls have returned): end the kept thread."""
+        thread = self.rlock.close()
+        if thread is not None:
+            thread.join()  # its calls have returned: it is on its way out
+
+    async def finish_partial(self) -> bytes | None:
+        """Third step: if this adapter holds the reader lock in the middle of a frame (a
+        get_many() or get_nowait() read into an item a producer is still writing), finish
+        it in a thread and return it; then let go of the lock (see ``finish_in_thread``)."""
+        if self.reader.at_boundary or not self.rlock.held:
+            return None
+        frame = await finish_in_thread(self.reader, self._fd, self._state)
+        self.rlock.release()
+        return frame
+
+    def close(self) -> None:
+        """Last step: let go of the lock and the transport."""
+        self.rlock.release()
+        self.transport.close()
+
+
+async def finish_in_thread(reader: ExactReader, fd: int, state: QueueState) -> bytes | None:
+    """Finish *reader*'s frame in a thread (each wait for more bytes bounded by
+    ``stall_timeout``) and return it; None if it did not come, and the queue is broken.
+    The reader is at a frame boundary again either way. Not cancellable: for aclose()."""
+    stall = state.stall_timeout
+    readable = poller(fd, writable=False)
+    call: BlockingCall[bytes] = BlockingCall(
+        lambda c: reader.read_blocking(readable, stall), name="asyncmp-queue-finish"
+    )
+    await call.start()
+    await call.wait()
+    reader.reset()
+    try:
+        return call.result()
+    except anyio.BrokenResourceError as exc:
+        state.broken = str(exc)
+        return None

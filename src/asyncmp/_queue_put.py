@@ -1,0 +1,499 @@
+"""The put side of an AsyncQueue: pickling, the feeder's errors, the no-readers check,
+the frame writer of a ``SimpleQueue``, the threaded put, ``join`` and the final flush.
+
+``put`` pickles in the caller, so an unpicklable object raises there and not later in the
+feeder thread, then hands the pickle to the queue's own feeder thread. Waiting for room in
+a bounded queue is a semaphore, which has no descriptor: a thread tries in short time
+slices, and a cancelled put waits for that thread's current slice so that "returned" and
+"enqueued" always agree. A ``SimpleQueue`` has no feeder: its put writes the frame from a
+thread, ``PIPE_BUF`` bytes at a time as the pipe has room, under the queue's write lock;
+it gives up on cancellation until its first byte, and finishes the frame after it (see
+:func:`write_frame`).
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import multiprocessing.queues
+import os
+import pickle
+import queue
+import socket
+import stat
+import sys
+import threading
+import weakref
+from collections.abc import Callable
+from multiprocessing.reduction import ForkingPickler
+from time import perf_counter
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from anyio.lowlevel import cancel_shielded_checkpoint, checkpoint, checkpoint_if_cancelled
+
+from . import _mpinternals
+from ._loop import threadsafe_notifier
+from ._queue_state import QueueState
+from ._threads import THREAD_SLICE, BlockingCall
+from ._wire import encode_header
+
+if TYPE_CHECKING or sys.platform != "win32":
+    from ._fdio import poller, socket_over_dup
+
+if sys.platform != "win32":
+    import select
+
+    #: What polling a queue's write end says once no process holds its read end.
+    _READERS_GONE = select.POLLERR | select.POLLHUP
+    #: The most one write into a pipe that polls writable takes whole, without blocking.
+    _PIPE_BUF: int = getattr(select, "PIPE_BUF", 512)
+else:  # pragma: no cover
+    _READERS_GONE = 0
+    _PIPE_BUF = 512
+
+__all__ = ("Putter", "write_frame")
+
+
+_NO_READERS = "nobody reads this queue any more: every read end is closed"
+
+
+class _Prepickled:
+    """An item pickled in the caller of ``put``; unpickles to the original object.
+
+    The feeder thread pickles this wrapper into a call of ``pickle.loads`` on the bytes,
+    so every consumer, sync or async, gets the original object back, and a pickling
+    error surfaced in ``put`` instead of in the feeder thread.
+    """
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __reduce__(self) -> tuple[Any, tuple[bytes]]:
+        return pickle.loads, (self.data,)
+
+
+def write_frame(
+    c: BlockingCall[bool],
+    fd: int,
+    wlock: Any,
+    frame: bytes,
+    stall_timeout: float,
+    on_begun: Callable[[], object],
+) -> bool:
+    """Write one whole *frame* into a queue's pipe, as a producer does, in a thread.
+
+    The queue's write lock is taken, and the pipe's room waited for, in short time
+    slices; until the first byte is written a stop request ends the call (returning
+    False) with nothing written. Each write is at most ``PIPE_BUF`` bytes after
+    ``poll()`` said the pipe is writable, so it never blocks: a pipe that polls
+    writable has room for that much, and such a write is atomic. A frame of at most
+    ``PIPE_BUF`` bytes so goes in whole in one write. A longer one can't be written at
+    once (how much room a pipe has is not known exactly, and a frame may be larger than
+    the pipe), so once its first byte is in, it is finished whatever is asked, as the
+    consumers make room: a frame left half-written would tear the stream that every
+    consumer of the queue reads. *on_begun* is called then. Only a pipe that takes no
+    byte for *stall_timeout* seconds ends it early, with ``anyio.BrokenResourceError``
+    (the pipe then holds part of the frame, as after a producer that died mid-put).
+    """
+    while not wlock.acquire(True, THREAD_SLICE):
+        if c.stopping:
+            return False
+    try:
+        watch = poller(fd, writable=True)
+        view = memoryview(frame)
+        written = 0
+        last_progress = perf_counter()
+        while written < len(view):
+            if not written and c.stopping:
+                return False
+            events = watch.poll(THREAD_SLICE * 1000)
+            if not events:
+                if written and perf_counter() - last_progress > stall_timeout:
+                    raise anyio.BrokenResourceError(
+                        f"a put stopped mid-item: nobody read the queue for "
+                        f"{stall_timeout} s with {written} of its {len(view)} bytes written"
+                    )
+                continue
+            if events[0][1] & _READERS_GONE:
+                raise anyio.BrokenResourceError(_NO_READERS)
+            n = os.write(fd, view[written : written + _PIPE_BUF])
+            if not written:
+                on_begun()
+            written += n
+            last_progress = perf_counter()
+        return True
+    finally:
+        wlock.release()
+
+
+class _Interrupter:
+    """Ends a blocking call that waits on a manager connection, from another thread.
+
+    The thread arms it with the connection it is about to wait on; :meth:`fire` shuts
+    that connection down (both directions), which makes the pending ``recv`` return
+    end-of-file at once. Shutting down, not closing: the descriptor stays the waiting
+    thread's until it lets go of it. The connection is this thread's own (a proxy opens
+    one per thread), shared with no other process.
+    """
+
+    __slots__ = ("_conn", "_fired", "_guard")
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._conn: Any = None
+        self._fired = False
+
+    def arm(self, conn: Any) -> bool:
+        """In the waiting thread: watch *conn*; False if there is nothing to interrupt."""
+        if conn is None:
+            return False
+        try:
+            fd = conn.fileno()
+            if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+                return False
+        except (OSError, ValueError):
+            return False
+        with self._guard:
+            self._conn = conn
+            fired = self._fired
+        if fired:
+            self._shutdown(conn)
+        return True
+
+    def disarm(self) -> None:
+        with self._guard:
+            self._conn = None
+
+    def fire(self) -> None:
+        with self._guard:
+            self._fired = True
+            conn = self._conn
+            if conn is None:
+                return
+            self._shutdown(conn)
+
+    @staticmethod
+    def _shutdown(conn: Any) -> None:
+        try:
+            # Never socket.socket(fileno=): under a default timeout it would make the
+            # descriptor non-blocking (see _fdio.socket_over_dup).
+            sock = socket_over_dup(conn.fileno())
+        except (OSError, ValueError):
+            return
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        finally:
+            sock.close()
+
+
+class Putter:
+    """Everything an AsyncQueue does to put: ``put``, ``put_nowait``, ``join`` and the
+    flush on close. The adapter's docstrings say what each promises."""
+
+    def __init__(self, q: Any, state: QueueState) -> None:
+        self._q = q
+        self._state = state
+        self._is_mp_queue = isinstance(q, multiprocessing.queues.Queue)
+        self._is_simple = isinstance(q, multiprocessing.queues.SimpleQueue)
+        self._joinable = _mpinternals.joinable_parts(q)
+        # The joins of a proxy, which wait in a call that only shutting its connection ends.
+        self._interrupters: dict[BlockingCall[Any], _Interrupter] = {}
+        # Knowing that nobody reads the queue any more (see check_readers).
+        self.feeder_error: Exception | None = None
+        self._writer = _mpinternals.queue_writer(q)
+        self._wlock = _mpinternals.queue_wlock(q)
+        # A SimpleQueue's put writes its frame itself, under the queue's write lock; this
+        # adapter does the same, so that a put can give up before its first byte.
+        self._writes_frames = self._is_simple and self._writer is not None
+        self._writes_frames = self._writes_frames and self._wlock is not None
+        self._writer_poll: Any = None
+        if self._writer is not None:
+            self._writer_poll = poller(self._writer.fileno(), writable=True)
+        if self._is_mp_queue:
+            method = weakref.WeakMethod(self._feeder_failed)
+            _mpinternals.hook_feeder_errors(q, lambda e: (m := method()) is not None and m(e))
+
+    def _feeder_failed(self, exc: Exception) -> bool:
+        """The queue's feeder thread could not write an item (in the feeder thread)."""
+        if getattr(exc, "errno", None) != errno.EPIPE:
+            return False  # not ours to judge: the queue prints it, as it always has
+        self.feeder_error = exc
+        return True
+
+    def check_readers(self) -> None:
+        """Raise if no process holds the queue's read end any more.
+
+        Then a put could only lose the item: the feeder thread would fail to write it
+        (and print a traceback). The pipe tells: polling its write end reports an error
+        (Linux) or a hangup once the last read end is closed. If the last reader goes
+        after this check, the feeder's write fails; the hook records that quietly, and
+        the item is lost, but the next put raises.
+        """
+        error = self.feeder_error
+        if error is not None:
+            raise anyio.BrokenResourceError(_NO_READERS) from error
+        writer = self._writer
+        if writer is not None and not writer.closed:
+            for _, events in self._writer_poll.poll(0):
+                if events & _READERS_GONE:
+                    raise anyio.BrokenResourceError(_NO_READERS)
+
+    def _prepare(self, obj: Any) -> Any:
+        if self._is_mp_queue:
+            # Pickle now: an unpicklable object raises here, not in the feeder thread.
+            buf = io.BytesIO()
+            ForkingPickler(buf, pickle.HIGHEST_PROTOCOL).dump(obj)
+            return _Prepickled(buf.getvalue())
+        return obj
+
+    def put_nowait(self, obj: Any) -> None:
+        self._state.check_open()
+        self.check_readers()
+        item = self._prepare(obj)
+        if self._is_simple:
+            raise TypeError("a SimpleQueue has no put_nowait(); use await put()")
+        self._q.put_nowait(item)
+
+    async def put(self, obj: Any, timeout: float | None) -> None:  # noqa: ASYNC109
+        self._state.check_open()
+        self.check_readers()
+        if self._writes_frames:
+            # A SimpleQueue has no feeder thread: its put writes the frame itself.
+            payload = ForkingPickler.dumps(obj)
+            frame = encode_header(len(payload)) + payload
+            await self._with_timeout(self._put_frame, frame, timeout)
+            return
+        item = self._prepare(obj)
+        if self._is_mp_queue and not isinstance(self._q, multiprocessing.queues.JoinableQueue):
+            # Queue.put(block=False) only takes a semaphore and appends to the feeder's
+            # buffer: it never blocks.
+            await checkpoint_if_cancelled()
+            try:
+                self._q.put(item, False)
+            except queue.Full:
+                pass
+            else:
+                await cancel_shielded_checkpoint()
+                return
+        await self._with_timeout(self._put_threaded, item, timeout)
+
+    @staticmethod
+    async def _with_timeout(
+        put: Callable[[Any], Any],
+        item: Any,
+        timeout: float | None,  # noqa: ASYNC109
+    ) -> None:
+        if timeout is None:
+            await put(item)
+            return
+        with anyio.move_on_after(timeout):
+            await put(item)
+            return
+        raise queue.Full
+
+    async def _start(self, fn: Callable[[BlockingCall[Any]], Any], name: str) -> BlockingCall[Any]:
+        """Start *fn* in a thread, known to the adapter until it is done."""
+        call: BlockingCall[Any] = BlockingCall(fn, name=name)
+        await call.start()
+        self._state.calls.add(call)
+        return call
+
+    async def _put_frame(self, frame: bytes) -> None:
+        """Write *frame* into the queue's pipe from a thread (:func:`write_frame`).
+
+        Returns once the frame is in the pipe, or once it has begun: then it is written
+        whole in the background and counts as put (as ``Queue.put`` counts an item
+        handed to its feeder), and the next put of this adapter, and ``aclose()``,
+        come after it. If cancelled before the first byte, nothing is written.
+        """
+        writer, wlock = self._writer, self._wlock
+        assert writer is not None and wlock is not None
+        fd = writer.fileno()
+        stall = self._state.stall_timeout
+        begun = anyio.Event()
+        notify = threadsafe_notifier()
+
+        def on_begun() -> None:
+            try:
+                notify(begun.set)
+            except Exception:  # the loop is gone: nobody waits for this
+                pass
+
+        def finished(call: BlockingCall[bool]) -> None:
+            self._state.calls.discard(call)
+            begun.set()
+            error = call.error
+            if isinstance(error, anyio.BrokenResourceError) and "mid-item" in str(error):
+                # Part of a frame is in the pipe for good: this adapter can't put again.
+                self._state.broken = str(error)
+
+        await checkpoint_if_cancelled()
+        call = await self._start(
+            lambda c: write_frame(c, fd, wlock, frame, stall, on_begun), "asyncmp-queue-put"
+        )
+        call.add_done_callback(finished)
+        try:
+            await call.wait()
+        except anyio.get_cancelled_exc_class():
+            # Stop the thread if it has not written anything yet; a frame it has begun
+            # is finished in the background, and the put counts as done. Never both.
+            call.request_stop()
+            with anyio.CancelScope(shield=True):
+                await begun.wait()  # one of the two, within a time slice
+            if not call.done:
+                return  # begun: it goes in whole
+            if call.error is None and call.result():
+                return
+            raise
+        if not call.result():
+            raise anyio.ClosedResourceError
+
+    async def put_back(self, frame: bytes) -> None:
+        """In aclose(): write a whole frame back into the queue, for the other consumers
+        (a part of an item this adapter finished). Not cancellable."""
+        writer, wlock = self._writer, self._wlock
+        if writer is None or writer.closed or wlock is None:
+            return
+        fd = writer.fileno()
+        whole = encode_header(len(frame)) + frame
+        stall = self._state.stall_timeout
+
+        def write(c: BlockingCall[bool]) -> bool:
+            return write_frame(c, fd, wlock, whole, stall, lambda: None)
+
+        call: BlockingCall[bool] = BlockingCall(write, name="asyncmp-queue-put")
+        await call.start()
+        await call.wait()
+        if call.error is not None:
+            self._state.broken = str(call.error)
+
+    async def _put_threaded(self, item: Any) -> None:
+        q = self._q
+
+        def blocking_put(c: BlockingCall[bool]) -> bool:
+            if self._is_simple:
+                try:
+                    q.put(item)
+                except BrokenPipeError as exc:
+                    raise anyio.BrokenResourceError(_NO_READERS) from exc
+                return True
+            while not c.stopping:
+                try:
+                    q.put(item, True, THREAD_SLICE)
+                    return True
+                except queue.Full:
+                    continue
+            return False
+
+        await checkpoint_if_cancelled()
+        call = await self._start(blocking_put, "asyncmp-queue-put")
+        try:
+            await call.wait()
+        except anyio.get_cancelled_exc_class():
+            # Stop the thread and learn whether its last try got in: a put that got in
+            # is reported as done, one that did not as cancelled. Never both.
+            call.request_stop()
+            with anyio.CancelScope(shield=True):
+                await call.wait()
+            self._state.calls.discard(call)
+            if call.result():
+                return
+            raise
+        self._state.calls.discard(call)
+        if not call.result():
+            raise anyio.ClosedResourceError
+
+    async def join(self) -> None:
+        self._state.check_open()
+        parts = self._joinable
+        q = self._q
+        interrupt = _Interrupter()
+
+        def blocking_join(c: BlockingCall[bool]) -> bool:
+            if parts is None:
+                # A proxy (or a queue whose insides are unknown) offers only a join() that
+                # blocks until every task is done. Its call waits on the connection to
+                # the manager that this thread opens; interrupt() shuts that connection
+                # down, which ends the wait here (the manager's side finds the connection
+                # gone when the tasks are done).
+                armed = interrupt.arm(_mpinternals.proxy_connection(q))
+                if c.stopping:
+                    return False
+                if not armed:  # nothing to interrupt (not a proxy over a socket): block
+                    q.join()
+                    return True
+                try:
+                    q.join()
+                except (OSError, EOFError):
+                    if c.stop_requested():
+                        return False
+                    raise
+                return True
+            cond, is_done = parts
+            while not c.stopping:
+                with cond:
+                    if is_done():
+                        return True
+                    cond.wait(THREAD_SLICE)
+            return False
+
+        call: BlockingCall[bool] = BlockingCall(blocking_join, name="asyncmp-queue-join")
+        call.add_done_callback(lambda _: interrupt.disarm())
+        await call.start()
+        self._state.calls.add(call)
+        self._interrupters[call] = interrupt
+        try:
+            await call.wait()
+        except BaseException:
+            call.request_stop()
+            interrupt.fire()
+            raise
+        finally:
+            if call.done:
+                self._state.calls.discard(call)
+                self._interrupters.pop(call, None)
+        if not call.result():
+            raise anyio.ClosedResourceError
+
+    def interrupt_joins(self) -> None:
+        """In aclose(): end the joins that wait on a manager's connection."""
+        for interrupter in self._interrupters.values():
+            interrupter.fire()
+
+    def forget_joins(self) -> None:
+        self._interrupters.clear()
+
+    async def flush(self) -> None:
+        """Close the queue in this process and wait for its feeder to write it all.
+
+        If cancelled, the feeder goes on writing in the background, as after
+        ``Queue.close()`` without ``join_thread()``.
+        """
+        q = self._q
+        if self._is_simple:
+            q.close()
+        if not self._is_mp_queue:
+            await checkpoint()
+            return
+        q.close()
+        feeder = _mpinternals.feeder_thread(q)
+        if feeder is None or not feeder.is_alive():
+            await checkpoint()
+            return
+
+        def wait_for_feeder(c: BlockingCall[None]) -> None:
+            while feeder.is_alive() and not c.stopping:
+                feeder.join(THREAD_SLICE)
+
+        call: BlockingCall[None] = BlockingCall(wait_for_feeder, name="asyncmp-queue-flush")
+        await call.start()
+        try:
+            await call.wait()
+        finally:
+            call.request_stop()
+            call.join()

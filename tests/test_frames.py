@@ -1,0 +1,241 @@
+"""The frame engine (``asyncmp._frames``) over real pipes, without an adapter.
+
+The exact reader is the queue's: it must never read past the frame in progress, because
+the next frame in a shared pipe belongs to whoever takes the reader lock next. Each test
+checks what is left in the pipe afterwards. Frames arrive whole, split at every byte,
+and with the header in the long form.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import sys
+import threading
+from collections.abc import Iterator
+
+import anyio
+import pytest
+
+from asyncmp import ConnectionEOF, ProtocolError
+
+pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX descriptors")
+
+if sys.platform != "win32":
+    from asyncmp._fdio import open_transport, poller
+    from asyncmp._frames import ExactReader, FrameWriter, GreedyReader, frame_parts
+
+
+def frame(payload: bytes) -> bytes:
+    return struct.pack("!i", len(payload)) + payload
+
+
+def long_frame(payload: bytes) -> bytes:
+    """The long form (the -1 escape and a 64-bit length), which the stdlib only writes
+    above 2 GiB, but which a reader must take for any length."""
+    return struct.pack("!i", -1) + struct.pack("!Q", len(payload)) + payload
+
+
+class Pipe:
+    def __init__(self) -> None:
+        self.r, self.w = os.pipe()
+        self.open = [self.r, self.w]
+
+    def close_writer(self) -> None:
+        self.open.remove(self.w)
+        os.close(self.w)
+
+
+@pytest.fixture
+def pipe() -> Iterator[Pipe]:
+    p = Pipe()
+    try:
+        yield p
+    finally:
+        for fd in p.open:
+            os.close(fd)
+
+
+def exact_reader(fd: int) -> ExactReader:
+    return ExactReader(open_transport(fd))
+
+
+def leftover(r: int) -> bytes:
+    """What is still in the pipe (without blocking)."""
+    n = open_transport(r).available()
+    return os.read(r, n) if n else b""
+
+
+# --- the exact reader -----------------------------------------------------------------------------
+
+
+def test_read_whole_takes_one_frame_in_two_reads_and_no_more(pipe: Pipe) -> None:
+    r, w = pipe.r, pipe.w
+    os.write(w, frame(b"first") + frame(b"second"))
+    reader = exact_reader(r)
+    assert reader.read_whole(reader.available()) == b"first"
+    assert reader.at_boundary
+    assert leftover(r) == frame(b"second")
+
+
+def test_read_whole_reads_nothing_below_a_header(pipe: Pipe) -> None:
+    r, w = pipe.r, pipe.w
+    os.write(w, b"\x00\x00")
+    reader = exact_reader(r)
+    assert reader.read_whole(reader.available()) is None
+    assert reader.at_boundary
+    assert leftover(r) == b"\x00\x00"
+
+
+def test_read_whole_leaves_a_partial_frame_in_the_decoder(pipe: Pipe) -> None:
+    r, w = pipe.r, pipe.w
+    data = frame(b"x" * 100)
+    os.write(w, data[:50])
+    reader = exact_reader(r)
+    assert reader.read_whole(reader.available()) is None
+    assert not reader.at_boundary  # the header was read: the frame is ours to finish
+    os.write(w, data[50:] + frame(b"next"))
+    assert reader.read_available() == b"x" * 100
+    assert leftover(r) == frame(b"next")
+
+
+@pytest.mark.parametrize("form", ["short", "long"])
+def test_read_available_one_byte_at_a_time_never_reads_ahead(pipe: Pipe, form: str) -> None:
+    r, w = pipe.r, pipe.w
+    payloads = [b"", b"a", b"hello" * 30]
+    encode = frame if form == "short" else long_frame
+    stream = b"".join(encode(p) for p in payloads)
+    reader = exact_reader(r)
+    got: list[bytes] = []
+    for i in range(len(stream)):
+        os.write(w, stream[i : i + 1])
+        result = reader.read_available()
+        if result is not None:
+            got.append(result)
+            # Exactly at the end of a frame: nothing of the next one was read.
+            assert reader.at_boundary
+            assert stream[: i + 1] == b"".join(encode(p) for p in got)
+        assert leftover(r) == b"", "the reader left a byte that was there"
+    assert got == payloads
+
+
+def test_read_available_never_reads_past_one_frame(pipe: Pipe) -> None:
+    r, w = pipe.r, pipe.w
+    os.write(w, long_frame(b"one") + frame(b"two"))
+    reader = exact_reader(r)
+    assert reader.read_available() == b"one"
+    assert leftover(r) == frame(b"two")
+
+
+def test_read_available_keeps_to_its_budget(pipe: Pipe) -> None:
+    r, w = pipe.r, pipe.w
+    data = frame(b"y" * 40_000)
+    os.write(w, data[:20_000])
+    reader = exact_reader(r)
+    assert reader.read_available(budget=0) is None
+    assert reader.decoder.buffered == 4, "a spent budget reads no more than the header"
+    assert reader.read_available() is None
+    assert reader.decoder.buffered == 20_000
+    os.write(w, data[20_000:] + frame(b"next"))
+    assert reader.read_available() == b"y" * 40_000
+    assert leftover(r) == frame(b"next")
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (struct.pack("!i", -5), "corrupt queue framing: frame length -5 is negative"),
+        (frame(b"abc")[:5], "the queue's pipe was closed mid-item"),
+    ],
+    ids=["negative-header", "eof-mid-item"],
+)
+def test_read_available_refuses_bad_framing(pipe: Pipe, data: bytes, message: str) -> None:
+    r, w = pipe.r, pipe.w
+    os.write(w, data)
+    reader = exact_reader(r)
+    pipe.close_writer()
+    with pytest.raises(anyio.BrokenResourceError, match=message):
+        while reader.read_available() is None:
+            pass
+
+
+def test_read_blocking_waits_for_the_rest(pipe: Pipe) -> None:
+    r, w = pipe.r, pipe.w
+    data = frame(b"z" * 1000) + frame(b"after")
+    os.write(w, data[:10])
+    reader = exact_reader(r)
+    writer = threading.Timer(0.05, os.write, (w, data[10:]))  # the rest, a moment later
+    writer.start()
+    try:
+        assert reader.read_blocking(poller(r, writable=False), stall_timeout=30) == b"z" * 1000
+    finally:
+        writer.join()
+    assert leftover(r) == frame(b"after")
+
+
+def test_read_blocking_gives_up_after_the_stall_timeout(pipe: Pipe) -> None:
+    r, w = pipe.r, pipe.w
+    os.write(w, frame(b"q" * 100)[:20])
+    reader = exact_reader(r)
+    with pytest.raises(anyio.BrokenResourceError, match=r"no progress for 0\.05 s with 20 bytes"):
+        reader.read_blocking(poller(r, writable=False), stall_timeout=0.05)
+
+
+# --- the greedy reader and the writer ------------------------------------------------------------
+
+
+def test_greedy_reader_takes_many_frames_from_one_read(pipe: Pipe) -> None:
+    r, w = pipe.r, pipe.w
+    os.write(w, frame(b"a") + frame(b"b") + frame(b"c")[:3])
+    transport = open_transport(r)
+    reader = GreedyReader(transport, None)
+    assert reader.take_frame() == b"a"
+    assert leftover(r) == b"", "a connection's reader reads everything there"
+    assert reader.recv_frame_nowait(None) == b"b"
+    with pytest.raises(anyio.WouldBlock):
+        reader.recv_frame_nowait(None)
+    os.write(w, frame(b"c")[3:])
+    assert reader.take_frame() == b"c"
+
+
+def test_greedy_reader_eof_and_bad_frames(pipe: Pipe) -> None:
+    r, w = pipe.r, pipe.w
+    os.write(w, frame(b"x" * 10) + frame(b"y" * 3)[:5])
+    reader = GreedyReader(open_transport(r), None)
+    with pytest.raises(ProtocolError, match="message of 10 bytes exceeds maxlength=5"):
+        reader.recv_frame_nowait(5)
+    assert reader.recv_frame_nowait(None) == b"x" * 10
+    pipe.close_writer()
+    with pytest.raises(ConnectionEOF, match=r"mid-message \(5 bytes of it held\)"):
+        reader.recv_frame_nowait(None)
+
+
+def test_frame_parts_coalesce_small_payloads_only() -> None:
+    small = memoryview(b"s" * 100)
+    big = memoryview(b"b" * 100_000)
+    parts, total = frame_parts(small)
+    assert [bytes(p) for p in parts] == [frame(b"s" * 100)] and total == 104
+    parts, total = frame_parts(big)
+    assert len(parts) == 2 and total == 100_004
+    assert b"".join(bytes(p) for p in parts) == frame(b"b" * 100_000)
+
+
+def test_writer_sends_a_frame_from_a_thread_in_slices(pipe: Pipe) -> None:
+    r, w = pipe.r, pipe.w
+    payload = b"p" * 200_000  # more than the pipe holds: the writer waits for room
+    writer = FrameWriter(open_transport(w), on_torn=lambda: None)
+    done = [0]
+    received = bytearray()
+
+    def drain() -> None:
+        while len(received) < len(payload) + 4:
+            received.extend(os.read(r, 65536))
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    try:
+        writer.send_blocking(memoryview(payload), poller(w, writable=True), 50, bool, done)
+    finally:
+        reader.join(30)
+    assert done == [len(payload) + 4]
+    assert bytes(received) == frame(payload)
