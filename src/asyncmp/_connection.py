@@ -256,37 +256,17 @@ class AsyncConnection(ObjectStream[T]):
             raise ValueError("negative maxlength")
         return await self._recv_frame(maxlength)
 
-    async def _recv_frame(self, maxlength: int | None, *, fast: bool = False) -> bytes:
-        """Every async receive comes through here. *fast*: try the fast path first."""
+    async def _recv_frame(self, maxlength: int | None, *, nothing_there: bool = False) -> bytes:
+        """Every receive but the fast path's first look comes through here, in turn.
+        *nothing_there*: the caller just looked and found nothing, with no await since."""
         lock = self._recv_lock
         try:
-            reader = self._fast_reader
-            if fast and reader is not None and not lock.locked():
-                # Fast path: a whole message already here needs no lock and no trip
-                # through the loop, only the cancellation check (and the loop's turn
-                # every ms). No other task can start receiving between the check and
-                # taking the frame: there is no await in between.
-                await fast_checkpoint()
-                if (
-                    not lock.locked()
-                    and not self._closed
-                    and self._protocol_error is None
-                    and self._readable
-                ):
-                    frame = reader.take_frame()
-                    if frame is not None:
-                        return frame
-                    # Nothing here yet: wait, holding the lock (no await since the check).
-                    lock.acquire_nowait()
-                    try:
-                        return await reader.recv_frame(None, nothing_there=True)
-                    finally:
-                        lock.release()
             self._check_readable()
-            await lock.acquire_fast()  # first come, first served
+            if await lock.acquire_fast():  # first come, first served
+                nothing_there = False
             try:
                 self._check_readable()
-                return await self._route.recv_frame(maxlength)
+                return await self._route.recv_frame(maxlength, nothing_there=nothing_there)
             finally:
                 lock.release()
         except ProtocolError as exc:
@@ -305,7 +285,29 @@ class AsyncConnection(ObjectStream[T]):
         :meth:`recv_bytes` raises, and whatever unpickling raises (the message is then
         consumed, the connection stays usable).
         """
-        return _unpickle_frame(await self._recv_frame(None, fast=True))  # type: ignore[no-any-return]
+        reader = self._fast_reader
+        if reader is not None and not self._recv_lock.locked():
+            # Fast path: a whole message already here needs no lock and no trip through
+            # the loop, only the cancellation check (and the loop's turn every ms). No
+            # other task can start receiving between the check and taking the frame:
+            # there is no await in between.
+            await fast_checkpoint()
+            if (
+                not self._recv_lock.locked()
+                and not self._closed
+                and self._protocol_error is None
+                and self._readable
+            ):
+                try:
+                    frame = reader.take_frame()
+                except ProtocolError as exc:
+                    self._latch(exc)
+                    raise
+                if frame is None:
+                    # Nothing here yet: wait in turn (no await since the look).
+                    frame = await self._recv_frame(None, nothing_there=True)
+                return _unpickle_frame(frame)  # type: ignore[no-any-return]
+        return _unpickle_frame(await self._recv_frame(None))  # type: ignore[no-any-return]
 
     def recv_nowait(self) -> T:
         """Return the next message if all of it has arrived.

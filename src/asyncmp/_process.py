@@ -397,14 +397,37 @@ async def open_process(
     process = ctx.Process(target=target, args=args, name=name)
     process.start()
     aprocess = AsyncProcess(process)
+    async with _reaped_on_exit(aprocess, shutdown_timeout):
+        yield aprocess
+
+
+@asynccontextmanager
+async def _reaped_on_exit(
+    aprocess: AsyncProcess, shutdown_timeout: float, conn: AsyncConnection[Any] | None = None
+) -> AsyncIterator[None]:
+    """What leaving an ``open_process``/``open_worker`` block does: on an exception or a
+    cancellation stop the process at once, else close *conn* (if any) and give the process
+    *shutdown_timeout* to end; either way reap it and release its resources."""
     try:
         try:
-            yield aprocess
+            yield
         except BaseException:
+            if conn is not None:
+                conn.close()
             await aprocess._shutdown(0, failed=True)
             raise
+        if conn is not None:
+            try:
+                await conn.aclose()
+            except BaseException:
+                # Cancelled on the way out (aclose is a checkpoint): stop it as on an
+                # error, rather than leave it running unreaped.
+                await aprocess._shutdown(0, failed=True)
+                raise
         await aprocess._shutdown(shutdown_timeout, failed=False)
     finally:
+        if conn is not None:
+            conn.close()
         aprocess.close()
 
 
@@ -554,22 +577,5 @@ async def open_worker(
     finally:
         child_end.close()
     aprocess = AsyncProcess(process)
-    worker = Worker(conn, aprocess)
-    try:
-        try:
-            yield worker
-        except BaseException:
-            conn.close()
-            await aprocess._shutdown(0, failed=True)
-            raise
-        try:
-            await conn.aclose()
-        except BaseException:
-            # Cancelled on the way out (aclose is a checkpoint): stop it as on an error,
-            # rather than leave it running unreaped.
-            await aprocess._shutdown(0, failed=True)
-            raise
-        await aprocess._shutdown(shutdown_timeout, failed=False)
-    finally:
-        conn.close()
-        aprocess.close()
+    async with _reaped_on_exit(aprocess, shutdown_timeout, conn):
+        yield Worker(conn, aprocess)
