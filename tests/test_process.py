@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import multiprocessing.connection
 import os
 import pickle
 import re
@@ -371,6 +372,52 @@ async def test_the_last_waiter_gone_leaves_no_descriptor(mp_context: MPContext) 
         assert codes == [SIGTERM]
         assert open_fds() == before
     assert_reaped(process.pid)
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_close_while_a_waiting_thread_runs_and_the_loop_ends(
+    backend: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Thread route: a wait's thread is still in its time slice when the process is
+    reaped, close() is called and the loop ends. The thread, not a loop callback that
+    will never run, closes the process object once it is done with the sentinel."""
+    monkeypatch.setattr(_platform, "POSIX_FDS", False)  # as on Windows
+    in_slice = threading.Event()
+    slice_may_end = threading.Event()
+    real_wait = multiprocessing.connection.wait
+
+    def slow_slice(objects: Any, timeout: float | None = None) -> Any:
+        if threading.current_thread().name == "asyncmp-process-wait":
+            in_slice.set()
+            slice_may_end.wait(10)  # the thread is held inside its slice
+        return real_wait(objects, timeout)
+
+    monkeypatch.setattr(multiprocessing.connection, "wait", slow_slice)
+    ready, child_end = FORK.Pipe(False)
+    process = FORK.Process(target=pw.say_ready_then_hang, args=(child_end,))
+    process.start()
+    child_end.close()
+    ready.recv()
+    ready.close()
+    aprocess = AsyncProcess(process)
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(aprocess.wait)
+            await anyio.to_thread.run_sync(in_slice.wait, 10)
+            tg.cancel_scope.cancel()  # the thread is asked to stop after its slice
+        process.kill()
+        process.join()  # reaped here: close() has an exit code to go by
+        aprocess.close()  # the thread still runs: it must close the process object
+
+    try:
+        anyio.run(main, backend=backend)
+    finally:
+        slice_may_end.set()
+    for thread in threading.enumerate():
+        if thread.name == "asyncmp-process-wait":
+            thread.join(5)
+    assert process._closed  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])

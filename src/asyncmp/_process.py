@@ -22,6 +22,7 @@ import multiprocessing.connection
 import os
 import signal
 import sys
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Generic, NoReturn
@@ -133,9 +134,11 @@ class AsyncProcess:
         self._pidfd = -1
         #: The thread route's call that waits for the sentinel, while it is wanted.
         self._call: BlockingCall[None] | None = None
-        #: Every such call whose thread may still run, wanted or not: the thread uses the
-        #: sentinel, so close() leaves the process object open until they have ended.
-        self._calls: set[BlockingCall[None]] = set()
+        #: Threads of such calls that may still run, wanted or not. A thread uses the
+        #: sentinel, so close() leaves the process object open until the last one has
+        #: ended, and that thread closes it: no event loop has to run by then.
+        self._threads = 0
+        self._threads_lock = threading.Lock()
         self._close_pending = False
 
     @property
@@ -286,15 +289,23 @@ class AsyncProcess:
             sentinel = self._process.sentinel
 
             def wait_for_sentinel(call: BlockingCall[None]) -> None:
-                while not call.stopping and not multiprocessing.connection.wait(
-                    [sentinel], THREAD_SLICE
-                ):
-                    pass
+                try:
+                    while not call.stopping and not multiprocessing.connection.wait(
+                        [sentinel], THREAD_SLICE
+                    ):
+                        pass
+                finally:
+                    self._thread_ended()
 
             call = BlockingCall(wait_for_sentinel, name="asyncmp-process-wait")
-            await call.start()  # if cancelled here, no thread was started
+            with self._threads_lock:
+                self._threads += 1
+            try:
+                await call.start()
+            except BaseException:
+                self._thread_ended()  # cancelled while waiting for room: it never ran
+                raise
             self._call = call
-            self._calls.add(call)
             call.add_done_callback(self._call_done)
         await call.wait()
         if self._call is call:
@@ -302,11 +313,17 @@ class AsyncProcess:
         call.result()  # what the thread raised, if anything
 
     def _call_done(self, call: BlockingCall[None]) -> None:
-        self._calls.discard(call)
         if self._call is call:
             self._call = None
-        if self._close_pending and not self._calls:
-            self._close_pending = False
+
+    def _thread_ended(self) -> None:
+        """A waiting thread has stopped using the sentinel (in that thread)."""
+        with self._threads_lock:
+            self._threads -= 1
+            close_now = self._close_pending and not self._threads
+            if close_now:
+                self._close_pending = False
+        if close_now:
             self._process.close()
 
     async def stop(self, *, grace: float = TERMINATE_GRACE) -> int:
@@ -354,9 +371,10 @@ class AsyncProcess:
             return
         self._closed = True
         self._release()
-        if any(not call.finished for call in self._calls):
-            self._close_pending = True  # a thread still waits on the sentinel
-        else:
+        with self._threads_lock:
+            # A thread still waits on the sentinel: the last one to end closes it.
+            pending = self._close_pending = self._threads > 0
+        if not pending:
             self._process.close()
 
     def __reduce__(self) -> NoReturn:
