@@ -417,7 +417,7 @@ def test_close_while_a_waiting_thread_runs_and_the_loop_ends(
     for thread in threading.enumerate():
         if thread.name == "asyncmp-process-wait":
             thread.join(5)
-    assert process._closed  # type: ignore[attr-defined]
+    assert process._closed
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
