@@ -470,6 +470,9 @@ async def open_pool(
         raise TypeError(f"initializer={initializer!r} is not callable")
     ctx = context if context is not None else multiprocessing.get_context()
     pool = Pool(processes, ctx, initializer, tuple(initargs), max_tasks_per_child)
+    # What the block or the start-up raised is re-raised after the task group has
+    # ended, not inside it, so that it comes out as itself, not in an exception group.
+    failure: BaseException | None = None
     tg: TaskGroup
     async with anyio.create_task_group() as tg:
         try:
@@ -477,8 +480,14 @@ async def open_pool(
                 tg.start_soon(pool._worker_task, pool._start_worker())
             await pool._all_ready.wait()
             if pool._broken is not None:
-                raise pool._broken_error()
-            yield pool
+                failure = pool._broken_error()
+            else:
+                try:
+                    yield pool
+                except BaseException as exc:
+                    failure = exc
         finally:
             pool._close()
             tg.cancel_scope.cancel()
+    if failure is not None:
+        raise failure

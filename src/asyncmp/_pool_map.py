@@ -13,6 +13,7 @@ most ``_MAX_CHUNK`` calls (and never more than ``max_tasks_per_child``).
 
 from __future__ import annotations
 
+import weakref
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Generic, TypeVar
@@ -71,6 +72,16 @@ class PoolMap(AsyncIterator[R], Generic[T, R]):
         limit = pool.max_tasks_per_child
         self._max_chunk = _MAX_CHUNK if limit is None else min(_MAX_CHUNK, limit)
         self._limit = _AHEAD * pool.processes
+        # Jobs reach the map through a weak reference: the pool's queue must not keep a
+        # map alive that its consumer dropped, or dropping it could not stop it.
+        deliver = weakref.WeakMethod(self._deliver)
+
+        def deliver_if_alive(job: Job) -> None:
+            method = deliver()
+            if method is not None:
+                method(job)
+
+        self._deliver_weakly = deliver_if_alive
 
     def __aiter__(self) -> PoolMap[T, R]:
         return self
@@ -141,7 +152,7 @@ class PoolMap(AsyncIterator[R], Generic[T, R]):
     def _submit(self, items: list[tuple[T]]) -> None:
         pool = self._pool
         try:
-            job = pool._new_job(self._fn, items, self._deliver)
+            job = pool._new_job(self._fn, items, self._deliver_weakly)
         except Exception:
             # Something in the chunk can't be pickled: send the items one by one, so the
             # error is that item's own, raised at its place.
@@ -154,9 +165,9 @@ class PoolMap(AsyncIterator[R], Generic[T, R]):
     def _submit_one(self, item: tuple[T]) -> None:
         pool = self._pool
         try:
-            job = pool._new_job(self._fn, [item], self._deliver)
+            job = pool._new_job(self._fn, [item], self._deliver_weakly)
         except Exception as exc:
-            job = Job(-1, 1, self._deliver)
+            job = Job(-1, 1, self._deliver_weakly)
             job.state = DONE
             job.error = exc
             self._jobs.append(job)

@@ -120,8 +120,8 @@ def serve(
     while True:
         try:
             request = conn.recv_bytes()
-        except EOFError:
-            return  # the stop request
+        except (EOFError, OSError):
+            return  # the stop request (the parent closed its end, maybe with replies unread)
         try:
             job_id, fn, arglist = ForkingPickler.loads(request)
         except Exception as exc:
