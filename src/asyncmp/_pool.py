@@ -119,7 +119,7 @@ class Pool:
         self._context = context
         self._initializer = initializer
         self._initargs = initargs
-        self.max_tasks_per_child = max_tasks_per_child
+        self._max_tasks_per_child = max_tasks_per_child
         self._ids = count()
         self._queue: deque[Job] = deque()
         self._idle: deque[anyio.Event] = deque()  # one per worker task waiting for a job
@@ -134,6 +134,11 @@ class Pool:
     def processes(self) -> int:
         """The number of worker processes."""
         return self._processes
+
+    @property
+    def max_tasks_per_child(self) -> int | None:
+        """The calls after which a worker is replaced, or ``None``."""
+        return self._max_tasks_per_child
 
     # -- the callers' side -----------------------------------------------------------
 
@@ -350,7 +355,7 @@ class Pool:
         self._ready += 1
         if self._ready >= self._processes:
             self._all_ready.set()
-        limit = self.max_tasks_per_child
+        limit = self._max_tasks_per_child
         while not slot.doomed and (limit is None or slot.calls < limit):
             job = await self._next_job()
             # No await between the check in _next_job() and this: the job is ours.
