@@ -149,6 +149,26 @@ async def test_a_crash_fails_only_the_call_it_ran() -> None:
         assert held == [5]
 
 
+async def test_a_crash_among_quick_calls_sent_together_fails_that_call_only() -> None:
+    outcomes: dict[int, object] = {}
+
+    async def call(i: int) -> None:
+        try:
+            outcomes[i] = await (pool.run(w.exit_with, 3) if i == 10 else pool.run(w.echo, i))
+        except asyncmp.WorkerExited as exc:
+            outcomes[i] = exc.exitcode
+
+    async with asyncmp.open_pool(1) as pool:
+        for i in range(20):  # quick calls: later ones travel to the worker together
+            await pool.run(w.echo, i)
+        async with anyio.create_task_group() as tg:
+            for i in range(40):
+                tg.start_soon(call, i)
+        # The calls sent along with the one that crashed never started: they ran later.
+        assert outcomes == {i: 3 if i == 10 else i for i in range(40)}
+        assert pool.statistics().workers_replaced == 1
+
+
 # --- cancellation ----------------------------------------------------------------------
 
 

@@ -64,18 +64,23 @@ T = TypeVar("T")
 
 #: How long a worker whose pipe reached EOF may take to exit before it is killed.
 _EXIT_WAIT = 1.0
+#: The most run() calls sent to a worker in one request, and how long they may take
+#: together (on average, judging by the calls so far).
+_MAX_BATCH = 32
+_BATCH_SECONDS = 0.002
 
 
 class _Slot:
     """One worker process, its pipe, and what it is doing."""
 
-    __slots__ = ("calls", "conn", "doomed", "job", "process")
+    __slots__ = ("calls", "conn", "doomed", "jobs", "process")
 
     def __init__(self, conn: AsyncConnection[Any], process: AsyncProcess) -> None:
         self.conn = conn
         self.process = process
         self.calls = 0  # calls served, chunk items counted one by one
-        self.job: Job | None = None  # the job in flight
+        #: The jobs in flight, in the order the worker runs them: the first one runs.
+        self.jobs: deque[Job] = deque()
         self.doomed = False  # killed (kill_on_cancel): it takes no more jobs
 
 
@@ -90,7 +95,8 @@ class PoolStatistics:
     workers_alive: int
     #: Calls waiting for a worker (withdrawn ones not counted).
     calls_queued: int
-    #: Calls sent to a worker whose reply has not come yet (their callers may have gone).
+    #: Calls sent to a worker whose reply has not come yet (their callers may have gone;
+    #: quick calls sent together count from when they were sent).
     calls_running: int
     #: Calls that returned a result.
     calls_done: int
@@ -129,6 +135,8 @@ class Pool:
         self._closed = False
         self._broken: tuple[str, BaseException | None] | None = None
         self._queued = self._running = self._done = self._failed = self._replaced = 0
+        #: How long a run() call takes in a worker, on average lately; 0 until known.
+        self._call_seconds = 0.0
 
     @property
     def processes(self) -> int:
@@ -152,12 +160,15 @@ class Pool:
 
         *fn* and *args* are pickled here, before anything is queued; the result is
         pickled in the worker. Calls wait for a free worker first come, first served.
+        While calls are quick (well under a millisecond), a free worker takes several
+        queued ones at once, to save round trips; they count as running from then on.
 
         If cancelled before a worker took the call, the call is withdrawn and never runs.
-        If cancelled while it runs, ``run()`` returns at once all the same: by default the
-        call goes on in its worker and its result is thrown away when it comes (it never
-        reaches another caller); with ``kill_on_cancel=True`` the worker is killed
-        (SIGKILL) at once, then reaped and replaced by the pool.
+        If cancelled once a worker took it, ``run()`` returns at once all the same: by
+        default the call goes on in its worker and its result is thrown away when it
+        comes (it never reaches another caller); with ``kill_on_cancel=True`` the worker
+        is killed (SIGKILL) at once, then reaped and replaced by the pool (such a call is
+        always sent alone, so no other call dies with it).
 
         :raises Exception: what ``fn`` raised, same type and message, with the worker's
             traceback attached as its ``__cause__`` (a :class:`RemoteTraceback`). An
@@ -175,6 +186,7 @@ class Pool:
         done = anyio.Event()
         job = Job(next(self._ids), 1, lambda _: done.set())
         job.payload = ForkingPickler.dumps((job.id, fn, [args]))
+        job.batchable = not kill_on_cancel
         self._enqueue(job)
         try:
             await done.wait()
@@ -358,32 +370,82 @@ class Pool:
         limit = self._max_tasks_per_child
         while not slot.doomed and (limit is None or slot.calls < limit):
             job = await self._next_job()
-            # No await between the check in _next_job() and this: the job is ours.
-            job.state = SENT
-            job.slot = slot
-            slot.job = job
-            self._queued -= job.size
-            self._running += job.size
+            # No await between the check in _next_job() and this: the jobs are ours.
+            batch = self._batch(job, None if limit is None else limit - slot.calls)
+            for job in batch:
+                job.state = SENT
+                job.slot = slot
+                self._queued -= job.size
+                self._running += job.size
+            slot.jobs.extend(batch)
+            if len(batch) == 1:
+                payload = batch[0].payload
+            else:
+                payload = ForkingPickler.dumps(("batch", [bytes(job.payload) for job in batch]))
             started = anyio.current_time()
             try:
-                await slot.conn.send_bytes(job.payload)
-                reply = await slot.conn.recv_bytes()
+                await slot.conn.send_bytes(payload)
+                while slot.jobs:
+                    reply = await slot.conn.recv_bytes()
+                    job = slot.jobs.popleft()
+                    job.elapsed = anyio.current_time() - started
+                    slot.calls += job.size
+                    self._read_reply(job, reply)
+                    self._complete(job)
             except (ConnectionEOF, anyio.BrokenResourceError):
-                job.error = WorkerExited(await self._exit_code(slot))
-                slot.job = None
-                self._complete(job)
+                self._worker_died(slot, await self._exit_code(slot))
                 return
-            slot.job = None
-            job.elapsed = anyio.current_time() - started
-            slot.calls += job.size
-            self._read_reply(job, reply)
-            self._complete(job)
+            if batch[0].batchable:
+                per_call = (anyio.current_time() - started) / len(batch)
+                self._call_seconds = 0.75 * self._call_seconds + 0.25 * per_call
+
+    def _batch(self, first: Job, quota: int | None) -> list[Job]:
+        """*first*, and queued run() calls to send along with it while calls are quick.
+
+        Calls sent together wait for each other in the worker, so this only happens
+        while calls take less than ``_BATCH_SECONDS / _MAX_BATCH`` on average, up to
+        ``_MAX_BATCH`` of them; a call with ``kill_on_cancel`` is always sent alone, so
+        killing its worker ends no other call.
+        """
+        batch = [first]
+        if not first.batchable or not self._call_seconds:
+            return batch
+        size = min(_MAX_BATCH, int(_BATCH_SECONDS / self._call_seconds))
+        if quota is not None:
+            size = min(size, quota)
+        queue = self._queue
+        while len(batch) < size and queue:
+            job = queue[0]
+            if job.state != QUEUED:
+                queue.popleft()
+            elif job.batchable:
+                batch.append(queue.popleft())
+            else:
+                break
+        return batch
+
+    def _worker_died(self, slot: _Slot, exitcode: int) -> None:
+        """The first job in flight was running: it fails. The others never started: back
+        to the front of the queue (or gone, if their callers went away)."""
+        jobs, slot.jobs = slot.jobs, deque()
+        first = jobs.popleft()
+        first.error = WorkerExited(exitcode)
+        self._complete(first)
+        for job in reversed(jobs):
+            self._running -= job.size
+            if job.state == SENT:
+                job.state = QUEUED
+                job.slot = None
+                self._queued += job.size
+                self._queue.appendleft(job)
+                if self._idle:
+                    self._idle.popleft().set()
 
     def _read_reply(self, job: Job, reply: bytes) -> None:
         try:
             message = ForkingPickler.loads(reply)
         except Exception as exc:
-            # This worker ran only this job, so the reply is its own.
+            # The worker replies in the order of the jobs: this reply is this job's.
             job.error = exc
             return
         if message[0] == "ok":
@@ -421,12 +483,12 @@ class Pool:
     async def _retire(self, slot: _Slot) -> None:
         """Stop the worker and reap it (shielded by the caller)."""
         self._slots.discard(slot)
-        job, slot.job = slot.job, None
-        if job is not None:
+        jobs, slot.jobs = slot.jobs, deque()
+        for job in jobs:
             job.error = anyio.ClosedResourceError("the pool was closed while the call ran")
             self._complete(job)
         slot.conn.close()  # the stop request: an idle worker sees EOF and returns
-        if job is None and not slot.doomed:
+        if not jobs and not slot.doomed:
             with anyio.move_on_after(TERMINATE_GRACE):
                 await slot.process.wait()
         await slot.process.stop()

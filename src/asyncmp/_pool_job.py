@@ -31,6 +31,7 @@ class Job:
     """One request to a worker: one or more calls of one function."""
 
     __slots__ = (
+        "batchable",
         "deliver",
         "elapsed",
         "error",
@@ -48,6 +49,8 @@ class Job:
         self.size = size
         #: Called once, when the job is DONE, to hand the outcome to its caller.
         self.deliver = deliver
+        #: May be sent to a worker along with other calls (see Pool._batch).
+        self.batchable = False
         self.payload: Any = b""
         self.state = QUEUED
         self.slot: _Slot | None = None

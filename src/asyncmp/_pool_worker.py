@@ -9,9 +9,12 @@ The conversation over a worker's duplex pipe, every message one pickled frame:
   initializer raised (the worker then returns).
 * parent -> worker: ``(job_id, fn, [args, ...])``: call ``fn(*args)`` for each entry.
   A chunk of :meth:`Pool.map` items and a single :meth:`Pool.run` call look the same.
+  Or ``("batch", [request_bytes, ...])``: several such jobs, pickled one by one, run in
+  that order, each answered as soon as it is done.
 * worker -> parent: ``("ok", job_id, values, errors)``: ``values[i]`` is the i-th
   result, ``errors`` is ``None`` or maps the index of each call that failed to its
-  error; or ``("failed", job_id, error)`` if the request itself could not be read.
+  error; or ``("failed", None, error)`` if the request itself could not be read. The
+  replies come in the order of the jobs.
 * parent closes its end: the stop request. The worker sees EOF once its current call
   has returned, and returns.
 
@@ -123,19 +126,37 @@ def serve(
         except (EOFError, OSError):
             return  # the stop request (the parent closed its end, maybe with replies unread)
         try:
-            job_id, fn, arglist = ForkingPickler.loads(request)
+            message = ForkingPickler.loads(request)
         except Exception as exc:
-            error = portable_error(exc, "reading the request")
-            conn.send_bytes(ForkingPickler.dumps(("failed", None, error)))
+            _send_failed(conn, exc)
             continue
-        values: list[Any] = []
-        errors: dict[int, Error] | None = None
-        for i, args in enumerate(arglist):
+        if message[0] != "batch":
+            _run_job(conn, message)
+            continue
+        for part in message[1]:
             try:
-                values.append(fn(*args))
+                job = ForkingPickler.loads(part)
             except Exception as exc:
-                values.append(None)
-                if errors is None:
-                    errors = {}
-                errors[i] = portable_error(exc, _describe(fn))
-        conn.send_bytes(_reply(job_id, fn, values, errors))
+                _send_failed(conn, exc)
+                continue
+            _run_job(conn, job)
+
+
+def _send_failed(conn: Connection, exc: Exception) -> None:
+    error = portable_error(exc, "reading the request")
+    conn.send_bytes(ForkingPickler.dumps(("failed", None, error)))
+
+
+def _run_job(conn: Connection, job: tuple[int, Callable[..., Any], list[tuple[Any, ...]]]) -> None:
+    job_id, fn, arglist = job
+    values: list[Any] = []
+    errors: dict[int, Error] | None = None
+    for i, args in enumerate(arglist):
+        try:
+            values.append(fn(*args))
+        except Exception as exc:
+            values.append(None)
+            if errors is None:
+                errors = {}
+            errors[i] = portable_error(exc, _describe(fn))
+    conn.send_bytes(_reply(job_id, fn, values, errors))
