@@ -20,15 +20,19 @@ from typing import Any
 __all__ = (
     "NeedsTwoArgs",
     "echo",
+    "exit_at_3",
     "exit_with",
     "fail",
+    "fail_at_5",
     "fail_init",
     "getpid",
     "hold",
+    "hold_first",
     "initialized",
     "install",
     "kill_self",
     "note",
+    "pid_of",
     "raise_unpicklable",
     "return_unpicklable",
     "set_value",
@@ -115,3 +119,22 @@ class NeedsTwoArgs(Exception):
 
 def raise_unpicklable() -> int:
     raise NeedsTwoArgs(1, 2)
+
+
+def hold_first(x: int) -> int:
+    """:func:`hold` item 0, return the others at once."""
+    return hold(x) if x == 0 else x
+
+
+def fail_at_5(x: int) -> int:
+    if x == 5:
+        raise ValueError(f"bad {x}")
+    return x
+
+
+def pid_of(_: int) -> int:
+    return os.getpid()
+
+
+def exit_at_3(x: int) -> int:
+    return exit_with(3) if x == 3 else x

@@ -294,7 +294,7 @@ async def test_map_unordered_a_slow_call_does_not_hold_back_the_others() -> None
     async with held_pool(2) as (pool, conn):
         # The first item holds its worker; the others all finish on the second one.
         results = []
-        it = pool.map(_hold_first, range(6), ordered=False)
+        it = pool.map(w.hold_first, range(6), ordered=False)
         async for y in it:
             results.append(y)
             if len(results) == 5:
@@ -304,25 +304,26 @@ async def test_map_unordered_a_slow_call_does_not_hold_back_the_others() -> None
         await started(conn)
 
 
-def _hold_first(x: int) -> int:
-    return w.hold(x) if x == 0 else x
-
-
 async def test_map_raises_at_the_failing_items_place_and_stops() -> None:
     async with asyncmp.open_pool(2) as pool:
         results = []
         with pytest.raises(ValueError, match="bad 5"):
-            async for y in pool.map(_fail_at_5, range(1000)):
+            async for y in pool.map(w.fail_at_5, range(1000)):
                 results.append(y)
         assert results == [0, 1, 2, 3, 4]
         assert await pool.run(w.echo, 1) == 1
         assert pool.statistics().calls_queued == 0
 
 
-def _fail_at_5(x: int) -> int:
-    if x == 5:
-        raise ValueError(f"bad {x}")
-    return x
+async def test_a_worker_dying_in_a_map_raises_worker_exited_and_stops_it() -> None:
+    async with asyncmp.open_pool(2) as pool:
+        results = []
+        with pytest.raises(asyncmp.WorkerExited) as info:
+            async for y in pool.map(w.exit_at_3, range(100)):
+                results.append(y)
+        assert info.value.exitcode == 3
+        assert results == [0, 1, 2]
+        assert await pool.run(w.echo, 1) == 1
 
 
 async def test_an_unpicklable_map_item_fails_at_its_place() -> None:
@@ -416,13 +417,9 @@ async def test_max_tasks_per_child_replaces_workers() -> None:
         assert pids[0] == pids[1] != pids[2] == pids[3] != pids[4]
         assert len(set(pids)) == 3
         # Chunks of map count call by call.
-        pids = [pid async for pid in pool.map(_pid_of, range(6))]
+        pids = [pid async for pid in pool.map(w.pid_of, range(6))]
         assert len(set(pids)) >= 3
         assert pool.statistics().workers_replaced >= 4
-
-
-def _pid_of(_: int) -> int:
-    return os.getpid()
 
 
 async def test_start_methods_run_calls(mp_context: MPContext) -> None:
@@ -438,6 +435,8 @@ async def test_processes_default_and_validation() -> None:
         async with asyncmp.open_pool(1, max_tasks_per_child=0):
             pass  # pragma: no cover
     async with asyncmp.open_pool() as pool:
+        with pytest.raises(TypeError, match="not iterable"):
+            pool.map(w.echo, 5)  # type: ignore[arg-type]
         assert pool.processes == os.cpu_count()
         assert pool.statistics().workers_alive == os.cpu_count()
 

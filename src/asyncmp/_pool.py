@@ -283,6 +283,7 @@ class Pool:
                 slot.process.kill()
 
     def _complete(self, job: Job) -> None:
+        job.payload = b""  # the arguments may be large: don't keep them
         self._running -= job.size
         failed = job.size if job.error is not None else len(job.errors or ())
         self._failed += failed

@@ -49,6 +49,7 @@ class PoolMap(AsyncIterator[R], Generic[T, R]):
         iterable: Iterable[T] | AsyncIterable[T],
         ordered: bool,
     ) -> None:
+        self._stopped = True  # until set up: __del__ then has nothing to stop
         self._pool = pool
         self._fn = fn
         self._sync: Iterator[T] | None = None
@@ -66,7 +67,6 @@ class PoolMap(AsyncIterator[R], Generic[T, R]):
         self._index = 0  # the next call of _current to yield
         self._partial: list[tuple[T]] = []  # items taken for a chunk not yet sent
         self._exhausted = False
-        self._stopped = False
         self._wakeup: anyio.Event | None = None
         self._chunk = 1
         limit = pool.max_tasks_per_child
@@ -82,6 +82,7 @@ class PoolMap(AsyncIterator[R], Generic[T, R]):
                 method(job)
 
         self._deliver_weakly = deliver_if_alive
+        self._stopped = False
 
     def __aiter__(self) -> PoolMap[T, R]:
         return self

@@ -126,20 +126,29 @@ def serve(
         except (EOFError, OSError):
             return  # the stop request (the parent closed its end, maybe with replies unread)
         try:
-            message = ForkingPickler.loads(request)
-        except Exception as exc:
-            _send_failed(conn, exc)
-            continue
-        if message[0] != "batch":
-            _run_job(conn, message)
-            continue
-        for part in message[1]:
+            _handle(conn, request)
+        except OSError:
+            return  # the parent closed its end while a call ran: nobody waits for replies
+
+
+def _handle(conn: Connection, request: bytes) -> None:
+    """Run one request (a job, or a batch of them) and send the replies."""
+    parts = [request]
+    try:
+        message = ForkingPickler.loads(request)
+        if message[0] == "batch":
+            parts = message[1]
+    except Exception as exc:
+        _send_failed(conn, exc)
+        return
+    for part in parts:
+        if part is not request:
             try:
-                job = ForkingPickler.loads(part)
+                message = ForkingPickler.loads(part)
             except Exception as exc:
                 _send_failed(conn, exc)
                 continue
-            _run_job(conn, job)
+        _run_job(conn, message)
 
 
 def _send_failed(conn: Connection, exc: Exception) -> None:
@@ -159,4 +168,4 @@ def _run_job(conn: Connection, job: tuple[int, Callable[..., Any], list[tuple[An
             if errors is None:
                 errors = {}
             errors[i] = portable_error(exc, _describe(fn))
-    conn.send_bytes(_reply(job_id, fn, values, errors))
+    conn.send_bytes(_reply(job_id, fn, values, errors))  # raises OSError if the parent left
