@@ -441,6 +441,35 @@ async def test_processes_default_and_validation() -> None:
         assert pool.statistics().workers_alive == os.cpu_count()
 
 
+class _SecondProcessFails:
+    """A multiprocessing context whose second process fails to start."""
+
+    def __init__(self) -> None:
+        self._ctx = multiprocessing.get_context()
+        self._started = 0
+
+    def Pipe(self, duplex: bool = True) -> Any:
+        return self._ctx.Pipe(duplex)
+
+    def Process(self, **kwargs: Any) -> Any:
+        self._started += 1
+        if self._started == 2:
+            raise OSError("no more processes")
+        return self._ctx.Process(**kwargs)
+
+
+async def test_a_worker_that_cannot_start_raises_as_itself_and_leaves_nothing() -> None:
+    with pytest.raises(OSError, match="no more processes"):
+        async with asyncmp.open_pool(2, context=_SecondProcessFails()):
+            raise AssertionError("not reached")  # pragma: no cover
+
+
+async def test_the_blocks_own_exception_comes_out_as_itself() -> None:
+    with pytest.raises(KeyError):
+        async with asyncmp.open_pool(1):
+            raise KeyError("mine")
+
+
 # --- leaving the block -----------------------------------------------------------------
 
 

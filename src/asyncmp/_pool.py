@@ -544,16 +544,16 @@ async def open_pool(
     tg: TaskGroup
     async with anyio.create_task_group() as tg:
         try:
-            for _ in range(processes):
-                tg.start_soon(pool._worker_task, pool._start_worker())
-            await pool._all_ready.wait()
-            if pool._broken is not None:
-                failure = pool._broken_error()
-            else:
-                try:
+            try:
+                for _ in range(processes):
+                    tg.start_soon(pool._worker_task, pool._start_worker())
+                await pool._all_ready.wait()
+                if pool._broken is not None:
+                    failure = pool._broken_error()
+                else:
                     yield pool
-                except BaseException as exc:
-                    failure = exc
+            except BaseException as exc:
+                failure = exc
         finally:
             pool._close()
             tg.cancel_scope.cancel()
