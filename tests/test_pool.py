@@ -422,6 +422,24 @@ async def test_max_tasks_per_child_replaces_workers() -> None:
         assert pool.statistics().workers_replaced >= 4
 
 
+async def test_a_worker_ignores_sigint_the_pool_owns_its_life() -> None:
+    async with held_pool(1) as (pool, holds):
+        async with anyio.create_task_group() as tg:
+            results: list[int] = []
+
+            async def call() -> None:
+                results.append(await pool.run(w.hold, 5))
+
+            tg.start_soon(call)
+            pid = await started(holds)
+            # What a Ctrl-C in a terminal does: SIGINT to the whole process group.
+            os.kill(pid, signal.SIGINT)
+            holds.release()
+        assert results == [5]
+        assert await pool.run(w.getpid) == pid
+        assert pool.statistics().workers_replaced == 0
+
+
 async def test_start_methods_run_calls(mp_context: MPContext) -> None:
     async with asyncmp.open_pool(2, context=mp_context) as pool:
         assert [y async for y in pool.map(w.echo, range(50))] == list(range(50))

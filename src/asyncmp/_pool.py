@@ -521,6 +521,11 @@ async def open_pool(
     A worker that dies is replaced; the call it ran raises :class:`WorkerExited`. A
     failing initializer is not retried: it breaks the pool (see below).
 
+    Workers ignore SIGINT (set before the initializer runs): the pool owns their lives.
+    A Ctrl-C in a terminal reaches the whole process group; it interrupts the parent,
+    whose block exit then stops the workers, instead of ending running calls in the
+    workers with ``KeyboardInterrupt`` tracebacks.
+
     :raises ValueError: *processes* or *max_tasks_per_child* is below 1.
     :raises anyio.BrokenResourceError: on entering, a worker's initializer raised (its
         exception, with the worker's traceback, is the ``__cause__``) or a worker died

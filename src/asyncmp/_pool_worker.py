@@ -104,7 +104,7 @@ def serve(
 
     An exception from a call goes back to the caller; ``SystemExit`` and other
     ``BaseException``\\ s end the worker, as they would end a plain process, and the
-    caller gets ``WorkerExited``.
+    caller gets ``WorkerExited``. SIGINT is ignored from the start.
     """
     try:
         # A forked worker inherits the parent loop's wakeup descriptor: a signal here
@@ -112,6 +112,10 @@ def serve(
         signal.set_wakeup_fd(-1)
     except (ValueError, OSError):  # pragma: no cover - not the main thread
         pass
+    # The parent owns the worker's life: a Ctrl-C in a terminal reaches the whole process
+    # group, and must not end running calls with a traceback here. The parent's block
+    # exit stops the workers. (Before the initializer, which may choose otherwise.)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if initializer is not None:
         try:
             initializer(*initargs)
