@@ -9,6 +9,7 @@ import pickle
 import random
 import signal
 import threading
+from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from contextlib import aclosing, asynccontextmanager
 from typing import Any
@@ -420,6 +421,25 @@ async def test_max_tasks_per_child_replaces_workers() -> None:
         pids = [pid async for pid in pool.map(w.pid_of, range(6))]
         assert len(set(pids)) >= 3
         assert pool.statistics().workers_replaced >= 4
+
+
+async def test_max_tasks_per_child_is_exact_for_map_chunks_and_run_batches() -> None:
+    async with asyncmp.open_pool(1, max_tasks_per_child=3) as pool:
+        # Chunks grow past what a worker has left: each is cut at the worker's count.
+        pids = [pid async for pid in pool.map(w.pid_of, range(30))]
+        assert sorted(Counter(pids).values()) == [3] * 10
+        # Quick run() calls queued together go in batches, cut the same way.
+        results: list[int] = []
+
+        async def call() -> None:
+            results.append(await pool.run(w.getpid))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(30):
+                tg.start_soon(call)
+        assert sorted(Counter(results).values()) == [3] * 10
+        stats = pool.statistics()
+        assert (stats.calls_done, stats.calls_queued, stats.calls_running) == (60, 0, 0)
 
 
 async def test_a_worker_ignores_sigint_the_pool_owns_its_life() -> None:

@@ -186,6 +186,7 @@ class Pool:
         done = anyio.Event()
         job = Job(next(self._ids), 1, lambda _: done.set())
         job.payload = ForkingPickler.dumps((job.id, fn, [args]))
+        job.fn, job.arglist = fn, [args]
         job.batchable = not kill_on_cancel
         self._enqueue(job)
         try:
@@ -260,6 +261,7 @@ class Pool:
         """A job for *arglist*, pickled; raises what pickling raises."""
         job = Job(next(self._ids), len(arglist), deliver)
         job.payload = ForkingPickler.dumps((job.id, fn, arglist))
+        job.fn, job.arglist = fn, arglist
         return job
 
     def _enqueue(self, job: Job) -> None:
@@ -274,7 +276,7 @@ class Pool:
         task, or from a finalizer."""
         if job.state == QUEUED:
             job.state = WITHDRAWN
-            self._queued -= job.size
+            self._queued -= job.left
         elif job.state == SENT:
             job.state = ABANDONED
             slot = job.slot
@@ -283,11 +285,36 @@ class Pool:
                 slot.process.kill()
 
     def _complete(self, job: Job) -> None:
+        """The part of *job* in flight ended (replied, or failed with ``job.error``).
+
+        If calls of the job are left (it was cut at a worker's ``max_tasks_per_child``)
+        and it is still wanted, it goes back to the front of the queue for the rest.
+        """
+        part = job.part
+        rest = job.left - part  # calls not sent yet, still counted as queued
+        self._running -= part
+        if job.error is not None:
+            failed = part + (rest if job.state == SENT else 0)
+            self._failed += failed
+            self._queued -= rest
+        else:
+            start = job.offset
+            failed = sum(1 for i in job.errors or () if start <= i < start + part)
+            self._failed += failed
+            self._done += part - failed
+            job.offset += part
+            job.part = 0
+            if rest:
+                if job.state == SENT:
+                    job.state = QUEUED
+                    job.slot = None
+                    self._queue.appendleft(job)
+                    if self._idle:
+                        self._idle.popleft().set()
+                    return
+                self._queued -= rest  # abandoned: the rest never runs
         job.payload = b""  # the arguments may be large: don't keep them
-        self._running -= job.size
-        failed = job.size if job.error is not None else len(job.errors or ())
-        self._failed += failed
-        self._done += job.size - failed
+        job.fn, job.arglist = None, []
         if job.state == SENT:
             job.state = DONE
             job.deliver(job)
@@ -296,8 +323,8 @@ class Pool:
         while self._queue:
             job = self._queue.popleft()
             if job.state == QUEUED:
-                self._queued -= job.size
-                self._failed += job.size
+                self._queued -= job.left
+                self._failed += job.left
                 job.state = DONE
                 job.error = error()
                 job.deliver(job)
@@ -372,15 +399,27 @@ class Pool:
         while not slot.doomed and (limit is None or slot.calls < limit):
             job = await self._next_job()
             # No await between the check in _next_job() and this: the jobs are ours.
-            batch = self._batch(job, None if limit is None else limit - slot.calls)
+            quota = None if limit is None else limit - slot.calls
+            batch = self._batch(job, quota)
             for job in batch:
                 job.state = SENT
                 job.slot = slot
-                self._queued -= job.size
-                self._running += job.size
+                job.part = job.left
+                if quota is not None:
+                    # Exactly max_tasks_per_child calls per worker: a bigger job is cut,
+                    # and the rest goes back to the queue when this part is answered.
+                    job.part = min(job.part, quota)
+                    quota -= job.part
+                self._queued -= job.part
+                self._running += job.part
             slot.jobs.extend(batch)
             if len(batch) == 1:
-                payload = batch[0].payload
+                job = batch[0]
+                if job.part == job.size:
+                    payload = job.payload
+                else:
+                    arglist = job.arglist[job.offset : job.offset + job.part]
+                    payload = ForkingPickler.dumps((job.id, job.fn, arglist))
             else:
                 payload = ForkingPickler.dumps(("batch", [bytes(job.payload) for job in batch]))
             started = anyio.current_time()
@@ -389,8 +428,8 @@ class Pool:
                 while slot.jobs:
                     reply = await slot.conn.recv_bytes()
                     job = slot.jobs.popleft()
-                    job.elapsed = anyio.current_time() - started
-                    slot.calls += job.size
+                    job.elapsed += anyio.current_time() - started
+                    slot.calls += job.part
                     self._read_reply(job, reply)
                     self._complete(job)
             except (ConnectionEOF, anyio.BrokenResourceError):
@@ -433,11 +472,12 @@ class Pool:
         first.error = WorkerExited(exitcode)
         self._complete(first)
         for job in reversed(jobs):
-            self._running -= job.size
+            self._running -= job.part
             if job.state == SENT:
                 job.state = QUEUED
                 job.slot = None
-                self._queued += job.size
+                self._queued += job.part
+                job.part = 0
                 self._queue.appendleft(job)
                 if self._idle:
                     self._idle.popleft().set()
@@ -450,8 +490,15 @@ class Pool:
             job.error = exc
             return
         if message[0] == "ok":
-            _, job_id, job.values, job.errors = message
+            _, job_id, values, errors = message
             assert job_id == job.id, (job_id, job.id)
+            if job.offset == 0:
+                job.values, job.errors = values, errors
+            else:  # a later part of a job that was cut
+                job.values.extend(values)
+                if errors:
+                    shifted = {job.offset + i: error for i, error in errors.items()}
+                    job.errors = {**(job.errors or {}), **shifted}
         else:
             _, job_id, (error, text) = message
             error.__cause__ = RemoteTraceback(text)

@@ -42,6 +42,10 @@ class Job:
         "slot",
         "state",
         "values",
+        "fn",
+        "arglist",
+        "offset",
+        "part",
     )
 
     def __init__(self, job_id: int, size: int, deliver: Callable[[Job], None]) -> None:
@@ -59,6 +63,17 @@ class Job:
         self.errors: dict[int, Error] | None = None
         #: Set if the whole job failed (the worker died, the pool closed, ...).
         self.error: BaseException | None = None
+        #: What the payload holds, kept to send a part of it (see Pool._serve).
+        self.fn: Callable[..., Any] | None = None
+        self.arglist: list[tuple[Any, ...]] = []
+        #: Calls answered by earlier parts; calls in the part in flight.
+        self.offset = 0
+        self.part = 0
+
+    @property
+    def left(self) -> int:
+        """Calls not yet answered."""
+        return self.size - self.offset
 
     def outcome(self, i: int) -> Any:
         """Return the i-th call's result, or raise its exception."""
