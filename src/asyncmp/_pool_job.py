@@ -31,21 +31,21 @@ class Job:
     """One request to a worker: one or more calls of one function."""
 
     __slots__ = (
+        "arglist",
         "batchable",
         "deliver",
         "elapsed",
         "error",
         "errors",
+        "fn",
         "id",
+        "offset",
+        "part",
         "payload",
         "size",
         "slot",
         "state",
         "values",
-        "fn",
-        "arglist",
-        "offset",
-        "part",
     )
 
     def __init__(self, job_id: int, size: int, deliver: Callable[[Job], None]) -> None:
