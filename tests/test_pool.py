@@ -378,7 +378,7 @@ async def test_map_aclose_withdraws_at_once() -> None:
             await started(conn)
             assert pool.statistics().calls_queued == 1  # two chunks of 1 are ahead
             tg.cancel_scope.cancel()
-        await it.aclose()  # type: ignore[attr-defined]
+        await it.aclose()
         assert pool.statistics().calls_queued == 0
         conn.release()
         assert await pool.run(w.echo, 7) == 7

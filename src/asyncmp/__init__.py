@@ -9,6 +9,7 @@ from ._exceptions import ProtocolError as ProtocolError
 from ._pool import Pool as Pool
 from ._pool import PoolStatistics as PoolStatistics
 from ._pool import open_pool as open_pool
+from ._pool_map import PoolMap as PoolMap
 from ._pool_worker import RemoteTraceback as RemoteTraceback
 from ._process import TERMINATE_GRACE as TERMINATE_GRACE
 from ._process import AsyncProcess as AsyncProcess
@@ -44,6 +45,7 @@ __all__ = (
     "JoinableQueue",
     "Pipe",
     "Pool",
+    "PoolMap",
     "PoolStatistics",
     "ProtocolError",
     "Queue",

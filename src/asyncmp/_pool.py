@@ -202,7 +202,7 @@ class Pool:
         iterable: Iterable[T] | AsyncIterable[T],
         *,
         ordered: bool = True,
-    ) -> AsyncIterator[R]:
+    ) -> PoolMap[R]:
         """Call ``fn(item)`` in the workers for each item of *iterable*; iterate over the
         results.
 
@@ -213,7 +213,8 @@ class Pool:
         results come in the order of the items; with ``ordered=False`` as they finish.
 
         Leaving the ``async for`` early (``break``, an exception, a cancellation) stops
-        the map once the iterator is dropped, or at once with ``await it.aclose()``:
+        the map once the iterator is dropped, or at once with ``await it.aclose()`` or
+        ``async with pool.map(...) as it:`` (see :class:`PoolMap`):
         calls not yet sent are withdrawn, and the results of those running are thrown
         away. A cancelled step consumed nothing: the next one returns the same result.
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import weakref
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 from anyio.lowlevel import checkpoint_if_cancelled
@@ -28,7 +28,6 @@ if TYPE_CHECKING:
 
 __all__ = ("PoolMap",)
 
-T = TypeVar("T")
 R = TypeVar("R")
 
 #: What a chunk should take in a worker, in seconds.
@@ -39,21 +38,29 @@ _MAX_CHUNK = 2048
 _AHEAD = 2
 
 
-class PoolMap(AsyncIterator[R], Generic[T, R]):
-    """The iterator :meth:`Pool.map` returns."""
+class PoolMap(AsyncIterator[R]):
+    """The async iterator of results that :meth:`Pool.map` returns.
+
+    Iterate over it with ``async for``. To stop it at once rather than when it is
+    dropped, ``await it.aclose()``, or use it as an async context manager::
+
+        async with pool.map(fn, items) as results:
+            async for y in results:
+                ...
+    """
 
     def __init__(
         self,
         pool: Pool,
-        fn: Callable[[T], R],
-        iterable: Iterable[T] | AsyncIterable[T],
+        fn: Callable[[Any], R],
+        iterable: Iterable[Any] | AsyncIterable[Any],
         ordered: bool,
     ) -> None:
         self._stopped = True  # until set up: __del__ then has nothing to stop
         self._pool = pool
         self._fn = fn
-        self._sync: Iterator[T] | None = None
-        self._async: AsyncIterator[T] | None = None
+        self._sync: Iterator[Any] | None = None
+        self._async: AsyncIterator[Any] | None = None
         if isinstance(iterable, AsyncIterable):
             self._async = aiter(iterable)
         else:
@@ -65,7 +72,7 @@ class PoolMap(AsyncIterator[R], Generic[T, R]):
         self._finished: deque[Job] = deque()
         self._current: Job | None = None  # the job being yielded from
         self._index = 0  # the next call of _current to yield
-        self._partial: list[tuple[T]] = []  # items taken for a chunk not yet sent
+        self._partial: list[tuple[Any]] = []  # items taken for a chunk not yet sent
         self._exhausted = False
         self._wakeup: anyio.Event | None = None
         self._chunk = 1
@@ -84,11 +91,17 @@ class PoolMap(AsyncIterator[R], Generic[T, R]):
         self._deliver_weakly = deliver_if_alive
         self._stopped = False
 
-    def __aiter__(self) -> PoolMap[T, R]:
+    def __aiter__(self) -> PoolMap[R]:
         return self
 
     async def __anext__(self) -> R:
-        """The next result. If cancelled, nothing was consumed."""
+        """Return the next result.
+
+        If cancelled, nothing was consumed: the next call returns the same result.
+
+        :raises StopAsyncIteration: every result was yielded, or the map was stopped.
+        :raises Exception: see :meth:`Pool.map`.
+        """
         await checkpoint_if_cancelled()
         while not self._stopped:
             job = self._current
@@ -150,7 +163,7 @@ class PoolMap(AsyncIterator[R], Generic[T, R]):
             self._partial = []
             self._submit(items)
 
-    def _submit(self, items: list[tuple[T]]) -> None:
+    def _submit(self, items: list[tuple[Any]]) -> None:
         pool = self._pool
         try:
             job = pool._new_job(self._fn, items, self._deliver_weakly)
@@ -163,7 +176,7 @@ class PoolMap(AsyncIterator[R], Generic[T, R]):
         self._jobs.append(job)
         pool._enqueue(job)
 
-    def _submit_one(self, item: tuple[T]) -> None:
+    def _submit_one(self, item: tuple[Any]) -> None:
         pool = self._pool
         try:
             job = pool._new_job(self._fn, [item], self._deliver_weakly)
@@ -215,8 +228,10 @@ class PoolMap(AsyncIterator[R], Generic[T, R]):
     def __del__(self) -> None:
         self._stop()
 
-    async def __aenter__(self) -> PoolMap[T, R]:
+    async def __aenter__(self) -> PoolMap[R]:
+        """Return the map itself."""
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
+        """Stop the map with :meth:`aclose` (the map stops even if that is cancelled)."""
         await self.aclose()

@@ -9,7 +9,6 @@ checked, never run (pytest does not collect it).
 from __future__ import annotations
 
 import multiprocessing
-from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from multiprocessing.connection import Connection
 from typing import Any
@@ -132,7 +131,9 @@ async def pools() -> None:
         await pool.run(scale, "2", 0.5)  # type: ignore[arg-type]
         await pool.run(label)  # type: ignore[arg-type]
         # map() is an async iterator of fn's results.
-        assert_type(pool.map(label, range(3)), AsyncIterator[str])
+        assert_type(pool.map(label, range(3)), asyncmp.PoolMap[str])
+        async with pool.map(label, range(3)) as results:
+            await results.aclose()
         async for text in pool.map(label, [1, 2], ordered=False):
             assert_type(text, str)
         pool.map(label, ["one"])  # type: ignore[arg-type]
