@@ -203,6 +203,16 @@ def assert_primes(url: str, below: int, expected: int) -> int:
     return int(body["worker"])
 
 
+def check_pool_progress(run: Run) -> str:
+    output = run_to_end(run)
+    expect_lines(
+        output,
+        r"pool_progress: 30 blocks, 2 workers, [\d.]+ s on \w+: the longest Collatz chain "
+        r"below 300,000 starts at 230,631 \(442 steps\)",
+    )
+    return output
+
+
 def check_remote_workers(run: Run) -> str:
     output = run_to_end(run)
     expect_lines(output, r"longest Collatz chain below \d+: \d+ \(\d+ steps\)")
@@ -305,6 +315,9 @@ def plan() -> list[Run]:
         runs.append(Run("pipeline.py", [*args, "--limit", "300000"], check_pipeline))
         runs.append(Run("pipeline.py", args, check_pipeline_ctrl_c))
         runs.append(Run("remote_workers.py", ["--backend", backend], check_remote_workers))
+        for method in START_METHODS:
+            args = ["--backend", backend, "--start-method", method, "--workers", "2"]
+            runs.append(Run("pool_progress.py", [*args, "--limit", "300000"], check_pool_progress))
     for backend in [b for b in BACKENDS if b != "trio"]:  # uvicorn runs on asyncio
         args = ["--backend", backend, "--port", "0", "--workers", "1"]
         runs.append(Run("service.py", args, check_service))
