@@ -4,7 +4,8 @@ Run ``python benchmarks/run.py`` (``nox -s bench`` passes its arguments through)
 
 * ``--quick``: a short run (under 30 s) for a smoke check;
 * ``--backend asyncio,trio`` (or the option repeated): only these event loops;
-* ``--only small,pingpong,large,queue``: only these benchmarks.
+* ``--only small,pingpong,large,queue``: only these benchmarks (the default: all four);
+  ``--only pool`` runs the pool benchmarks (5), which are not in the default run.
 
 What is measured, against one forked worker process:
 
@@ -24,6 +25,8 @@ What is measured, against one forked worker process:
    ``anyio.to_thread.run_sync(q.get)`` and aioprocessing's ``AioQueue.coro_get()``.
    (c) Fan-in from four producers, asyncmp against the sync loop. (d) The CPU an
    asyncmp ``get()`` burns while it waits and another process holds the reader lock.
+5. Pools (``--only pool``): ``asyncmp.open_pool`` against ``anyio.to_process``,
+   ``ProcessPoolExecutor``, aiomultiprocess and trio-parallel; see ``_pools.py``.
 
 The machine may be shared and noisy, so the contenders of a benchmark run interleaved,
 in a freshly shuffled order every round, and the report gives medians over rounds and
@@ -71,6 +74,7 @@ from _cases import (  # noqa: E402
     pingpong_contenders,
     small_contenders,
 )
+from _pools import pool_tables  # noqa: E402
 from _queues import (  # noqa: E402
     QUEUE_ITEM,
     QueueProducers,
@@ -447,7 +451,7 @@ def _queue_targets(
 
 def _versions() -> dict[str, str]:
     found = {"asyncmp": asyncmp.__version__}
-    for name in ("anyio", "trio", "uvloop", "aioprocessing"):
+    for name in ("anyio", "trio", "uvloop", "aioprocessing", "aiomultiprocess", "trio-parallel"):
         try:
             found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -489,7 +493,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--only",
         action="append",
         metavar="NAME[,NAME]",
-        help="benchmarks to run: small, pingpong, large, queue (default: all)",
+        help="benchmarks to run: small, pingpong, large, queue (default: these four), pool",
     )
     parser.add_argument("--rounds", type=int, help="rounds (default 7, quick 3)")
     parser.add_argument(
@@ -525,7 +529,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("the benchmarks fork a worker: POSIX only")
     available = tuple(b for b in BACKENDS if b != "uvloop" or find_spec("uvloop") is not None)
     backends = _split(args.backend, available, "backend")
-    only = _split(args.only, ("small", "pingpong", "large", "queue"), "benchmark")
+    only = _split(args.only, ("small", "pingpong", "large", "queue", "pool"), "benchmark")
+    if not args.only:
+        only = tuple(name for name in only if name != "pool")
     rounds = args.rounds or (3 if args.quick else 7)
     idle_rounds = args.idle_rounds or (1 if args.quick else 2)
     trial_seconds = args.trial_seconds or (0.04 if args.quick else 0.15)
@@ -572,6 +578,13 @@ def main(argv: list[str] | None = None) -> int:
             )
             tables.append(idle)
             targets += idle_targets
+        if "pool" in only:
+            # Each trial starts its own pool (and event loop) here, after the others.
+            pool_results, pool_targets = pool_tables(
+                backends, rounds, max(trial_seconds, 0.3), rng, bench.log, bench.notes
+            )
+            tables += pool_results
+            targets += pool_targets
     finally:
         # Independent of each other (the producers closed their copies of the worker's
         # connections); the producers first, as they take at most about half a second.

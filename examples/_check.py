@@ -5,7 +5,7 @@ what it prints. ``nox -s examples`` runs this; so can you:
 
 Each run is a separate process with a time limit. Interactive behaviour is driven as a person
 would: Ctrl-C (SIGINT) for pipeline.py, and for service.py an HTTP client (the stdlib's
-urllib, on 127.0.0.1 only) that streams jobs and walks away from one in the middle.
+urllib, on 127.0.0.1 only) that sends requests, one of them past its time limit.
 """
 
 from __future__ import annotations
@@ -20,11 +20,13 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 BACKENDS = ["asyncio", "trio"] if sys.platform == "win32" else ["asyncio", "uvloop", "trio"]
@@ -154,36 +156,61 @@ def check_pipeline_ctrl_c(run: Run) -> str:
 
 
 def check_service(run: Run) -> str:
-    """One worker: a job after the abandoned one can only run if that one was cancelled."""
+    """One worker: a request that timed out is followed by requests that get their own
+    replies, from the worker that replaced the killed one."""
     with started(run) as example:
-        line = example.wait_for_line(r"service: 1 worker \(pids \d+\); listening on http://.*")
+        line = example.wait_for_line(r"service: 1 worker; listening on http://.*")
         url = line.rpartition(" ")[2]
         if not url.startswith("http://127.0.0.1:"):
             raise CheckFailed(f"not on loopback: {line}")
-        assert_primes(url, 30_000, 3245)
-        # Walk away from a job that would take minutes, once it is running.
-        with urllib.request.urlopen(f"{url}/primes?below=50000000", timeout=LIMIT) as response:
-            first = json.loads(response.readline())
-        assert_primes(url, 20_000, 2262)
-        with urllib.request.urlopen(f"{url}/stats", timeout=LIMIT) as response:
-            stats = json.load(response)
-        if (stats["done"], stats["cancelled"], stats["failed"]) != (2, 1, 0):
+        first = assert_primes(url, 30_000, 3245)
+        # A request that would take minutes, with a time limit: a 504, at once.
+        status, body = get_json(f"{url}/primes?below=50000000&timeout=0.3")
+        if (status, body.get("error")) != (504, "timed out after 0.3 s"):
+            raise CheckFailed(f"not a timeout: {status} {body}")
+        for below, expected in [(20_000, 2262), (10, 4), (30_000, 3245)]:
+            if assert_primes(url, below, expected) == first:
+                raise CheckFailed("the timed-out request's worker was not replaced")
+        status, stats = get_json(f"{url}/stats")
+        counts = tuple(stats[k] for k in ("requests", "done", "timed_out", "workers_replaced"))
+        if counts != (5, 4, 1, 1):
             raise CheckFailed(f"unexpected stats: {stats}")
         example.process.send_signal(signal.SIGINT)
         text = example.finish()
     expect_lines(
         text,
-        rf"service: job {first['job']} \(primes below 50,000,000\) cancelled: the client went away",
-        r"service: stopped; workers exited with codes \[0\]",
+        r"service: primes below 50,000,000: timed out after 0\.3 s",
+        r"service: stopped; 0 workers left; .*",
     )
     return text
 
 
-def assert_primes(url: str, below: int, expected: int) -> None:
-    with urllib.request.urlopen(f"{url}/primes?below={below}", timeout=LIMIT) as response:
-        events = [json.loads(line) for line in response]
-    if events[-1].get("primes") != expected:
-        raise CheckFailed(f"wrong result for primes below {below}: {events}")
+def get_json(url: str) -> tuple[int, dict[str, Any]]:
+    """The status and JSON body of a GET, whatever the status."""
+    try:
+        with urllib.request.urlopen(url, timeout=LIMIT) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, json.load(error)
+
+
+def assert_primes(url: str, below: int, expected: int) -> int:
+    """Check the count of primes below *below*; return the worker's pid."""
+    status, body = get_json(f"{url}/primes?below={below}")
+    if (status, body.get("below"), body.get("primes")) != (200, below, expected):
+        raise CheckFailed(f"wrong result for primes below {below}: {status} {body}")
+    return int(body["worker"])
+
+
+def check_pool_progress(run: Run) -> str:
+    output = run_to_end(run)
+    expect_lines(
+        output,
+        r"pool_progress: 30 blocks, 2 workers, [\d.]+ s on \w+: the longest Collatz chain "
+        r"below 300,000 starts at 230,631 \(442 steps\)",
+    )
+    return output
 
 
 def check_remote_workers(run: Run) -> str:
@@ -288,6 +315,9 @@ def plan() -> list[Run]:
         runs.append(Run("pipeline.py", [*args, "--limit", "300000"], check_pipeline))
         runs.append(Run("pipeline.py", args, check_pipeline_ctrl_c))
         runs.append(Run("remote_workers.py", ["--backend", backend], check_remote_workers))
+        for method in START_METHODS:
+            args = ["--backend", backend, "--start-method", method, "--workers", "2"]
+            runs.append(Run("pool_progress.py", [*args, "--limit", "300000"], check_pool_progress))
     for backend in [b for b in BACKENDS if b != "trio"]:  # uvicorn runs on asyncio
         args = ["--backend", backend, "--port", "0", "--workers", "1"]
         runs.append(Run("service.py", args, check_service))

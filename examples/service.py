@@ -1,41 +1,39 @@
-"""An async HTTP service that hands CPU-bound jobs to worker processes and streams progress back.
+"""An async HTTP service that hands CPU-bound requests to a pool of worker processes.
 
-Starlette on uvicorn. A few worker processes (``asyncmp.open_worker``) live as long as the
-service. ``GET /primes?below=N`` takes an idle worker (or waits for one), has it count the
-primes below N by trial division, and streams newline-delimited JSON as the worker reports:
+Starlette on uvicorn, and ``asyncmp.open_pool``: the workers live as long as the service.
+``GET /primes?below=N`` counts the primes below N by trial division in a worker and answers
+with JSON:
 
-    {"job": 1, "worker": 4242}
-    {"job": 1, "progress": 0.05}
-    ...
-    {"job": 1, "below": 200000, "primes": 17984, "seconds": 0.31, "worker": 4242}
+    {"below": 200000, "primes": 17984, "seconds": 0.31, "worker": 4242}
+
+Every request has a time limit (``&timeout=S``, else ``--timeout``). A request that runs out
+of time gets a 504 at once; its call is cancelled with ``kill_on_cancel=True``, so its worker
+is killed and the pool starts a replacement, and no later request ever gets its late reply.
+A client that goes away mid-request has its call cancelled the same way.
 
 The event loop never waits on a worker: ``GET /stats`` answers at once while every worker is
-busy. A client that goes away mid-job gets its job cancelled: the worker checks between
-chunks for a cancel message, confirms, and goes back to the pool. A worker that dies, or that
-does not confirm in time, is stopped, reaped and replaced. On Ctrl-C uvicorn stops
-serving, the jobs in progress are cancelled and their streams end with a line that says why,
-and leaving the lifespan closes every worker's pipe: each worker sees EOF, returns, and is
-reaped.
+busy. A worker that dies mid-request makes that request fail with a 502 that says how; the
+pool replaces it. On Ctrl-C uvicorn stops serving, the requests in progress end with a 503,
+and leaving the lifespan stops and reaps every worker.
 
     python examples/service.py [--backend asyncio|uvloop] [--port 8000] [--workers 2]
-    curl -N 'http://127.0.0.1:8000/primes?below=300000'
+    curl 'http://127.0.0.1:8000/primes?below=300000&timeout=0.5'
 
-uvicorn runs on asyncio (or uvloop), so there is no trio variant; the same pool would run
-under trio with an ASGI server that supports it.
+uvicorn runs on asyncio (or uvloop), so there is no trio variant; the pool runs under trio
+just the same with an ASGI server that supports it.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
+import math
 import multiprocessing
-import signal
+import os
 import socket
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
-from multiprocessing.connection import Connection
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import anyio
@@ -48,20 +46,18 @@ from starlette.types import Receive, Scope, Send
 
 import asyncmp
 
-CHUNK = 20_000  # numbers between two looks for a cancel message: a few hundredths of a second
-REPORTS = 20  # progress reports per job, at most
-CANCEL_TIMEOUT = 5.0  # a worker that does not confirm a cancel by then is replaced
 MAX_BELOW = 50_000_000
-NDJSON = (b"content-type", b"application/x-ndjson")
+MAX_TIMEOUT = 3600.0
 
 
-# --- the worker process: plain multiprocessing code ---------------------------------------------
+# --- what runs in the workers: a plain function ---------------------------------------------------
 
 
-def count_primes(lo: int, hi: int) -> int:
-    """The primes in [lo, hi), by trial division: slow on purpose."""
+def count_primes(below: int) -> tuple[int, int]:
+    """The number of primes below *below*, by trial division (slow on purpose), and the
+    pid of the worker that counted them."""
     count = 0
-    for n in range(max(lo, 2), hi):
+    for n in range(2, below):
         if n < 4:
             count += 1
             continue
@@ -74,242 +70,108 @@ def count_primes(lo: int, hi: int) -> int:
             d += 2
         else:
             count += 1
-    return count
+    return count, os.getpid()
 
 
-def prime_worker(conn: Connection) -> None:
-    """Run ``("start", job, below)`` requests one at a time until EOF.
-
-    Sends ``("progress", job, fraction)`` now and then, and ``("done", job, primes)`` at the
-    end. A ``("cancel", job)`` that arrives meanwhile is answered with
-    ``("cancelled", job, None)``; one that arrives after the job ended is ignored (the
-    parent then has its "done").
-    """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the server's to handle
-    try:
-        while True:
-            request = conn.recv()
-            if request[0] == "start":
-                run_job(conn, *request[1:])
-            # else: a cancel for a job that already ended
-    except (EOFError, BrokenPipeError):  # the service closed its end: time to go
-        return
+# --- the service ----------------------------------------------------------------------------------
 
 
-def run_job(conn: Connection, job: int, below: int) -> None:
-    primes = 0
-    reported = 0
-    for lo in range(0, below, CHUNK):
-        hi = min(lo + CHUNK, below)
-        primes += count_primes(lo, hi)
-        if conn.poll() and conn.recv() == ("cancel", job):
-            conn.send(("cancelled", job, None))
-            return
-        step = hi * REPORTS // below
-        if reported < step < REPORTS:
-            reported = step
-            conn.send(("progress", job, step / REPORTS))
-    conn.send(("done", job, primes))
+class Service:
+    """The pool, the requests in progress, and what became of the requests so far."""
 
-
-# --- the pool -----------------------------------------------------------------------------------
-
-
-class Job:
-    """One request's work on one worker; iterate it for events."""
-
-    def __init__(self, job_id: int, below: int, worker: asyncmp.Worker) -> None:
-        self.id = job_id
-        self.below = below
-        self.worker = worker
-        self.started = time.monotonic()
-        self.primes: int | None = None
-
-    def __aiter__(self) -> Job:
-        return self
-
-    async def __anext__(self) -> dict[str, Any]:
-        """The next progress report, then the result. Raises WorkerExited if it died."""
-        if self.primes is not None:
-            raise StopAsyncIteration
-        kind, job_id, value = await self.worker.recv()
-        assert job_id == self.id, f"a message for job {job_id} during job {self.id}"
-        if kind == "progress":
-            return {"job": self.id, "progress": value}
-        self.primes = value
-        return {
-            "job": self.id,
-            "below": self.below,
-            "primes": value,
-            "seconds": round(time.monotonic() - self.started, 3),
-            "worker": self.worker.process.pid,
-        }
-
-    async def cancel(self) -> bool:
-        """Tell the worker to stop, and drain its messages up to the confirmation.
-
-        True if the worker confirmed (or had just finished) and can take the next job.
-        """
-        with anyio.move_on_after(CANCEL_TIMEOUT):
-            try:
-                await self.worker.send(("cancel", self.id))
-                while True:
-                    kind, job_id, _ = await self.worker.recv()
-                    if job_id == self.id and kind in ("cancelled", "done"):
-                        return True
-            except (EOFError, OSError, anyio.BrokenResourceError):
-                pass
-        return False
-
-
-class PrimePool:
-    """Worker processes that live as long as the ``async with`` block; jobs borrow them."""
-
-    def __init__(self, size: int, context: Any) -> None:
-        self.size = size
+    def __init__(self, workers: int, context: Any, timeout: float) -> None:
+        self.workers = workers
         self.context = context
-        self.stats = {"started": 0, "done": 0, "cancelled": 0, "failed": 0, "replaced": 0}
-        self.workers: list[asyncmp.Worker] = []
-        self._idle_send, self._idle = anyio.create_memory_object_stream[asyncmp.Worker](size)
-        self._stack = AsyncExitStack()
-        self._ids = itertools.count(1)
+        self.timeout = timeout
+        self.pool: asyncmp.Pool | None = None
+        self.stats = {"requests": 0, "done": 0, "timed_out": 0, "cancelled": 0, "failed": 0}
         self._closing = False
-        self._streams: set[anyio.CancelScope] = set()
-
-    async def __aenter__(self) -> PrimePool:
-        async with AsyncExitStack() as stack:
-            stack.push_async_exit(self)
-            for _ in range(self.size):
-                await self._add_worker()
-            stack.pop_all()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        self._idle_send.close()
-        self._idle.close()
-        # Each open_worker block closes its pipe: the worker sees EOF and returns.
-        await self._stack.aclose()
+        self._requests: set[anyio.CancelScope] = set()
 
     @contextmanager
     def until_closing(self) -> Iterator[anyio.CancelScope]:
-        """A cancel scope that :meth:`close_streams` cancels: for a response in progress."""
+        """A cancel scope that :meth:`close_requests` cancels: for a request in progress."""
         with anyio.CancelScope() as scope:
             if self._closing:
                 scope.cancel()
-            self._streams.add(scope)
+            self._requests.add(scope)
             try:
                 yield scope
             finally:
-                self._streams.discard(scope)
+                self._requests.discard(scope)
 
-    def close_streams(self) -> None:
-        """The server is stopping: cancel every job, so that each response can end now."""
+    def close_requests(self) -> None:
+        """The server is stopping: end every request in progress now."""
         self._closing = True
-        for scope in self._streams:
+        for scope in self._requests:
             scope.cancel()
 
-    @property
-    def busy(self) -> int:
-        """How many workers are running a job now."""
-        return self.size - self._idle.statistics().current_buffer_used
-
-    async def _add_worker(self) -> None:
-        worker = await self._stack.enter_async_context(
-            asyncmp.open_worker(prime_worker, context=self.context, shutdown_timeout=5.0)
-        )
-        self.workers.append(worker)
-        self._idle_send.send_nowait(worker)
-
-    async def _replace(self, worker: asyncmp.Worker) -> None:
-        """Stop and reap a worker that can't be trusted with another job; start a new one."""
-        self.workers.remove(worker)
-        await worker.process.stop()
-        self.stats["replaced"] += 1
-        await self._add_worker()
-
-    @asynccontextmanager
-    async def job(self, below: int) -> AsyncIterator[Job]:
-        """Borrow an idle worker (waiting for one if all are busy) and start a job on it.
-
-        Leaving the block before the result arrived (the client went away, or an error)
-        cancels the job; the worker goes back to the pool, or is replaced if it is broken.
-        """
-        worker = await self._idle.receive()
-        job = Job(next(self._ids), below, worker)
-        self.stats["started"] += 1
+    async def primes(self, below: int, seconds: float) -> tuple[int, dict[str, Any]]:
+        """Count the primes below *below* in a worker, within *seconds*: the HTTP status
+        and the JSON body."""
+        assert self.pool is not None
+        self.stats["requests"] += 1
+        started = time.monotonic()
         try:
-            await worker.send(("start", job.id, below))
-            yield job
-        finally:
-            with anyio.CancelScope(shield=True):
-                healthy = True
-                if job.primes is not None:
-                    self.stats["done"] += 1
-                    outcome = f"done: {job.primes:,} primes"
-                elif worker.process.is_alive() and await job.cancel():
-                    self.stats["cancelled"] += 1
-                    why = "the service is stopping" if self._closing else "the client went away"
-                    outcome = f"cancelled: {why}"
-                else:
-                    self.stats["failed"] += 1
-                    healthy = False
-                    outcome = f"failed (worker exit code {worker.process.exitcode}); replacing it"
-                print(f"service: job {job.id} (primes below {below:,}) {outcome}", flush=True)
-                if healthy:
-                    self._idle_send.send_nowait(worker)
-                elif self._closing:
-                    await worker.process.stop()
-                else:
-                    await self._replace(worker)
+            with anyio.fail_after(seconds):
+                # Cancelled (the time is up, the client left, the service stops): run()
+                # returns at once; kill_on_cancel kills the worker rather than let it
+                # finish a job nobody wants, and the pool starts another.
+                primes, pid = await self.pool.run(count_primes, below, kill_on_cancel=True)
+        except TimeoutError:
+            self.stats["timed_out"] += 1
+            self.log(f"primes below {below:,}: timed out after {seconds:g} s")
+            return 504, {"below": below, "error": f"timed out after {seconds:g} s"}
+        except asyncmp.WorkerExited as exc:
+            self.stats["failed"] += 1
+            self.log(f"primes below {below:,}: failed, {exc}")
+            return 502, {"below": below, "error": str(exc)}
+        except BaseException:
+            self.stats["cancelled"] += 1
+            why = "the service is stopping" if self._closing else "the client went away"
+            self.log(f"primes below {below:,}: cancelled, {why}")
+            raise
+        self.stats["done"] += 1
+        seconds = round(time.monotonic() - started, 3)
+        return 200, {"below": below, "primes": primes, "seconds": seconds, "worker": pid}
+
+    @staticmethod
+    def log(message: str) -> None:
+        print(f"service: {message}", flush=True)
 
 
-# --- HTTP ---------------------------------------------------------------------------------------
+# --- HTTP -----------------------------------------------------------------------------------------
 
 
 class PrimesEndpoint:
-    """``GET /primes?below=N``: stream a job's events as NDJSON; cancel it if the client leaves.
+    """``GET /primes?below=N&timeout=S``: count in a worker; cancel if the client leaves.
 
-    A plain ASGI app rather than a ``StreamingResponse`` over an async generator: a
-    generator abandoned mid-stream is only cleaned up whenever it is garbage-collected,
-    whereas here the job's block is left in this task, right when the client disconnects.
+    A plain ASGI app rather than a Starlette route: a route's task is not cancelled when
+    the client disconnects, whereas here a task watches for ``http.disconnect`` and
+    cancels the request, which cancels its call in the pool.
     """
 
-    def __init__(self, pool: PrimePool) -> None:
-        self.pool = pool
+    def __init__(self, service: Service) -> None:
+        self.service = service
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        params = Request(scope).query_params
         try:
-            below = int(Request(scope).query_params.get("below", "100000"))
+            below = int(params.get("below", "100000"))
+            timeout = float(params.get("timeout", self.service.timeout))
         except ValueError:
-            below = -1
-        if not 0 <= below <= MAX_BELOW:
-            response = PlainTextResponse(f"below must be an integer in 0..{MAX_BELOW}\n", 400)
-            await response(scope, receive, send)
+            below, timeout = -1, 0.0
+        if not (0 <= below <= MAX_BELOW and 0 < timeout <= MAX_TIMEOUT):
+            text = f"below must be an integer in 0..{MAX_BELOW}, timeout in (0, {MAX_TIMEOUT:g}]\n"
+            await PlainTextResponse(text, 400)(scope, receive, send)
             return
-        start = {"type": "http.response.start", "status": 200, "headers": [NDJSON]}
-        await send(start)  # at once: a client that waits for a free worker knows it is queued
+        status, body = 503, {"below": below, "error": "the service is shutting down"}
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._cancel_on_disconnect, receive, tg.cancel_scope)
-            with self.pool.until_closing() as closing:
-                try:
-                    async with self.pool.job(below) as job:
-                        await self._send_line(
-                            send, {"job": job.id, "worker": job.worker.process.pid}
-                        )
-                        async for event in job:
-                            await self._send_line(send, event)
-                except (asyncmp.WorkerExited, anyio.BrokenResourceError) as exc:
-                    # The worker died (it is replaced); say how, and end the response.
-                    await self._send_line(send, {"error": str(exc) or repr(exc)})
-            if closing.cancelled_caught:
-                await self._send_line(send, {"error": "the service is shutting down"})
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-            tg.cancel_scope.cancel()  # the response is complete: stop watching for a disconnect
-
-    @staticmethod
-    async def _send_line(send: Send, event: dict[str, Any]) -> None:
-        body = json.dumps(event).encode() + b"\n"
-        await send({"type": "http.response.body", "body": body, "more_body": True})
+            with self.service.until_closing():
+                status, body = await self.service.primes(below, timeout)
+            await JSONResponse(body, status)(scope, receive, send)
+            tg.cancel_scope.cancel()  # answered: stop watching for a disconnect
 
     @staticmethod
     async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
@@ -319,53 +181,55 @@ class PrimesEndpoint:
 
 
 class Server(uvicorn.Server):
-    """uvicorn's server, which lets the pool end the streams in progress when it stops."""
+    """uvicorn's server, which ends the requests in progress when it stops."""
 
-    def __init__(self, config: uvicorn.Config, pool: PrimePool) -> None:
+    def __init__(self, config: uvicorn.Config, service: Service) -> None:
         super().__init__(config)
-        self.pool = pool
+        self.service = service
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         # uvicorn waits (up to timeout_graceful_shutdown) for the responses in progress,
-        # then cancels their tasks by force. End them now, each with its job cancelled.
-        self.pool.close_streams()
+        # then cancels their tasks by force. Answer them now, with a 503.
+        self.service.close_requests()
         await super().shutdown(sockets=sockets)
 
 
-def create_app(pool: PrimePool, url: str) -> Starlette:
+def create_app(service: Service, url: str) -> Starlette:
     async def index(request: Request) -> Response:
         return PlainTextResponse(
-            f"GET /primes?below=N streams the count of primes below N; GET /stats\n"
-            f"curl -N '{url}/primes?below=300000'\n"
+            "GET /primes?below=N&timeout=S counts the primes below N; GET /stats\n"
+            f"curl '{url}/primes?below=300000&timeout=0.5'\n"
         )
 
     async def stats(request: Request) -> Response:
-        workers = [w.process.pid for w in pool.workers]
-        return JSONResponse({"workers": workers, "busy": pool.busy, **pool.stats})
+        assert service.pool is not None
+        pool = service.pool.statistics()
+        workers = {"workers_alive": pool.workers_alive, "workers_replaced": pool.workers_replaced}
+        return JSONResponse({**service.stats, "busy": pool.calls_running, **workers})
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        async with pool:
-            pids = ", ".join(str(w.process.pid) for w in pool.workers)
-            count = f"{pool.size} worker{'s' if pool.size != 1 else ''}"
-            print(f"service: {count} (pids {pids}); listening on {url}", flush=True)
+        async with asyncmp.open_pool(service.workers, context=service.context) as pool:
+            service.pool = pool
+            count = f"{pool.processes} worker{'s' if pool.processes != 1 else ''}"
+            service.log(f"{count}; listening on {url}")
             yield
-            workers = list(pool.workers)
-        codes = [w.process.exitcode for w in workers]
-        print(f"service: stopped; workers exited with codes {codes}", flush=True)
+        # Leaving the block stopped every worker and reaped it.
+        alive = pool.statistics().workers_alive
+        service.log(f"stopped; {alive} workers left; {json.dumps(service.stats)}")
 
     return Starlette(
         routes=[
             Route("/", index),
             Route("/stats", stats),
-            Route("/primes", PrimesEndpoint(pool)),
+            Route("/primes", PrimesEndpoint(service)),
         ],
         lifespan=lifespan,
     )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description="CPU-bound jobs behind an async HTTP service.")
+    parser = argparse.ArgumentParser(description="CPU-bound requests behind an async HTTP service.")
     parser.add_argument("--backend", choices=["asyncio", "uvloop"], default="asyncio")
     parser.add_argument(
         "--start-method",
@@ -375,18 +239,21 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds per request")
     args = parser.parse_args()
+    if not 0 < args.timeout <= MAX_TIMEOUT or not math.isfinite(args.timeout):
+        parser.error(f"--timeout must be in (0, {MAX_TIMEOUT:g}]")
 
     # Bind and listen here, so that port 0 works and the printed address is the real one;
     # connections that arrive before uvicorn starts accepting wait in the backlog.
     sock = socket.create_server((args.host, args.port))
     host, port = sock.getsockname()[:2]
-    pool = PrimePool(args.workers, multiprocessing.get_context(args.start_method))
+    service = Service(args.workers, multiprocessing.get_context(args.start_method), args.timeout)
     config = uvicorn.Config(
-        create_app(pool, f"http://{host}:{port}"), loop=args.backend, log_level="warning"
+        create_app(service, f"http://{host}:{port}"), loop=args.backend, log_level="warning"
     )
     try:
-        Server(config, pool).run(sockets=[sock])
+        Server(config, service).run(sockets=[sock])
     except KeyboardInterrupt:
         pass  # uvicorn raises the Ctrl-C again once it has shut down, cleanly
 

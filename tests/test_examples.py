@@ -4,21 +4,20 @@ The service runs as users run it (``python examples/service.py --port 0``), in a
 its own, and prints the address it listens on. httpx talks to it over 127.0.0.1, on each
 event-loop backend; the service's own loop is uvloop when the client's is, asyncio otherwise
 (uvicorn has no trio). Each test ends by stopping the service with SIGINT, as Ctrl-C would,
-and checks that it shut down cleanly: every worker returned on EOF (exit code 0) and was
-reaped before the service exited, and nothing printed a traceback.
+and checks that it shut down cleanly: the pool stopped and reaped every worker before the
+service exited, and nothing printed a traceback.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncGenerator, AsyncIterator
-from contextlib import aclosing, asynccontextmanager
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,140 +120,135 @@ async def run_service(anyio_backend: Any, workers: int) -> AsyncIterator[Service
                 with anyio.CancelScope(shield=True):
                     await process.wait()
     output = "\n".join(service.output)
-    assert f"service: stopped; workers exited with codes {[0] * workers}" in output, output
+    assert "service: stopped; 0 workers left; " in output, output
     assert "Traceback" not in output and "ERROR" not in output, output
-
-
-async def ndjson(response: Any) -> AsyncGenerator[dict[str, Any], None]:
-    """The JSON lines of a streamed response, as they arrive.
-
-    It reads ``aiter_raw()``, one generator that ``aclosing`` closes, rather than
-    ``aiter_lines()``, whose inner generators are left for the garbage collector when the
-    client stops reading early (trio then warns).
-    """
-    pending = b""
-    async with aclosing(response.aiter_raw()) as chunks:
-        async for chunk in chunks:
-            *lines, pending = (pending + chunk).split(b"\n")
-            for line in lines:
-                yield json.loads(line)
-    assert not pending, pending
-
-
-async def stream_events(
-    client: Any, url: str, below: int, events: list[dict[str, Any]]
-) -> list[dict[str, Any]]:
-    async with client.stream("GET", f"{url}/primes", params={"below": below}) as response:
-        assert response.status_code == 200
-        assert response.headers["content-type"] == "application/x-ndjson"
-        async with aclosing(ndjson(response)) as events_in:
-            async for event in events_in:
-                events.append(event)
-    return events
 
 
 def client() -> Any:
     return httpx.AsyncClient(timeout=PROMPT)
 
 
-async def test_jobs_stream_progress_and_results(anyio_backend: Any) -> None:
-    limits = [30_000, 60_000, 100_000]  # three jobs, two workers: one job waits its turn
+async def primes(http: Any, url: str, below: int, **params: Any) -> tuple[int, dict[str, Any]]:
+    response = await http.get(f"{url}/primes", params={"below": below, **params})
+    assert response.headers["content-type"] == "application/json"
+    return response.status_code, response.json()
+
+
+async def stats_when(http: Any, url: str, ready: Callable[[dict[str, Any]], bool]) -> Any:
+    """The service's stats, once *ready* says they show what the test waits for."""
+    with anyio.fail_after(PROMPT):
+        # The state is in another process: look again until it shows (not a guess).
+        while not ready(stats := (await http.get(f"{url}/stats")).json()):  # noqa: ASYNC110
+            await anyio.sleep(0.01)
+    return stats
+
+
+async def test_service_requests_return_their_own_results(anyio_backend: Any) -> None:
+    limits = [30_000, 60_000, 100_000, 20_000]  # four requests, two workers: two wait
     async with run_service(anyio_backend, workers=2) as service, client() as http:
-        results: dict[int, list[dict[str, Any]]] = {below: [] for below in limits}
+        replies: dict[int, tuple[int, dict[str, Any]]] = {}
+
+        async def ask(below: int) -> None:
+            replies[below] = await primes(http, service.url, below)
+
         async with anyio.create_task_group() as tg:
             for below in limits:
-                tg.start_soon(stream_events, http, service.url, below, results[below])
-        for below, events in results.items():
-            first, *progress, last = events
-            assert set(first) == {"job", "worker"}
-            fractions = [event["progress"] for event in progress]
-            assert fractions == sorted(fractions) and all(0 < f < 1 for f in fractions)
-            assert last["below"] == below
-            assert last["primes"] == primes_below(below)
-            assert last["worker"] == first["worker"]
-            assert {event["job"] for event in events} == {first["job"]}
+                tg.start_soon(ask, below)
+        for below, (status, body) in replies.items():
+            assert status == 200, body
+            assert (body["below"], body["primes"]) == (below, primes_below(below))
         stats = (await http.get(f"{service.url}/stats")).json()
-        assert stats["started"] == stats["done"] == 3
-        assert stats["cancelled"] == stats["failed"] == stats["replaced"] == stats["busy"] == 0
-        assert len(stats["workers"]) == 2
+        assert stats["requests"] == stats["done"] == 4
+        assert stats["timed_out"] == stats["cancelled"] == stats["failed"] == stats["busy"] == 0
+        assert (stats["workers_alive"], stats["workers_replaced"]) == (2, 0)
         # A bad request is refused, and the service goes on.
         response = await http.get(f"{service.url}/primes", params={"below": "many"})
         assert response.status_code == 400
+        response = await http.get(f"{service.url}/primes", params={"timeout": "0"})
+        assert response.status_code == 400
 
 
-async def test_the_loop_answers_while_every_worker_is_busy(anyio_backend: Any) -> None:
+async def test_service_a_timed_out_request_gets_504_and_never_a_stale_reply(
+    anyio_backend: Any,
+) -> None:
+    """One worker: the hand-written version gave the next request the late reply."""
     async with run_service(anyio_backend, workers=1) as service, client() as http:
-        async with (
-            http.stream("GET", f"{service.url}/primes", params={"below": 500_000}) as r,
-            aclosing(ndjson(r)) as events_in,
-        ):
-            assert "worker" in await anext(events_in)  # the job is running
+        status, body = await primes(http, service.url, 1_000, timeout=5)
+        first_worker = body["worker"]
+        with anyio.fail_after(PROMPT):
+            status, body = await primes(http, service.url, ENDLESS, timeout=0.2)
+        assert status == 504
+        assert body == {"below": ENDLESS, "error": "timed out after 0.2 s"}
+        # Then each request gets its own answer, from the replacement worker.
+        for below in (30_000, 20_000, 10):
+            status, body = await primes(http, service.url, below)
+            assert (status, body["below"], body["primes"]) == (200, below, primes_below(below))
+            assert body["worker"] != first_worker
+        stats = (await http.get(f"{service.url}/stats")).json()
+        assert (stats["requests"], stats["done"], stats["timed_out"]) == (5, 4, 1)
+        assert (stats["workers_alive"], stats["workers_replaced"]) == (1, 1)
+    assert f"service: primes below {ENDLESS:,}: timed out after 0.2 s" in service.output
+
+
+async def test_service_the_loop_answers_while_every_worker_is_busy(anyio_backend: Any) -> None:
+    async with run_service(anyio_backend, workers=1) as service, client() as http:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(primes, http, service.url, ENDLESS)
+            await stats_when(http, service.url, lambda s: s["busy"] == 1)
             with anyio.fail_after(PROMPT):
-                stats = (await http.get(f"{service.url}/stats")).json()
-            assert stats["busy"] == 1
-            events = [event async for event in events_in]
-        assert events[-1]["primes"] == primes_below(500_000)
+                assert (await http.get(f"{service.url}/")).status_code == 200
+            # The client goes away: its call is cancelled, the worker replaced.
+            tg.cancel_scope.cancel()
+        # The worker is killed, reaped and replaced.
+        await stats_when(
+            http,
+            service.url,
+            lambda s: (s["cancelled"], s["busy"], s["workers_replaced"]) == (1, 0, 1),
+        )
+        status, body = await primes(http, service.url, 30_000)
+        assert (status, body["primes"]) == (200, primes_below(30_000))
+    assert f"service: primes below {ENDLESS:,}: cancelled, the client went away" in service.output
 
 
-async def test_client_that_disconnects_mid_job_gets_it_cancelled(anyio_backend: Any) -> None:
-    """With one worker, the next job can only run once the abandoned one was cancelled."""
+async def test_service_a_worker_that_dies_mid_request_is_reported_and_replaced(
+    anyio_backend: Any,
+) -> None:
     async with run_service(anyio_backend, workers=1) as service, client() as http:
-        async with (
-            http.stream("GET", f"{service.url}/primes", params={"below": ENDLESS}) as r,
-            aclosing(ndjson(r)) as events_in,
-        ):
-            first = await anext(events_in)
-            assert set(first) == {"job", "worker"}  # the worker has the job
-        # Leaving the block closed the connection mid-stream.
-        with anyio.fail_after(PROMPT):
-            events = await stream_events(http, service.url, 30_000, [])
-        assert events[-1]["primes"] == primes_below(30_000)
-        assert events[-1]["worker"] == first["worker"]  # the same worker, not a replacement
+        _, body = await primes(http, service.url, 10)
+        worker = body["worker"]
+        async with anyio.create_task_group() as tg:
+            replies: list[tuple[int, dict[str, Any]]] = []
+
+            async def ask() -> None:
+                replies.append(await primes(http, service.url, ENDLESS))
+
+            tg.start_soon(ask)
+            await stats_when(http, service.url, lambda s: s["busy"] == 1)
+            os.kill(worker, signal.SIGKILL)  # a crash, mid-request
+        assert replies == [
+            (502, {"below": ENDLESS, "error": "worker was killed by signal 9 (SIGKILL)"})
+        ]
+        status, body = await primes(http, service.url, 30_000)
+        assert (status, body["primes"]) == (200, primes_below(30_000))
+        assert body["worker"] != worker
         stats = (await http.get(f"{service.url}/stats")).json()
-        assert (stats["started"], stats["done"], stats["cancelled"]) == (2, 1, 1)
-        assert stats["failed"] == stats["replaced"] == 0
-        assert stats["workers"] == [first["worker"]]
-    assert (
-        f"service: job {first['job']} (primes below {ENDLESS:,}) cancelled: the client went away"
-        in service.output
-    )
+        assert (stats["requests"], stats["done"], stats["failed"]) == (3, 2, 1)
+        assert stats["workers_replaced"] == 1
 
 
-async def test_worker_that_dies_mid_job_is_reported_and_replaced(anyio_backend: Any) -> None:
-    async with run_service(anyio_backend, workers=1) as service, client() as http:
-        async with (
-            http.stream("GET", f"{service.url}/primes", params={"below": ENDLESS}) as r,
-            aclosing(ndjson(r)) as events_in,
-        ):
-            first = await anext(events_in)
-            os.kill(first["worker"], signal.SIGKILL)  # a crash, mid-job
-            events = [event async for event in events_in]
-        assert events[-1] == {"error": "worker was killed by signal 9 (SIGKILL)"}
-        with anyio.fail_after(PROMPT):
-            events = await stream_events(http, service.url, 30_000, [])
-        assert events[-1]["primes"] == primes_below(30_000)
-        stats = (await http.get(f"{service.url}/stats")).json()
-        assert (stats["started"], stats["done"], stats["failed"], stats["replaced"]) == (2, 1, 1, 1)
-        assert stats["workers"] == [events[-1]["worker"]] != [first["worker"]]
-    assert (
-        f"service: job {first['job']} (primes below {ENDLESS:,}) failed (worker exit code -9); "
-        "replacing it" in service.output
-    )
-
-
-async def test_stopping_ends_the_streams_in_progress(anyio_backend: Any) -> None:
-    events: list[dict[str, Any]] = []
+async def test_service_stopping_ends_the_requests_in_progress(anyio_backend: Any) -> None:
+    replies: list[tuple[int, dict[str, Any]]] = []
     async with client() as http:
         async with run_service(anyio_backend, workers=1) as service:
-            async with (
-                http.stream("GET", f"{service.url}/primes", params={"below": ENDLESS}) as r,
-                aclosing(ndjson(r)) as events_in,
-            ):
-                events.append(await anext(events_in))
-                service.stop()  # Ctrl-C, mid-job
-                events += [event async for event in events_in]
-    assert events[-1] == {"error": "the service is shutting down"}
+            async with anyio.create_task_group() as tg:
+
+                async def ask() -> None:
+                    replies.append(await primes(http, service.url, ENDLESS))
+
+                tg.start_soon(ask)
+                await stats_when(http, service.url, lambda s: s["busy"] == 1)
+                service.stop()  # Ctrl-C, mid-request
+    assert replies == [(503, {"below": ENDLESS, "error": "the service is shutting down"})]
     assert (
-        f"service: job {events[0]['job']} (primes below {ENDLESS:,}) cancelled: "
-        "the service is stopping" in service.output
+        f"service: primes below {ENDLESS:,}: cancelled, the service is stopping" in service.output
     )

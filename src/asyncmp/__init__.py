@@ -6,6 +6,11 @@ from ._connection import Pipe as Pipe
 from ._exceptions import AsyncmpError as AsyncmpError
 from ._exceptions import ConnectionEOF as ConnectionEOF
 from ._exceptions import ProtocolError as ProtocolError
+from ._pool import Pool as Pool
+from ._pool import PoolStatistics as PoolStatistics
+from ._pool import open_pool as open_pool
+from ._pool_map import PoolMap as PoolMap
+from ._pool_worker import RemoteTraceback as RemoteTraceback
 from ._process import TERMINATE_GRACE as TERMINATE_GRACE
 from ._process import AsyncProcess as AsyncProcess
 from ._process import Worker as Worker
@@ -39,12 +44,17 @@ __all__ = (
     "ConnectionEOF",
     "JoinableQueue",
     "Pipe",
+    "Pool",
+    "PoolMap",
+    "PoolStatistics",
     "ProtocolError",
     "Queue",
+    "RemoteTraceback",
     "SimpleQueue",
     "Worker",
     "WorkerExited",
     "connect",
+    "open_pool",
     "open_process",
     "open_worker",
     "serve",

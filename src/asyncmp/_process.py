@@ -576,8 +576,8 @@ async def open_worker(
     ``await worker.send(request)`` and ``await worker.recv()`` consumed nothing, so the
     reply stays in the pipe and the next ``recv()`` returns it to whoever asks next. After
     such a timeout, leave the block (the worker is stopped) or tag each request and drop
-    replies with a stale tag; the cancellation how-to shows both. A worker pool,
-    ``asyncmp.open_pool()``, is planned to do this for you.
+    replies with a stale tag; the cancellation how-to shows both. The pool,
+    :func:`open_pool`, does this for you.
 
     :raises OSError: (or what ``Process.start()`` raises) the process could not start.
     """

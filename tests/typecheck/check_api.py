@@ -112,3 +112,29 @@ async def processes() -> None:
         assert_type(await process.wait(), int)
         assert_type(process.exitcode, int | None)
         assert_type(await process.stop(), int)
+
+
+def scale(x: int, factor: float) -> float:
+    return x * factor
+
+
+def label(x: int) -> str:
+    return str(x)
+
+
+async def pools() -> None:
+    cm: AbstractAsyncContextManager[asyncmp.Pool] = asyncmp.open_pool(2)
+    async with cm as pool:
+        # run() checks the arguments against fn and returns what fn returns.
+        assert_type(await pool.run(scale, 2, 0.5), float)
+        assert_type(await pool.run(label, 1, kill_on_cancel=True), str)
+        await pool.run(scale, "2", 0.5)  # type: ignore[arg-type]
+        await pool.run(label)  # type: ignore[arg-type]
+        # map() is an async iterator of fn's results.
+        assert_type(pool.map(label, range(3)), asyncmp.PoolMap[str])
+        async with pool.map(label, range(3)) as results:
+            await results.aclose()
+        async for text in pool.map(label, [1, 2], ordered=False):
+            assert_type(text, str)
+        pool.map(label, ["one"])  # type: ignore[arg-type]
+        assert_type(pool.statistics(), asyncmp.PoolStatistics)

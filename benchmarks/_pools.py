@@ -1,0 +1,618 @@
+"""5. Pools: asyncmp's ``open_pool`` against the other ways async code runs functions in
+worker processes.
+
+Every trial runs in an event loop of its own, with a pool of its own: the pool is
+started and warmed up (each worker has run a call, so spawned workers have imported what
+they run) before the clock starts, and closed after it stops. Only the calls are timed.
+
+* 5a. Tiny tasks (``fn`` returns its argument), 2 workers: asyncmp's ``pool.map``,
+  ``anyio.to_process.run_sync`` in a task group with a ``CapacityLimiter(2)`` (the
+  baseline), aiomultiprocess's ``Pool(2).map`` and ``trio_parallel.run_sync`` with a
+  limiter of 2, where they are installed.
+* 5b. The same calls made one at a time from 100 concurrent tasks: asyncmp's ``pool.run``.
+* 5c. CPU-bound throughput: 1 ms tasks, one worker per core; asyncmp's ``pool.map``
+  against ``ProcessPoolExecutor`` and ``loop.run_in_executor`` (the baseline).
+* 5d. A cancelled running call (a 0.5 s sleep in the worker, cancelled 50 ms in): the
+  time until the cancelled call returns. asyncmp keeps the worker (checked); anyio's
+  call is not cancellable once running; trio-parallel and anyio's ``cancellable=True``
+  kill the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import statistics
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from importlib.util import find_spec
+from typing import Any
+
+import anyio
+import anyio.to_process
+from _cases import Timing, since, start_timing
+from _pool_fns import async_identity, async_spin, identity, pid, sleep_for, spin
+from _report import Series, Table, Target
+
+import asyncmp
+
+__all__ = ("pool_tables",)
+
+#: The run() benchmark's concurrent callers.
+CALLERS = 100
+#: The CPU-bound task, in seconds.
+CPU_TASK = 0.001
+#: The cancellation benchmark: the call's length, and when it is cancelled.
+CANCEL_CALL = 0.5
+CANCEL_AFTER = 0.05
+
+
+@dataclass(frozen=True)
+class PoolContender:
+    key: str
+    label: str
+    backend: str | None
+    family: str
+    #: calls to time -> (wall seconds, CPU seconds); runs an event loop of its own
+    trial: Callable[[int], Timing]
+
+
+def _run(backend: str, fn: Callable[..., Awaitable[Timing]], *args: Any) -> Timing:
+    if backend == "uvloop":
+        import uvloop
+
+        options = {"loop_factory": uvloop.new_event_loop}
+        return anyio.run(fn, *args, backend="asyncio", backend_options=options)
+    return anyio.run(fn, *args, backend=backend)
+
+
+def _has(module: str) -> bool:
+    try:
+        return find_spec(module) is not None
+    except ImportError:
+        return False
+
+
+# --- asyncmp --------------------------------------------------------------------------------------
+
+
+async def _asyncmp_map(n: int, processes: int, fn: Callable[[Any], Any], arg: Any) -> Timing:
+    async with asyncmp.open_pool(processes) as pool:
+        async for _ in pool.map(fn, [arg] * (processes * 4)):
+            pass
+        start = start_timing()
+        async for _ in pool.map(fn, [arg] * n):
+            pass
+        return since(start)
+
+
+async def _asyncmp_run(n: int) -> Timing:
+    async with asyncmp.open_pool(2) as pool:
+        for i in range(4):
+            await pool.run(identity, i)
+
+        async def caller(calls: int) -> None:
+            for i in range(calls):
+                await pool.run(identity, i)
+
+        start = start_timing()
+        async with anyio.create_task_group() as tg:
+            for _ in range(CALLERS):
+                tg.start_soon(caller, n // CALLERS)
+        return since(start)
+
+
+class WorkerNotKept(Exception):
+    pass
+
+
+async def _asyncmp_cancel(_: int) -> Timing:
+    async with asyncmp.open_pool(1) as pool:
+        before = await pool.run(pid)
+        start = start_timing()
+        timing = (0.0, 0.0)
+
+        async def call(scope: anyio.CancelScope) -> None:
+            nonlocal timing
+            with scope:
+                await pool.run(sleep_for, CANCEL_CALL)
+            timing = since(start)  # perf_counter: uvloop's clock ticks in milliseconds
+
+        scope = anyio.CancelScope()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(call, scope)
+            await anyio.sleep(CANCEL_AFTER)  # the call is running in the worker by now
+            assert pool.statistics().calls_running == 1
+            start = start_timing()
+            scope.cancel()
+        if await pool.run(pid) != before or pool.statistics().workers_replaced:
+            raise WorkerNotKept("asyncmp's worker was replaced after a cancelled call")
+        return timing
+
+
+# --- anyio.to_process -----------------------------------------------------------------------------
+
+
+async def _anyio_tasks(n: int, callers: int | None) -> Timing:
+    limiter = anyio.CapacityLimiter(2)
+
+    async def call(i: int) -> None:
+        await anyio.to_process.run_sync(identity, i, limiter=limiter)
+
+    async def caller(calls: int) -> None:
+        for i in range(calls):
+            await call(i)
+
+    async with anyio.create_task_group() as tg:  # warm-up: both workers spawned
+        for i in range(2):
+            tg.start_soon(call, i)
+    start = start_timing()
+    async with anyio.create_task_group() as tg:
+        if callers is None:
+            for i in range(n):
+                tg.start_soon(call, i)
+        else:
+            for _ in range(callers):
+                tg.start_soon(caller, n // callers)
+    return since(start)
+
+
+async def _anyio_cancel(cancellable: bool) -> Timing:
+    limiter = anyio.CapacityLimiter(1)
+    await anyio.to_process.run_sync(pid, limiter=limiter)
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+
+            async def call() -> None:
+                await anyio.to_process.run_sync(
+                    sleep_for, CANCEL_CALL, cancellable=cancellable, limiter=limiter
+                )
+
+            tg.start_soon(call)
+            await anyio.sleep(CANCEL_AFTER)
+            start = start_timing()
+            scope.cancel()
+    return since(start)
+
+
+# --- aiomultiprocess, trio-parallel, ProcessPoolExecutor -----------------------------------------
+
+
+async def _aiomp_map(n: int, processes: int, fn: Callable[[Any], Any], arg: Any) -> Timing:
+    import aiomultiprocess
+
+    async with aiomultiprocess.Pool(processes) as pool:
+        await pool.map(fn, [arg] * (processes * 4))
+        start = start_timing()
+        await pool.map(fn, [arg] * n)
+        timing = since(start)
+        pool.close()
+        await pool.join()
+    return timing
+
+
+async def _aiomp_run(n: int) -> Timing:
+    import aiomultiprocess
+
+    async with aiomultiprocess.Pool(2) as pool:
+        await pool.map(async_identity, range(8))
+
+        async def caller(calls: int) -> None:
+            for i in range(calls):
+                await pool.apply(async_identity, (i,))
+
+        start = start_timing()
+        async with anyio.create_task_group() as tg:
+            for _ in range(CALLERS):
+                tg.start_soon(caller, n // CALLERS)
+        timing = since(start)
+        pool.close()
+        await pool.join()
+    return timing
+
+
+async def _trio_parallel_tasks(n: int, callers: int | None) -> Timing:
+    import trio
+    import trio_parallel
+
+    limiter = trio.CapacityLimiter(2)
+    async with trio_parallel.open_worker_context() as context:  # this run's own workers
+
+        async def call(i: int) -> None:
+            await context.run_sync(identity, i, limiter=limiter)
+
+        async def caller(calls: int) -> None:
+            for i in range(calls):
+                await call(i)
+
+        async with anyio.create_task_group() as tg:  # warm-up: both workers started
+            for i in range(2):
+                tg.start_soon(call, i)
+        start = start_timing()
+        async with anyio.create_task_group() as tg:
+            if callers is None:
+                for i in range(n):
+                    tg.start_soon(call, i)
+            else:
+                for _ in range(callers):
+                    tg.start_soon(caller, n // callers)
+        return since(start)
+
+
+async def _trio_parallel_cancel(_: int) -> Timing:
+    import trio_parallel
+
+    async with trio_parallel.open_worker_context() as context:
+        await context.run_sync(pid)
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+
+                async def call() -> None:
+                    await context.run_sync(sleep_for, CANCEL_CALL, kill_on_cancel=True)
+
+                tg.start_soon(call)
+                await anyio.sleep(CANCEL_AFTER)
+                start = start_timing()
+                scope.cancel()
+        return since(start)
+
+
+async def _executor_map(n: int, processes: int) -> Timing:
+    loop = asyncio.get_running_loop()
+    with ProcessPoolExecutor(processes) as executor:
+        await asyncio.gather(
+            *(loop.run_in_executor(executor, spin, CPU_TASK) for _ in range(processes * 4))
+        )
+        start = start_timing()
+        await asyncio.gather(*(loop.run_in_executor(executor, spin, CPU_TASK) for _ in range(n)))
+        return since(start)
+
+
+# --- the tables -----------------------------------------------------------------------------------
+
+
+@dataclass
+class PoolBench:
+    table: Table
+    contenders: list[PoolContender]
+    value: Callable[[float, int], float]
+    probe: int
+    n_min: int
+    n_max: int
+    fixed_n: int | None = None
+
+
+def _benches(backends: tuple[str, ...]) -> list[PoolBench]:
+    cores = os.cpu_count() or 1
+    aiomp = _has("aiomultiprocess")
+    trio_parallel = _has("trio_parallel") and "trio" in backends
+
+    def rate(seconds: float, n: int) -> float:
+        return n / seconds
+
+    def millis(seconds: float, n: int) -> float:
+        return seconds * 1e3
+
+    tiny = [
+        PoolContender(
+            f"asyncmp-{b}",
+            f"asyncmp pool.map ({b})",
+            b,
+            "asyncmp",
+            lambda n, b=b: _run(b, _asyncmp_map, n, 2, identity, 0),
+        )
+        for b in backends
+    ]
+    tiny.append(
+        PoolContender(
+            "anyio",
+            "anyio.to_process.run_sync, limiter 2 (asyncio)",
+            "asyncio",
+            "anyio",
+            lambda n: _run("asyncio", _anyio_tasks, n, None),
+        )
+    )
+    if aiomp:
+        tiny.append(
+            PoolContender(
+                "aiomultiprocess",
+                "aiomultiprocess Pool.map (asyncio)",
+                "asyncio",
+                "aiomultiprocess",
+                lambda n: _run("asyncio", _aiomp_map, n, 2, async_identity, 0),
+            )
+        )
+    if trio_parallel:
+        tiny.append(
+            PoolContender(
+                "trio-parallel",
+                "trio_parallel.run_sync, limiter 2 (trio)",
+                "trio",
+                "trio-parallel",
+                lambda n: _run("trio", _trio_parallel_tasks, n, None),
+            )
+        )
+
+    run = [
+        PoolContender(
+            f"asyncmp-{b}",
+            f"asyncmp pool.run ({b})",
+            b,
+            "asyncmp",
+            lambda n, b=b: _run(b, _asyncmp_run, n),
+        )
+        for b in backends
+    ]
+    run.append(
+        PoolContender(
+            "anyio",
+            "anyio.to_process.run_sync, limiter 2 (asyncio)",
+            "asyncio",
+            "anyio",
+            lambda n: _run("asyncio", _anyio_tasks, n, CALLERS),
+        )
+    )
+    if aiomp:
+        run.append(
+            PoolContender(
+                "aiomultiprocess",
+                "aiomultiprocess Pool.apply (asyncio)",
+                "asyncio",
+                "aiomultiprocess",
+                lambda n: _run("asyncio", _aiomp_run, n),
+            )
+        )
+    if trio_parallel:
+        run.append(
+            PoolContender(
+                "trio-parallel",
+                "trio_parallel.run_sync, limiter 2 (trio)",
+                "trio",
+                "trio-parallel",
+                lambda n: _run("trio", _trio_parallel_tasks, n, CALLERS),
+            )
+        )
+
+    cpu = [
+        PoolContender(
+            f"asyncmp-{b}",
+            f"asyncmp pool.map ({b})",
+            b,
+            "asyncmp",
+            lambda n, b=b: _run(b, _asyncmp_map, n, cores, spin, CPU_TASK),
+        )
+        for b in backends
+    ]
+    cpu.append(
+        PoolContender(
+            "executor",
+            "ProcessPoolExecutor + run_in_executor (asyncio)",
+            "asyncio",
+            "executor",
+            lambda n: _run("asyncio", _executor_map, n, cores),
+        )
+    )
+    if aiomp:
+        cpu.append(
+            PoolContender(
+                "aiomultiprocess",
+                "aiomultiprocess Pool.map (asyncio)",
+                "asyncio",
+                "aiomultiprocess",
+                lambda n: _run("asyncio", _aiomp_map, n, cores, async_spin, CPU_TASK),
+            )
+        )
+
+    cancel = [
+        PoolContender(
+            f"asyncmp-{b}",
+            f"asyncmp pool.run, worker kept ({b})",
+            b,
+            "asyncmp",
+            lambda n, b=b: _run(b, _asyncmp_cancel, n),
+        )
+        for b in backends
+    ]
+    cancel.append(
+        PoolContender(
+            "anyio",
+            "anyio.to_process.run_sync, not cancellable (asyncio)",
+            "asyncio",
+            "anyio",
+            lambda n: _run("asyncio", _anyio_cancel, False),
+        )
+    )
+    cancel.append(
+        PoolContender(
+            "anyio-cancellable",
+            "anyio.to_process.run_sync(cancellable=True), kills (asyncio)",
+            "asyncio",
+            "anyio",
+            lambda n: _run("asyncio", _anyio_cancel, True),
+        )
+    )
+    if trio_parallel:
+        cancel.append(
+            PoolContender(
+                "trio-parallel",
+                "trio_parallel kill_on_cancel=True, kills (trio)",
+                "trio",
+                "trio-parallel",
+                lambda n: _run("trio", _trio_parallel_cancel, 1),
+            )
+        )
+
+    def table(
+        id: str,
+        title: str,
+        unit: str,
+        higher: bool,
+        label: str,
+        base: str | None,
+        contenders: list[PoolContender],
+        op: str,
+        params: dict[str, Any],
+    ) -> Table:
+        return Table(
+            id=id,
+            title=title,
+            unit=unit,
+            higher_is_better=higher,
+            ratio_label=label,
+            params=params,
+            series=[Series(c.key, c.label, c.backend, c.family) for c in contenders],
+            baseline=base,
+            op=op,
+        )
+
+    return [
+        PoolBench(
+            table(
+                "pool-map",
+                "5a. Pool: tiny tasks (fn returns its argument), 2 workers",
+                "calls/s",
+                True,
+                "x anyio",
+                "anyio",
+                tiny,
+                "call",
+                {"workers": 2, "task": "identity"},
+            ),
+            tiny,
+            rate,
+            probe=200,
+            n_min=200,
+            n_max=2_000_000,
+        ),
+        PoolBench(
+            table(
+                "pool-run",
+                f"5b. Pool: tiny tasks, one call at a time from {CALLERS} concurrent tasks,"
+                " 2 workers",
+                "calls/s",
+                True,
+                "x anyio",
+                "anyio",
+                run,
+                "call",
+                {"workers": 2, "task": "identity", "callers": CALLERS},
+            ),
+            run,
+            rate,
+            probe=200,
+            n_min=CALLERS * 2,
+            n_max=2_000_000,
+        ),
+        PoolBench(
+            table(
+                "pool-cpu",
+                f"5c. Pool: CPU-bound tasks of {CPU_TASK * 1e3:g} ms, one worker per core"
+                f" ({cores})",
+                "tasks/s",
+                True,
+                "x executor",
+                "executor",
+                cpu,
+                "task",
+                {"workers": cores, "task_seconds": CPU_TASK},
+            ),
+            cpu,
+            rate,
+            probe=200,
+            n_min=200,
+            n_max=200_000,
+        ),
+        PoolBench(
+            table(
+                "pool-cancel",
+                f"5d. Pool: cancel a running call ({CANCEL_CALL:g} s, cancelled after"
+                f" {CANCEL_AFTER * 1e3:g} ms): time until the call returns",
+                "ms",
+                False,
+                "ratio",
+                None,
+                cancel,
+                "cancel",
+                {"call_seconds": CANCEL_CALL, "cancel_after_seconds": CANCEL_AFTER},
+            ),
+            cancel,
+            millis,
+            probe=1,
+            n_min=1,
+            n_max=1,
+            fixed_n=1,
+        ),
+    ]
+
+
+def pool_tables(
+    backends: tuple[str, ...],
+    rounds: int,
+    trial_seconds: float,
+    rng: Any,
+    log: Callable[[str], None],
+    notes: list[str],
+) -> tuple[list[Table], list[Target]]:
+    """Run the pool benchmarks, interleaved and shuffled round by round."""
+    benches = _benches(backends)
+    sizes: list[dict[str, int]] = []
+    for bench in benches:
+        log(f"calibrating {bench.table.id}")
+        found: dict[str, int] = {}
+        for c in bench.contenders:
+            if bench.fixed_n is not None:
+                found[c.key] = bench.fixed_n
+                continue
+            seconds, _ = c.trial(bench.probe)
+            per_call = max(seconds, 1e-9) / bench.probe
+            n = max(bench.n_min, min(bench.n_max, math.ceil(trial_seconds / per_call)))
+            found[c.key] = math.ceil(n / CALLERS) * CALLERS
+        sizes.append(found)
+        for s in bench.table.series:
+            s.n_per_trial = found[s.key]
+    per_round: list[list[dict[str, float]]] = [[] for _ in benches]
+    for r in range(rounds):
+        for i, bench in enumerate(benches):
+            order = list(bench.contenders)
+            rng.shuffle(order)
+            got: dict[str, float] = {}
+            cpu: dict[str, float] = {}
+            for c in order:
+                n = sizes[i][c.key]
+                try:
+                    seconds, cpu_seconds = c.trial(n)
+                except WorkerNotKept as exc:
+                    notes.append(str(exc))
+                    raise
+                got[c.key] = bench.value(seconds, n)
+                cpu[c.key] = cpu_seconds / n * 1e6
+            per_round[i].append(got)
+            table = bench.table
+            base = got[table.baseline] if table.baseline is not None else None
+            for s in table.series:
+                s.values.append(got[s.key])
+                s.cpu.append(cpu[s.key])
+                if base is not None and s.key != table.baseline:
+                    s.ratios.append(got[s.key] / base)
+        log(f"pool round {r + 1}/{rounds} done")
+    return [b.table for b in benches], _targets([b.table for b in benches])
+
+
+def _targets(tables: list[Table]) -> list[Target]:
+    goals = {"pool-map": 20.0, "pool-run": 3.0, "pool-cpu": 0.95}
+    targets: list[Target] = []
+    for table in tables:
+        for s in table.series:
+            if s.family != "asyncmp":
+                continue
+            if table.id in goals:
+                what = f"{s.key} / {table.baseline}"
+                targets.append(Target(table.id, s.key, what, ">=", goals[table.id], s.ratio))
+            elif table.id == "pool-cancel":
+                median = statistics.median(s.values)
+                targets.append(
+                    Target(table.id, s.key, f"{s.key} time to return", "<=", 50.0, median, "ms")
+                )
+    return targets

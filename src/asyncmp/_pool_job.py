@@ -1,0 +1,85 @@
+"""A pool's unit of work: one request to a worker, what became of it, who gets it.
+
+Shared by the pool (``_pool``), which queues, sends and completes jobs, and the map
+(``_pool_map``), which makes them from chunks of items and yields their results.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ._pool_worker import Error, RemoteTraceback
+
+if TYPE_CHECKING:
+    from ._pool import _Slot
+
+__all__ = ("ABANDONED", "DONE", "QUEUED", "SENT", "WITHDRAWN", "Job")
+
+# A job's states. It leaves QUEUED only for SENT (in the worker task that takes it),
+# WITHDRAWN (its caller went away: it never runs) or DONE (the pool closed or broke).
+# It leaves SENT only for DONE (its outcome was delivered) or ABANDONED (its caller
+# went away after it was sent: its reply, when it comes, is dropped).
+QUEUED = 0
+SENT = 1
+DONE = 2
+WITHDRAWN = 3
+ABANDONED = 4
+
+
+class Job:
+    """One request to a worker: one or more calls of one function."""
+
+    __slots__ = (
+        "arglist",
+        "batchable",
+        "deliver",
+        "elapsed",
+        "error",
+        "errors",
+        "fn",
+        "id",
+        "offset",
+        "part",
+        "payload",
+        "size",
+        "slot",
+        "state",
+        "values",
+    )
+
+    def __init__(self, job_id: int, size: int, deliver: Callable[[Job], None]) -> None:
+        self.id = job_id
+        self.size = size
+        #: Called once, when the job is DONE, to hand the outcome to its caller.
+        self.deliver = deliver
+        #: May be sent to a worker along with other calls (see Pool._batch).
+        self.batchable = False
+        self.payload: Any = b""
+        self.state = QUEUED
+        self.slot: _Slot | None = None
+        self.elapsed = 0.0  # seconds from send to reply
+        self.values: list[Any] = []
+        self.errors: dict[int, Error] | None = None
+        #: Set if the whole job failed (the worker died, the pool closed, ...).
+        self.error: BaseException | None = None
+        #: What the payload holds, kept to send a part of it (see Pool._serve).
+        self.fn: Callable[..., Any] | None = None
+        self.arglist: list[tuple[Any, ...]] = []
+        #: Calls answered by earlier parts; calls in the part in flight.
+        self.offset = 0
+        self.part = 0
+
+    @property
+    def left(self) -> int:
+        """Calls not yet answered."""
+        return self.size - self.offset
+
+    def outcome(self, i: int) -> Any:
+        """Return the i-th call's result, or raise its exception."""
+        if self.error is not None:
+            raise self.error
+        if self.errors is not None and i in self.errors:
+            exc, text = self.errors[i]
+            raise exc from RemoteTraceback(text)
+        return self.values[i]

@@ -1,0 +1,175 @@
+"""What runs inside a pool's worker processes, and the messages it exchanges.
+
+This module is imported by the workers themselves (spawn and forkserver import it by
+name), so it stays small and imports neither anyio nor the rest of asyncmp.
+
+The conversation over a worker's duplex pipe, every message one pickled frame:
+
+* worker -> parent, once: ``("ready", pid)``, or ``("init-failed", error)`` if the
+  initializer raised (the worker then returns).
+* parent -> worker: ``(job_id, fn, [args, ...])``: call ``fn(*args)`` for each entry.
+  A chunk of :meth:`Pool.map` items and a single :meth:`Pool.run` call look the same.
+  Or ``("batch", [request_bytes, ...])``: several such jobs, pickled one by one, run in
+  that order, each answered as soon as it is done.
+* worker -> parent: ``("ok", job_id, values, errors)``: ``values[i]`` is the i-th
+  result, ``errors`` is ``None`` or maps the index of each call that failed to its
+  error; or ``("failed", None, error)`` if the request itself could not be read. The
+  replies come in the order of the jobs.
+* parent closes its end: the stop request. The worker sees EOF once its current call
+  has returned, and returns.
+
+An *error* is ``(exception, traceback_text)``, both picklable: an exception that does not
+survive a pickle round trip is replaced by a ``pickle.PicklingError`` that names it.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import traceback
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
+from typing import Any
+
+__all__ = ("RemoteTraceback", "portable_error", "serve")
+
+#: ``(exception, the worker's formatted traceback)``.
+Error = tuple[BaseException, str]
+
+
+class RemoteTraceback(Exception):
+    """The traceback of an exception raised in a pool worker, as text.
+
+    A call's exception is re-raised in the caller with one of these as its
+    ``__cause__``, so the report shows where in the worker it was raised.
+    """
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return f"\n\n--- traceback in the pool worker ---\n{self.text}"
+
+
+def portable_error(exc: BaseException, what: str) -> Error:
+    """*exc* and its traceback as text, in a form that pickles and unpickles."""
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    try:
+        # Unpickling is checked too: an exception whose __init__ takes other arguments
+        # than it passes to BaseException pickles fine and fails to unpickle.
+        pickle.loads(pickle.dumps(exc))
+    except Exception as why:
+        exc = pickle.PicklingError(
+            f"{what} raised {type(exc).__qualname__}: {exc}, which can't be sent back "
+            f"from the worker ({type(why).__name__}: {why})"
+        )
+    return exc, text
+
+
+def _describe(fn: object) -> str:
+    return getattr(fn, "__qualname__", None) or repr(fn)
+
+
+def _reply(job_id: int, fn: object, values: list[Any], errors: dict[int, Error] | None) -> Any:
+    """The reply's bytes; a result that can't be pickled fails its own call only."""
+    try:
+        return ForkingPickler.dumps(("ok", job_id, values, errors))
+    except Exception:
+        pass
+    errors = dict(errors or {})
+    for i, value in enumerate(values):
+        if i in errors:
+            continue
+        try:
+            ForkingPickler.dumps(value)
+        except Exception as why:
+            values[i] = None
+            error = pickle.PicklingError(
+                f"the result of {_describe(fn)}, a {type(value).__qualname__}, can't be "
+                f"sent back from the worker ({type(why).__name__}: {why})"
+            )
+            errors[i] = (error, "".join(traceback.format_exception(error)))
+    return ForkingPickler.dumps(("ok", job_id, values, errors))
+
+
+def serve(
+    conn: Connection,
+    initializer: Callable[..., object] | None,
+    initargs: tuple[Any, ...],
+) -> None:
+    """A worker's whole life: run the initializer, then serve requests until EOF.
+
+    An exception from a call goes back to the caller; ``SystemExit`` and other
+    ``BaseException``\\ s end the worker, as they would end a plain process, and the
+    caller gets ``WorkerExited``. SIGINT is ignored from the start.
+    """
+    try:
+        # A forked worker inherits the parent loop's wakeup descriptor: a signal here
+        # must not wake the parent's loop.
+        signal.set_wakeup_fd(-1)
+    except (ValueError, OSError):  # pragma: no cover - not the main thread
+        pass
+    # The parent owns the worker's life: a Ctrl-C in a terminal reaches the whole process
+    # group, and must not end running calls with a traceback here. The parent's block
+    # exit stops the workers. (Before the initializer, which may choose otherwise.)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if initializer is not None:
+        try:
+            initializer(*initargs)
+        except Exception as exc:
+            error = portable_error(exc, f"the initializer {_describe(initializer)}")
+            conn.send_bytes(ForkingPickler.dumps(("init-failed", error)))
+            return
+    conn.send_bytes(ForkingPickler.dumps(("ready", os.getpid())))
+    while True:
+        try:
+            request = conn.recv_bytes()
+        except (EOFError, OSError):
+            return  # the stop request (the parent closed its end, maybe with replies unread)
+        try:
+            _handle(conn, request)
+        except OSError:
+            return  # the parent closed its end while a call ran: nobody waits for replies
+
+
+def _handle(conn: Connection, request: bytes) -> None:
+    """Run one request (a job, or a batch of them) and send the replies."""
+    parts = [request]
+    try:
+        message = ForkingPickler.loads(request)
+        if message[0] == "batch":
+            parts = message[1]
+    except Exception as exc:
+        _send_failed(conn, exc)
+        return
+    for part in parts:
+        if part is not request:
+            try:
+                message = ForkingPickler.loads(part)
+            except Exception as exc:
+                _send_failed(conn, exc)
+                continue
+        _run_job(conn, message)
+
+
+def _send_failed(conn: Connection, exc: Exception) -> None:
+    error = portable_error(exc, "reading the request")
+    conn.send_bytes(ForkingPickler.dumps(("failed", None, error)))
+
+
+def _run_job(conn: Connection, job: tuple[int, Callable[..., Any], list[tuple[Any, ...]]]) -> None:
+    job_id, fn, arglist = job
+    values: list[Any] = []
+    errors: dict[int, Error] | None = None
+    for i, args in enumerate(arglist):
+        try:
+            values.append(fn(*args))
+        except Exception as exc:
+            values.append(None)
+            if errors is None:
+                errors = {}
+            errors[i] = portable_error(exc, _describe(fn))
+    conn.send_bytes(_reply(job_id, fn, values, errors))  # raises OSError if the parent left

@@ -1,0 +1,140 @@
+"""Functions that ``test_pool.py`` runs in pool workers.
+
+They live in an importable module so that every start method can run them. A test that
+must hold a call "running" gives the workers one end of a pipe and a semaphore through
+the initializer (:func:`install`): :func:`hold` says ``("started", pid)`` on the pipe,
+then blocks until the test releases the semaphore, so the test awaits the word instead
+of guessing with a sleep. (The workers never read the shared pipe: two of them reading
+one pipe at once could tear its messages.)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from multiprocessing.connection import Connection
+from typing import Any
+
+__all__ = (
+    "NeedsTwoArgs",
+    "echo",
+    "exit_at_3",
+    "exit_with",
+    "fail",
+    "fail_at_5",
+    "fail_init",
+    "getpid",
+    "hold",
+    "hold_first",
+    "initialized",
+    "install",
+    "kill_self",
+    "note",
+    "pid_of",
+    "raise_unpicklable",
+    "return_unpicklable",
+    "set_value",
+)
+
+_conn: Connection | None = None
+_release: Any = None
+_value: object = None
+_init_calls = 0
+
+
+def install(conn: Connection, release: Any) -> None:
+    """Initializer: keep the test's pipe end and semaphore for :func:`hold` and
+    :func:`note`."""
+    global _conn, _release
+    _conn = conn
+    _release = release
+
+
+def set_value(value: object) -> None:
+    """Initializer: remember *value* for :func:`initialized`."""
+    global _value, _init_calls
+    _value = value
+    _init_calls += 1
+
+
+def initialized() -> tuple[object, int]:
+    """What the initializer set, and how many times it ran in this worker."""
+    return _value, _init_calls
+
+
+def fail_init(message: str) -> None:
+    raise ValueError(message)
+
+
+def echo(x: int) -> int:
+    return x
+
+
+def getpid() -> int:
+    return os.getpid()
+
+
+def fail(message: str) -> int:
+    raise ValueError(message)
+
+
+def exit_with(code: int) -> int:
+    sys.exit(code)
+
+
+def kill_self() -> int:
+    os.kill(os.getpid(), signal.SIGKILL)
+    raise AssertionError("not reached")
+
+
+def hold(value: int) -> int:
+    """Say ``("started", pid)`` on the test's pipe, wait for the test's release, return
+    *value*."""
+    assert _conn is not None
+    _conn.send(("started", os.getpid()))
+    if not _release.acquire(timeout=60):
+        raise TimeoutError("the test never released the call")
+    return value
+
+
+def note(value: int) -> int:
+    """Say ``("ran", value)`` on the test's pipe and return *value*."""
+    assert _conn is not None
+    _conn.send(("ran", value))
+    return value
+
+
+def return_unpicklable() -> object:
+    return threading.Lock()
+
+
+class NeedsTwoArgs(Exception):
+    """Pickles, but can't be unpickled: its __init__ takes two arguments."""
+
+    def __init__(self, a: int, b: int) -> None:
+        super().__init__(f"{a}-{b}")
+
+
+def raise_unpicklable() -> int:
+    raise NeedsTwoArgs(1, 2)
+
+
+def hold_first(x: int) -> int:
+    """:func:`hold` item 0, return the others at once."""
+    return hold(x) if x == 0 else x
+
+
+def fail_at_5(x: int) -> int:
+    if x == 5:
+        raise ValueError(f"bad {x}")
+    return x
+
+
+def pid_of(_: int) -> int:
+    return os.getpid()
+
+
+def exit_at_3(x: int) -> int:
+    return exit_with(3) if x == 3 else x

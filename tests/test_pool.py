@@ -1,0 +1,576 @@
+"""open_pool: results, errors, crashes, cancellation, map, workers' lives, statistics."""
+
+from __future__ import annotations
+
+import itertools
+import multiprocessing
+import os
+import pickle
+import random
+import signal
+import threading
+from collections import Counter
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from contextlib import aclosing, asynccontextmanager
+from typing import Any
+
+import anyio
+import pytest
+
+import asyncmp
+from asyncmp import AsyncConnection, Pool
+from tests import pool_workers as w
+from tests.workers import MPContext
+
+pytestmark = pytest.mark.anyio
+
+#: A "no hang" bound for what should be immediate, in seconds of loop time.
+PROMPT = 1.0
+
+
+class Holds:
+    """The test's side of :func:`w.hold` and :func:`w.note`."""
+
+    def __init__(self, conn: AsyncConnection[Any], release: Any) -> None:
+        self.conn = conn
+        self._release = release
+
+    async def recv(self) -> Any:
+        return await self.conn.recv()
+
+    def recv_nowait(self) -> Any:
+        return self.conn.recv_nowait()
+
+    def release(self) -> None:
+        """Let one held call return."""
+        self._release.release()
+
+
+@asynccontextmanager
+async def held_pool(processes: int = 2, **options: Any) -> AsyncIterator[tuple[Pool, Holds]]:
+    """A pool whose workers can :func:`w.hold` calls and :func:`w.note` them on a pipe."""
+    ours, theirs = asyncmp.Pipe()
+    release = multiprocessing.Semaphore(0)
+    try:
+        async with asyncmp.open_pool(
+            processes, initializer=w.install, initargs=(theirs, release), **options
+        ) as pool:
+            yield pool, Holds(ours, release)
+    finally:
+        theirs.close()
+        await ours.aclose()
+
+
+async def started(holds: Holds) -> int:
+    """Wait until a worker runs :func:`w.hold`; return its pid."""
+    word, pid = await holds.recv()
+    assert word == "started"
+    return int(pid)
+
+
+# --- results and errors ----------------------------------------------------------------
+
+
+async def test_run_returns_the_result() -> None:
+    async with asyncmp.open_pool(2) as pool:
+        assert await pool.run(w.echo, 42) == 42
+        assert await pool.run(divmod, 7, 2) == (3, 1)
+        assert pool.processes == 2
+
+
+async def test_an_exception_is_reraised_with_the_workers_traceback() -> None:
+    async with asyncmp.open_pool(2) as pool:
+        with pytest.raises(ValueError, match=r"^no good$") as info:
+            await pool.run(w.fail, "no good")
+        cause = info.value.__cause__
+        assert isinstance(cause, asyncmp.RemoteTraceback)
+        assert "in fail" in str(cause)
+        assert "raise ValueError(message)" in str(cause)
+        assert await pool.run(w.echo, 1) == 1  # the pool goes on
+        assert pool.statistics().calls_failed == 1
+
+
+async def test_an_unpicklable_argument_raises_in_the_caller_and_nothing_is_sent() -> None:
+    async with asyncmp.open_pool(2) as pool:
+        with pytest.raises(TypeError, match="pickle"):
+            await pool.run(w.echo, threading.Lock())  # type: ignore[arg-type]
+        stats = pool.statistics()
+        assert (stats.calls_queued, stats.calls_running, stats.calls_done) == (0, 0, 0)
+        assert await pool.run(w.echo, 3) == 3
+
+
+async def test_an_unpicklable_result_or_exception_fails_that_call_only() -> None:
+    async with asyncmp.open_pool(1) as pool:
+        pid = await pool.run(w.getpid)
+        with pytest.raises(pickle.PicklingError, match="result of return_unpicklable"):
+            await pool.run(w.return_unpicklable)
+        with pytest.raises(pickle.PicklingError, match="raised NeedsTwoArgs: 1-2"):
+            await pool.run(w.raise_unpicklable)
+        assert await pool.run(w.getpid) == pid  # the same worker goes on
+
+
+# --- crashes ---------------------------------------------------------------------------
+
+
+async def test_a_worker_that_dies_raises_worker_exited_and_is_replaced(
+    mp_context: MPContext,
+) -> None:
+    async with asyncmp.open_pool(2, context=mp_context) as pool:
+        with pytest.raises(asyncmp.WorkerExited) as info:
+            await pool.run(w.exit_with, 7)
+        assert info.value.exitcode == 7
+        with pytest.raises(asyncmp.WorkerExited) as info:
+            await pool.run(w.kill_self)
+        assert info.value.exitcode == -signal.SIGKILL
+        # Every other call goes on, on the replacements too.
+        results: list[int] = []
+        async with anyio.create_task_group() as tg:
+            for i in range(10):
+                tg.start_soon(_append, results, pool.run(w.echo, i))
+        assert sorted(results) == list(range(10))
+        stats = pool.statistics()
+        assert stats.workers_replaced == 2
+        assert stats.workers_alive == 2
+        assert stats.calls_failed == 2
+
+
+async def _append(results: list[Any], call: Any) -> None:
+    results.append(await call)
+
+
+async def test_a_crash_fails_only_the_call_it_ran() -> None:
+    async with held_pool(2) as (pool, conn):
+        async with anyio.create_task_group() as tg:
+            held: list[int] = []
+            tg.start_soon(_append, held, pool.run(w.hold, 5))
+            await started(conn)
+            with pytest.raises(asyncmp.WorkerExited):
+                await pool.run(w.exit_with, 3)
+            conn.release()
+        assert held == [5]
+
+
+async def test_a_crash_among_quick_calls_sent_together_fails_that_call_only() -> None:
+    outcomes: dict[int, object] = {}
+
+    async def call(i: int) -> None:
+        try:
+            outcomes[i] = await (pool.run(w.exit_with, 3) if i == 10 else pool.run(w.echo, i))
+        except asyncmp.WorkerExited as exc:
+            outcomes[i] = exc.exitcode
+
+    async with asyncmp.open_pool(1) as pool:
+        for i in range(20):  # quick calls: later ones travel to the worker together
+            await pool.run(w.echo, i)
+        async with anyio.create_task_group() as tg:
+            for i in range(40):
+                tg.start_soon(call, i)
+        # The calls sent along with the one that crashed never started: they ran later.
+        assert outcomes == {i: 3 if i == 10 else i for i in range(40)}
+        assert pool.statistics().workers_replaced == 1
+
+
+# --- cancellation ----------------------------------------------------------------------
+
+
+async def test_a_cancelled_queued_call_is_withdrawn_and_never_runs() -> None:
+    async with held_pool(1) as (pool, conn):
+        async with anyio.create_task_group() as tg:
+            held: list[int] = []
+            tg.start_soon(_append, held, pool.run(w.hold, 1))
+            await started(conn)
+            with anyio.CancelScope() as scope:
+                tg.start_soon(_cancel_when_blocked, scope)
+                await pool.run(w.note, 2)
+            assert scope.cancelled_caught
+            assert pool.statistics().calls_queued == 0
+            conn.release()
+        assert held == [1]
+        assert await pool.run(w.note, 3) == 3
+        # Only the call that ran said so: the withdrawn one never did.
+        assert await conn.recv() == ("ran", 3)
+        with pytest.raises(anyio.WouldBlock):
+            conn.recv_nowait()
+
+
+async def _cancel_when_blocked(scope: anyio.CancelScope) -> None:
+    await anyio.wait_all_tasks_blocked()
+    scope.cancel()
+
+
+async def test_a_cancelled_running_call_returns_at_once_and_its_result_is_dropped() -> None:
+    async with held_pool(1) as (pool, conn):
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(pool.run, w.hold, 111)
+                pid = await started(conn)
+                before = anyio.current_time()
+                scope.cancel()
+        assert anyio.current_time() - before < PROMPT
+        assert pool.statistics().calls_running == 1  # it runs on
+        conn.release()  # it returns 111, which nobody must get
+        assert await pool.run(w.echo, 2) == 2
+        assert await pool.run(w.getpid) == pid  # the worker was kept
+        stats = pool.statistics()
+        assert stats.workers_replaced == 0
+        assert stats.calls_running == 0
+
+
+async def test_kill_on_cancel_kills_and_replaces_the_worker() -> None:
+    async with held_pool(1) as (pool, conn):
+        with anyio.CancelScope() as scope:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(lambda: pool.run(w.hold, 1, kill_on_cancel=True))
+                pid = await started(conn)
+                before = anyio.current_time()
+                scope.cancel()
+        assert anyio.current_time() - before < PROMPT
+        new_pid = await pool.run(w.getpid)
+        assert new_pid != pid
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # killed and reaped
+        assert pool.statistics().workers_replaced == 1
+
+
+async def test_cancelling_1000_calls_at_random_points_loses_and_mixes_nothing() -> None:
+    rng = random.Random(14)
+    n = 1000
+    outcomes: dict[int, object] = {}
+
+    async def call(i: int, scope: anyio.CancelScope) -> None:
+        with scope:
+            outcomes[i] = await pool.run(w.echo, i, kill_on_cancel=rng.random() < 0.02)
+            return
+        outcomes[i] = "cancelled"
+
+    async def cancel_later(scope: anyio.CancelScope, steps: int) -> None:
+        for _ in range(steps):
+            await anyio.lowlevel.checkpoint()
+        scope.cancel()
+
+    async with asyncmp.open_pool(2) as pool:
+        async with anyio.create_task_group() as tg:
+            for i in range(n):
+                scope = anyio.CancelScope()
+                tg.start_soon(call, i, scope)
+                if rng.random() < 0.5:
+                    tg.start_soon(cancel_later, scope, rng.randrange(200))
+        returned = [i for i, outcome in outcomes.items() if outcome != "cancelled"]
+        assert len(outcomes) == n
+        assert all(outcomes[i] == i for i in returned)  # each got its own result
+        assert 0 < len(returned) < n
+        # Nothing stale is left in the pipes: later calls get their own results.
+        for i in range(20):
+            assert await pool.run(w.echo, -i) == -i
+        assert pool.statistics().calls_queued == 0
+
+
+# --- map -------------------------------------------------------------------------------
+
+
+async def _aitems(n: int) -> AsyncIterator[int]:
+    for i in range(n):
+        await anyio.lowlevel.checkpoint()
+        yield i
+
+
+@pytest.mark.parametrize("source", ["sync", "async"])
+async def test_map_in_order(source: str) -> None:
+    items = range(3000) if source == "sync" else _aitems(3000)
+    async with asyncmp.open_pool(2) as pool:
+        results = [y async for y in pool.map(w.echo, items)]
+        assert results == list(range(3000))
+        assert pool.statistics().calls_done == 3000
+
+
+@pytest.mark.parametrize("source", ["sync", "async"])
+async def test_map_unordered_yields_every_result(source: str) -> None:
+    items = range(3000) if source == "sync" else _aitems(3000)
+    async with asyncmp.open_pool(2) as pool:
+        results = [y async for y in pool.map(w.echo, items, ordered=False)]
+        assert sorted(results) == list(range(3000))
+
+
+async def test_map_unordered_a_slow_call_does_not_hold_back_the_others() -> None:
+    async with held_pool(2) as (pool, conn):
+        # The first item holds its worker; the others all finish on the second one.
+        results = []
+        it = pool.map(w.hold_first, range(6), ordered=False)
+        async for y in it:
+            results.append(y)
+            if len(results) == 5:
+                conn.release()
+        assert results[:5] == [1, 2, 3, 4, 5]
+        assert results[5] == 0
+        await started(conn)
+
+
+async def test_map_raises_at_the_failing_items_place_and_stops() -> None:
+    async with asyncmp.open_pool(2) as pool:
+        results = []
+        with pytest.raises(ValueError, match="bad 5"):
+            async for y in pool.map(w.fail_at_5, range(1000)):
+                results.append(y)
+        assert results == [0, 1, 2, 3, 4]
+        assert await pool.run(w.echo, 1) == 1
+        assert pool.statistics().calls_queued == 0
+
+
+async def test_a_worker_dying_in_a_map_raises_worker_exited_and_stops_it() -> None:
+    async with asyncmp.open_pool(2) as pool:
+        results = []
+        with pytest.raises(asyncmp.WorkerExited) as info:
+            async for y in pool.map(w.exit_at_3, range(100)):
+                results.append(y)
+        assert info.value.exitcode == 3
+        assert results == [0, 1, 2]
+        assert await pool.run(w.echo, 1) == 1
+
+
+async def test_an_unpicklable_map_item_fails_at_its_place() -> None:
+    async with asyncmp.open_pool(2) as pool:
+        items: list[Any] = [0, 1, threading.Lock(), 3]
+        results = []
+        with pytest.raises(TypeError, match="pickle"):
+            async for y in pool.map(w.echo, items):
+                results.append(y)
+        assert results == [0, 1]
+
+
+@pytest.mark.parametrize("source", ["sync", "async"])
+async def test_an_endless_map_stopped_early_takes_no_more_and_leaves_nothing_queued(
+    source: str,
+) -> None:
+    taken = 0
+
+    def endless() -> Iterator[int]:
+        nonlocal taken
+        for i in itertools.count():
+            taken += 1
+            yield i
+
+    async def aendless() -> AsyncGenerator[int, None]:
+        for i in endless():
+            yield i
+
+    async with asyncmp.open_pool(2) as pool, aclosing(aendless()) as agen:
+        items = endless() if source == "sync" else agen
+        async for y in pool.map(w.echo, items):
+            if y == 5000:
+                break
+        taken_at_break = taken
+        # Dropped by the loop: what was queued is withdrawn, nothing more is taken.
+        assert pool.statistics().calls_queued == 0
+        assert taken_at_break < 5000 + 4 * 2048
+        assert await pool.run(w.echo, -1) == -1
+        assert taken == taken_at_break
+
+
+async def test_map_aclose_withdraws_at_once() -> None:
+    async with held_pool(1) as (pool, conn):
+        it = pool.map(w.hold, range(10))
+
+        async def step() -> None:
+            await it.__anext__()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(step)
+            await started(conn)
+            assert pool.statistics().calls_queued == 1  # two chunks of 1 are ahead
+            tg.cancel_scope.cancel()
+        await it.aclose()
+        assert pool.statistics().calls_queued == 0
+        conn.release()
+        assert await pool.run(w.echo, 7) == 7
+
+
+# --- the workers' lives ----------------------------------------------------------------
+
+
+async def test_the_initializer_runs_once_in_each_worker(mp_context: MPContext) -> None:
+    async with asyncmp.open_pool(
+        2, context=mp_context, initializer=w.set_value, initargs=("hello",)
+    ) as pool:
+        async with anyio.create_task_group() as tg:
+            seen: list[tuple[object, int]] = []
+            for _ in range(6):
+                tg.start_soon(_append, seen, pool.run(w.initialized))
+        assert set(seen) == {("hello", 1)}
+
+
+async def test_a_failing_initializer_is_a_clear_error_not_a_respawn_loop(
+    mp_context: MPContext,
+) -> None:
+    with pytest.raises(anyio.BrokenResourceError, match="initializer failed") as info:
+        async with asyncmp.open_pool(
+            2, context=mp_context, initializer=w.fail_init, initargs=("no config",)
+        ):
+            raise AssertionError("not reached")  # pragma: no cover
+    cause = info.value.__cause__
+    assert isinstance(cause, ValueError)
+    assert str(cause) == "no config"
+    assert isinstance(cause.__cause__, asyncmp.RemoteTraceback)
+
+
+async def test_max_tasks_per_child_replaces_workers() -> None:
+    async with asyncmp.open_pool(1, max_tasks_per_child=2) as pool:
+        pids = [await pool.run(w.getpid) for _ in range(5)]
+        assert pids[0] == pids[1] != pids[2] == pids[3] != pids[4]
+        assert len(set(pids)) == 3
+        # Chunks of map count call by call.
+        pids = [pid async for pid in pool.map(w.pid_of, range(6))]
+        assert len(set(pids)) >= 3
+        assert pool.statistics().workers_replaced >= 4
+
+
+async def test_max_tasks_per_child_is_exact_for_map_chunks_and_run_batches() -> None:
+    async with asyncmp.open_pool(1, max_tasks_per_child=3) as pool:
+        # Chunks grow past what a worker has left: each is cut at the worker's count.
+        pids = [pid async for pid in pool.map(w.pid_of, range(30))]
+        assert sorted(Counter(pids).values()) == [3] * 10
+        # Quick run() calls queued together go in batches, cut the same way.
+        results: list[int] = []
+
+        async def call() -> None:
+            results.append(await pool.run(w.getpid))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(30):
+                tg.start_soon(call)
+        assert sorted(Counter(results).values()) == [3] * 10
+        stats = pool.statistics()
+        assert (stats.calls_done, stats.calls_queued, stats.calls_running) == (60, 0, 0)
+
+
+async def test_a_worker_ignores_sigint_the_pool_owns_its_life() -> None:
+    async with held_pool(1) as (pool, holds):
+        async with anyio.create_task_group() as tg:
+            results: list[int] = []
+
+            async def call() -> None:
+                results.append(await pool.run(w.hold, 5))
+
+            tg.start_soon(call)
+            pid = await started(holds)
+            # What a Ctrl-C in a terminal does: SIGINT to the whole process group.
+            os.kill(pid, signal.SIGINT)
+            holds.release()
+        assert results == [5]
+        assert await pool.run(w.getpid) == pid
+        assert pool.statistics().workers_replaced == 0
+
+
+async def test_start_methods_run_calls(mp_context: MPContext) -> None:
+    async with asyncmp.open_pool(2, context=mp_context) as pool:
+        assert [y async for y in pool.map(w.echo, range(50))] == list(range(50))
+
+
+async def test_processes_default_and_validation() -> None:
+    with pytest.raises(ValueError, match="processes=0"):
+        async with asyncmp.open_pool(0):
+            pass  # pragma: no cover
+    with pytest.raises(ValueError, match="max_tasks_per_child=0"):
+        async with asyncmp.open_pool(1, max_tasks_per_child=0):
+            pass  # pragma: no cover
+    async with asyncmp.open_pool() as pool:
+        with pytest.raises(TypeError, match="not iterable"):
+            pool.map(w.echo, 5)  # type: ignore[arg-type]
+        assert pool.processes == os.cpu_count()
+        assert pool.statistics().workers_alive == os.cpu_count()
+
+
+class _SecondProcessFails:
+    """A multiprocessing context whose second process fails to start."""
+
+    def __init__(self) -> None:
+        self._ctx = multiprocessing.get_context()
+        self._started = 0
+
+    def Pipe(self, duplex: bool = True) -> Any:
+        return self._ctx.Pipe(duplex)
+
+    def Process(self, **kwargs: Any) -> Any:
+        self._started += 1
+        if self._started == 2:
+            raise OSError("no more processes")
+        return self._ctx.Process(**kwargs)
+
+
+async def test_a_worker_that_cannot_start_raises_as_itself_and_leaves_nothing() -> None:
+    with pytest.raises(OSError, match="no more processes"):
+        async with asyncmp.open_pool(2, context=_SecondProcessFails()):
+            raise AssertionError("not reached")  # pragma: no cover
+
+
+async def test_the_blocks_own_exception_comes_out_as_itself() -> None:
+    with pytest.raises(KeyError):
+        async with asyncmp.open_pool(1):
+            raise KeyError("mine")
+
+
+# --- leaving the block -----------------------------------------------------------------
+
+
+async def test_a_cancelled_block_leaves_no_process_behind() -> None:
+    ours, theirs = asyncmp.Pipe()
+    release = multiprocessing.Semaphore(0)
+    try:
+        with anyio.CancelScope() as scope:
+            async with asyncmp.open_pool(
+                2, initializer=w.install, initargs=(theirs, release)
+            ) as pool:
+                pids = [await pool.run(w.getpid)]
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(pool.run, w.hold, 1)
+                    pids.append(await started(Holds(ours, release)))
+                    scope.cancel()
+        assert scope.cancelled_caught
+    finally:
+        theirs.close()
+        await ours.aclose()
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert pool.statistics().workers_alive == 0
+    with pytest.raises(anyio.ClosedResourceError):
+        await pool.run(w.echo, 1)
+
+
+async def test_calls_queued_or_running_when_the_block_ends_raise_closed() -> None:
+    outcomes: list[BaseException] = []
+
+    async def call(pool: Pool, fn: Any, arg: int) -> None:
+        try:
+            await pool.run(fn, arg)
+        except anyio.ClosedResourceError as exc:
+            outcomes.append(exc)
+
+    async with anyio.create_task_group() as outer:
+        async with held_pool(1) as (pool, conn):
+            outer.start_soon(call, pool, w.hold, 0)
+            await started(conn)
+            outer.start_soon(call, pool, w.echo, 1)
+            await anyio.wait_all_tasks_blocked()
+            assert pool.statistics().calls_queued == 1
+        # Left normally: the queued call fails, the running one's worker is stopped.
+    assert len(outcomes) == 2
+    assert pool.statistics().workers_alive == 0
+
+
+async def test_statistics_count_workers_and_calls() -> None:
+    async with held_pool(2) as (pool, conn):
+        assert pool.statistics() == asyncmp.PoolStatistics(2, 0, 0, 0, 0, 0)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(pool.run, w.hold, 1)
+            tg.start_soon(pool.run, w.hold, 2)
+            await started(conn)
+            await started(conn)
+            tg.start_soon(pool.run, w.echo, 3)
+            await anyio.wait_all_tasks_blocked()
+            stats = pool.statistics()
+            assert (stats.calls_running, stats.calls_queued) == (2, 1)
+            conn.release()
+            conn.release()
+        with pytest.raises(ValueError):
+            await pool.run(w.fail, "x")
+        assert pool.statistics() == asyncmp.PoolStatistics(2, 0, 0, 3, 1, 0)
