@@ -40,7 +40,7 @@ from ._exceptions import ConnectionEOF
 from ._pool_job import ABANDONED, DONE, QUEUED, SENT, WITHDRAWN, Job
 from ._pool_map import PoolMap
 from ._pool_worker import RemoteTraceback, serve
-from ._process import TERMINATE_GRACE, AsyncProcess, WorkerExited
+from ._process import TERMINATE_GRACE, AsyncProcess, WorkerExited, start_with_pipe
 
 if sys.version_info >= (3, 13):
     from typing import TypeVar
@@ -82,6 +82,13 @@ class _Slot:
         #: The jobs in flight, in the order the worker runs them: the first one runs.
         self.jobs: deque[Job] = deque()
         self.doomed = False  # killed (kill_on_cancel): it takes no more jobs
+
+    async def exit_code(self) -> int:
+        """The exit code of a worker whose pipe reached EOF, once it is reaped."""
+        with anyio.move_on_after(_EXIT_WAIT):
+            return await self.process.wait()
+        self.process.kill()
+        return await self.process.wait()
 
 
 @dataclass(frozen=True)
@@ -343,23 +350,10 @@ class Pool:
     # -- the workers' side -----------------------------------------------------------
 
     def _start_worker(self) -> _Slot:
-        ctx = self._context
-        parent_end, child_end = ctx.Pipe(duplex=True)
-        # Wrapped before the process starts, so a forked child closes its copy.
-        conn: AsyncConnection[Any] = AsyncConnection(parent_end)
-        try:
-            process = ctx.Process(
-                target=serve,
-                args=(child_end, self._initializer, self._initargs),
-                name="asyncmp-pool-worker",
-            )
-            process.start()
-        except BaseException:
-            conn.close()
-            raise
-        finally:
-            child_end.close()
-        slot = _Slot(conn, AsyncProcess(process))
+        conn, process = start_with_pipe(
+            self._context, serve, (self._initializer, self._initargs), name="asyncmp-pool-worker"
+        )
+        slot = _Slot(conn, process)
         self._slots.add(slot)
         return slot
 
@@ -385,7 +379,7 @@ class Pool:
         try:
             hello = ForkingPickler.loads(await slot.conn.recv_bytes())
         except ConnectionEOF:
-            exited = WorkerExited(await self._exit_code(slot))
+            exited = WorkerExited(await slot.exit_code())
             self._break(f"a pool worker ended before it was ready: {exited}", exited)
             return
         if hello[0] == "init-failed":
@@ -431,10 +425,10 @@ class Pool:
                     job = slot.jobs.popleft()
                     job.elapsed += anyio.current_time() - started
                     slot.calls += job.part
-                    self._read_reply(job, reply)
+                    job.read_reply(reply)
                     self._complete(job)
             except (ConnectionEOF, anyio.BrokenResourceError):
-                self._worker_died(slot, await self._exit_code(slot))
+                self._worker_died(slot, await slot.exit_code())
                 return
             if batch[0].batchable:
                 per_call = (anyio.current_time() - started) / len(batch)
@@ -483,28 +477,6 @@ class Pool:
                 if self._idle:
                     self._idle.popleft().set()
 
-    def _read_reply(self, job: Job, reply: bytes) -> None:
-        try:
-            message = ForkingPickler.loads(reply)
-        except Exception as exc:
-            # The worker replies in the order of the jobs: this reply is this job's.
-            job.error = exc
-            return
-        if message[0] == "ok":
-            _, job_id, values, errors = message
-            assert job_id == job.id, (job_id, job.id)
-            if job.offset == 0:
-                job.values, job.errors = values, errors
-            else:  # a later part of a job that was cut
-                job.values.extend(values)
-                if errors:
-                    shifted = {job.offset + i: error for i, error in errors.items()}
-                    job.errors = {**(job.errors or {}), **shifted}
-        else:
-            _, job_id, (error, text) = message
-            error.__cause__ = RemoteTraceback(text)
-            job.error = error
-
     async def _next_job(self) -> Job:
         while True:
             while self._queue:
@@ -521,13 +493,6 @@ class Pool:
                 elif self._idle and self._queue:
                     # Woken, then cancelled: pass the wake-up on.
                     self._idle.popleft().set()
-
-    async def _exit_code(self, slot: _Slot) -> int:
-        """The exit code of a worker whose pipe reached EOF, once it is reaped."""
-        with anyio.move_on_after(_EXIT_WAIT):
-            return await slot.process.wait()
-        slot.process.kill()
-        return await slot.process.wait()
 
     async def _retire(self, slot: _Slot) -> None:
         """Stop the worker and reap it (shielded by the caller)."""

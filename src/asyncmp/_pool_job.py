@@ -7,6 +7,7 @@ Shared by the pool (``_pool``), which queues, sends and completes jobs, and the 
 from __future__ import annotations
 
 from collections.abc import Callable
+from multiprocessing.reduction import ForkingPickler
 from typing import TYPE_CHECKING, Any
 
 from ._pool_worker import Error, RemoteTraceback
@@ -83,3 +84,27 @@ class Job:
             exc, text = self.errors[i]
             raise exc from RemoteTraceback(text)
         return self.values[i]
+
+    def read_reply(self, reply: bytes) -> None:
+        """Take the worker's reply to the part of this job in flight: its values and
+        the errors of single calls, or the error that ended the whole request."""
+        try:
+            message = ForkingPickler.loads(reply)
+        except Exception as exc:
+            # The worker replies in the order of the jobs: this reply is this job's.
+            self.error = exc
+            return
+        if message[0] == "ok":
+            _, job_id, values, errors = message
+            assert job_id == self.id, (job_id, self.id)
+            if self.offset == 0:
+                self.values, self.errors = values, errors
+            else:  # a later part of a job that was cut
+                self.values.extend(values)
+                if errors:
+                    shifted = {self.offset + i: error for i, error in errors.items()}
+                    self.errors = {**(self.errors or {}), **shifted}
+        else:
+            _, job_id, (error, text) = message
+            error.__cause__ = RemoteTraceback(text)
+            self.error = error

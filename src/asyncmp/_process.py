@@ -552,6 +552,29 @@ class Worker(Generic[T]):
         return f"<asyncmp.Worker {self._process!r}>"
 
 
+def start_with_pipe(
+    ctx: Any, target: Callable[..., object], args: tuple[Any, ...], *, name: str | None = None
+) -> tuple[AsyncConnection[Any], AsyncProcess]:
+    """Start ``target(conn, *args)`` in a process of *ctx*, ``conn`` being the plain
+    worker end of a duplex Pipe; return the async end and the process.
+
+    The parent's end is wrapped before the process starts, so that a forked child closes
+    its copy and sees EOF once the parent closes this end; the child's end is closed here
+    once the child has it. Used by :func:`open_worker` and the pool.
+    """
+    parent_end, child_end = ctx.Pipe(duplex=True)
+    conn: AsyncConnection[Any] = AsyncConnection(parent_end)
+    try:
+        process = ctx.Process(target=target, args=(child_end, *args), name=name)
+        process.start()
+    except BaseException:
+        conn.close()
+        raise
+    finally:
+        child_end.close()
+    return conn, AsyncProcess(process)
+
+
 @asynccontextmanager
 async def open_worker(
     target: Callable[[_WorkerEnd, Unpack[Ts]], object],
@@ -582,18 +605,6 @@ async def open_worker(
     :raises OSError: (or what ``Process.start()`` raises) the process could not start.
     """
     ctx = context if context is not None else multiprocessing.get_context()
-    parent_end, child_end = ctx.Pipe(duplex=True)
-    # Wrap the parent's end before forking, so that a forked child closes its copy and
-    # sees EOF once the parent closes this end.
-    conn = AsyncConnection(parent_end)
-    try:
-        process = ctx.Process(target=target, args=(child_end, *args))
-        process.start()
-    except BaseException:
-        conn.close()
-        raise
-    finally:
-        child_end.close()
-    aprocess = AsyncProcess(process)
+    conn, aprocess = start_with_pipe(ctx, target, args)
     async with _reaped_on_exit(aprocess, shutdown_timeout, conn):
         yield Worker(conn, aprocess)
