@@ -24,7 +24,7 @@ import asyncio
 import math
 import os
 import statistics
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from importlib.util import find_spec
@@ -76,6 +76,30 @@ def _has(module: str) -> bool:
 
 
 # --- asyncmp --------------------------------------------------------------------------------------
+
+
+async def _time_calls(
+    call: Callable[[int], Coroutine[Any, Any, None]], n: int, callers: int | None
+) -> Timing:
+    """Warm up (both workers started), then time *n* calls: a task each, or *callers*
+    tasks making theirs one after the other."""
+
+    async def caller(calls: int) -> None:
+        for i in range(calls):
+            await call(i)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(2):
+            tg.start_soon(call, i)
+    start = start_timing()
+    async with anyio.create_task_group() as tg:
+        if callers is None:
+            for i in range(n):
+                tg.start_soon(call, i)
+        else:
+            for _ in range(callers):
+                tg.start_soon(caller, n // callers)
+    return since(start)
 
 
 async def _asyncmp_map(n: int, processes: int, fn: Callable[[Any], Any], arg: Any) -> Timing:
@@ -141,22 +165,7 @@ async def _anyio_tasks(n: int, callers: int | None) -> Timing:
     async def call(i: int) -> None:
         await anyio.to_process.run_sync(identity, i, limiter=limiter)
 
-    async def caller(calls: int) -> None:
-        for i in range(calls):
-            await call(i)
-
-    async with anyio.create_task_group() as tg:  # warm-up: both workers spawned
-        for i in range(2):
-            tg.start_soon(call, i)
-    start = start_timing()
-    async with anyio.create_task_group() as tg:
-        if callers is None:
-            for i in range(n):
-                tg.start_soon(call, i)
-        else:
-            for _ in range(callers):
-                tg.start_soon(caller, n // callers)
-    return since(start)
+    return await _time_calls(call, n, callers)
 
 
 async def _anyio_cancel(cancellable: bool) -> Timing:
@@ -223,22 +232,7 @@ async def _trio_parallel_tasks(n: int, callers: int | None) -> Timing:
         async def call(i: int) -> None:
             await context.run_sync(identity, i, limiter=limiter)
 
-        async def caller(calls: int) -> None:
-            for i in range(calls):
-                await call(i)
-
-        async with anyio.create_task_group() as tg:  # warm-up: both workers started
-            for i in range(2):
-                tg.start_soon(call, i)
-        start = start_timing()
-        async with anyio.create_task_group() as tg:
-            if callers is None:
-                for i in range(n):
-                    tg.start_soon(call, i)
-            else:
-                for _ in range(callers):
-                    tg.start_soon(caller, n // callers)
-        return since(start)
+        return await _time_calls(call, n, callers)
 
 
 async def _trio_parallel_cancel(_: int) -> Timing:
