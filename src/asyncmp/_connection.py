@@ -15,7 +15,6 @@ incoming stream broke the framing, and the closing sequence.
 
 from __future__ import annotations
 
-import io
 import multiprocessing
 import multiprocessing.connection
 import sys
@@ -31,7 +30,7 @@ from ._exceptions import ProtocolError
 from ._frames import SEND_SHIELD_SECONDS as SEND_SHIELD_SECONDS
 from ._loop import FairLock, fast_checkpoint
 from ._routes import Connection, ConnectionRoute, FdRoute, ThreadRoute
-from ._wire import DEFAULT_MAX_MESSAGE_SIZE
+from ._wire import DEFAULT_MAX_MESSAGE_SIZE, dumps
 
 if sys.version_info >= (3, 13):
     from typing import TypeVar
@@ -53,20 +52,6 @@ _unpickle_frame = ForkingPickler.loads
 
 #: What an AsyncConnection receives and sends; ``Any`` unless the code says otherwise.
 T = TypeVar("T", default=Any)
-
-
-def _dumps(obj: Any) -> bytes:
-    """Pickle *obj* as ``Connection.send()`` does, into ``bytes``.
-
-    ``ForkingPickler.dumps()`` returns a memoryview exported from a BytesIO. If that view
-    ends up in a reference cycle (an exception's traceback kept by a thread-route call
-    holds the frames that hold it), Python 3.13's garbage collector finalizes the BytesIO
-    before the view and reports a BufferError. ``getvalue()`` hands over the BytesIO's
-    own buffer, without a copy.
-    """
-    buf = io.BytesIO()
-    ForkingPickler(buf).dump(obj)
-    return buf.getvalue()
 
 
 def _connection_like(conn: object) -> bool:
@@ -416,7 +401,7 @@ class AsyncConnection(ObjectStream[T]):
         :raises anyio.ClosedResourceError: this end was closed.
         """
         self._check_writable()
-        await self._send_frame(memoryview(_dumps(obj)))
+        await self._send_frame(memoryview(dumps(obj)))
 
     async def send_eof(self) -> None:
         """Tell the peer no more messages come (``shutdown(SHUT_WR)`` on a socket).

@@ -41,6 +41,7 @@ from ._pool_job import ABANDONED, DONE, QUEUED, SENT, WITHDRAWN, Job
 from ._pool_map import PoolMap
 from ._pool_worker import RemoteTraceback, serve
 from ._process import TERMINATE_GRACE, AsyncProcess, WorkerExited, start_with_pipe
+from ._wire import dumps
 
 if sys.version_info >= (3, 13):
     from typing import TypeVar
@@ -192,7 +193,7 @@ class Pool:
         self._check_usable()
         done = anyio.Event()
         job = Job(next(self._ids), 1, lambda _: done.set())
-        job.payload = ForkingPickler.dumps((job.id, fn, [args]))
+        job.payload = dumps((job.id, fn, [args]))
         job.fn, job.arglist = fn, [args]
         job.batchable = not kill_on_cancel
         self._enqueue(job)
@@ -268,7 +269,7 @@ class Pool:
     def _new_job(self, fn: Callable[..., object], arglist: list[Any], deliver: Any) -> Job:
         """A job for *arglist*, pickled; raises what pickling raises."""
         job = Job(next(self._ids), len(arglist), deliver)
-        job.payload = ForkingPickler.dumps((job.id, fn, arglist))
+        job.payload = dumps((job.id, fn, arglist))
         job.fn, job.arglist = fn, arglist
         return job
 
@@ -414,9 +415,9 @@ class Pool:
                     payload = job.payload
                 else:
                     arglist = job.arglist[job.offset : job.offset + job.part]
-                    payload = ForkingPickler.dumps((job.id, job.fn, arglist))
+                    payload = dumps((job.id, job.fn, arglist))
             else:
-                payload = ForkingPickler.dumps(("batch", [bytes(job.payload) for job in batch]))
+                payload = dumps(("batch", [bytes(job.payload) for job in batch]))
             started = anyio.current_time()
             try:
                 await slot.conn.send_bytes(payload)

@@ -33,6 +33,8 @@ from multiprocessing.connection import Connection
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
+from ._wire import dumps
+
 __all__ = ("RemoteTraceback", "portable_error", "serve")
 
 #: ``(exception, the worker's formatted traceback)``.
@@ -76,7 +78,7 @@ def _describe(fn: object) -> str:
 def _reply(job_id: int, fn: object, values: list[Any], errors: dict[int, Error] | None) -> Any:
     """The reply's bytes; a result that can't be pickled fails its own call only."""
     try:
-        return ForkingPickler.dumps(("ok", job_id, values, errors))
+        return dumps(("ok", job_id, values, errors))
     except Exception:
         pass
     errors = dict(errors or {})
@@ -84,7 +86,7 @@ def _reply(job_id: int, fn: object, values: list[Any], errors: dict[int, Error] 
         if i in errors:
             continue
         try:
-            ForkingPickler.dumps(value)
+            dumps(value)
         except Exception as why:
             values[i] = None
             error = pickle.PicklingError(
@@ -92,7 +94,7 @@ def _reply(job_id: int, fn: object, values: list[Any], errors: dict[int, Error] 
                 f"sent back from the worker ({type(why).__name__}: {why})"
             )
             errors[i] = (error, "".join(traceback.format_exception(error)))
-    return ForkingPickler.dumps(("ok", job_id, values, errors))
+    return dumps(("ok", job_id, values, errors))
 
 
 def serve(
@@ -121,9 +123,9 @@ def serve(
             initializer(*initargs)
         except Exception as exc:
             error = portable_error(exc, f"the initializer {_describe(initializer)}")
-            conn.send_bytes(ForkingPickler.dumps(("init-failed", error)))
+            conn.send_bytes(dumps(("init-failed", error)))
             return
-    conn.send_bytes(ForkingPickler.dumps(("ready", os.getpid())))
+    conn.send_bytes(dumps(("ready", os.getpid())))
     while True:
         try:
             request = conn.recv_bytes()
@@ -157,7 +159,7 @@ def _handle(conn: Connection, request: bytes) -> None:
 
 def _send_failed(conn: Connection, exc: Exception) -> None:
     error = portable_error(exc, "reading the request")
-    conn.send_bytes(ForkingPickler.dumps(("failed", None, error)))
+    conn.send_bytes(dumps(("failed", None, error)))
 
 
 def _run_job(conn: Connection, job: tuple[int, Callable[..., Any], list[tuple[Any, ...]]]) -> None:

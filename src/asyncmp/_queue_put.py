@@ -36,7 +36,7 @@ from . import _mpinternals
 from ._loop import threadsafe_notifier
 from ._queue_state import QueueState
 from ._threads import THREAD_SLICE, BlockingCall
-from ._wire import encode_header
+from ._wire import dumps, encode_header
 
 if TYPE_CHECKING or sys.platform != "win32":
     from ._fdio import poller, socket_over_dup
@@ -264,7 +264,7 @@ class Putter:
         self.check_readers()
         if self._writes_frames:
             # A SimpleQueue has no feeder thread: its put writes the frame itself.
-            payload = ForkingPickler.dumps(obj)
+            payload = dumps(obj)
             frame = encode_header(len(payload)) + payload
             await self._with_timeout(self._put_frame, frame, timeout)
             return

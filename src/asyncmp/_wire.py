@@ -27,12 +27,15 @@ from __future__ import annotations
 
 import io
 import struct
+from multiprocessing.reduction import ForkingPickler
+from typing import Any
 
 __all__ = (
     "DEFAULT_MAX_MESSAGE_SIZE",
     "LONG_FORM_THRESHOLD",
     "FrameDecoder",
     "WireError",
+    "dumps",
     "encode_header",
     "unpack_short_header",
 )
@@ -58,6 +61,19 @@ _ESCAPE = _SHORT.pack(-1)
 #: ``(length,)`` of a 4-byte header: a payload's length, or -1 (the long form's escape)
 #: or another negative number (invalid). For a reader that has read exactly a header.
 unpack_short_header = _SHORT.unpack
+
+
+def dumps(obj: Any) -> bytes:
+    """Pickle *obj* as ``Connection.send()`` does, into ``bytes``: a message's payload.
+
+    ``ForkingPickler.dumps()`` returns a memoryview exported from a BytesIO. If that view
+    ends up in a reference cycle (an exception's traceback that holds the frames that hold
+    it), Python 3.13's garbage collector finalizes the BytesIO before the view and reports
+    a BufferError. ``getvalue()`` hands over the BytesIO's own buffer, without a copy.
+    """
+    buf = io.BytesIO()
+    ForkingPickler(buf).dump(obj)
+    return buf.getvalue()
 
 
 class WireError(ValueError):
