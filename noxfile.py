@@ -67,7 +67,10 @@ def tests(session: nox.Session) -> None:
     hint_missing_pythons(session)
     session.install(*group("test"), ".")
     junit = session.env_dir / "junit.xml"  # read by .ci/run for its summary
-    session.run("pytest", f"--junitxml={junit}", *session.posargs)
+    # One worker process per core, at most four: the tests must hold on a busy machine
+    # anyway, and they spend most of their time waiting on child processes.
+    parallel = ("-n", "auto", "--maxprocesses", "4")
+    session.run("pytest", *parallel, f"--junitxml={junit}", *session.posargs)
 
 
 @nox.session
