@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import mmap
 import multiprocessing.connection
 import os
 import sys
@@ -115,10 +116,12 @@ def _asyncmp(
     backends: tuple[str, ...],
     what: str,
     fn: Callable[..., Awaitable[Timing]],
+    variant: str = "",
 ) -> list[Contender]:
+    infix = f"-{variant}" if variant else ""
     return [
         Contender(
-            f"{impl.name}-{b}",
+            f"{impl.name}{infix}-{b}",
             f"{impl.name} {what} [{b}]",
             b,
             on(b, partial(fn, impl.cls)),
@@ -362,11 +365,53 @@ def _raw_large(conn: Connection, n: int, size: int) -> Timing:
     return since(t0)
 
 
+def _raw_fresh_large(conn: Connection, n: int, size: int) -> Timing:
+    """The floor of a call that returns new memory: the same reads, each message into
+    fresh pages (an anonymous mapping), which the system zeroes on first touch."""
+    fd = conn.fileno()
+
+    def read_one() -> None:
+        with mmap.mmap(-1, size) as fresh, memoryview(fresh) as view:
+            pos = 0
+            while pos < size:
+                got = os.readv(fd, [view[pos:]])
+                if not got:
+                    raise EOFError("worker closed the connection")
+                pos += got
+
+    read_one()
+    t0 = start_timing()
+    for _ in range(n):
+        read_one()
+    return since(t0)
+
+
+async def _asyncmp_large_into(cls: type[Any], conn: Connection, n: int, size: int) -> Timing:
+    buffer = bytearray(size)
+    async with cls(_dup(conn)) as aconn:
+        recv_bytes_into = aconn.recv_bytes_into
+        await recv_bytes_into(buffer)
+        t0 = start_timing()
+        for _ in range(n):
+            got = await recv_bytes_into(buffer)
+        elapsed = since(t0)
+    _check(got, size)
+    return elapsed
+
+
 def large_contenders(
     backends: tuple[str, ...], impls: tuple[Impl, ...] = DEFAULT_IMPLS
 ) -> list[Contender]:
     found = [
         Contender("sync", "sync conn.recv_bytes()", None, _sync_large, "sync"),
         Contender("raw", "raw os.readv() into a preallocated buffer", None, _raw_large, "raw"),
+        Contender(
+            "raw-fresh", "raw os.readv() into fresh memory each time", None, _raw_fresh_large, "raw"
+        ),
     ]
-    return found + _asyncmp(impls, backends, "recv_bytes()", _asyncmp_large)
+    into = tuple(impl for impl in impls if hasattr(impl.cls, "recv_bytes_into"))
+    return (
+        found
+        + _asyncmp(impls, backends, "recv_bytes()", _asyncmp_large)
+        + _asyncmp(into, backends, "recv_bytes_into() a reused buffer", _asyncmp_large_into, "into")
+    )

@@ -102,7 +102,7 @@ class Target:
     op: str  #: ">=", "<=", or "ref" for a reference value that is no target
     threshold: float
     measured: float | None
-    unit: str = "x"  #: "x" for a ratio, "%" for a percentage, "ms" for milliseconds
+    unit: str = "x"  #: "x" for a ratio, "%" a percentage, "ms" milliseconds, "MiB" memory
 
     @property
     def met(self) -> bool | None:
@@ -142,13 +142,13 @@ def _fmt_ratio(value: float | None) -> str:
 def _fmt_measured(value: float | None, unit: str) -> str:
     if unit == "%":
         return "-" if value is None else f"{value:.2g}%"
-    if unit == "ms":
-        return "-" if value is None else f"{value:.3g} ms"
+    if unit in ("ms", "MiB"):
+        return "-" if value is None else f"{value:.3g} {unit}"
     return _fmt_ratio(value)
 
 
 def _unit(unit: str) -> str:
-    return {"%": "%", "ms": " ms"}.get(unit, "")
+    return {"%": "%", "ms": " ms", "MiB": " MiB"}.get(unit, "")
 
 
 def render_markdown(meta: dict[str, Any], tables: list[Table], targets: list[Target]) -> str:

@@ -4,7 +4,8 @@ Run ``python benchmarks/run.py`` (``nox -s bench`` passes its arguments through)
 
 * ``--quick``: a short run (under 30 s) for a smoke check;
 * ``--backend asyncio,trio`` (or the option repeated): only these event loops;
-* ``--only small,pingpong,large,queue``: only these benchmarks (the default: all four);
+* ``--only small,pingpong,large,queue,latency``: only these benchmarks (the default: all
+  five);
   ``--only pool`` runs the pool benchmarks (5), which are not in the default run.
 
 What is measured, against one forked worker process:
@@ -27,6 +28,9 @@ What is measured, against one forked worker process:
    asyncmp ``get()`` burns while it waits and another process holds the reader lock.
 5. Pools (``--only pool``): ``asyncmp.open_pool`` against ``anyio.to_process``,
    ``ProcessPoolExecutor``, aiomultiprocess and trio-parallel; see ``_pools.py``.
+6. Latency and memory (``latency``): the worst event-loop gap during a 64 MiB receive,
+   how fast a get() cancelled mid-item returns, and what a claimed 1 GiB costs; see
+   ``_latency.py``.
 
 The machine may be shared and noisy, so the contenders of a benchmark run interleaved,
 in a freshly shuffled order every round, and the report gives medians over rounds and
@@ -74,6 +78,7 @@ from _cases import (  # noqa: E402
     pingpong_contenders,
     small_contenders,
 )
+from _latency import latency_tables  # noqa: E402
 from _pools import pool_tables  # noqa: E402
 from _queues import (  # noqa: E402
     QUEUE_ITEM,
@@ -431,7 +436,17 @@ def _targets(tables: list[Table], per_round: list[list[dict[str, float]]]) -> li
                 )
             elif table.id.startswith("large-"):
                 targets.append(Target(table.id, s.key, f"{s.key} / sync", ">=", 1.0, s.ratio))
+                if table.get("raw") is not None:
+                    targets.append(_versus(table, rounds, "raw", s.key, ">=", 0.7))
     return targets
+
+
+def _versus(
+    table: Table, rounds: list[dict[str, float]], base: str, key: str, op: str, goal: float
+) -> Target:
+    """*key* against contender *base*, round by round."""
+    ratio = statistics.median(got[key] / got[base] for got in rounds)
+    return Target(table.id, key, f"{key} / {base}", op, goal, ratio)
 
 
 def _queue_targets(
@@ -493,7 +508,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--only",
         action="append",
         metavar="NAME[,NAME]",
-        help="benchmarks to run: small, pingpong, large, queue (default: these four), pool",
+        help="benchmarks to run: small, pingpong, large, queue, latency (default: these"
+        " five), pool",
     )
     parser.add_argument("--rounds", type=int, help="rounds (default 7, quick 3)")
     parser.add_argument(
@@ -529,7 +545,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("the benchmarks fork a worker: POSIX only")
     available = tuple(b for b in BACKENDS if b != "uvloop" or find_spec("uvloop") is not None)
     backends = _split(args.backend, available, "backend")
-    only = _split(args.only, ("small", "pingpong", "large", "queue", "pool"), "benchmark")
+    only = _split(
+        args.only, ("small", "pingpong", "large", "queue", "latency", "pool"), "benchmark"
+    )
     if not args.only:
         only = tuple(name for name in only if name != "pool")
     rounds = args.rounds or (3 if args.quick else 7)
@@ -578,6 +596,13 @@ def main(argv: list[str] | None = None) -> int:
             )
             tables.append(idle)
             targets += idle_targets
+        if "latency" in only:
+            # Each trial forks its own peer and runs its own event loop.
+            latency, latency_targets = latency_tables(
+                backends, impls, max(1, rounds // 2), rng, bench.log
+            )
+            tables += latency
+            targets += latency_targets
         if "pool" in only:
             # Each trial starts its own pool (and event loop) here, after the others.
             pool_results, pool_targets = pool_tables(

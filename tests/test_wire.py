@@ -9,6 +9,7 @@ with a model computed from the frame offsets.
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import mmap
 import multiprocessing
@@ -29,6 +30,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from asyncmp import _wire
 from asyncmp._wire import (
     BODY_GROWTH_MIN,
     DEFAULT_MAX_MESSAGE_SIZE,
@@ -38,6 +40,8 @@ from asyncmp._wire import (
     WireError,
     encode_header,
 )
+
+from .support.memory import RESIDENT_KNOWN, resident
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -699,7 +703,12 @@ def test_oversized_frame_is_rejected_before_allocation(header: bytes, limit: int
         pytest.param(long_header(2**64 - 1), id="long-2**64-1"),
     ],
 )
-def test_unlimited_huge_frame_holds_only_what_arrived(header: bytes) -> None:
+def test_unlimited_huge_frame_holds_only_what_arrived(
+    monkeypatch: pytest.MonkeyPatch, header: bytes
+) -> None:
+    # The growing buffer; the whole-body one is allocated at once, and costs memory only
+    # once written (test_a_claimed_whole_body_costs_only_what_arrived).
+    monkeypatch.setattr(_wire, "WHOLE_BODY_MIN", 2**64)
     claimed: int = struct.unpack("!i" if len(header) == 4 else "!iQ", header)[-1]
     pieces = [bytes([i % 256]) * 64 for i in range(64)]  # 4 KiB, allocated before tracing
     decoder = FrameDecoder(None)
@@ -759,7 +768,8 @@ def test_body_buffer_and_feed_interleaved_give_the_payload(
     assert decoder.at_boundary
 
 
-def test_body_buffer_grows_only_by_what_arrived() -> None:
+def test_body_buffer_grows_only_by_what_arrived(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_wire, "WHOLE_BODY_MIN", 2**64)
     claimed = 2**40
     decoder = FrameDecoder(None)
     decoder.feed(struct.pack("!iQ", -1, claimed) + b"\x01")
@@ -778,3 +788,148 @@ def test_body_buffer_grows_only_by_what_arrived() -> None:
             break
     assert decoder.buffered == 12 + held
     assert decoder.frame_length() == claimed
+
+
+# --- a body in a caller's buffer, and a whole-body buffer ----------------------------------------
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    size=st.sampled_from([SPILL_THRESHOLD + 1, 300_000, 2_500_000]),
+    whole=st.booleans(),
+    first=st.integers(SPILL_THRESHOLD // 2, 200_000),
+    steps=st.lists(st.tuples(st.booleans(), st.integers(1, 900_000)), max_size=12),
+    give_back_after=st.one_of(st.none(), st.integers(0, 14)),
+    give_back_step=st.integers(1, 3_000_000),
+)
+def test_a_body_adopted_by_a_caller_buffer_arrives_there_or_is_given_back(
+    size: int,
+    whole: bool,
+    first: int,
+    steps: list[tuple[bool, int]],
+    give_back_after: int | None,
+    give_back_step: int,
+) -> None:
+    with pytest.MonkeyPatch.context() as patch:
+        if whole:  # the whole-body buffer, at sizes a test can afford
+            patch.setattr(_wire, "WHOLE_BODY_MIN", 0)
+        _adopt_and_maybe_give_back(size, first, steps, give_back_after, give_back_step)
+
+
+def _adopt_and_maybe_give_back(
+    size: int,
+    first: int,
+    steps: list[tuple[bool, int]],
+    give_back_after: int | None,
+    give_back_step: int,
+) -> None:
+    payload = random.Random(size).randbytes(size)
+    frame = encode_header(size) + payload + encode_header(3) + b"end"
+    first = min(first, 4 + size - SPILL_THRESHOLD - 1)  # a large body, still in progress
+    decoder = FrameDecoder()
+    decoder.feed(frame[:first])
+    pos = first
+    assert decoder.next_frame() is None
+    target = bytearray(size + 7)
+    assert decoder.adopt_body(memoryview(target)[5:])
+    assert not decoder.adopt_body(memoryview(target)[5:])  # once
+    assert decoder.frame_length() == size
+    given_back = False
+    for i, (use_view, n) in enumerate([*steps, *[(False, 1 << 30)] * 2]):
+        if give_back_after == i and not given_back:
+            while not decoder.give_back_body(give_back_step):
+                pass
+            given_back = True
+            target[:] = b"\xff" * len(target)  # the caller's buffer is the caller's again
+        view = decoder.body_buffer(n) if use_view else None
+        if view is None:
+            decoder.feed(frame[pos : pos + n])
+            pos += len(frame[pos : pos + n])
+        else:
+            k = len(view)
+            view[:] = frame[pos : pos + k]
+            pos += k
+            decoder.body_received(k)
+        assert decoder.buffered == pos - (4 + size + 4 if decoder.frame_length() == 3 else 0)
+    if given_back:
+        assert decoder.take_target() is None
+        assert decoder.next_frame() == payload
+    else:
+        assert decoder.next_frame() is None  # the body is the caller's to take
+        assert decoder.take_target() == size
+        assert target[5 : 5 + size] == payload
+    assert decoder.next_frame() == b"end"
+    assert decoder.at_boundary and decoder.buffered == 0
+
+
+def test_a_body_complete_in_a_caller_buffer_can_still_be_given_back() -> None:
+    size = SPILL_THRESHOLD * 3
+    payload = random.Random(1).randbytes(size)
+    decoder = FrameDecoder()
+    decoder.feed(encode_header(size) + payload[:1000])
+    assert decoder.next_frame() is None
+    target = bytearray(size)
+    assert decoder.adopt_body(memoryview(target))
+    decoder.feed(payload[1000:])
+    assert decoder.buffered == 4 + size and not decoder.at_boundary
+    while not decoder.give_back_body(10_000):
+        pass
+    target[:] = bytes(size)
+    assert decoder.take_target() is None
+    assert decoder.next_frame() == payload
+    assert decoder.at_boundary
+
+
+def test_a_body_is_adopted_only_by_a_buffer_that_holds_it() -> None:
+    decoder = FrameDecoder()
+    size = SPILL_THRESHOLD * 2
+    decoder.feed(encode_header(size) + b"x" * 100)
+    assert decoder.next_frame() is None
+    assert not decoder.adopt_body(memoryview(bytearray(size - 1)))
+    small = FrameDecoder()
+    small.feed(encode_header(10) + b"x")
+    assert not small.adopt_body(memoryview(bytearray(100)))  # not a large body
+    assert small.give_back_body(1)  # nothing to give back
+
+
+def test_a_whole_body_buffer_is_handed_over_without_a_copy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_wire, "WHOLE_BODY_MIN", 0)
+    size = 3 * MiB
+    payload = random.Random(2).randbytes(size)
+    decoder = FrameDecoder()
+    decoder.feed(encode_header(size) + payload[:1000])
+    assert decoder.next_frame() is None
+    view = decoder.body_buffer(1 << 30)
+    assert view is not None and len(view) == size - 1000  # all the room at once
+    window = ctypes.c_char.from_buffer(view)
+    address = ctypes.addressof(window)
+    del window  # it holds the view exported
+    view[:] = payload[1000:]
+    decoder.body_received(size - 1000)
+    frame = decoder.next_frame()
+    assert frame == payload
+    # The bytes handed out are the buffer that was written: no copy at the end.
+    assert frame is not None
+    assert ctypes.cast(ctypes.c_char_p(frame), ctypes.c_void_p).value == address - 1000
+
+
+@pytest.mark.skipif(not RESIDENT_KNOWN, reason="no way to read the resident size here")
+@pytest.mark.parametrize("claimed", [64 * MiB, GiB, 2**31 - 1, 2**40])
+def test_a_claimed_whole_body_costs_only_what_arrived(claimed: int) -> None:
+    header = encode_header(claimed)
+    piece = b"\x07" * (256 * KiB)
+    decoder = FrameDecoder(None)
+    before = resident()
+    decoder.feed(header + piece)
+    assert decoder.next_frame() is None
+    for _ in range(3):  # 1 MiB in all, half of it through body_buffer()
+        view = decoder.body_buffer(len(piece) // 2)
+        assert view is not None
+        view[:] = piece[: len(view)]
+        decoder.body_received(len(view))
+        decoder.feed(piece[: len(piece) // 2])
+    grown = resident() - before
+    assert decoder.buffered == len(header) + MiB
+    assert grown < 16 * MiB, f"holding 1 MiB of a {claimed}-byte claim took {grown} bytes"

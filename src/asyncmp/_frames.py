@@ -33,6 +33,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import anyio
+import anyio.lowlevel
 
 from ._exceptions import ConnectionEOF, ProtocolError
 from ._loop import fast_checkpoint, note_turn, turn_if_due
@@ -58,8 +59,8 @@ __all__ = (
 )
 
 #: The most one read moves into the body of a large message (about a millisecond of
-#: copying), so the loop gets its turn in between.
-BODY_READ = 4 << 20
+#: copying, a few where the pages are fresh), so the loop gets its turn in between.
+BODY_READ = 2 << 20
 #: The most an exact reader reads of one big item before the event loop gets a turn.
 READ_BUDGET = 4 << 20
 #: Payloads up to this size go out in one write together with their header.
@@ -171,10 +172,7 @@ class GreedyReader:
         """Refuse the frame in progress, by its header, if it is longer than *maxlength*."""
         if maxlength is None:
             return
-        try:
-            length = self.decoder.frame_length()
-        except WireError as exc:
-            raise ProtocolError(str(exc)) from None
+        length = self._frame_length()
         if length is not None and length > maxlength:
             raise maxlength_exceeded(length, maxlength)
 
@@ -233,6 +231,54 @@ class GreedyReader:
                 await turn_if_due()
                 continue
             await self._wait_readable()
+
+    async def recv_frame_into(self, target: memoryview) -> int | bytes:
+        """Receive one frame into *target* (a writable view of bytes) and return its
+        length. A frame longer than *target* is received whole and returned instead, as
+        ``bytes``: the caller raises ``BufferTooShort`` with it, as the stdlib does.
+
+        A large body is read straight into *target*, with no copy. If cancelled, or
+        stopped by an error, before all of it is there, nothing is lost: what is in
+        *target* is copied back into the decoder (shielded, :data:`BODY_READ` bytes per
+        turn of the loop), the next receive gets the whole frame, and *target* may have
+        been written to. Raises what :meth:`recv_frame` raises.
+        """
+        await fast_checkpoint()
+        decoder = self.decoder
+        adopted = False
+        try:
+            while True:
+                if self._closed:
+                    raise anyio.ClosedResourceError
+                if adopted:
+                    length = decoder.take_target()
+                    if length is not None:
+                        return length
+                else:
+                    length = self._frame_length()
+                    if length is not None and length > len(target):
+                        return await self.recv_frame(None)
+                    frame = self.next_frame()
+                    if frame is not None:
+                        target[: len(frame)] = frame
+                        return len(frame)
+                    adopted = decoder.adopt_body(target)
+                if self.read_once():
+                    await turn_if_due()
+                    continue
+                await self._wait_readable()
+        except BaseException:
+            if adopted:
+                with anyio.CancelScope(shield=True):
+                    while not decoder.give_back_body(BODY_READ):
+                        await anyio.lowlevel.checkpoint()
+            raise
+
+    def _frame_length(self) -> int | None:
+        try:
+            return self.decoder.frame_length()
+        except WireError as exc:
+            raise ProtocolError(str(exc)) from None
 
     async def _wait_readable(self) -> None:
         if self._rwait is None:

@@ -33,6 +33,7 @@ from typing import Any
 __all__ = (
     "DEFAULT_MAX_MESSAGE_SIZE",
     "LONG_FORM_THRESHOLD",
+    "WHOLE_BODY_MIN",
     "FrameDecoder",
     "WireError",
     "dumps",
@@ -55,6 +56,8 @@ BODY_GROWTH_MIN = 1 << 20
 #: ... and at most this: growing (a realloc, zero-filling and first touching the new
 #: pages) by more would hold the event loop for several milliseconds at once.
 BODY_GROWTH_MAX = 2 << 20
+#: A body of at least this many bytes gets its whole buffer at once (see ``_new_body``).
+WHOLE_BODY_MIN = 32 << 20
 
 _ESCAPE = _SHORT.pack(-1)
 
@@ -74,6 +77,33 @@ def dumps(obj: Any) -> bytes:
     buf = io.BytesIO()
     ForkingPickler(buf).dump(obj)
     return buf.getvalue()
+
+
+def _new_body(size: int, first: bytes) -> tuple[io.BytesIO, int]:
+    """A buffer for a large body of *size* bytes that starts with *first*, and its room.
+
+    From :data:`WHOLE_BODY_MIN` bytes on it has room for the whole body at once: a
+    ``bytes(size)`` that a ``BytesIO`` holds alone, so it writes into it and hands it over
+    when it is full, with no growth step and no copy at the end. An allocation that large
+    is mapped fresh from the system (by glibc from 32 MiB on, always; likewise by the
+    macOS and Windows allocators), so its pages cost memory only once written: a peer
+    that claims 1 GiB and sends 1 MiB costs about 1 MiB. Below that size, where the
+    allocator may hand out recycled memory and zero all of it at once, and where the
+    system refuses the claim (:class:`MemoryError`), the buffer grows as bytes arrive
+    (see :meth:`FrameDecoder.body_buffer`).
+    """
+    if size >= WHOLE_BODY_MIN:
+        try:
+            # No name may hold the bytes: with a second reference the BytesIO would copy.
+            body = io.BytesIO(bytes(size))
+        except (MemoryError, OverflowError):
+            pass
+        else:
+            body.write(first)
+            return body, size
+    body = io.BytesIO()
+    body.write(first)
+    return body, len(first)
 
 
 class WireError(ValueError):
@@ -106,12 +136,15 @@ class FrameDecoder:
         "_buf",
         "_capacity",
         "_error",
+        "_given",
         "_held",
         "_limit",
         "_missing",
         "_pos",
         "_spill_header",
         "_spilled",
+        "_target",
+        "_target_done",
     )
 
     def __init__(self, max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE) -> None:
@@ -136,6 +169,11 @@ class FrameDecoder:
         # Header bytes of the spilled frame (in progress or awaiting next_frame()): they
         # were consumed from _buf but still count as received and not handed out.
         self._spill_header = 0
+        # A caller's buffer that takes the large body in progress instead of _body
+        # (adopt_body()); _target_done is the body's length once all of it is there.
+        self._target: memoryview | None = None
+        self._target_done = -1
+        self._given = 0  # bytes of it copied back by give_back_body()
         self._error: WireError | None = None
 
     @property
@@ -146,12 +184,18 @@ class FrameDecoder:
     def buffered(self) -> int:
         """Bytes received and not yet handed out, headers of those frames included."""
         spilled = 0 if self._spilled is None else len(self._spilled)
-        return len(self._buf) - self._pos + self._spill_header + self._held + spilled
+        done = max(self._target_done, 0)
+        return len(self._buf) - self._pos + self._spill_header + self._held + spilled + done
 
     @property
     def at_boundary(self) -> bool:
         """True when no partial frame is held, so an EOF here is a clean one."""
-        return self._body is None and self._spilled is None and self._pos == len(self._buf)
+        return (
+            self._body is None
+            and self._target is None
+            and self._spilled is None
+            and self._pos == len(self._buf)
+        )
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Add bytes that arrived. Keeps a reference to *data* when it is ``bytes``."""
@@ -159,7 +203,7 @@ class FrameDecoder:
             return
         if type(data) is not bytes:
             data = bytes(data)
-        if self._body is not None:
+        if self._missing:  # a large body in progress
             take = self._missing
             if len(data) <= take:
                 self._add_chunk(data)
@@ -173,11 +217,14 @@ class FrameDecoder:
         self._pos = 0
 
     def _add_chunk(self, chunk: bytes) -> None:
-        body = self._body
-        assert body is not None
         self._release_view()
-        body.seek(self._held)
-        body.write(chunk)
+        if self._target is not None:
+            self._target[self._held : self._held + len(chunk)] = chunk
+        else:
+            body = self._body
+            assert body is not None
+            body.seek(self._held)
+            body.write(chunk)
         self._held += len(chunk)
         self._capacity = max(self._capacity, self._held)
         self._missing -= len(chunk)
@@ -188,9 +235,12 @@ class FrameDecoder:
         # getvalue() returns the BytesIO's own buffer, trimmed: no copy. (Joining a
         # list of chunks here would copy the whole body at once, a stall of ~100 ms for
         # 64 MiB.)
-        assert self._body is not None
-        self._spilled = self._body.getvalue()
-        self._body = None
+        if self._target is not None:
+            self._target_done = self._held
+        else:
+            assert self._body is not None
+            self._spilled = self._body.getvalue()
+            self._body = None
         self._held = self._capacity = 0
 
     def _release_view(self) -> None:
@@ -209,6 +259,11 @@ class FrameDecoder:
         by as many as it holds (at least :data:`BODY_GROWTH_MIN`, at most
         :data:`BODY_GROWTH_MAX`), never past the end of the frame.
         """
+        if self._target is not None and self._target_done < 0 and max_bytes > 0:
+            self._release_view()
+            held = self._held
+            self._body_view = view = self._target[held : held + min(max_bytes, self._missing)]
+            return view
         body = self._body
         if body is None or max_bytes <= 0:
             return None
@@ -249,6 +304,74 @@ class FrameDecoder:
         if self._missing == 0:
             self._complete_body()
 
+    # -- a caller's buffer for the body ------------------------------------------------
+
+    def adopt_body(self, target: memoryview) -> bool:
+        """Let the large body in progress go on in *target* (a writable byte view at least
+        as long as the body), for a reader that fills a caller's buffer: what arrived of
+        it is copied there now, the rest is written there by :meth:`feed` and through
+        :meth:`body_buffer`. Once all of it is there, :meth:`take_target` says so.
+
+        False (and nothing changes) if no large body is in progress or it doesn't fit. A
+        reader that gives up before the body is there calls :meth:`give_back_body`.
+        """
+        body = self._body
+        if body is None or self._held + self._missing > len(target):
+            return False
+        self._release_view()
+        with body.getbuffer() as buffer:
+            target[: self._held] = buffer[: self._held]
+        self._target = target
+        self._body = None
+        self._capacity = 0
+        return True
+
+    def take_target(self) -> int | None:
+        """The length of the body that :meth:`adopt_body` let go on in a caller's
+        buffer, once all of it is there (the frame is then handed out); else None."""
+        done = self._target_done
+        if done < 0:
+            return None
+        self._target = None
+        self._target_done = -1
+        self._spill_header = 0
+        return done
+
+    def give_back_body(self, max_bytes: int) -> bool:
+        """Copy up to *max_bytes* more of the body from the caller's buffer back into a
+        buffer of the decoder's own; True once the caller's buffer is no longer used (at
+        once if it never was). The frame then goes on, or :meth:`next_frame` hands it
+        out, as if it had never been in the caller's buffer. Call it until it returns
+        True before the caller's buffer is used for anything else.
+        """
+        target = self._target
+        if target is None:
+            return True
+        self._release_view()
+        done = self._target_done
+        have = self._held if done < 0 else done
+        body = self._body
+        if body is None:
+            size = self._held + self._missing if done < 0 else done
+            body, self._capacity = _new_body(size, b"")
+            self._body = body
+            self._given = 0
+        given = self._given
+        step = min(max_bytes, have - given)
+        body.seek(given)
+        body.write(target[given : given + step])
+        self._given = given = given + step
+        self._capacity = max(self._capacity, given)
+        if given < have:
+            return False
+        self._target = None
+        if done >= 0:
+            self._target_done = -1
+            self._spilled = body.getvalue()
+            self._body = None
+            self._capacity = 0
+        return True
+
     def next_frame(self) -> bytes | None:
         """Return the next whole payload, or ``None`` if more bytes are needed.
 
@@ -260,7 +383,7 @@ class FrameDecoder:
             self._spilled = None
             self._spill_header = 0
             return spilled
-        if self._body is not None:
+        if self._body is not None or self._target is not None:
             return None
         buf = self._buf
         pos = self._pos
@@ -286,9 +409,8 @@ class FrameDecoder:
             first = buf[start:]
             self._buf = b""
             self._pos = 0
-            self._body = io.BytesIO()
-            self._body.write(first)
-            self._held = self._capacity = len(first)
+            self._body, self._capacity = _new_body(size, first)
+            self._held = len(first)
             self._missing = missing
             self._spill_header = start - pos
         return None
@@ -318,7 +440,9 @@ class FrameDecoder:
         """The payload length of the frame in progress, once its header has arrived."""
         if self._spilled is not None:
             return len(self._spilled)
-        if self._body is not None:
+        if self._target_done >= 0:
+            return self._target_done
+        if self._body is not None or self._target is not None:
             return self._held + self._missing
         buf = self._buf
         if len(buf) - self._pos < 4:
@@ -332,9 +456,9 @@ class FrameDecoder:
         0 means :meth:`next_frame` will return a payload now. Reading no more than this
         never reads into the next frame.
         """
-        if self._spilled is not None:
+        if self._spilled is not None or self._target_done >= 0:
             return 0
-        if self._body is not None:
+        if self._body is not None or self._target is not None:
             return self._missing
         avail = len(self._buf) - self._pos
         if avail < 4:
