@@ -12,9 +12,10 @@ from anyio.abc import TaskStatus
 __all__ = ("STALL_CPU_BOUND", "STALL_WALL_BOUND", "Heartbeat", "heartbeat")
 
 # Generous bounds; a few ms is the goal. The loop thread's CPU time between two heartbeat
-# ticks is what asyncmp controls: 0.2-8 ms typically here, and up to ~40 ms when growing the
-# body buffer lands on a realloc that copies (and page-faults) tens of MiB at once. Copying
-# and joining a whole 64 MiB message at the end, as an early version did, cost 50-375 ms.
+# ticks is what asyncmp controls: 0.2-4 ms typically here (a 2 MiB read into fresh pages,
+# which the system zeroes as they are first written). Growing a body buffer by realloc, as
+# versions before the whole-size buffer did for 64 MiB, cost up to ~60 ms on a busy machine;
+# copying and joining a whole 64 MiB message at the end, as an early version did, 50-375 ms.
 # Wall-clock gaps also count the time the machine gave to other processes (up to ~300 ms seen
 # on a loaded 2-core machine), so their bound is looser; it catches a call that blocks the
 # loop without using CPU.
