@@ -31,7 +31,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
-from asyncmp import AsyncConnection, AsyncQueue
+from asyncmp import AsyncConnection, AsyncQueue, open_pool
 
 __all__ = (
     "BACKENDS",
@@ -85,13 +85,14 @@ class Impl:
     tag: str
     cls: type[Any]  #: its AsyncConnection
     queue_cls: type[Any] | None = None  #: its AsyncQueue, if it has one
+    open_pool: Any = None  #: its open_pool, if it has one
 
     @property
     def name(self) -> str:
         return f"asyncmp:{self.tag}" if self.tag else "asyncmp"
 
 
-DEFAULT_IMPLS = (Impl("", AsyncConnection, AsyncQueue),)
+DEFAULT_IMPLS = (Impl("", AsyncConnection, AsyncQueue, open_pool),)
 
 
 def load_candidate(tag: str, path: Path) -> Impl:
@@ -108,7 +109,12 @@ def load_candidate(tag: str, path: Path) -> Impl:
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
-    return Impl(tag, module.AsyncConnection, getattr(module, "AsyncQueue", None))
+    return Impl(
+        tag,
+        module.AsyncConnection,
+        getattr(module, "AsyncQueue", None),
+        getattr(module, "open_pool", None),
+    )
 
 
 def _asyncmp(

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import multiprocessing
 import os
 import statistics
 from collections.abc import Awaitable, Callable, Coroutine
@@ -32,7 +33,7 @@ from typing import Any
 
 import anyio
 import anyio.to_process
-from _cases import Timing, since, start_timing
+from _cases import Impl, Timing, since, start_timing
 from _pool_fns import async_identity, async_spin, identity, pid, sleep_for, spin
 from _report import Series, Table, Target
 
@@ -102,8 +103,18 @@ async def _time_calls(
     return since(start)
 
 
-async def _asyncmp_map(n: int, processes: int, fn: Callable[[Any], Any], arg: Any) -> Timing:
-    async with asyncmp.open_pool(processes) as pool:
+def _open_pool(impl: Impl, processes: int) -> Any:
+    """*impl*'s pool. A candidate copy is imported under a private name, which only a
+    forked worker knows: its workers are forked."""
+    if impl.tag:
+        return impl.open_pool(processes, context=multiprocessing.get_context("fork"))
+    return asyncmp.open_pool(processes)
+
+
+async def _asyncmp_map(
+    n: int, impl: Impl, processes: int, fn: Callable[[Any], Any], arg: Any
+) -> Timing:
+    async with _open_pool(impl, processes) as pool:
         async for _ in pool.map(fn, [arg] * (processes * 4)):
             pass
         start = start_timing()
@@ -112,8 +123,8 @@ async def _asyncmp_map(n: int, processes: int, fn: Callable[[Any], Any], arg: An
         return since(start)
 
 
-async def _asyncmp_run(n: int) -> Timing:
-    async with asyncmp.open_pool(2) as pool:
+async def _asyncmp_run(n: int, impl: Impl) -> Timing:
+    async with _open_pool(impl, 2) as pool:
         for i in range(4):
             await pool.run(identity, i)
 
@@ -132,8 +143,8 @@ class WorkerNotKept(Exception):
     pass
 
 
-async def _asyncmp_cancel(_: int) -> Timing:
-    async with asyncmp.open_pool(1) as pool:
+async def _asyncmp_cancel(_: int, impl: Impl) -> Timing:
+    async with _open_pool(impl, 1) as pool:
         before = await pool.run(pid)
         start = start_timing()
         timing = (0.0, 0.0)
@@ -278,7 +289,7 @@ class PoolBench:
     fixed_n: int | None = None
 
 
-def _benches(backends: tuple[str, ...]) -> list[PoolBench]:
+def _benches(backends: tuple[str, ...], impls: tuple[Impl, ...]) -> list[PoolBench]:
     cores = os.cpu_count() or 1
     aiomp = _has("aiomultiprocess")
     trio_parallel = _has("trio_parallel") and "trio" in backends
@@ -289,16 +300,24 @@ def _benches(backends: tuple[str, ...]) -> list[PoolBench]:
     def millis(seconds: float, n: int) -> float:
         return seconds * 1e3
 
-    tiny = [
-        PoolContender(
-            f"asyncmp-{b}",
-            f"asyncmp pool.map ({b})",
-            b,
-            "asyncmp",
-            lambda n, b=b: _run(b, _asyncmp_map, n, 2, identity, 0),
-        )
-        for b in backends
-    ]
+    def ours(
+        what: str, trial: Callable[[str, Impl], Callable[[int], Timing]]
+    ) -> list[PoolContender]:
+        return [
+            PoolContender(
+                f"{impl.name}-{b}",
+                f"{impl.name} {what} ({b})",
+                b,
+                "candidate" if impl.tag else "asyncmp",
+                trial(b, impl),
+            )
+            for b in backends
+            for impl in impls
+        ]
+
+    tiny = ours(
+        "pool.map", lambda b, impl: lambda n: _run(b, _asyncmp_map, n, impl, 2, identity, 0)
+    )
     tiny.append(
         PoolContender(
             "anyio",
@@ -329,16 +348,7 @@ def _benches(backends: tuple[str, ...]) -> list[PoolBench]:
             )
         )
 
-    run = [
-        PoolContender(
-            f"asyncmp-{b}",
-            f"asyncmp pool.run ({b})",
-            b,
-            "asyncmp",
-            lambda n, b=b: _run(b, _asyncmp_run, n),
-        )
-        for b in backends
-    ]
+    run = ours("pool.run", lambda b, impl: lambda n: _run(b, _asyncmp_run, n, impl))
     run.append(
         PoolContender(
             "anyio",
@@ -369,16 +379,9 @@ def _benches(backends: tuple[str, ...]) -> list[PoolBench]:
             )
         )
 
-    cpu = [
-        PoolContender(
-            f"asyncmp-{b}",
-            f"asyncmp pool.map ({b})",
-            b,
-            "asyncmp",
-            lambda n, b=b: _run(b, _asyncmp_map, n, cores, spin, CPU_TASK),
-        )
-        for b in backends
-    ]
+    cpu = ours(
+        "pool.map", lambda b, impl: lambda n: _run(b, _asyncmp_map, n, impl, cores, spin, CPU_TASK)
+    )
     cpu.append(
         PoolContender(
             "executor",
@@ -399,16 +402,9 @@ def _benches(backends: tuple[str, ...]) -> list[PoolBench]:
             )
         )
 
-    cancel = [
-        PoolContender(
-            f"asyncmp-{b}",
-            f"asyncmp pool.run, worker kept ({b})",
-            b,
-            "asyncmp",
-            lambda n, b=b: _run(b, _asyncmp_cancel, n),
-        )
-        for b in backends
-    ]
+    cancel = ours(
+        "pool.run, worker kept", lambda b, impl: lambda n: _run(b, _asyncmp_cancel, n, impl)
+    )
     cancel.append(
         PoolContender(
             "anyio",
@@ -543,6 +539,7 @@ def _benches(backends: tuple[str, ...]) -> list[PoolBench]:
 
 def pool_tables(
     backends: tuple[str, ...],
+    impls: tuple[Impl, ...],
     rounds: int,
     trial_seconds: float,
     rng: Any,
@@ -550,7 +547,7 @@ def pool_tables(
     notes: list[str],
 ) -> tuple[list[Table], list[Target]]:
     """Run the pool benchmarks, interleaved and shuffled round by round."""
-    benches = _benches(backends)
+    benches = _benches(backends, impls)
     sizes: list[dict[str, int]] = []
     for bench in benches:
         log(f"calibrating {bench.table.id}")

@@ -6,6 +6,10 @@ writes, into ``docs/images/`` (the documentation's performance page shows them):
 - ``bench.png``, the summary, made to be read at the page's width: for each scenario, how
   fast asyncmp is on each event loop next to the plain blocking loop (1 on the axis) and
   next to the fastest thread-per-call way, on one logarithmic axis.
+- ``bench-pool.png``, the pools' summary: for each pool benchmark that has an anchor, how
+  fast asyncmp's pool is on each event loop next to that anchor (1 on the axis), next to
+  the other pools that ran, and where the target lies. The channel summary above leaves
+  the pools out: its axis is the plain blocking loop, which a pool has no equivalent of.
 - ``bench/<benchmark id>.png``, one chart per benchmark, a bar per contender: each bar is
   the median over the rounds, the whisker spans the middle half of the rounds (IQR). A
   chart whose values span more than a factor of 30 gets a logarithmic axis, so that the
@@ -39,6 +43,7 @@ HERE = Path(__file__).resolve().parent
 DEFAULT_INPUT = HERE / "results" / "latest.json"
 DEFAULT_OUTPUT_DIR = HERE.parent / "docs" / "images"
 SUMMARY = "bench.png"
+POOL_SUMMARY = "bench-pool.png"
 DETAILS = "bench"  # a directory: one PNG per benchmark, named by its id
 
 #: The documentation's content column is about 730 CSS pixels wide: the charts are drawn
@@ -57,6 +62,14 @@ COLOURS: dict[object, str] = {
     "raw": "#24292f",
     "thread": "#d4731b",
 }
+#: The other pools' markers, by family (the pool benchmarks' anchors sit at 1x).
+PEERS = {
+    "aiomultiprocess": ("P", "#bf8700"),
+    "trio-parallel": ("X", "#1a7f37"),
+    "anyio": ("^", "#d4731b"),
+    "executor": ("v", "#6e7781"),
+}
+TARGET_COLOUR = "#cf222e"
 FALLBACK_COLOUR = "#afb8c1"
 MARKERS = {"asyncio": "o", "uvloop": "s", "trio": "D"}
 LOG_SPAN = 30.0
@@ -128,8 +141,8 @@ def summary_rows(doc: dict[str, Any]) -> Iterator[Row]:
         if t.get("description", "").endswith("/ fastest thread-per-call")
     }
     for bench in doc["benchmarks"]:
-        if bench.get("baseline") is None:
-            continue  # no sync loop to compare with (the idle-CPU probe)
+        if bench.get("baseline") is None or is_pool(bench):
+            continue  # no sync loop to compare with (the idle-CPU probe, the pools)
         results = bench["results"]
         threads = [s for r in results if r["family"] == "thread" if (s := speed(r, bench))]
         methods: dict[str, dict[str, float]] = {}
@@ -157,10 +170,16 @@ def summary_rows(doc: dict[str, Any]) -> Iterator[Row]:
             yield Row(name, by_backend, max(threads) if threads else None, times)
 
 
-def render_summary(doc: dict[str, Any], output: Path) -> None:
+def is_pool(bench: dict[str, Any]) -> bool:
+    return str(bench.get("id", "")).startswith("pool-")
+
+
+def render_summary(doc: dict[str, Any], output: Path) -> bool:
+    """Draw the summary; False (and nothing written) if no benchmark of the run has a
+    sync baseline (a run of the pools only)."""
     rows = list(summary_rows(doc))
     if not rows:
-        raise SystemExit("chart: no benchmark has a sync baseline to compare with")
+        return False
     backends = [b for b in MARKERS if any(b in row.asyncmp for row in rows)]
     # The loops sit a little apart within a row, so that equal speeds don't hide each other.
     offsets = {b: (i - (len(backends) - 1) / 2) * 0.26 for i, b in enumerate(backends)}
@@ -255,6 +274,144 @@ def render_summary(doc: dict[str, Any], output: Path) -> None:
         fontsize=10.5,
     )
     save(fig, output)
+    return True
+
+
+# --- the pools' summary -----------------------------------------------------------------------
+
+
+@dataclass
+class PoolRow:
+    """One pool benchmark, next to its anchor."""
+
+    name: str
+    anchor: str  # the anchor's label
+    asyncmp: dict[str, float]  # backend -> speed relative to the anchor
+    peers: dict[str, float]  # another pool's family -> its speed relative to the anchor
+    target: float | None
+
+
+def pool_rows(doc: dict[str, Any]) -> Iterator[PoolRow]:
+    targets: dict[str, float] = {
+        t["benchmark"]: t["threshold"]
+        for t in doc.get("targets", [])
+        if t.get("op") == ">=" and str(t.get("benchmark", "")).startswith("pool-")
+    }
+    for bench in doc["benchmarks"]:
+        baseline = bench.get("baseline")
+        if not is_pool(bench) or baseline is None:
+            continue  # the cancellation benchmark: times, no anchor
+        ours: dict[str, float] = {}
+        peers: dict[str, float] = {}
+        anchor = baseline
+        for r in bench["results"]:
+            if r["key"] == baseline:
+                anchor = r["label"]
+                continue
+            s = speed(r, bench)
+            if s is None:
+                continue
+            if r["family"] == "asyncmp":
+                ours[r["backend"]] = s
+            elif r["family"] != "candidate":
+                peers[r["family"]] = s
+        if ours:
+            name = textwrap.fill(bench["title"].split(":", 1)[-1].strip(), 34)
+            yield PoolRow(name, anchor, ours, peers, targets.get(bench["id"]))
+
+
+def render_pool_summary(doc: dict[str, Any], output: Path) -> bool:
+    """Draw the pools' summary; False (and nothing written) if the run had no pools."""
+    rows = list(pool_rows(doc))
+    if not rows:
+        return False
+    backends = [b for b in MARKERS if any(b in row.asyncmp for row in rows)]
+    offsets = {b: (i - (len(backends) - 1) / 2) * 0.22 for i, b in enumerate(backends)}
+    fig, ax = plt.subplots(figsize=(WIDTH_INCHES, 1.9 + 0.55 * len(rows)), layout="constrained")
+    values = [v for row in rows for v in row.asyncmp.values()]
+    values += [v for row in rows for v in row.peers.values()]
+    values += [row.target for row in rows if row.target is not None]
+    left, right = min([*values, 0.5]) / 1.6, max([*values, 1.0]) * 1.6
+    ax.set_xscale("log")
+    ax.set_xlim(left, right)
+    ax.set_ylim(len(rows) - 0.5, -0.5)
+    ax.axvline(1.0, color=COLOURS["sync"], linewidth=1.5, zorder=1)
+    peer_handles: dict[str, Line2D] = {}
+    for pos, row in enumerate(rows):
+        if pos:
+            ax.axhline(pos - 0.5, color=GRID, linewidth=0.6, zorder=1)
+        if row.target is not None:
+            ax.plot([row.target] * 2, [pos - 0.4, pos + 0.4], color=TARGET_COLOUR, linewidth=1.2)
+            ax.annotate(
+                f"target {row.target:g}x",
+                (row.target, pos - 0.4),
+                xytext=(3, 0),
+                textcoords="offset points",
+                va="top",
+                fontsize=7.5,
+                color=TARGET_COLOUR,
+            )
+        for family, value in row.peers.items():
+            marker, tint = PEERS.get(family, ("o", FALLBACK_COLOUR))
+            ax.plot(value, pos, marker, color=tint, markersize=7, alpha=0.85, zorder=3)
+            peer_handles.setdefault(
+                family,
+                Line2D([], [], marker=marker, linestyle="", color=tint, markersize=7, label=family),
+            )
+        for backend in backends:
+            if backend in row.asyncmp:
+                ax.plot(
+                    row.asyncmp[backend],
+                    pos + offsets[backend],
+                    MARKERS[backend],
+                    color=COLOURS["asyncmp", backend],
+                    markersize=7,
+                    markeredgecolor="white",
+                    markeredgewidth=0.6,
+                    zorder=4,
+                )
+    ax.set_yticks(range(len(rows)), [row.name for row in rows], fontsize=8.5)
+    ax.tick_params(axis="y", length=0)
+    ticks = [t for t in (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500) if left <= t <= right]
+    ax.set_xticks(ticks, [f"{t:g}x" for t in ticks], fontsize=8.5)
+    ax.minorticks_off()
+    ax.set_xlabel(
+        "speed next to the anchor, 1x (right is faster; log scale)\nanchor: anyio.to_process"
+        " for the tiny tasks, ProcessPoolExecutor for the CPU-bound ones",
+        fontsize=8.5,
+    )
+    for side in ("top", "right", "left"):
+        ax.spines[side].set_visible(False)
+    handles = [
+        Line2D(
+            [],
+            [],
+            marker=MARKERS[b],
+            linestyle="",
+            color=COLOURS["asyncmp", b],
+            markersize=7,
+            label=f"asyncmp, {b}",
+        )
+        for b in backends
+    ]
+    handles += peer_handles.values()
+    handles.append(Line2D([], [], color=COLOURS["sync"], linewidth=1.5, label="anchor (1x)"))
+    fig.legend(
+        handles=handles,
+        loc="outside lower center",
+        ncol=min(len(handles), 4),
+        fontsize=8,
+        frameon=False,
+        handletextpad=0.3,
+        columnspacing=1.0,
+    )
+    fig.suptitle(
+        f"asyncmp's pool next to the other ways to run functions in processes\n"
+        f"{machine(doc.get('meta', {}))}",
+        fontsize=10.5,
+    )
+    save(fig, output)
+    return True
 
 
 # --- one chart per benchmark ------------------------------------------------------------------
@@ -331,8 +488,14 @@ def render(doc: dict[str, Any], output_dir: Path) -> list[Path]:
     benchmarks = doc.get("benchmarks", [])
     if not benchmarks:
         raise SystemExit("chart: the results hold no benchmark")
-    written = [output_dir / SUMMARY]
-    render_summary(doc, written[0])
+    written: list[Path] = []
+    # A summary the run has nothing for is removed: the page must not show an old one.
+    for name, draw in ((SUMMARY, render_summary), (POOL_SUMMARY, render_pool_summary)):
+        path = output_dir / name
+        if draw(doc, path):
+            written.append(path)
+        else:
+            path.unlink(missing_ok=True)
     details = output_dir / DETAILS
     for bench in benchmarks:
         path = details / f"{bench['id']}.png"
@@ -350,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
         "--output-dir",
         type=Path,
         default=DEFAULT_OUTPUT_DIR,
-        help=f"where {SUMMARY} and {DETAILS}/<benchmark id>.png go",
+        help=f"where {SUMMARY}, {POOL_SUMMARY} and {DETAILS}/<benchmark id>.png go",
     )
     args = parser.parse_args(argv)
     try:

@@ -4,9 +4,8 @@ Run ``python benchmarks/run.py`` (``nox -s bench`` passes its arguments through)
 
 * ``--quick``: a short run (under 30 s) for a smoke check;
 * ``--backend asyncio,trio`` (or the option repeated): only these event loops;
-* ``--only small,pingpong,large,queue,latency``: only these benchmarks (the default: all
-  five);
-  ``--only pool`` runs the pool benchmarks (5), which are not in the default run.
+* ``--only small,pingpong,large,queue,latency,pool``: only these benchmarks (the default:
+  all six; a ``--quick`` run leaves the pools out unless asked, to stay under 30 s).
 
 What is measured, against one forked worker process:
 
@@ -26,7 +25,7 @@ What is measured, against one forked worker process:
    ``anyio.to_thread.run_sync(q.get)`` and aioprocessing's ``AioQueue.coro_get()``.
    (c) Fan-in from four producers, asyncmp against the sync loop. (d) The CPU an
    asyncmp ``get()`` burns while it waits and another process holds the reader lock.
-5. Pools (``--only pool``): ``asyncmp.open_pool`` against ``anyio.to_process``,
+5. Pools: ``asyncmp.open_pool`` against ``anyio.to_process``,
    ``ProcessPoolExecutor``, aiomultiprocess and trio-parallel; see ``_pools.py``.
 6. Latency and memory (``latency``): the worst event-loop gap during a 64 MiB receive,
    how fast a get() cancelled mid-item returns, and what a claimed 1 GiB costs; see
@@ -508,8 +507,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--only",
         action="append",
         metavar="NAME[,NAME]",
-        help="benchmarks to run: small, pingpong, large, queue, latency (default: these"
-        " five), pool",
+        help="benchmarks to run: small, pingpong, large, queue, latency, pool (default: all;"
+        " --quick leaves pool out)",
     )
     parser.add_argument("--rounds", type=int, help="rounds (default 7, quick 3)")
     parser.add_argument(
@@ -548,8 +547,8 @@ def main(argv: list[str] | None = None) -> int:
     only = _split(
         args.only, ("small", "pingpong", "large", "queue", "latency", "pool"), "benchmark"
     )
-    if not args.only:
-        only = tuple(name for name in only if name != "pool")
+    if not args.only and args.quick:
+        only = tuple(name for name in only if name != "pool")  # the pools take a minute
     rounds = args.rounds or (3 if args.quick else 7)
     idle_rounds = args.idle_rounds or (1 if args.quick else 2)
     trial_seconds = args.trial_seconds or (0.04 if args.quick else 0.15)
@@ -605,8 +604,9 @@ def main(argv: list[str] | None = None) -> int:
             targets += latency_targets
         if "pool" in only:
             # Each trial starts its own pool (and event loop) here, after the others.
+            pool_impls = tuple(impl for impl in impls if impl.open_pool is not None)
             pool_results, pool_targets = pool_tables(
-                backends, rounds, max(trial_seconds, 0.3), rng, bench.log, bench.notes
+                backends, pool_impls, rounds, max(trial_seconds, 0.3), rng, bench.log, bench.notes
             )
             tables += pool_results
             targets += pool_targets

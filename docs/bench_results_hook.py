@@ -5,9 +5,11 @@ the same run ``docs/images/bench.png`` (the summary) and ``docs/images/bench/<id
 chart per benchmark). Until they exist, the page says how to produce them instead; a strict
 build must not fail for want of a measurement. Where the page says ``<!-- bench-results -->``
 this hook puts the summary chart, then the tables of ``latest.md`` (from its second line: the
-first is its own title), each section with its own chart under its heading. The numbers are
-read from the files at build time and never copied into the page. Each chart is a link to
-itself, so a click shows it at full size.
+first is its own title), each section with its own chart under its heading. Where it says
+``<!-- bench-pool-chart -->`` it puts the pools' summary (``docs/images/bench-pool.png``).
+The numbers are read from the files at build time and never copied into the page. Each chart
+is a link to itself, so a click shows it at full size. A run of some benchmarks only (say
+``--only pool``) has no chart for what it left out: that chart is left out of the page too.
 """
 
 from __future__ import annotations
@@ -17,9 +19,11 @@ from pathlib import Path
 from typing import Any
 
 MARKER = "<!-- bench-results -->"
+POOL_MARKER = "<!-- bench-pool-chart -->"
 TABLE = "benchmarks/results/latest.md"
 RESULTS = "benchmarks/results/latest.json"  # the benchmarks' ids, to name their charts
 SUMMARY = "images/bench.png"  # relative to docs/
+POOL_SUMMARY = "images/bench-pool.png"  # relative to docs/
 DETAILS = "images/bench"  # relative to docs/: <benchmark id>.png
 
 SUMMARY_ALT = (
@@ -33,8 +37,13 @@ that spends a thread per call, where the scenario has one. Click a chart to see 
 size; the tables give every contender's median, spread and CPU time.
 """
 DETAIL_ALT = "A bar per contender: the median, with the middle half of the rounds as a whisker"
+POOL_ALT = (
+    "For each pool benchmark, asyncmp's speed on asyncio, uvloop and trio next to its anchor"
+    " (1x), next to the other pools, and its target"
+)
+POOL_MISSING = "*The latest results have no pool benchmarks: `nox -s bench` runs them.*\n"
 MISSING = """!!! note "No results yet"
-    This build found no benchmark results. Run `nox -s bench` (about a minute and a half), which
+    This build found no benchmark results. Run `nox -s bench` (a few minutes), which
     writes `benchmarks/results/latest.md` and draws the charts in `docs/images/`, then build
     the documentation again.
 """
@@ -48,7 +57,7 @@ def chart(path: str, alt: str) -> str:
 def results(root: Path, docs: Path) -> str:
     doc = json.loads((root / RESULTS).read_text(encoding="utf-8"))
     ids = {bench["title"]: bench["id"] for bench in doc.get("benchmarks", [])}
-    lines = [chart(SUMMARY, SUMMARY_ALT), "", SUMMARY_TEXT]
+    lines = [chart(SUMMARY, SUMMARY_ALT), "", SUMMARY_TEXT] if (docs / SUMMARY).is_file() else []
     for line in (root / TABLE).read_text(encoding="utf-8").splitlines()[1:]:
         if not line.startswith("## "):
             lines.append(line)
@@ -65,5 +74,9 @@ def on_page_markdown(markdown: str, page: Any, config: Any, **kwargs: Any) -> st
         return markdown
     root = Path(config["config_file_path"]).parent
     docs = Path(config["docs_dir"])
-    have = all((root / name).is_file() for name in (TABLE, RESULTS)) and (docs / SUMMARY).is_file()
+    have = all((root / name).is_file() for name in (TABLE, RESULTS))
+    pools = (
+        chart(POOL_SUMMARY, POOL_ALT) + "\n" if (docs / POOL_SUMMARY).is_file() else POOL_MISSING
+    )
+    markdown = markdown.replace(POOL_MARKER, pools if have else "")
     return markdown.replace(MARKER, results(root, docs) if have else MISSING)

@@ -12,6 +12,7 @@ import threading
 from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from contextlib import aclosing, asynccontextmanager
+from functools import partial
 from typing import Any
 
 import anyio
@@ -19,6 +20,7 @@ import pytest
 
 import asyncmp
 from asyncmp import AsyncConnection, Pool
+from asyncmp._pool import _MAX_BATCH
 from tests import pool_workers as w
 from tests.workers import MPContext
 
@@ -170,6 +172,57 @@ async def test_a_crash_among_quick_calls_sent_together_fails_that_call_only() ->
         assert pool.statistics().workers_replaced == 1
 
 
+@pytest.mark.skipif(not hasattr(os, "waitid"), reason="waits for the worker with os.waitid")
+async def test_a_crash_seen_while_sending_quick_calls_ahead_fails_that_call_only() -> None:
+    # While calls are quick, a worker gets the next request while it runs one. Here the
+    # worker dies before that send, with replies to calls it ran still in the pipe: they
+    # must be read, and only the call it was running fails.
+    outcomes: dict[int, object] = {}
+
+    async def call(
+        i: int, fn: Any, *args: Any, alone: bool = False, task_status: anyio.abc.TaskStatus[None]
+    ) -> None:
+        task_status.started()
+        try:
+            outcomes[i] = await pool.run(fn, *args, kill_on_cancel=alone)
+        except asyncmp.WorkerExited as exc:
+            outcomes[i] = ("exited", exc.exitcode)
+
+    async with held_pool(1) as (pool, holds):
+        for i in range(20):  # quick calls: now they travel in full batches, one ahead
+            await pool.run(w.echo, i)
+        async with anyio.create_task_group() as tg:
+            # The worker is busy (with a call sent alone, which leaves the pool's idea of
+            # how long calls take as it is): queue the rest in a known order.
+            await tg.start(partial(call, -1, w.hold, -1, alone=True))
+            await started(holds)
+            # The first batch ends with a held call; the one sent ahead with it runs a
+            # quick call, then ends the worker; a few more stay queued.
+            for i in range(_MAX_BATCH - 1):
+                await tg.start(partial(call, i, w.echo, i))
+            await tg.start(partial(call, 100, w.hold, 100))
+            await tg.start(partial(call, 200, w.echo, 200))
+            await tg.start(partial(call, 300, w.exit_with, 3))
+            for i in range(400, 400 + _MAX_BATCH):
+                await tg.start(partial(call, i, w.echo, i))
+            holds.release()
+            pid = await started(holds)
+            await anyio.wait_all_tasks_blocked()
+            holds.release()
+            # Hold the loop until the worker is gone (without reaping it): the pool then
+            # reads the reply to 100 first, sends the next batch to the dead worker, and
+            # only then finds the reply to 200.
+            try:
+                os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)  # noqa: ASYNC222
+            except ChildProcessError:  # reaped already
+                pass
+        expected: dict[int, object] = {i: i for i in outcomes}
+        expected[300] = ("exited", 3)
+        assert outcomes == expected
+        assert len(outcomes) == 2 * _MAX_BATCH + 3
+        assert pool.statistics().workers_replaced == 1
+
+
 # --- cancellation ----------------------------------------------------------------------
 
 
@@ -230,6 +283,40 @@ async def test_kill_on_cancel_kills_and_replaces_the_worker() -> None:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)  # killed and reaped
         assert pool.statistics().workers_replaced == 1
+
+
+async def test_a_kill_on_cancel_call_waits_for_a_worker_with_nothing_else_to_do() -> None:
+    # Quick calls go to a busy worker ahead of time; a kill_on_cancel call must not:
+    # cancelling it kills its worker, which would end the call running there.
+    held: list[int] = []
+
+    async def call(fn: Any, *args: Any, alone: bool = False) -> None:
+        held.append(await pool.run(fn, *args, kill_on_cancel=alone))
+
+    async def release_then_cancel(scope: anyio.CancelScope) -> None:
+        await anyio.wait_all_tasks_blocked()  # everything is queued
+        holds.release()  # the worker is free: it takes the next calls
+        await started(holds)
+        scope.cancel()
+
+    async with held_pool(1) as (pool, holds):
+        for i in range(20):  # quick calls: now they are sent ahead
+            await pool.run(w.echo, i)
+        async with anyio.create_task_group() as tg:
+            # The worker is busy (with a call sent alone, which leaves the pool's idea of
+            # how long calls take as it is): queue the next ones meanwhile.
+            tg.start_soon(partial(call, w.hold, -1, alone=True))
+            await started(holds)
+            tg.start_soon(call, w.hold, 1)
+            await anyio.wait_all_tasks_blocked()
+            with anyio.CancelScope() as scope:
+                tg.start_soon(release_then_cancel, scope)
+                await pool.run(w.echo, 2, kill_on_cancel=True)
+            assert scope.cancelled_caught
+            holds.release()
+        assert held == [-1, 1]
+        stats = pool.statistics()
+        assert (stats.workers_replaced, stats.calls_queued, stats.calls_running) == (0, 0, 0)
 
 
 async def test_cancelling_1000_calls_at_random_points_loses_and_mixes_nothing() -> None:

@@ -13,6 +13,7 @@ public methods.
 
 from __future__ import annotations
 
+import copyreg
 import multiprocessing.connection
 import multiprocessing.managers
 import multiprocessing.queues
@@ -21,6 +22,7 @@ import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 from . import _platform
@@ -28,6 +30,7 @@ from . import _platform
 __all__ = (
     "QueueParts",
     "feeder_thread",
+    "forking_dispatch_table",
     "hook_feeder_errors",
     "joinable_parts",
     "proxy_connection",
@@ -182,3 +185,32 @@ def simple_queue_ends(q: object) -> tuple[Any, Any] | None:
     if _lock_like(rlock) and _connection_like(reader):
         return rlock, reader
     return None
+
+
+# What forking_dispatch_table() handed out last, and the two tables it was merged from,
+# as they were then.
+_merged: dict[Any, Any] | None = None
+_merged_from: tuple[dict[Any, Any], dict[Any, Any]] = ({}, {})
+
+
+def forking_dispatch_table() -> dict[Any, Any] | None:
+    """The reducers a ``ForkingPickler`` created now would pickle with: ``copyreg``'s
+    dispatch table updated with ``ForkingPickler._extra_reducers`` (connections, sockets,
+    methods, ...), as its ``__init__`` copies them. Set as a ``pickle.Pickler``'s
+    ``dispatch_table``, it pickles exactly as a ``ForkingPickler``, without that copy
+    per pickler: the merged dict is kept while both tables stay equal to what it was
+    made from (a ``register()`` since then makes a new one). Don't change it. ``None``
+    if ``ForkingPickler`` doesn't look as expected (use it then)."""
+    global _merged, _merged_from
+    extra = getattr(ForkingPickler, "_extra_reducers", None)
+    base = getattr(ForkingPickler, "_copyreg_dispatch_table", None)
+    if not _KNOWN or not isinstance(extra, dict) or base is not copyreg.dispatch_table:
+        return None
+    merged = _merged
+    seen_base, seen_extra = _merged_from
+    if merged is None or base != seen_base or extra != seen_extra:
+        merged = dict(base)
+        merged.update(extra)
+        _merged_from = (dict(base), dict(extra))
+        _merged = merged
+    return merged

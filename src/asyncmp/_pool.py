@@ -4,13 +4,24 @@ Each worker is a plain ``multiprocessing`` process running :func:`_pool_worker.s
 with a duplex pipe of its own. In the parent, one task per worker (in the pool's task
 group) owns that pipe: it takes the next call from the pool's queue, sends it, and
 awaits the reply through an :class:`AsyncConnection`, so no thread waits and nothing
-polls. A caller only waits on an ``anyio.Event``.
+polls. A caller only waits on a one-shot wake-up (``anyio.Event``, made cheaper).
+
+While calls are quick, the worker task sends several in one request, and one request
+ahead while the worker runs the one before (a pipeline two deep), so the worker finds
+its next calls waiting. Quickness is judged by the time calls take in the worker, which
+reports it with each reply, not by the round trip.
 
 The invariants that make cancellation lose nothing:
 
-* A worker has at most one request (a :class:`Job`) in flight, and a reply is matched
-  to the job that was sent, by id. A job whose caller went away is marked, never
-  reused: its reply is dropped when it comes, so it can't reach another caller.
+* A worker runs the jobs (:class:`Job`) sent to it in order and answers each in turn;
+  a reply is matched to the first job in flight, by id. A job whose caller went away
+  is marked, never reused: its reply is dropped when it comes, so it can't reach
+  another caller. If the worker dies, the replies it sent are read first: the first
+  job left unanswered is the one it was running, the ones after it go back to the
+  queue.
+* A ``kill_on_cancel`` job is sent only to a worker with nothing in flight, and
+  nothing is sent after it until it is answered: killing that worker ends no other
+  call.
 * A job leaves the queue only in the worker task, with no await between checking that
   it is still wanted and marking it sent. A caller that withdraws a queued job only
   flips its state; the worker task skips it.
@@ -21,8 +32,10 @@ The invariants that make cancellation lose nothing:
 
 from __future__ import annotations
 
+import io
 import multiprocessing
 import os
+import pickle
 import sys
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
@@ -30,6 +43,8 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from itertools import count
 from multiprocessing.reduction import ForkingPickler
+from time import perf_counter
+from types import BuiltinFunctionType, FunctionType
 from typing import Any
 
 import anyio
@@ -37,6 +52,8 @@ from anyio.abc import TaskGroup
 
 from ._connection import AsyncConnection
 from ._exceptions import ConnectionEOF
+from ._loop import new_wakeup
+from ._mpinternals import forking_dispatch_table
 from ._pool_job import ABANDONED, DONE, QUEUED, SENT, WITHDRAWN, Job
 from ._pool_map import PoolMap
 from ._pool_worker import RemoteTraceback, serve
@@ -69,6 +86,27 @@ _EXIT_WAIT = 1.0
 #: together (on average, judging by the calls so far).
 _MAX_BATCH = 32
 _BATCH_SECONDS = 0.002
+#: Requests in flight per worker while calls are quick: the worker finds the next one
+#: waiting when it is done with one. One sent ahead has at most _PIPELINE_BYTES, so it
+#: fits in the pipe's buffer without the worker reading it: the worker task never waits
+#: to send while the worker waits for it to read replies.
+_PIPELINE = 2
+_PIPELINE_BYTES = 4096
+#: The most functions whose pickles a pool keeps (see Pool._request).
+_FN_CACHE = 256
+
+
+class _Request:
+    """A request in flight: how many of its jobs are not answered yet."""
+
+    __slots__ = ("batchable", "calls", "jobs", "seconds", "sent")
+
+    def __init__(self, batch: list[Job], sent: float) -> None:
+        self.jobs = len(batch)
+        self.calls = sum(job.part for job in batch)
+        self.sent = sent
+        self.batchable = batch[0].batchable
+        self.seconds = 0.0  # the time its jobs took in the worker, so far
 
 
 class _Slot:
@@ -145,6 +183,8 @@ class Pool:
         self._queued = self._running = self._done = self._failed = self._replaced = 0
         #: How long a run() call takes in a worker, on average lately; 0 until known.
         self._call_seconds = 0.0
+        #: Plain functions -> their pickles (references to them by name).
+        self._fn_pickles: dict[Callable[..., Any], bytes] = {}
 
     @property
     def processes(self) -> int:
@@ -168,8 +208,9 @@ class Pool:
 
         *fn* and *args* are pickled here, before anything is queued; the result is
         pickled in the worker. Calls wait for a free worker first come, first served.
-        While calls are quick (well under a millisecond), a free worker takes several
-        queued ones at once, to save round trips; they count as running from then on.
+        While calls are quick (well under a millisecond in the worker), a worker takes
+        several queued ones at once, and takes the next ones while it still runs those,
+        to save round trips; they count as running from then on.
 
         If cancelled before a worker took the call, the call is withdrawn and never runs.
         If cancelled once a worker took it, ``run()`` returns at once all the same: by
@@ -191,9 +232,9 @@ class Pool:
             raised, or a worker died before it was ready).
         """
         self._check_usable()
-        done = anyio.Event()
+        done = new_wakeup()
         job = Job(next(self._ids), 1, lambda _: done.set())
-        job.payload = dumps((job.id, fn, [args]))
+        job.payload = self._request(job.id, fn, [args])
         job.fn, job.arglist = fn, [args]
         job.batchable = not kill_on_cancel
         self._enqueue(job)
@@ -269,9 +310,36 @@ class Pool:
     def _new_job(self, fn: Callable[..., object], arglist: list[Any], deliver: Any) -> Job:
         """A job for *arglist*, pickled; raises what pickling raises."""
         job = Job(next(self._ids), len(arglist), deliver)
-        job.payload = dumps((job.id, fn, arglist))
+        job.payload = self._request(job.id, fn, arglist)
         job.fn, job.arglist = fn, arglist
         return job
+
+    def _request(self, job_id: int, fn: Callable[..., object], arglist: list[Any]) -> bytes:
+        """The pickle of a job's request (see ``_pool_worker``); raises what pickling
+        raises.
+
+        A plain function pickles as a reference by name, the same each time: its pickle
+        is made once and sent as bytes, which the worker unpickles. The request itself
+        pickles as a ``ForkingPickler`` would, without making one per call.
+        """
+        if type(fn) is FunctionType or type(fn) is BuiltinFunctionType:
+            ref = self._fn_pickles.get(fn)
+            if ref is None:
+                ref = dumps(fn)
+                if len(self._fn_pickles) >= _FN_CACHE:
+                    self._fn_pickles.clear()
+                self._fn_pickles[fn] = ref
+            request: tuple[Any, ...] = (job_id, ref, arglist)
+        else:
+            request = (job_id, fn, arglist)
+        table = forking_dispatch_table()
+        if table is None:
+            return dumps(request)
+        buf = io.BytesIO()
+        pickler = pickle.Pickler(buf)
+        pickler.dispatch_table = table
+        pickler.dump(request)
+        return buf.getvalue()
 
     def _enqueue(self, job: Job) -> None:
         self._check_usable()
@@ -300,16 +368,18 @@ class Pool:
         and it is still wanted, it goes back to the front of the queue for the rest.
         """
         part = job.part
-        rest = job.left - part  # calls not sent yet, still counted as queued
+        start = job.offset
+        rest = job.size - start - part  # calls not sent yet, still counted as queued
         self._running -= part
         if job.error is not None:
             failed = part + (rest if job.state == SENT else 0)
             self._failed += failed
             self._queued -= rest
         else:
-            start = job.offset
-            failed = sum(1 for i in job.errors or () if start <= i < start + part)
-            self._failed += failed
+            failed = 0
+            if job.errors:
+                failed = sum(1 for i in job.errors if start <= i < start + part)
+                self._failed += failed
             self._done += part - failed
             job.offset += part
             job.part = 0
@@ -392,72 +462,127 @@ class Pool:
         if self._ready >= self._processes:
             self._all_ready.set()
         limit = self._max_tasks_per_child
-        while not slot.doomed and (limit is None or slot.calls < limit):
-            job = await self._next_job()
-            # No await between the check in _next_job() and this: the jobs are ours.
-            quota = None if limit is None else limit - slot.calls
-            batch = self._batch(job, quota)
-            for job in batch:
-                job.state = SENT
-                job.slot = slot
-                job.part = job.left
-                if quota is not None:
-                    # Exactly max_tasks_per_child calls per worker: a bigger job is cut,
-                    # and the rest goes back to the queue when this part is answered.
-                    job.part = min(job.part, quota)
-                    quota -= job.part
-                self._queued -= job.part
-                self._running += job.part
-            slot.jobs.extend(batch)
-            if len(batch) == 1:
-                job = batch[0]
-                if job.part == job.size:
-                    payload = job.payload
+        # The requests in flight, oldest first. The worker answers them in order, job by
+        # job, and slot.jobs holds their jobs in that order.
+        requests: deque[_Request] = deque()
+        in_flight = 0  # calls sent and not answered
+        broken = False  # a send found the worker gone
+        try:
+            while True:
+                # Top up: a first request (waiting for a job if none is queued), then
+                # while calls are quick one more, to run after it (see _batch).
+                quota = None if limit is None else limit - slot.calls - in_flight
+                if not requests:
+                    if slot.doomed or quota == 0:
+                        return
+                    batch = self._batch(await self._next_job(), quota)
+                elif (
+                    len(requests) < _PIPELINE
+                    and requests[-1].batchable
+                    and not slot.doomed
+                    and not broken
+                ):
+                    batch = self._batch(None, quota)
                 else:
-                    arglist = job.arglist[job.offset : job.offset + job.part]
-                    payload = dumps((job.id, job.fn, arglist))
-            else:
-                payload = dumps(("batch", [bytes(job.payload) for job in batch]))
-            started = anyio.current_time()
-            try:
-                await slot.conn.send_bytes(payload)
-                while slot.jobs:
-                    reply = await slot.conn.recv_bytes()
-                    job = slot.jobs.popleft()
-                    job.elapsed += anyio.current_time() - started
-                    slot.calls += job.part
-                    job.read_reply(reply)
-                    self._complete(job)
-            except (ConnectionEOF, anyio.BrokenResourceError):
-                self._worker_died(slot, await slot.exit_code())
-                return
-            if batch[0].batchable:
-                per_call = (anyio.current_time() - started) / len(batch)
-                self._call_seconds = 0.75 * self._call_seconds + 0.25 * per_call
+                    batch = []
+                if batch:
+                    # No await since the jobs were checked (in _next_job or _batch):
+                    # they are ours.
+                    payload = self._take(slot, batch, quota)
+                    request = _Request(batch, perf_counter())
+                    requests.append(request)
+                    in_flight += request.calls
+                    try:
+                        await slot.conn.send_bytes(payload)
+                    except anyio.BrokenResourceError:
+                        # The worker is gone. Its replies to the calls it ran may still
+                        # be in the pipe: read them, up to the EOF, which then says
+                        # which call it was running.
+                        broken = True
+                    continue
+                # Then one reply, to the first job in flight.
+                try:
+                    reply: Any = await slot.conn.recv()
+                except (ConnectionEOF, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    raise
+                except Exception as exc:
+                    reply = exc  # it could not be unpickled: the error of this job
+                job = slot.jobs.popleft()
+                request = requests[0]
+                now = perf_counter()
+                job.elapsed += now - request.sent
+                slot.calls += job.part
+                in_flight -= job.part
+                job.seconds = 0.0
+                job.read_reply(reply)
+                request.seconds += job.seconds
+                self._complete(job)
+                request.jobs -= 1
+                if not request.jobs:
+                    requests.popleft()
+                    if request.batchable:
+                        # Judged by the time in the worker, not the round trip: quick
+                        # calls are sent together however slow the pipe or the loop.
+                        per_call = request.seconds / request.calls
+                        self._call_seconds = 0.75 * self._call_seconds + 0.25 * per_call
+        except (ConnectionEOF, anyio.BrokenResourceError):
+            self._worker_died(slot, await slot.exit_code())
 
-    def _batch(self, first: Job, quota: int | None) -> list[Job]:
-        """*first*, and queued run() calls to send along with it while calls are quick.
+    def _take(self, slot: _Slot, batch: list[Job], quota: int | None) -> bytes:
+        """Mark the jobs of *batch* sent to *slot*; return the request's bytes."""
+        for job in batch:
+            job.state = SENT
+            job.slot = slot
+            job.part = job.left
+            if quota is not None:
+                # Exactly max_tasks_per_child calls per worker: a bigger job is cut, and
+                # the rest goes back to the queue when this part is answered.
+                job.part = min(job.part, quota)
+                quota -= job.part
+            self._queued -= job.part
+            self._running += job.part
+        slot.jobs.extend(batch)
+        if len(batch) > 1:
+            return dumps(("batch", [bytes(job.payload) for job in batch]))
+        job = batch[0]
+        if job.part == job.size:
+            return job.payload  # type: ignore[no-any-return]
+        assert job.fn is not None
+        arglist = job.arglist[job.offset : job.offset + job.part]
+        return self._request(job.id, job.fn, arglist)
+
+    def _batch(self, first: Job | None, quota: int | None) -> list[Job]:
+        """*first*, and queued run() calls to send along with it while calls are quick;
+        or, with *first* ``None``, queued quick run() calls to send to a worker that
+        runs quick ones already, to run after them.
 
         Calls sent together wait for each other in the worker, so this only happens
         while calls take less than ``_BATCH_SECONDS / _MAX_BATCH`` on average, up to
-        ``_MAX_BATCH`` of them; a call with ``kill_on_cancel`` is always sent alone, so
-        killing its worker ends no other call.
+        ``_MAX_BATCH`` of them (a request sent ahead only while they take less than
+        half of ``_BATCH_SECONDS``, and only of at most ``_PIPELINE_BYTES``). A call
+        with ``kill_on_cancel`` is always sent alone to a worker with nothing else to
+        do, so killing its worker ends no other call.
         """
-        batch = [first]
-        if not first.batchable or not self._call_seconds:
+        batch = [] if first is None else [first]
+        if (first is not None and not first.batchable) or not self._call_seconds:
             return batch
         size = min(_MAX_BATCH, int(_BATCH_SECONDS / self._call_seconds))
+        if first is None and size < 2:
+            return batch
         if quota is not None:
             size = min(size, quota)
+        room = _PIPELINE_BYTES if first is None else None
         queue = self._queue
         while len(batch) < size and queue:
             job = queue[0]
             if job.state != QUEUED:
                 queue.popleft()
-            elif job.batchable:
-                batch.append(queue.popleft())
-            else:
+            elif not job.batchable or (room is not None and len(job.payload) > room):
                 break
+            else:
+                batch.append(queue.popleft())
+                if room is not None:
+                    room -= len(job.payload)
         return batch
 
     def _worker_died(self, slot: _Slot, exitcode: int) -> None:

@@ -7,7 +7,6 @@ Shared by the pool (``_pool``), which queues, sends and completes jobs, and the 
 from __future__ import annotations
 
 from collections.abc import Callable
-from multiprocessing.reduction import ForkingPickler
 from typing import TYPE_CHECKING, Any
 
 from ._pool_worker import Error, RemoteTraceback
@@ -43,6 +42,7 @@ class Job:
         "offset",
         "part",
         "payload",
+        "seconds",
         "size",
         "slot",
         "state",
@@ -60,6 +60,8 @@ class Job:
         self.state = QUEUED
         self.slot: _Slot | None = None
         self.elapsed = 0.0  # seconds from send to reply
+        #: Seconds the part in flight took in the worker (from its reply; 0 if it failed).
+        self.seconds = 0.0
         self.values: list[Any] = []
         self.errors: dict[int, Error] | None = None
         #: Set if the whole job failed (the worker died, the pool closed, ...).
@@ -85,17 +87,16 @@ class Job:
             raise exc from RemoteTraceback(text)
         return self.values[i]
 
-    def read_reply(self, reply: bytes) -> None:
-        """Take the worker's reply to the part of this job in flight: its values and
-        the errors of single calls, or the error that ended the whole request."""
-        try:
-            message = ForkingPickler.loads(reply)
-        except Exception as exc:
+    def read_reply(self, message: Any) -> None:
+        """Take the worker's reply to the part of this job in flight (unpickled, or
+        the exception unpickling it raised): its values and the errors of single calls,
+        or the error that ended the whole request."""
+        if isinstance(message, BaseException):
             # The worker replies in the order of the jobs: this reply is this job's.
-            self.error = exc
+            self.error = message
             return
         if message[0] == "ok":
-            _, job_id, values, errors = message
+            _, job_id, values, errors, self.seconds = message
             assert job_id == self.id, (job_id, self.id)
             if self.offset == 0:
                 self.values, self.errors = values, errors

@@ -7,14 +7,16 @@ The conversation over a worker's duplex pipe, every message one pickled frame:
 
 * worker -> parent, once: ``("ready", pid)``, or ``("init-failed", error)`` if the
   initializer raised (the worker then returns).
-* parent -> worker: ``(job_id, fn, [args, ...])``: call ``fn(*args)`` for each entry.
+* parent -> worker: ``(job_id, fn, [args, ...])``: call ``fn(*args)`` for each entry;
+  *fn* may also come as ``bytes``, its own pickle (a plain function, by reference).
   A chunk of :meth:`Pool.map` items and a single :meth:`Pool.run` call look the same.
   Or ``("batch", [request_bytes, ...])``: several such jobs, pickled one by one, run in
   that order, each answered as soon as it is done.
-* worker -> parent: ``("ok", job_id, values, errors)``: ``values[i]`` is the i-th
-  result, ``errors`` is ``None`` or maps the index of each call that failed to its
-  error; or ``("failed", None, error)`` if the request itself could not be read. The
-  replies come in the order of the jobs.
+* worker -> parent: ``("ok", job_id, values, errors, seconds)``: ``values[i]`` is the
+  i-th result, ``errors`` is ``None`` or maps the index of each call that failed to its
+  error, ``seconds`` is how long the job took here (the pool judges by it whether calls
+  are quick enough to send together); or ``("failed", None, error)`` if the request
+  itself could not be read. The replies come in the order of the jobs.
 * parent closes its end: the stop request. The worker sees EOF once its current call
   has returned, and returns.
 
@@ -31,6 +33,7 @@ import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 from multiprocessing.reduction import ForkingPickler
+from time import perf_counter
 from typing import Any
 
 from ._wire import dumps
@@ -75,10 +78,12 @@ def _describe(fn: object) -> str:
     return getattr(fn, "__qualname__", None) or repr(fn)
 
 
-def _reply(job_id: int, fn: object, values: list[Any], errors: dict[int, Error] | None) -> Any:
+def _reply(
+    job_id: int, fn: object, values: list[Any], errors: dict[int, Error] | None, seconds: float
+) -> Any:
     """The reply's bytes; a result that can't be pickled fails its own call only."""
     try:
-        return dumps(("ok", job_id, values, errors))
+        return dumps(("ok", job_id, values, errors, seconds))
     except Exception:
         pass
     errors = dict(errors or {})
@@ -94,7 +99,7 @@ def _reply(job_id: int, fn: object, values: list[Any], errors: dict[int, Error] 
                 f"sent back from the worker ({type(why).__name__}: {why})"
             )
             errors[i] = (error, "".join(traceback.format_exception(error)))
-    return dumps(("ok", job_id, values, errors))
+    return dumps(("ok", job_id, values, errors, seconds))
 
 
 def serve(
@@ -162,8 +167,20 @@ def _send_failed(conn: Connection, exc: Exception) -> None:
     conn.send_bytes(dumps(("failed", None, error)))
 
 
-def _run_job(conn: Connection, job: tuple[int, Callable[..., Any], list[tuple[Any, ...]]]) -> None:
-    job_id, fn, arglist = job
+def _run_job(
+    conn: Connection, job: tuple[int, Callable[..., Any] | bytes, list[tuple[Any, ...]]]
+) -> None:
+    start = perf_counter()
+    job_id, fn_or_pickle, arglist = job
+    fn: Callable[..., Any]
+    if isinstance(fn_or_pickle, bytes):
+        try:
+            fn = ForkingPickler.loads(fn_or_pickle)
+        except Exception as exc:
+            _send_failed(conn, exc)  # as if the whole request could not be read
+            return
+    else:
+        fn = fn_or_pickle
     values: list[Any] = []
     errors: dict[int, Error] | None = None
     for i, args in enumerate(arglist):
@@ -174,4 +191,5 @@ def _run_job(conn: Connection, job: tuple[int, Callable[..., Any], list[tuple[An
             if errors is None:
                 errors = {}
             errors[i] = portable_error(exc, _describe(fn))
-    conn.send_bytes(_reply(job_id, fn, values, errors))  # raises OSError if the parent left
+    reply = _reply(job_id, fn, values, errors, perf_counter() - start)
+    conn.send_bytes(reply)  # raises OSError if the parent left
