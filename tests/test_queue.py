@@ -1109,14 +1109,12 @@ async def test_producer_dying_mid_item_breaks_the_get_after_stall_timeout(
             with pytest.raises(anyio.BrokenResourceError, match="mid-item"):
                 with anyio.fail_after(STALL + 1):
                     if cancelled:
-                        # fd route: the part read is shielded, so the cancelled get still
-                        # ends by reporting the broken item once stall_timeout has passed.
-                        # Thread route: the cancelled get returns at once and its thread
-                        # goes on; the next get collects what it ran into.
+                        # The cancelled get returns at once and the rest of the item is
+                        # waited for in the background; the next get collects what that
+                        # ran into once stall_timeout has passed.
                         with anyio.move_on_after(0.05):
                             await aq.get()
-                        if use_threads:
-                            await aq.get()
+                        await aq.get()
                     else:
                         await aq.get()
             elapsed = time.monotonic() - start
@@ -1127,7 +1125,7 @@ async def test_producer_dying_mid_item_breaks_the_get_after_stall_timeout(
             with pytest.raises(anyio.BrokenResourceError):
                 await aq.put("x")
         finally:
-            if use_threads and reader_lock_is_held(q):
+            if reader_lock_is_held(q):
                 # Unblock the thread stuck reading the rest of the item (it holds the lock).
                 os.write(q._writer.fileno(), frame[split:])
 

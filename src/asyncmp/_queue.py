@@ -11,8 +11,8 @@ AsyncQueue plays by the same rules, without a thread per pending ``get``.
   contended, queue for it in the kernel from a kept thread; keep it until the loop's
   next turn; never let it go mid-frame).
 * :mod:`._queue_fdget`: the fd route's gets (POSIX ``Queue``, ``JoinableQueue``,
-  ``SimpleQueue``): the fast path, exact frame reads, a frame finished for a cancelled
-  get kept for the next one.
+  ``SimpleQueue``): the fast path, exact frame reads, the rest of a cancelled get's item
+  read in a kept thread and kept for the next get.
 * :mod:`._queue_threadget`: the thread route's gets (manager proxies, Windows, or on
   request), in a kept thread, with the same guarantees.
 * :mod:`._queue_put`: pickling, the feeder's errors, the no-readers check, the frame
@@ -105,8 +105,8 @@ class AsyncQueue(AsyncResource, Generic[T]):
     :param use_threads: ``None`` picks the route: the fd route for multiprocessing
         queues on POSIX, threads for anything else. ``True`` forces threads.
     :param stall_timeout: how long a ``get`` that has read part of an item waits for
-        the rest before it reports ``anyio.BrokenResourceError`` (the producer died
-        mid-put).
+        the rest (or, once it was cancelled, the thread that reads the rest for it) before
+        it reports ``anyio.BrokenResourceError`` (the producer died mid-put).
     :raises TypeError: *q* is not a queue.
     """
 
@@ -167,10 +167,14 @@ class AsyncQueue(AsyncResource, Generic[T]):
     async def get(self, timeout: float | None = None) -> T:  # noqa: ASYNC109 (the stdlib's name)
         """Remove and return an item, waiting for one if needed.
 
-        If cancelled (a timeout is a cancellation), no item was lost: either none was
-        taken, or the item taken is kept and the next ``get`` on this adapter returns it.
-        (On the thread route the cancelled get's thread stops at its next time slice,
-        within about 50 ms; an item it takes before that is the one kept.)
+        If cancelled (a timeout is a cancellation), it returns at once, and no item was
+        lost: either none was taken, or the item taken is kept and the next ``get`` on this
+        adapter returns it. Cancelled in the middle of an item, it leaves the rest to one
+        of asyncmp's threads, which lets go of the queue's reader lock as soon as the item
+        is whole (each wait for more bytes bounded by ``stall_timeout``); a ``get`` before
+        then waits for the item. (On the thread route the cancelled get's thread stops at
+        its next time slice, within about 50 ms; an item it takes before that is the one
+        kept.)
 
         :raises queue.Empty: no item came within *timeout* seconds.
         :raises anyio.BrokenResourceError: a producer died mid-item (after
@@ -317,13 +321,17 @@ class AsyncQueue(AsyncResource, Generic[T]):
         ``Queue`` it then closes the queue *in this process* and waits, without
         blocking the loop, until the feeder thread has written everything this process
         put (as ``Queue.close()`` plus ``join_thread()``). Other processes keep their
-        handles. Items this adapter took whole but did not hand out are dropped.
+        handles. Items this adapter took whole but did not hand out are dropped, except
+        the item of a cancelled ``get`` that no later ``get`` took (one it left to a thread
+        mid-item, or on the thread route one its thread took), which is put back as below
+        where the queue's pipe can be written (not for a manager's proxy, nor on Windows).
 
         It never lets go of the reader lock in the middle of an item. If a
         ``get_many()`` or ``get_nowait()`` read into an item a producer is still
         writing, it waits for the rest (each wait for more bytes bounded by
         ``stall_timeout``) and puts the item back, whole, at the end of the queue, for
-        the other consumers. If the rest does not come in time, it gives up and lets
+        the other consumers. It waits the same way for the item of a ``get`` cancelled
+        mid-item, and puts that back too. If the rest does not come in time, it gives up and lets
         go of the lock mid-item, as a get does after a producer that stopped mid-item:
         that item is lost, and so is the queue (the next reader elsewhere starts inside
         the item's remaining bytes, if any ever come). Likewise it waits for a

@@ -8,9 +8,11 @@
    is there, the decoder says what the frame still needs, and nothing past it is read,
    because the next frame belongs to whoever takes the lock next. Once the first byte of
    a frame is consumed, the frame must be finished before the lock is let go, or the next
-   reader would start mid-frame. So that part is shielded from cancellation, bounded by
-   ``stall_timeout`` without progress (a producer that died mid-put); a frame finished
-   for a cancelled caller is kept for the next ``get``.
+   reader would start mid-frame. A get waits for the rest, each wait bounded by
+   ``stall_timeout`` without progress (a producer that died mid-put). If it is cancelled
+   meanwhile it returns at once, and a kept thread finishes the frame in the background
+   (the same bound), lets go of the lock as soon as the frame is whole, and leaves the
+   frame for the next ``get`` (or for :meth:`AsyncQueue.aclose` to put back).
 4. Let go of the lock, release the item semaphore (as ``Queue.get`` does), and unpickle
    outside the lock (the facade does).
 """
@@ -24,14 +26,14 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import anyio
-from anyio.lowlevel import cancel_shielded_checkpoint, checkpoint_if_cancelled
+from anyio.lowlevel import checkpoint
 
 from ._frames import ExactReader, stalled
 from ._loop import FairLock, fast_checkpoint
 from ._mpinternals import QueueParts
 from ._queue_rlock import ReaderLock
 from ._queue_state import QueueState
-from ._threads import BlockingCall
+from ._threads import BlockingCall, KeptThread
 
 if TYPE_CHECKING or sys.platform != "win32":
     from ._fdio import FdTransport, ReadinessWaiter, open_transport, poller
@@ -45,8 +47,10 @@ unpickle_frame = pickle.loads
 class FdGetter:
     """The gets of the fd route: raw frames, read exactly, under the reader lock.
 
-    ``kept`` holds frames taken whole but not handed out yet (a cancelled get's, or a
-    ``get_many``'s after one that failed to unpickle), for the next gets.
+    ``kept`` holds frames taken whole but not handed out yet (a ``get_many``'s after one
+    that failed to unpickle), for the next gets. ``_finishing`` is the background read of
+    the frame a cancelled get left half read: while it runs, the reader and the reader
+    lock are its thread's, and the next get waits for its frame (after ``kept``).
     """
 
     uses_threads = False
@@ -66,13 +70,19 @@ class FdGetter:
         self._waiter: ReadinessWaiter | None = None
         #: get() may try take_whole_frame(): open and not broken.
         self.fast = True
+        #: Finishes, in the background, the frame a cancelled get left half read.
+        self._finishing: BlockingCall[bytes] | None = None
+        self._finisher = KeptThread("asyncmp-queue-finish")
 
     def _in_use(self) -> bool:
-        return self.get_lock.locked() or not self.reader.at_boundary
+        finishing = self._finishing is not None
+        return finishing or self.get_lock.locked() or not self.reader.at_boundary
 
     def held(self) -> int:
         """Items taken from the queue that the next gets return first."""
-        return len(self.kept)
+        call = self._finishing  # finished, not collected: the loop may not have heard yet
+        finished = call is not None and call.finished and call.error is None
+        return len(self.kept) + finished
 
     # -- the fast path ------------------------------------------------------------------
 
@@ -120,15 +130,88 @@ class FdGetter:
         """A get ended (its get lock released). The reader lock is kept past a get only
         until the loop's next turn: a deferred release that found this get (or any get)
         in progress left the lock to it; if it ends without reading (cancelled while
-        queued on the get lock, say), the release is due again now."""
-        if self.rlock.held and self.reader.at_boundary:
+        queued on the get lock, say), the release is due again now.
+
+        A get that ended in the middle of a frame (cancelled) leaves the rest of it to a
+        thread, unless another get of this adapter goes on with it now."""
+        if self._finishing is not None or not self.rlock.held:
+            return
+        if self.reader.at_boundary:
             self.rlock.release_soon()
+        elif not self.get_lock.locked() and not self._state.closed:
+            self._finish_in_background()
+
+    def _finish_in_background(self) -> None:
+        """Hand the frame in progress, and the reader lock, to a kept thread that reads
+        the rest (each wait for more bytes bounded by ``stall_timeout``) and lets go of the
+        lock as soon as the frame is whole, or given up on: whether or not this adapter
+        ever gets again, and even if the event loop has ended by then. The frame waits
+        for :meth:`_collect`. Never waits: for a get on its way out of a cancellation."""
+        reader, lock, sem = self.reader, self.rlock.lock, self._sem
+        readable = poller(self._fd, writable=False)
+        stall = self._state.stall_timeout
+
+        def finish(call: BlockingCall[bytes]) -> bytes:
+            try:
+                frame = reader.read_blocking(readable, stall)
+            except BaseException:
+                reader.reset()  # given up on, as a get does: the queue is broken
+                lock.release()
+                raise
+            lock.release()
+            if sem is not None:
+                sem.release()  # as Queue.get does once it has read an item
+            return frame
+
+        call: BlockingCall[bytes] = BlockingCall(
+            finish, name="asyncmp-queue-finish", worker=self._finisher, limited=False
+        )
+        call.start_now()
+        self._finishing = call
+        self._state.calls.add(call)  # aclose() waits for it
+
+    def _collect(self, *, closing: bool = False) -> bool:
+        """Take the background read's outcome once it has finished: its frame goes to
+        ``kept``; a producer that stopped mid-item breaks the queue. Outside a loop too.
+        Once the adapter is closed, only aclose() collects it (*closing*), to put it back.
+        Returns False while the read is still to be collected."""
+        call = self._finishing
+        if call is None:
+            return True
+        if not call.finished or (self._state.closed and not closing):
+            return False
+        self._finishing = None
+        self._state.calls.discard(call)
+        self.rlock.released_elsewhere()
+        try:
+            frame = call.result()
+        except anyio.BrokenResourceError as exc:
+            self.fast = False
+            self._state.broken = str(exc)
+            return True
+        self.kept.append(frame)
+        return True
+
+    async def _await_finishing(self) -> None:
+        """Wait for the background read (if cancelled, it goes on), then collect it.
+
+        :raises anyio.BrokenResourceError: its producer stopped mid-item."""
+        call = self._finishing
+        if call is not None and not call.finished:
+            await call.wait()
+        self._state.check_open()  # closed meanwhile: aclose() puts the item back
+        self._collect()
+        self._state.check_open()
 
     async def get_frame(self) -> bytes:
         """The next frame, waiting for it. Called with the get lock held."""
         await fast_checkpoint()
         if self.kept:
             return self.kept.popleft()
+        if self._finishing is not None:
+            await self._await_finishing()
+            if self.kept:
+                return self.kept.popleft()
         rlock = self.rlock
         reader = self.reader
         while True:
@@ -172,25 +255,19 @@ class FdGetter:
         return None if frame is None else self._took(frame)
 
     async def _finish_frame(self) -> bytes:
-        """Part of a frame is read and the lock is held: finish it, shielded."""
-        frame: bytes | None = None
+        """Part of a frame is read and the lock is held: read the rest as it comes, each
+        wait bounded by ``stall_timeout``. If cancelled, the part read stays in the reader,
+        with the lock, and :meth:`after_get` leaves the rest to a thread."""
         stall_timeout = self._state.stall_timeout
-        with anyio.CancelScope(shield=True):
-            while frame is None:
-                with anyio.move_on_after(stall_timeout):
-                    await self._wait_readable()
-                    frame = self._read_available()
-                    if frame is None:
-                        await cancel_shielded_checkpoint()
-                    continue
-                self._fail(str(stalled(stall_timeout, self.reader.decoder.buffered)))
-        assert frame is not None
-        try:
-            await checkpoint_if_cancelled()
-        except BaseException:
-            self.kept.append(frame)
-            raise
-        return frame
+        while True:
+            with anyio.move_on_after(stall_timeout):
+                await self._wait_readable()
+                frame = self._read_available()
+                if frame is not None:
+                    return frame
+                await checkpoint()  # the read budget is spent: the loop's turn
+                continue
+            self._fail(str(stalled(stall_timeout, self.reader.decoder.buffered)))
 
     async def _wait_readable(self) -> None:
         if self._waiter is None:
@@ -223,9 +300,17 @@ class FdGetter:
         """The next frame if one is here whole now. Outside a running loop too.
 
         :raises queue.Empty: none is, or the reader lock is held elsewhere.
+        :raises anyio.BrokenResourceError: the background read of a cancelled get's item
+            found that its producer stopped mid-item.
         """
         if self.kept:
             return self.kept.popleft()
+        if self._finishing is not None:
+            if not self._collect():
+                raise queue.Empty  # the rest of the item is still to come
+            self._state.check_open()
+            if self.kept:
+                return self.kept.popleft()
         rlock = self.rlock
         if not rlock.held and (self.reader.available() == 0 or not rlock.take_nowait()):
             raise queue.Empty
@@ -243,11 +328,14 @@ class FdGetter:
         reader lock, with one ``FIONREAD`` (never waits)."""
         frames: list[bytes] = []
         kept = self.kept
+        self._collect()
         while kept and len(frames) < limit:
             frames.append(kept.popleft())
         state, rlock, reader = self._state, self.rlock, self.reader
         if len(frames) == limit or state.closed or state.broken is not None:
             return frames
+        if self._finishing is not None:
+            return frames  # the next item is a cancelled get's, still being read
         if self.get_lock.locked() or not reader.at_boundary:
             return frames  # other getters come first / a partial item is the next get's
         if not rlock.held and not rlock.take_nowait():
@@ -277,15 +365,28 @@ class FdGetter:
             self._waiter.close()
 
     def close_threads(self) -> None:
-        """Second step (the calls have returned): end the kept thread."""
-        thread = self.rlock.close()
-        if thread is not None:
-            thread.join()  # its calls have returned: it is on its way out
+        """Second step (the calls have returned): end the kept threads."""
+        for thread in (self.rlock.close(), self._finisher.close()):
+            if thread is not None:
+                thread.join()  # its calls have returned: it is on its way out
 
     async def finish_partial(self) -> bytes | None:
         """Third step: if this adapter holds the reader lock in the middle of a frame (a
         get_many() or get_nowait() read into an item a producer is still writing), finish
-        it in a thread and return it; then let go of the lock (see ``finish_in_thread``)."""
+        it in a thread and return it; then let go of the lock (see ``finish_in_thread``).
+
+        The item a cancelled get left to the background read (finished by now: the calls
+        have returned), which no get took, is returned too, counted in the queue again."""
+        call = self._finishing
+        if call is not None:
+            await call.wait()
+            kept = len(self.kept)
+            self._collect(closing=True)
+            if len(self.kept) == kept:
+                return None  # its producer stopped mid-item: lost, and the queue broken
+            if self._sem is not None:
+                self._sem.acquire(False)  # it goes back: it counts as in the queue again
+            return self.kept.pop()
         if self.reader.at_boundary or not self.rlock.held:
             return None
         frame = await finish_in_thread(self.reader, self._fd, self._state)

@@ -141,6 +141,12 @@ class ReaderLock:
             self.held = False
             self.lock.release()
 
+    def released_elsewhere(self) -> None:
+        """A thread that finished an item for this adapter let go of the lock itself, once
+        the item was whole (:attr:`held` said it was this adapter's meanwhile, so that
+        nothing in the loop let it go, or took it, a second time)."""
+        self.held = False
+
     def item_done(self) -> None:
         """A whole item was read: let go of the lock, at the loop's next turn if contended.
 

@@ -25,6 +25,7 @@ from ._queue_fdget import finish_in_thread, unpickle_frame
 from ._queue_rlock import acquire_blocking
 from ._queue_state import QueueState
 from ._threads import THREAD_SLICE, BlockingCall, KeptThread
+from ._wire import dumps
 
 if TYPE_CHECKING or sys.platform != "win32":
     from ._fdio import FdTransport, open_transport, poller
@@ -241,8 +242,24 @@ class ThreadGetter:
             thread.join()  # its calls have returned: it is on its way out
 
     async def finish_partial(self) -> bytes | None:
-        """Third step: finish a frame a get_nowait() read into, and let go of the lock."""
+        """Third step: finish a frame a get_nowait() read into, and let go of the lock.
+
+        Or return, pickled again, the item that a cancelled get's thread took and no get
+        collected, to be put back (as on the fd route; only a POSIX multiprocessing queue
+        can take it back: elsewhere it is dropped)."""
         reader = self._reader
+        call, self._pending = self._pending, None
+        if reader is not None and call is not None and call.finished and call.error is None:
+            item = call.result()
+            if item is not _STOPPED:
+                try:
+                    payload = dumps(item)
+                except Exception:  # it pickled once, but may not again: dropped
+                    return None
+                assert self._parts is not None
+                if self._parts.sem is not None:
+                    self._parts.sem.acquire(False)  # it counts as in the queue again
+                return payload
         if reader is None or reader.at_boundary:
             return None
         frame = await finish_in_thread(reader, self._fd, self._state)

@@ -180,20 +180,31 @@ class BlockingCall(Generic[T]):
             limiter = thread_limiter()
             await limiter.acquire_on_behalf_of(self)
             self._limiter = limiter
-        self._notify = threadsafe_notifier()
         try:
-            if self._worker is not None:
-                self._worker.submit(self._run)
-                self._submitted = True
-            else:
-                thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-                self._thread = thread
-                thread.start()
+            self._launch()
         except BaseException:
             if limiter is not None:
                 self._limiter = None
                 limiter.release_on_behalf_of(self)
             raise
+
+    def start_now(self) -> None:
+        """Start the thread at once, without awaiting: for a call made with
+        ``limited=False`` by a caller that must not wait (one on its way out of a
+        cancellation). In the event loop's thread only."""
+        if self._limited:
+            raise RuntimeError("only a call made with limited=False starts without waiting")
+        self._launch()
+
+    def _launch(self) -> None:
+        self._notify = threadsafe_notifier()
+        if self._worker is not None:
+            self._worker.submit(self._run)
+            self._submitted = True
+        else:
+            thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+            self._thread = thread
+            thread.start()
 
     def _run(self) -> None:
         try:

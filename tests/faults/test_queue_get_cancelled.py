@@ -7,14 +7,14 @@ and reads those bytes, so it holds the lock in the middle of the item.
 
 Fault: the ``get`` is cancelled there; then the producer writes the rest of the item.
 
-Expected: the cancelled ``get`` returns nothing and raises the cancellation. It finished the
-item under its shield (the descriptor route) or in its thread (the thread route), so the
-reader lock is free again and the item's slot is released: ``qsize()`` counts the item the
-adapter holds, a bounded ``put`` finds room at once, a plain ``get()`` in another process gets
-the next item whole, and the adapter's next ``get`` returns the big item whole.
+Expected: the cancelled ``get`` returns nothing and raises the cancellation, at once. The
+rest of the item is read in one of asyncmp's threads, so once the item is whole the reader
+lock is free again and the item's slot is released: ``qsize()`` counts the item the adapter
+holds, a bounded ``put`` finds room at once, a plain ``get()`` in another process gets the
+next item whole, and the adapter's next ``get`` returns the big item whole.
 
 Lost: nothing. The big item is held by this adapter (its next ``get`` returns it); other
-consumers don't see it, and ``aclose()`` would drop it.
+consumers don't see it, and ``aclose()`` would put it back in the queue.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ async def cancel_get_mid_item(aq: Any) -> tuple[object, Any]:
         assert scope.cancelled_caught
         assert got == []
     assert producer.exitcode == 0
-    # The thread route's get goes on in its thread until the item is whole.
+    # The rest of the item is read in a thread until the item is whole.
     await wait_until(lambda: not asyncmp_threads(), "the get's thread ended")
     await wait_until(lambda: not reader_lock_is_held(q), "the reader lock is free")
     return item, producer

@@ -127,9 +127,10 @@ async def check_receive_cancelled_mid_frame(
       readiness wait returns, and the cancellation lands at that wake-up, before anything
       is read; the new bytes stay unread in the kernel buffer.
 
-    A queue's get cut in the middle of an item finishes it under its shield: the rest of
-    the item is written before the get is awaited, and the item is kept for the next get.
-    Then the rest of the stream arrives: every message whole, in order."""
+    A queue's get cut in the middle of an item returns at once, and the rest of the item is
+    read in the background: it is written right after the cancellation, and the item is
+    kept for the next get. Then the rest of the stream arrives: every message whole, in
+    order."""
     assert channel.encode is not None
     messages = [
         i.to_bytes(4, "big") + bytes([i % 251]) * size for i, size in enumerate(message_sizes)
@@ -149,7 +150,7 @@ async def check_receive_cancelled_mid_frame(
         try:
             with anyio.fail_after(30):
                 for cut, mode in cuts:
-                    if cut < pos:  # a queue's shielded get already took the frame
+                    if cut < pos:  # a queue's cancelled get already took the frame
                         continue
                     await wait_until(
                         lambda: not any(w.is_alive() for w in writers), "the earlier writes ended"
@@ -176,6 +177,15 @@ async def check_receive_cancelled_mid_frame(
                     with after_readiness(cancel_at_wake_up) if inject else nullcontext([]) as fired:
                         async with anyio.create_task_group() as tg:
                             tg.start_soon(receive)
+                            if inject and channel.is_queue:
+                                # A get cut mid-item left the rest of it to a background
+                                # read: the receive takes that item first, and only then
+                                # waits for readiness (the wait hooked here).
+                                whole = bounds.index(pos)
+                                await wait_until(
+                                    lambda n=whole: len(got) == n,  # type: ignore[misc]
+                                    "the receive took every whole item written",
+                                )
                             await settle()
                             if inject:
                                 assert not fired
@@ -197,7 +207,7 @@ async def check_receive_cancelled_mid_frame(
                                 scope.cancel()
                                 pos = cut
                                 if channel.is_queue and pos not in bounds:
-                                    # The get finishes the item under its shield.
+                                    # The rest of the item is read in the background.
                                     end_of_frame = bounds[bisect.bisect(bounds, pos)]
                                     writer = Writer(peer_fd, stream[pos:end_of_frame])
                                     writers.append(writer)
