@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 #: Where Linux keeps POSIX shared memory segments, by name.
 SHM_DIR = "/dev/shm"
-BIG = 256 * 1024
+BIG = 1024 * 1024  # the threshold: the smallest buffer that goes into shared memory
 
 
 class Blob:

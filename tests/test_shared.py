@@ -94,6 +94,33 @@ def test_small_buffers_stay_in_band() -> None:
     assert not segments()
 
 
+def test_buffers_a_pipe_moves_faster_stay_in_band() -> None:
+    # Below about a megabyte a pipe moves the bytes faster than a new segment is made.
+    out = roundtrip(asyncmp.shared(make_blob(512 * 1024)))
+    assert type(out.buf) is bytearray
+    assert not segments()
+
+
+class CountingBuffer(bytearray):
+    """A buffer exporter that records the protocols it is pickled with."""
+
+    protocols: list[int] = []
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        CountingBuffer.protocols.append(protocol)
+        return (CountingBuffer, (bytes(self),))
+
+
+def test_small_buffer_exporters_are_pickled_once_as_without_shared() -> None:
+    # An object exporting a buffer below the threshold (a small numpy array) is pickled
+    # by the outer pickler itself, once: no trial pickling, no nested pickle.
+    CountingBuffer.protocols.clear()
+    out = pickle.loads(pickle.dumps(asyncmp.shared(CountingBuffer(b"abc" * 100)), protocol=2))
+    assert (type(out), bytes(out)) == (CountingBuffer, b"abc" * 100)
+    assert CountingBuffer.protocols == [2]
+    assert not segments()
+
+
 def test_objects_without_buffers_pickle_as_usual() -> None:
     value = {"a": [1, 2, 3], "b": b"x" * 1_000_000}
     assert roundtrip(asyncmp.shared(value)) == value

@@ -6,9 +6,10 @@ Pickling the wrapper
 protocol 5, whatever protocol the outer pickler uses (``Connection.send``, a Queue's
 feeder thread and asyncmp all use ``ForkingPickler``). Every out-of-band buffer
 (``pickle.PickleBuffer``, which numpy arrays and others hand out) of at least
-:data:`SHARED_THRESHOLD` bytes is copied into one POSIX shared memory segment per
-message; smaller ones, and objects without any, stay in the pickle (in-band), so a
-small message costs what plain pickling costs. What the outer pickle carries is the
+:data:`SHARED_THRESHOLD` bytes (1 MiB) is copied into one POSIX shared memory segment
+per message; smaller ones, and objects without any, stay in the pickle (in-band). An
+object that exports a buffer smaller than that (a small numpy array) is handed back to
+the outer pickler as it is, so a small message costs what plain pickling costs. What the outer pickle carries is the
 segment's name, its size, where each buffer lies in it, and the protocol-5 pickle of
 the rest. Unpickling it, anywhere, maps the segment and unpickles the object with those
 buffers, views of the mapping: the object itself, not the wrapper, and nothing copied.
@@ -86,8 +87,11 @@ __all__ = (
 T = TypeVar("T")
 
 #: Out-of-band buffers of at least this many bytes go into shared memory; smaller ones
-#: stay in the pickle.
-SHARED_THRESHOLD = 64 * 1024
+#: stay in the pickle. Making a segment costs a fixed few hundred microseconds (a name,
+#: the resource tracker told twice, a mapping), and its fresh pages cost more per byte
+#: than a pipe: below about a megabyte, pickling through the pipe is as fast or faster
+#: (measured by the benchmarks' large-array section).
+SHARED_THRESHOLD = 1024 * 1024
 #: Every segment's name is this, then 16 hex digits (``/dev/shm/asyncmp-...`` on Linux).
 NAME_PREFIX = "asyncmp-"
 _NAME = re.compile(r"/asyncmp-[0-9a-f]{16}\Z")
@@ -143,7 +147,7 @@ def shared(obj: T) -> T:
     Send the result where you would send *obj*: ``Connection.send``, ``Queue.put``,
     ``SimpleQueue.put``, asyncmp's ``send`` and ``put``, a pool's arguments and results.
     The receiver gets *obj* itself (not a wrapper), its buffers of at least
-    :data:`SHARED_THRESHOLD` bytes (64 KiB) mapped from shared memory, not copied: a
+    :data:`SHARED_THRESHOLD` bytes (1 MiB) mapped from shared memory, not copied: a
     numpy array arrives with ``flags.owndata == False``. Objects that hand pickle no
     out-of-band buffers (``pickle.PickleBuffer``), and smaller buffers, are pickled as
     usual. The segment is freed once the receiver has dropped the last object that uses
@@ -170,6 +174,10 @@ def reduce_shared(obj: Any) -> tuple[Any, ...]:
         raise SharedMemoryError(reason)
     if SHM is None:
         return (_loads, (pickle.dumps(obj, protocol=5),))
+    if _small_exporter(obj):
+        # The outer pickler pickles it, as without shared(): no trial pickling, and no
+        # pickle nested in the pickle.
+        return (_same, (obj,))
     big: list[memoryview] = []
 
     def out_of_band(buffer: pickle.PickleBuffer) -> bool:
@@ -198,6 +206,24 @@ def reduce_shared(obj: Any) -> tuple[Any, ...]:
         for raw in big:
             raw.release()
     return (_rebuild, (name, size, tuple(layout), resource_tracker_id(), data))
+
+
+def _small_exporter(obj: Any) -> bool:
+    """Whether *obj* exports a buffer (a numpy array, bytes...) smaller than the threshold.
+
+    Its pickle then holds no buffer worth a segment (the buffers an object hands pickle
+    are its own memory, or parts of it).
+    """
+    try:
+        view = memoryview(obj)
+    except (TypeError, ValueError, BufferError):  # no buffer, or one memoryview can't show
+        return False
+    with view:
+        return view.nbytes < SHARED_THRESHOLD
+
+
+def _same(obj: T) -> T:
+    return obj
 
 
 def _loads(data: bytes) -> Any:
