@@ -15,7 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from multiprocessing.reduction import ForkingPickler
-from typing import Any
+from typing import Any, ClassVar
 
 import anyio
 import pytest
@@ -104,7 +104,7 @@ def test_buffers_a_pipe_moves_faster_stay_in_band() -> None:
 class CountingBuffer(bytearray):
     """A buffer exporter that records the protocols it is pickled with."""
 
-    protocols: list[int] = []
+    protocols: ClassVar[list[int]] = []
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         CountingBuffer.protocols.append(protocol)

@@ -9,10 +9,11 @@ feeder thread and asyncmp all use ``ForkingPickler``). Every out-of-band buffer
 :data:`SHARED_THRESHOLD` bytes (1 MiB) is copied into one POSIX shared memory segment
 per message; smaller ones, and objects without any, stay in the pickle (in-band). An
 object that exports a buffer smaller than that (a small numpy array) is handed back to
-the outer pickler as it is, so a small message costs what plain pickling costs. What the outer pickle carries is the
-segment's name, its size, where each buffer lies in it, and the protocol-5 pickle of
-the rest. Unpickling it, anywhere, maps the segment and unpickles the object with those
-buffers, views of the mapping: the object itself, not the wrapper, and nothing copied.
+the outer pickler as it is, so a small message costs what plain pickling costs. What
+the outer pickle carries is the segment's name, its size, where each buffer lies in it,
+and the protocol-5 pickle of the rest. Unpickling it, anywhere, maps the segment and
+unpickles the object with those buffers, views of the mapping: the object itself, not
+the wrapper, and nothing copied.
 
 Lifetime: who unlinks a segment
 -------------------------------
