@@ -4,8 +4,9 @@ Run ``python benchmarks/run.py`` (``nox -s bench`` passes its arguments through)
 
 * ``--quick``: a short run (under 30 s) for a smoke check;
 * ``--backend asyncio,trio`` (or the option repeated): only these event loops;
-* ``--only small,pingpong,large,queue``: only these benchmarks (the default: all four);
-  ``--only pool`` runs the pool benchmarks (5), which are not in the default run.
+* ``--only small,pingpong,large,queue,arrays``: only these benchmarks (the default: all
+  five; arrays needs numpy); ``--only pool`` runs the pool benchmarks (5), which are not
+  in the default run.
 
 What is measured, against one forked worker process:
 
@@ -27,6 +28,11 @@ What is measured, against one forked worker process:
    asyncmp ``get()`` burns while it waits and another process holds the reader lock.
 5. Pools (``--only pool``): ``asyncmp.open_pool`` against ``anyio.to_process``,
    ``ProcessPoolExecutor``, aiomultiprocess and trio-parallel; see ``_pools.py``.
+6. Large arrays (``--only arrays``): 256 MiB and 1 GiB numpy arrays (16 and 64 MiB with
+   ``--quick``) from a worker process to the async parent with ``asyncmp.shared()``,
+   against pickling them through the pipe, a raw copy through the pipe and a memcpy; the
+   event loop's worst gap meanwhile; small arrays with and without ``shared()``. See
+   ``_arrays.py``.
 
 The machine may be shared and noisy, so the contenders of a benchmark run interleaved,
 in a freshly shuffled order every round, and the report gives medians over rounds and
@@ -451,7 +457,15 @@ def _queue_targets(
 
 def _versions() -> dict[str, str]:
     found = {"asyncmp": asyncmp.__version__}
-    for name in ("anyio", "trio", "uvloop", "aioprocessing", "aiomultiprocess", "trio-parallel"):
+    for name in (
+        "anyio",
+        "trio",
+        "uvloop",
+        "aioprocessing",
+        "aiomultiprocess",
+        "trio-parallel",
+        "numpy",
+    ):
         try:
             found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -493,7 +507,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--only",
         action="append",
         metavar="NAME[,NAME]",
-        help="benchmarks to run: small, pingpong, large, queue (default: these four), pool",
+        help="benchmarks to run: small, pingpong, large, queue, arrays (default: these five), pool",
     )
     parser.add_argument("--rounds", type=int, help="rounds (default 7, quick 3)")
     parser.add_argument(
@@ -529,9 +543,15 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("the benchmarks fork a worker: POSIX only")
     available = tuple(b for b in BACKENDS if b != "uvloop" or find_spec("uvloop") is not None)
     backends = _split(args.backend, available, "backend")
-    only = _split(args.only, ("small", "pingpong", "large", "queue", "pool"), "benchmark")
+    only = _split(args.only, ("small", "pingpong", "large", "queue", "arrays", "pool"), "benchmark")
     if not args.only:
         only = tuple(name for name in only if name != "pool")
+    notes: list[str] = []
+    if "arrays" in only and find_spec("numpy") is None:
+        only = tuple(name for name in only if name != "arrays")
+        notes.append("the large-array benchmarks (6) need numpy, which is not installed")
+        if not only:
+            raise SystemExit("--only arrays needs numpy (it is in the bench dependency group)")
     rounds = args.rounds or (3 if args.quick else 7)
     idle_rounds = args.idle_rounds or (1 if args.quick else 2)
     trial_seconds = args.trial_seconds or (0.04 if args.quick else 0.15)
@@ -561,16 +581,22 @@ def main(argv: list[str] | None = None) -> int:
     # Every process is forked here, before any event loop or thread has run.
     worker: Worker | None = None
     producers: QueueProducers | None = None
+    arrays: Any = None
     try:
+        if "arrays" in only:  # first: it holds its arrays only once all have forked
+            from _arrays import ArrayWorker
+
+            arrays = ArrayWorker()
         if any(w.transport != "queue" for w in workloads):
             worker = Worker()
         if "queue" in only:
             inherited = worker.parent_ends() if worker is not None else []
             producers = QueueProducers(QUEUE_PRODUCERS, inherited)
         bench = Bench(worker, producers, trial_seconds, progress=not args.quiet)
+        bench.notes += notes
         if worker is not None and "large" in only:
             worker.run(("prepare", LARGE_SIZES))
-        tables, targets = run(workloads, rounds, bench, rng)
+        tables, targets = run(workloads, rounds, bench, rng) if workloads else ([], [])
         if producers is not None:
             bench.log("measuring idle CPU")
             idle, idle_targets = run_idle(
@@ -578,6 +604,14 @@ def main(argv: list[str] | None = None) -> int:
             )
             tables.append(idle)
             targets += idle_targets
+        if arrays is not None:
+            from _arrays import array_tables
+
+            array_results, array_targets = array_tables(
+                arrays, backends, impls, rounds, args.quick, trial_seconds, rng, bench.log
+            )
+            tables += array_results
+            targets += array_targets
         if "pool" in only:
             # Each trial starts its own pool (and event loop) here, after the others.
             pool_results, pool_targets = pool_tables(
@@ -592,6 +626,8 @@ def main(argv: list[str] | None = None) -> int:
             producers.close()
         if worker is not None:
             worker.close()
+        if arrays is not None:
+            arrays.close()
     meta: dict[str, Any] = {
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "platform": f"{platform.system()} {platform.machine()}",
