@@ -143,6 +143,8 @@ def summary_rows(doc: dict[str, Any]) -> Iterator[Row]:
     for bench in doc["benchmarks"]:
         if bench.get("baseline") is None or is_pool(bench):
             continue  # no sync loop to compare with (the idle-CPU probe, the pools)
+        if bench["id"].startswith("arrays-"):
+            continue  # shared() against pickling, not against a sync loop: its own charts
         results = bench["results"]
         threads = [s for r in results if r["family"] == "thread" if (s := speed(r, bench))]
         methods: dict[str, dict[str, float]] = {}

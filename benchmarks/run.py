@@ -4,8 +4,9 @@ Run ``python benchmarks/run.py`` (``nox -s bench`` passes its arguments through)
 
 * ``--quick``: a short run (under 30 s) for a smoke check;
 * ``--backend asyncio,trio`` (or the option repeated): only these event loops;
-* ``--only small,pingpong,large,queue,latency,pool``: only these benchmarks (the default:
-  all six; a ``--quick`` run leaves the pools out unless asked, to stay under 30 s).
+* ``--only small,pingpong,large,queue,latency,arrays,pool``: only these benchmarks (the
+  default: all seven; arrays needs numpy; a ``--quick`` run leaves the pools out unless
+  asked, to stay under 30 s).
 
 What is measured, against one forked worker process:
 
@@ -30,6 +31,11 @@ What is measured, against one forked worker process:
 6. Latency and memory (``latency``): the worst event-loop gap during a 64 MiB receive,
    how fast a get() cancelled mid-item returns, and what a claimed 1 GiB costs; see
    ``_latency.py``.
+7. Large arrays (``--only arrays``): 256 MiB and 1 GiB numpy arrays (16 and 64 MiB with
+   ``--quick``) from a worker process to the async parent with ``asyncmp.shared()``,
+   against pickling them through the pipe, a raw copy through the pipe and a memcpy; the
+   event loop's worst gap meanwhile; small arrays with and without ``shared()``. See
+   ``_arrays.py``.
 
 The machine may be shared and noisy, so the contenders of a benchmark run interleaved,
 in a freshly shuffled order every round, and the report gives medians over rounds and
@@ -465,7 +471,15 @@ def _queue_targets(
 
 def _versions() -> dict[str, str]:
     found = {"asyncmp": asyncmp.__version__}
-    for name in ("anyio", "trio", "uvloop", "aioprocessing", "aiomultiprocess", "trio-parallel"):
+    for name in (
+        "anyio",
+        "trio",
+        "uvloop",
+        "aioprocessing",
+        "aiomultiprocess",
+        "trio-parallel",
+        "numpy",
+    ):
         try:
             found[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
@@ -507,8 +521,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--only",
         action="append",
         metavar="NAME[,NAME]",
-        help="benchmarks to run: small, pingpong, large, queue, latency, pool (default: all;"
-        " --quick leaves pool out)",
+        help="benchmarks to run: small, pingpong, large, queue, latency, arrays, pool (default:"
+        " all; --quick leaves pool out)",
     )
     parser.add_argument("--rounds", type=int, help="rounds (default 7, quick 3)")
     parser.add_argument(
@@ -545,10 +559,18 @@ def main(argv: list[str] | None = None) -> int:
     available = tuple(b for b in BACKENDS if b != "uvloop" or find_spec("uvloop") is not None)
     backends = _split(args.backend, available, "backend")
     only = _split(
-        args.only, ("small", "pingpong", "large", "queue", "latency", "pool"), "benchmark"
+        args.only,
+        ("small", "pingpong", "large", "queue", "latency", "arrays", "pool"),
+        "benchmark",
     )
     if not args.only and args.quick:
         only = tuple(name for name in only if name != "pool")  # the pools take a minute
+    notes: list[str] = []
+    if "arrays" in only and find_spec("numpy") is None:
+        only = tuple(name for name in only if name != "arrays")
+        notes.append("the large-array benchmarks (7) need numpy, which is not installed")
+        if not only:
+            raise SystemExit("--only arrays needs numpy (it is in the bench dependency group)")
     rounds = args.rounds or (3 if args.quick else 7)
     idle_rounds = args.idle_rounds or (1 if args.quick else 2)
     trial_seconds = args.trial_seconds or (0.04 if args.quick else 0.15)
@@ -578,16 +600,22 @@ def main(argv: list[str] | None = None) -> int:
     # Every process is forked here, before any event loop or thread has run.
     worker: Worker | None = None
     producers: QueueProducers | None = None
+    arrays: Any = None
     try:
+        if "arrays" in only:  # first: it holds its arrays only once all have forked
+            from _arrays import ArrayWorker
+
+            arrays = ArrayWorker()
         if any(w.transport != "queue" for w in workloads):
             worker = Worker()
         if "queue" in only:
             inherited = worker.parent_ends() if worker is not None else []
             producers = QueueProducers(QUEUE_PRODUCERS, inherited)
         bench = Bench(worker, producers, trial_seconds, progress=not args.quiet)
+        bench.notes += notes
         if worker is not None and "large" in only:
             worker.run(("prepare", LARGE_SIZES))
-        tables, targets = run(workloads, rounds, bench, rng)
+        tables, targets = run(workloads, rounds, bench, rng) if workloads else ([], [])
         if producers is not None:
             bench.log("measuring idle CPU")
             idle, idle_targets = run_idle(
@@ -602,6 +630,14 @@ def main(argv: list[str] | None = None) -> int:
             )
             tables += latency
             targets += latency_targets
+        if arrays is not None:
+            from _arrays import array_tables
+
+            array_results, array_targets = array_tables(
+                arrays, backends, impls, rounds, args.quick, trial_seconds, rng, bench.log
+            )
+            tables += array_results
+            targets += array_targets
         if "pool" in only:
             # Each trial starts its own pool (and event loop) here, after the others.
             pool_impls = tuple(impl for impl in impls if impl.open_pool is not None)
@@ -617,6 +653,8 @@ def main(argv: list[str] | None = None) -> int:
             producers.close()
         if worker is not None:
             worker.close()
+        if arrays is not None:
+            arrays.close()
     meta: dict[str, Any] = {
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "platform": f"{platform.system()} {platform.machine()}",

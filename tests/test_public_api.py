@@ -15,3 +15,8 @@ def test_every_name_in_all_exists_once() -> None:
     assert len(asyncmp.__all__) == len(set(asyncmp.__all__))
     missing = [name for name in asyncmp.__all__ if not hasattr(asyncmp, name)]
     assert missing == []
+
+
+def test_shared_is_public() -> None:
+    assert "shared" in asyncmp.__all__ and "SharedMemoryError" in asyncmp.__all__
+    assert issubclass(asyncmp.SharedMemoryError, asyncmp.AsyncmpError)

@@ -6,6 +6,7 @@ from ._connection import Pipe as Pipe
 from ._exceptions import AsyncmpError as AsyncmpError
 from ._exceptions import ConnectionEOF as ConnectionEOF
 from ._exceptions import ProtocolError as ProtocolError
+from ._exceptions import SharedMemoryError as SharedMemoryError
 from ._pool import Pool as Pool
 from ._pool import PoolStatistics as PoolStatistics
 from ._pool import open_pool as open_pool
@@ -27,6 +28,7 @@ from ._remote import DEFAULT_HANDSHAKE_TIMEOUT as DEFAULT_HANDSHAKE_TIMEOUT
 from ._remote import AsyncListener as AsyncListener
 from ._remote import connect as connect
 from ._remote import serve as serve
+from ._shared import shared as shared
 from ._wire import DEFAULT_MAX_MESSAGE_SIZE as DEFAULT_MAX_MESSAGE_SIZE
 
 __all__ = (
@@ -50,6 +52,7 @@ __all__ = (
     "ProtocolError",
     "Queue",
     "RemoteTraceback",
+    "SharedMemoryError",
     "SimpleQueue",
     "Worker",
     "WorkerExited",
@@ -58,6 +61,7 @@ __all__ = (
     "open_process",
     "open_worker",
     "serve",
+    "shared",
 )
 
 __version__ = "0.1.0"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import anyio
 
-__all__ = ("AsyncmpError", "ConnectionEOF", "ProtocolError")
+__all__ = ("AsyncmpError", "ConnectionEOF", "ProtocolError", "SharedMemoryError")
 
 
 class AsyncmpError(Exception):
@@ -31,4 +31,15 @@ class ProtocolError(AsyncmpError, anyio.BrokenResourceError):
     Raised for a length header that is negative (other than the ``-1`` escape) or above
     ``max_message_size``, before anything of that size is allocated. The connection is
     broken from then on.
+    """
+
+
+class SharedMemoryError(AsyncmpError):
+    """A :func:`~asyncmp.shared` object could not be sent or rebuilt through shared memory.
+
+    Raised when pickling one finds no room for its segment (``/dev/shm`` full: the
+    cause is the ``OSError`` with ``ENOSPC``), when unpickling one finds its segment
+    gone (received already, or sent from another machine), when a reference is not one
+    asyncmp made (a foreign name, a size larger than the segment), and when one meets a
+    connection to another machine (``connect()``, ``serve()``).
     """

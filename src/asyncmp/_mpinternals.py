@@ -37,6 +37,8 @@ __all__ = (
     "queue_parts",
     "queue_wlock",
     "queue_writer",
+    "resource_tracker_id",
+    "shm_calls",
     "simple_queue_ends",
 )
 
@@ -214,3 +216,37 @@ def forking_dispatch_table() -> dict[Any, Any] | None:
         _merged_from = (dict(base), dict(extra))
         _merged = merged
     return merged
+
+
+# -- shared memory ------------------------------------------------------------------------
+# POSIX shared memory objects by name: ``_posixshmem`` is the C module behind
+# ``multiprocessing.shared_memory`` (absent on Windows); the resource tracker's pipe
+# identifies the tracker that this process reports to.
+
+try:
+    import _posixshmem  # type: ignore[import-not-found]
+except ImportError:  # Windows
+    _posixshmem = None
+
+
+def shm_calls() -> tuple[Callable[[str, int, int], int], Callable[[str], None]] | None:
+    """``(shm_open, shm_unlink)`` where POSIX shared memory exists, else None."""
+    if _posixshmem is None:
+        return None
+    return _posixshmem.shm_open, _posixshmem.shm_unlink
+
+
+def resource_tracker_id() -> tuple[int, int] | None:
+    """The identity of the resource tracker this process reports to (its pipe's device
+    and inode, the same in every process that shares the tracker), or None when this
+    process has none running (it would start one at its first report)."""
+    from multiprocessing import resource_tracker
+
+    fd = getattr(getattr(resource_tracker, "_resource_tracker", None), "_fd", None)
+    if not isinstance(fd, int):
+        return None
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino

@@ -80,6 +80,7 @@ from ._auth import (
 )
 from ._connection import AsyncConnection
 from ._exceptions import ProtocolError
+from ._shared import refusing
 from ._wire import DEFAULT_MAX_MESSAGE_SIZE
 
 if TYPE_CHECKING:
@@ -313,14 +314,38 @@ def _wrap(sock: socket.socket, max_message_size: int | None, trusted: bool) -> A
     sock.setblocking(True)  # what Client() and Listener.accept() hand out
     conn = multiprocessing.connection.Connection(sock.detach())
     try:
-        cls = AsyncConnection if trusted else _BytesOnlyConnection
+        cls = _NetworkConnection if trusted else _BytesOnlyConnection
         return cls(conn, max_message_size=max_message_size)
     except BaseException:
         conn.close()
         raise
 
 
-class _BytesOnlyConnection(AsyncConnection):
+#: Why a shared() object can't cross a connection made by connect() or serve().
+_NO_SHARED_MEMORY = (
+    "shared memory only works between processes on one machine: a shared() object can't "
+    "cross a connection made by connect() or serve(); send the object itself"
+)
+
+
+class _NetworkConnection(AsyncConnection):
+    """A connection to another machine: shared memory references are refused both ways.
+
+    Refused even when the peer is on this machine (a Unix socket): the peer of such a
+    connection is, in general, elsewhere, and a reference that arrives from elsewhere
+    names nothing here (or, worse, a segment meant for somebody else).
+    """
+
+    def _unpickle(self, frame: bytes) -> Any:
+        with refusing(_NO_SHARED_MEMORY):
+            return super()._unpickle(frame)
+
+    def _pickle(self, obj: Any) -> bytes:
+        with refusing(_NO_SHARED_MEMORY):
+            return super()._pickle(obj)
+
+
+class _BytesOnlyConnection(_NetworkConnection):
     """A connection to a peer that is not trusted: bytes only, never a pickle."""
 
     def _refuse(self, method: str) -> NoReturn:

@@ -138,3 +138,14 @@ async def pools() -> None:
             assert_type(text, str)
         pool.map(label, ["one"])  # type: ignore[arg-type]
         assert_type(pool.statistics(), asyncmp.PoolStatistics)
+
+
+async def shared_memory() -> None:
+    # shared() is typed as what it wraps, so typed channels take it.
+    data = bytearray(1 << 20)
+    assert_type(asyncmp.shared(data), bytearray)
+    ints: AsyncConnection[int] = AsyncConnection(multiprocessing.Pipe()[0])
+    await ints.send(asyncmp.shared(1))
+    await ints.send(asyncmp.shared("one"))  # type: ignore[arg-type]
+    error: asyncmp.AsyncmpError = asyncmp.SharedMemoryError("gone")
+    assert isinstance(error, asyncmp.AsyncmpError)

@@ -1,0 +1,190 @@
+"""Child-process targets and helpers for the shared-memory tests (``asyncmp.shared``).
+
+:class:`Blob` stands in for a numpy array (not installed here): it hands pickle
+protocol 5 its buffer out-of-band, as a ``pickle.PickleBuffer``, and is rebuilt around
+whatever buffer the unpickler gives it, so a test can see whether that buffer is a view
+of shared memory (:func:`mapped`) or a copy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+import pickle
+import signal
+import sys
+from typing import TYPE_CHECKING, Any
+
+import asyncmp
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+
+#: Where Linux keeps POSIX shared memory segments, by name.
+SHM_DIR = "/dev/shm"
+BIG = 1024 * 1024  # the threshold: the smallest buffer that goes into shared memory
+
+
+class Blob:
+    """A buffer pickled out-of-band under protocol 5 (and copied under older ones)."""
+
+    def __init__(self, buf: Any, label: str = "") -> None:
+        self.buf = buf
+        self.label = label
+
+    def __reduce_ex__(self, protocol: Any) -> tuple[Any, ...]:
+        if protocol >= 5:
+            return (Blob, (pickle.PickleBuffer(self.buf), self.label))
+        return (Blob, (bytes(self.buf), self.label))
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.buf).hexdigest()
+
+
+def make_blob(size: int = BIG, seed: int = 7) -> Blob:
+    """A blob of *size* bytes whose contents depend on *seed*."""
+    pattern = bytes((seed * 31 + i) % 251 for i in range(251))
+    data = bytearray(pattern * (size // len(pattern) + 1))[:size]
+    return Blob(data, label=f"seed {seed}")
+
+
+def mapped(buf: Any) -> bool:
+    """True if *buf* is a view of a memory mapping (shared memory), not a copy."""
+    return isinstance(buf, memoryview) and isinstance(buf.obj, mmap.mmap)
+
+
+def segments() -> set[str]:
+    """The asyncmp segments that exist now (by name, in ``/dev/shm``)."""
+    return {n for n in os.listdir(SHM_DIR) if n.startswith("asyncmp-")}
+
+
+def mapped_segments() -> set[str]:
+    """asyncmp segments this process has mapped now (unlinked ones included)."""
+    found = set()
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            if "/asyncmp-" in line:
+                found.add("asyncmp-" + line.split("/asyncmp-")[1].split()[0])
+    return found
+
+
+# -- child targets -----------------------------------------------------------------------
+
+
+def send_shared(conn: Connection, size: int, seed: int) -> None:
+    """Send ``shared(make_blob(size, seed))`` on *conn*, then close it."""
+    with conn:
+        conn.send(asyncmp.shared(make_blob(size, seed)))
+
+
+def put_shared(q: Any, size: int, seed: int) -> None:
+    """Put ``shared(make_blob(size, seed))`` on *q* (the feeder thread pickles it)."""
+    q.put(asyncmp.shared(make_blob(size, seed)))
+    close = getattr(q, "close", None)
+    if close is not None:  # a Queue: flush the feeder before the process ends
+        close()
+        q.join_thread()
+
+
+def send_then_wait_to_die(conn: Connection, size: int, seed: int) -> None:
+    """Send a shared blob, say so, then wait to be killed."""
+    conn.send(asyncmp.shared(make_blob(size, seed)))
+    conn.send("sent")
+    signal.pause()
+
+
+def receive_and_report(conn: Connection) -> None:
+    """Receive one message; send back its digest, whether its buffer is mapped, and the
+    segments that still exist by name."""
+    with conn:
+        blob = conn.recv()
+        conn.send((blob.digest(), mapped(blob.buf), sorted(segments())))
+
+
+def receive_and_hold(conn: Connection) -> None:
+    """Receive a shared blob, report that it is mapped, then hold it until killed."""
+    blob = conn.recv()
+    conn.send((blob.digest(), mapped(blob.buf), sorted(mapped_segments())))
+    signal.pause()
+
+
+def forward_from_queue(q: Any, reply: Connection) -> None:
+    """Take one blob with a plain ``get()``; send back its digest and whether it is mapped."""
+    with reply:
+        blob = q.get()
+        reply.send((blob.digest(), mapped(blob.buf)))
+
+
+def blob_digest(blob: Blob) -> tuple[str, bool]:
+    """For a pool: the digest of an argument, and whether it arrived mapped."""
+    return blob.digest(), mapped(blob.buf)
+
+
+def make_shared_blob(size: int, seed: int) -> Blob:
+    """For a pool: a result that travels through shared memory."""
+    return asyncmp.shared(make_blob(size, seed))
+
+
+# A whole program, run with ``python -m tests.shared_workers ...``: workers send shared
+# messages that nobody reads, then it ends; the test checks that nothing is left.
+def _unread_program(start_method: str) -> None:
+    import multiprocessing
+
+    ctx: Any = multiprocessing.get_context(start_method)
+    a, b = ctx.Pipe()
+    q = ctx.Queue()
+    sq = ctx.SimpleQueue()
+    procs = [
+        ctx.Process(target=send_shared, args=(b, BIG, 1)),
+        ctx.Process(target=put_shared, args=(q, BIG, 2)),
+        ctx.Process(target=put_shared, args=(sq, BIG, 3)),
+    ]
+    for p in procs:
+        p.start()
+    b.close()
+    for p in procs:
+        p.join()
+    print(" ".join(sorted(segments())), flush=True)
+    a.close()
+    q.close()
+    q.join_thread()
+
+
+def send_tracker_then_shared(conn: Connection, size: int, seed: int) -> None:
+    """Send the identity of this process's resource tracker, then a shared blob; exit."""
+    from asyncmp._mpinternals import resource_tracker_id
+
+    with conn:
+        blob = asyncmp.shared(make_blob(size, seed))
+        data = pickle.dumps(blob)  # the tracker runs once a segment was registered
+        conn.send(resource_tracker_id())
+        conn.send_bytes(data)
+
+
+# A forked worker sends and exits before its parent, which never used the resource
+# tracker, receives: the worker must report to its parent's tracker (started before the
+# fork), not to one of its own that would unlink the segment when the worker ends.
+def _late_receive_program() -> None:
+    import multiprocessing
+
+    from asyncmp._mpinternals import resource_tracker_id
+
+    ctx: Any = multiprocessing.get_context("fork")
+    r, w = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=send_tracker_then_shared, args=(w, BIG, 4))
+    proc.start()
+    w.close()
+    proc.join()
+    child_tracker = r.recv()
+    blob = pickle.loads(r.recv_bytes())
+    r.close()
+    same = child_tracker is not None and child_tracker == resource_tracker_id()
+    print("same-tracker", same, "mapped", mapped(blob.buf), flush=True)
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "late":
+        _late_receive_program()
+    else:
+        _unread_program(sys.argv[1])

@@ -1,0 +1,462 @@
+"""``asyncmp.shared(obj)``: large buffers through shared memory, mapped on receipt, never leaked.
+
+Every test here is wrapped in a segment check: the asyncmp segments in ``/dev/shm`` after
+the test are the ones that were there before it (plus the leak check of conftest).
+"""
+
+from __future__ import annotations
+
+import errno
+import gc
+import os
+import pickle
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from multiprocessing.reduction import ForkingPickler
+from typing import Any, ClassVar
+
+import anyio
+import pytest
+
+import asyncmp
+from asyncmp import _shared
+
+from .shared_workers import (
+    BIG,
+    Blob,
+    blob_digest,
+    forward_from_queue,
+    make_blob,
+    make_shared_blob,
+    mapped,
+    mapped_segments,
+    put_shared,
+    receive_and_hold,
+    receive_and_report,
+    segments,
+    send_shared,
+    send_then_wait_to_die,
+)
+from .workers import MPContext
+
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="lists segments in /dev/shm and /proc"
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def no_segment_left() -> Iterator[None]:
+    before = segments()
+    yield
+    gc.collect()
+    assert segments() - before == set()
+
+
+def wait_gone(names: set[str], seconds: float = 20.0) -> None:
+    """Wait (a generous no-hang bound) until none of *names* is in /dev/shm."""
+    deadline = time.monotonic() + seconds
+    while names & segments():
+        assert time.monotonic() < deadline, f"left in /dev/shm: {names & segments()}"
+        time.sleep(0.02)
+
+
+def roundtrip(obj: Any) -> Any:
+    return pickle.loads(ForkingPickler.dumps(obj))
+
+
+# -- in one process ------------------------------------------------------------------------
+
+
+def test_large_buffer_arrives_mapped_and_intact() -> None:
+    blob = make_blob()
+    data = ForkingPickler.dumps(asyncmp.shared(blob))
+    assert len(data) < 1024  # the buffer is not in the pickle
+    (name,) = segments() - set()  # the segment exists, by name, until received
+    out = pickle.loads(data)
+    assert type(out) is Blob and out.label == blob.label
+    assert mapped(out.buf) and not out.buf.readonly
+    assert bytes(out.buf) == bytes(blob.buf)
+    # Unlinked on receipt; the mapping lives while the object does.
+    assert name not in segments()
+    assert name in mapped_segments()
+    del out
+    gc.collect()
+    assert name not in mapped_segments()
+
+
+def test_small_buffers_stay_in_band() -> None:
+    out = roundtrip(asyncmp.shared(make_blob(_shared.SHARED_THRESHOLD - 1)))
+    assert type(out.buf) is bytearray
+    assert not segments()
+
+
+def test_buffers_a_pipe_moves_faster_stay_in_band() -> None:
+    # Below about a megabyte a pipe moves the bytes faster than a new segment is made.
+    out = roundtrip(asyncmp.shared(make_blob(512 * 1024)))
+    assert type(out.buf) is bytearray
+    assert not segments()
+
+
+class CountingBuffer(bytearray):
+    """A buffer exporter that records the protocols it is pickled with."""
+
+    protocols: ClassVar[list[int]] = []
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        CountingBuffer.protocols.append(protocol)
+        return (CountingBuffer, (bytes(self),))
+
+
+def test_small_buffer_exporters_are_pickled_once_as_without_shared() -> None:
+    # An object exporting a buffer below the threshold (a small numpy array) is pickled
+    # by the outer pickler itself, once: no trial pickling, no nested pickle.
+    CountingBuffer.protocols.clear()
+    out = pickle.loads(pickle.dumps(asyncmp.shared(CountingBuffer(b"abc" * 100)), protocol=2))
+    assert (type(out), bytes(out)) == (CountingBuffer, b"abc" * 100)
+    assert CountingBuffer.protocols == [2]
+    assert not segments()
+
+
+def test_objects_without_buffers_pickle_as_usual() -> None:
+    value = {"a": [1, 2, 3], "b": b"x" * 1_000_000}
+    assert roundtrip(asyncmp.shared(value)) == value
+    assert not segments()
+
+
+def test_several_buffers_keep_their_order_alignment_and_readonly() -> None:
+    big_ro = Blob(bytes(make_blob(BIG + 3, 1).buf))
+    small = make_blob(100, 2)
+    big_rw = make_blob(BIG, 3)
+    out = roundtrip(asyncmp.shared([big_ro, small, big_rw, "tail"]))
+    assert [bytes(b.buf) for b in out[:3]] == [
+        bytes(big_ro.buf),
+        bytes(small.buf),
+        bytes(big_rw.buf),
+    ]
+    assert out[3] == "tail"
+    assert mapped(out[0].buf) and out[0].buf.readonly
+    assert type(out[1].buf) is bytearray
+    assert mapped(out[2].buf) and not out[2].buf.readonly
+    # Both big buffers share one segment, each at an aligned offset.
+    assert out[0].buf.obj is out[2].buf.obj
+    del out
+    gc.collect()
+    assert not mapped_segments()
+
+
+def test_every_pickling_makes_its_own_segment() -> None:
+    wrapper = asyncmp.shared(make_blob())
+    first, second = ForkingPickler.dumps(wrapper), ForkingPickler.dumps(wrapper)
+    assert len(segments()) == 2
+    a, b = pickle.loads(first), pickle.loads(second)
+    assert a.buf.obj is not b.buf.obj
+    # A reference received twice (the same bytes unpickled again): a clear error.
+    with pytest.raises(asyncmp.SharedMemoryError, match="does not exist"):
+        pickle.loads(first)
+
+
+def test_numpy_array_arrives_without_owning_its_data() -> None:
+    np = pytest.importorskip("numpy")
+    arr = np.arange(1_000_000, dtype=np.float64).reshape(1000, 1000)
+    out = roundtrip(asyncmp.shared(arr))
+    assert out.flags.owndata is False
+    assert (out == arr).all()
+
+
+def test_names_fit_macos_limit() -> None:
+    data = ForkingPickler.dumps(asyncmp.shared(make_blob()))
+    (name,) = segments()
+    assert len("/" + name) <= 31
+    pickle.loads(data)
+
+
+def test_macos_path_fills_through_a_mapping(monkeypatch: pytest.MonkeyPatch) -> None:
+    # macOS can't write() to a shared memory object: it is sized, then filled mapped.
+    monkeypatch.setattr(_shared, "FILL_BY_WRITE", False)
+    writes = []
+    monkeypatch.setattr(os, "pwrite", lambda *a: writes.append(a))
+    blob = make_blob(BIG * 3 + 5)
+    out = roundtrip(asyncmp.shared([make_blob(BIG, 2), blob]))
+    assert writes == []
+    assert bytes(out[1].buf) == bytes(blob.buf) and mapped(out[1].buf)
+
+
+def test_windows_pickles_in_band(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_shared, "SHM", None)
+    blob = make_blob()
+    data = ForkingPickler.dumps(asyncmp.shared(blob))
+    assert len(data) > BIG and not segments()
+    out = pickle.loads(data)
+    assert type(out.buf) is bytearray and out.buf == blob.buf
+
+
+def test_full_dev_shm_is_a_clear_error_and_leaves_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(fd: int, data: Any, offset: int) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(asyncmp.SharedMemoryError, match="shm-size") as info:
+        ForkingPickler.dumps(asyncmp.shared(make_blob()))
+    assert isinstance(info.value.__cause__, OSError)
+    assert info.value.__cause__.errno == errno.ENOSPC
+    assert not segments()
+
+
+# -- hostile references --------------------------------------------------------------------
+
+
+class Forged:
+    """Unpickles as a call of asyncmp's rebuild with arguments of a test's choosing."""
+
+    def __init__(self, *args: Any) -> None:
+        self.args = args
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_shared._rebuild, self.args)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["/psm_0123456789abcdef", "/asyncmp-../../etc/passwd", "asyncmp-0123456789abcdef", 42],
+)
+def test_foreign_name_is_refused_before_anything_is_opened(
+    name: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    opened: list[tuple[Any, ...]] = []
+    assert _shared.SHM is not None
+    real_open, real_unlink = _shared.SHM
+
+    def watched_open(*args: Any) -> int:
+        opened.append(args)
+        return int(real_open(*args))
+
+    monkeypatch.setattr(_shared, "SHM", (watched_open, real_unlink))
+    data = pickle.dumps(Forged(name, BIG, ((0, BIG, False),), None, pickle.dumps(None)))
+    with pytest.raises(asyncmp.SharedMemoryError, match="not the name of an asyncmp"):
+        pickle.loads(data)
+    assert opened == []
+
+
+def test_size_larger_than_the_segment_maps_nothing() -> None:
+    data = ForkingPickler.dumps(asyncmp.shared(make_blob()))
+    (name,) = segments()
+    # Claim ten times the segment's size.
+    forged = pickle.dumps(
+        Forged("/" + name, BIG * 10, ((0, BIG * 10, False),), None, pickle.dumps(None))
+    )
+    with pytest.raises(asyncmp.SharedMemoryError, match="fewer than"):
+        pickle.loads(forged)
+    assert not mapped_segments()
+    assert name in segments()  # not unlinked either: the real message still arrives
+    out = pickle.loads(data)
+    assert mapped(out.buf)
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [(), ((0, BIG + 1, False),), ((-1, 10, False),), ((0, 10),), [(0, 10, False)], ((0, 10, 1),)],
+)
+def test_buffers_outside_the_segment_are_refused(layout: Any) -> None:
+    forged = pickle.dumps(Forged("/asyncmp-0123456789abcdef", BIG, layout, None, b""))
+    with pytest.raises(asyncmp.SharedMemoryError):
+        pickle.loads(forged)
+    assert not mapped_segments()
+
+
+# -- across processes ----------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_pipe_from_a_plain_worker_to_async_recv(mp_context: MPContext) -> None:
+    aconn, child_end = asyncmp.Pipe()
+    async with aconn:
+        proc = mp_context.Process(target=send_shared, args=(child_end, BIG * 4, 5))
+        proc.start()
+        child_end.close()
+        try:
+            blob = await aconn.recv()
+        finally:
+            await anyio.to_thread.run_sync(proc.join)
+        assert mapped(blob.buf) and blob.digest() == make_blob(BIG * 4, 5).digest()
+        assert not segments()
+        del blob
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("kind", ["Queue", "SimpleQueue"])
+async def test_queue_from_a_plain_worker_to_async_get(mp_context: MPContext, kind: str) -> None:
+    q = getattr(mp_context, kind)()
+    async with asyncmp.AsyncQueue(q) as aq:
+        proc = mp_context.Process(target=put_shared, args=(q, BIG, 6))
+        proc.start()
+        try:
+            blob = await aq.get()
+        finally:
+            await anyio.to_thread.run_sync(proc.join)
+        assert mapped(blob.buf) and blob.digest() == make_blob(BIG, 6).digest()
+        del blob
+
+
+@pytest.mark.parametrize("kind", ["Pipe", "Queue", "SimpleQueue"])
+def test_plain_sync_receive(mp_context: MPContext, kind: str) -> None:
+    if kind == "Pipe":
+        r, w = mp_context.Pipe(duplex=False)
+        proc = mp_context.Process(target=send_shared, args=(w, BIG, 8))
+        proc.start()
+        w.close()
+        blob = r.recv()
+        r.close()
+    else:
+        q = getattr(mp_context, kind)()
+        proc = mp_context.Process(target=put_shared, args=(q, BIG, 8))
+        proc.start()
+        blob = q.get()
+        q.close()
+        if kind == "Queue":
+            q.join_thread()
+    proc.join()
+    assert mapped(blob.buf) and blob.digest() == make_blob(BIG, 8).digest()
+
+
+@pytest.mark.anyio
+async def test_async_senders_to_a_plain_worker(mp_context: MPContext) -> None:
+    aconn, child_end = asyncmp.Pipe()
+    async with aconn:
+        proc = mp_context.Process(target=receive_and_report, args=(child_end,))
+        proc.start()
+        child_end.close()
+        try:
+            await aconn.send(asyncmp.shared(make_blob(BIG, 9)))
+            digest, was_mapped, left = await aconn.recv()
+        finally:
+            await anyio.to_thread.run_sync(proc.join)
+    assert (digest, was_mapped, left) == (make_blob(BIG, 9).digest(), True, [])
+
+    q = mp_context.SimpleQueue()
+    reply_r, reply_w = mp_context.Pipe(duplex=False)
+    async with asyncmp.AsyncQueue(q) as aq:
+        await aq.put(asyncmp.shared(make_blob(BIG, 10)))
+        # The worker reads the queue through a plain get().
+        proc = mp_context.Process(target=forward_from_queue, args=(q, reply_w))
+        proc.start()
+        reply_w.close()
+        try:
+            result = await anyio.to_thread.run_sync(reply_r.recv)
+        finally:
+            await anyio.to_thread.run_sync(proc.join)
+            reply_r.close()
+    assert result == (make_blob(BIG, 10).digest(), True)
+
+
+# -- lifetime ------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_sender_killed_after_sending_message_still_arrives(mp_context: MPContext) -> None:
+    aconn, child_end = asyncmp.Pipe()
+    async with aconn:
+        proc = mp_context.Process(target=send_then_wait_to_die, args=(child_end, BIG, 11))
+        proc.start()
+        child_end.close()
+        try:
+            # Read the "sent" marker only through the pipe's order: the blob comes first.
+            frame = await aconn.recv_bytes()
+            assert await aconn.recv() == "sent"
+            proc.kill()
+        finally:
+            await anyio.to_thread.run_sync(proc.join)
+        blob = pickle.loads(frame)
+        assert mapped(blob.buf) and blob.digest() == make_blob(BIG, 11).digest()
+        assert not segments()
+        del blob
+
+
+@pytest.mark.anyio
+async def test_receiver_killed_while_holding_the_data_leaves_nothing(mp_context: MPContext) -> None:
+    aconn, child_end = asyncmp.Pipe()
+    async with aconn:
+        proc = mp_context.Process(target=receive_and_hold, args=(child_end,))
+        proc.start()
+        child_end.close()
+        try:
+            await aconn.send(asyncmp.shared(make_blob(BIG, 12)))
+            digest, was_mapped, held = await aconn.recv()
+            assert was_mapped and len(held) == 1
+            assert not segments()  # unlinked by name; only the child's mapping holds it
+        finally:
+            proc.kill()
+            await anyio.to_thread.run_sync(proc.join)
+    assert digest == make_blob(BIG, 12).digest()
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_program_ending_with_messages_unread_leaves_nothing(method: str) -> None:
+    before = segments()
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.shared_workers", method],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": os.path.join(ROOT, "src")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    made = set(result.stdout.split()) - before
+    assert len(made) == 3  # while it ran, the three unread messages had their segments
+    wait_gone(made)  # its resource tracker unlinks them once the program has ended
+
+
+def test_forked_worker_that_exits_before_its_message_is_read() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.shared_workers", "late"],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": os.path.join(ROOT, "src")},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["same-tracker", "True", "mapped", "True"]
+    assert "leaked" not in result.stderr
+
+
+# -- connections to another machine ----------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_network_connections_refuse_shared_both_ways(tmp_path: Any) -> None:
+    address = str(tmp_path / "sock")
+    async with asyncmp.serve(address) as listener:
+        async with await asyncmp.connect(listener.address) as client:
+            async with await listener.accept() as server_side:
+                with pytest.raises(asyncmp.SharedMemoryError, match="one machine"):
+                    await client.send(asyncmp.shared(make_blob()))
+                assert not segments()
+                # A reference sent as bytes (as a peer that does not refuse would).
+                data = ForkingPickler.dumps(asyncmp.shared(make_blob()))
+                await client.send_bytes(data)
+                with pytest.raises(asyncmp.SharedMemoryError, match="one machine"):
+                    await server_side.recv()
+                assert not mapped_segments()
+                # The connection goes on; shared memory is refused, not the rest.
+                await client.send("still here")
+                assert await server_side.recv() == "still here"
+    pickle.loads(data)  # what the refused reference left, received here
+
+
+# -- pools ------------------------------------------------------------------------------------
+
+
+@pytest.mark.anyio
+async def test_pool_arguments_and_results_may_be_shared(mp_context: MPContext) -> None:
+    async with asyncmp.open_pool(1, context=mp_context) as pool:
+        digest, was_mapped = await pool.run(blob_digest, asyncmp.shared(make_blob(BIG, 13)))
+        assert (digest, was_mapped) == (make_blob(BIG, 13).digest(), True)
+        result = await pool.run(make_shared_blob, BIG, 14)
+        assert type(result) is Blob and mapped(result.buf)
+        assert result.digest() == make_blob(BIG, 14).digest()
+        del result
