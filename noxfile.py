@@ -69,7 +69,9 @@ def tests(session: nox.Session) -> None:
     junit = session.env_dir / "junit.xml"  # read by .ci/run for its summary
     # One worker process per core, at most four: the tests must hold on a busy machine
     # anyway, and they spend most of their time waiting on child processes.
-    parallel = ("-n", "auto", "--maxprocesses", "4")
+    # A test file to one worker: tests that check machine-wide state (test_shared's
+    # segments in /dev/shm) then never see another worker's.
+    parallel = ("-n", "auto", "--maxprocesses", "4", "--dist", "loadfile")
     session.run("pytest", *parallel, f"--junitxml={junit}", *session.posargs)
 
 

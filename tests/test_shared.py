@@ -41,9 +41,13 @@ from .shared_workers import (
 )
 from .workers import MPContext
 
-pytestmark = pytest.mark.skipif(
-    not sys.platform.startswith("linux"), reason="lists segments in /dev/shm and /proc"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not sys.platform.startswith("linux"), reason="lists segments in /dev/shm and /proc"
+    ),
+]
+# The segment check sees every process's segments: a parallel run (nox -s tests) gives each
+# test file to one worker, so these run one after the other; no other file makes segments.
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
