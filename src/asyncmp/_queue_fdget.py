@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import anyio
 from anyio.lowlevel import cancel_shielded_checkpoint, checkpoint_if_cancelled
 
-from ._frames import ExactReader, stalled
+from ._frames import ExactReader, exact_reader, stalled
 from ._loop import FairLock, fast_checkpoint
 from ._mpinternals import QueueParts
 from ._queue_rlock import ReaderLock
@@ -61,7 +61,7 @@ class FdGetter:
         #: The pipe's byte mover: this adapter's, closed with it.
         self.transport: FdTransport = open_transport(self._fd)
         #: The frame engine's exact reader: never past the frame in progress.
-        self.reader = ExactReader(self.transport)
+        self.reader = exact_reader(self.transport)
         self.rlock = ReaderLock(parts.rlock, self._in_use)
         self._waiter: ReadinessWaiter | None = None
         #: get() may try take_whole_frame(): open and not broken.
@@ -93,11 +93,10 @@ class FdGetter:
             return None
         rlock.held = True
         reader = self.reader
-        avail = self.transport.available()
-        body = reader.read_whole(avail)
+        body = reader.take_whole()
         if body is not None:
             return self._took(body)
-        if avail < 4 and not rlock.contended:
+        if reader.at_boundary and not rlock.contended:  # nothing read
             rlock.release()
         # else: the lock stays ours, mid-frame (or queued for, as contended consumers
         # keep it while they wait): the full path goes on from here.
