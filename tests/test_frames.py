@@ -243,7 +243,7 @@ def test_writer_sends_a_frame_from_a_thread_in_slices(pipe: Pipe) -> None:
     assert bytes(received) == frame(payload)
 
 
-# --- the exact reader's fast path: RWF_NOWAIT, or FIONREAD where the kernel refuses it -------------
+# --- the exact reader's fast path: RWF_NOWAIT, or FIONREAD where the kernel refuses it ----------
 
 NOWAIT = sys.platform == "linux" and getattr(os, "RWF_NOWAIT", None) is not None
 #: The fast paths: FIONREAD (every POSIX), RWF_NOWAIT (Linux), and RWF_NOWAIT on a

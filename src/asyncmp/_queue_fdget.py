@@ -80,9 +80,10 @@ class FdGetter:
         """An item's frame if one is here whole, else None.
 
         Never waits. It takes the item only when no other task of this adapter is in a
-        ``get`` (they come first), the reader lock is free, and ``FIONREAD`` says the
-        whole frame is in the pipe. Anything else (a partial frame, a long header,
-        contention) is left to the full path.
+        ``get`` (they come first), the reader lock is free, and the whole frame is in the
+        pipe (the exact reader's :meth:`~ExactReader.take_whole`: two system calls with
+        ``RWF_NOWAIT``, else ``FIONREAD`` first). Anything else (a partial frame, a long
+        header, contention) is left to the full path.
         """
         if self.get_lock.locked():
             return None
