@@ -8,6 +8,7 @@ and with the header in the long form.
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import sys
@@ -22,8 +23,9 @@ from asyncmp import ConnectionEOF, ProtocolError
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX descriptors")
 
 if sys.platform != "win32":
+    from asyncmp import _frames
     from asyncmp._fdio import open_transport, poller
-    from asyncmp._frames import ExactReader, FrameWriter, GreedyReader, frame_parts
+    from asyncmp._frames import ExactReader, FrameWriter, GreedyReader, NowaitReader, frame_parts
 
 
 def frame(payload: bytes) -> bytes:
@@ -239,3 +241,111 @@ def test_writer_sends_a_frame_from_a_thread_in_slices(pipe: Pipe) -> None:
         reader.join(30)
     assert done == [len(payload) + 4]
     assert bytes(received) == frame(payload)
+
+
+# --- the exact reader's fast path: RWF_NOWAIT, or FIONREAD where the kernel refuses it ----------
+
+NOWAIT = sys.platform == "linux" and getattr(os, "RWF_NOWAIT", None) is not None
+#: The fast paths: FIONREAD (every POSIX), RWF_NOWAIT (Linux), and RWF_NOWAIT on a
+#: kernel that refuses it on pipes, faked, so the reader falls back to FIONREAD.
+FAST_PATHS = ["fionread", "nowait", "nowait-eopnotsupp", "nowait-einval"]
+
+
+@pytest.fixture(params=FAST_PATHS)
+def fast_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    kind: str = request.param
+    if kind != "fionread" and not NOWAIT:
+        pytest.skip("preadv2 with RWF_NOWAIT is Linux only")
+    if kind.startswith("nowait-"):
+        code = errno.EOPNOTSUPP if kind.endswith("eopnotsupp") else errno.EINVAL
+
+        def refuse(*args: object) -> int:
+            raise OSError(code, os.strerror(code))
+
+        monkeypatch.setattr(_frames, "_preadv", refuse)
+    # The process-wide finding is the test's alone (monkeypatch restores it).
+    monkeypatch.setattr(_frames, "nowait_works", NOWAIT)
+    return kind
+
+
+def fast_reader(fd: int, kind: str) -> ExactReader:
+    transport = open_transport(fd)
+    if kind == "fionread":
+        return ExactReader(transport)
+    reader = _frames.exact_reader(transport)
+    assert isinstance(reader, NowaitReader)
+    return reader
+
+
+def test_take_whole_takes_one_frame_and_no_more(pipe: Pipe, fast_path: str) -> None:
+    r, w = pipe.r, pipe.w
+    os.write(w, frame(b"first") + frame(b"") + frame(b"third"))
+    reader = fast_reader(r, fast_path)
+    assert reader.take_whole() == b"first"
+    assert reader.at_boundary
+    assert reader.take_whole() == b""
+    assert leftover(r) == frame(b"third")
+
+
+def test_take_whole_on_an_empty_pipe_reads_nothing(pipe: Pipe, fast_path: str) -> None:
+    r, w = pipe.r, pipe.w
+    reader = fast_reader(r, fast_path)
+    assert reader.take_whole() is None
+    assert reader.at_boundary
+    os.write(w, frame(b"late"))
+    assert reader.take_whole() == b"late"
+    pipe.close_writer()
+    assert reader.take_whole() is None, "the end of the pipe at a boundary: nothing read"
+    assert reader.at_boundary
+
+
+@pytest.mark.parametrize(
+    "cut", [2, 4, 50], ids=["in-the-header", "after-the-header", "in-the-body"]
+)
+def test_take_whole_leaves_a_partial_frame_to_finish(pipe: Pipe, fast_path: str, cut: int) -> None:
+    """A frame not all there: nothing read, or what was read is in the decoder, for the
+    lock holder to finish; never a byte of the next frame, whichever the path."""
+    r, w = pipe.r, pipe.w
+    data = frame(b"x" * 100)
+    os.write(w, data[:cut])
+    reader = fast_reader(r, fast_path)
+    assert reader.take_whole() is None
+    held = reader.decoder.buffered  # what was read of it: the frame is ours to finish
+    assert reader.at_boundary == (held == 0)
+    assert held <= cut
+    os.write(w, data[cut:] + frame(b"next"))
+    assert reader.read_available() == b"x" * 100
+    assert reader.at_boundary
+    assert leftover(r) == frame(b"next")
+
+
+def test_take_whole_refused_by_the_kernel_falls_back_for_the_process(
+    pipe: Pipe, fast_path: str
+) -> None:
+    if fast_path in ("fionread", "nowait"):
+        pytest.skip("only where the kernel refuses RWF_NOWAIT on pipes")
+    r, w = pipe.r, pipe.w
+    os.write(w, frame(b"one") + frame(b"two"))
+    reader = fast_reader(r, fast_path)
+    assert reader.take_whole() == b"one"
+    assert _frames.nowait_works is False, "found out once, for the whole process"
+    assert type(_frames.exact_reader(open_transport(r))) is ExactReader
+    assert reader.take_whole() == b"two"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="F_SETPIPE_SZ")
+def test_take_whole_of_a_body_above_the_nowait_limit(pipe: Pipe, fast_path: str) -> None:
+    """A body longer than NowaitReader reads blind: taken whole if it is all there, and
+    a claimed length costs no memory before its bytes are there."""
+    r, w = pipe.r, pipe.w
+    import fcntl
+
+    fcntl.fcntl(w, 1031, 1 << 20)  # F_SETPIPE_SZ: room for the whole frame
+    big = b"z" * (_frames.NOWAIT_BODY_LIMIT + 1)
+    os.write(w, frame(big) + frame(b"next"))
+    reader = fast_reader(r, fast_path)
+    assert reader.take_whole() == big
+    assert leftover(r) == frame(b"next")
+    os.write(w, struct.pack("!i", 2**31 - 1) + b"abc")
+    assert reader.take_whole() is None
+    assert reader.decoder.buffered in (0, 4), "no more than the header read"

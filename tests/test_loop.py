@@ -205,3 +205,46 @@ def test_the_turn_clock_is_per_thread() -> None:
     assert seen == [0.0]
     assert _loop.turn_clock.last == 123.0
     _loop.turn_clock.last = 0.0
+
+
+async def test_cancel_pending_answers_as_a_checkpoint_would() -> None:
+    """The fast path's cancellation check, a plain call: True exactly where a checkpoint
+    would raise the cancellation (shields and nested scopes included)."""
+    assert not _loop.cancel_pending()
+    with anyio.CancelScope() as outer:
+        outer.cancel()
+        assert _loop.cancel_pending()
+        assert _loop.checkpoint_due()
+        # The scopes below are what is asked about: no timeout, nothing to await in them.
+        with anyio.CancelScope(shield=True):  # noqa: ASYNC100
+            assert not _loop.cancel_pending()
+            with anyio.CancelScope():  # noqa: ASYNC100
+                assert not _loop.cancel_pending()
+        with anyio.CancelScope():  # noqa: ASYNC100
+            assert _loop.cancel_pending()
+        await anyio.lowlevel.checkpoint()
+    assert outer.cancelled_caught
+    assert not _loop.cancel_pending()
+    with anyio.move_on_after(-1) as late:  # a deadline passed already
+        assert _loop.cancel_pending()
+        await anyio.lowlevel.checkpoint()
+    assert late.cancelled_caught
+
+
+def test_cancel_pending_follows_the_library_that_runs_the_thread() -> None:
+    """One thread runs asyncio, then trio, then asyncio again: the check chosen for one
+    library must notice that another runs now."""
+
+    async def check() -> None:
+        assert not _loop.cancel_pending()
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            assert _loop.cancel_pending()
+            await anyio.lowlevel.checkpoint()
+        assert scope.cancelled_caught
+
+    def runs() -> None:
+        for backend in ("asyncio", "trio", "asyncio"):
+            anyio.run(check, backend=backend)
+
+    _in_a_thread_with_its_own_loop(runs)

@@ -8,16 +8,21 @@ and knows no framing. This module puts the two together, once, for every adapter
   decoder's buffer. A connection's stream is its own, so reading ahead loses nothing.
 * :class:`ExactReader` (queues): never reads past the frame in progress. A queue's pipe
   is shared by every consumer, and the next frame belongs to whoever takes the reader
-  lock next. Its fast path reads a frame that is all there in two reads (header, body);
+  lock next. Its fast path (:meth:`ExactReader.take_whole`) asks ``FIONREAD`` what is
+  there and reads a frame that is all there in two more reads (header, body);
   :meth:`ExactReader.read_available` goes on with a partial frame within a per-turn
   budget; :meth:`ExactReader.read_blocking` waits for the rest in a thread, each wait
   bounded by a stall timeout.
+* :class:`NowaitReader` (queues on Linux): an exact reader whose fast path needs no
+  ``FIONREAD``: ``preadv2`` with ``RWF_NOWAIT`` reads a pipe without blocking and
+  without touching the flags of its open file description, which other processes
+  share. :func:`exact_reader` picks it where the kernel honours that flag on a pipe.
 * :class:`FrameWriter`: header and small payloads in one write, large ones in two; writes
   what fits, waits for room, and finishes a frame torn by a cancellation (shielded and
   bounded) or breaks the stream so the peer never sees a torn frame followed by more.
 
-A new read strategy (``preadv2`` with ``RWF_NOWAIT``, io_uring) is one more reader class
-here; the adapters keep their shape.
+A new read strategy (io_uring, say) is one more reader class here; the adapters keep
+their shape.
 
 Errors: bad framing raises :class:`ProtocolError` (connections) or
 ``anyio.BrokenResourceError`` (queues, whose error is the adapter's whole state); the
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -51,7 +57,9 @@ __all__ = (
     "ExactReader",
     "FrameWriter",
     "GreedyReader",
+    "NowaitReader",
     "eof_error",
+    "exact_reader",
     "frame_parts",
     "maxlength_exceeded",
     "stalled",
@@ -485,6 +493,15 @@ class ExactReader:
             self.decoder.feed(header)
         return None
 
+    def take_whole(self) -> bytes | None:
+        """At a frame boundary: the next frame's body if the frame is all in the pipe.
+
+        Otherwise None: nothing was read if :attr:`at_boundary` is still True; else the
+        bytes read went to the decoder, and the frame is the lock holder's to finish.
+        Three system calls here (``FIONREAD``, header, body).
+        """
+        return self.read_whole(self._transport.available())
+
     def reset(self) -> None:
         """Forget the frame in progress (given up on: the queue is broken, or the frame
         was finished elsewhere)."""
@@ -507,7 +524,7 @@ class ExactReader:
         give the loop a turn, then come back)."""
         decoder = self.decoder
         if decoder.at_boundary:
-            body = self.read_whole(self.available())
+            body = self.take_whole()
             if body is not None:
                 return body
         while True:
@@ -539,3 +556,117 @@ class ExactReader:
                     raise stalled(stall_timeout, decoder.buffered)
                 continue
             self._feed(data)
+
+
+# ---------------------------------------------------------------------------------------
+# Queues on Linux: the exact reader without FIONREAD
+# ---------------------------------------------------------------------------------------
+
+#: ``preadv2``'s flag "don't wait for data", where the platform may have it (Linux).
+_RWF_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None) if sys.platform == "linux" else None
+_preadv = getattr(os, "preadv", None)
+#: What a kernel or a Python build says when it can't honour ``RWF_NOWAIT`` on a pipe:
+#: a kernel before pipes took it (EOPNOTSUPP, or EINVAL), one without ``preadv2`` at all
+#: (ENOSYS); a Python built without ``preadv2`` raises ``NotImplementedError``.
+_NOWAIT_UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS})
+#: False once this process found that its kernel can't honour ``RWF_NOWAIT`` on a pipe
+#: (found out once per process, not per call), or where there is no such flag.
+nowait_works = _RWF_NOWAIT is not None and _preadv is not None
+#: The largest body a :class:`NowaitReader` reads without asking ``FIONREAD`` first. It
+#: reads into a buffer of the claimed size, so the size is bounded by what a pipe holds
+#: (64 KiB unless enlarged); a larger claim is checked against what is there, and costs
+#: no memory until it is.
+NOWAIT_BODY_LIMIT = 64 * 1024
+
+
+def _nowait_unsupported(exc: BaseException) -> bool:
+    return isinstance(exc, NotImplementedError) or (
+        isinstance(exc, OSError) and exc.errno in _NOWAIT_UNSUPPORTED
+    )
+
+
+class NowaitReader(ExactReader):
+    """An exact reader whose fast path makes two system calls instead of three.
+
+    ``preadv2(..., RWF_NOWAIT)`` reads what is there, up to the length asked, and fails
+    with ``EAGAIN`` instead of waiting when the pipe is empty. It is a flag of the call,
+    not of the open file description that every process of the queue shares, so nothing
+    any other process sees changes. :meth:`take_whole` reads the 4-byte header that way,
+    then exactly the body it announces: never a byte past the frame. The first time a
+    kernel answers that it can't (``EOPNOTSUPP``, ``EINVAL``), the process goes back to
+    ``FIONREAD`` (:class:`ExactReader`) for good.
+
+    The rest (a partial frame, a long header, the thread's blocking finish) is the
+    exact reader's, with ``FIONREAD``.
+    """
+
+    __slots__ = ("_header", "_header_iov", "_nowait")
+
+    def __init__(self, transport: FdTransport) -> None:
+        super().__init__(transport)
+        self._header = bytearray(4)
+        self._header_iov = [self._header]
+        self._nowait = True
+
+    def take_whole(self) -> bytes | None:
+        """As :meth:`ExactReader.take_whole`, in two system calls (header, body)."""
+        if not self._nowait:
+            return super().take_whole()
+        assert _preadv is not None and _RWF_NOWAIT is not None
+        fd = self._fd
+        try:
+            got = _preadv(fd, self._header_iov, -1, _RWF_NOWAIT)
+        except BlockingIOError:
+            return None  # empty
+        except (OSError, NotImplementedError) as exc:
+            if not _nowait_unsupported(exc):
+                raise
+            self._give_up_nowait()
+            return super().take_whole()
+        header = self._header
+        if got < 4:
+            # 0: the end of the pipe at a boundary, nothing read (FIONREAD says 0 there
+            # too). 1 to 3: part of a header, which is ours now: the frame is the lock
+            # holder's to finish.
+            if got:
+                self.decoder.feed(bytes(header[:got]))
+            return None
+        (size,) = unpack_short_header(header)
+        if size == 0:
+            return b""
+        if not 0 < size <= NOWAIT_BODY_LIMIT:
+            # The long form, a corrupt length, or more than a pipe holds unless enlarged:
+            # the decoder takes it from here, or FIONREAD says the body is all there.
+            if size > 0 and self._transport.available() >= size:
+                body = os.read(fd, size)
+                if len(body) == size:
+                    return body
+                self.decoder.feed(bytes(header) + body)
+                return None
+            self.decoder.feed(bytes(header))
+            return None
+        buf = bytearray(size)
+        try:
+            got = _preadv(fd, [buf], -1, _RWF_NOWAIT)
+        except BlockingIOError:
+            got = 0
+        if got == size:
+            return bytes(buf)
+        # Part of the body, or none of it yet (or the end of the pipe, which the
+        # decoder's next read finds): the frame is the lock holder's to finish.
+        self.decoder.feed(bytes(header) + bytes(buf[:got]))
+        return None
+
+    def _give_up_nowait(self) -> None:
+        global nowait_works
+        nowait_works = False
+        self._nowait = False
+
+
+def exact_reader(transport: FdTransport) -> ExactReader:
+    """The exact reader for a queue's pipe: a :class:`NowaitReader` where ``RWF_NOWAIT``
+    works on pipes (or has not been tried yet in this process), else an
+    :class:`ExactReader`."""
+    if nowait_works and stat.S_ISFIFO(os.fstat(transport.fd).st_mode):
+        return NowaitReader(transport)
+    return ExactReader(transport)

@@ -8,11 +8,16 @@ reaching into an event loop library, so a change in one of them lands in one pla
 * :func:`cancel_check`: the backend's own ``checkpoint_if_cancelled``, found through
   anyio's private backend lookup (two dispatches less per call than anyio's public
   one) and cached per backend.
+* :func:`cancel_pending`: the same question as a plain call, no coroutine: is the
+  current task's cancellation due? It reads the cancel scopes the way the backend's own
+  check does (anyio's task states on asyncio, the task's cancel status on trio), and
+  falls back to anyio's public ``current_effective_deadline() == -inf``.
 * The turn clock. A receive or send that finds its bytes there needs no trip through
   the loop, yet the loop must still get a turn at least every :data:`TURN_INTERVAL`.
   When it had one last is kept **per thread** (one event loop runs per thread): a second
   loop in another thread on the same fast path must not spend this loop's turns.
-  :func:`fast_checkpoint` and :func:`turn_if_due` read it, :func:`note_turn` sets it.
+  :func:`fast_checkpoint`, :func:`checkpoint_due` and :func:`turn_if_due` read it,
+  :func:`note_turn` and :func:`full_checkpoint` set it.
 * :func:`new_wakeup`: a one-shot wake-up for one waiting task, ``anyio.Event`` without
   anyio's dispatch to the backend on every creation, wait and set.
 * :func:`call_soon` (run a callback at the loop's next turn, from the loop's thread) and
@@ -25,10 +30,13 @@ reaching into an event loop library, so a change in one of them lands in one pla
 from __future__ import annotations
 
 import asyncio.selector_events
+import math
 import sys
 import threading
+import weakref
 from asyncio import AbstractEventLoop
 from asyncio import _get_running_loop as _asyncio_running_loop
+from asyncio import current_task as _asyncio_current_task
 from collections import deque
 from collections.abc import Awaitable, Callable
 from time import perf_counter
@@ -42,7 +50,10 @@ __all__ = (
     "FairLock",
     "call_soon",
     "cancel_check",
+    "cancel_pending",
+    "checkpoint_due",
     "fast_checkpoint",
+    "full_checkpoint",
     "in_trio",
     "is_selector_loop",
     "new_wakeup",
@@ -62,11 +73,17 @@ TURN_INTERVAL = 0.001
 running_asyncio_loop: Callable[[], AbstractEventLoop | None] = _asyncio_running_loop
 
 
+def _no_check_yet() -> bool:
+    raise RuntimeError("no cancellation check chosen in this thread yet")
+
+
 class _TurnClock(threading.local):
-    """When this thread's event loop last had a full turn (``perf_counter()``)."""
+    """When this thread's event loop last had a full turn (``perf_counter()``), and the
+    :func:`cancel_pending` check of the library that ran here last."""
 
     def __init__(self) -> None:
         self.last = 0.0
+        self.cancel_pending: Callable[[], bool] = _no_check_yet
 
 
 #: Per thread: one event loop runs per thread, and each gets its own turns.
@@ -93,14 +110,107 @@ except ImportError:  # pragma: no cover - a future anyio moved it
     cancel_check = checkpoint_if_cancelled
 
 
-async def fast_checkpoint() -> None:
-    """A cancellation check, plus a full trip through the loop once per interval."""
+def _public_cancel_pending() -> bool:
+    return anyio.current_effective_deadline() == -math.inf
+
+
+def _asyncio_cancel_pending_for(states: Any) -> Callable[[], bool]:
+    """anyio's own check on asyncio (``checkpoint_if_cancelled``), as a plain call:
+    *states* maps a task to its innermost cancel scope; walk out from there, up to the
+    first shield."""
+    data = states.data  # the WeakKeyDictionary's own dict: one Python call less
+    get_state = data.get
+
+    def asyncio_cancel_pending() -> bool:
+        task = _asyncio_current_task()  # RuntimeError: no asyncio loop runs here
+        if task is None:
+            raise RuntimeError("no asyncio task runs here")  # a trio guest run, say
+        state = get_state(weakref.ref(task))
+        if state is None:
+            return False  # a task anyio never saw has no cancel scope of anyio's
+        scope = state.cancel_scope
+        while scope is not None:
+            if scope.cancel_called:
+                return True
+            if scope.shield:
+                return False
+            scope = scope._parent_scope
+        return False
+
+    return asyncio_cancel_pending
+
+
+def _trio_cancel_pending() -> bool:
+    """trio's own check (``checkpoint_if_cancelled``), as a plain call.
+
+    :raises RuntimeError: no trio task runs here."""
+    trio: Any = sys.modules["trio"]
+    return bool(trio.lowlevel.current_task()._cancel_status.effectively_cancelled)
+
+
+def _find_cancel_pending(trio: bool) -> Callable[[], bool]:
+    """The fastest :func:`cancel_pending` for the running backend that works here; the
+    public question if the library's insides are not the ones read above."""
+    try:
+        if trio:
+            check = _trio_cancel_pending
+        else:
+            from anyio._backends._asyncio import _task_states
+
+            check = _asyncio_cancel_pending_for(_task_states)
+        if check() == _public_cancel_pending():
+            return check
+    except (ImportError, AttributeError, KeyError, TypeError, RuntimeError):  # pragma: no cover
+        pass
+    return _public_cancel_pending  # pragma: no cover - a future anyio or trio
+
+
+def cancel_pending() -> bool:
+    """True if the current task's cancellation is due: a ``checkpoint()`` now would raise
+    it. No coroutine, no trip through the loop. (A ``KeyboardInterrupt`` trio holds for
+    the main task is not looked at: the loop's next turn delivers it.)
+
+    The check of the library that ran in this thread last is tried first; it raises
+    ``RuntimeError`` if another one runs now. Asking first which one runs would cost more
+    than the check (before Python 3.12, asking asyncio for its running loop is a
+    ``getpid()`` system call).
+    """
+    clock = turn_clock
+    try:
+        return clock.cancel_pending()
+    except RuntimeError:
+        clock.cancel_pending = _find_cancel_pending(in_trio())
+        return clock.cancel_pending()
+
+
+def checkpoint_due() -> bool:
+    """True if the caller must ``await full_checkpoint()`` now: the task is cancelled, or
+    this loop's turn is due. The fast path's check, as a plain call::
+
+        if checkpoint_due():
+            await full_checkpoint()
+    """
     clock = turn_clock
     if perf_counter() - clock.last >= TURN_INTERVAL:
+        return True
+    try:
+        return clock.cancel_pending()
+    except RuntimeError:  # another library runs in this thread now
+        return cancel_pending()
+
+
+async def full_checkpoint() -> None:
+    """A full trip through the loop (raising a pending cancellation), noted on the turn
+    clock."""
+    await checkpoint()
+    turn_clock.last = perf_counter()
+
+
+async def fast_checkpoint() -> None:
+    """A cancellation check, plus a full trip through the loop once per interval."""
+    if checkpoint_due():
         await checkpoint()
-        clock.last = perf_counter()
-    else:
-        await cancel_check()
+        turn_clock.last = perf_counter()
 
 
 async def turn_if_due() -> None:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import anyio
 from anyio.lowlevel import checkpoint
 
-from ._frames import ExactReader, stalled
+from ._frames import ExactReader, exact_reader, stalled
 from ._loop import FairLock, fast_checkpoint
 from ._mpinternals import QueueParts
 from ._queue_rlock import ReaderLock
@@ -65,7 +65,7 @@ class FdGetter:
         #: The pipe's byte mover: this adapter's, closed with it.
         self.transport: FdTransport = open_transport(self._fd)
         #: The frame engine's exact reader: never past the frame in progress.
-        self.reader = ExactReader(self.transport)
+        self.reader = exact_reader(self.transport)
         self.rlock = ReaderLock(parts.rlock, self._in_use)
         self._waiter: ReadinessWaiter | None = None
         #: get() may try take_whole_frame(): open and not broken.
@@ -90,9 +90,10 @@ class FdGetter:
         """An item's frame if one is here whole, else None.
 
         Never waits. It takes the item only when no other task of this adapter is in a
-        ``get`` (they come first), the reader lock is free, and ``FIONREAD`` says the
-        whole frame is in the pipe. Anything else (a partial frame, a long header,
-        contention) is left to the full path.
+        ``get`` (they come first), the reader lock is free, and the whole frame is in the
+        pipe (the exact reader's :meth:`~ExactReader.take_whole`: two system calls with
+        ``RWF_NOWAIT``, else ``FIONREAD`` first). Anything else (a partial frame, a long
+        header, contention) is left to the full path.
         """
         if self.get_lock.locked():
             return None
@@ -103,11 +104,10 @@ class FdGetter:
             return None
         rlock.held = True
         reader = self.reader
-        avail = self.transport.available()
-        body = reader.read_whole(avail)
+        body = reader.take_whole()
         if body is not None:
             return self._took(body)
-        if avail < 4 and not rlock.contended:
+        if reader.at_boundary and not rlock.contended:  # nothing read
             rlock.release()
         # else: the lock stays ours, mid-frame (or queued for, as contended consumers
         # keep it while they wait): the full path goes on from here.
