@@ -195,7 +195,8 @@ def test_windows_pickles_in_band(monkeypatch: pytest.MonkeyPatch) -> None:
     data = ForkingPickler.dumps(asyncmp.shared(blob))
     assert len(data) > BIG and not segments()
     out = pickle.loads(data)
-    assert type(out.buf) is bytearray and out.buf == blob.buf
+    plain = pickle.loads(ForkingPickler.dumps(blob))  # as without shared()
+    assert type(out.buf) is type(plain.buf) and bytes(out.buf) == bytes(blob.buf)
 
 
 def test_full_dev_shm_is_a_clear_error_and_leaves_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -464,3 +465,10 @@ async def test_pool_arguments_and_results_may_be_shared(mp_context: MPContext) -
         assert type(result) is Blob and mapped(result.buf)
         assert result.digest() == make_blob(BIG, 14).digest()
         del result
+
+
+def test_a_small_buffer_is_not_even_wrapped() -> None:
+    small = bytearray(BIG - 1)
+    assert asyncmp.shared(small) is small  # pickled exactly as without shared()
+    assert asyncmp.shared(make_blob()) is not None
+    assert type(asyncmp.shared({"a": small})) is _shared.Shared  # no buffer of its own

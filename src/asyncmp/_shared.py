@@ -159,9 +159,14 @@ def shared(obj: T) -> T:
 
     On Windows the object is pickled in-band, as without ``shared()``.
 
+    An object that exports a buffer smaller than the threshold (a small numpy array,
+    ``bytes``) is returned as it is: it costs exactly what it costs without ``shared()``.
+
     Pickling raises :class:`SharedMemoryError` when the segment finds no room (a full
     ``/dev/shm``), or on a connection to another machine (``connect()``, ``serve()``).
     """
+    if _small_exporter(obj):
+        return obj  # nothing of it would go into shared memory: no wrapper, no extra cost
     return Shared(obj)  # type: ignore[return-value]
 
 
@@ -174,7 +179,7 @@ def reduce_shared(obj: Any) -> tuple[Any, ...]:
     if reason is not None:
         raise SharedMemoryError(reason)
     if SHM is None:
-        return (_loads, (pickle.dumps(obj, protocol=5),))
+        return (_same, (obj,))  # pickled in-band by the outer pickler
     if _small_exporter(obj):
         # The outer pickler pickles it, as without shared(): no trial pickling, and no
         # pickle nested in the pickle.
