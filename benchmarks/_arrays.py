@@ -50,7 +50,7 @@ from typing import Any
 
 import anyio
 import numpy as np
-from _cases import Impl, Timing, _dup, run_on, since, start_timing
+from _cases import Impl, Timing, _dup, read_exactly, run_on, since, start_timing
 from _report import Series, Table, Target
 
 __all__ = ("ArrayWorker", "array_tables")
@@ -299,12 +299,7 @@ def _raw(worker: ArrayWorker, size: int, expected: Any) -> Result:
     view = memoryview(arr).cast("B")
     t0 = start_timing()
     worker.go(("raw", size))
-    pos = 0
-    while pos < size:
-        got = os.readv(fd, [view[pos:]])
-        if not got:
-            raise EOFError("the array worker closed the connection")
-        pos += got
+    read_exactly(fd, view)
     _read_pages(arr, size, expected)
     seconds, cpu_seconds = since(t0)
     worker.finish()

@@ -350,25 +350,29 @@ async def _asyncmp_large(cls: type[Any], conn: Connection, n: int, size: int) ->
     return elapsed
 
 
-def _raw_large(conn: Connection, n: int, size: int) -> Timing:
-    """The floor: the same bytes, unframed, read straight into a buffer allocated once."""
-    fd = conn.fileno()
-    buf = bytearray(size)
-    view = memoryview(buf)
+def read_exactly(fd: int, view: memoryview) -> None:
+    """Fill *view* from *fd* with ``os.readv()``: the raw floor's reads."""
+    pos, size = 0, len(view)
+    while pos < size:
+        got = os.readv(fd, [view[pos:]])
+        if not got:
+            raise EOFError("the worker closed the connection")
+        pos += got
 
-    def read_one() -> None:
-        pos = 0
-        while pos < size:
-            got = os.readv(fd, [view[pos:]])
-            if not got:
-                raise EOFError("worker closed the connection")
-            pos += got
 
+def _raw_timed(n: int, read_one: Callable[[], None]) -> Timing:
     read_one()
     t0 = start_timing()
     for _ in range(n):
         read_one()
     return since(t0)
+
+
+def _raw_large(conn: Connection, n: int, size: int) -> Timing:
+    """The floor: the same bytes, unframed, read straight into a buffer allocated once."""
+    fd = conn.fileno()
+    view = memoryview(bytearray(size))
+    return _raw_timed(n, lambda: read_exactly(fd, view))
 
 
 def _raw_fresh_large(conn: Connection, n: int, size: int) -> Timing:
@@ -378,18 +382,9 @@ def _raw_fresh_large(conn: Connection, n: int, size: int) -> Timing:
 
     def read_one() -> None:
         with mmap.mmap(-1, size) as fresh, memoryview(fresh) as view:
-            pos = 0
-            while pos < size:
-                got = os.readv(fd, [view[pos:]])
-                if not got:
-                    raise EOFError("worker closed the connection")
-                pos += got
+            read_exactly(fd, view)
 
-    read_one()
-    t0 = start_timing()
-    for _ in range(n):
-        read_one()
-    return since(t0)
+    return _raw_timed(n, read_one)
 
 
 async def _asyncmp_large_into(cls: type[Any], conn: Connection, n: int, size: int) -> Timing:
