@@ -17,6 +17,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 import asyncmp
+from asyncmp import _shared
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -54,9 +55,12 @@ def mapped(buf: Any) -> bool:
     return isinstance(buf, memoryview) and isinstance(buf.obj, mmap.mmap)
 
 
-def segments() -> set[str]:
-    """The asyncmp segments that exist now (by name, in ``/dev/shm``)."""
-    return {n for n in os.listdir(SHM_DIR) if n.startswith("asyncmp-")}
+def segments(*, every_program: bool = False) -> set[str]:
+    """This program's asyncmp segments that exist now (by name, in ``/dev/shm``); with
+    *every_program*, those of every program (another test run on the machine, a program
+    a test runs)."""
+    prefix = "asyncmp-" if every_program else f"asyncmp-{_shared.program_tag()}-"
+    return {n for n in os.listdir(SHM_DIR) if n.startswith(prefix)}
 
 
 def mapped_segments() -> set[str]:

@@ -63,8 +63,9 @@ def no_segment_left() -> Iterator[None]:
 def wait_gone(names: set[str], seconds: float = 20.0) -> None:
     """Wait (a generous no-hang bound) until none of *names* is in /dev/shm."""
     deadline = time.monotonic() + seconds
-    while names & segments():
-        assert time.monotonic() < deadline, f"left in /dev/shm: {names & segments()}"
+    while names & segments(every_program=True):
+        left = names & segments(every_program=True)
+        assert time.monotonic() < deadline, f"left in /dev/shm: {left}"
         time.sleep(0.02)
 
 
@@ -226,7 +227,13 @@ class Forged:
 
 @pytest.mark.parametrize(
     "name",
-    ["/psm_0123456789abcdef", "/asyncmp-../../etc/passwd", "asyncmp-0123456789abcdef", 42],
+    [
+        "/psm_0123456789abcdef",
+        "/asyncmp-../../etc/passwd",
+        "asyncmp-012345-0123456789ab",
+        "/asyncmp-0123456789abcdef",
+        42,
+    ],
 )
 def test_foreign_name_is_refused_before_anything_is_opened(
     name: Any, monkeypatch: pytest.MonkeyPatch
@@ -266,8 +273,9 @@ def test_size_larger_than_the_segment_maps_nothing() -> None:
     [(), ((0, BIG + 1, False),), ((-1, 10, False),), ((0, 10),), [(0, 10, False)], ((0, 10, 1),)],
 )
 def test_buffers_outside_the_segment_are_refused(layout: Any) -> None:
-    forged = pickle.dumps(Forged("/asyncmp-0123456789abcdef", BIG, layout, None, b""))
-    with pytest.raises(asyncmp.SharedMemoryError):
+    # A name of the right form (no such segment): the layout is refused before any lookup.
+    forged = pickle.dumps(Forged("/asyncmp-012345-0123456789ab", BIG, layout, None, b""))
+    with pytest.raises(asyncmp.SharedMemoryError, match="buffer"):
         pickle.loads(forged)
     assert not mapped_segments()
 
@@ -400,7 +408,7 @@ async def test_receiver_killed_while_holding_the_data_leaves_nothing(mp_context:
 
 @pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
 def test_program_ending_with_messages_unread_leaves_nothing(method: str) -> None:
-    before = segments()
+    before = segments(every_program=True)
     result = subprocess.run(
         [sys.executable, "-m", "tests.shared_workers", method],
         cwd=ROOT,
@@ -471,4 +479,5 @@ def test_a_small_buffer_is_not_even_wrapped() -> None:
     small = bytearray(BIG - 1)
     assert asyncmp.shared(small) is small  # pickled exactly as without shared()
     assert asyncmp.shared(make_blob()) is not None
-    assert type(asyncmp.shared({"a": small})) is _shared.Shared  # no buffer of its own
+    wrapped: object = asyncmp.shared({"a": small})  # no buffer of its own: wrapped
+    assert isinstance(wrapped, _shared.Shared)

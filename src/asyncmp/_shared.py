@@ -52,7 +52,9 @@ so it never touches a page that doesn't exist. Elsewhere (macOS, where a shared 
 object can only be mapped) the segment is sized with ``ftruncate`` and filled through a
 mapping.
 
-Names are ``/asyncmp-`` and 16 hex digits: 25 characters, within macOS' limit of 31.
+Names are ``/asyncmp-``, six hex digits that every process of one program shares (from
+its resource tracker's identity: a listing of ``/dev/shm`` tells one program's segments
+from another's), a dash and 12 random hex digits: 28 characters, within macOS' limit of 31.
 Unpickling accepts no other name, checks the sizes against the segment before it maps
 anything, and maps only the size the reference states.
 
@@ -70,6 +72,7 @@ import pickle
 import re
 import secrets
 import sys
+import zlib
 from collections.abc import Iterator
 from contextvars import ContextVar
 from typing import Any, Generic, TypeVar
@@ -81,6 +84,7 @@ __all__ = (
     "NAME_PREFIX",
     "SHARED_THRESHOLD",
     "Shared",
+    "program_tag",
     "refusing",
     "shared",
 )
@@ -93,9 +97,10 @@ T = TypeVar("T")
 #: than a pipe: below about a megabyte, pickling through the pipe is as fast or faster
 #: (measured by the benchmarks' large-array section).
 SHARED_THRESHOLD = 1024 * 1024
-#: Every segment's name is this, then 16 hex digits (``/dev/shm/asyncmp-...`` on Linux).
+#: Every segment's name is this, then the program's tag, a dash and 12 random hex digits
+#: (``/dev/shm/asyncmp-...`` on Linux).
 NAME_PREFIX = "asyncmp-"
-_NAME = re.compile(r"/asyncmp-[0-9a-f]{16}\Z")
+_NAME = re.compile(r"/asyncmp-[0-9a-f]{6}-[0-9a-f]{12}\Z")
 #: Each buffer starts at a multiple of this in its segment (what numpy and SIMD expect).
 _ALIGN = 64
 #: The most one ``pwrite`` moves on Linux.
@@ -248,6 +253,19 @@ def _unregister(name: str) -> None:
     resource_tracker.unregister(name, "shared_memory")
 
 
+def program_tag() -> str:
+    """Six hex digits that every process of this program shares: they name its segments.
+
+    They come from the identity of multiprocessing's resource tracker (started here if it
+    isn't running: the segment is registered with it next anyway), which the processes of
+    one program share and another program doesn't.
+    """
+    from multiprocessing import resource_tracker
+
+    resource_tracker.ensure_running()
+    return f"{zlib.crc32(repr(resource_tracker_id()).encode()) & 0xFFFFFF:06x}"
+
+
 def _create_segment(
     buffers: list[memoryview], layout: list[tuple[int, int, bool]], size: int
 ) -> str:
@@ -258,7 +276,7 @@ def _create_segment(
     """
     assert SHM is not None
     shm_open, shm_unlink = SHM
-    name = f"/{NAME_PREFIX}{secrets.token_hex(8)}"
+    name = f"/{NAME_PREFIX}{program_tag()}-{secrets.token_hex(6)}"
     _register(name)
     try:
         fd = shm_open(name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
