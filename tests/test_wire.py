@@ -933,3 +933,62 @@ def test_a_claimed_whole_body_costs_only_what_arrived(claimed: int) -> None:
     grown = resident() - before
     assert decoder.buffered == len(header) + MiB
     assert grown < 16 * MiB, f"holding 1 MiB of a {claimed}-byte claim took {grown} bytes"
+
+
+def _thp_mode() -> str:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            text = f.read()
+    except OSError:
+        return "absent"
+    return text[text.index("[") + 1 : text.index("]")]
+
+
+def _mapping_flags(address: int) -> tuple[bool, str]:
+    """(THPeligible, VmFlags) of this process's mapping that holds *address*."""
+    eligible, flags, inside = False, "", False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            first = line.split(maxsplit=1)[0]
+            if "-" in first and not first.endswith(":"):
+                low, high = (int(part, 16) for part in first.split("-"))
+                inside = low <= address < high
+            elif inside and first == "THPeligible:":
+                eligible = line.split()[1] == "1"
+            elif inside and first == "VmFlags:":
+                flags = line
+    return eligible, flags
+
+
+@pytest.mark.skipif(
+    _thp_mode() not in ("madvise", "always"),
+    reason="only where Linux offers transparent huge pages (enabled: madvise or always)",
+)
+def test_a_whole_body_buffer_asks_for_huge_pages() -> None:
+    # 32 MiB and more: the buffer is advised MADV_HUGEPAGE ("hg" among the mapping's flags),
+    # so the system backs it with 2 MiB pages, a fault per 2 MiB instead of per 4 KiB.
+    size = _wire.WHOLE_BODY_MIN + 3 * MiB
+    decoder = FrameDecoder(None)
+    decoder.feed(encode_header(size) + b"\x01" * (SPILL_THRESHOLD + 1))
+    assert decoder.next_frame() is None
+    view = decoder.body_buffer(1 << 30)
+    assert view is not None
+    window = ctypes.c_char.from_buffer(view)
+    address = ctypes.addressof(window) + len(view) // 2
+    del window
+    eligible, flags = _mapping_flags(address)
+    assert " hg" in flags, flags
+    assert eligible
+    decoder.body_received(0)
+    # A buffer below the threshold grows in steps, from whatever memory the allocator
+    # has: it is not advised (the advice would split the allocator's mappings).
+    small = FrameDecoder(None)
+    small.feed(encode_header(8 * MiB) + b"\x01" * (SPILL_THRESHOLD + 1))
+    assert small.next_frame() is None
+    view = small.body_buffer(1 << 30)
+    assert view is not None
+    window = ctypes.c_char.from_buffer(view)
+    address = ctypes.addressof(window)
+    del window
+    assert " hg" not in _mapping_flags(address)[1]
+    small.body_received(0)
