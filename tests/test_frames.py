@@ -113,7 +113,7 @@ def test_read_available_one_byte_at_a_time_never_reads_ahead(pipe: Pipe, form: s
         os.write(w, stream[i : i + 1])
         result = reader.read_available()
         if result is not None:
-            got.append(result)
+            got.append(bytes(result))
             # Exactly at the end of a frame: nothing of the next one was read.
             assert reader.at_boundary
             assert stream[: i + 1] == b"".join(encode(p) for p in got)

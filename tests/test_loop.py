@@ -9,6 +9,8 @@ taken around each call, so a busy machine makes them check fewer cases, not fail
 
 from __future__ import annotations
 
+import asyncio
+import os
 import sys
 import threading
 import time
@@ -248,3 +250,79 @@ def test_cancel_pending_follows_the_library_that_runs_the_thread() -> None:
             anyio.run(check, backend=backend)
 
     _in_a_thread_with_its_own_loop(runs)
+
+
+def test_cancel_pending_in_two_tasks_of_one_loop() -> None:
+    """The check finds the task that runs now: one task cancelled, the other not."""
+
+    async def main() -> None:
+        answers: dict[str, bool] = {}
+        ready = anyio.Event()
+
+        async def cancelled() -> None:
+            with anyio.CancelScope() as scope:
+                scope.cancel()
+                await ready.wait()  # never waits: the scope is cancelled
+            answers["cancelled-after"] = _loop.cancel_pending()
+
+        async def plain() -> None:
+            answers["plain"] = _loop.cancel_pending()
+            with anyio.CancelScope() as scope:
+                scope.cancel()
+                answers["plain-inside"] = _loop.cancel_pending()
+                await anyio.lowlevel.checkpoint()
+            answers["plain-after"] = _loop.cancel_pending()
+            ready.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(cancelled)
+            tg.start_soon(plain)
+        assert answers == {
+            "plain": False,
+            "plain-inside": True,
+            "plain-after": False,
+            "cancelled-after": False,
+        }
+
+    _in_a_thread_with_its_own_loop(lambda: anyio.run(main))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() is POSIX")
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_a_child_forked_inside_a_task_chooses_its_check_again() -> None:
+    """A child forked while a task runs inherits asyncio's table of running tasks, the
+    parent's task in it: a check bound to the parent's loop would read that task's cancel
+    scopes. In the child's own loop the answers must be the child's."""
+
+    async def child_main() -> None:
+        # The parent's task is not cancelled; this one is.
+        with anyio.CancelScope() as scope:
+            scope.cancel()
+            if not _loop.cancel_pending():
+                os._exit(3)
+            await anyio.lowlevel.checkpoint()
+        if _loop.cancel_pending():
+            os._exit(4)
+
+    async def parent_main() -> int:
+        assert not _loop.cancel_pending()  # the check is chosen, bound to this loop
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            # In the forking thread, whose check the hook forgot. (anyio's own
+            # thread-local state still says asyncio runs here: a new loop in this thread
+            # is refused, so the child's loop is asyncio's own.)
+            code = 0
+            try:
+                asyncio.run(child_main())
+            except BaseException:
+                code = 5
+            os._exit(code)
+        return pid
+
+    def fork_and_wait() -> None:
+        _, status = os.waitpid(anyio.run(parent_main), 0)
+        codes.append(os.waitstatus_to_exitcode(status))
+
+    codes: list[int] = []
+    _in_a_thread_with_its_own_loop(fork_and_wait)
+    assert codes == [0]

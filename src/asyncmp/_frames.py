@@ -58,6 +58,7 @@ __all__ = (
     "FrameWriter",
     "GreedyReader",
     "NowaitReader",
+    "Payload",
     "eof_error",
     "exact_reader",
     "frame_parts",
@@ -76,6 +77,11 @@ COALESCE_LIMIT = 16 * 1024
 #: How long a send cancelled mid-frame may go on, shielded, to finish its frame before
 #: the connection is declared broken instead.
 SEND_SHIELD_SECONDS = 2.0
+
+#: A frame's payload as an exact reader hands it out: ``bytes``, or the ``bytearray`` it
+#: was read into (a :class:`NowaitReader` reads a small body into a buffer of its own
+#: size, and a copy into ``bytes`` would cost the fast path of every get). Both unpickle.
+Payload = bytes | bytearray
 
 PEER_CLOSED = "the peer closed the connection"
 _CORRUPT_QUEUE = "corrupt queue framing: {}"
@@ -470,7 +476,7 @@ class ExactReader:
         """Bytes in the pipe now (``FIONREAD``)."""
         return self._transport.available()
 
-    def read_whole(self, avail: int) -> bytes | None:
+    def read_whole(self, avail: int) -> Payload | None:
         """The common case in two reads, at a frame boundary with *avail* bytes in the
         pipe (from :meth:`available`): if the next frame is all there, read its header,
         then exactly its body, and return the body.
@@ -493,7 +499,7 @@ class ExactReader:
             self.decoder.feed(header)
         return None
 
-    def take_whole(self) -> bytes | None:
+    def take_whole(self) -> Payload | None:
         """At a frame boundary: the next frame's body if the frame is all in the pipe.
 
         Otherwise None: nothing was read if :attr:`at_boundary` is still True; else the
@@ -518,7 +524,7 @@ class ExactReader:
             raise anyio.BrokenResourceError(_QUEUE_CLOSED_MID_ITEM)
         self.decoder.feed(data)
 
-    def read_available(self, budget: int = READ_BUDGET) -> bytes | None:
+    def read_available(self, budget: int = READ_BUDGET) -> Payload | None:
         """Read no further than one frame, at most about *budget* bytes of it; return
         the frame once whole, else None (nothing more there, or the budget is spent:
         give the loop a turn, then come back)."""
@@ -563,15 +569,21 @@ class ExactReader:
 # ---------------------------------------------------------------------------------------
 
 #: ``preadv2``'s flag "don't wait for data", where the platform may have it (Linux).
-_RWF_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None) if sys.platform == "linux" else None
-_preadv = getattr(os, "preadv", None)
+_RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0) if sys.platform == "linux" else 0
+
+
+def _no_preadv(fd: int, buffers: list[bytearray], offset: int, flags: int) -> int:
+    raise NotImplementedError("os.preadv() is not available here")
+
+
+_preadv: Callable[[int, list[bytearray], int, int], int] = getattr(os, "preadv", _no_preadv)
 #: What a kernel or a Python build says when it can't honour ``RWF_NOWAIT`` on a pipe:
 #: a kernel before pipes took it (EOPNOTSUPP, or EINVAL), one without ``preadv2`` at all
 #: (ENOSYS); a Python built without ``preadv2`` raises ``NotImplementedError``.
 _NOWAIT_UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS})
 #: False once this process found that its kernel can't honour ``RWF_NOWAIT`` on a pipe
 #: (found out once per process, not per call), or where there is no such flag.
-nowait_works = _RWF_NOWAIT is not None and _preadv is not None
+nowait_works = _RWF_NOWAIT != 0 and _preadv is not _no_preadv
 #: The largest body a :class:`NowaitReader` reads without asking ``FIONREAD`` first. It
 #: reads into a buffer of the claimed size, so the size is bounded by what a pipe holds
 #: (64 KiB unless enlarged); a larger claim is checked against what is there, and costs
@@ -600,19 +612,19 @@ class NowaitReader(ExactReader):
     exact reader's, with ``FIONREAD``.
     """
 
-    __slots__ = ("_header", "_header_iov", "_nowait")
+    __slots__ = ("_body_iov", "_header", "_header_iov", "_nowait")
 
     def __init__(self, transport: FdTransport) -> None:
         super().__init__(transport)
         self._header = bytearray(4)
         self._header_iov = [self._header]
+        self._body_iov = [self._header]
         self._nowait = True
 
-    def take_whole(self) -> bytes | None:
+    def take_whole(self) -> Payload | None:
         """As :meth:`ExactReader.take_whole`, in two system calls (header, body)."""
         if not self._nowait:
             return super().take_whole()
-        assert _preadv is not None and _RWF_NOWAIT is not None
         fd = self._fd
         try:
             got = _preadv(fd, self._header_iov, -1, _RWF_NOWAIT)
@@ -646,12 +658,14 @@ class NowaitReader(ExactReader):
             self.decoder.feed(bytes(header))
             return None
         buf = bytearray(size)
+        body_iov = self._body_iov
+        body_iov[0] = buf  # (a list made once: a new one per call costs more)
         try:
-            got = _preadv(fd, [buf], -1, _RWF_NOWAIT)
+            got = _preadv(fd, body_iov, -1, _RWF_NOWAIT)
         except BlockingIOError:
             got = 0
         if got == size:
-            return bytes(buf)
+            return buf
         # Part of the body, or none of it yet (or the end of the pipe, which the
         # decoder's next read finds): the frame is the lock holder's to finish.
         self.decoder.feed(bytes(header) + bytes(buf[:got]))

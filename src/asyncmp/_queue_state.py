@@ -14,6 +14,7 @@ import anyio
 from ._threads import BlockingCall
 
 if TYPE_CHECKING:
+    from ._frames import Payload
     from ._loop import FairLock
 
 __all__ = ("Getter", "QueueState")
@@ -75,7 +76,7 @@ class Getter(Protocol):
     def close_threads(self) -> None:
         """Closing, once the calls have returned: end the kept thread."""
 
-    async def finish_partial(self) -> bytes | None:
+    async def finish_partial(self) -> Payload | None:
         """Closing: finish an item begun under the reader lock; return it to put back."""
 
     def close(self) -> None:
