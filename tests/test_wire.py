@@ -901,13 +901,22 @@ def test_a_whole_body_buffer_is_handed_over_without_a_copy(
     decoder = FrameDecoder()
     decoder.feed(encode_header(size) + payload[:1000])
     assert decoder.next_frame() is None
-    view = decoder.body_buffer(1 << 30)
-    assert view is not None and len(view) == size - 1000  # all the room at once
-    window = ctypes.c_char.from_buffer(view)
-    address = ctypes.addressof(window)
-    del window  # it holds the view exported
-    view[:] = payload[1000:]
-    decoder.body_received(size - 1000)
+    # All the room is there at once: each view lent goes on where the last one ended
+    # (up to a huge page boundary, where the buffer has huge pages).
+    address = None
+    held = 1000
+    while (view := decoder.body_buffer(1 << 30)) is not None:
+        window = ctypes.c_char.from_buffer(view)
+        start = ctypes.addressof(window)
+        del window  # it holds the view exported
+        if address is None:
+            address = start
+        assert start == address + held - 1000
+        view[:] = payload[held : held + len(view)]
+        held += len(view)
+        decoder.body_received(len(view))
+    assert held == size
+    assert address is not None
     frame = decoder.next_frame()
     assert frame == payload
     # The bytes handed out are the buffer that was written: no copy at the end.
@@ -980,6 +989,20 @@ def test_a_whole_body_buffer_asks_for_huge_pages() -> None:
     assert " hg" in flags, flags
     assert eligible
     decoder.body_received(0)
+    # Each view lent for a read reaches into one huge page at most: a read never makes
+    # the system zero two of them (milliseconds each where the memory is new to a VM).
+    with open("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size") as f:
+        huge = int(f.read())
+    views = 0
+    while (view := decoder.body_buffer(3 * huge)) is not None:
+        window = ctypes.c_char.from_buffer(view)
+        start = ctypes.addressof(window)
+        del window
+        assert start // huge == (start + len(view) - 1) // huge, "a read across two pages"
+        views += 1
+        decoder.body_received(len(view))
+    assert decoder.next_frame() is not None
+    assert views >= size // huge
     # A buffer below the threshold grows in steps, from whatever memory the allocator
     # has: it is not advised (the advice would split the allocator's mappings).
     small = FrameDecoder(None)

@@ -21,14 +21,27 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-__all__ = ("advise_huge_pages",)
+__all__ = ("HugePages", "advise_huge_pages")
+
+#: Where a view's huge pages begin, and their size: ``(offset of the first huge page
+#: boundary in the view, huge page size)``. Boundaries are a huge page size apart.
+HugePages = tuple[int, int]
 
 
-def _nothing(view: memoryview) -> None:
+def _nothing(view: memoryview) -> HugePages | None:
     del view
+    return None
 
 
-def _linux_advice() -> Callable[[memoryview], None]:
+def _huge_page_size() -> int:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 2 << 20  # x86-64's, and ARM's with 4 KiB pages
+
+
+def _linux_advice() -> Callable[[memoryview], HugePages | None]:
     try:
         import ctypes
         import mmap
@@ -43,28 +56,37 @@ def _linux_advice() -> Callable[[memoryview], None]:
     address_of = ctypes.addressof
     char_at = ctypes.c_char.from_buffer
 
-    def advise(view: memoryview) -> None:
+    huge = _huge_page_size()
+
+    def advise(view: memoryview) -> HugePages | None:
         anchor = char_at(view)  # holds an export of *view* until it is deleted
         address = address_of(anchor)
         del anchor
         # Only the whole pages inside the view: the memory around it is not ours.
         start = -(-address // page) * page
         end = (address + view.nbytes) // page * page
-        if end > start:
-            madvise(start, end - start, hugepage)  # a refusal only costs the speed-up
+        if end <= start or madvise(start, end - start, hugepage) != 0:
+            return None
+        return -address % huge, huge
 
     return advise
 
 
-_advise: Callable[[memoryview], None] | None = None
+_advise: Callable[[memoryview], HugePages | None] | None = None
 
 
-def advise_huge_pages(view: memoryview) -> None:
+def advise_huge_pages(view: memoryview) -> HugePages | None:
     """Advise that the writable *view*'s memory be backed by huge pages. Best effort.
+
+    Returns where the view's huge pages begin and their size (:data:`HugePages`), or
+    None if no advice was given. A reader that writes into
+    at most one huge page per read bounds what one read costs: the system zeroes a whole
+    huge page when its first byte is written, and on a virtual machine whose host has not
+    backed that memory yet, that takes milliseconds.
 
     The first call loads ``ctypes`` (not every program receives a large message).
     """
     global _advise
     if _advise is None:
         _advise = _linux_advice() if sys.platform == "linux" else _nothing
-    _advise(view)
+    return _advise(view)
