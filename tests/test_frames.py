@@ -62,6 +62,12 @@ def exact_reader(fd: int) -> ExactReader:
     return ExactReader(open_transport(fd))
 
 
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
 def leftover(r: int) -> bytes:
     """What is still in the pipe (without blocking)."""
     n = open_transport(r).available()
@@ -98,6 +104,61 @@ def test_read_whole_leaves_a_partial_frame_in_the_decoder(pipe: Pipe) -> None:
     assert not reader.at_boundary  # the header was read: the frame is ours to finish
     os.write(w, data[50:] + frame(b"next"))
     assert reader.read_available() == b"x" * 100
+    assert leftover(r) == frame(b"next")
+
+
+def test_a_large_item_is_read_into_its_buffer_and_no_further(
+    pipe: Pipe, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # From 32 MiB on, the body's bytes go straight into the buffer that becomes the
+    # payload (no copy through bytes objects), never past the frame: the next frame
+    # stays in the pipe for whoever takes the reader lock next.
+    r, w = pipe.r, pipe.w
+    size = (32 << 20) + 12345
+    payload = bytes(range(256)) * (size // 256) + b"\x07" * (size % 256)
+    reader = exact_reader(r)
+    cls = type(reader._transport)
+    some, into = cls.read_some, cls.read_into
+    read_some_bytes: list[int] = []
+    read_into_bytes: list[int] = []
+
+    def record_some(self: object, max_bytes: int) -> bytes | None:
+        data = some(self, max_bytes)  # type: ignore[arg-type]
+        read_some_bytes.append(len(data or b""))
+        return data
+
+    def record_into(self: object, buf: memoryview) -> int | None:
+        got = into(self, buf)  # type: ignore[arg-type]
+        read_into_bytes.append(got or 0)
+        return got
+
+    monkeypatch.setattr(cls, "read_some", record_some)
+    monkeypatch.setattr(cls, "read_into", record_into)
+
+    def write() -> None:
+        try:
+            write_all(w, frame(payload) + frame(b"next"))
+        except BrokenPipeError:
+            pass  # the test failed and closed the read end
+
+    got = None
+    writer = threading.Thread(target=write)
+    writer.start()
+    try:
+        poll = poller(r, writable=False)
+        while got is None:
+            got = reader.read_available()
+            if got is None:
+                poll.poll(5000)
+    finally:
+        if writer.is_alive() and got is None:
+            pipe.open.remove(r)
+            os.close(r)  # the writer, blocked on a full pipe, gets EPIPE
+        writer.join()
+    assert got == payload
+    assert sum(read_into_bytes) > size - (1 << 20)  # the body, past its first bytes
+    assert sum(read_some_bytes) < (1 << 20)
+    assert reader.at_boundary
     assert leftover(r) == frame(b"next")
 
 

@@ -524,6 +524,28 @@ class ExactReader:
             raise anyio.BrokenResourceError(_QUEUE_CLOSED_MID_ITEM)
         self.decoder.feed(data)
 
+    def _read(self, limit: int) -> int | None:
+        """Read up to *limit* more bytes of the frame in progress, never past it; how many
+        (None: nothing is there now). A large body's bytes go straight into its buffer,
+        which the decoder lends (no copy; for a body with huge pages, one page at most
+        per read); other bytes are read, then fed to the decoder."""
+        decoder = self.decoder
+        view = decoder.body_buffer(limit)
+        if view is None:
+            data = self._transport.read_some(limit)
+            if data is None:
+                return None
+            self._feed(data)
+            return len(data)
+        got = None
+        try:
+            got = self._transport.read_into(view)
+        finally:
+            decoder.body_received(got or 0)
+        if got == 0:
+            raise anyio.BrokenResourceError(_QUEUE_CLOSED_MID_ITEM)
+        return got
+
     def read_available(self, budget: int = READ_BUDGET) -> Payload | None:
         """Read no further than one frame, at most about *budget* bytes of it; return
         the frame once whole, else None (nothing more there, or the budget is spent:
@@ -539,11 +561,10 @@ class ExactReader:
                 return frame
             if budget <= 0:
                 return None
-            data = self._transport.read_some(min(decoder.bytes_wanted(), READ_BUDGET))
-            if data is None:
+            got = self._read(min(decoder.bytes_wanted(), READ_BUDGET))
+            if got is None:
                 return None
-            budget -= len(data)
-            self._feed(data)
+            budget -= got
 
     def read_blocking(self, wait_readable: Poller, stall_timeout: float) -> bytes:
         """In a thread: finish the frame in progress (or read the next one), waiting for
@@ -556,12 +577,9 @@ class ExactReader:
             frame = self._next()
             if frame is not None:
                 return frame
-            data = self._transport.read_some(decoder.bytes_wanted())
-            if data is None:
-                if not wait_readable.poll(stall_timeout * 1000):
-                    raise stalled(stall_timeout, decoder.buffered)
-                continue
-            self._feed(data)
+            nothing_there = self._read(decoder.bytes_wanted()) is None
+            if nothing_there and not wait_readable.poll(stall_timeout * 1000):
+                raise stalled(stall_timeout, decoder.buffered)
 
 
 # ---------------------------------------------------------------------------------------
