@@ -901,22 +901,13 @@ def test_a_whole_body_buffer_is_handed_over_without_a_copy(
     decoder = FrameDecoder()
     decoder.feed(encode_header(size) + payload[:1000])
     assert decoder.next_frame() is None
-    # All the room is there at once: each view lent goes on where the last one ended
-    # (up to a huge page boundary, where the buffer has huge pages).
-    address = None
-    held = 1000
-    while (view := decoder.body_buffer(1 << 30)) is not None:
-        window = ctypes.c_char.from_buffer(view)
-        start = ctypes.addressof(window)
-        del window  # it holds the view exported
-        if address is None:
-            address = start
-        assert start == address + held - 1000
-        view[:] = payload[held : held + len(view)]
-        held += len(view)
-        decoder.body_received(len(view))
-    assert held == size
-    assert address is not None
+    view = decoder.body_buffer(1 << 30)
+    assert view is not None and len(view) == size - 1000  # all the room at once
+    window = ctypes.c_char.from_buffer(view)
+    address = ctypes.addressof(window)
+    del window  # it holds the view exported
+    view[:] = payload[1000:]
+    decoder.body_received(size - 1000)
     frame = decoder.next_frame()
     assert frame == payload
     # The bytes handed out are the buffer that was written: no copy at the end.
@@ -942,76 +933,3 @@ def test_a_claimed_whole_body_costs_only_what_arrived(claimed: int) -> None:
     grown = resident() - before
     assert decoder.buffered == len(header) + MiB
     assert grown < 16 * MiB, f"holding 1 MiB of a {claimed}-byte claim took {grown} bytes"
-
-
-def _thp_mode() -> str:
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-            text = f.read()
-    except OSError:
-        return "absent"
-    return text[text.index("[") + 1 : text.index("]")]
-
-
-def _mapping_flags(address: int) -> tuple[bool, str]:
-    """(THPeligible, VmFlags) of this process's mapping that holds *address*."""
-    eligible, flags, inside = False, "", False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            first = line.split(maxsplit=1)[0]
-            if "-" in first and not first.endswith(":"):
-                low, high = (int(part, 16) for part in first.split("-"))
-                inside = low <= address < high
-            elif inside and first == "THPeligible:":
-                eligible = line.split()[1] == "1"
-            elif inside and first == "VmFlags:":
-                flags = line
-    return eligible, flags
-
-
-@pytest.mark.skipif(
-    _thp_mode() not in ("madvise", "always"),
-    reason="only where Linux offers transparent huge pages (enabled: madvise or always)",
-)
-def test_a_whole_body_buffer_asks_for_huge_pages() -> None:
-    # 32 MiB and more: the buffer is advised MADV_HUGEPAGE ("hg" among the mapping's flags),
-    # so the system backs it with 2 MiB pages, a fault per 2 MiB instead of per 4 KiB.
-    size = _wire.WHOLE_BODY_MIN + 3 * MiB
-    decoder = FrameDecoder(None)
-    decoder.feed(encode_header(size) + b"\x01" * (SPILL_THRESHOLD + 1))
-    assert decoder.next_frame() is None
-    view = decoder.body_buffer(1 << 30)
-    assert view is not None
-    window = ctypes.c_char.from_buffer(view)
-    address = ctypes.addressof(window) + len(view) // 2
-    del window
-    eligible, flags = _mapping_flags(address)
-    assert " hg" in flags, flags
-    assert eligible
-    decoder.body_received(0)
-    # Each view lent for a read reaches into one huge page at most: a read never makes
-    # the system zero two of them (milliseconds each where the memory is new to a VM).
-    with open("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size") as f:
-        huge = int(f.read())
-    views = 0
-    while (view := decoder.body_buffer(3 * huge)) is not None:
-        window = ctypes.c_char.from_buffer(view)
-        start = ctypes.addressof(window)
-        del window
-        assert start // huge == (start + len(view) - 1) // huge, "a read across two pages"
-        views += 1
-        decoder.body_received(len(view))
-    assert decoder.next_frame() is not None
-    assert views >= size // huge
-    # A buffer below the threshold grows in steps, from whatever memory the allocator
-    # has: it is not advised (the advice would split the allocator's mappings).
-    small = FrameDecoder(None)
-    small.feed(encode_header(8 * MiB) + b"\x01" * (SPILL_THRESHOLD + 1))
-    assert small.next_frame() is None
-    view = small.body_buffer(1 << 30)
-    assert view is not None
-    window = ctypes.c_char.from_buffer(view)
-    address = ctypes.addressof(window)
-    del window
-    assert " hg" not in _mapping_flags(address)[1]
-    small.body_received(0)

@@ -527,8 +527,8 @@ class ExactReader:
     def _read(self, limit: int) -> int | None:
         """Read up to *limit* more bytes of the frame in progress, never past it; how many
         (None: nothing is there now). A large body's bytes go straight into its buffer,
-        which the decoder lends (no copy; for a body with huge pages, one page at most
-        per read); other bytes are read, then fed to the decoder."""
+        which the decoder lends (no copy); other bytes are read, then fed to the
+        decoder."""
         decoder = self.decoder
         view = decoder.body_buffer(limit)
         if view is None:

@@ -30,8 +30,6 @@ import struct
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
-from ._memadvise import HugePages, advise_huge_pages
-
 __all__ = (
     "DEFAULT_MAX_MESSAGE_SIZE",
     "LONG_FORM_THRESHOLD",
@@ -81,17 +79,15 @@ def dumps(obj: Any) -> bytes:
     return buf.getvalue()
 
 
-def _new_body(size: int, first: bytes) -> tuple[io.BytesIO, int, HugePages | None]:
-    """A buffer for a large body of *size* bytes that starts with *first*, its room, and
-    where its huge pages begin, if it has any.
+def _new_body(size: int, first: bytes) -> tuple[io.BytesIO, int]:
+    """A buffer for a large body of *size* bytes that starts with *first*, and its room.
 
     From :data:`WHOLE_BODY_MIN` bytes on it has room for the whole body at once: a
     ``bytes(size)`` that a ``BytesIO`` holds alone, so it writes into it and hands it over
     when it is full, with no growth step and no copy at the end. An allocation that large
     is mapped fresh from the system (by glibc from 32 MiB on, always; likewise by the
     macOS and Windows allocators), so its pages cost memory only once written: a peer
-    that claims 1 GiB and sends 1 MiB costs about 1 MiB (2 MiB with huge pages, which
-    :func:`~asyncmp._memadvise.advise_huge_pages` asks for). Below that size, where the
+    that claims 1 GiB and sends 1 MiB costs about 1 MiB. Below that size, where the
     allocator may hand out recycled memory and zero all of it at once, and where the
     system refuses the claim (:class:`MemoryError`), the buffer grows as bytes arrive
     (see :meth:`FrameDecoder.body_buffer`).
@@ -103,13 +99,11 @@ def _new_body(size: int, first: bytes) -> tuple[io.BytesIO, int, HugePages | Non
         except (MemoryError, OverflowError):
             pass
         else:
-            with body.getbuffer() as whole:
-                huge = advise_huge_pages(whole)
             body.write(first)
-            return body, size, huge
+            return body, size
     body = io.BytesIO()
     body.write(first)
-    return body, len(first), None
+    return body, len(first)
 
 
 class WireError(ValueError):
@@ -144,7 +138,6 @@ class FrameDecoder:
         "_error",
         "_given",
         "_held",
-        "_huge",
         "_limit",
         "_missing",
         "_pos",
@@ -171,8 +164,6 @@ class FrameDecoder:
         # overwritten); _body_view is the view lent by body_buffer(), if any.
         self._capacity = 0
         self._body_view: memoryview | None = None
-        # Where the body's buffer has huge pages (see body_buffer()), if it has.
-        self._huge: HugePages | None = None
         # A spilled body that completed and awaits next_frame().
         self._spilled: bytes | None = None
         # Header bytes of the spilled frame (in progress or awaiting next_frame()): they
@@ -250,7 +241,6 @@ class FrameDecoder:
             assert self._body is not None
             self._spilled = self._body.getvalue()
             self._body = None
-            self._huge = None
         self._held = self._capacity = 0
 
     def _release_view(self) -> None:
@@ -296,15 +286,6 @@ class FrameDecoder:
                 body.write(b"\0")
             self._capacity = capacity
         end = min(capacity, held + max_bytes)
-        huge = self._huge
-        if huge is not None:
-            # Into one huge page at most: the system zeroes a huge page when its first
-            # byte is written, which on a virtual machine whose host has not backed that
-            # memory yet takes milliseconds. Two in one read would hold the loop twice
-            # as long.
-            first, size = huge
-            boundary = held + ((first - held) % size or size)
-            end = min(end, boundary)
         whole = body.getbuffer()
         view = whole[held:end]
         whole.release()  # the slice keeps the buffer exported until it is released
@@ -341,7 +322,7 @@ class FrameDecoder:
         with body.getbuffer() as buffer:
             target[: self._held] = buffer[: self._held]
         self._target = target
-        self._body = self._huge = None
+        self._body = None
         self._capacity = 0
         return True
 
@@ -372,7 +353,7 @@ class FrameDecoder:
         body = self._body
         if body is None:
             size = self._held + self._missing if done < 0 else done
-            body, self._capacity, self._huge = _new_body(size, b"")
+            body, self._capacity = _new_body(size, b"")
             self._body = body
             self._given = 0
         given = self._given
@@ -387,7 +368,7 @@ class FrameDecoder:
         if done >= 0:
             self._target_done = -1
             self._spilled = body.getvalue()
-            self._body = self._huge = None
+            self._body = None
             self._capacity = 0
         return True
 
@@ -428,7 +409,7 @@ class FrameDecoder:
             first = buf[start:]
             self._buf = b""
             self._pos = 0
-            self._body, self._capacity, self._huge = _new_body(size, first)
+            self._body, self._capacity = _new_body(size, first)
             self._held = len(first)
             self._missing = missing
             self._spill_header = start - pos
