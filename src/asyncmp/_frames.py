@@ -43,7 +43,7 @@ import anyio.lowlevel
 
 from ._exceptions import ConnectionEOF, ProtocolError
 from ._loop import fast_checkpoint, note_turn, turn_if_due
-from ._wire import FrameDecoder, WireError, encode_header, unpack_short_header
+from ._wire import SPILL_THRESHOLD, FrameDecoder, WireError, encode_header, unpack_short_header
 
 if TYPE_CHECKING or sys.platform != "win32":
     from ._fdio import FdTransport, Poller, ReadinessWaiter
@@ -530,7 +530,9 @@ class ExactReader:
         which the decoder lends (no copy); other bytes are read, then fed to the
         decoder."""
         decoder = self.decoder
-        view = decoder.body_buffer(limit)
+        # Only a large body lends its buffer: a small item (the common case, on the path
+        # of every get that waited) skips asking.
+        view = decoder.body_buffer(limit) if limit > SPILL_THRESHOLD else None
         if view is None:
             data = self._transport.read_some(limit)
             if data is None:
