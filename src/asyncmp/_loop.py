@@ -126,12 +126,17 @@ def _public_cancel_pending() -> bool:
     return anyio.current_effective_deadline() == -math.inf
 
 
+#: Before Python 3.12, ``asyncio.current_task()`` calls ``getpid()`` (a name, not an ``if``
+#: on the version, so that type checkers see both branches on every version).
+_CURRENT_TASK_COSTS_A_SYSTEM_CALL: bool = sys.version_info < (3, 12)
+
+
 def _running_tasks_table() -> dict[AbstractEventLoop, asyncio.Task[Any]] | None:
     """asyncio's own table of the task each loop runs now, where looking a task up there
     is faster than ``asyncio.current_task()``: before Python 3.12, that function asks for
     the running loop, which costs a ``getpid()`` system call (to notice a fork), about
     0.2 µs of the fast path of every receive and get. None from 3.12 on."""
-    if sys.version_info >= (3, 12):
+    if not _CURRENT_TASK_COSTS_A_SYSTEM_CALL:
         return None
     table = getattr(asyncio.tasks, "_current_tasks", None)
     return table if isinstance(table, dict) else None
