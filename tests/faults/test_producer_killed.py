@@ -166,7 +166,7 @@ class AlwaysFullPipe:
     def available(self) -> int:
         return min(64 * KiB, len(self.data))
 
-    def read_some(self, max_bytes: int) -> bytes | None:
+    def _take(self, max_bytes: int) -> memoryview | None:
         n = min(self.available(), max_bytes)
         if n == 0:
             return None
@@ -174,8 +174,19 @@ class AlwaysFullPipe:
             self.turn, self.since_turn = self.beat.ticks, 0
         self.since_turn += n
         self.worst = max(self.worst, self.since_turn)
-        chunk, self.data = bytes(self.data[:n]), self.data[n:]
+        chunk, self.data = self.data[:n], self.data[n:]
         return chunk
+
+    def read_some(self, max_bytes: int) -> bytes | None:
+        chunk = self._take(max_bytes)
+        return None if chunk is None else bytes(chunk)
+
+    def read_into(self, buf: memoryview) -> int | None:
+        chunk = self._take(len(buf))
+        if chunk is None:
+            return None
+        buf[: len(chunk)] = chunk
+        return len(chunk)
 
     def close(self) -> None:
         pass
