@@ -27,7 +27,6 @@ import inspect
 import multiprocessing
 import queue
 import sys
-from time import perf_counter
 from typing import Any, Generic, NoReturn
 
 import anyio
@@ -35,7 +34,7 @@ from anyio.abc import AsyncResource
 from anyio.lowlevel import checkpoint
 
 from . import _mpinternals
-from ._loop import TURN_INTERVAL, cancel_pending, full_checkpoint, turn_clock
+from ._loop import checkpoint_due, full_checkpoint
 from ._queue_fdget import FdGetter, unpickle_frame
 from ._queue_put import Putter
 from ._queue_state import Getter, QueueState
@@ -190,13 +189,7 @@ class AsyncQueue(AsyncResource, Generic[T]):
             # adapter keeps the lock for this very get (won in a queue against other
             # consumers): the loop's turn here would let it go (a deferred release), and
             # the consumers queued in the kernel would take it back every time.
-            # checkpoint_due(), inlined: it is most of the fast path's own time.
-            clock = turn_clock
-            try:
-                due = perf_counter() - clock.last >= TURN_INTERVAL or clock.cancel_pending()
-            except RuntimeError:  # another library runs in this thread now
-                due = cancel_pending()
-            if due:
+            if checkpoint_due():  # fast_checkpoint(), inlined: one coroutine less
                 await full_checkpoint()
             frame = fast.take_whole_frame()
             if frame is not None:

@@ -95,27 +95,18 @@ class FdGetter:
         ``RWF_NOWAIT``, else ``FIONREAD`` first). Anything else (a partial frame, a long
         header, contention) is left to the full path.
         """
-        if self.get_lock._locked:  # locked(), inlined: the fast path of every get
+        if self.get_lock.locked():
             return None
         if self.kept:
             return self.kept.popleft()
         rlock = self.rlock
-        lock = rlock.lock
-        if not lock.acquire(False):  # rlock.take_nowait(), inlined
+        if not rlock.lock.acquire(False):  # rlock.take_nowait(), inlined: the fast path
             return None
         rlock.held = True
         reader = self.reader
         body = reader.take_whole()
         if body is not None:
-            # _took(), inlined
-            if rlock.contended:
-                rlock.release_soon()
-            else:
-                rlock.held = False
-                lock.release()
-            if self._sem is not None:
-                self._sem.release()
-            return body
+            return self._took(body)
         if reader.at_boundary and not rlock.contended:  # nothing read
             rlock.release()
         # else: the lock stays ours, mid-frame (or queued for, as contended consumers
