@@ -15,6 +15,7 @@ import pickle
 import struct
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -36,9 +37,10 @@ __all__ = (
     "join_process",
     "make_queue",
     "open_queue",
-    "os_thread_count",
+    "os_threads",
     "outcome",
     "release_pipe",
+    "threads_that_stay",
 )
 
 FORK: Any = multiprocessing.get_context("fork") if sys.platform != "win32" else None
@@ -120,12 +122,41 @@ def asyncmp_threads() -> list[threading.Thread]:
     return [t for t in threading.enumerate() if t.name.startswith("asyncmp")]
 
 
-def os_thread_count() -> int:
-    """Threads of this process as the OS counts them, foreign (non-Python) ones included."""
+def os_threads() -> dict[int, str] | None:
+    """Threads of this process as the OS counts them, foreign (non-Python) ones included:
+    thread id -> name. None without procfs."""
     try:
-        return len(os.listdir("/proc/self/task"))
+        tids = os.listdir("/proc/self/task")
     except FileNotFoundError:  # no procfs
-        return threading.active_count()
+        return None
+    threads = {}
+    for tid in tids:
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as comm:
+                threads[int(tid)] = comm.read().strip()
+        except FileNotFoundError:  # it ended between the listing and now
+            pass
+    return threads
+
+
+async def threads_that_stay(before: dict[int, str] | None, timeout: float = 5.0) -> dict[int, str]:
+    """The OS threads started since *before* (see :func:`os_threads`) that are still there
+    once the others have ended.
+
+    The process has threads that are neither Python's nor the code under test's, started
+    and ended by the test harness (pytest's faulthandler watchdog, one per test): a thread
+    that appears and then ends is one of those. A thread that the code under test started
+    for something still pending stays, and is returned after *timeout* (a "no hang" bound,
+    never part of what is tested), with any other that has not ended by then.
+    """
+    if before is None:
+        return {}
+    deadline = time.monotonic() + timeout
+    while True:
+        new = {tid: name for tid, name in (os_threads() or {}).items() if tid not in before}
+        if not new or time.monotonic() > deadline:
+            return new
+        await anyio.sleep(0.01)
 
 
 def backend_of(anyio_backend: object) -> tuple[str, bool]:
