@@ -33,6 +33,19 @@ def recv_until_eof(conn: Connection, expected: int) -> None:
         sys.exit(WRONG_MESSAGES)
 
 
+def send_until_broken(conn: Connection) -> None:
+    """Say ``("ready", pid)``, then send until the pipe has no reader left: exit 0 on
+    ``BrokenPipeError``. (A reader still open anywhere keeps it blocked: the test's
+    timeout.)"""
+    conn.send(("ready", os.getpid()))
+    chunk = b"x" * 65536
+    try:
+        while True:
+            conn.send_bytes(chunk)
+    except BrokenPipeError:
+        pass
+
+
 def _read_exactly(fd: int, n: int) -> bytes:
     parts = []
     while n:

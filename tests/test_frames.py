@@ -23,9 +23,16 @@ from asyncmp import ConnectionEOF, ProtocolError
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX descriptors")
 
 if sys.platform != "win32":
-    from asyncmp import _frames
-    from asyncmp._fdio import open_transport, poller
-    from asyncmp._frames import ExactReader, FrameWriter, GreedyReader, NowaitReader, frame_parts
+    from asyncmp import _fdio, _frames
+    from asyncmp._fdio import open_transport, own_read_end, poller
+    from asyncmp._frames import (
+        ExactReader,
+        FrameWriter,
+        GreedyReader,
+        NowaitReader,
+        OwnEndReader,
+        frame_parts,
+    )
 
 
 def frame(payload: bytes) -> bytes:
@@ -304,19 +311,24 @@ def test_writer_sends_a_frame_from_a_thread_in_slices(pipe: Pipe) -> None:
     assert bytes(received) == frame(payload)
 
 
-# --- the exact reader's fast path: RWF_NOWAIT, or FIONREAD where the kernel refuses it ----------
+# --- the exact reader's fast path: the pipe's own read end, RWF_NOWAIT, or FIONREAD ---------------
 
 NOWAIT = sys.platform == "linux" and getattr(os, "RWF_NOWAIT", None) is not None
-#: The fast paths: FIONREAD (every POSIX), RWF_NOWAIT (Linux), and RWF_NOWAIT on a
-#: kernel that refuses it on pipes, faked, so the reader falls back to FIONREAD.
-FAST_PATHS = ["fionread", "nowait", "nowait-eopnotsupp", "nowait-einval"]
+#: The fast paths: FIONREAD (every POSIX), the pipe's own read end (Linux), RWF_NOWAIT
+#: (Linux, where the own end can't be opened), and RWF_NOWAIT on a kernel that refuses
+#: it on pipes, faked, so the reader falls back to FIONREAD.
+FAST_PATHS = ["fionread", "own-end", "nowait", "nowait-eopnotsupp", "nowait-einval"]
 
 
 @pytest.fixture(params=FAST_PATHS)
 def fast_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     kind: str = request.param
-    if kind != "fionread" and not NOWAIT:
-        pytest.skip("preadv2 with RWF_NOWAIT is Linux only")
+    if kind != "fionread" and sys.platform != "linux":
+        pytest.skip("the own read end and RWF_NOWAIT are Linux only")
+    if kind.startswith("nowait") and not NOWAIT:
+        pytest.skip("this Python has no preadv2 with RWF_NOWAIT")
+    if kind != "own-end":
+        monkeypatch.setattr(_fdio, "own_read_end", lambda fd: None)
     if kind.startswith("nowait-"):
         code = errno.EOPNOTSUPP if kind.endswith("eopnotsupp") else errno.EINVAL
 
@@ -334,7 +346,7 @@ def fast_reader(fd: int, kind: str) -> ExactReader:
     if kind == "fionread":
         return ExactReader(transport)
     reader = _frames.exact_reader(transport)
-    assert isinstance(reader, NowaitReader)
+    assert isinstance(reader, OwnEndReader if kind == "own-end" else NowaitReader)
     return reader
 
 
@@ -380,11 +392,10 @@ def test_take_whole_leaves_a_partial_frame_to_finish(pipe: Pipe, fast_path: str,
     assert leftover(r) == frame(b"next")
 
 
+@pytest.mark.parametrize("fast_path", ["nowait-eopnotsupp", "nowait-einval"], indirect=True)
 def test_take_whole_refused_by_the_kernel_falls_back_for_the_process(
     pipe: Pipe, fast_path: str
 ) -> None:
-    if fast_path in ("fionread", "nowait"):
-        pytest.skip("only where the kernel refuses RWF_NOWAIT on pipes")
     r, w = pipe.r, pipe.w
     os.write(w, frame(b"one") + frame(b"two"))
     reader = fast_reader(r, fast_path)
@@ -410,3 +421,120 @@ def test_take_whole_of_a_body_above_the_nowait_limit(pipe: Pipe, fast_path: str)
     os.write(w, struct.pack("!i", 2**31 - 1) + b"abc")
     assert reader.take_whole() is None
     assert reader.decoder.buffered in (0, 4), "no more than the header read"
+
+
+# --- the pipe's own read end (Linux) ------------------------------------------------------------
+
+LINUX = pytest.mark.skipif(sys.platform != "linux", reason="/proc/self/fd reopens a pipe on Linux")
+
+
+def _nonblocking(fd: int) -> bool:
+    import fcntl
+
+    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK)
+
+
+def _open_on(fd: int, ino: int) -> bool:
+    """Whether descriptor number *fd* is open here on the pipe with inode *ino*."""
+    try:
+        return os.fstat(fd).st_ino == ino
+    except OSError:
+        return False
+
+
+@LINUX
+def test_own_read_end_is_nonblocking_and_leaves_the_handed_descriptor_alone(pipe: Pipe) -> None:
+    r, w = pipe.r, pipe.w
+    own = own_read_end(r)
+    assert own is not None
+    assert own.fd == _fdio.UNOPENED, "opened by the first read, not before"
+    try:
+        assert own.open() == own.fd
+        assert own.fd not in (r, w, -1)
+        assert _nonblocking(own.fd)
+        assert not _nonblocking(r), "the description other processes share changed"
+        with pytest.raises(BlockingIOError):
+            os.read(own.fd, 1)  # empty: EAGAIN, where a read of r would wait
+        os.write(w, b"abc")
+        assert os.read(own.fd, 10) == b"abc", "the same pipe"
+        assert own_read_end(w) is None, "a write end has none"
+    finally:
+        own.close()
+    assert own.fd == -1
+
+
+@LINUX
+def test_own_read_end_is_closed_with_its_transport_and_when_dropped(pipe: Pipe) -> None:
+    ino = os.fstat(pipe.r).st_ino
+    transport = open_transport(pipe.r)
+    assert transport.own_end is not None
+    os.write(pipe.w, b"x")
+    assert transport.read_some(10) == b"x"
+    fd = transport.own_end.fd
+    assert fd >= 0, "opened by the read"
+    assert _open_on(fd, ino)
+    transport.close()
+    assert not _open_on(fd, ino)
+    assert _open_on(pipe.r, ino), "the handed descriptor is its owner's"
+
+    own = own_read_end(pipe.r)
+    assert own is not None
+    fd = own.open()
+    del own  # no other reference: collected now
+    assert not _open_on(fd, ino)
+
+
+@LINUX
+def test_a_socket_or_a_refused_reopen_has_no_own_end(
+    pipe: Pipe, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    a, b = socket.socketpair()
+    with a, b:
+        assert own_read_end(a.fileno()) is None
+
+    def refuse(*args: object, **kwargs: object) -> int:
+        raise PermissionError(errno.EACCES, "no /proc here")
+
+    monkeypatch.setattr(_fdio.os, "open", refuse)
+    transport = open_transport(pipe.r)
+    reader = _frames.exact_reader(transport)
+    os.write(pipe.w, frame(b"still") + frame(b"and again"))
+    assert reader.take_whole() == b"still", "the exact reader's fast path, with FIONREAD"
+    assert transport.own_end is not None
+    assert transport.own_end.fd == -1, "tried once"
+    assert transport.read_some(100) == frame(b"and again"), "FIONREAD's reads"
+
+
+@LINUX
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")
+def test_a_forked_child_holds_no_own_end_and_reads_all_the_same(pipe: Pipe) -> None:
+    """The own end is one more reader of the pipe: a child that kept it would keep a
+    writer from seeing EPIPE after every reader it knows of is gone. The fork hook closes
+    it in the child, where the reader's fast path goes on with FIONREAD."""
+    r, w = pipe.r, pipe.w
+    ino = os.fstat(r).st_ino
+    reader = _frames.exact_reader(open_transport(r))
+    assert isinstance(reader, OwnEndReader)
+    own = reader._transport.own_end
+    assert own is not None
+    os.write(w, frame(b"first") + frame(b"in the child") + frame(b"in the parent"))
+    assert reader.take_whole() == b"first"
+    own_fd = own.fd
+    assert own_fd >= 0
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 0
+        try:
+            if own.fd != -1 or _open_on(own_fd, ino):
+                code = 3
+            elif reader.take_whole() != b"in the child":
+                code = 4
+        except BaseException:
+            code = 5
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert _open_on(own_fd, ino), "the parent keeps its own"
+    assert reader.take_whole() == b"in the parent"

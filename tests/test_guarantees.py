@@ -37,6 +37,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from multiprocessing.connection import Connection
+from typing import Any
 
 import anyio
 import pytest
@@ -639,12 +640,7 @@ async def test_forked_worker_holds_no_copy_of_the_async_end(use_threads: bool) -
     assert direct >= 1  # the detector sees this process's copies
     assert watching == (0 if use_threads else 1)
 
-    worker = FORK.Process(
-        target=guarantee_workers.recv_until_eof, args=(b, 5), name="test-eof-worker"
-    )
-    worker.start()
-    try:
-        b.close()
+    async with a, _forked(guarantee_workers.recv_until_eof, b, 5) as worker:
         with anyio.fail_after(10):
             assert await a.recv() == ("ready", worker.pid)
         assert worker.pid is not None
@@ -654,12 +650,61 @@ async def test_forked_worker_holds_no_copy_of_the_async_end(use_threads: bool) -
         await a.aclose()  # the worker's recv() now sees EOF
         worker.join(10)
         assert not worker.is_alive(), "the worker did not see EOF after the async end closed"
+    assert worker.exitcode == 0
+
+
+@asynccontextmanager
+async def _forked(target: Any, conn: Connection, *args: object) -> AsyncIterator[Any]:
+    """A forked worker running *target* with *conn* (closed here once the worker has it)
+    and *args*; killed at the end if it is still alive, and joined."""
+    assert FORK is not None
+    worker = FORK.Process(target=target, args=(conn, *args), name=f"test-{target.__name__}")
+    worker.start()
+    try:
+        conn.close()
+        yield worker
     finally:
-        await a.aclose()
         if worker.is_alive():
             worker.kill()
-            worker.join()
+        worker.join()
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fdinfo"), reason="needs /proc")
+@ROUTES
+async def test_closing_the_async_end_of_a_one_way_pipe_leaves_no_reader(use_threads: bool) -> None:
+    """On Linux the async end of a one-way pipe reads through a descriptor of its own
+    (a second reader of the pipe). Neither a forked worker nor this process keeps any
+    reader once the async end is closed: the worker's send sees EPIPE."""
+    assert FORK is not None
+    a, b = asyncmp.Pipe(duplex=False, use_threads=use_threads)
+    ino = os.fstat(a.fileno()).st_ino
+    async with a, _forked(guarantee_workers.send_until_broken, b) as worker:
+        with anyio.fail_after(10):
+            assert await a.recv() == ("ready", worker.pid)
+        assert worker.pid is not None
+        if sys.platform == "linux" and not use_threads:
+            assert _readers(os.getpid(), ino) == 2, "the handed end and its own one"
+        assert _readers(worker.pid, ino) == 0
+        await a.aclose()
+        assert _readers(os.getpid(), ino) == 0
+        worker.join(10)
+        assert not worker.is_alive(), "a reader of the pipe is still open somewhere"
     assert worker.exitcode == 0
+
+
+def _readers(pid: int, ino: int) -> int:
+    """Descriptors of process *pid* that read from the pipe with inode *ino*."""
+    count = 0
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            if os.stat(f"/proc/{pid}/fd/{name}").st_ino != ino:
+                continue
+            with open(f"/proc/{pid}/fdinfo/{name}") as f:
+                flags = next(line for line in f if line.startswith("flags:"))
+        except (FileNotFoundError, NotADirectoryError):  # closed meanwhile
+            continue
+        count += int(flags.split()[1], 8) & os.O_ACCMODE == os.O_RDONLY
+    return count
 
 
 # --- 7. the fast path: cancellation and fairness ------------------------------------------------

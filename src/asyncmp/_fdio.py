@@ -22,13 +22,16 @@ So this module does two things differently:
 * **Moving bytes.** The descriptor stays blocking, so every read or write must be one
   that can't block. On a socket (a duplex ``Pipe`` is a socketpair, ``Client`` and
   ``Listener`` use sockets) ``MSG_DONTWAIT`` makes one call non-blocking without
-  touching the shared flags. A pipe has no such per-call flag, so we ask the kernel
-  first: ``FIONREAD`` says how many bytes are buffered, and we read no more than that;
-  a zero-timeout ``poll`` says whether a write of ``PIPE_BUF`` bytes fits, and we
-  write no more than that before asking again.
+  touching the shared flags. A pipe has no such per-call flag. On Linux, the end a pipe
+  is read from gets an open file description of this process's own (:class:`OwnReadEnd`,
+  opened anew through ``/proc/self/fd``), which is non-blocking and which no other
+  process holds. Elsewhere we ask the kernel first: ``FIONREAD`` says how many bytes are
+  buffered, and we read no more than that. For writes, a zero-timeout ``poll`` says
+  whether a write of ``PIPE_BUF`` bytes fits, and we write no more than that before
+  asking again.
 
 Forked children inherit every descriptor. The descriptors asyncmp owns (a connection's
-end and the helper epoll/kqueue) are closed in a forked child by an
+end, the helper epoll/kqueue, a pipe's own read end) are closed in a forked child by an
 ``os.register_at_fork`` hook, so a worker never holds a copy of the parent's end: when
 the parent closes its end, the worker's ``recv()`` sees EOF, as it should.
 """
@@ -54,12 +57,15 @@ import anyio
 from ._loop import is_selector_loop, running_asyncio_loop, wait_readable_elsewhere
 
 __all__ = (
+    "UNOPENED",
     "FdTransport",
     "ForkOwned",
     "KqueueAPI",
+    "OwnReadEnd",
     "Poller",
     "ReadinessWaiter",
     "open_transport",
+    "own_read_end",
     "poller",
     "register_fork_owned",
     "socket_over_dup",
@@ -366,6 +372,96 @@ class ReadinessWaiter:
 # ---------------------------------------------------------------------------------------
 
 
+#: :attr:`OwnReadEnd.fd` before the first read: not opened yet.
+UNOPENED = -2
+
+
+class OwnReadEnd:
+    """A non-blocking descriptor for reading a pipe, on an open file description of this
+    process's own (Linux), opened at the first read that asks for it (:meth:`open`).
+
+    Opening ``/proc/self/fd/N`` of a pipe opens the pipe anew: a new open file
+    description, with flags of its own, on the same pipe buffer. So it can be
+    non-blocking while every other process's description of the pipe stays as it is,
+    and a plain ``read()`` on it returns what is there, or ``EAGAIN``: one system call,
+    cheaper than ``preadv2()``, and than ``FIONREAD`` before a read. (Elsewhere, opening
+    ``/dev/fd/N`` duplicates the descriptor instead, sharing its description: never
+    done there.)
+
+    It counts as one more reader of the pipe while it is open, so it is opened only when
+    this process reads (an adapter that only puts never opens one, and a producer sees
+    ``EPIPE`` once the consumers are gone), and closed with its transport, when
+    garbage-collected, and in every forked child (by the fork hook, which a child never
+    inherits it past). :attr:`fd` is :data:`UNOPENED` before the first read, -1 where it
+    could not be opened or once closed: any read on either number fails with ``EBADF``,
+    never on a descriptor the process reuses.
+    """
+
+    __slots__ = ("__weakref__", "_finalizer", "_of", "fd")
+
+    def __init__(self, of: int) -> None:
+        self._of = of
+        self.fd = UNOPENED
+        self._finalizer: weakref.finalize[[int], OwnReadEnd] | None = None
+
+    def open(self) -> int:
+        """Open it if not yet tried; return :attr:`fd` (-1: not to be had here)."""
+        if self.fd != UNOPENED:
+            return self.fd
+        self.fd = fd = _reopen_nonblocking(self._of)
+        if fd >= 0:
+            self._finalizer = weakref.finalize(self, os.close, fd)
+            register_fork_owned(self)
+        return fd
+
+    def close(self) -> None:
+        self.fd = -1
+        if self._finalizer is not None:
+            self._finalizer()
+
+    def _forget_in_forked_child(self) -> None:
+        self.close()
+
+
+def own_read_end(fd: int) -> OwnReadEnd | None:
+    """An own read end (not opened yet) for the pipe that *fd* reads from, on Linux;
+    None for anything else: another system, a socket, a pipe's write end."""
+    own = None
+    if sys.platform == "linux":
+        try:
+            if (
+                stat.S_ISFIFO(os.fstat(fd).st_mode)
+                and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+            ):
+                own = OwnReadEnd(fd)
+        except OSError:
+            pass
+    return own
+
+
+def _reopen_nonblocking(fd: int) -> int:
+    """The pipe *fd* reads from, opened anew for reading, non-blocking; -1 if the system
+    says no (no ``/proc``, say) or the result is not what Linux documents."""
+    if sys.platform == "linux":
+        try:
+            st = os.fstat(fd)
+            own = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            return -1
+        try:
+            mine = os.fstat(own)
+            same_pipe = (mine.st_dev, mine.st_ino) == (st.st_dev, st.st_ino)
+            apart = bool(fcntl.fcntl(own, fcntl.F_GETFL) & os.O_NONBLOCK) and not (
+                fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK
+            )
+        except OSError:  # pragma: no cover - an fstat or fcntl that fails on an open fd
+            same_pipe = apart = False
+        if same_pipe and apart:
+            return own
+        os.close(own)  # pragma: no cover - not the semantics Linux documents
+    return -1  # pragma: no cover - Linux only
+
+
 class FdTransport:
     """Non-blocking reads and writes on a descriptor whose flags say "blocking".
 
@@ -373,14 +469,16 @@ class FdTransport:
     counts as EOF); ``read_into`` fills a buffer instead and returns how many bytes it
     read, ``None`` when it would block and 0 at EOF. ``write_some`` returns how many
     bytes it wrote, 0 when it would block, and raises ``BrokenPipeError`` (or another
-    ``OSError``) when the peer is gone.
+    ``OSError``) when the peer is gone. :attr:`own_end` is the pipe's own read end
+    (:class:`OwnReadEnd`), where there can be one.
     """
 
-    __slots__ = ("_count", "fd")
+    __slots__ = ("_count", "fd", "own_end")
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self._count = array.array("i", [0])
+        self.own_end: OwnReadEnd | None = None
 
     def available(self) -> int:
         """Bytes buffered in the kernel, ready to read now (``FIONREAD``)."""
@@ -473,12 +571,16 @@ class _SocketTransport(FdTransport):
 
 
 class _PipeTransport(FdTransport):
+    """A pipe's end. Reads go through the pipe's own read end where there is one (one
+    system call each), else ``FIONREAD`` says first how much is there."""
+
     __slots__ = ("_poll_in", "_poll_out")
 
     def __init__(self, fd: int) -> None:
         super().__init__(fd)
         self._poll_in = poller(fd, writable=False)
         self._poll_out = poller(fd, writable=True)
+        self.own_end = own_read_end(fd)
 
     def _readable(self) -> int:
         """How much to read now without blocking: 0 if nothing is there yet."""
@@ -489,11 +591,27 @@ class _PipeTransport(FdTransport):
             n = self.available() or 1
         return n
 
+    def _own_fd(self) -> int:
+        own = self.own_end
+        return -1 if own is None else own.open()
+
     def read_some(self, max_bytes: int) -> bytes | None:
+        own_fd = self._own_fd()
+        if own_fd >= 0:
+            try:
+                return os.read(own_fd, max_bytes)
+            except BlockingIOError:
+                return None
         n = self._readable()
         return os.read(self.fd, min(n, max_bytes)) if n else None
 
     def read_into(self, buf: memoryview) -> int | None:
+        own_fd = self._own_fd()
+        if own_fd >= 0:
+            try:
+                return _readv(own_fd, [buf])
+            except BlockingIOError:
+                return None
         n = self._readable()
         return _readv(self.fd, [buf[: min(n, len(buf))]]) if n else None
 
@@ -507,6 +625,10 @@ class _PipeTransport(FdTransport):
         while written < total and poll(0):
             written += os.write(self.fd, data[written : written + min(_PIPE_BUF, total - written)])
         return written
+
+    def close(self) -> None:
+        if self.own_end is not None:
+            self.own_end.close()
 
 
 class Poller(Protocol):

@@ -46,7 +46,7 @@ from ._loop import fast_checkpoint, note_turn, turn_if_due
 from ._wire import SPILL_THRESHOLD, FrameDecoder, WireError, encode_header, unpack_short_header
 
 if TYPE_CHECKING or sys.platform != "win32":
-    from ._fdio import FdTransport, Poller, ReadinessWaiter
+    from ._fdio import UNOPENED, FdTransport, OwnReadEnd, Poller, ReadinessWaiter
 
 __all__ = (
     "BODY_READ",
@@ -508,6 +508,21 @@ class ExactReader:
         """
         return self.read_whole(self._transport.available())
 
+    def _beyond_limit(self, header: bytes, size: int) -> Payload | None:
+        """After a fast path read *header*, whose *size* is not one to read blind (above
+        :data:`NOWAIT_BODY_LIMIT`, which is more than a pipe holds unless enlarged, the
+        long form, or corrupt): the body if ``FIONREAD`` says it is all there; else the
+        decoder takes the frame from here (a claimed length costs no memory before its
+        bytes are there)."""
+        if size > 0 and self._transport.available() >= size:
+            body = os.read(self._fd, size)
+            if len(body) == size:
+                return body
+            self.decoder.feed(header + body)
+            return None
+        self.decoder.feed(header)
+        return None
+
     def reset(self) -> None:
         """Forget the frame in progress (given up on: the queue is broken, or the frame
         was finished elsewhere)."""
@@ -604,7 +619,8 @@ _NOWAIT_UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, 
 #: False once this process found that its kernel can't honour ``RWF_NOWAIT`` on a pipe
 #: (found out once per process, not per call), or where there is no such flag.
 nowait_works = _RWF_NOWAIT != 0 and _preadv is not _no_preadv
-#: The largest body a :class:`NowaitReader` reads without asking ``FIONREAD`` first. It
+#: The largest body a fast path (:class:`NowaitReader`, :class:`OwnEndReader`) reads
+#: without asking ``FIONREAD`` first. It
 #: reads into a buffer of the claimed size, so the size is bounded by what a pipe holds
 #: (64 KiB unless enlarged); a larger claim is checked against what is there, and costs
 #: no memory until it is.
@@ -667,16 +683,7 @@ class NowaitReader(ExactReader):
         if size == 0:
             return b""
         if not 0 < size <= NOWAIT_BODY_LIMIT:
-            # The long form, a corrupt length, or more than a pipe holds unless enlarged:
-            # the decoder takes it from here, or FIONREAD says the body is all there.
-            if size > 0 and self._transport.available() >= size:
-                body = os.read(fd, size)
-                if len(body) == size:
-                    return body
-                self.decoder.feed(bytes(header) + body)
-                return None
-            self.decoder.feed(bytes(header))
-            return None
+            return self._beyond_limit(bytes(header), size)
         buf = bytearray(size)
         body_iov = self._body_iov
         body_iov[0] = buf  # (a list made once: a new one per call costs more)
@@ -697,10 +704,68 @@ class NowaitReader(ExactReader):
         self._nowait = False
 
 
+class OwnEndReader(ExactReader):
+    """An exact reader whose fast path makes two plain reads (header, body) on the pipe's
+    own read end (:func:`~asyncmp._fdio.own_read_end`), which is non-blocking and this
+    process's alone: each returns what is there, or ``EAGAIN``. Cheaper than
+    :class:`NowaitReader`'s ``preadv2()`` (about 0.16 µs a call) and than ``FIONREAD``
+    first. Never a byte past the frame: it asks for the header, then for exactly the
+    body.
+
+    The own end is opened at the first read (the first read's ``EBADF`` on the not yet
+    opened number says so, at no cost to the reads after it). Where it can't be opened,
+    and in a forked child, where it is closed (never inherited), the fast path is the
+    exact reader's, with ``FIONREAD``.
+    """
+
+    __slots__ = ("_own",)
+
+    def __init__(self, transport: FdTransport, own: OwnReadEnd) -> None:
+        super().__init__(transport)
+        self._own = own
+
+    def take_whole(self) -> Payload | None:
+        """As :meth:`ExactReader.take_whole`, in two system calls (header, body)."""
+        own_fd = self._own.fd
+        try:
+            header = os.read(own_fd, 4)
+        except BlockingIOError:
+            return None  # empty
+        except OSError:
+            if own_fd >= 0:
+                raise
+            if own_fd == UNOPENED and self._own.open() >= 0:
+                return self.take_whole()  # the first read: opened now
+            # Not to be had here, or closed (in a forked child: it is the parent's).
+            return super().take_whole()
+        if len(header) < 4:
+            # b"": the end of the pipe at a boundary, nothing read. 1 to 3 bytes: part of a
+            # header, which is ours now: the frame is the lock holder's to finish.
+            if header:
+                self.decoder.feed(header)
+            return None
+        (size,) = unpack_short_header(header)
+        if not 0 < size <= NOWAIT_BODY_LIMIT:
+            return b"" if size == 0 else self._beyond_limit(header, size)
+        try:
+            body = os.read(own_fd, size)
+        except BlockingIOError:
+            body = b""
+        if len(body) == size:
+            return body
+        # Part of the body, or none of it yet (or the end of the pipe, which the
+        # decoder's next read finds): the frame is the lock holder's to finish.
+        self.decoder.feed(header + body)
+        return None
+
+
 def exact_reader(transport: FdTransport) -> ExactReader:
-    """The exact reader for a queue's pipe: a :class:`NowaitReader` where ``RWF_NOWAIT``
-    works on pipes (or has not been tried yet in this process), else an
-    :class:`ExactReader`."""
+    """The exact reader for a queue's pipe: an :class:`OwnEndReader` where the pipe has
+    an own read end (Linux), else a :class:`NowaitReader` where ``RWF_NOWAIT`` works on
+    pipes (or has not been tried yet in this process), else an :class:`ExactReader`."""
+    own = transport.own_end
+    if own is not None:
+        return OwnEndReader(transport, own)
     if nowait_works and stat.S_ISFIFO(os.fstat(transport.fd).st_mode):
         return NowaitReader(transport)
     return ExactReader(transport)
