@@ -501,7 +501,7 @@ def test_a_socket_or_a_refused_reopen_has_no_own_end(
     transport = open_transport(pipe.r)
     reader = _frames.exact_reader(transport)
     os.write(pipe.w, frame(b"still") + frame(b"and again"))
-    assert reader.take_whole() == b"still", "the exact reader's fast path, with FIONREAD"
+    assert reader.take_whole() == b"still", "the fast path without it"
     assert transport.own_end is not None
     assert transport.own_end.fd == -1, "tried once"
     assert transport.read_some(100) == frame(b"and again"), "FIONREAD's reads"
@@ -512,7 +512,7 @@ def test_a_socket_or_a_refused_reopen_has_no_own_end(
 def test_a_forked_child_holds_no_own_end_and_reads_all_the_same(pipe: Pipe) -> None:
     """The own end is one more reader of the pipe: a child that kept it would keep a
     writer from seeing EPIPE after every reader it knows of is gone. The fork hook closes
-    it in the child, where the reader's fast path goes on with FIONREAD."""
+    it in the child, where the reader's fast path goes on without it."""
     r, w = pipe.r, pipe.w
     ino = os.fstat(r).st_ino
     reader = _frames.exact_reader(open_transport(r))

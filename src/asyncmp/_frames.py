@@ -620,10 +620,9 @@ _NOWAIT_UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, 
 #: (found out once per process, not per call), or where there is no such flag.
 nowait_works = _RWF_NOWAIT != 0 and _preadv is not _no_preadv
 #: The largest body a fast path (:class:`NowaitReader`, :class:`OwnEndReader`) reads
-#: without asking ``FIONREAD`` first. It
-#: reads into a buffer of the claimed size, so the size is bounded by what a pipe holds
-#: (64 KiB unless enlarged); a larger claim is checked against what is there, and costs
-#: no memory until it is.
+#: without asking ``FIONREAD`` first. It reads into a buffer of the claimed size, so the
+#: size is bounded by what a pipe holds (64 KiB unless enlarged); a larger claim is
+#: checked against what is there, and costs no memory until it is.
 NOWAIT_BODY_LIMIT = 64 * 1024
 
 
@@ -655,7 +654,7 @@ class NowaitReader(ExactReader):
         self._header = bytearray(4)
         self._header_iov = [self._header]
         self._body_iov = [self._header]
-        self._nowait = True
+        self._nowait = nowait_works
 
     def take_whole(self) -> Payload | None:
         """As :meth:`ExactReader.take_whole`, in two system calls (header, body)."""
@@ -704,18 +703,16 @@ class NowaitReader(ExactReader):
         self._nowait = False
 
 
-class OwnEndReader(ExactReader):
+class OwnEndReader(NowaitReader):
     """An exact reader whose fast path makes two plain reads (header, body) on the pipe's
-    own read end (:func:`~asyncmp._fdio.own_read_end`), which is non-blocking and this
+    own read end (:class:`~asyncmp._fdio.OwnReadEnd`), which is non-blocking and this
     process's alone: each returns what is there, or ``EAGAIN``. Cheaper than
-    :class:`NowaitReader`'s ``preadv2()`` (about 0.16 µs a call) and than ``FIONREAD``
-    first. Never a byte past the frame: it asks for the header, then for exactly the
-    body.
+    ``preadv2()`` (about 0.16 µs a call) and than ``FIONREAD`` first. Never a byte past
+    the frame: it asks for the header, then for exactly the body.
 
-    The own end is opened at the first read (the first read's ``EBADF`` on the not yet
-    opened number says so, at no cost to the reads after it). Where it can't be opened,
-    and in a forked child, where it is closed (never inherited), the fast path is the
-    exact reader's, with ``FIONREAD``.
+    The own end is opened by the first call. Where it can't be opened, and in a forked
+    child, where it is closed (never inherited), the fast path is
+    :class:`NowaitReader`'s.
     """
 
     __slots__ = ("_own",)
@@ -727,17 +724,14 @@ class OwnEndReader(ExactReader):
     def take_whole(self) -> Payload | None:
         """As :meth:`ExactReader.take_whole`, in two system calls (header, body)."""
         own_fd = self._own.fd
+        if own_fd < 0:
+            if own_fd == UNOPENED and self._own.open() >= 0:
+                return self.take_whole()
+            return super().take_whole()
         try:
             header = os.read(own_fd, 4)
         except BlockingIOError:
             return None  # empty
-        except OSError:
-            if own_fd >= 0:
-                raise
-            if own_fd == UNOPENED and self._own.open() >= 0:
-                return self.take_whole()  # the first read: opened now
-            # Not to be had here, or closed (in a forked child: it is the parent's).
-            return super().take_whole()
         if len(header) < 4:
             # b"": the end of the pipe at a boundary, nothing read. 1 to 3 bytes: part of a
             # header, which is ours now: the frame is the lock holder's to finish.
