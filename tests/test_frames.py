@@ -497,7 +497,7 @@ def test_a_socket_or_a_refused_reopen_has_no_own_end(
     def refuse(*args: object, **kwargs: object) -> int:
         raise PermissionError(errno.EACCES, "no /proc here")
 
-    monkeypatch.setattr(_fdio.os, "open", refuse)
+    monkeypatch.setattr(os, "open", refuse)
     transport = open_transport(pipe.r)
     reader = _frames.exact_reader(transport)
     os.write(pipe.w, frame(b"still") + frame(b"and again"))
