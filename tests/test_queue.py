@@ -35,7 +35,7 @@ import anyio.lowlevel
 import pytest
 
 import asyncmp
-from asyncmp import AsyncQueue
+from asyncmp import AsyncQueue, _loop
 
 from . import queue_workers
 from .support.io import (
@@ -1273,6 +1273,42 @@ async def test_pending_gets_on_a_thousand_queues_start_no_threads(route: str) ->
             release_pipe(q)
         if soft < needed:
             resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.parametrize("route", ["fd"], indirect=True)  # the thread route polls no loop
+async def test_a_poll_from_before_the_pipe_was_emptied_wakes_no_get(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The loop may poll while the consumer is between two items (a checkpoint), see the
+    pipe readable, and run that poll's callback only after the consumer has taken what
+    was there and begun to wait. That readiness is stale: acting on it would wake the get
+    to an empty pipe, which reads as "another consumer took it", and the adapter would
+    queue for the reader lock and keep it between gets from then on, for good, although
+    it is the only consumer. (Seen on asyncio's selector loops, whose poll callbacks run
+    after the steps queued before the poll.)"""
+    # No turn of the loop but the one the test takes (else one every millisecond).
+    monkeypatch.setattr(_loop, "TURN_INTERVAL", 3600.0)
+    async with open_queue(use_threads=False) as aq:
+        q = aq.queue
+        fd = q._writer.fileno()
+
+        def put_now(obj: object) -> None:
+            payload = pickle.dumps(obj)
+            assert q._sem.acquire(timeout=5)  # as put() does, per item
+            os.write(fd, header(len(payload)) + payload)
+
+        for i in range(5):
+            put_now(i)
+            # The turn a run of fast-path gets takes: its poll sees the item waiting.
+            await _loop.full_checkpoint()
+            # Back before that poll's callback ran: take the item (the fast path), then
+            # wait on the empty pipe.
+            assert await aq.get() == i
+            with anyio.move_on_after(0.05):
+                await aq.get()
+                pytest.fail("a get returned from an empty pipe")
+            assert aq._fast is not None  # the fd route's getter
+            assert not aq._fast.rlock.contended, f"round {i}: woken to an empty pipe"
 
 
 async def test_reader_stays_blocking_while_a_get_waits(use_threads: bool, tmp_path: Path) -> None:

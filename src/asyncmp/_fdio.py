@@ -42,6 +42,7 @@ import array
 import asyncio
 import errno
 import fcntl
+import functools
 import os
 import select
 import socket
@@ -49,7 +50,7 @@ import stat
 import sys
 import termios
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 import anyio
@@ -196,6 +197,16 @@ def _open_helper(fd: int, writable: bool) -> tuple[Any, int]:
         return None, fd  # pragma: no cover
 
 
+def _zero_timeout_poll(helper: Any) -> Callable[[], object]:
+    """A call that polls *helper* (an epoll or kqueue object, or None) without waiting:
+    truthy if its target is ready now. Without a helper: always (nothing to ask)."""
+    if helper is None:  # pragma: no cover - a platform with neither epoll nor kqueue
+        return lambda: True
+    if hasattr(helper, "poll"):  # epoll
+        return functools.partial(helper.poll, 0)
+    return functools.partial(helper.control, None, 1, 0)  # kqueue
+
+
 class ReadinessWaiter:
     """Wait until a descriptor is readable (or writable) without touching its flags.
 
@@ -210,13 +221,16 @@ class ReadinessWaiter:
     every time). The loop's watch is level-triggered, so while nobody waits the callback
     unregisters the helper the first time it fires, instead of firing in every turn.
 
-    An asyncio selector loop polls, then runs the callbacks queued before the poll (the
-    woken task's step among them), then the poll's callbacks. So the task this waiter
-    woke runs in the next turn, reads what woke it and may wait again, and only then
-    does the callback of that turn's poll run: that poll saw the bytes just read. So on
-    a selector loop the first callback after a wake-up is ignored. That is always safe:
-    the helper stays registered, and the watch is level-triggered, so a readiness that
-    is still there is reported again by the next poll. uvloop runs a watch's callback
+    An asyncio selector loop polls, then runs the callbacks queued before the poll (a
+    task's step among them), then the poll's callbacks. So a task can read what a poll
+    saw and begin to wait again before that poll's callback runs: after a wake-up (the
+    next turn's poll saw the bytes the woken task is about to read), or after any other
+    turn the task took between two reads. That readiness is stale, and waking the task
+    for it would have it find nothing (which a queue takes for another consumer's
+    doing). So on a selector loop the callback asks the helper again (a zero-timeout
+    poll, one system call) before it wakes anyone; a readiness that is not there now is
+    ignored, which is always safe: the helper stays registered, and the watch is
+    level-triggered, so the next poll reports a new one. uvloop runs a watch's callback
     from the poll itself, after the tasks, and needs no such care.
 
     On trio, and anywhere else, each wait goes through the library's own call.
@@ -231,10 +245,10 @@ class ReadinessWaiter:
         "_helper",
         "_helper_fd",
         "_loop",
+        "_probe",
         "_registered",
         "_remove",
         "_selector_loop",
-        "_skip_one",
         "_writable",
     )
 
@@ -242,12 +256,12 @@ class ReadinessWaiter:
         self._closed = False
         self._writable = writable
         self._helper, self._helper_fd = _open_helper(fd, writable)
+        self._probe = _zero_timeout_poll(self._helper)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._add: Any = None
         self._remove: Any = None
         self._registered = False
         self._selector_loop = False
-        self._skip_one = False
         self._fut: asyncio.Future[None] | None = None
         self._elsewhere = False
         register_fork_owned(self)
@@ -282,7 +296,6 @@ class ReadinessWaiter:
                 await self._wait_elsewhere()
                 return
             self._registered = True
-            self._skip_one = False  # no poll has seen it yet: nothing is stale
         self._fut = fut
         try:
             await fut
@@ -296,7 +309,6 @@ class ReadinessWaiter:
         """Watch through *loop* from now on (no loop: the async library's own call)."""
         self._unregister()
         self._loop = loop
-        self._skip_one = False
         if loop is None:
             self._add = self._remove = None
         else:
@@ -305,17 +317,15 @@ class ReadinessWaiter:
         self._selector_loop = is_selector_loop(loop)
 
     def _on_ready(self) -> None:
-        if self._skip_one:
-            self._skip_one = False  # from the poll before the woken task read
-            return
         fut = self._fut
         if fut is None:
             # Nobody waits: stop watching, or the loop calls this in every turn while
             # the target stays ready. The next wait registers again.
             self._unregister()
             return
+        if self._selector_loop and not self._probe():
+            return  # seen by a poll before the waiting task read it: stale
         self._fut = None
-        self._skip_one = self._selector_loop
         if not fut.done():
             fut.set_result(None)
 
