@@ -29,7 +29,6 @@ if sys.platform != "win32":
         ExactReader,
         FrameWriter,
         GreedyReader,
-        NowaitReader,
         OwnEndReader,
         frame_parts,
     )
@@ -311,33 +310,24 @@ def test_writer_sends_a_frame_from_a_thread_in_slices(pipe: Pipe) -> None:
     assert bytes(received) == frame(payload)
 
 
-# --- the exact reader's fast path: the pipe's own read end, RWF_NOWAIT, or FIONREAD ---------------
+# --- the exact reader's fast path: the pipe's own read end, or FIONREAD --------------------------
 
-NOWAIT = sys.platform == "linux" and getattr(os, "RWF_NOWAIT", None) is not None
-#: The fast paths: FIONREAD (every POSIX), the pipe's own read end (Linux), RWF_NOWAIT
-#: (Linux, where the own end can't be opened), and RWF_NOWAIT on a kernel that refuses
-#: it on pipes, faked, so the reader falls back to FIONREAD.
-FAST_PATHS = ["fionread", "own-end", "nowait", "nowait-eopnotsupp", "nowait-einval"]
+#: The fast paths: FIONREAD (every POSIX), the pipe's own read end (Linux), and an own
+#: read end that can't be opened (no /proc, faked), where the reader falls back to FIONREAD.
+FAST_PATHS = ["fionread", "own-end", "own-end-refused"]
 
 
 @pytest.fixture(params=FAST_PATHS)
 def fast_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     kind: str = request.param
     if kind != "fionread" and sys.platform != "linux":
-        pytest.skip("the own read end and RWF_NOWAIT are Linux only")
-    if kind.startswith("nowait") and not NOWAIT:
-        pytest.skip("this Python has no preadv2 with RWF_NOWAIT")
-    if kind != "own-end":
-        monkeypatch.setattr(_fdio, "own_read_end", lambda fd: None)
-    if kind.startswith("nowait-"):
-        code = errno.EOPNOTSUPP if kind.endswith("eopnotsupp") else errno.EINVAL
+        pytest.skip("the own read end is Linux only")
+    if kind == "own-end-refused":
 
-        def refuse(*args: object) -> int:
-            raise OSError(code, os.strerror(code))
+        def refuse(*args: object, **kwargs: object) -> int:
+            raise PermissionError(errno.EACCES, "no /proc here")
 
-        monkeypatch.setattr(_frames, "_preadv", refuse)
-    # The process-wide finding is the test's alone (monkeypatch restores it).
-    monkeypatch.setattr(_frames, "nowait_works", NOWAIT)
+        monkeypatch.setattr(os, "open", refuse)
     return kind
 
 
@@ -346,7 +336,7 @@ def fast_reader(fd: int, kind: str) -> ExactReader:
     if kind == "fionread":
         return ExactReader(transport)
     reader = _frames.exact_reader(transport)
-    assert isinstance(reader, OwnEndReader if kind == "own-end" else NowaitReader)
+    assert isinstance(reader, OwnEndReader)
     return reader
 
 
@@ -392,28 +382,15 @@ def test_take_whole_leaves_a_partial_frame_to_finish(pipe: Pipe, fast_path: str,
     assert leftover(r) == frame(b"next")
 
 
-@pytest.mark.parametrize("fast_path", ["nowait-eopnotsupp", "nowait-einval"], indirect=True)
-def test_take_whole_refused_by_the_kernel_falls_back_for_the_process(
-    pipe: Pipe, fast_path: str
-) -> None:
-    r, w = pipe.r, pipe.w
-    os.write(w, frame(b"one") + frame(b"two"))
-    reader = fast_reader(r, fast_path)
-    assert reader.take_whole() == b"one"
-    assert _frames.nowait_works is False, "found out once, for the whole process"
-    assert type(_frames.exact_reader(open_transport(r))) is ExactReader
-    assert reader.take_whole() == b"two"
-
-
 @pytest.mark.skipif(sys.platform != "linux", reason="F_SETPIPE_SZ")
-def test_take_whole_of_a_body_above_the_nowait_limit(pipe: Pipe, fast_path: str) -> None:
-    """A body longer than NowaitReader reads blind: taken whole if it is all there, and
+def test_take_whole_of_a_body_above_the_blind_limit(pipe: Pipe, fast_path: str) -> None:
+    """A body longer than the fast path reads blind: taken whole if it is all there, and
     a claimed length costs no memory before its bytes are there."""
     r, w = pipe.r, pipe.w
     import fcntl
 
     fcntl.fcntl(w, 1031, 1 << 20)  # F_SETPIPE_SZ: room for the whole frame
-    big = b"z" * (_frames.NOWAIT_BODY_LIMIT + 1)
+    big = b"z" * (_frames.BLIND_BODY_LIMIT + 1)
     os.write(w, frame(big) + frame(b"next"))
     reader = fast_reader(r, fast_path)
     assert reader.take_whole() == big
@@ -501,7 +478,7 @@ def test_a_socket_or_a_refused_reopen_has_no_own_end(
     transport = open_transport(pipe.r)
     reader = _frames.exact_reader(transport)
     os.write(pipe.w, frame(b"still") + frame(b"and again"))
-    assert reader.take_whole() == b"still", "the fast path without it"
+    assert reader.take_whole() == b"still", "the exact reader's fast path, with FIONREAD"
     assert transport.own_end is not None
     assert transport.own_end.fd == -1, "tried once"
     assert transport.read_some(100) == frame(b"and again"), "FIONREAD's reads"

@@ -13,10 +13,10 @@ and knows no framing. This module puts the two together, once, for every adapter
   :meth:`ExactReader.read_available` goes on with a partial frame within a per-turn
   budget; :meth:`ExactReader.read_blocking` waits for the rest in a thread, each wait
   bounded by a stall timeout.
-* :class:`NowaitReader` (queues on Linux): an exact reader whose fast path needs no
-  ``FIONREAD``: ``preadv2`` with ``RWF_NOWAIT`` reads a pipe without blocking and
-  without touching the flags of its open file description, which other processes
-  share. :func:`exact_reader` picks it where the kernel honours that flag on a pipe.
+* :class:`OwnEndReader` (queues on Linux): an exact reader whose fast path needs no
+  ``FIONREAD``: it reads the pipe's own read end (:class:`~asyncmp._fdio.OwnReadEnd`),
+  a non-blocking open file description that no other process shares.
+  :func:`exact_reader` picks it where the pipe has one.
 * :class:`FrameWriter`: header and small payloads in one write, large ones in two; writes
   what fits, waits for room, and finishes a frame torn by a cancellation (shielded and
   bounded) or breaks the stream so the peer never sees a torn frame followed by more.
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import errno
 import os
-import stat
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -57,8 +56,7 @@ __all__ = (
     "ExactReader",
     "FrameWriter",
     "GreedyReader",
-    "NowaitReader",
-    "Payload",
+    "OwnEndReader",
     "eof_error",
     "exact_reader",
     "frame_parts",
@@ -77,11 +75,6 @@ COALESCE_LIMIT = 16 * 1024
 #: How long a send cancelled mid-frame may go on, shielded, to finish its frame before
 #: the connection is declared broken instead.
 SEND_SHIELD_SECONDS = 2.0
-
-#: A frame's payload as an exact reader hands it out: ``bytes``, or the ``bytearray`` it
-#: was read into (a :class:`NowaitReader` reads a small body into a buffer of its own
-#: size, and a copy into ``bytes`` would cost the fast path of every get). Both unpickle.
-Payload = bytes | bytearray
 
 PEER_CLOSED = "the peer closed the connection"
 _CORRUPT_QUEUE = "corrupt queue framing: {}"
@@ -476,7 +469,7 @@ class ExactReader:
         """Bytes in the pipe now (``FIONREAD``)."""
         return self._transport.available()
 
-    def read_whole(self, avail: int) -> Payload | None:
+    def read_whole(self, avail: int) -> bytes | None:
         """The common case in two reads, at a frame boundary with *avail* bytes in the
         pipe (from :meth:`available`): if the next frame is all there, read its header,
         then exactly its body, and return the body.
@@ -499,7 +492,7 @@ class ExactReader:
             self.decoder.feed(header)
         return None
 
-    def take_whole(self) -> Payload | None:
+    def take_whole(self) -> bytes | None:
         """At a frame boundary: the next frame's body if the frame is all in the pipe.
 
         Otherwise None: nothing was read if :attr:`at_boundary` is still True; else the
@@ -507,21 +500,6 @@ class ExactReader:
         Three system calls here (``FIONREAD``, header, body).
         """
         return self.read_whole(self._transport.available())
-
-    def _beyond_limit(self, header: bytes, size: int) -> Payload | None:
-        """After a fast path read *header*, whose *size* is not one to read blind (above
-        :data:`NOWAIT_BODY_LIMIT`, which is more than a pipe holds unless enlarged, the
-        long form, or corrupt): the body if ``FIONREAD`` says it is all there; else the
-        decoder takes the frame from here (a claimed length costs no memory before its
-        bytes are there)."""
-        if size > 0 and self._transport.available() >= size:
-            body = os.read(self._fd, size)
-            if len(body) == size:
-                return body
-            self.decoder.feed(header + body)
-            return None
-        self.decoder.feed(header)
-        return None
 
     def reset(self) -> None:
         """Forget the frame in progress (given up on: the queue is broken, or the frame
@@ -563,7 +541,7 @@ class ExactReader:
             raise anyio.BrokenResourceError(_QUEUE_CLOSED_MID_ITEM)
         return got
 
-    def read_available(self, budget: int = READ_BUDGET) -> Payload | None:
+    def read_available(self, budget: int = READ_BUDGET) -> bytes | None:
         """Read no further than one frame, at most about *budget* bytes of it; return
         the frame once whole, else None (nothing more there, or the budget is spent:
         give the loop a turn, then come back)."""
@@ -603,116 +581,23 @@ class ExactReader:
 # Queues on Linux: the exact reader without FIONREAD
 # ---------------------------------------------------------------------------------------
 
-#: ``preadv2``'s flag "don't wait for data", where the platform may have it (Linux).
-_RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0) if sys.platform == "linux" else 0
+#: The largest body :class:`OwnEndReader` reads without asking ``FIONREAD`` first. It
+#: reads into a buffer of the claimed size, so the size is bounded by what a pipe holds
+#: (64 KiB unless enlarged); a larger claim is checked against what is there, and costs
+#: no memory until it is.
+BLIND_BODY_LIMIT = 64 * 1024
 
 
-def _no_preadv(fd: int, buffers: list[bytearray], offset: int, flags: int) -> int:
-    raise NotImplementedError("os.preadv() is not available here")
-
-
-_preadv: Callable[[int, list[bytearray], int, int], int] = getattr(os, "preadv", _no_preadv)
-#: What a kernel or a Python build says when it can't honour ``RWF_NOWAIT`` on a pipe:
-#: a kernel before pipes took it (EOPNOTSUPP, or EINVAL), one without ``preadv2`` at all
-#: (ENOSYS); a Python built without ``preadv2`` raises ``NotImplementedError``.
-_NOWAIT_UNSUPPORTED = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS})
-#: False once this process found that its kernel can't honour ``RWF_NOWAIT`` on a pipe
-#: (found out once per process, not per call), or where there is no such flag.
-nowait_works = _RWF_NOWAIT != 0 and _preadv is not _no_preadv
-#: The largest body a fast path (:class:`NowaitReader`, :class:`OwnEndReader`) reads
-#: without asking ``FIONREAD`` first. It reads into a buffer of the claimed size, so the
-#: size is bounded by what a pipe holds (64 KiB unless enlarged); a larger claim is
-#: checked against what is there, and costs no memory until it is.
-NOWAIT_BODY_LIMIT = 64 * 1024
-
-
-def _nowait_unsupported(exc: BaseException) -> bool:
-    return isinstance(exc, NotImplementedError) or (
-        isinstance(exc, OSError) and exc.errno in _NOWAIT_UNSUPPORTED
-    )
-
-
-class NowaitReader(ExactReader):
-    """An exact reader whose fast path makes two system calls instead of three.
-
-    ``preadv2(..., RWF_NOWAIT)`` reads what is there, up to the length asked, and fails
-    with ``EAGAIN`` instead of waiting when the pipe is empty. It is a flag of the call,
-    not of the open file description that every process of the queue shares, so nothing
-    any other process sees changes. :meth:`take_whole` reads the 4-byte header that way,
-    then exactly the body it announces: never a byte past the frame. The first time a
-    kernel answers that it can't (``EOPNOTSUPP``, ``EINVAL``), the process goes back to
-    ``FIONREAD`` (:class:`ExactReader`) for good.
-
-    The rest (a partial frame, a long header, the thread's blocking finish) is the
-    exact reader's, with ``FIONREAD``.
-    """
-
-    __slots__ = ("_body_iov", "_header", "_header_iov", "_nowait")
-
-    def __init__(self, transport: FdTransport) -> None:
-        super().__init__(transport)
-        self._header = bytearray(4)
-        self._header_iov = [self._header]
-        self._body_iov = [self._header]
-        self._nowait = nowait_works
-
-    def take_whole(self) -> Payload | None:
-        """As :meth:`ExactReader.take_whole`, in two system calls (header, body)."""
-        if not self._nowait:
-            return super().take_whole()
-        fd = self._fd
-        try:
-            got = _preadv(fd, self._header_iov, -1, _RWF_NOWAIT)
-        except BlockingIOError:
-            return None  # empty
-        except (OSError, NotImplementedError) as exc:
-            if not _nowait_unsupported(exc):
-                raise
-            self._give_up_nowait()
-            return super().take_whole()
-        header = self._header
-        if got < 4:
-            # 0: the end of the pipe at a boundary, nothing read (FIONREAD says 0 there
-            # too). 1 to 3: part of a header, which is ours now: the frame is the lock
-            # holder's to finish.
-            if got:
-                self.decoder.feed(bytes(header[:got]))
-            return None
-        (size,) = unpack_short_header(header)
-        if size == 0:
-            return b""
-        if not 0 < size <= NOWAIT_BODY_LIMIT:
-            return self._beyond_limit(bytes(header), size)
-        buf = bytearray(size)
-        body_iov = self._body_iov
-        body_iov[0] = buf  # (a list made once: a new one per call costs more)
-        try:
-            got = _preadv(fd, body_iov, -1, _RWF_NOWAIT)
-        except BlockingIOError:
-            got = 0
-        if got == size:
-            return buf
-        # Part of the body, or none of it yet (or the end of the pipe, which the
-        # decoder's next read finds): the frame is the lock holder's to finish.
-        self.decoder.feed(bytes(header) + bytes(buf[:got]))
-        return None
-
-    def _give_up_nowait(self) -> None:
-        global nowait_works
-        nowait_works = False
-        self._nowait = False
-
-
-class OwnEndReader(NowaitReader):
+class OwnEndReader(ExactReader):
     """An exact reader whose fast path makes two plain reads (header, body) on the pipe's
     own read end (:class:`~asyncmp._fdio.OwnReadEnd`), which is non-blocking and this
-    process's alone: each returns what is there, or ``EAGAIN``. Cheaper than
-    ``preadv2()`` (about 0.16 µs a call) and than ``FIONREAD`` first. Never a byte past
-    the frame: it asks for the header, then for exactly the body.
+    process's alone: each returns what is there, or ``EAGAIN``, as a blocking
+    ``Queue.get()`` makes two reads. Never a byte past the frame: it asks for the header,
+    then for exactly the body.
 
-    The own end is opened by the first call. Where it can't be opened, and in a forked
-    child, where it is closed (never inherited), the fast path is
-    :class:`NowaitReader`'s.
+    The own end is opened by the first call. Where it can't be opened (no ``/proc``),
+    and in a forked child, where it is closed (never inherited), the fast path is the
+    exact reader's, with ``FIONREAD`` first.
     """
 
     __slots__ = ("_own",)
@@ -721,7 +606,7 @@ class OwnEndReader(NowaitReader):
         super().__init__(transport)
         self._own = own
 
-    def take_whole(self) -> Payload | None:
+    def take_whole(self) -> bytes | None:
         """As :meth:`ExactReader.take_whole`, in two system calls (header, body)."""
         own_fd = self._own.fd
         if own_fd < 0:
@@ -739,7 +624,7 @@ class OwnEndReader(NowaitReader):
                 self.decoder.feed(header)
             return None
         (size,) = unpack_short_header(header)
-        if not 0 < size <= NOWAIT_BODY_LIMIT:
+        if not 0 < size <= BLIND_BODY_LIMIT:
             return b"" if size == 0 else self._beyond_limit(header, size)
         try:
             body = os.read(own_fd, size)
@@ -752,14 +637,24 @@ class OwnEndReader(NowaitReader):
         self.decoder.feed(header + body)
         return None
 
+    def _beyond_limit(self, header: bytes, size: int) -> bytes | None:
+        """After a fast path read *header*, whose *size* is not one to read blind (above
+        :data:`BLIND_BODY_LIMIT`, which is more than a pipe holds unless enlarged, the
+        long form, or corrupt): the body if ``FIONREAD`` says it is all there; else the
+        decoder takes the frame from here (a claimed length costs no memory before its
+        bytes are there)."""
+        if size > 0 and self._transport.available() >= size:
+            body = os.read(self._fd, size)
+            if len(body) == size:
+                return body
+            self.decoder.feed(header + body)
+            return None
+        self.decoder.feed(header)
+        return None
+
 
 def exact_reader(transport: FdTransport) -> ExactReader:
     """The exact reader for a queue's pipe: an :class:`OwnEndReader` where the pipe has
-    an own read end (Linux), else a :class:`NowaitReader` where ``RWF_NOWAIT`` works on
-    pipes (or has not been tried yet in this process), else an :class:`ExactReader`."""
+    an own read end (Linux), else an :class:`ExactReader`."""
     own = transport.own_end
-    if own is not None:
-        return OwnEndReader(transport, own)
-    if nowait_works and stat.S_ISFIFO(os.fstat(transport.fd).st_mode):
-        return NowaitReader(transport)
-    return ExactReader(transport)
+    return ExactReader(transport) if own is None else OwnEndReader(transport, own)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import anyio
 from anyio.lowlevel import checkpoint
 
-from ._frames import ExactReader, Payload, exact_reader, stalled
+from ._frames import ExactReader, exact_reader, stalled
 from ._loop import FairLock, fast_checkpoint
 from ._mpinternals import QueueParts
 from ._queue_rlock import ReaderLock
@@ -60,7 +60,7 @@ class FdGetter:
         self._sem = parts.sem
         #: Serialises this adapter's gets, first come, first served.
         self.get_lock = FairLock()
-        self.kept: deque[Payload] = deque()
+        self.kept: deque[bytes] = deque()
         self._fd = parts.reader.fileno()
         #: The pipe's byte mover: this adapter's, closed with it.
         self.transport: FdTransport = open_transport(self._fd)
@@ -86,13 +86,13 @@ class FdGetter:
 
     # -- the fast path ------------------------------------------------------------------
 
-    def take_whole_frame(self) -> Payload | None:
+    def take_whole_frame(self) -> bytes | None:
         """An item's frame if one is here whole, else None.
 
         Never waits. It takes the item only when no other task of this adapter is in a
         ``get`` (they come first), the reader lock is free, and the whole frame is in the
-        pipe (the exact reader's :meth:`~ExactReader.take_whole`: two system calls with
-        ``RWF_NOWAIT``, else ``FIONREAD`` first). Anything else (a partial frame, a long
+        pipe (the exact reader's :meth:`~ExactReader.take_whole`: two reads of the pipe's
+        own read end, else ``FIONREAD`` first). Anything else (a partial frame, a long
         header, contention) is left to the full path.
         """
         if self.get_lock.locked():
@@ -113,7 +113,7 @@ class FdGetter:
         # keep it while they wait): the full path goes on from here.
         return None
 
-    def _took(self, frame: Payload) -> Payload:
+    def _took(self, frame: bytes) -> bytes:
         """A whole item was read: let go of the lock and count it, as ``Queue.get`` does."""
         self.rlock.item_done()
         if self._sem is not None:
@@ -203,7 +203,7 @@ class FdGetter:
         self._collect()
         self._state.check_open()
 
-    async def get_frame(self) -> Payload:
+    async def get_frame(self) -> bytes:
         """The next frame, waiting for it. Called with the get lock held."""
         await fast_checkpoint()
         if self.kept:
@@ -246,7 +246,7 @@ class FdGetter:
             # Somebody else took the item between readiness and the lock.
             rlock.release()
 
-    def _read_available(self) -> Payload | None:
+    def _read_available(self) -> bytes | None:
         """With the lock held: read no further than one frame; return it if whole."""
         try:
             frame = self.reader.read_available()
@@ -254,7 +254,7 @@ class FdGetter:
             self._fail(str(exc))
         return None if frame is None else self._took(frame)
 
-    async def _finish_frame(self) -> Payload:
+    async def _finish_frame(self) -> bytes:
         """Part of a frame is read and the lock is held: read the rest as it comes, each
         wait bounded by ``stall_timeout``. If cancelled, the part read stays in the reader,
         with the lock, and :meth:`after_get` leaves the rest to a thread."""
@@ -296,7 +296,7 @@ class FdGetter:
                 self.kept.extendleft(reversed(frames[i:]))
                 break
 
-    def get_frame_nowait(self) -> Payload:
+    def get_frame_nowait(self) -> bytes:
         """The next frame if one is here whole now. Outside a running loop too.
 
         :raises queue.Empty: none is, or the reader lock is held elsewhere.
@@ -323,10 +323,10 @@ class FdGetter:
             raise queue.Empty
         return frame
 
-    def take_whole_frames(self, limit: int) -> list[Payload]:
+    def take_whole_frames(self, limit: int) -> list[bytes]:
         """Up to *limit* frames that are already in the pipe whole, under one hold of the
         reader lock, with one ``FIONREAD`` (never waits)."""
-        frames: list[Payload] = []
+        frames: list[bytes] = []
         kept = self.kept
         self._collect()
         while kept and len(frames) < limit:
@@ -370,7 +370,7 @@ class FdGetter:
             if thread is not None:
                 thread.join()  # its calls have returned: it is on its way out
 
-    async def finish_partial(self) -> Payload | None:
+    async def finish_partial(self) -> bytes | None:
         """Third step: if this adapter holds the reader lock in the middle of a frame (a
         get_many() or get_nowait() read into an item a producer is still writing), finish
         it in a thread and return it; then let go of the lock (see ``finish_in_thread``).

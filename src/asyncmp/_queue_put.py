@@ -353,7 +353,7 @@ class Putter:
         if not call.result():
             raise anyio.ClosedResourceError
 
-    async def put_back(self, frame: bytes | bytearray) -> None:
+    async def put_back(self, frame: bytes) -> None:
         """In aclose(): write a whole frame back into the queue, for the other consumers
         (a part of an item this adapter finished). Not cancellable."""
         writer, wlock = self._writer, self._wlock

@@ -14,7 +14,6 @@ import anyio
 from ._threads import BlockingCall
 
 if TYPE_CHECKING:
-    from ._frames import Payload
     from ._loop import FairLock
 
 __all__ = ("Getter", "QueueState")
@@ -76,7 +75,7 @@ class Getter(Protocol):
     def close_threads(self) -> None:
         """Closing, once the calls have returned: end the kept thread."""
 
-    async def finish_partial(self) -> Payload | None:
+    async def finish_partial(self) -> bytes | None:
         """Closing: finish an item begun under the reader lock; return it to put back."""
 
     def close(self) -> None:

@@ -19,7 +19,7 @@ import anyio
 from anyio.lowlevel import checkpoint_if_cancelled
 
 from . import _mpinternals
-from ._frames import ExactReader, Payload
+from ._frames import ExactReader
 from ._loop import FairLock, fast_checkpoint
 from ._queue_fdget import finish_in_thread, unpickle_frame
 from ._queue_rlock import acquire_blocking
@@ -198,7 +198,7 @@ class ThreadGetter:
                 if reader.at_boundary and not parts.reader.poll(timeout):
                     raise queue.Empty
                 stall = self._state.stall_timeout
-                frame: Payload | None = reader.read_blocking(self._readable, stall)
+                frame: bytes | None = reader.read_blocking(self._readable, stall)
             else:
                 frame = reader.read_available()
             if frame is None:
@@ -241,7 +241,7 @@ class ThreadGetter:
         if thread is not None:
             thread.join()  # its calls have returned: it is on its way out
 
-    async def finish_partial(self) -> Payload | None:
+    async def finish_partial(self) -> bytes | None:
         """Third step: finish a frame a get_nowait() read into, and let go of the lock.
 
         Or return, pickled again, the item that a cancelled get's thread took and no get
