@@ -34,7 +34,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from multiprocessing.connection import Connection
 from typing import Any
@@ -608,23 +608,39 @@ async def test_control_thread_route_does_start_threads() -> None:
 # --- 6. the async end stays in this process ------------------------------------------------------
 
 
-def _references(pid: int, ino: int) -> tuple[int, int]:
-    """In process *pid*: (descriptors open on inode *ino*, epoll instances watching it)."""
-    direct = watching = 0
+def _descriptors(pid: int) -> Iterator[tuple[int, str, str]]:
+    """In process *pid*: each open descriptor's (inode, link, fdinfo text)."""
     for name in os.listdir(f"/proc/{pid}/fd"):
         try:
-            if os.stat(f"/proc/{pid}/fd/{name}").st_ino == ino:
-                direct += 1
-            if os.readlink(f"/proc/{pid}/fd/{name}") != "anon_inode:[eventpoll]":
-                continue
+            ino = os.stat(f"/proc/{pid}/fd/{name}").st_ino
+            link = os.readlink(f"/proc/{pid}/fd/{name}")
             with open(f"/proc/{pid}/fdinfo/{name}") as f:
                 info = f.read()
         except (FileNotFoundError, NotADirectoryError):  # closed meanwhile
             continue
-        watching += any(
-            line.startswith("tfd:") and f" ino:{ino:x} " in f"{line} " for line in info.splitlines()
-        )
+        yield ino, link, info
+
+
+def _references(pid: int, ino: int) -> tuple[int, int]:
+    """In process *pid*: (descriptors open on inode *ino*, epoll instances watching it)."""
+    direct = watching = 0
+    for fd_ino, link, info in _descriptors(pid):
+        direct += fd_ino == ino
+        if link == "anon_inode:[eventpoll]":
+            watching += any(
+                line.startswith("tfd:") and f" ino:{ino:x} " in f"{line} "
+                for line in info.splitlines()
+            )
     return direct, watching
+
+
+def _readers(pid: int, ino: int) -> int:
+    """Descriptors of process *pid* that read from the pipe with inode *ino*."""
+    count = 0
+    for fd_ino, _, info in _descriptors(pid):
+        flags = next(line for line in info.splitlines() if line.startswith("flags:"))
+        count += fd_ino == ino and int(flags.split()[1], 8) & os.O_ACCMODE == os.O_RDONLY
+    return count
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fdinfo"), reason="needs /proc")
@@ -690,21 +706,6 @@ async def test_closing_the_async_end_of_a_one_way_pipe_leaves_no_reader(use_thre
         worker.join(10)
         assert not worker.is_alive(), "a reader of the pipe is still open somewhere"
     assert worker.exitcode == 0
-
-
-def _readers(pid: int, ino: int) -> int:
-    """Descriptors of process *pid* that read from the pipe with inode *ino*."""
-    count = 0
-    for name in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            if os.stat(f"/proc/{pid}/fd/{name}").st_ino != ino:
-                continue
-            with open(f"/proc/{pid}/fdinfo/{name}") as f:
-                flags = next(line for line in f if line.startswith("flags:"))
-        except (FileNotFoundError, NotADirectoryError):  # closed meanwhile
-            continue
-        count += int(flags.split()[1], 8) & os.O_ACCMODE == os.O_RDONLY
-    return count
 
 
 # --- 7. the fast path: cancellation and fairness ------------------------------------------------

@@ -82,15 +82,18 @@ def write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-async def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+async def wait_until(
+    predicate: Callable[[], bool], what: str | Callable[[], str], timeout: float = 10.0
+) -> None:
     """Poll *predicate* until it holds: a condition that another thread or process makes
     true and that no event announces (bytes in a pipe, a lock's state, a thread's end; for
     an Event use :func:`wait_for_event`). The timeout is a "no hang" bound, never part of
-    what is tested."""
+    what is tested. *what* may be a call, to say on failure what the state was then."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout} s waiting until {what}")
+            said = what if isinstance(what, str) else what()
+            pytest.fail(f"timed out after {timeout} s waiting until {said}")
         await anyio.sleep(0.001)
 
 

@@ -15,7 +15,6 @@ import pickle
 import struct
 import sys
 import threading
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from multiprocessing.process import BaseProcess
 from typing import Any
@@ -36,11 +35,11 @@ __all__ = (
     "header",
     "join_process",
     "make_queue",
+    "new_os_threads",
     "open_queue",
     "os_threads",
     "outcome",
     "release_pipe",
-    "threads_that_stay",
 )
 
 FORK: Any = multiprocessing.get_context("fork") if sys.platform != "win32" else None
@@ -139,24 +138,12 @@ def os_threads() -> dict[int, str] | None:
     return threads
 
 
-async def threads_that_stay(before: dict[int, str] | None, timeout: float = 5.0) -> dict[int, str]:
-    """The OS threads started since *before* (see :func:`os_threads`) that are still there
-    once the others have ended.
-
-    The process has threads that are neither Python's nor the code under test's, started
-    and ended by the test harness (pytest's faulthandler watchdog, one per test): a thread
-    that appears and then ends is one of those. A thread that the code under test started
-    for something still pending stays, and is returned after *timeout* (a "no hang" bound,
-    never part of what is tested), with any other that has not ended by then.
-    """
+def new_os_threads(before: dict[int, str] | None) -> dict[int, str]:
+    """The OS threads of this process that were not there *before* (see
+    :func:`os_threads`): thread id -> name. Empty without procfs."""
     if before is None:
         return {}
-    deadline = time.monotonic() + timeout
-    while True:
-        new = {tid: name for tid, name in (os_threads() or {}).items() if tid not in before}
-        if not new or time.monotonic() > deadline:
-            return new
-        await anyio.sleep(0.01)
+    return {tid: name for tid, name in (os_threads() or {}).items() if tid not in before}
 
 
 def backend_of(anyio_backend: object) -> tuple[str, bool]:
