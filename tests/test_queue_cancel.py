@@ -18,7 +18,6 @@ import sys
 from typing import Any
 
 import anyio
-import anyio.to_thread
 import pytest
 
 from asyncmp import AsyncQueue
@@ -294,16 +293,17 @@ async def test_the_item_put_back_waits_for_a_reader_past_stall_timeout() -> None
 
 
 async def test_a_process_that_exits_after_such_an_aclose_waits_until_the_item_is_back(
-    anyio_backend: object,
+    anyio_backend: object, mp_context: Any
 ) -> None:
     """A child takes a 16 MiB item in a get cancelled mid-item, aclose()s and returns, with
     nobody reading. Exiting then would leave part of the item in the pipe, so the child's
     exit waits for the put-back, as it waits for a Queue's feeder thread: it is still there
-    a second later, and once this process reads the item (whole), it exits with code 0."""
+    a second later, and once this process reads the item (whole), it exits with code 0.
+    Under each start method: their children leave through different exit paths."""
     backend, uvloop = backend_of(anyio_backend)
     frame, item = big_frame(16 * MiB)
-    q = FORK.Queue()
-    closed = FORK.Event()
+    q = mp_context.Queue()
+    closed = mp_context.Event()
     try:
         async with child(
             fault_workers.aclose_after_a_cancelled_get_then_exit,
@@ -314,13 +314,20 @@ async def test_a_process_that_exits_after_such_an_aclose_waits_until_the_item_is
             closed,
             backend,
             uvloop,
+            ctx=mp_context,
         ) as proc:
             await wait_for_event(closed, "the child closed its adapter", timeout=30)
             with anyio.move_on_after(1.0):  # a "no hang" bound on an exit that would be wrong
                 await anyio.wait_readable(proc.sentinel)
             assert proc.is_alive(), f"the child exited mid-put-back (code {proc.exitcode})"
-            got = await anyio.to_thread.run_sync(lambda: q.get(timeout=20))
-            assert got == item
+            # A consumer of its own, which can be killed if it blocks inside a torn item.
+            start = mp_context.Event()
+            start.set()
+            async with child(
+                queue_workers.get_in_order, q, [item], 20, start, ctx=mp_context
+            ) as consumer:
+                pass
+            assert consumer.exitcode == 0, "the consumer did not get the item whole"
         assert proc.exitcode == 0
         assert buffered(q._reader.fileno()) == 0, "something was left in the pipe"
     finally:
