@@ -26,6 +26,7 @@ __all__ = (
     "flush_item",
     "get_blocking",
     "get_expecting",
+    "get_in_order",
     "get_simple_expecting",
     "produce",
     "put_all",
@@ -122,6 +123,29 @@ def get_simple_expecting(q: Any, expected: list[Any], start: Any = None) -> None
     for want in expected:
         if q.get() != want:
             sys.exit(WRONG_ITEM)
+    if not q.empty():
+        sys.exit(WRONG_ITEM)
+
+
+def get_in_order(q: Any, expected: list[Any], timeout: float, start: Any) -> None:
+    """Once *start* (an Event) is set, plain ``q.get()`` once per item of *expected* (with
+    *timeout* where the queue has one: a ``SimpleQueue`` has none, and the test bounds the
+    wait), marking each done on a ``JoinableQueue``: exit 0 if they came in that order and
+    the pipe is empty afterwards, nothing torn left in it. A get stuck inside a torn item
+    blocks; the test kills it."""
+    if not start.wait(timeout):
+        sys.exit(NO_ITEM)
+    simple = not hasattr(q, "qsize")
+    joinable = hasattr(q, "task_done")
+    for want in expected:
+        try:
+            item = q.get() if simple else q.get(timeout=timeout)
+        except queue.Empty:
+            sys.exit(NO_ITEM)
+        if item != want:
+            sys.exit(WRONG_ITEM)
+        if joinable:
+            q.task_done()
     if not q.empty():
         sys.exit(WRONG_ITEM)
 

@@ -5,7 +5,8 @@ waits for an event the test sets once the cancelled get has returned). The get h
 the first part when its deadline passes. It must return promptly; the rest of the item is
 read in the background and kept for the next ``get``; the reader lock is let go as soon as
 the item is whole, whether or not this adapter ever gets again; and ``aclose()`` meanwhile
-waits for the item and puts it back for the other consumers.
+waits for the item and puts it back for the other consumers, without waiting for them to
+read it: a thread of its own writes it back whole, which the process's exit waits for.
 
 Every test runs on both routes (``fd`` and ``threads``) and on every event-loop backend.
 """
@@ -24,7 +25,16 @@ from asyncmp import AsyncQueue
 from . import queue_workers
 from .faults import fault_workers
 from .support.io import KiB, MiB, buffered, reader_lock_is_held, settle, wait_for_event, wait_until
-from .support.queues import FORK, asyncmp_threads, big_frame, child, header, open_queue
+from .support.queues import (
+    FORK,
+    asyncmp_threads,
+    backend_of,
+    big_frame,
+    child,
+    header,
+    open_queue,
+    release_pipe,
+)
 
 pytestmark = [
     pytest.mark.anyio,
@@ -149,5 +159,176 @@ async def test_aclose_while_the_rest_of_a_cancelled_item_comes_puts_it_back_whol
                 release.set()
         assert writer.exitcode == 0
         assert consumer.exitcode == 0, "the other consumer did not get the item whole"
-        assert asyncmp_threads() == [], "a thread outlived aclose()"
+        # The put-back's thread ends once the item is in the pipe (the consumer took it).
+        await wait_until(lambda: asyncmp_threads() == [], "no asyncmp thread is left")
         assert not reader_lock_is_held(q)
+
+
+# -- nobody else reading: aclose() puts the item back in the background --------------------
+
+#: The "no hang" bound on aclose() with nobody reading: far below STALL, which is what a
+#: put-back that needs a reader would wait before it gave up.
+ACLOSE_BOUND = STALL / 2
+
+
+def _count_as_put(q: Any, items: int) -> None:
+    """What ``put()`` counts for *items* written raw (the writer takes one slot): the other
+    slots and, on a ``JoinableQueue``, the unfinished tasks."""
+    sem = getattr(q, "_sem", None)
+    if sem is not None:
+        for _ in range(items - 1):
+            assert sem.acquire(timeout=5)
+    unfinished = getattr(q, "_unfinished_tasks", None)
+    if unfinished is not None:
+        with q._cond:
+            for _ in range(items):
+                unfinished.release()
+
+
+def _no_task_unfinished(q: Any) -> bool:
+    unfinished = getattr(q, "_unfinished_tasks", None)
+    return unfinished is None or bool(unfinished._semlock._is_zero())
+
+
+async def _cancel_mid_item_then_finish(aq: AsyncQueue[Any], first: bytes, rest: bytes) -> None:
+    """A producer writes *first*, a get is cancelled mid-item, the producer writes *rest*
+    and exits: the item is whole by then, or nearly, in the hands of the adapter's thread."""
+    written, release = FORK.Event(), FORK.Event()
+    async with child(
+        fault_workers.write_item_in_two_parts, aq.queue, first, rest, written, release
+    ) as writer:
+        try:
+            late = await cancel_mid_item(aq, written)
+        finally:
+            release.set()
+        assert late < RETURN_BOUND, f"the cancelled get returned {late:.3f} s late"
+    assert writer.exitcode == 0
+
+
+@pytest.mark.parametrize("kind", ["Queue", "JoinableQueue", "SimpleQueue"])
+async def test_aclose_with_nobody_reading_puts_the_item_back_whole_and_returns(
+    use_threads: bool, kind: str
+) -> None:
+    """The issue's reproduction: a get cancelled in the middle of a 16 MiB item, a small
+    item after it, and aclose() while no other consumer reads. The item is larger than the
+    pipe, so it can only go back as somebody reads: aclose() must not wait for that (nor
+    give up after stall_timeout, leaving part of the item in the pipe). It returns at once;
+    a plain consumer that comes later gets the small item, then the big one whole, and
+    nothing after them; the task counts of a JoinableQueue are as if it were never taken."""
+    frame, item = big_frame(16 * MiB)
+    following = pickle.dumps("next")
+    rest = frame[SPLIT:] + header(len(following)) + following
+    async with open_queue(kind, use_threads=use_threads, stall_timeout=STALL) as aq:
+        q = aq.queue
+        _count_as_put(q, 2)
+        await _cancel_mid_item_then_finish(aq, frame[:SPLIT], rest)
+        # The consumer starts now (aclose() closes a SimpleQueue here, and a child forked
+        # after that could not read it), and reads once aclose() has returned.
+        start = FORK.Event()
+        expected = ["next", item]
+        async with child(queue_workers.get_in_order, q, expected, 20, start) as consumer:
+            try:
+                started = anyio.current_time()
+                await aq.aclose()
+                took = anyio.current_time() - started
+            finally:
+                start.set()
+            print(f"aclose() took {took * 1e3:.1f} ms")
+            assert took < ACLOSE_BOUND, f"aclose() waited {took:.1f} s for a reader"
+        assert consumer.exitcode == 0, "the plain consumer did not get both items whole"
+        await wait_until(lambda: asyncmp_threads() == [], "the put-back thread ended")
+        assert _no_task_unfinished(q), "the put-back counted the item as a new task"
+
+
+async def test_an_item_put_back_into_a_full_bounded_queue_waits_for_a_slot(
+    use_threads: bool,
+) -> None:
+    """The cancelled get's item let go of its slot once it was whole, and a producer took
+    that slot meanwhile: the queue is full when aclose() gives the item back. It must wait
+    for a slot as a put does, not go in uncounted, which would make the consumer that
+    takes the last item release the bounded semaphore past its bound (ValueError). The
+    item is small enough to fit the pipe, and the consumer starts once aclose() returned."""
+    split = 8 * KiB
+    frame, item = big_frame(32 * KiB)
+    async with open_queue(maxsize=2, use_threads=use_threads, stall_timeout=STALL) as aq:
+        q = aq.queue
+        _count_as_put(q, 2)  # the slot of "next"; the writer takes the item's
+        following = pickle.dumps("next")
+        rest = frame[split:] + header(len(following)) + following
+        await _cancel_mid_item_then_finish(aq, frame[:split], rest)
+        with anyio.fail_after(20):
+            await aq.put("filler")  # the slot the item let go
+        start = FORK.Event()
+        expected = ["next", "filler", item]
+        async with child(queue_workers.get_in_order, q, expected, 20, start) as consumer:
+            try:
+                with anyio.fail_after(20):
+                    await aq.aclose()
+            finally:
+                start.set()
+        assert consumer.exitcode == 0, "the consumer did not get the three items"
+        await wait_until(lambda: asyncmp_threads() == [], "the put-back thread ended")
+        if sys.platform == "linux":  # (get_value() is not there on macOS)
+            assert q._sem.get_value() == 2, "a slot was counted twice or never"
+
+
+async def test_the_item_put_back_waits_for_a_reader_past_stall_timeout() -> None:
+    """stall_timeout bounds a wait for a producer, not the put-back's wait for a reader: the
+    first consumer comes after twice stall_timeout, and gets the item whole. (The wait is
+    what is tested: time must pass with nobody reading.)"""
+    stall = 2.0
+    frame, item = big_frame(16 * MiB)
+    async with open_queue(use_threads=False, stall_timeout=stall) as aq:
+        q = aq.queue
+        await _cancel_mid_item_then_finish(aq, frame[:SPLIT], frame[SPLIT:])
+        start = FORK.Event()
+        async with child(queue_workers.get_in_order, q, [item], 20, start) as consumer:
+            try:
+                await aq.aclose()
+                await anyio.sleep(2 * stall)
+            finally:
+                start.set()
+        assert consumer.exitcode == 0, "the put-back gave up with nobody reading"
+        await wait_until(lambda: asyncmp_threads() == [], "the put-back thread ended")
+
+
+async def test_a_process_that_exits_after_such_an_aclose_waits_until_the_item_is_back(
+    anyio_backend: object, mp_context: Any
+) -> None:
+    """A child takes a 16 MiB item in a get cancelled mid-item, aclose()s and returns, with
+    nobody reading. Exiting then would leave part of the item in the pipe, so the child's
+    exit waits for the put-back, as it waits for a Queue's feeder thread: it is still there
+    a second later, and once this process reads the item (whole), it exits with code 0.
+    Under each start method: their children leave through different exit paths."""
+    backend, uvloop = backend_of(anyio_backend)
+    frame, item = big_frame(16 * MiB)
+    q = mp_context.Queue()
+    closed = mp_context.Event()
+    try:
+        async with child(
+            fault_workers.aclose_after_a_cancelled_get_then_exit,
+            q,
+            frame,
+            32 * KiB,
+            STALL,
+            closed,
+            backend,
+            uvloop,
+            ctx=mp_context,
+        ) as proc:
+            await wait_for_event(closed, "the child closed its adapter", timeout=30)
+            with anyio.move_on_after(1.0):  # a "no hang" bound on an exit that would be wrong
+                await anyio.wait_readable(proc.sentinel)
+            assert proc.is_alive(), f"the child exited mid-put-back (code {proc.exitcode})"
+            # A consumer of its own, which can be killed if it blocks inside a torn item.
+            start = mp_context.Event()
+            start.set()
+            async with child(
+                queue_workers.get_in_order, q, [item], 20, start, ctx=mp_context
+            ) as consumer:
+                pass
+            assert consumer.exitcode == 0, "the consumer did not get the item whole"
+        assert proc.exitcode == 0
+        assert buffered(q._reader.fileno()) == 0, "something was left in the pipe"
+    finally:
+        release_pipe(q)

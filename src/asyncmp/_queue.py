@@ -16,7 +16,8 @@ AsyncQueue plays by the same rules, without a thread per pending ``get``.
 * :mod:`._queue_threadget`: the thread route's gets (manager proxies, Windows, or on
   request), in a kept thread, with the same guarantees.
 * :mod:`._queue_put`: pickling, the feeder's errors, the no-readers check, the frame
-  writer of a ``SimpleQueue``, threaded puts, ``join`` and the flush on close.
+  writer of a ``SimpleQueue``, threaded puts, ``join``, the flush on close, and the
+  put-back of an item the adapter took and did not hand out.
 
 The route is chosen once, when the adapter is made: its getter.
 """
@@ -338,9 +339,23 @@ class AsyncQueue(AsyncResource, Generic[T]):
         the item's remaining bytes, if any ever come). Likewise it waits for a
         ``SimpleQueue`` put that has begun writing its item (see :meth:`put`).
 
+        Putting an item back waits for nobody to read it, and never leaves part of it in
+        the pipe. It is a put of its own, after everything this process put (once the
+        feeder is flushed): one of asyncmp's threads, a daemon like the feeder, writes the
+        item's frame whole (as it was read; on the thread route pickled again), waiting
+        for a slot of a bounded queue and for consumers to make room as long as that
+        takes, with no ``stall_timeout``. It counts as one item in the queue again, and
+        not as a new task of a ``JoinableQueue``. The consumers, in any process, get it
+        after the items before it. The process waits for that thread at exit, as
+        multiprocessing waits for a ``Queue``'s feeder thread, so a process that exits
+        while nobody reads the queue waits until somebody does; one that ends without
+        its exit handlers (``os._exit()``, a signal) may leave part of the item in the
+        pipe, as a producer killed mid-put does. If no process holds the queue's read
+        end any more, the item is dropped.
+
         If cancelled, the adapter is closed all the same; those two waits still run to
-        their end, and only the wait for the feeder stops, the feeder going on writing
-        in the background. It raises nothing of its own.
+        their end, the put-back starts, and only the wait for the feeder stops, the
+        feeder going on writing in the background. It raises nothing of its own.
         """
         state = self._state
         if state.closed:
@@ -361,10 +376,11 @@ class AsyncQueue(AsyncResource, Generic[T]):
             state.calls.clear()
             putter.forget_joins()
             getter.close_threads()
-            # Never let go of the reader lock mid-item: finish the item, and put it back.
+            # Never let go of the reader lock mid-item: finish the item, and put it back
+            # (in the background, once the flush is done: see Putter.put_back).
             frame = await getter.finish_partial()
             if frame is not None:
-                await putter.put_back(frame)
+                putter.put_back(frame)
             getter.close()
         await putter.flush()
 

@@ -376,7 +376,8 @@ class FdGetter:
         it in a thread and return it; then let go of the lock (see ``finish_in_thread``).
 
         The item a cancelled get left to the background read (finished by now: the calls
-        have returned), which no get took, is returned too, counted in the queue again."""
+        have returned), which no get took, is returned too. Either is taken as a get takes
+        an item, its slot let go; the put-back takes a slot again."""
         call = self._finishing
         if call is not None:
             await call.wait()
@@ -384,13 +385,13 @@ class FdGetter:
             self._collect(closing=True)
             if len(self.kept) == kept:
                 return None  # its producer stopped mid-item: lost, and the queue broken
-            if self._sem is not None:
-                self._sem.acquire(False)  # it goes back: it counts as in the queue again
-            return self.kept.pop()
+            return self.kept.pop()  # (its slot was let go once it was whole)
         if self.reader.at_boundary or not self.rlock.held:
             return None
         frame = await finish_in_thread(self.reader, self._fd, self._state)
         self.rlock.release()
+        if frame is not None and self._sem is not None:
+            self._sem.release()  # taken whole, as Queue.get counts it
         return frame
 
     def close(self) -> None:

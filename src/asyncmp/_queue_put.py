@@ -9,13 +9,21 @@ slices, and a cancelled put waits for that thread's current slice so that "retur
 thread, ``PIPE_BUF`` bytes at a time as the pipe has room, under the queue's write lock;
 it gives up on cancellation until its first byte, and finishes the frame after it (see
 :func:`write_frame`).
+
+An item that :meth:`AsyncQueue.aclose` gives back to the queue (one a cancelled ``get``
+left to a thread, or one it finished itself) goes back as a put of its own
+(:class:`_PutBack`): its frame, as it was read, written whole by a daemon thread that waits
+for room as long as that takes, and that the process waits for at exit, as it waits for a
+``Queue``'s feeder thread. Nobody needs to read the queue at the moment ``aclose()`` runs.
 """
 
 from __future__ import annotations
 
 import errno
 import io
+import math
 import multiprocessing.queues
+import multiprocessing.util
 import os
 import pickle
 import queue
@@ -27,7 +35,7 @@ import weakref
 from collections.abc import Callable
 from multiprocessing.reduction import ForkingPickler
 from time import perf_counter
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 from anyio.lowlevel import cancel_shielded_checkpoint, checkpoint, checkpoint_if_cancelled
@@ -39,7 +47,7 @@ from ._threads import THREAD_SLICE, BlockingCall
 from ._wire import dumps, encode_header
 
 if TYPE_CHECKING or sys.platform != "win32":
-    from ._fdio import poller, socket_over_dup
+    from ._fdio import poller, register_fork_owned, socket_over_dup
 
 if sys.platform != "win32":
     import select
@@ -75,8 +83,15 @@ class _Prepickled:
         return pickle.loads, (self.data,)
 
 
+class _Stoppable(Protocol):
+    """What :func:`write_frame` asks of the call it runs in: may it give up?"""
+
+    @property
+    def stopping(self) -> bool: ...
+
+
 def write_frame(
-    c: BlockingCall[bool],
+    c: _Stoppable,
     fd: int,
     wlock: Any,
     frame: bytes,
@@ -96,7 +111,9 @@ def write_frame(
     consumers make room: a frame left half-written would tear the stream that every
     consumer of the queue reads. *on_begun* is called then. Only a pipe that takes no
     byte for *stall_timeout* seconds ends it early, with ``anyio.BrokenResourceError``
-    (the pipe then holds part of the frame, as after a producer that died mid-put).
+    (the pipe then holds part of the frame, as after a producer that died mid-put); with
+    ``math.inf`` it waits for room as long as that takes. A pipe whose every read end is
+    closed ends it with ``anyio.BrokenResourceError`` too (nobody can read the frame).
     """
     while not wlock.acquire(True, THREAD_SLICE):
         if c.stopping:
@@ -127,6 +144,110 @@ def write_frame(
         return True
     finally:
         wlock.release()
+
+
+class _NeverStops:
+    """A put-back is never asked to give up: it ends once its frame is in the pipe."""
+
+    stopping = False
+
+
+#: The put-backs in flight in this process, which its exit waits for.
+_put_backs: set[_PutBack] = set()
+#: The process whose exit waits for them (a child forked since has none of its own yet).
+_exit_hooked_pid: int | None = None
+
+
+def _wait_for_put_backs() -> None:
+    """At exit: wait until every put-back is in the pipe, whole (as multiprocessing waits
+    for a Queue's feeder thread)."""
+    for put_back in list(_put_backs):
+        put_back.join()
+
+
+def _hook_exit() -> None:
+    """Have this process wait for its put-backs when it exits. Through multiprocessing's
+    exit finalizers, not ``atexit``: a forked multiprocessing child runs those and then
+    leaves with ``os._exit``, skipping ``atexit``. At priority 0, as soon as the
+    finalizers of queues and pools (10 and up) have run, and before multiprocessing
+    terminates this process's daemonic children, which may be the consumers that read the
+    item (a Queue's feeder thread is waited for after that, at -5)."""
+    global _exit_hooked_pid
+    pid = os.getpid()
+    if _exit_hooked_pid != pid:
+        multiprocessing.util.Finalize(None, _wait_for_put_backs, exitpriority=0)
+        _exit_hooked_pid = pid
+
+
+class _PutBack:
+    """One item going back into a queue: its whole frame, written by a daemon thread of
+    its own, as a producer's put.
+
+    The thread takes a slot of a bounded queue first (waiting for room, as ``Queue.put()``
+    does; the item's slot was let go when it was taken), then the queue's write lock, and
+    writes the frame (:func:`write_frame`) as consumers make room, for as long as that
+    takes: it never gives up in the middle of the frame, so nothing can leave part of it
+    in the pipe, except the end of the process itself, which waits for it (see
+    :func:`_hook_exit`) unless it ends without its exit handlers (``os._exit``, a signal),
+    as a producer killed mid-put. The thread ends early, the item dropped, only once no
+    process holds the queue's read end (nobody could ever read it).
+
+    It writes to a duplicate of the queue's write end, which stays open when the queue is
+    closed in this process meanwhile (``Queue.close()`` lets the feeder thread close the
+    queue's own), and is closed in a forked child, which has no such thread.
+    """
+
+    def __init__(self, fd: int, wlock: Any, sem: Any | None, frame: bytes) -> None:
+        self._fd = os.dup(fd)
+        self._wlock = wlock
+        self._sem = sem
+        self._frame = frame
+        self._thread: threading.Thread | None = None
+        register_fork_owned(self)
+
+    def start(self) -> None:
+        """Start the thread (it owns the descriptor from now on)."""
+        _hook_exit()
+        _put_backs.add(self)
+        thread = threading.Thread(target=self._run, name="asyncmp-queue-putback", daemon=True)
+        self._thread = thread
+        thread.start()
+
+    def join(self) -> None:
+        """Wait until the frame is in the pipe (or nobody can read it any more)."""
+        thread = self._thread
+        if thread is not None:
+            thread.join()
+
+    def _run(self) -> None:
+        sem = self._sem
+        try:
+            if sem is not None:
+                sem.acquire()  # room in a bounded queue, as Queue.put() waits for it
+            try:
+                write_frame(_NeverStops(), self._fd, self._wlock, self._frame, math.inf, _nothing)
+            except (anyio.BrokenResourceError, OSError):
+                # Every read end is closed (the write fails with EPIPE, or poll says so):
+                # nobody can read the item, and nothing it leaves matters to anybody.
+                if sem is not None:
+                    sem.release()
+        finally:
+            self._frame = b""
+            self.close()
+            _put_backs.discard(self)
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def _forget_in_forked_child(self) -> None:
+        _put_backs.discard(self)  # the thread is not in the child: its exit can't wait
+        self.close()
+
+
+def _nothing() -> None:
+    pass
 
 
 class _Interrupter:
@@ -207,6 +328,11 @@ class Putter:
         self.feeder_error: Exception | None = None
         self._writer = _mpinternals.queue_writer(q)
         self._wlock = _mpinternals.queue_wlock(q)
+        parts = _mpinternals.queue_parts(q)
+        #: The semaphore that bounds the queue (None: a SimpleQueue, or insides unknown).
+        self._sem = parts.sem if parts is not None else None
+        #: An item aclose() gives back, to go in once the flush is done.
+        self._put_back: _PutBack | None = None
         # A SimpleQueue's put writes its frame itself, under the queue's write lock; this
         # adapter does the same, so that a put can give up before its first byte.
         self._writes_frames = self._is_simple and self._writer is not None
@@ -353,24 +479,25 @@ class Putter:
         if not call.result():
             raise anyio.ClosedResourceError
 
-    async def put_back(self, frame: bytes) -> None:
-        """In aclose(): write a whole frame back into the queue, for the other consumers
-        (a part of an item this adapter finished). Not cancellable."""
+    def put_back(self, frame: bytes) -> bool:
+        """In aclose(), before :meth:`flush`: give the item whose *frame* (its payload, as
+        read) this adapter took and did not hand out back to the queue, for its consumers.
+
+        It goes back as a put of its own (:class:`_PutBack`): once the flush is done (so
+        after what this process put), a thread of its own writes the frame whole, waiting
+        for a slot of a bounded queue and for readers as long as that takes, and the
+        process waits for it at exit. Nothing here waits, and nobody needs to read now.
+        The frame is taken as the consumers count it: its slot let go and, on a
+        ``JoinableQueue``, still an unfinished task (this puts it back without counting
+        it as a new one). Returns False if the item can't go back (the queue has no pipe
+        this process can write to: a manager's proxy, Windows; or its write end is closed
+        in this process already): then it is dropped."""
         writer, wlock = self._writer, self._wlock
         if writer is None or writer.closed or wlock is None:
-            return
-        fd = writer.fileno()
+            return False
         whole = encode_header(len(frame)) + frame
-        stall = self._state.stall_timeout
-
-        def write(c: BlockingCall[bool]) -> bool:
-            return write_frame(c, fd, wlock, whole, stall, lambda: None)
-
-        call: BlockingCall[bool] = BlockingCall(write, name="asyncmp-queue-put")
-        await call.start()
-        await call.wait()
-        if call.error is not None:
-            self._state.broken = str(call.error)
+        self._put_back = _PutBack(writer.fileno(), wlock, self._sem, whole)
+        return True
 
     async def _put_threaded(self, item: Any) -> None:
         q = self._q
@@ -469,11 +596,20 @@ class Putter:
         self._interrupters.clear()
 
     async def flush(self) -> None:
-        """Close the queue in this process and wait for its feeder to write it all.
+        """Close the queue in this process and wait for its feeder to write it all; then
+        start the put-back (:meth:`put_back`), if any, which never waits for it.
 
         If cancelled, the feeder goes on writing in the background, as after
-        ``Queue.close()`` without ``join_thread()``.
+        ``Queue.close()`` without ``join_thread()``, and the put-back starts all the same.
         """
+        try:
+            await self._flush_feeder()
+        finally:
+            put_back, self._put_back = self._put_back, None
+            if put_back is not None:
+                put_back.start()
+
+    async def _flush_feeder(self) -> None:
         q = self._q
         if self._is_simple:
             q.close()

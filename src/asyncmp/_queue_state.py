@@ -76,7 +76,9 @@ class Getter(Protocol):
         """Closing, once the calls have returned: end the kept thread."""
 
     async def finish_partial(self) -> bytes | None:
-        """Closing: finish an item begun under the reader lock; return it to put back."""
+        """Closing: finish an item begun under the reader lock (or collect the one a
+        cancelled get left); return its frame to put back, taken as a get takes an item
+        (its slot let go)."""
 
     def close(self) -> None:
         """Closing, last step: let go of the lock and the transport."""

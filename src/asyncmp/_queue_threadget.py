@@ -246,25 +246,25 @@ class ThreadGetter:
 
         Or return, pickled again, the item that a cancelled get's thread took and no get
         collected, to be put back (as on the fd route; only a POSIX multiprocessing queue
-        can take it back: elsewhere it is dropped)."""
+        can take it back: elsewhere it is dropped). Either is taken as a get takes an
+        item, its slot let go; the put-back takes a slot again."""
         reader = self._reader
         call, self._pending = self._pending, None
         if reader is not None and call is not None and call.finished and call.error is None:
             item = call.result()
             if item is not _STOPPED:
                 try:
-                    payload = dumps(item)
+                    return dumps(item)  # (its slot was let go when the thread took it)
                 except Exception:  # it pickled once, but may not again: dropped
                     return None
-                assert self._parts is not None
-                if self._parts.sem is not None:
-                    self._parts.sem.acquire(False)  # it counts as in the queue again
-                return payload
         if reader is None or reader.at_boundary:
             return None
         frame = await finish_in_thread(reader, self._fd, self._state)
-        assert self._parts is not None
-        self._parts.rlock.release()
+        parts = self._parts
+        assert parts is not None
+        parts.rlock.release()
+        if frame is not None and parts.sem is not None:
+            parts.sem.release()  # taken whole, as Queue.get counts it
         return frame
 
     def close(self) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 __all__ = (
     "ASYNC_PART_FAILED",
     "EXIT_HOWS",
+    "aclose_after_a_cancelled_get_then_exit",
     "get_until_none",
     "hold_then_wait_to_be_killed",
     "message",
@@ -137,6 +138,62 @@ def _run_async(main: Any, backend: str, uvloop: bool) -> None:
     thread.join()
     if errors:
         raise errors[0]
+
+
+def aclose_after_a_cancelled_get_then_exit(
+    q: Any, frame: bytes, split: int, stall: float, closed: Any, backend: str, uvloop: bool
+) -> None:
+    """Be the producer and the consumer of *frame* (a raw frame larger than the pipe): write
+    its first *split* bytes (which fit the pipe), cancel a ``get()`` of an ``AsyncQueue``
+    once it has read them, write the rest (the adapter's thread reads it), ``aclose()``
+    with nobody else reading, set *closed*, and return normally: the exit handlers run.
+    *stall* is the adapter's ``stall_timeout``."""
+    import anyio
+    import anyio.to_thread
+
+    from asyncmp import AsyncQueue
+
+    sem = getattr(q, "_sem", None)
+    if sem is not None:
+        sem.acquire()  # the item's slot, as put() takes it
+    fd = q._writer.fileno()
+
+    def write(part: bytes) -> None:
+        view = memoryview(part)
+        while view:
+            view = view[os.write(fd, view) :]
+
+    def nothing_buffered() -> bool:
+        import array
+        import fcntl
+        import termios
+
+        count = array.array("i", [0])
+        fcntl.ioctl(q._reader.fileno(), termios.FIONREAD, count, True)
+        return count[0] == 0
+
+    async def main() -> None:
+        aq = AsyncQueue[Any](q, stall_timeout=stall)
+        write(frame[:split])
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(aq.get)
+            with anyio.fail_after(_MAX_WAIT):
+                # The get has read the first part (bytes in a pipe announce nothing).
+                while not nothing_buffered():  # noqa: ASYNC110
+                    await anyio.sleep(0.001)
+            tg.cancel_scope.cancel()
+        await anyio.to_thread.run_sync(write, frame[split:])
+        await aq.aclose()
+        closed.set()
+
+    try:
+        _run_async(main, backend, uvloop)
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(ASYNC_PART_FAILED)
 
 
 def produce_then_exit(
