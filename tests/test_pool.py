@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from contextlib import aclosing, asynccontextmanager
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -109,6 +110,22 @@ async def test_an_unpicklable_result_or_exception_fails_that_call_only() -> None
         with pytest.raises(pickle.PicklingError, match="raised NeedsTwoArgs: 1-2"):
             await pool.run(w.raise_unpicklable)
         assert await pool.run(w.getpid) == pid  # the same worker goes on
+
+
+async def test_a_result_or_exception_the_parent_cannot_unpickle_fails_that_call_only() -> None:
+    # Their classes live in a module that only the worker has.
+    async with asyncmp.open_pool(1) as pool:
+        pid = await pool.run(w.getpid)
+        with pytest.raises(pickle.PicklingError, match="raised WorkerOnlyError: not here") as info:
+            await pool.run(w.raise_worker_only, "not here")
+        assert "No module named 'asyncmp_tests_worker_only'" in str(info.value)
+        assert isinstance(info.value.__cause__, asyncmp.RemoteTraceback)
+        assert "in raise_worker_only" in str(info.value.__cause__)
+        with pytest.raises(pickle.PicklingError, match="reply to return_worker_only") as info:
+            await pool.run(w.return_worker_only)
+        assert "No module named 'asyncmp_tests_worker_only'" in str(info.value)
+        assert await pool.run(w.getpid) == pid  # the same worker goes on
+        assert pool.statistics().calls_failed == 2
 
 
 # --- crashes ---------------------------------------------------------------------------
@@ -501,6 +518,59 @@ async def test_a_failing_initializer_is_a_clear_error_not_a_respawn_loop(
     assert isinstance(cause, ValueError)
     assert str(cause) == "no config"
     assert isinstance(cause.__cause__, asyncmp.RemoteTraceback)
+
+
+async def test_an_initializer_error_the_parent_cannot_unpickle_breaks_the_pool_clearly(
+    mp_context: MPContext,
+) -> None:
+    # Its class lives in a module that only the worker has.
+    with pytest.raises(anyio.BrokenResourceError, match="no config here") as info:
+        async with asyncmp.open_pool(
+            2, context=mp_context, initializer=w.fail_init_worker_only, initargs=("no config here",)
+        ):
+            raise AssertionError("not reached")  # pragma: no cover
+    assert "initializer failed" in str(info.value)
+    cause = info.value.__cause__
+    assert isinstance(cause, pickle.PicklingError)
+    assert "fail_init_worker_only raised WorkerOnlyError: no config here" in str(cause)
+    assert "No module named 'asyncmp_tests_worker_only'" in str(cause)
+    assert isinstance(cause.__cause__, asyncmp.RemoteTraceback)
+    assert "in raise_worker_only" in str(cause.__cause__)
+
+
+async def test_a_replacement_whose_initializer_error_cannot_be_unpickled_spares_running_calls(
+    tmp_path: Path,
+) -> None:
+    ours, theirs = asyncmp.Pipe()
+    release = multiprocessing.Semaphore(0)
+    holds = Holds(ours, release)
+    try:
+        async with asyncmp.open_pool(
+            2,
+            max_tasks_per_child=1,
+            initializer=w.install_then_fail_from,
+            initargs=(theirs, release, str(tmp_path), 2, "replacement config"),
+        ) as pool:
+            held: list[int] = []
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_append, held, pool.run(w.hold, 7))
+                await started(holds)
+                # The other worker runs one call and is replaced, by a worker whose
+                # initializer raises what the parent can't unpickle: the pool breaks.
+                assert await pool.run(w.echo, 1) == 1
+                with pytest.raises(anyio.BrokenResourceError, match="replacement config") as info:
+                    await pool.run(w.echo, 2)
+                assert isinstance(info.value.__cause__, pickle.PicklingError)
+                # The call on the healthy worker goes on, and so does the block.
+                holds.release()
+            assert held == [7]
+            with pytest.raises(anyio.BrokenResourceError, match="replacement config"):
+                await pool.run(w.echo, 3)
+            stats = pool.statistics()
+            assert (stats.calls_done, stats.calls_failed, stats.calls_running) == (2, 1, 0)
+    finally:
+        theirs.close()
+        await ours.aclose()
 
 
 async def test_max_tasks_per_child_replaces_workers() -> None:

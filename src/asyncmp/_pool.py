@@ -221,10 +221,13 @@ class Pool:
 
         :raises Exception: what ``fn`` raised, same type and message, with the worker's
             traceback attached as its ``__cause__`` (a :class:`RemoteTraceback`). An
-            exception that can't be sent back becomes a ``pickle.PicklingError`` naming it.
+            exception that can't be sent back (it doesn't pickle in the worker, or doesn't
+            unpickle here: its class lives in a module only the worker imports, say)
+            becomes a ``pickle.PicklingError`` that names it, its message and why, with
+            the worker's traceback as its ``__cause__``.
         :raises pickle.PicklingError: (or what pickling raises) *fn* or an argument can't
-            be pickled: nothing was sent. A result that can't be pickled raises
-            ``pickle.PicklingError`` for this call only.
+            be pickled: nothing was sent. A result that can't be pickled in the worker,
+            or unpickled here, raises ``pickle.PicklingError`` for this call only.
         :raises WorkerExited: the worker died while running the call (its ``exitcode``
             says how); the pool has started a replacement.
         :raises anyio.ClosedResourceError: the pool is closed, or was closed meanwhile.
@@ -270,7 +273,8 @@ class Pool:
         :raises Exception: what ``fn`` raised for an item, at that item's place (when it
             is reached, with ``ordered=False``), as :meth:`run` raises it; the map stops.
             Also :class:`WorkerExited` (for the first item of the chunk the worker was
-            running), and the pickling errors of :meth:`run`, for that item.
+            running), and the pickling errors of :meth:`run`, for that item (a result
+            that can't be unpickled here fails its whole chunk, at its first item).
         :raises anyio.ClosedResourceError: the pool is closed.
         """
         self._check_usable()
@@ -448,10 +452,15 @@ class Pool:
     async def _serve(self, slot: _Slot) -> None:
         """Wait for the worker to be ready, then run jobs until it must be retired."""
         try:
-            hello = ForkingPickler.loads(await slot.conn.recv_bytes())
+            frame = await slot.conn.recv_bytes()
         except ConnectionEOF:
             exited = WorkerExited(await slot.exit_code())
             self._break(f"a pool worker ended before it was ready: {exited}", exited)
+            return
+        try:
+            hello = ForkingPickler.loads(frame)
+        except Exception as why:
+            self._break(f"a pool worker's first word could not be unpickled: {why!r}", why)
             return
         if hello[0] == "init-failed":
             exc, text = hello[1]
@@ -506,7 +515,8 @@ class Pool:
                 except (ConnectionEOF, anyio.BrokenResourceError, anyio.ClosedResourceError):
                     raise
                 except Exception as exc:
-                    reply = exc  # it could not be unpickled: the error of this job
+                    # It could not be unpickled: the error of this job.
+                    reply = _unreadable_reply(slot.jobs[0], exc)
                 job = slot.jobs.popleft()
                 request = requests[0]
                 now = perf_counter()
@@ -635,6 +645,19 @@ class Pool:
         slot.process.close()
 
 
+def _unreadable_reply(job: Job, exc: BaseException) -> BaseException:
+    """The error of a job whose reply could not be unpickled here. The worker sends the
+    errors of calls so that they always unpickle (see ``_pool_worker``): what failed is
+    a result, of a class this process can't import, say."""
+    fn = job.fn
+    name = (getattr(fn, "__qualname__", None) or repr(fn)) if fn is not None else "a call"
+    error = pickle.PicklingError(
+        f"the reply to {name} can't be unpickled in the parent ({type(exc).__name__}: {exc})"
+    )
+    error.__cause__ = exc
+    return error
+
+
 @asynccontextmanager
 async def open_pool(
     processes: int | None = None,
@@ -667,9 +690,11 @@ async def open_pool(
 
     :raises ValueError: *processes* or *max_tasks_per_child* is below 1.
     :raises anyio.BrokenResourceError: on entering, a worker's initializer raised (its
-        exception, with the worker's traceback, is the ``__cause__``) or a worker died
-        before it was ready. If that happens to a replacement later, queued and later
-        calls raise it instead.
+        exception, with the worker's traceback, is the ``__cause__``; one that can't be
+        unpickled here comes as a ``pickle.PicklingError`` that names it and its message)
+        or a worker died before it was ready. If that happens to a replacement later,
+        queued and later calls raise it instead; calls running on other workers go on,
+        and so does the block.
     :raises OSError: (or what ``Process.start()`` raises) a worker could not start.
     """
     if processes is None:
