@@ -10,16 +10,19 @@ one pipe at once could tear its messages.)
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import sys
 import threading
+import time
 import types
 from multiprocessing.connection import Connection
 from typing import Any
 
 __all__ = (
     "NeedsTwoArgs",
+    "crash_leaving_grandchild",
     "echo",
     "exit_at_3",
     "exit_with",
@@ -144,6 +147,18 @@ def pid_of(_: int) -> int:
 
 def exit_at_3(x: int) -> int:
     return exit_with(3) if x == 3 else x
+
+
+def crash_leaving_grandchild(code: int) -> int:
+    """Fork a grandchild that sleeps for a minute, holding this worker's pipe (every
+    descriptor is inherited), say ``("grandchild", pid)`` on the test's pipe, and end
+    this worker with ``os._exit(code)``: the pool must see the worker's end all the
+    same. The test kills the grandchild."""
+    assert _conn is not None
+    grandchild = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+    grandchild.start()
+    _conn.send(("grandchild", grandchild.pid))
+    os._exit(code)
 
 
 #: A module that only the worker has: what is defined in it can't be unpickled in the
