@@ -10,31 +10,40 @@ one pipe at once could tear its messages.)
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import sys
 import threading
+import time
+import types
 from multiprocessing.connection import Connection
 from typing import Any
 
 __all__ = (
     "NeedsTwoArgs",
+    "crash_leaving_grandchild",
     "echo",
     "exit_at_3",
     "exit_with",
     "fail",
     "fail_at_5",
     "fail_init",
+    "fail_init_from",
+    "fail_init_worker_only",
     "getpid",
     "hold",
     "hold_first",
     "initialized",
     "install",
+    "install_then_fail_from",
     "kill_self",
     "note",
     "pid_of",
     "raise_unpicklable",
+    "raise_worker_only",
     "return_unpicklable",
+    "return_worker_only",
     "set_value",
 )
 
@@ -138,3 +147,71 @@ def pid_of(_: int) -> int:
 
 def exit_at_3(x: int) -> int:
     return exit_with(3) if x == 3 else x
+
+
+def crash_leaving_grandchild(code: int) -> int:
+    """Fork a grandchild that sleeps for a minute, holding this worker's pipe (every
+    descriptor is inherited), say ``("grandchild", pid)`` on the test's pipe, and end
+    this worker with ``os._exit(code)``: the pool must see the worker's end all the
+    same. The test kills the grandchild."""
+    assert _conn is not None
+    grandchild = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+    grandchild.start()
+    _conn.send(("grandchild", grandchild.pid))
+    os._exit(code)
+
+
+#: A module that only the worker has: what is defined in it can't be unpickled in the
+#: parent (``import`` finds no such module there).
+_WORKER_ONLY = "asyncmp_tests_worker_only"
+
+
+def _worker_only_module() -> types.ModuleType:
+    module = sys.modules.get(_WORKER_ONLY)
+    if module is None:
+        module = types.ModuleType(_WORKER_ONLY)
+        namespace = {"__module__": _WORKER_ONLY}
+        module.__dict__.update(
+            WorkerOnlyError=type("WorkerOnlyError", (Exception,), namespace),
+            WorkerOnlyResult=type("WorkerOnlyResult", (), namespace),
+        )
+        sys.modules[_WORKER_ONLY] = module
+    return module
+
+
+def raise_worker_only(message: str) -> int:
+    """Raise an exception whose class the parent can't import."""
+    raise _worker_only_module().WorkerOnlyError(message)
+
+
+def return_worker_only() -> object:
+    """Return an object whose class the parent can't import."""
+    return _worker_only_module().WorkerOnlyResult()
+
+
+def fail_init_worker_only(message: str) -> None:
+    """Initializer: raise an exception whose class the parent can't import."""
+    raise_worker_only(message)
+
+
+def fail_init_from(directory: str, healthy: int, message: str) -> None:
+    """Initializer: let the first *healthy* workers that start (counted by the files
+    made in *directory*) start, then fail as :func:`fail_init_worker_only`."""
+    for started in range(1000):
+        try:
+            fd = os.open(os.path.join(directory, str(started)), os.O_CREAT | os.O_EXCL)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        if started >= healthy:
+            raise_worker_only(message)
+        return
+    raise AssertionError("too many workers started")
+
+
+def install_then_fail_from(
+    conn: Connection, release: Any, directory: str, healthy: int, message: str
+) -> None:
+    """Initializer: :func:`install`, then :func:`fail_init_from`."""
+    install(conn, release)
+    fail_init_from(directory, healthy, message)

@@ -26,6 +26,7 @@ import fcntl
 import multiprocessing
 import os
 import queue
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -46,6 +47,7 @@ from asyncmp import (
     _fdio,
     _platform,
 )
+from asyncmp._threads import thread_limiter
 
 from . import process_workers as pw
 from .platform_fakes import (
@@ -61,6 +63,7 @@ from .platform_fakes import (
     as_connection,
     fake_pipe,
 )
+from .support.io import wait_until
 
 pytestmark = [
     pytest.mark.anyio,
@@ -290,6 +293,20 @@ async def test_windows_process_wait_runs_in_a_thread() -> None:
     finally:
         process.join()
         process.close()
+
+
+@pytest.mark.usefixtures("windows")
+async def test_windows_pool_watches_its_workers_with_threads_the_limiter_does_not_count() -> None:
+    """A pool watches each worker process for as long as it lives: on Windows' route in
+    a thread each, which must not take the room that calls elsewhere need."""
+    with anyio.fail_after(20):
+        async with asyncmp.open_pool(1, context=FORK) as pool:
+            pid = await pool.run(os.getpid)
+            assert thread_limiter().borrowed_tokens == 0
+            # The watch sees the idle worker's death: the pool replaces it.
+            os.kill(pid, signal.SIGKILL)
+            await wait_until(lambda: pool.statistics().workers_replaced == 1, "replaced")
+            assert await pool.run(os.getpid) != pid
 
 
 # Queues ---------------------------------------------------------------------------------

@@ -11,8 +11,9 @@ import signal
 import threading
 from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
-from contextlib import aclosing, asynccontextmanager
+from contextlib import aclosing, asynccontextmanager, suppress
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -22,6 +23,7 @@ import asyncmp
 from asyncmp import AsyncConnection, Pool
 from asyncmp._pool import _MAX_BATCH
 from tests import pool_workers as w
+from tests.support.io import wait_until
 from tests.workers import MPContext
 
 pytestmark = pytest.mark.anyio
@@ -52,7 +54,8 @@ class Holds:
 async def held_pool(processes: int = 2, **options: Any) -> AsyncIterator[tuple[Pool, Holds]]:
     """A pool whose workers can :func:`w.hold` calls and :func:`w.note` them on a pipe."""
     ours, theirs = asyncmp.Pipe()
-    release = multiprocessing.Semaphore(0)
+    # Of the pool's context: a fork context's semaphore can't be passed to a spawned child.
+    release = (options.get("context") or multiprocessing.get_context()).Semaphore(0)
     try:
         async with asyncmp.open_pool(
             processes, initializer=w.install, initargs=(theirs, release), **options
@@ -109,6 +112,22 @@ async def test_an_unpicklable_result_or_exception_fails_that_call_only() -> None
         with pytest.raises(pickle.PicklingError, match="raised NeedsTwoArgs: 1-2"):
             await pool.run(w.raise_unpicklable)
         assert await pool.run(w.getpid) == pid  # the same worker goes on
+
+
+async def test_a_result_or_exception_the_parent_cannot_unpickle_fails_that_call_only() -> None:
+    # Their classes live in a module that only the worker has.
+    async with asyncmp.open_pool(1) as pool:
+        pid = await pool.run(w.getpid)
+        with pytest.raises(pickle.PicklingError, match="raised WorkerOnlyError: not here") as info:
+            await pool.run(w.raise_worker_only, "not here")
+        assert "No module named 'asyncmp_tests_worker_only'" in str(info.value)
+        assert isinstance(info.value.__cause__, asyncmp.RemoteTraceback)
+        assert "in raise_worker_only" in str(info.value.__cause__)
+        with pytest.raises(pickle.PicklingError, match="reply to return_worker_only") as info:
+            await pool.run(w.return_worker_only)
+        assert "No module named 'asyncmp_tests_worker_only'" in str(info.value)
+        assert await pool.run(w.getpid) == pid  # the same worker goes on
+        assert pool.statistics().calls_failed == 2
 
 
 # --- crashes ---------------------------------------------------------------------------
@@ -225,6 +244,103 @@ async def test_a_crash_seen_while_sending_quick_calls_ahead_fails_that_call_only
         assert outcomes == expected
         assert len(outcomes) == 2 * _MAX_BATCH + 3
         assert pool.statistics().workers_replaced == 1
+
+
+#: How long a grandchild of a worker sleeps, holding the worker's pipe, and the bound
+#: within which the pool must see the worker's end all the same.
+GRANDCHILD_LIFE = 60.0
+WORKER_END_BOUND = 20.0
+
+
+async def test_a_workers_end_is_seen_while_a_grandchild_holds_its_pipe(
+    mp_context: MPContext,
+) -> None:
+    # The call forks a grandchild, which inherits the worker's end of its pipe, and then
+    # ends the worker: the pipe reaches no EOF while the grandchild lives. The pool
+    # watches the worker process itself.
+    grandchild = None
+    async with held_pool(1, context=mp_context) as (pool, holds):
+        try:
+            pid = await pool.run(w.getpid)
+            with anyio.fail_after(WORKER_END_BOUND):
+                with pytest.raises(asyncmp.WorkerExited) as info:
+                    await pool.run(w.crash_leaving_grandchild, 3)
+                word, grandchild = await holds.recv()
+            assert word == "grandchild"
+            assert info.value.exitcode == 3
+            assert await pool.run(w.getpid) != pid
+            stats = pool.statistics()
+            assert (stats.workers_replaced, stats.workers_alive) == (1, 1)
+            assert (stats.calls_failed, stats.calls_running, stats.calls_queued) == (1, 0, 0)
+        finally:
+            if grandchild is None:  # the test failed early: it may have said its pid
+                with suppress(anyio.WouldBlock):
+                    word, grandchild = holds.recv_nowait()
+            if grandchild is not None:
+                await _kill_orphan(grandchild)
+
+
+async def _kill_orphan(pid: int) -> None:
+    """Kill a process that is not our child (its init reaps it) and wait until it is
+    gone or a zombie."""
+    with suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    await wait_until(lambda: _gone_or_zombie(pid), f"process {pid} is gone")
+
+
+def _gone_or_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[0] == b"Z"
+    except FileNotFoundError:
+        return True
+    except OSError:  # no /proc
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+
+async def test_a_worker_that_dies_idle_is_replaced_before_it_takes_a_call() -> None:
+    async with asyncmp.open_pool(1) as pool:
+        pid = await pool.run(w.getpid)
+        os.kill(pid, signal.SIGKILL)
+        await wait_until(
+            lambda: pool.statistics().workers_replaced == 1, "the idle worker was replaced"
+        )
+        assert await pool.run(w.getpid) != pid
+        assert pool.statistics() == asyncmp.PoolStatistics(1, 0, 0, 2, 0, 1)
+
+
+async def test_a_fresh_worker_that_dies_idle_is_replaced_once_a_call_comes() -> None:
+    # A worker that ends before it ran any call is replaced only once a call is queued:
+    # workers that die as soon as they start are not started again and again meanwhile.
+    async with asyncmp.open_pool(1) as pool:
+        [pid] = [
+            p.pid for p in multiprocessing.active_children() if p.name == "asyncmp-pool-worker"
+        ]
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        await wait_until(lambda: pool.statistics().workers_alive == 0, "the pool saw it end")
+        await anyio.wait_all_tasks_blocked()
+        assert pool.statistics().workers_replaced == 0
+        assert await pool.run(w.getpid) != pid
+        assert pool.statistics() == asyncmp.PoolStatistics(1, 0, 0, 1, 0, 1)
+
+
+@pytest.mark.skipif(not hasattr(os, "waitid"), reason="waits for the worker with os.waitid")
+async def test_a_call_sent_to_a_worker_that_died_idle_goes_to_another() -> None:
+    async with asyncmp.open_pool(1) as pool:
+        pid = await pool.run(w.getpid)
+        os.kill(pid, signal.SIGKILL)
+        # Hold the loop until the worker is dead (without reaping it): the pool has not
+        # seen it yet, and may send it the next call; the send fails, so the call was not
+        # delivered, and goes to the replacement.
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)  # noqa: ASYNC222
+        assert await pool.run(w.echo, 5) == 5
+        assert await pool.run(w.getpid) != pid
+        assert pool.statistics() == asyncmp.PoolStatistics(1, 0, 0, 3, 0, 1)
 
 
 # --- cancellation ----------------------------------------------------------------------
@@ -501,6 +617,59 @@ async def test_a_failing_initializer_is_a_clear_error_not_a_respawn_loop(
     assert isinstance(cause, ValueError)
     assert str(cause) == "no config"
     assert isinstance(cause.__cause__, asyncmp.RemoteTraceback)
+
+
+async def test_an_initializer_error_the_parent_cannot_unpickle_breaks_the_pool_clearly(
+    mp_context: MPContext,
+) -> None:
+    # Its class lives in a module that only the worker has.
+    with pytest.raises(anyio.BrokenResourceError, match="no config here") as info:
+        async with asyncmp.open_pool(
+            2, context=mp_context, initializer=w.fail_init_worker_only, initargs=("no config here",)
+        ):
+            raise AssertionError("not reached")  # pragma: no cover
+    assert "initializer failed" in str(info.value)
+    cause = info.value.__cause__
+    assert isinstance(cause, pickle.PicklingError)
+    assert "fail_init_worker_only raised WorkerOnlyError: no config here" in str(cause)
+    assert "No module named 'asyncmp_tests_worker_only'" in str(cause)
+    assert isinstance(cause.__cause__, asyncmp.RemoteTraceback)
+    assert "in raise_worker_only" in str(cause.__cause__)
+
+
+async def test_a_replacement_whose_initializer_error_cannot_be_unpickled_spares_running_calls(
+    tmp_path: Path,
+) -> None:
+    ours, theirs = asyncmp.Pipe()
+    release = multiprocessing.Semaphore(0)
+    holds = Holds(ours, release)
+    try:
+        async with asyncmp.open_pool(
+            2,
+            max_tasks_per_child=1,
+            initializer=w.install_then_fail_from,
+            initargs=(theirs, release, str(tmp_path), 2, "replacement config"),
+        ) as pool:
+            held: list[int] = []
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_append, held, pool.run(w.hold, 7))
+                await started(holds)
+                # The other worker runs one call and is replaced, by a worker whose
+                # initializer raises what the parent can't unpickle: the pool breaks.
+                assert await pool.run(w.echo, 1) == 1
+                with pytest.raises(anyio.BrokenResourceError, match="replacement config") as info:
+                    await pool.run(w.echo, 2)
+                assert isinstance(info.value.__cause__, pickle.PicklingError)
+                # The call on the healthy worker goes on, and so does the block.
+                holds.release()
+            assert held == [7]
+            with pytest.raises(anyio.BrokenResourceError, match="replacement config"):
+                await pool.run(w.echo, 3)
+            stats = pool.statistics()
+            assert (stats.calls_done, stats.calls_failed, stats.calls_running) == (2, 1, 0)
+    finally:
+        theirs.close()
+        await ours.aclose()
 
 
 async def test_max_tasks_per_child_replaces_workers() -> None:

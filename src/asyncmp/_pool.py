@@ -18,7 +18,13 @@ The invariants that make cancellation lose nothing:
   is marked, never reused: its reply is dropped when it comes, so it can't reach
   another caller. If the worker dies, the replies it sent are read first: the first
   job left unanswered is the one it was running, the ones after it go back to the
-  queue.
+  queue, and so does a job whose request it can't have received whole (the send
+  failed, or was still going on when the worker ended).
+* The worker's end is seen from the process itself: a watcher per worker waits for
+  it and cancels what the worker task waits on. The pipe's EOF alone can come much
+  later (a grandchild the worker forked holds the pipe), or never be looked for (a
+  worker that dies idle). A worker that ended idle is replaced at once, before it is
+  given a job (after a worker that never ran a call, only once a call is queued).
 * A ``kill_on_cancel`` job is sent only to a worker with nothing in flight, and
   nothing is sent after it until it is answered: killing that worker ends no other
   call.
@@ -26,8 +32,8 @@ The invariants that make cancellation lose nothing:
   it is still wanted and marking it sent. A caller that withdraws a queued job only
   flips its state; the worker task skips it.
 * A caller's cancellation never awaits anything: it flips the job's state (and, with
-  ``kill_on_cancel``, sends SIGKILL), and the worker task does the rest: it sees EOF,
-  reaps the process and starts a replacement.
+  ``kill_on_cancel``, sends SIGKILL), and the worker task does the rest: it sees the
+  worker end, reaps the process and starts a replacement.
 """
 
 from __future__ import annotations
@@ -42,7 +48,6 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from itertools import count
-from multiprocessing.reduction import ForkingPickler
 from time import perf_counter
 from types import BuiltinFunctionType, FunctionType
 from typing import Any
@@ -112,22 +117,68 @@ class _Request:
 class _Slot:
     """One worker process, its pipe, and what it is doing."""
 
-    __slots__ = ("calls", "conn", "doomed", "jobs", "process")
+    __slots__ = (
+        "calls",
+        "conn",
+        "doomed",
+        "ended",
+        "in_flight",
+        "jobs",
+        "process",
+        "ready",
+        "requests",
+        "scope",
+        "sending",
+    )
 
     def __init__(self, conn: AsyncConnection[Any], process: AsyncProcess) -> None:
         self.conn = conn
         self.process = process
+        self.ready = False  # it said "ready"
         self.calls = 0  # calls served, chunk items counted one by one
         #: The jobs in flight, in the order the worker runs them: the first one runs.
         self.jobs: deque[Job] = deque()
+        #: The requests in flight, oldest first, whose jobs ``jobs`` holds in that order;
+        #: and the calls they hold that are not answered yet.
+        self.requests: deque[_Request] = deque()
+        self.in_flight = 0
+        #: The last request is being sent: until the send returns, the worker may not
+        #: have all of it, so it can't have started its jobs.
+        self.sending = False
         self.doomed = False  # killed (kill_on_cancel): it takes no more jobs
+        #: The exit code, once :meth:`watch` saw the process end.
+        self.ended: int | None = None
+        #: What the worker task waits in while the worker lives; :meth:`watch` cancels it.
+        self.scope = anyio.CancelScope()
+
+    async def watch(self) -> None:
+        """Wait for the process to end, then cancel :attr:`scope`.
+
+        This watches the process itself (a pidfd on Linux; see :class:`AsyncProcess`),
+        not only the pipe: a grandchild that the worker forked holds the worker's end of
+        the pipe open, and no EOF comes while it lives. (Elsewhere it watches the
+        sentinel, which such a grandchild holds open too, but for a forkserver's
+        children.) One watcher per worker, so quick calls pay nothing for it.
+        """
+        try:
+            self.ended = await self.process.wait()
+        except OSError:  # no descriptor left to watch it with: the pipe's EOF tells
+            return
+        self.scope.cancel()
 
     async def exit_code(self) -> int:
-        """The exit code of a worker whose pipe reached EOF, once it is reaped."""
+        """The exit code of a worker that ended or closed its end of the pipe, once it
+        is reaped (killed if it doesn't end within ``_EXIT_WAIT``)."""
+        if self.ended is not None:
+            return self.ended
         with anyio.move_on_after(_EXIT_WAIT):
             return await self.process.wait()
         self.process.kill()
         return await self.process.wait()
+
+    def undelivered(self) -> int:
+        """How many of the last jobs in flight the worker can't have received whole."""
+        return self.requests[-1].jobs if self.sending else 0
 
 
 @dataclass(frozen=True)
@@ -221,12 +272,19 @@ class Pool:
 
         :raises Exception: what ``fn`` raised, same type and message, with the worker's
             traceback attached as its ``__cause__`` (a :class:`RemoteTraceback`). An
-            exception that can't be sent back becomes a ``pickle.PicklingError`` naming it.
+            exception that can't be sent back (it doesn't pickle in the worker, or doesn't
+            unpickle here: its class lives in a module only the worker imports, say)
+            becomes a ``pickle.PicklingError`` that names it, its message and why, with
+            the worker's traceback as its ``__cause__``.
         :raises pickle.PicklingError: (or what pickling raises) *fn* or an argument can't
-            be pickled: nothing was sent. A result that can't be pickled raises
-            ``pickle.PicklingError`` for this call only.
-        :raises WorkerExited: the worker died while running the call (its ``exitcode``
-            says how); the pool has started a replacement.
+            be pickled: nothing was sent. A result that can't be pickled in the worker,
+            or unpickled here, raises ``pickle.PicklingError`` for this call only.
+        :raises WorkerExited: the worker ended (its ``exitcode`` says how) after the
+            call was sent to it whole and before it answered: it was running the call, or,
+            if it died at the very moment the call reached it, was about to (the two
+            can't be told apart). A call the worker can't have received (it had died
+            before, or died while the call was being sent) runs on another worker instead.
+            The pool has started a replacement.
         :raises anyio.ClosedResourceError: the pool is closed, or was closed meanwhile.
         :raises anyio.BrokenResourceError: no worker could be started (the initializer
             raised, or a worker died before it was ready).
@@ -270,7 +328,8 @@ class Pool:
         :raises Exception: what ``fn`` raised for an item, at that item's place (when it
             is reached, with ``ordered=False``), as :meth:`run` raises it; the map stops.
             Also :class:`WorkerExited` (for the first item of the chunk the worker was
-            running), and the pickling errors of :meth:`run`, for that item.
+            running), and the pickling errors of :meth:`run`, for that item (a result
+            that can't be unpickled here fails its whole chunk, at its first item).
         :raises anyio.ClosedResourceError: the pool is closed.
         """
         self._check_usable()
@@ -432,12 +491,20 @@ class Pool:
         """Serve with one worker after another, until the pool closes or breaks."""
         while True:
             try:
-                await self._serve(slot)
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(slot.watch)
+                    unused = await self._serve(slot)
+                    tg.cancel_scope.cancel()
             finally:
                 with anyio.CancelScope(shield=True):
                     await self._retire(slot)
             if self._closed or self._broken is not None:
                 return
+            if unused:
+                # It ended idle before it ran a call: rather than start worker after
+                # worker in a loop while nothing is asked of them, the next call starts
+                # the replacement.
+                await self._wait_for_job()
             try:
                 slot = self._start_worker()
             except Exception as exc:
@@ -445,88 +512,148 @@ class Pool:
                 return
             self._replaced += 1
 
-    async def _serve(self, slot: _Slot) -> None:
-        """Wait for the worker to be ready, then run jobs until it must be retired."""
-        try:
-            hello = ForkingPickler.loads(await slot.conn.recv_bytes())
-        except ConnectionEOF:
-            exited = WorkerExited(await slot.exit_code())
+    async def _serve(self, slot: _Slot) -> bool:
+        """Wait for the worker to be ready, then run jobs until it must be retired, or
+        until it ends. True if it ended idle, before it ran a call."""
+        with slot.scope:  # cancelled once the process has ended (see _Slot.watch)
+            try:
+                await self._converse(slot)
+            except (ConnectionEOF, anyio.BrokenResourceError):
+                pass  # the worker has ended, or is ending
+            else:
+                return False
+        # The worker has ended, or closed its end of the pipe. What it sent before, its
+        # first word or its replies, is in the pipe: read that first, then decide which
+        # job it was running.
+        code = await slot.exit_code()
+        while slot.jobs or not slot.ready:
+            message = self._recv_nowait(slot)
+            if message is None:
+                break
+            if not slot.ready:
+                if not self._hello(slot, message):
+                    return False
+            elif len(slot.jobs) > slot.undelivered():
+                self._answered(slot, message)
+            else:
+                break
+        if not slot.ready:
+            exited = WorkerExited(code)
             self._break(f"a pool worker ended before it was ready: {exited}", exited)
+            return False
+        unused = not slot.calls and not slot.jobs
+        self._worker_died(slot, code)
+        return unused
+
+    async def _converse(self, slot: _Slot) -> None:
+        """Wait for the worker's first word, then send it jobs and read its replies
+        until it must be retired. Raises ``ConnectionEOF`` or ``BrokenResourceError``
+        if the worker goes away."""
+        if not self._hello(slot, await self._recv(slot)):
             return
+        limit = self._max_tasks_per_child
+        # The requests in flight, oldest first. The worker answers them in order, job by
+        # job, and slot.jobs holds their jobs in that order.
+        requests = slot.requests
+        while True:
+            # Top up: a first request (waiting for a job if none is queued), then while
+            # calls are quick one more, to run after it (see _batch).
+            quota = None if limit is None else limit - slot.calls - slot.in_flight
+            if not requests:
+                if slot.doomed or quota == 0:
+                    return
+                batch = self._batch(await self._next_job(), quota)
+            elif len(requests) < _PIPELINE and requests[-1].batchable and not slot.doomed:
+                batch = self._batch(None, quota)
+            else:
+                batch = []
+            if batch:
+                # No await since the jobs were checked (in _next_job or _batch): they
+                # are ours.
+                payload = self._take(slot, batch, quota)
+                request = _Request(batch, perf_counter())
+                requests.append(request)
+                slot.in_flight += request.calls
+                # If this raises (BrokenResourceError: the worker is gone) or is
+                # cancelled (the worker ended), the worker did not get the whole
+                # request, and its jobs go to another worker (see _worker_died).
+                slot.sending = True
+                await slot.conn.send_bytes(payload)
+                slot.sending = False
+                continue
+            # Then one reply, to the first job in flight. (What _recv does, inline: the
+            # hot path of quick calls.)
+            try:
+                reply: Any = await slot.conn.recv()
+            except (ConnectionEOF, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                raise
+            except Exception as exc:
+                reply = exc  # it could not be unpickled: the error of this job
+            self._answered(slot, reply)
+
+    async def _recv(self, slot: _Slot) -> Any:
+        """The worker's next message, or the exception unpickling it raised."""
+        try:
+            return await slot.conn.recv()
+        except (ConnectionEOF, anyio.BrokenResourceError, anyio.ClosedResourceError):
+            raise
+        except Exception as exc:
+            return exc
+
+    def _recv_nowait(self, slot: _Slot) -> Any:
+        """A message of the worker's that is in the pipe whole (or the exception
+        unpickling it raised), or None."""
+        try:
+            return slot.conn.recv_nowait()
+        except (
+            anyio.WouldBlock,
+            ConnectionEOF,
+            anyio.BrokenResourceError,
+            anyio.ClosedResourceError,
+        ):
+            return None
+        except Exception as exc:
+            return exc
+
+    def _hello(self, slot: _Slot, hello: Any) -> bool:
+        """Take the worker's first word: True if it is ready, else break the pool."""
+        if isinstance(hello, BaseException):  # it could not be unpickled
+            self._break(f"a pool worker's first word could not be unpickled: {hello!r}", hello)
+            return False
         if hello[0] == "init-failed":
             exc, text = hello[1]
             exc.__cause__ = RemoteTraceback(text)
             self._break(f"the pool's initializer failed in a worker: {exc!r}", exc)
-            return
+            return False
+        slot.ready = True
         self._ready += 1
         if self._ready >= self._processes:
             self._all_ready.set()
-        limit = self._max_tasks_per_child
-        # The requests in flight, oldest first. The worker answers them in order, job by
-        # job, and slot.jobs holds their jobs in that order.
-        requests: deque[_Request] = deque()
-        in_flight = 0  # calls sent and not answered
-        broken = False  # a send found the worker gone
-        try:
-            while True:
-                # Top up: a first request (waiting for a job if none is queued), then
-                # while calls are quick one more, to run after it (see _batch).
-                quota = None if limit is None else limit - slot.calls - in_flight
-                if not requests:
-                    if slot.doomed or quota == 0:
-                        return
-                    batch = self._batch(await self._next_job(), quota)
-                elif (
-                    len(requests) < _PIPELINE
-                    and requests[-1].batchable
-                    and not slot.doomed
-                    and not broken
-                ):
-                    batch = self._batch(None, quota)
-                else:
-                    batch = []
-                if batch:
-                    # No await since the jobs were checked (in _next_job or _batch):
-                    # they are ours.
-                    payload = self._take(slot, batch, quota)
-                    request = _Request(batch, perf_counter())
-                    requests.append(request)
-                    in_flight += request.calls
-                    try:
-                        await slot.conn.send_bytes(payload)
-                    except anyio.BrokenResourceError:
-                        # The worker is gone. Its replies to the calls it ran may still
-                        # be in the pipe: read them, up to the EOF, which then says
-                        # which call it was running.
-                        broken = True
-                    continue
-                # Then one reply, to the first job in flight.
-                try:
-                    reply: Any = await slot.conn.recv()
-                except (ConnectionEOF, anyio.BrokenResourceError, anyio.ClosedResourceError):
-                    raise
-                except Exception as exc:
-                    reply = exc  # it could not be unpickled: the error of this job
-                job = slot.jobs.popleft()
-                request = requests[0]
-                now = perf_counter()
-                job.elapsed += now - request.sent
-                slot.calls += job.part
-                in_flight -= job.part
-                job.seconds = 0.0
-                job.read_reply(reply)
-                request.seconds += job.seconds
-                self._complete(job)
-                request.jobs -= 1
-                if not request.jobs:
-                    requests.popleft()
-                    if request.batchable:
-                        # Judged by the time in the worker, not the round trip: quick
-                        # calls are sent together however slow the pipe or the loop.
-                        per_call = request.seconds / request.calls
-                        self._call_seconds = 0.75 * self._call_seconds + 0.25 * per_call
-        except (ConnectionEOF, anyio.BrokenResourceError):
-            self._worker_died(slot, await slot.exit_code())
+        return True
+
+    def _answered(self, slot: _Slot, reply: Any) -> None:
+        """Take the worker's reply (or the exception unpickling it raised) to the first
+        job in flight."""
+        job = slot.jobs.popleft()
+        if isinstance(reply, BaseException):
+            reply = _unreadable_reply(job, reply)
+        requests = slot.requests
+        request = requests[0]
+        job.elapsed += perf_counter() - request.sent
+        slot.calls += job.part
+        slot.in_flight -= job.part
+        job.seconds = 0.0
+        job.read_reply(reply)
+        request.seconds += job.seconds
+        self._complete(job)
+        request.jobs -= 1
+        if not request.jobs:
+            requests.popleft()
+            if request.batchable:
+                # Judged by the time in the worker, not the round trip: quick calls are
+                # sent together however slow the pipe or the loop.
+                per_call = request.seconds / request.calls
+                self._call_seconds = 0.75 * self._call_seconds + 0.25 * per_call
 
     def _take(self, slot: _Slot, batch: list[Job], quota: int | None) -> bytes:
         """Mark the jobs of *batch* sent to *slot*; return the request's bytes."""
@@ -586,12 +713,22 @@ class Pool:
         return batch
 
     def _worker_died(self, slot: _Slot, exitcode: int) -> None:
-        """The first job in flight was running: it fails. The others never started: back
-        to the front of the queue (or gone, if their callers went away)."""
+        """The worker ended, and its replies were read. The first job left in flight, if
+        the worker received it, was running: it fails. The others never started: back to
+        the front of the queue (or gone, if their callers went away).
+
+        Which job a worker runs is known only by its replies: a job sent whole is counted
+        as running, even if the worker died before it read it (the moment a send returns
+        and the worker's death are indistinguishable from here). A job whose send failed,
+        or had not finished when the worker ended, was not received: it runs elsewhere.
+        """
         jobs, slot.jobs = slot.jobs, deque()
-        first = jobs.popleft()
-        first.error = WorkerExited(exitcode)
-        self._complete(first)
+        if len(jobs) > slot.undelivered():
+            first = jobs.popleft()
+            first.error = WorkerExited(exitcode)
+            self._complete(first)
+        slot.requests.clear()
+        slot.in_flight = 0
         for job in reversed(jobs):
             self._running -= job.part
             if job.state == SENT:
@@ -602,6 +739,8 @@ class Pool:
                 self._queue.appendleft(job)
                 if self._idle:
                     self._idle.popleft().set()
+            else:  # abandoned: the calls of it not sent yet never run either
+                self._queued -= job.size - job.offset - job.part
 
     async def _next_job(self) -> Job:
         while True:
@@ -620,6 +759,20 @@ class Pool:
                     # Woken, then cancelled: pass the wake-up on.
                     self._idle.popleft().set()
 
+    async def _wait_for_job(self) -> None:
+        """Return once a job is queued, without taking it: an idle worker task, if one
+        waits, is woken for it."""
+        while not self._queue:
+            wakeup = anyio.Event()
+            self._idle.append(wakeup)
+            try:
+                await wakeup.wait()
+            finally:
+                if not wakeup.is_set():
+                    self._idle.remove(wakeup)
+        if self._idle:
+            self._idle.popleft().set()
+
     async def _retire(self, slot: _Slot) -> None:
         """Stop the worker and reap it (shielded by the caller)."""
         self._slots.discard(slot)
@@ -633,6 +786,19 @@ class Pool:
                 await slot.process.wait()
         await slot.process.stop()
         slot.process.close()
+
+
+def _unreadable_reply(job: Job, exc: BaseException) -> BaseException:
+    """The error of a job whose reply could not be unpickled here. The worker sends the
+    errors of calls so that they always unpickle (see ``_pool_worker``): what failed is
+    a result, of a class this process can't import, say."""
+    fn = job.fn
+    name = (getattr(fn, "__qualname__", None) or repr(fn)) if fn is not None else "a call"
+    error = pickle.PicklingError(
+        f"the reply to {name} can't be unpickled in the parent ({type(exc).__name__}: {exc})"
+    )
+    error.__cause__ = exc
+    return error
 
 
 @asynccontextmanager
@@ -657,8 +823,14 @@ async def open_pool(
     kills any that don't end within a grace, and reaps them all before the block exits.
     Leaving is shielded: a cancellation can't leave a worker behind.
 
-    A worker that dies is replaced; the call it ran raises :class:`WorkerExited`. A
-    failing initializer is not retried: it breaks the pool (see below).
+    A worker that dies is replaced; the call it ran raises :class:`WorkerExited`, and
+    the calls sent to it that it had not started run on other workers. The pool watches
+    each worker process itself (on Linux through a pidfd), not only its pipe: it sees the
+    end of a worker at once even if a grandchild that the worker forked holds the pipe
+    open, or if the worker was idle. One that dies idle is replaced before it is given a
+    call (if it never ran one, only once a call is queued: workers that die as they start
+    are not restarted in a loop). A failing initializer is not retried: it breaks the
+    pool (see below).
 
     Workers ignore SIGINT (set before the initializer runs): the pool owns their lives.
     A Ctrl-C in a terminal reaches the whole process group; it interrupts the parent,
@@ -667,9 +839,11 @@ async def open_pool(
 
     :raises ValueError: *processes* or *max_tasks_per_child* is below 1.
     :raises anyio.BrokenResourceError: on entering, a worker's initializer raised (its
-        exception, with the worker's traceback, is the ``__cause__``) or a worker died
-        before it was ready. If that happens to a replacement later, queued and later
-        calls raise it instead.
+        exception, with the worker's traceback, is the ``__cause__``; one that can't be
+        unpickled here comes as a ``pickle.PicklingError`` that names it and its message)
+        or a worker died before it was ready. If that happens to a replacement later,
+        queued and later calls raise it instead; calls running on other workers go on,
+        and so does the block.
     :raises OSError: (or what ``Process.start()`` raises) a worker could not start.
     """
     if processes is None:

@@ -21,7 +21,14 @@ The conversation over a worker's duplex pipe, every message one pickled frame:
   has returned, and returns.
 
 An *error* is ``(exception, traceback_text)``, both picklable: an exception that does not
-survive a pickle round trip is replaced by a ``pickle.PicklingError`` that names it.
+pickle is replaced by a ``pickle.PicklingError`` that names it. One that does travels
+pickled on its own, inside the message, and is unpickled on its own: where the parent
+can't unpickle it (its class lives in a module only the worker imports, or its
+``__init__`` takes other arguments than it passes to ``BaseException``), it gets a
+``pickle.PicklingError`` that names it and says why instead, the message itself still
+unpickles, and only the call that raised it fails. (A call's result has no such
+wrapper, so the ``ok`` reply of quick calls stays as cheap as it was: if a result can't
+be unpickled, the reply can't, and the pool fails the job that reply answers.)
 """
 
 from __future__ import annotations
@@ -59,19 +66,52 @@ class RemoteTraceback(Exception):
         return f"\n\n--- traceback in the pool worker ---\n{self.text}"
 
 
-def portable_error(exc: BaseException, what: str) -> Error:
-    """*exc* and its traceback as text, in a form that pickles and unpickles."""
-    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+class _PickledError(Exception):
+    """An exception of the worker's, pickled here, on its way to the parent.
+
+    It unpickles there as that exception; where that fails (its class lives in a module
+    only the worker imports, say), as a ``pickle.PicklingError`` that names it and says
+    why. So the reply that carries it unpickles in any case, and an exception that can't
+    fails only the call it belongs to, with its text. It stands where the exception
+    stood in an :data:`Error`, and nothing but the parent's unpickler ever sees it.
+    """
+
+    def __init__(self, data: bytes, summary: str) -> None:
+        super().__init__(summary)
+        self.data = data
+        self.summary = summary
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_unpickle_error, (self.data, self.summary))
+
+
+def _unpickle_error(data: bytes, summary: str) -> BaseException:
+    """Unpickle an exception that a worker sent (in the parent), or say why it can't be."""
     try:
-        # Unpickling is checked too: an exception whose __init__ takes other arguments
-        # than it passes to BaseException pickles fine and fails to unpickle.
-        pickle.loads(pickle.dumps(exc))
+        exc: BaseException = ForkingPickler.loads(data)
     except Exception as why:
-        exc = pickle.PicklingError(
-            f"{what} raised {type(exc).__qualname__}: {exc}, which can't be sent back "
-            f"from the worker ({type(why).__name__}: {why})"
+        why_text = f"{type(why).__name__}: {why}"
+        return pickle.PicklingError(
+            f"{summary}, which can't be unpickled in the parent ({why_text})"
         )
-    return exc, text
+    return exc
+
+
+def portable_error(exc: BaseException, what: str) -> Error:
+    """*exc* and its traceback as text, in a form that pickles, and unpickles wherever
+    the parent can (if it can't, it gets a ``pickle.PicklingError`` naming *exc*)."""
+    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    summary = f"{what} raised {type(exc).__qualname__}: {exc}"
+    try:
+        # Pickled once, here. Whether it unpickles (an exception whose __init__ takes
+        # other arguments than it passes to BaseException pickles fine and fails to
+        # unpickle) is for the parent to find out, where it matters.
+        data = dumps(exc)
+    except Exception as why:
+        why_text = f"{type(why).__name__}: {why}"
+        message = f"{summary}, which can't be sent back from the worker ({why_text})"
+        return pickle.PicklingError(message), text
+    return _PickledError(data, summary), text
 
 
 def _describe(fn: object) -> str:

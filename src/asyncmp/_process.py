@@ -297,7 +297,9 @@ class AsyncProcess:
                 finally:
                     self._thread_ended()
 
-            call = BlockingCall(wait_for_sentinel, name="asyncmp-process-wait")
+            # Not counted by the thread limiter: one per process at most, and it may wait
+            # as long as the process lives (a pool watches each of its workers so).
+            call = BlockingCall(wait_for_sentinel, name="asyncmp-process-wait", limited=False)
             with self._threads_lock:
                 self._threads += 1
             try:
