@@ -50,6 +50,7 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
+from ._blocks import block_manager
 from ._connection import AsyncConnection
 from ._exceptions import ConnectionEOF
 from ._loop import new_wakeup
@@ -635,6 +636,7 @@ class Pool:
         slot.process.close()
 
 
+@block_manager("pool", Pool)
 @asynccontextmanager
 async def open_pool(
     processes: int | None = None,
@@ -650,6 +652,10 @@ async def open_pool(
     or forkserver; the default context if ``None``) that runs ``initializer(*initargs)``
     once, then the calls it is given. ``processes=None`` means ``os.cpu_count()``. With
     *max_tasks_per_child*, a worker is replaced after that many calls.
+
+    Use it as ``async with open_pool(...) as pool:``; nothing starts before the block is
+    entered. What the call returns is not the pool: using it as one (``.run``,
+    ``.map``...) or awaiting it raises an error that shows that line.
 
     Entering starts the workers and waits until each has run its initializer. Leaving
     the block, normally, by an exception or a cancellation, fails calls still queued

@@ -94,6 +94,15 @@ class PoolMap(AsyncIterator[R]):
     def __aiter__(self) -> PoolMap[R]:
         return self
 
+    if not TYPE_CHECKING:  # type checkers go on seeing a map as not awaitable
+
+        def __await__(self) -> object:
+            raise TypeError(
+                "pool.map() returns an async iterator of the results, not an awaitable:"
+                " iterate over it with `async for result in pool.map(fn, items):`, or"
+                " collect them with `[result async for result in pool.map(fn, items)]`"
+            )
+
     async def __anext__(self) -> R:
         """Return the next result.
 
