@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import errno
 import gc
+import operator
 import os
 import pickle
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from multiprocessing.reduction import ForkingPickler
@@ -481,3 +483,25 @@ def test_a_small_buffer_is_not_even_wrapped() -> None:
     assert asyncmp.shared(make_blob()) is not None
     wrapped: object = asyncmp.shared({"a": small})  # no buffer of its own: wrapped
     assert isinstance(wrapped, _shared.Shared)
+
+
+@pytest.mark.anyio
+async def test_pool_names_what_cant_be_pickled_without_pickling_shared_objects_again() -> None:
+    async with asyncmp.open_pool(1) as pool:
+        # The shared() argument itself: named, and no segment made.
+        with pytest.raises(
+            TypeError, match=r"^pool\.run\(fn, \*args\): args\[0\] \(a shared\(\) list\)"
+        ):
+            await pool.run(operator.is_, asyncmp.shared([make_blob(), threading.Lock()]), 1)
+        assert not segments()
+        # An argument after a shared() one: finding it pickles the shared() one no more.
+        before = segments()
+        with pytest.raises(TypeError, match=r"^pool\.run\(fn, \*args\): args\[1\] \(of type _thr"):
+            await pool.run(operator.is_, asyncmp.shared(make_blob()), threading.Lock())
+        # The call's own pickling, before it failed, made at most the one segment.
+        stranded = segments() - before
+        assert len(stranded) <= 1
+        for name in stranded:  # nobody will receive it
+            assert _shared.SHM is not None
+            _shared.SHM[1](f"/{name}")
+            _shared._unregister(f"/{name}")

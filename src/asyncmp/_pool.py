@@ -57,6 +57,7 @@ from ._loop import new_wakeup
 from ._mpinternals import forking_dispatch_table
 from ._pool_job import ABANDONED, DONE, QUEUED, SENT, WITHDRAWN, Job
 from ._pool_map import PoolMap
+from ._pool_pickling import explain
 from ._pool_worker import RemoteTraceback, serve
 from ._process import TERMINATE_GRACE, AsyncProcess, WorkerExited, start_with_pipe
 from ._wire import dumps
@@ -223,9 +224,13 @@ class Pool:
         :raises Exception: what ``fn`` raised, same type and message, with the worker's
             traceback attached as its ``__cause__`` (a :class:`RemoteTraceback`). An
             exception that can't be sent back becomes a ``pickle.PicklingError`` naming it.
-        :raises pickle.PicklingError: (or what pickling raises) *fn* or an argument can't
-            be pickled: nothing was sent. A result that can't be pickled raises
-            ``pickle.PicklingError`` for this call only.
+        :raises pickle.PicklingError: (or what pickling raises, ``TypeError`` for a lock,
+            say) *fn* or an argument can't be pickled: nothing was sent. The message
+            names which (``args[1] (of type _thread.lock)``) and the original error is
+            its ``__cause__``. A worker imports *fn* by its module and name: a lambda or
+            a function defined inside another can't be sent; define it at module level
+            (bind arguments with ``functools.partial`` of such a function). A result
+            that can't be pickled raises ``pickle.PicklingError`` for this call only.
         :raises WorkerExited: the worker died while running the call (its ``exitcode``
             says how); the pool has started a replacement.
         :raises anyio.ClosedResourceError: the pool is closed, or was closed meanwhile.
@@ -235,7 +240,10 @@ class Pool:
         self._check_usable()
         done = new_wakeup()
         job = Job(next(self._ids), 1, lambda _: done.set())
-        job.payload = self._request(job.id, fn, [args])
+        try:
+            job.payload = self._request(job.id, fn, [args])
+        except Exception as exc:
+            raise explain(exc, fn, [args], None) from exc
         job.fn, job.arglist = fn, [args]
         job.batchable = not kill_on_cancel
         self._enqueue(job)
@@ -271,7 +279,8 @@ class Pool:
         :raises Exception: what ``fn`` raised for an item, at that item's place (when it
             is reached, with ``ordered=False``), as :meth:`run` raises it; the map stops.
             Also :class:`WorkerExited` (for the first item of the chunk the worker was
-            running), and the pickling errors of :meth:`run`, for that item.
+            running), and the pickling errors of :meth:`run`, for that item (named by
+            its index in *iterable*: ``the item at index 17``).
         :raises anyio.ClosedResourceError: the pool is closed.
         """
         self._check_usable()
