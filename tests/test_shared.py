@@ -174,6 +174,28 @@ def test_numpy_array_arrives_without_owning_its_data() -> None:
     assert (out == arr).all()
 
 
+def test_large_bytes_are_refused_naming_how_to_share_them() -> None:
+    # pickle copies bytes into the pickle (and can't pickle a memoryview): shared() would
+    # gain nothing, and the mistake is caught where it is made.
+    for data in (bytes(BIG), bytearray(BIG), memoryview(bytearray(BIG))):
+        name = type(data).__name__
+        with pytest.raises(TypeError, match=rf"^shared\(\) can't share a {name} of {BIG} bytes"):
+            asyncmp.shared(data)
+    with pytest.raises(TypeError, match=r"send numpy\.frombuffer\(data, numpy\.uint8\)"):
+        asyncmp.shared(bytes(BIG))
+    assert not segments()
+    # What the message says to do works: the bytes arrive mapped.
+    np = pytest.importorskip("numpy")
+    out = roundtrip(asyncmp.shared(np.frombuffer(bytes(BIG), np.uint8)))
+    assert out.flags.owndata is False and out.nbytes == BIG and not out.any()
+
+
+def test_objects_with_nothing_to_share_are_returned_as_they_are() -> None:
+    nothing: list[object] = [42, 1.5, 2j, True, None, "text" * BIG, b"small", bytearray(8)]
+    for obj in nothing:
+        assert asyncmp.shared(obj) is obj  # pickled exactly as without shared()
+
+
 def test_names_fit_macos_limit() -> None:
     data = ForkingPickler.dumps(asyncmp.shared(make_blob()))
     (name,) = segments()

@@ -148,8 +148,9 @@ async def pools() -> None:
 
 async def shared_memory() -> None:
     # shared() is typed as what it wraps, so typed channels take it.
-    data = bytearray(1 << 20)
-    assert_type(asyncmp.shared(data), bytearray)
+    data = {"frame": bytearray(1024)}
+    assert_type(asyncmp.shared(data), dict[str, bytearray])
+    assert_type(asyncmp.SHARED_THRESHOLD, int)
     ints: AsyncConnection[int] = AsyncConnection(multiprocessing.Pipe()[0])
     await ints.send(asyncmp.shared(1))
     await ints.send(asyncmp.shared("one"))  # type: ignore[arg-type]
