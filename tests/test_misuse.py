@@ -238,6 +238,19 @@ async def test_awaiting_a_pool_map_says_to_iterate_with_async_for() -> None:
             assert [y async for y in results] == [1, 2]  # and the map is still whole
 
 
+async def test_an_async_function_given_to_a_pool_says_how_to_run_it() -> None:
+    fix = r"def fetch_sync\(x\): return asyncio\.run\(fetch\(x\)\)"
+    async with asyncmp.open_pool(1) as pool:
+        with pytest.raises(
+            TypeError, match=rf"^pool\.run\(\) and pool\.map\(\) call plain .*{fix}"
+        ):
+            _ = await pool.run(misuse_workers.fetch, 1)
+        with pytest.raises(TypeError, match=rf"fetch is an async function.*{fix}"):
+            async for _ in pool.map(misuse_workers.fetch, [1, 2]):
+                pass
+        assert pool.statistics().calls_done == 0  # nothing was sent
+
+
 async def test_recv_nowait_on_an_empty_pipe_says_what_to_await_instead() -> None:
     aconn, worker_end = asyncmp.Pipe()
     with worker_end:

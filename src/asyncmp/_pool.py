@@ -32,6 +32,7 @@ The invariants that make cancellation lose nothing:
 
 from __future__ import annotations
 
+import inspect
 import io
 import multiprocessing
 import os
@@ -231,6 +232,9 @@ class Pool:
             a function defined inside another can't be sent; define it at module level
             (bind arguments with ``functools.partial`` of such a function). A result
             that can't be pickled raises ``pickle.PicklingError`` for this call only.
+        :raises TypeError: *fn* is an async function (``async def``): the workers call
+            plain functions; run it from one (``asyncio.run(fn(x))`` in a function
+            defined at module level). Nothing was sent.
         :raises WorkerExited: the worker died while running the call (its ``exitcode``
             says how); the pool has started a replacement.
         :raises anyio.ClosedResourceError: the pool is closed, or was closed meanwhile.
@@ -335,6 +339,7 @@ class Pool:
         if type(fn) is FunctionType or type(fn) is BuiltinFunctionType:
             ref = self._fn_pickles.get(fn)
             if ref is None:
+                _refuse_async(fn)  # once per function: a cached one passed
                 ref = dumps(fn)
                 if len(self._fn_pickles) >= _FN_CACHE:
                     self._fn_pickles.clear()
@@ -643,6 +648,19 @@ class Pool:
                 await slot.process.wait()
         await slot.process.stop()
         slot.process.close()
+
+
+def _refuse_async(fn: Callable[..., object]) -> None:
+    """Raise ``TypeError`` if *fn* is an async function: in a worker, calling it would
+    only make a coroutine, which can't even be sent back."""
+    if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+        name = getattr(fn, "__name__", "fn")
+        raise TypeError(
+            f"pool.run() and pool.map() call plain functions, and {name} is an async"
+            " function (in a worker, calling it only makes a coroutine): run it from a"
+            " plain function defined at module level, such as"
+            f" `def {name}_sync(x): return asyncio.run({name}(x))`"
+        )
 
 
 @block_manager("pool", Pool)
