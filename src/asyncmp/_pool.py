@@ -215,6 +215,10 @@ class Pool:
         several queued ones at once, and takes the next ones while it still runs those,
         to save round trips; they count as running from then on.
 
+        A timeout around the call (``with anyio.fail_after(5): await pool.run(...)``)
+        includes the time it waits for a free worker: while every worker is busy, a call
+        can time out, and be withdrawn, before it starts.
+
         If cancelled before a worker took the call, the call is withdrawn and never runs.
         If cancelled once a worker took it, ``run()`` returns at once all the same: by
         default the call goes on in its worker and its result is thrown away when it
