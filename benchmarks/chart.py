@@ -16,9 +16,15 @@ writes, into ``docs/images/`` (the documentation's performance page shows them):
   thread-per-call contenders and asyncmp fit on one scale.
 
     python benchmarks/chart.py [--input results/latest.json] [--output-dir ../docs/images]
+                               [--candidates]
 
 ``nox -s bench`` runs it after ``run.py``. Charts in ``bench/`` that the results no longer
 have are removed, so the page never shows a chart from another run.
+
+A candidate copy of asyncmp measured beside this one (``run.py --candidate TAG=PATH``) is left
+out of every chart, as the documentation leaves its rows out of the tables: it compares a
+change with the code it started from, which matters to whoever made the change, not to a
+reader. ``--candidates`` draws its bars in the per-benchmark charts too.
 """
 
 from __future__ import annotations
@@ -419,8 +425,8 @@ def render_pool_summary(doc: dict[str, Any], output: Path) -> bool:
 # --- one chart per benchmark ------------------------------------------------------------------
 
 
-def render_detail(bench: dict[str, Any], output: Path) -> None:
-    results = bench["results"]
+def render_detail(bench: dict[str, Any], output: Path, *, candidates: bool = False) -> None:
+    results = [r for r in bench["results"] if candidates or r.get("family") != "candidate"]
     title = textwrap.fill(bench["title"], 92)
     title_lines = title.count("\n") + 1
     fig, ax = plt.subplots(
@@ -485,8 +491,9 @@ def save(fig: Any, output: Path) -> None:
     plt.close(fig)
 
 
-def render(doc: dict[str, Any], output_dir: Path) -> list[Path]:
-    """Write the summary and a chart per benchmark; return the paths written."""
+def render(doc: dict[str, Any], output_dir: Path, *, candidates: bool = False) -> list[Path]:
+    """Write the summary and a chart per benchmark; return the paths written. With
+    *candidates*, the per-benchmark charts show candidate copies of asyncmp too."""
     benchmarks = doc.get("benchmarks", [])
     if not benchmarks:
         raise SystemExit("chart: the results hold no benchmark")
@@ -501,7 +508,7 @@ def render(doc: dict[str, Any], output_dir: Path) -> list[Path]:
     details = output_dir / DETAILS
     for bench in benchmarks:
         path = details / f"{bench['id']}.png"
-        render_detail(bench, path)
+        render_detail(bench, path, candidates=candidates)
         written.append(path)
     for stale in set(details.glob("*.png")) - set(written):
         stale.unlink()  # a benchmark this run did not have
@@ -517,13 +524,18 @@ def main(argv: list[str] | None = None) -> int:
         default=DEFAULT_OUTPUT_DIR,
         help=f"where {SUMMARY}, {POOL_SUMMARY} and {DETAILS}/<benchmark id>.png go",
     )
+    parser.add_argument(
+        "--candidates",
+        action="store_true",
+        help="draw candidate copies of asyncmp (run.py --candidate) in the per-benchmark charts",
+    )
     args = parser.parse_args(argv)
     try:
         doc = json.loads(args.input.read_text(encoding="utf-8"))
     except FileNotFoundError:
         print(f"chart: {args.input} not found; run benchmarks/run.py first", file=sys.stderr)
         return 1
-    for path in render(doc, args.output_dir):
+    for path in render(doc, args.output_dir, candidates=args.candidates):
         print(f"chart: wrote {path}", file=sys.stderr)
     return 0
 

@@ -213,6 +213,19 @@ def check_pool_progress(run: Run) -> str:
     return output
 
 
+def check_migrating(run: Run) -> str:
+    output = run_to_end(run)
+    expect_lines(
+        output,
+        r"migrating: executor: \[6\.0, 30\.0, \[2\.0, 4\.0, 6\.0\], 8\.0\]",
+        r"migrating: to_process: \[6\.0, 8\.0\]",
+        r"migrating: aiomultiprocess: \[2, \[2, 3, 4\], \[3\.0, 6\.0\], \[\[2, 3\], \[4, 5\]\]\]",
+        r"migrating: aioprocessing: \['ping', 0, \[0, 1, 2\], 6\.0, \[2\.0, 4\.0\]\]",
+        r"migrating: pebble: \[30\.0\]",
+    )
+    return output
+
+
 def check_remote_workers(run: Run) -> str:
     output = run_to_end(run)
     expect_lines(output, r"longest Collatz chain below \d+: \d+ \(\d+ steps\)")
@@ -318,6 +331,8 @@ def plan() -> list[Run]:
         for method in START_METHODS:
             args = ["--backend", backend, "--start-method", method, "--workers", "2"]
             runs.append(Run("pool_progress.py", [*args, "--limit", "300000"], check_pool_progress))
+            args = ["--backend", backend, "--start-method", method]
+            runs.append(Run("migrating.py", args, check_migrating))
     for backend in [b for b in BACKENDS if b != "trio"]:  # uvicorn runs on asyncio
         args = ["--backend", backend, "--port", "0", "--workers", "1"]
         runs.append(Run("service.py", args, check_service))

@@ -9,7 +9,7 @@ from __future__ import annotations
 from multiprocessing.connection import Connection
 from typing import Any
 
-__all__ = ("noop", "report_inherited_connection")
+__all__ = ("fetch", "noop", "report_inherited_connection")
 
 
 def noop(*args: Any) -> None:
@@ -26,3 +26,8 @@ def report_inherited_connection(inherited: Any, report: Connection) -> None:
             report.send((type(exc).__name__, str(exc)))
         else:
             report.send(None)
+
+
+async def fetch(x: int) -> int:
+    """An async function: what a pool can't call as it is."""
+    return x

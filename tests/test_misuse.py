@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import multiprocessing.connection
+import os
 import pickle
 import queue
 import socket
@@ -186,3 +187,87 @@ async def test_async_connection_refuses_what_is_no_connection() -> None:
         async with aconn:
             with pytest.raises(TypeError, match=r"already an AsyncConnection"):
                 AsyncConnection(aconn)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------
+# A pool, a worker or a process used outside its block; a map awaited
+# ---------------------------------------------------------------------------------------
+
+#: Each opener, the name its block binds, and public names of what it yields.
+OPENERS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "open_pool": ("pool", ("run", "map", "statistics", "processes", "max_tasks_per_child")),
+    "open_worker": ("worker", ("send", "recv", "recv_nowait", "process", "connection")),
+    "open_process": ("process", ("pid", "wait", "stop", "exitcode", "kill")),
+}
+
+
+def unentered(opener: str) -> Any:
+    """What calling *opener* returns, not entered: no process is started by it."""
+    if opener == "open_pool":
+        return asyncmp.open_pool(1)
+    if opener == "open_worker":
+        return asyncmp.open_worker(misuse_workers.noop)
+    return asyncmp.open_process(misuse_workers.noop)
+
+
+@pytest.mark.parametrize("opener", list(OPENERS))
+async def test_an_opener_used_without_async_with_says_to_use_it(opener: str) -> None:
+    var, names = OPENERS[opener]
+    fix = rf"async with asyncmp\.{opener}\(\.\.\.\) as {var}:"
+    manager = unentered(opener)
+    for name in names:
+        with pytest.raises(AttributeError, match=rf"^asyncmp\.{opener}\(\) returns .*{fix}"):
+            getattr(manager, name)
+        assert not hasattr(manager, name)
+    with pytest.raises(TypeError, match=rf"^asyncmp\.{opener}\(\) .*{fix}"):
+        await manager
+    with pytest.raises(AttributeError, match=r"no_such_name") as info:
+        manager.no_such_name  # noqa: B018
+    assert "async with" not in str(info.value)  # only names of the block's object get the hint
+    # The manager itself is untouched: entering it works.
+    async with manager as entered:
+        assert getattr(entered, names[0]) is not None
+
+
+async def test_awaiting_a_pool_map_says_to_iterate_with_async_for() -> None:
+    async with asyncmp.open_pool(1) as pool:
+        results = pool.map(abs, [-1, -2])
+        with pytest.raises(TypeError, match=r"^pool\.map\(\) .*async for"):
+            await results  # type: ignore[misc]
+        async with results:
+            assert [y async for y in results] == [1, 2]  # and the map is still whole
+
+
+async def test_an_async_function_given_to_a_pool_says_how_to_run_it() -> None:
+    fix = r"def fetch_sync\(x\): return asyncio\.run\(fetch\(x\)\)"
+    async with asyncmp.open_pool(1) as pool:
+        with pytest.raises(
+            TypeError, match=rf"^pool\.run\(\) and pool\.map\(\) call plain .*{fix}"
+        ):
+            _ = await pool.run(misuse_workers.fetch, 1)
+        with pytest.raises(TypeError, match=rf"fetch is an async function.*{fix}"):
+            async for _ in pool.map(misuse_workers.fetch, [1, 2]):
+                pass
+        assert pool.statistics().calls_done == 0  # nothing was sent
+
+
+async def test_recv_nowait_on_an_empty_pipe_says_what_to_await_instead() -> None:
+    aconn, worker_end = asyncmp.Pipe()
+    with worker_end:
+        async with aconn:
+            with pytest.raises(anyio.WouldBlock, match=r"no whole message .*await recv\(\)"):
+                aconn.recv_nowait()
+            os.write(worker_end.fileno(), b"\x00\x00")  # half a frame header: no message yet
+            with pytest.raises(anyio.WouldBlock, match=r"no whole message"):
+                aconn.recv_nowait()
+
+
+async def test_recv_nowait_while_another_task_receives_says_so() -> None:
+    aconn, worker_end = asyncmp.Pipe()
+    with worker_end:
+        async with aconn, anyio.create_task_group() as tg:
+            tg.start_soon(aconn.recv)
+            await anyio.wait_all_tasks_blocked()
+            with pytest.raises(anyio.WouldBlock, match=r"another task is receiving"):
+                aconn.recv_nowait()
+            tg.cancel_scope.cancel()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import multiprocessing
+import operator
 import os
 import pickle
 import random
@@ -102,6 +103,59 @@ async def test_an_unpicklable_argument_raises_in_the_caller_and_nothing_is_sent(
         stats = pool.statistics()
         assert (stats.calls_queued, stats.calls_running, stats.calls_done) == (0, 0, 0)
         assert await pool.run(w.echo, 3) == 3
+
+
+async def test_an_unpicklable_argument_is_named_keeping_its_error_type_and_cause() -> None:
+    async with asyncmp.open_pool(1) as pool:
+        with pytest.raises(TypeError) as info:
+            await pool.run(operator.is_, 1, threading.Lock())
+        assert str(info.value) == (
+            "pool.run(fn, *args): args[1] (of type _thread.lock) can't be pickled:"
+            " cannot pickle '_thread.lock' object"
+        )
+        cause = info.value.__cause__
+        assert type(cause) is TypeError and str(cause) == "cannot pickle '_thread.lock' object"
+        # Inside a container: the argument that holds it is named.
+        with pytest.raises(
+            TypeError, match=r"^pool\.run\(fn, \*args\): args\[0\] \(of type dict\)"
+        ):
+            await pool.run(w.echo, {"lock": threading.Lock()})  # type: ignore[arg-type]
+        stats = pool.statistics()
+        assert (stats.calls_queued, stats.calls_running, stats.calls_done) == (0, 0, 0)
+
+
+async def test_a_function_that_cant_be_pickled_is_said_to_need_a_module_level_name() -> None:
+    def local(x: int) -> int:
+        return x
+
+    async with asyncmp.open_pool(1) as pool:
+        for fn in (lambda x: x, local, partial(local)):
+            with pytest.raises((pickle.PicklingError, AttributeError)) as info:
+                await pool.run(fn, 1)
+            message = str(info.value)
+            assert message.startswith(f"pool.run(fn, *args): fn ({fn!r}) can't be pickled: ")
+            assert "it must be defined at module level" in message
+            assert type(info.value) is type(info.value.__cause__)
+            assert message.endswith(
+                "(a lambda or a function defined inside another has no such name)"
+            )
+        assert await pool.run(w.echo, 2) == 2
+
+
+async def test_an_unpicklable_map_item_is_named_by_its_index() -> None:
+    items: list[Any] = list(range(30))
+    items[17] = threading.Lock()
+    results = []
+    async with asyncmp.open_pool(2) as pool:
+        with pytest.raises(TypeError) as info:
+            async for y in pool.map(w.echo, items):
+                results.append(y)
+    assert results == list(range(17))
+    assert str(info.value) == (
+        "pool.map(fn, iterable): the item at index 17 (of type _thread.lock) can't be"
+        " pickled: cannot pickle '_thread.lock' object"
+    )
+    assert type(info.value.__cause__) is TypeError
 
 
 async def test_an_unpicklable_result_or_exception_fails_that_call_only() -> None:

@@ -20,3 +20,6 @@ def test_every_name_in_all_exists_once() -> None:
 def test_shared_is_public() -> None:
     assert "shared" in asyncmp.__all__ and "SharedMemoryError" in asyncmp.__all__
     assert issubclass(asyncmp.SharedMemoryError, asyncmp.AsyncmpError)
+    # shared()'s docstring names the threshold: it is public too.
+    assert "SHARED_THRESHOLD" in asyncmp.__all__
+    assert asyncmp.SHARED_THRESHOLD == 1024 * 1024

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import errno
 import gc
+import operator
 import os
 import pickle
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from multiprocessing.reduction import ForkingPickler
@@ -170,6 +172,28 @@ def test_numpy_array_arrives_without_owning_its_data() -> None:
     out = roundtrip(asyncmp.shared(arr))
     assert out.flags.owndata is False
     assert (out == arr).all()
+
+
+def test_large_bytes_are_refused_naming_how_to_share_them() -> None:
+    # pickle copies bytes into the pickle (and can't pickle a memoryview): shared() would
+    # gain nothing, and the mistake is caught where it is made.
+    for data in (bytes(BIG), bytearray(BIG), memoryview(bytearray(BIG))):
+        name = type(data).__name__
+        with pytest.raises(TypeError, match=rf"^shared\(\) can't share a {name} of {BIG} bytes"):
+            asyncmp.shared(data)
+    with pytest.raises(TypeError, match=r"send numpy\.frombuffer\(data, numpy\.uint8\)"):
+        asyncmp.shared(bytes(BIG))
+    assert not segments()
+    # What the message says to do works: the bytes arrive mapped.
+    np = pytest.importorskip("numpy")
+    out = roundtrip(asyncmp.shared(np.frombuffer(bytes(BIG), np.uint8)))
+    assert out.flags.owndata is False and out.nbytes == BIG and not out.any()
+
+
+def test_objects_with_nothing_to_share_are_returned_as_they_are() -> None:
+    nothing: list[object] = [42, 1.5, 2j, True, None, "text" * BIG, b"small", bytearray(8)]
+    for obj in nothing:
+        assert asyncmp.shared(obj) is obj  # pickled exactly as without shared()
 
 
 def test_names_fit_macos_limit() -> None:
@@ -481,3 +505,25 @@ def test_a_small_buffer_is_not_even_wrapped() -> None:
     assert asyncmp.shared(make_blob()) is not None
     wrapped: object = asyncmp.shared({"a": small})  # no buffer of its own: wrapped
     assert isinstance(wrapped, _shared.Shared)
+
+
+@pytest.mark.anyio
+async def test_pool_names_what_cant_be_pickled_without_pickling_shared_objects_again() -> None:
+    async with asyncmp.open_pool(1) as pool:
+        # The shared() argument itself: named, and no segment made.
+        with pytest.raises(
+            TypeError, match=r"^pool\.run\(fn, \*args\): args\[0\] \(a shared\(\) list\)"
+        ):
+            await pool.run(operator.is_, asyncmp.shared([make_blob(), threading.Lock()]), 1)
+        assert not segments()
+        # An argument after a shared() one: finding it pickles the shared() one no more.
+        before = segments()
+        with pytest.raises(TypeError, match=r"^pool\.run\(fn, \*args\): args\[1\] \(of type _thr"):
+            await pool.run(operator.is_, asyncmp.shared(make_blob()), threading.Lock())
+        # The call's own pickling, before it failed, made at most the one segment.
+        stranded = segments() - before
+        assert len(stranded) <= 1
+        for name in stranded:  # nobody will receive it
+            assert _shared.SHM is not None
+            _shared.SHM[1](f"/{name}")
+            _shared._unregister(f"/{name}")

@@ -28,6 +28,7 @@ from ._remote import DEFAULT_HANDSHAKE_TIMEOUT as DEFAULT_HANDSHAKE_TIMEOUT
 from ._remote import AsyncListener as AsyncListener
 from ._remote import connect as connect
 from ._remote import serve as serve
+from ._shared import SHARED_THRESHOLD as SHARED_THRESHOLD
 from ._shared import shared as shared
 from ._wire import DEFAULT_MAX_MESSAGE_SIZE as DEFAULT_MAX_MESSAGE_SIZE
 
@@ -37,6 +38,7 @@ __all__ = (
     "DEFAULT_MAX_MESSAGE_SIZE",
     "DEFAULT_STALL_TIMEOUT",
     "SEND_SHIELD_SECONDS",
+    "SHARED_THRESHOLD",
     "TERMINATE_GRACE",
     "AsyncConnection",
     "AsyncListener",

@@ -357,16 +357,27 @@ class AsyncConnection(ObjectStream[T]):
         messages that are there before closing).
 
         :raises anyio.WouldBlock: no whole message is there (or another task is
-            receiving); bytes of a partial one stay buffered.
+            receiving); bytes of a partial one stay buffered. It is anyio's exception,
+            as its memory object streams' ``receive_nowait()`` raise, not
+            ``queue.Empty``: a connection is an anyio object stream between two ends,
+            not a queue (an :class:`AsyncQueue`'s ``get_nowait()`` raises
+            ``queue.Empty``).
         :raises ConnectionEOF: the peer closed its end and every message was delivered.
         :raises ProtocolError: as for :meth:`recv_bytes`.
         :raises anyio.ClosedResourceError: this end was closed.
         """
         self._check_readable()
         if self._recv_lock.locked():
-            raise anyio.WouldBlock
+            raise anyio.WouldBlock(
+                "another task is receiving on this connection: the next message is its;"
+                " await recv() to take the one after"
+            )
         try:
             frame = self._route.recv_frame_nowait(None)
+        except anyio.WouldBlock:
+            raise anyio.WouldBlock(
+                "no whole message has arrived yet: await recv() to wait for one"
+            ) from None
         except ProtocolError as exc:
             self._latch(exc)
             raise

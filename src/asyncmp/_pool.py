@@ -38,6 +38,7 @@ The invariants that make cancellation lose nothing:
 
 from __future__ import annotations
 
+import inspect
 import io
 import multiprocessing
 import os
@@ -55,12 +56,14 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
+from ._blocks import block_manager
 from ._connection import AsyncConnection
 from ._exceptions import ConnectionEOF
 from ._loop import new_wakeup
 from ._mpinternals import forking_dispatch_table
 from ._pool_job import ABANDONED, DONE, QUEUED, SENT, WITHDRAWN, Job
 from ._pool_map import PoolMap
+from ._pool_pickling import explain
 from ._pool_worker import RemoteTraceback, serve
 from ._process import TERMINATE_GRACE, AsyncProcess, WorkerExited, start_with_pipe
 from ._wire import dumps
@@ -263,6 +266,10 @@ class Pool:
         several queued ones at once, and takes the next ones while it still runs those,
         to save round trips; they count as running from then on.
 
+        A timeout around the call (``with anyio.fail_after(5): await pool.run(...)``)
+        includes the time it waits for a free worker: while every worker is busy, a call
+        can time out, and be withdrawn, before it starts.
+
         If cancelled before a worker took the call, the call is withdrawn and never runs.
         If cancelled once a worker took it, ``run()`` returns at once all the same: by
         default the call goes on in its worker and its result is thrown away when it
@@ -276,9 +283,17 @@ class Pool:
             unpickle here: its class lives in a module only the worker imports, say)
             becomes a ``pickle.PicklingError`` that names it, its message and why, with
             the worker's traceback as its ``__cause__``.
-        :raises pickle.PicklingError: (or what pickling raises) *fn* or an argument can't
-            be pickled: nothing was sent. A result that can't be pickled in the worker,
-            or unpickled here, raises ``pickle.PicklingError`` for this call only.
+        :raises pickle.PicklingError: (or what pickling raises, ``TypeError`` for a lock,
+            say) *fn* or an argument can't be pickled: nothing was sent. The message
+            names which (``args[1] (of type _thread.lock)``) and the original error is
+            its ``__cause__``. A worker imports *fn* by its module and name: a lambda or
+            a function defined inside another can't be sent; define it at module level
+            (bind arguments with ``functools.partial`` of such a function). A result
+            that can't be pickled in the worker, or unpickled here, raises
+            ``pickle.PicklingError`` for this call only.
+        :raises TypeError: *fn* is an async function (``async def``): the workers call
+            plain functions; run it from one (``asyncio.run(fn(x))`` in a function
+            defined at module level). Nothing was sent.
         :raises WorkerExited: the worker ended (its ``exitcode`` says how) after the
             call was sent to it whole and before it answered: it was running the call, or,
             if it died at the very moment the call reached it, was about to (the two
@@ -292,7 +307,10 @@ class Pool:
         self._check_usable()
         done = new_wakeup()
         job = Job(next(self._ids), 1, lambda _: done.set())
-        job.payload = self._request(job.id, fn, [args])
+        try:
+            job.payload = self._request(job.id, fn, [args])
+        except Exception as exc:
+            raise explain(exc, fn, [args], None) from exc
         job.fn, job.arglist = fn, [args]
         job.batchable = not kill_on_cancel
         self._enqueue(job)
@@ -328,8 +346,9 @@ class Pool:
         :raises Exception: what ``fn`` raised for an item, at that item's place (when it
             is reached, with ``ordered=False``), as :meth:`run` raises it; the map stops.
             Also :class:`WorkerExited` (for the first item of the chunk the worker was
-            running), and the pickling errors of :meth:`run`, for that item (a result
-            that can't be unpickled here fails its whole chunk, at its first item).
+            running), and the pickling errors of :meth:`run`, for that item (named by
+            its index in *iterable*: ``the item at index 17``; a result that can't be
+            unpickled here fails its whole chunk, at its first item).
         :raises anyio.ClosedResourceError: the pool is closed.
         """
         self._check_usable()
@@ -384,6 +403,7 @@ class Pool:
         if type(fn) is FunctionType or type(fn) is BuiltinFunctionType:
             ref = self._fn_pickles.get(fn)
             if ref is None:
+                _refuse_async(fn)  # once per function: a cached one passed
                 ref = dumps(fn)
                 if len(self._fn_pickles) >= _FN_CACHE:
                     self._fn_pickles.clear()
@@ -801,6 +821,20 @@ def _unreadable_reply(job: Job, exc: BaseException) -> BaseException:
     return error
 
 
+def _refuse_async(fn: Callable[..., object]) -> None:
+    """Raise ``TypeError`` if *fn* is an async function: in a worker, calling it would
+    only make a coroutine, which can't even be sent back."""
+    if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
+        name = getattr(fn, "__name__", "fn")
+        raise TypeError(
+            f"pool.run() and pool.map() call plain functions, and {name} is an async"
+            " function (in a worker, calling it only makes a coroutine): run it from a"
+            " plain function defined at module level, such as"
+            f" `def {name}_sync(x): return asyncio.run({name}(x))`"
+        )
+
+
+@block_manager("pool", Pool)
 @asynccontextmanager
 async def open_pool(
     processes: int | None = None,
@@ -816,6 +850,10 @@ async def open_pool(
     or forkserver; the default context if ``None``) that runs ``initializer(*initargs)``
     once, then the calls it is given. ``processes=None`` means ``os.cpu_count()``. With
     *max_tasks_per_child*, a worker is replaced after that many calls.
+
+    Use it as ``async with open_pool(...) as pool:``; nothing starts before the block is
+    entered. What the call returns is not the pool: using it as one (``.run``,
+    ``.map``...) or awaiting it raises an error that shows that line.
 
     Entering starts the workers and waits until each has run its initializer. Leaving
     the block, normally, by an exception or a cancellation, fails calls still queued

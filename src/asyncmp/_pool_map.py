@@ -22,6 +22,7 @@ import anyio
 from anyio.lowlevel import checkpoint_if_cancelled
 
 from ._pool_job import DONE, Job
+from ._pool_pickling import explain
 
 if TYPE_CHECKING:
     from ._pool import Pool
@@ -73,6 +74,7 @@ class PoolMap(AsyncIterator[R]):
         self._current: Job | None = None  # the job being yielded from
         self._index = 0  # the next call of _current to yield
         self._partial: list[tuple[Any]] = []  # items taken for a chunk not yet sent
+        self._submitted = 0  # items handed to _submit: the index of the next one
         self._exhausted = False
         self._wakeup: anyio.Event | None = None
         self._chunk = 1
@@ -93,6 +95,15 @@ class PoolMap(AsyncIterator[R]):
 
     def __aiter__(self) -> PoolMap[R]:
         return self
+
+    if not TYPE_CHECKING:  # type checkers go on seeing a map as not awaitable
+
+        def __await__(self) -> object:
+            raise TypeError(
+                "pool.map() returns an async iterator of the results, not an awaitable:"
+                " iterate over it with `async for result in pool.map(fn, items):`, or"
+                " collect them with `[result async for result in pool.map(fn, items)]`"
+            )
 
     async def __anext__(self) -> R:
         """Return the next result.
@@ -165,25 +176,27 @@ class PoolMap(AsyncIterator[R]):
 
     def _submit(self, items: list[tuple[Any]]) -> None:
         pool = self._pool
+        start = self._submitted  # the index of the first item
+        self._submitted += len(items)
         try:
             job = pool._new_job(self._fn, items, self._deliver_weakly)
         except Exception:
             # Something in the chunk can't be pickled: send the items one by one, so the
             # error is that item's own, raised at its place.
-            for item in items:
-                self._submit_one(item)
+            for index, item in enumerate(items, start):
+                self._submit_one(item, index)
             return
         self._jobs.append(job)
         pool._enqueue(job)
 
-    def _submit_one(self, item: tuple[Any]) -> None:
+    def _submit_one(self, item: tuple[Any], index: int) -> None:
         pool = self._pool
         try:
             job = pool._new_job(self._fn, [item], self._deliver_weakly)
         except Exception as exc:
             job = Job(-1, 1, self._deliver_weakly)
             job.state = DONE
-            job.error = exc
+            job.error = explain(exc, self._fn, [item], index)
             self._jobs.append(job)
             self._finished.append(job)
             return

@@ -31,6 +31,7 @@ import anyio
 from anyio.lowlevel import checkpoint
 
 from . import _platform
+from ._blocks import block_manager
 from ._connection import AsyncConnection
 from ._exceptions import ConnectionEOF
 from ._threads import THREAD_SLICE, BlockingCall
@@ -389,6 +390,7 @@ class AsyncProcess:
         return f"<asyncmp.AsyncProcess pid={self.pid} exitcode={self.exitcode}>"
 
 
+@block_manager("process", AsyncProcess)
 @asynccontextmanager
 async def open_process(
     target: Callable[[Unpack[Ts]], object],
@@ -408,7 +410,9 @@ async def open_process(
     wait for it meanwhile (:meth:`AsyncProcess.wait`, inside or outside the block) get
     its exit code.
 
-    Entering starts the process at once and is not a checkpoint. Leaving is shielded
+    Entering starts the process at once and is not a checkpoint; nothing starts before
+    (what the call returns is not the process: using it as one, or awaiting it, raises
+    an error that shows the ``async with`` line to write). Leaving is shielded
     where it must be: a cancellation can't leave the process running or unreaped.
 
     :raises OSError: (or what ``Process.start()`` raises) the process could not start.
@@ -577,6 +581,7 @@ def start_with_pipe(
     return conn, AsyncProcess(process)
 
 
+@block_manager("worker", Worker)
 @asynccontextmanager
 async def open_worker(
     target: Callable[[_WorkerEnd, Unpack[Ts]], object],
@@ -595,7 +600,9 @@ async def open_worker(
     parent's end and terminates the worker at once; either way it is reaped before the
     block exits, and tasks waiting for it meanwhile get its exit code.
 
-    Entering starts the process at once and is not a checkpoint.
+    Entering starts the process at once and is not a checkpoint; nothing starts before
+    (what the call returns is not the worker: using it as one, or awaiting it, raises
+    an error that shows the ``async with`` line to write).
 
     One request, one reply, one connection: a timeout (or any cancellation) between
     ``await worker.send(request)`` and ``await worker.recv()`` consumed nothing, so the

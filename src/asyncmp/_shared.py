@@ -154,25 +154,67 @@ def shared(obj: T) -> T:
     ``SimpleQueue.put``, asyncmp's ``send`` and ``put``, a pool's arguments and results.
     The receiver gets *obj* itself (not a wrapper), its buffers of at least
     :data:`SHARED_THRESHOLD` bytes (1 MiB) mapped from shared memory, not copied: a
-    numpy array arrives with ``flags.owndata == False``. Objects that hand pickle no
-    out-of-band buffers (``pickle.PickleBuffer``), and smaller buffers, are pickled as
-    usual. The segment is freed once the receiver has dropped the last object that uses
-    it, or, for a message never received, when the program ends.
+    numpy array arrives with ``flags.owndata == False``. The segment is freed once the
+    receiver has dropped the last object that uses it, or, for a message never
+    received, when the program ends.
+
+    Only out-of-band buffers go there: the ``pickle.PickleBuffer`` objects that numpy
+    arrays (and pandas and pyarrow objects built on them) hand pickle under protocol 5.
+    The rest of *obj*, and smaller buffers, are pickled as usual. So:
+
+    - An object with nothing to share is returned as it is, and costs exactly what it
+      costs without ``shared()``: a number, a string, ``None``, and an object that
+      exports a buffer smaller than the threshold (a small numpy array, small ``bytes``).
+      Anything else is wrapped; if its pickle holds no large buffer (a dict of
+      strings), it is pickled in-band.
+    - ``bytes``, ``bytearray`` and ``memoryview`` of at least the threshold are refused
+      with ``TypeError``: pickle copies bytes into the message whatever their size (and
+      can't pickle a memoryview), so nothing would be shared. To share raw bytes, send
+      ``numpy.frombuffer(data, numpy.uint8)``: the receiver gets a read-only ``uint8``
+      array mapped from the segment.
 
     Every pickling of the wrapper makes a new segment: send it once. The wrapper is not
     a *obj* (it is typed as one so that typed channels take it): use it only to send.
 
     On Windows the object is pickled in-band, as without ``shared()``.
 
-    An object that exports a buffer smaller than the threshold (a small numpy array,
-    ``bytes``) is returned as it is: it costs exactly what it costs without ``shared()``.
+    :raises TypeError: *obj* is ``bytes``, ``bytearray`` or a ``memoryview`` of at
+        least :data:`SHARED_THRESHOLD` bytes.
 
     Pickling raises :class:`SharedMemoryError` when the segment finds no room (a full
     ``/dev/shm``), or on a connection to another machine (``connect()``, ``serve()``).
     """
+    kind: type[object] = type(obj)
+    if kind in _NOTHING_TO_SHARE:
+        return obj
+    if kind in _IN_BAND_BUFFERS:
+        _refuse_if_large(obj)
     if _small_exporter(obj):
         return obj  # nothing of it would go into shared memory: no wrapper, no extra cost
     return Shared(obj)  # type: ignore[return-value]
+
+
+#: Types of objects that hold no buffer to share: shared() returns them as they are.
+_NOTHING_TO_SHARE = frozenset({type(None), bool, int, float, complex, str})
+#: Buffers that pickle copies into the pickle whatever their size (a memoryview: can't
+#: pickle at all), which shared() refuses when they are large.
+_IN_BAND_BUFFERS = frozenset({bytes, bytearray, memoryview})
+
+
+def _refuse_if_large(data: Any) -> None:
+    """Raise ``TypeError`` if *data* (bytes, a bytearray or a memoryview) is large enough
+    that the caller of ``shared()`` surely meant it to go into shared memory."""
+    with memoryview(data) as view:
+        size = view.nbytes
+    if size < SHARED_THRESHOLD:
+        return
+    how = "can't pickle a memoryview" if type(data) is memoryview else "copies them in-band"
+    raise TypeError(
+        f"shared() can't share a {type(data).__name__} of {size} bytes: pickle {how}, so"
+        " nothing would go into shared memory; send numpy.frombuffer(data, numpy.uint8),"
+        " which arrives as a uint8 array mapped from shared memory, or send the data"
+        " without shared()"
+    )
 
 
 # -- the sender's side --------------------------------------------------------------------

@@ -90,6 +90,7 @@ async def processes() -> None:
     # open_worker() and open_process() are async context managers, not coroutines.
     cm: AbstractAsyncContextManager[Worker[Any]] = asyncmp.open_worker(target)
     await asyncmp.open_worker(target)  # type: ignore[misc]
+    asyncmp.open_worker(target).send  # type: ignore[attr-defined]  # noqa: B018
     async with cm as worker:
         assert_type(worker, Worker[Any])
         assert_type(worker.process, AsyncProcess)
@@ -138,12 +139,18 @@ async def pools() -> None:
             assert_type(text, str)
         pool.map(label, ["one"])  # type: ignore[arg-type]
         assert_type(pool.statistics(), asyncmp.PoolStatistics)
+        # A map is iterated, not awaited (that raises at run time too).
+        await pool.map(label, range(3))  # type: ignore[misc]
+    # open_pool() is entered, not awaited nor used as a pool (both raise at run time too).
+    await asyncmp.open_pool(2)  # type: ignore[misc]
+    asyncmp.open_pool(2).run  # type: ignore[attr-defined]  # noqa: B018
 
 
 async def shared_memory() -> None:
     # shared() is typed as what it wraps, so typed channels take it.
-    data = bytearray(1 << 20)
-    assert_type(asyncmp.shared(data), bytearray)
+    data = {"frame": bytearray(1024)}
+    assert_type(asyncmp.shared(data), dict[str, bytearray])
+    assert_type(asyncmp.SHARED_THRESHOLD, int)
     ints: AsyncConnection[int] = AsyncConnection(multiprocessing.Pipe()[0])
     await ints.send(asyncmp.shared(1))
     await ints.send(asyncmp.shared("one"))  # type: ignore[arg-type]
