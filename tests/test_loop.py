@@ -326,3 +326,20 @@ def test_a_child_forked_inside_a_task_chooses_its_check_again() -> None:
     codes: list[int] = []
     _in_a_thread_with_its_own_loop(fork_and_wait)
     assert codes == [0]
+
+
+# --- the loop an object belongs to ---------------------------------------------------------------
+
+
+def test_a_binding_outside_any_loop_binds_nothing() -> None:
+    """Called outside any event loop, ``claim()`` leaves the object unclaimed: the first
+    loop that awaits it is its owner."""
+    binding = _loop.LoopBinding("this thing")
+    binding.claim()
+    assert binding.thread == 0
+
+    async def claim() -> int:
+        binding.claim()
+        return binding.thread
+
+    assert anyio.run(claim) == threading.get_ident()
