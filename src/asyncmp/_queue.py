@@ -333,7 +333,9 @@ class AsyncQueue(AsyncResource, Generic[T]):
     # -- closing ------------------------------------------------------------------------
 
     async def aclose(self) -> None:
-        """Stop this adapter and flush what this process put.
+        """Stop this adapter and flush what this process put. (Called from another event
+        loop than its own, it closes nothing and raises ``RuntimeError``: see
+        :class:`AsyncQueue`.)
 
         Waiting tasks get ``anyio.ClosedResourceError``. For a multiprocessing
         ``Queue`` it then closes the queue *in this process* and waits, without
@@ -357,9 +359,7 @@ class AsyncQueue(AsyncResource, Generic[T]):
 
         If cancelled, the adapter is closed all the same; those two waits still run to
         their end, and only the wait for the feeder stops, the feeder going on writing
-        in the background. It raises nothing of its own, but for the ``RuntimeError`` of
-        a call from another event loop than its own (see :class:`AsyncQueue`), which
-        closes nothing.
+        in the background. It raises nothing of its own.
         """
         self._owner.check()
         state = self._state
