@@ -133,3 +133,8 @@ async def test_receive_cancelled_mid_frame_resumes_whole(
     channel: Channel, scenario: tuple[list[int], list[tuple[int, str]]]
 ) -> None:
     await conformance.check_receive_cancelled_mid_frame(channel, *scenario)
+
+
+@channels("another-loop")
+async def test_another_loop_is_refused(channel: Channel) -> None:
+    await conformance.check_another_loop_is_refused(channel)

@@ -326,3 +326,58 @@ def test_a_child_forked_inside_a_task_chooses_its_check_again() -> None:
     codes: list[int] = []
     _in_a_thread_with_its_own_loop(fork_and_wait)
     assert codes == [0]
+
+
+# --- the loop an object belongs to ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["Pipe", "Queue"])
+def test_once_its_loop_has_ended_the_next_loop_takes_an_object_over(kind: str) -> None:
+    """An object belongs to its loop only while that loop runs: once ``anyio.run()`` has
+    returned, with a receive of the object left waiting (cancelled as the loop ended), a
+    trio loop in another thread uses it as its own, and then asyncio in this thread again.
+    The fd route: on the thread route such a receive leaves a call only its own loop hears
+    about (see docs/howto/backends.md)."""
+    if kind == "Pipe":
+        ours, theirs = asyncmp.Pipe()
+        put, get, aclose = theirs.send, ours.recv, ours.aclose
+    else:
+        queue = asyncmp.Queue()
+        put, get, aclose = queue.queue.put, queue.get, queue.aclose
+    done: list[str] = []
+
+    async def use(tag: str, last: bool = False) -> None:
+        put(tag)
+        with anyio.fail_after(20):
+            assert await get() == tag
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(get)  # waits until the loop's end cancels it
+            await anyio.wait_all_tasks_blocked()
+            tg.cancel_scope.cancel()
+        if last:
+            await aclose()
+        done.append(tag)
+
+    try:
+        anyio.run(use, "first")
+        _in_a_thread_with_its_own_loop(lambda: anyio.run(use, "there", backend="trio"))
+        anyio.run(use, "here again", True)
+    finally:
+        if kind == "Pipe":
+            ours.close()
+            theirs.close()
+    assert done == ["first", "there", "here again"]
+
+
+def test_a_binding_outside_any_loop_binds_nothing() -> None:
+    """Called outside any event loop, ``claim()`` leaves the object unclaimed: the first
+    loop that awaits it is its owner."""
+    binding = _loop.LoopBinding("this thing")
+    binding.claim()
+    assert binding.thread == 0
+
+    async def claim() -> int:
+        binding.claim()
+        return binding.thread
+
+    assert anyio.run(claim) == threading.get_ident()

@@ -27,6 +27,8 @@ from tests import pool_workers as w
 from tests.support.io import wait_until
 from tests.workers import MPContext
 
+from .support.loops import FOREIGN_BACKENDS, assert_refused, from_another_loop
+
 pytestmark = pytest.mark.anyio
 
 #: A "no hang" bound for what should be immediate, in seconds of loop time.
@@ -888,3 +890,67 @@ async def test_statistics_count_workers_and_calls() -> None:
         with pytest.raises(ValueError):
             await pool.run(w.fail, "x")
         assert pool.statistics() == asyncmp.PoolStatistics(2, 0, 0, 3, 1, 0)
+
+
+# --- the pool's event loop -------------------------------------------------------------
+
+
+async def test_another_loop_is_refused_at_once() -> None:
+    """While a call of this loop runs, ``run()``, ``map()`` and the iterator of a map made
+    here raise RuntimeError at once from a loop in another thread (they waited until their
+    own timeout: nothing woke them). Nothing was queued; the pool goes on serving this
+    loop."""
+    async with held_pool(1) as (pool, holds):
+        results: list[int] = []
+        made_here = pool.map(w.echo, [1, 2, 3])
+
+        async def held_call() -> None:
+            results.append(await pool.run(w.hold, 7))
+
+        async def map_there() -> list[int]:
+            return [y async for y in pool.map(w.echo, [1])]
+
+        calls = (
+            lambda: pool.run(w.echo, 1),
+            map_there,
+            lambda: anext(made_here),
+            made_here.aclose,
+        )
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(held_call)
+            await started(holds)
+            for backend in FOREIGN_BACKENDS:
+                for call in calls:
+                    assert_refused(await from_another_loop(call, backend), "this Pool")
+            stats = pool.statistics()
+            assert (stats.calls_queued, stats.calls_running) == (0, 1)
+            holds.release()
+        assert results == [7]
+        assert [y async for y in made_here] == [1, 2, 3]
+        assert await pool.run(w.echo, 5) == 5
+
+
+def test_the_ways_the_refusal_names_reach_the_pool() -> None:
+    """What the RuntimeError says to do works: from a plain thread, ``anyio.from_thread.run``
+    with the pool loop's token; from a thread that loop started, without one; and sync code
+    with no loop opens a pool in a blocking portal and calls it through the portal."""
+
+    async def main() -> list[int]:
+        async with asyncmp.open_pool(1) as pool:
+            token = anyio.lowlevel.current_token()
+            got: list[int] = []
+
+            def plain_thread() -> None:
+                got.append(anyio.from_thread.run(pool.run, w.echo, 1, token=token))
+
+            thread = threading.Thread(target=plain_thread, name="test-caller")
+            thread.start()
+            got.append(await anyio.to_thread.run_sync(anyio.from_thread.run, pool.run, w.echo, 2))
+            await anyio.to_thread.run_sync(thread.join)
+            return sorted(got)
+
+    for backend in ("asyncio", "trio"):
+        assert anyio.run(main, backend=backend) == [1, 2]
+    with anyio.from_thread.start_blocking_portal() as portal:
+        with portal.wrap_async_context_manager(asyncmp.open_pool(1)) as pool:
+            assert portal.call(pool.run, w.echo, 3) == 3

@@ -37,6 +37,7 @@ import asyncmp
 from asyncmp import AsyncConnection, AsyncProcess, Worker, WorkerExited, _platform
 
 from . import process_workers as pw
+from .support.loops import FOREIGN_BACKENDS, assert_refused, from_another_loop
 
 if TYPE_CHECKING:
     from tests.workers import MPContext
@@ -727,3 +728,53 @@ async def test_several_workers_at_once_each_see_eof(mp_context: MPContext) -> No
     assert [w.process.exitcode for w in workers] == [0, 0, 0]
     for w in workers:
         assert_reaped(w.process.pid)
+
+
+# --- the event loop they belong to --------------------------------------------------------------
+
+
+async def test_an_opened_process_refuses_another_loop() -> None:
+    """An ``open_process`` block's process belongs to the loop that opened it, even before
+    it waited: ``wait()`` and ``stop()`` from a loop in another thread raise RuntimeError
+    at once, before and while this loop waits (the other loop's wait waited for this
+    loop's watch, which never told it). ``stop()`` sent no signal; the wait here gets the
+    exit code."""
+    codes: list[int] = []
+    async with AsyncExitStack() as stack:
+        process = await open_ready_process(stack, pw.say_ready_then_hang, FORK)
+        for backend in FOREIGN_BACKENDS:
+            assert_refused(await from_another_loop(process.wait, backend), "this AsyncProcess")
+
+        async def wait() -> None:
+            codes.append(await process.wait())
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait)
+            await anyio.wait_all_tasks_blocked()
+            for backend in FOREIGN_BACKENDS:
+                for call in (process.wait, process.stop):
+                    outcome = await from_another_loop(call, backend)
+                    assert_refused(outcome, "this AsyncProcess")
+            assert process.is_alive()
+            process.terminate()
+    assert codes == [SIGTERM]
+    assert_reaped(process.pid)
+
+
+async def test_a_worker_refuses_another_loop() -> None:
+    """An ``open_worker`` block's Worker and its process belong to the loop that opened
+    them, before they were used: a receive, a send or ``aclose()`` of the Worker and a
+    wait for its process, from a loop in another thread, raise RuntimeError at once; the
+    conversation here goes on."""
+    async with asyncmp.open_worker(pw.echo_until_eof, context=FORK) as worker:
+        calls = (worker.recv, lambda: worker.send("there"), worker.aclose)
+        for backend in FOREIGN_BACKENDS:
+            for call in calls:
+                assert_refused(await from_another_loop(call, backend), "this Worker")
+            outcome = await from_another_loop(worker.process.wait, backend)
+            assert_refused(outcome, "this AsyncProcess")
+        await worker.send("here")
+        with anyio.fail_after(PROMPT):
+            assert await worker.recv() == "here"
+    assert worker.process.exitcode == 0
+    assert_reaped(worker.process.pid)

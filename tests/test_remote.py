@@ -44,6 +44,7 @@ from asyncmp._auth import (
 )
 
 from . import remote_peer
+from .support.loops import FOREIGN_BACKENDS, assert_refused, from_another_loop
 
 pytestmark = [
     pytest.mark.anyio,
@@ -625,6 +626,30 @@ async def test_iteration_ends_when_closed_from_another_task(address: Any) -> Non
     assert steps == ["closed", "iteration ended", "block done"]
     if isinstance(address, str):
         assert not exists(address)
+
+
+async def test_the_listener_refuses_another_loop(unix_path: str) -> None:
+    """While this loop waits in ``accept()``, an ``accept()`` or ``aclose()`` from a loop in
+    another thread raises RuntimeError at once (its accept waited on this loop's stream
+    for ever); the listener stays open, and the next connection comes to this loop."""
+    async with asyncmp.serve(unix_path) as listener:
+        taken: list[AsyncConnection] = []
+
+        async def take_one() -> None:
+            taken.append(await listener.accept())
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(take_one)
+            await anyio.wait_all_tasks_blocked()
+            for backend in FOREIGN_BACKENDS:
+                for call in (listener.accept, listener.aclose):
+                    outcome = await from_another_loop(call, backend)
+                    assert_refused(outcome, "this AsyncListener")
+            assert not listener.closed
+            client = await asyncmp.connect(unix_path)
+        async with client, taken[0] as server:
+            await client.send("here")
+            assert await server.recv() == "here"
 
 
 async def test_error_in_the_block_comes_out_as_itself() -> None:

@@ -29,7 +29,7 @@ from anyio.lowlevel import checkpoint
 from . import _platform
 from ._exceptions import ProtocolError
 from ._frames import SEND_SHIELD_SECONDS as SEND_SHIELD_SECONDS
-from ._loop import FairLock, fast_checkpoint
+from ._loop import FairLock, LoopBinding, fast_checkpoint, thread_id
 from ._routes import Connection, ConnectionRoute, FdRoute, ThreadRoute
 from ._wire import DEFAULT_MAX_MESSAGE_SIZE, dumps
 
@@ -126,6 +126,12 @@ class AsyncConnection(ObjectStream[T]):
     runs one) these work: the constructor and :func:`Pipe`, :meth:`close`,
     :meth:`recv_nowait`, :meth:`fileno` and the properties. Everything else is awaited.
     None of them is thread-safe: call them from the thread that runs the loop, if one runs.
+
+    An AsyncConnection belongs to the event loop that first awaits one of its methods, for
+    as long as that loop runs: an awaited method called from a loop in another thread
+    meanwhile raises ``RuntimeError`` at once, which says how to call it through its own
+    loop (``anyio.from_thread.run`` with that loop's token, or a ``BlockingPortal``). Once
+    that loop has ended, the next loop to use it takes it over.
     """
 
     def __init__(
@@ -159,6 +165,7 @@ class AsyncConnection(ObjectStream[T]):
         self._send_lock = FairLock()
         self._closed = False
         self._why_closed = _CLOSED_HERE
+        self._owner = LoopBinding("this AsyncConnection")
         # Set by the first ProtocolError: the incoming stream can't be trusted from then
         # on, whatever the route would make of the bytes that follow.
         self._protocol_error: str | None = None
@@ -237,6 +244,8 @@ class AsyncConnection(ObjectStream[T]):
         :raises anyio.ClosedResourceError: this end was closed, before or during the call.
         :raises ValueError: *maxlength* is negative.
         :raises OSError: this end is write-only (the sending end of ``Pipe(False)``).
+        :raises RuntimeError: called from another event loop than the one this connection
+            belongs to, while that one still runs (see :class:`AsyncConnection`).
         """
         if maxlength is not None and maxlength < 0:
             raise ValueError("negative maxlength")
@@ -277,6 +286,7 @@ class AsyncConnection(ObjectStream[T]):
         return got
 
     async def _recv_into(self, target: memoryview) -> int | bytes:
+        self._owner.check()
         reader = self._fast_reader
         lock = self._recv_lock
         try:
@@ -300,6 +310,7 @@ class AsyncConnection(ObjectStream[T]):
     async def _recv_frame(self, maxlength: int | None, *, nothing_there: bool = False) -> bytes:
         """Every receive but the fast path's first look comes through here, in turn.
         *nothing_there*: the caller just looked and found nothing, with no await since."""
+        self._owner.check()
         lock = self._recv_lock
         try:
             self._check_readable()
@@ -326,6 +337,8 @@ class AsyncConnection(ObjectStream[T]):
         :meth:`recv_bytes` raises, and whatever unpickling raises (the message is then
         consumed, the connection stays usable).
         """
+        if thread_id() != self._owner.thread:  # the check(), inlined: the hot path
+            self._owner.claim()
         reader = self._fast_reader
         if reader is not None and not self._recv_lock.locked():
             # Fast path: a whole message already here needs no lock and no trip through
@@ -420,7 +433,10 @@ class AsyncConnection(ObjectStream[T]):
             its thread may still finish the message in the moment before it stops).
         :raises ValueError: *offset* or *size* is negative or beyond the buffer.
         :raises OSError: this end is read-only (the receiving end of ``Pipe(False)``).
+        :raises RuntimeError: called from another event loop than the one this connection
+            belongs to, while that one still runs (see :class:`AsyncConnection`).
         """
+        self._owner.check()
         view = memoryview(buf).cast("B")
         n = len(view)
         if offset < 0:
@@ -474,7 +490,10 @@ class AsyncConnection(ObjectStream[T]):
             pickled; nothing was sent.
         :raises anyio.BrokenResourceError: as for :meth:`send_bytes`.
         :raises anyio.ClosedResourceError: this end was closed.
+        :raises RuntimeError: as for :meth:`send_bytes`; nothing was pickled.
         """
+        if thread_id() != self._owner.thread:  # the check(), inlined: the hot path
+            self._owner.claim()
         self._check_writable()
         await self._send_frame(memoryview(self._pickle(obj)))
 
@@ -487,6 +506,7 @@ class AsyncConnection(ObjectStream[T]):
 
         :raises anyio.ClosedResourceError: this end was closed.
         """
+        self._owner.check()
         self._check_open()
         async with self._send_lock:
             self._check_open()
@@ -522,8 +542,10 @@ class AsyncConnection(ObjectStream[T]):
         asyncmp's threads to end.
 
         It is a checkpoint; closing happens even if it is cancelled. It raises nothing,
-        and closing a closed end does nothing.
+        and closing a closed end does nothing, but for the ``RuntimeError`` of a call
+        from another event loop than its own (which closes nothing: use :meth:`close`).
         """
+        self._owner.check()
         if self._close():
             await self._route.aclose()
         await checkpoint()

@@ -25,6 +25,9 @@ reaching into an event loop library, so a change in one of them lands in one pla
 * :func:`in_trio`, :func:`wait_readable_elsewhere`, :data:`running_asyncio_loop` and
   :func:`is_selector_loop`: which library runs the current task, the asyncio loop of
   this thread (if any), and what kind of loop it is.
+* :class:`LoopBinding`: which event loop an object belongs to, checked on every awaited
+  call for the price of :func:`thread_id` and a comparison; a call from another loop
+  that still runs raises ``RuntimeError`` instead of waiting for ever.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ from anyio.lowlevel import checkpoint, checkpoint_if_cancelled, current_token
 __all__ = (
     "TURN_INTERVAL",
     "FairLock",
+    "LoopBinding",
     "call_soon",
     "cancel_check",
     "cancel_pending",
@@ -60,6 +64,7 @@ __all__ = (
     "new_wakeup",
     "note_turn",
     "running_asyncio_loop",
+    "thread_id",
     "threadsafe_notifier",
     "turn_clock",
     "turn_if_due",
@@ -416,6 +421,122 @@ async def wait_readable_elsewhere(fd: int, what: str) -> None:
             raise anyio.BusyResourceError(what) from None
     else:
         await anyio.wait_readable(fd)
+
+
+#: The calling thread's id: ``pthread_self()``, no system call. One event loop runs in a
+#: thread at a time, so on the hot paths it stands for "the loop that runs this task".
+thread_id: Callable[[], int] = threading.get_ident
+
+
+def _current_loop() -> object | None:
+    """What stands for the event loop that runs the current task: trio's root task under
+    trio, the asyncio loop (uvloop's included) under asyncio; None outside any loop."""
+    if in_trio():
+        root: object | None = sys.modules["trio"].lowlevel.current_root_task()
+        return root
+    return _asyncio_running_loop()
+
+
+def _still_runs(loop: object) -> bool:
+    """True while *loop* (from :func:`_current_loop`) runs: an asyncio loop until it stops
+    (``asyncio.run()`` closes it on the way out), a trio run until it returns (its root
+    task's coroutine then has no frame)."""
+    if isinstance(loop, AbstractEventLoop):
+        return loop.is_running()
+    return getattr(getattr(loop, "coro", None), "cr_frame", None) is not None
+
+
+#: Makes each claim one step: two loops that claim an object at once can't both win.
+_claims = threading.Lock()
+
+
+def _new_claims_lock_in_child() -> None:
+    """A child forked while another thread claimed an object would inherit the lock
+    taken, by a thread it does not have."""
+    global _claims
+    _claims = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_new_claims_lock_in_child)
+
+
+class LoopBinding:
+    """Which event loop an object belongs to: the one that opened it, or else the first
+    that awaited one of its methods, for as long as that loop runs.
+
+    The object's waits belong to that loop (a descriptor registered with it, its futures
+    and events, threads that wake it), and from another loop they would never end. So
+    each awaited method checks first, before it touches anything::
+
+        if thread_id() != binding.thread:
+            binding.claim()
+
+    That costs a ``pthread_self()`` and a comparison (tens of nanoseconds; asking asyncio
+    for its running loop would cost a ``getpid()`` system call before Python 3.12). A
+    thread runs one loop at a time, so a call from the owner's thread comes from the
+    owner, or from a loop that followed it there once it ended. Only a call from another
+    thread takes the slow path, :meth:`claim`, which asks which loop runs: if the owner
+    still runs, it raises ``RuntimeError`` saying how to call the object from there;
+    if the owner has ended (an asyncio loop that no longer runs, a trio run that has
+    returned), or nobody owned the object yet, the calling loop becomes the owner.
+
+    Not seen: a loop nested in the owner's own thread while the owner waits for it (a
+    ``trio.run()`` called from inside an asyncio task).
+    """
+
+    __slots__ = ("_loop", "_pid", "_thread_name", "how", "thread", "what")
+
+    def __init__(self, what: str, how: str = "first used") -> None:
+        #: The owner's :func:`thread_id`; 0 (no thread's) until a loop claims the object.
+        self.thread = 0
+        #: The object, for the message: "this AsyncConnection".
+        self.what = what
+        #: How the owner came to own it: "opened" or "first used".
+        self.how = how
+        # Weak: an object that outlives its loop does not keep the loop alive.
+        self._loop: weakref.ref[Any] | None = None
+        self._thread_name = ""
+        self._pid = 0
+
+    def check(self) -> None:
+        """:meth:`claim` if the caller runs in another thread than the owner."""
+        if thread_id() != self.thread:
+            self.claim()
+
+    def claim(self) -> None:
+        """Make the loop that runs the caller the owner, unless the owner is another loop
+        that still runs. Outside any loop it does nothing.
+
+        :raises RuntimeError: the object belongs to another event loop, which still runs.
+        """
+        loop = _current_loop()
+        if loop is None:
+            return
+        with _claims:
+            ref = self._loop
+            # A forked child's copy of its parent's loop looks as if it still ran.
+            owner = ref() if ref is not None and self._pid == os.getpid() else None
+            if owner is not loop:
+                if owner is not None and _still_runs(owner):
+                    raise RuntimeError(self._foreign(owner))
+                self._loop = weakref.ref(loop)
+                self._pid = os.getpid()
+            self.thread = thread_id()
+            self._thread_name = threading.current_thread().name
+
+    def _foreign(self, owner: object) -> str:
+        library = type(owner).__module__.partition(".")[0]  # asyncio, uvloop or trio
+        return (
+            f"{self.what} belongs to the event loop that {self.how} it ({library}, in "
+            f"thread {self._thread_name!r}), which still runs: called from another loop, "
+            "it would wait for ever. Call it in its own loop: from another thread, "
+            "anyio.from_thread.run(fn, *args, token=token) with token = "
+            "anyio.lowlevel.current_token() taken in that loop (no token in a thread that "
+            "loop started with anyio.to_thread.run_sync()), or portal.call(fn, *args) "
+            "through an anyio.from_thread.BlockingPortal that loop runs; or give this loop "
+            "one of its own (once that loop has ended, the next one to use it takes it over)"
+        )
 
 
 class FairLock:

@@ -59,7 +59,7 @@ from anyio.abc import TaskGroup
 from ._blocks import block_manager
 from ._connection import AsyncConnection
 from ._exceptions import ConnectionEOF
-from ._loop import new_wakeup
+from ._loop import LoopBinding, new_wakeup
 from ._mpinternals import forking_dispatch_table
 from ._pool_job import ABANDONED, DONE, QUEUED, SENT, WITHDRAWN, Job
 from ._pool_map import PoolMap
@@ -210,7 +210,10 @@ class Pool:
     """A pool of worker processes, from :func:`open_pool`.
 
     Its methods belong to the event loop that opened the pool; :meth:`statistics` may be
-    called from anywhere in that thread.
+    called from anywhere in that thread. From a loop in another thread, :meth:`run`,
+    :meth:`map` and its iterator raise ``RuntimeError`` at once, which says how to call
+    them through the pool's loop instead (``anyio.from_thread.run`` with that loop's
+    token, or a ``BlockingPortal``).
     """
 
     def __init__(
@@ -239,6 +242,8 @@ class Pool:
         self._call_seconds = 0.0
         #: Plain functions -> their pickles (references to them by name).
         self._fn_pickles: dict[Callable[..., Any], bytes] = {}
+        #: The loop that opened the pool (claimed by open_pool); PoolMap checks it too.
+        self._owner = LoopBinding("this Pool", "opened")
 
     @property
     def processes(self) -> int:
@@ -303,7 +308,10 @@ class Pool:
         :raises anyio.ClosedResourceError: the pool is closed, or was closed meanwhile.
         :raises anyio.BrokenResourceError: no worker could be started (the initializer
             raised, or a worker died before it was ready).
+        :raises RuntimeError: called from an event loop in another thread than the pool's
+            (see :class:`Pool`); nothing was pickled or queued.
         """
+        self._owner.check()
         self._check_usable()
         done = new_wakeup()
         job = Job(next(self._ids), 1, lambda _: done.set())
@@ -350,7 +358,10 @@ class Pool:
             its index in *iterable*: ``the item at index 17``; a result that can't be
             unpickled here fails its whole chunk, at its first item).
         :raises anyio.ClosedResourceError: the pool is closed.
+        :raises RuntimeError: called, or iterated, from an event loop in another thread
+            than the pool's (see :class:`Pool`).
         """
+        self._owner.check()
         self._check_usable()
         return PoolMap(self, fn, iterable, ordered)
 
@@ -894,6 +905,7 @@ async def open_pool(
         raise TypeError(f"initializer={initializer!r} is not callable")
     ctx = context if context is not None else multiprocessing.get_context()
     pool = Pool(processes, ctx, initializer, tuple(initargs), max_tasks_per_child)
+    pool._owner.claim()
     # What the block or the start-up raised is re-raised after the task group has
     # ended, not inside it, so that it comes out as itself, not in an exception group.
     failure: BaseException | None = None

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import anyio
 from anyio.lowlevel import checkpoint_if_cancelled
 
+from ._loop import thread_id
 from ._pool_job import DONE, Job
 from ._pool_pickling import explain
 
@@ -48,6 +49,9 @@ class PoolMap(AsyncIterator[R]):
         async with pool.map(fn, items) as results:
             async for y in results:
                 ...
+
+    It belongs to the pool's event loop: a step or ``aclose()`` from a loop in another
+    thread raises ``RuntimeError`` at once (see :class:`Pool`).
     """
 
     def __init__(
@@ -59,6 +63,7 @@ class PoolMap(AsyncIterator[R]):
     ) -> None:
         self._stopped = True  # until set up: __del__ then has nothing to stop
         self._pool = pool
+        self._owner = pool._owner  # the loop that opened the pool
         self._fn = fn
         self._sync: Iterator[Any] | None = None
         self._async: AsyncIterator[Any] | None = None
@@ -113,6 +118,8 @@ class PoolMap(AsyncIterator[R]):
         :raises StopAsyncIteration: every result was yielded, or the map was stopped.
         :raises Exception: see :meth:`Pool.map`.
         """
+        if thread_id() != self._owner.thread:  # the check(), inlined: once per result
+            self._owner.claim()
         await checkpoint_if_cancelled()
         while not self._stopped:
             job = self._current
@@ -228,7 +235,9 @@ class PoolMap(AsyncIterator[R]):
     async def aclose(self) -> None:
         """Stop the map now, as dropping it does; then close an async iterable it
         takes items from, if that has ``aclose()``. A checkpoint; raises nothing of its
-        own (what the iterable's ``aclose()`` raises propagates)."""
+        own (what the iterable's ``aclose()`` raises propagates), but for the
+        ``RuntimeError`` of a call from another event loop than the pool's."""
+        self._owner.check()
         self._stop()
         source = self._async
         self._async = None

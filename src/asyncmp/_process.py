@@ -34,6 +34,7 @@ from . import _platform
 from ._blocks import block_manager
 from ._connection import AsyncConnection
 from ._exceptions import ConnectionEOF
+from ._loop import LoopBinding
 from ._threads import THREAD_SLICE, BlockingCall
 
 if sys.version_info >= (3, 13):
@@ -115,6 +116,12 @@ class AsyncProcess:
 
     Only the process that started it can wait for it: pickling an AsyncProcess, or
     passing it to a spawned child, raises ``TypeError``.
+
+    It belongs to the event loop that opened it (:func:`open_process`, :func:`open_worker`)
+    or else first awaited one of its methods, for as long as that loop runs: :meth:`wait`
+    or :meth:`stop` from a loop in another thread meanwhile raises ``RuntimeError`` at
+    once, which says how to call it through its own loop. Once that loop has ended, the
+    next loop to use it takes it over. The methods that are not awaited are not checked.
     """
 
     def __init__(self, process: multiprocessing.process.BaseProcess) -> None:
@@ -141,6 +148,7 @@ class AsyncProcess:
         self._threads = 0
         self._threads_lock = threading.Lock()
         self._close_pending = False
+        self._owner = LoopBinding("this AsyncProcess")
 
     @property
     def process(self) -> multiprocessing.process.BaseProcess:
@@ -188,8 +196,10 @@ class AsyncProcess:
         If cancelled, nothing changed: the process runs on and can be waited for again,
         and the other waiting tasks keep waiting. The last waiting task to leave, by
         returning or by a cancellation, releases the descriptors (or the thread) the
-        wait used. It raises nothing of its own.
+        wait used. It raises nothing of its own, but for ``RuntimeError`` from another
+        event loop than its own (see :class:`AsyncProcess`), where nothing changed.
         """
+        self._owner.check()
         self._waiting += 1
         try:
             while True:
@@ -334,8 +344,11 @@ class AsyncProcess:
 
         Other tasks waiting in :meth:`wait` meanwhile get the exit code too, and several
         tasks may stop the process at once. Runs to completion even if cancelled
-        (shielded): a half-stopped process is worse. It raises nothing of its own.
+        (shielded): a half-stopped process is worse. It raises nothing of its own, but
+        for ``RuntimeError`` from another event loop than its own (see
+        :class:`AsyncProcess`), which sends no signal.
         """
+        self._owner.check()
         with anyio.CancelScope(shield=True):
             self.terminate()
             with anyio.move_on_after(grace):
@@ -380,6 +393,11 @@ class AsyncProcess:
         if not pending:
             self._process.close()
 
+    def _opened_here(self) -> None:
+        """Belong to the running loop, which opened the process (and reaps it)."""
+        self._owner.how = "opened"
+        self._owner.claim()
+
     def __reduce__(self) -> NoReturn:
         raise TypeError(
             "an AsyncProcess can't be pickled or passed to another process: only the "
@@ -421,6 +439,7 @@ async def open_process(
     process = ctx.Process(target=target, args=args, name=name)
     process.start()
     aprocess = AsyncProcess(process)
+    aprocess._opened_here()
     async with _reaped_on_exit(aprocess, shutdown_timeout):
         yield aprocess
 
@@ -465,11 +484,16 @@ class Worker(Generic[T]):
     ``Worker[T]`` says what the pipe carries, as ``AsyncConnection[T]`` does (``Any``
     without a type argument). A Worker belongs to the process that opened it: pickling
     it, or passing it to a spawned child, raises ``TypeError``.
+
+    It belongs to the event loop that opened it, too: its awaited methods called from a
+    loop in another thread raise ``RuntimeError`` at once, which says how to call them
+    through the Worker's loop instead.
     """
 
     def __init__(self, connection: AsyncConnection[T], process: AsyncProcess) -> None:
         self._conn = connection
         self._process = process
+        self._owner = LoopBinding("this Worker", "opened")
 
     @property
     def process(self) -> AsyncProcess:
@@ -495,6 +519,7 @@ class Worker(Generic[T]):
 
         If cancelled, no message was consumed; the next call returns it.
         """
+        self._owner.check()
         try:
             return await self._conn.recv()
         except WorkerExited:
@@ -507,6 +532,7 @@ class Worker(Generic[T]):
 
         If cancelled, no message was consumed; the next call returns it.
         """
+        self._owner.check()
         try:
             return await self._conn.recv_bytes(maxlength)
         except ConnectionEOF as eof:
@@ -518,11 +544,13 @@ class Worker(Generic[T]):
 
     async def send(self, obj: T) -> None:
         """As :meth:`AsyncConnection.send`, with its cancellation behaviour and exceptions."""
+        self._owner.check()
         await self._conn.send(obj)
 
     async def send_bytes(self, buf: Any, offset: int = 0, size: int | None = None) -> None:
         """As :meth:`AsyncConnection.send_bytes`, with its cancellation behaviour and
         exceptions."""
+        self._owner.check()
         await self._conn.send_bytes(buf, offset, size)
 
     def __aiter__(self) -> Worker[T]:
@@ -531,6 +559,7 @@ class Worker(Generic[T]):
     async def __anext__(self) -> T:
         # EOF ends the iteration if the worker ended well (or still runs, having closed
         # its end); a crash is not a clean end of the stream, so it raises.
+        self._owner.check()
         try:
             return await self._conn.recv()
         except ConnectionEOF as eof:
@@ -543,8 +572,10 @@ class Worker(Generic[T]):
         """Close the parent's end of the pipe: the worker's ``recv()`` sees EOF.
 
         The process itself is left to the :func:`open_worker` block. As
-        :meth:`AsyncConnection.aclose`: closing happens even if cancelled; raises nothing.
+        :meth:`AsyncConnection.aclose`: closing happens even if cancelled; raises nothing
+        (but ``RuntimeError`` from another event loop than the Worker's).
         """
+        self._owner.check()
         await self._conn.aclose()
 
     def __reduce__(self) -> NoReturn:
@@ -615,5 +646,8 @@ async def open_worker(
     """
     ctx = context if context is not None else multiprocessing.get_context()
     conn, aprocess = start_with_pipe(ctx, target, args)
+    aprocess._opened_here()
+    worker = Worker(conn, aprocess)
+    worker._owner.claim()
     async with _reaped_on_exit(aprocess, shutdown_timeout, conn):
-        yield Worker(conn, aprocess)
+        yield worker

@@ -35,7 +35,7 @@ from anyio.abc import AsyncResource
 from anyio.lowlevel import checkpoint
 
 from . import _mpinternals
-from ._loop import checkpoint_due, full_checkpoint
+from ._loop import LoopBinding, checkpoint_due, full_checkpoint, thread_id
 from ._queue_fdget import FdGetter, unpickle_frame
 from ._queue_put import Putter
 from ._queue_state import Getter, QueueState
@@ -103,6 +103,13 @@ class AsyncQueue(AsyncResource, Generic[T]):
     ``AsyncQueue[T]`` says what it carries: :meth:`get` returns ``T`` and :meth:`put`
     takes one (``Any`` without a type argument; nothing is checked at run time).
 
+    An AsyncQueue belongs to the event loop that first awaits one of its methods, for as
+    long as that loop runs: an awaited method called from a loop in another thread
+    meanwhile raises ``RuntimeError`` at once, which says how to call it through its own
+    loop (``anyio.from_thread.run`` with that loop's token, or a ``BlockingPortal``). Once
+    that loop has ended, the next loop to use it takes it over. The methods that are not
+    awaited are not checked.
+
     :param use_threads: ``None`` picks the route: the fd route for multiprocessing
         queues on POSIX, threads for anything else. ``True`` forces threads.
     :param stall_timeout: how long a ``get`` that has read part of an item waits for
@@ -132,6 +139,7 @@ class AsyncQueue(AsyncResource, Generic[T]):
         else:
             self._getter = ThreadGetter(q, self._state)
         self._putter = Putter(q, self._state)
+        self._owner = LoopBinding("this AsyncQueue")
 
     # -- introspection ------------------------------------------------------------------
 
@@ -181,7 +189,11 @@ class AsyncQueue(AsyncResource, Generic[T]):
         :raises anyio.BrokenResourceError: a producer died mid-item (after
             ``stall_timeout``), or the queue's framing is corrupt.
         :raises anyio.ClosedResourceError: the adapter was closed.
+        :raises RuntimeError: called from another event loop than the one this adapter
+            belongs to, while that one still runs (see :class:`AsyncQueue`).
         """
+        if thread_id() != self._owner.thread:  # the check(), inlined: the hot path
+            self._owner.claim()
         fast = self._fast
         if fast is not None and fast.fast and not fast.rlock.held:
             # The fast path: a cancellation check, then, if a whole item is in the pipe
@@ -291,7 +303,10 @@ class AsyncQueue(AsyncResource, Generic[T]):
         :raises anyio.BrokenResourceError: an earlier ``get`` found the queue broken, or
             no process reads the queue any more (every read end is closed; the consumer
             is gone). Then the item was not put.
+        :raises RuntimeError: as for :meth:`get`; nothing was pickled.
         """
+        if thread_id() != self._owner.thread:  # the check(), inlined: the hot path
+            self._owner.claim()
         await self._putter.put(obj, timeout)
 
     # -- joinable queues ----------------------------------------------------------------
@@ -311,13 +326,17 @@ class AsyncQueue(AsyncResource, Generic[T]):
         be interrupted and lasts until every item is done.)
 
         :raises anyio.ClosedResourceError: the adapter was closed, before or during the wait.
+        :raises RuntimeError: as for :meth:`get`.
         """
+        self._owner.check()
         await self._putter.join()
 
     # -- closing ------------------------------------------------------------------------
 
     async def aclose(self) -> None:
-        """Stop this adapter and flush what this process put.
+        """Stop this adapter and flush what this process put. (Called from another event
+        loop than its own, it closes nothing and raises ``RuntimeError``: see
+        :class:`AsyncQueue`.)
 
         Waiting tasks get ``anyio.ClosedResourceError``. For a multiprocessing
         ``Queue`` it then closes the queue *in this process* and waits, without
@@ -357,6 +376,7 @@ class AsyncQueue(AsyncResource, Generic[T]):
         their end, the put-back starts, and only the wait for the feeder stops, the
         feeder going on writing in the background. It raises nothing of its own.
         """
+        self._owner.check()
         state = self._state
         if state.closed:
             await checkpoint()

@@ -80,6 +80,7 @@ from ._auth import (
 )
 from ._connection import AsyncConnection
 from ._exceptions import ProtocolError
+from ._loop import LoopBinding
 from ._shared import refusing
 from ._wire import DEFAULT_MAX_MESSAGE_SIZE
 
@@ -489,6 +490,12 @@ class AsyncListener:
     At most *backlog* accepted connections are held at once, in the handshake or
     waiting for the iterator; beyond that the listener stops accepting until the
     iterator takes one, and new peers wait in the kernel's listen backlog.
+
+    It belongs to the event loop that opened it, which runs its background tasks: its
+    awaited methods called from a loop in another thread raise ``RuntimeError`` at once,
+    which says how to call them through the listener's loop instead. The connections it
+    yields belong to that loop too, having been used there for the handshake (with an
+    authkey), or else to the first loop that uses them.
     """
 
     def __init__(
@@ -525,6 +532,7 @@ class AsyncListener:
             and not _is_abstract(self._address)
         )
         self._waiter = ReadinessWaiter(sock.fileno())
+        self._owner = LoopBinding("this AsyncListener", "opened")
         register_fork_owned(self)
 
     @property
@@ -639,7 +647,10 @@ class AsyncListener:
         :raises anyio.ClosedResourceError: the listener was closed.
         :raises anyio.BrokenResourceError: accepting failed for good (the ``OSError`` is
             its ``__cause__``), and no connection is left to hand out.
+        :raises RuntimeError: called from an event loop in another thread than the
+            listener's (see :class:`AsyncListener`).
         """
+        self._owner.check()
         self._check_open()
         try:
             conn = await self._receive.receive()
@@ -696,7 +707,9 @@ class AsyncListener:
 
     async def aclose(self) -> None:
         """As :meth:`close`; a checkpoint. Closing happens even if it is cancelled, and
-        it raises nothing."""
+        it raises nothing, but for ``RuntimeError`` from another event loop than the
+        listener's (see :class:`AsyncListener`), which closes nothing."""
+        self._owner.check()
         self.close()
         await checkpoint()
 
@@ -806,6 +819,7 @@ async def serve(
     except BaseException:
         sock.close()
         raise
+    listener._owner.claim()
     body_error: Exception | None = None
     try:
         async with anyio.create_task_group() as tg:

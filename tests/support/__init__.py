@@ -7,4 +7,6 @@ them as ``conftest.py`` fixtures), never from another test module.
 - ``memory``: the process's resident memory, for bounds on what a peer's claim costs.
 - ``channels``: every channel asyncmp offers, behind one small interface.
 - ``conformance``: the promises every channel keeps, as functions that take a channel.
+- ``loops``: a call from another event loop, in a thread of its own, and the check that it
+  was refused.
 """

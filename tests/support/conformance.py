@@ -16,6 +16,9 @@ docs/faults.md):
 5. A receive that finds a message already there still honours a cancellation that is
    already pending, and lets the loop's other tasks run.
 6. Nothing is left behind once the channel is closed: no descriptor, thread or process.
+7. The channel belongs to the event loop that uses it: an awaited call from a loop in
+   another thread meanwhile raises ``RuntimeError`` at once, naming the fix, and changes
+   nothing here.
 """
 
 from __future__ import annotations
@@ -49,8 +52,10 @@ from .io import (
     wait_until,
     write_all,
 )
+from .loops import FOREIGN_BACKENDS, assert_refused, from_another_loop
 
 __all__ = (
+    "check_another_loop_is_refused",
     "check_buffered_receive_still_checkpoints",
     "check_cancelled_sends_are_all_or_nothing",
     "check_close_wakes_every_waiter",
@@ -540,3 +545,43 @@ async def check_leaves_nothing_behind(channel: Channel) -> None:
     if not await _eventually(closed):
         left = {fd: os.readlink(f"/proc/self/fd/{fd}") for fd in _fds() - fds}
         pytest.fail(f"descriptors left open: {left}")
+
+
+# --- 7. another event loop ----------------------------------------------------------------------
+
+
+async def check_another_loop_is_refused(channel: Channel) -> None:
+    """A message each way makes the channel this loop's; then, while a receive of this loop
+    waits, a receive, a send and ``aclose()`` from a loop in another thread (asyncio, then
+    trio) each raise ``RuntimeError`` at once, saying how to call the channel through this
+    loop. Nothing changed: the waiting receive gets the next message, the end is open, and
+    the peer gets this loop's sends and nothing from the other loop."""
+    async with channel.open() as pair:
+        end = pair.end
+        kinds = (asyncmp.Worker, asyncmp.AsyncQueue, asyncmp.AsyncConnection)
+        what = "this " + next(kind.__name__ for kind in kinds if isinstance(end.obj, kind))
+        with anyio.fail_after(20):
+            job = pair.peer.receive_until(END)
+            await end.send(b"before")
+            await end.send(END)
+            assert await job.result() == [b"before"]
+        got: list[bytes] = []
+
+        async def receive() -> None:
+            got.append(await end.receive())
+
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(receive)
+                await settle()
+                for backend in FOREIGN_BACKENDS:
+                    for call in (end.receive, lambda: end.send(b"foreign"), end.aclose):
+                        assert_refused(await from_another_loop(call, backend), what)
+                assert got == []
+                await pair.peer.send([b"mine"]).result()
+        assert got == [b"mine"]
+        with anyio.fail_after(20):
+            job = pair.peer.receive_until(END)
+            await end.send(b"after")
+            await end.send(END)
+            assert await job.result() == [b"after"]
