@@ -32,7 +32,8 @@ outlives its name. So:
   process for the whole program (spawned and forkserver children inherit it; this
   module starts it before a fork, so forked children share their parent's too), it
   survives the SIGKILL of any process that uses it, and when the program ends it
-  unlinks what is still registered. It would also warn there about "leaked
+  unlinks what is still registered. (This module also holds the tracker's lock across
+  every fork: see the fork hooks at the end.) It would also warn there about "leaked
   shared_memory objects": a message that was never received *is* one.
 * **The resource tracker's trap** (the stdlib's ``SharedMemory`` registers a segment in
   every process that attaches to it, and the first of those to exit unlinks it under the
@@ -72,13 +73,14 @@ import pickle
 import re
 import secrets
 import sys
+import threading
 import zlib
 from collections.abc import Iterator
 from contextvars import ContextVar
 from typing import Any, Generic, TypeVar
 
 from ._exceptions import SharedMemoryError
-from ._mpinternals import resource_tracker_id, shm_calls
+from ._mpinternals import resource_tracker_id, resource_tracker_lock, shm_calls
 
 __all__ = (
     "NAME_PREFIX",
@@ -400,7 +402,35 @@ def _rebuild(
     return pickle.loads(data, buffers=buffers)
 
 
-# -- one resource tracker for the whole program --------------------------------------------
+# -- one resource tracker for the whole program, and forks ----------------------------------
+#
+# Two things make a fork hazardous for shared memory, and the hooks below deal with both:
+#
+# * A child forked before any tracker runs would start one of its own at its first send,
+#   which ends with the child and unlinks what it sent before the parent has received it.
+#   So the tracker is started before the fork.
+# * The tracker's lock. ``ensure_running()`` takes it on every register and unregister, so
+#   a thread of the parent that sends or receives a shared object (a Queue's feeder thread
+#   pickling one) holds it often. A child forked at such a moment inherits it locked, and
+#   no thread of the child will ever unlock it: the child's first register or unregister
+#   (receiving its pool call's shared argument) hangs for good. So the forking thread takes
+#   the lock before the fork, waiting for whoever holds it to finish (a probe of the
+#   tracker's pipe, at most the start of the tracker), and lets it go after: in the parent
+#   it releases it; in the child, the only thread left, it gives the lock a fresh state
+#   (``_at_fork_reinit``, which is what CPython does with its own locks after a fork; a
+#   release could meet the lock's internal mutex locked by another thread of the parent
+#   at the moment of the fork), held as many times as the forking thread held it itself.
+#   CPython (3.10 to 3.13, read) does nothing of the kind: the lock is a ``Lock`` on
+#   3.10 and an ``RLock`` from 3.11, and no fork hook resets it.
+#
+# A thread that forks while it holds the lock itself (a signal handler or a finalizer
+# that forks from inside ``ensure_running``) takes an ``RLock`` once more, and the child
+# holds it as that thread did. 3.10's plain ``Lock`` can't be taken twice: such a fork
+# deadlocks there, as it always could in ``_start_tracker_before_fork`` when no tracker
+# ran yet.
+
+#: The threads that hold the tracker's lock for a fork under way: thread id -> lock.
+_held_for_fork: dict[int, Any] = {}
 
 
 def _start_tracker_before_fork() -> None:
@@ -415,5 +445,39 @@ def _start_tracker_before_fork() -> None:
         resource_tracker.ensure_running()
 
 
+def _before_fork() -> None:
+    _start_tracker_before_fork()
+    lock = resource_tracker_lock()
+    if lock is None:
+        return
+    lock.acquire()  # waits for another thread's register, unregister or start to end
+    _held_for_fork[threading.get_ident()] = lock
+
+
+def _after_fork_in_parent() -> None:
+    lock = _held_for_fork.pop(threading.get_ident(), None)
+    if lock is not None:
+        lock.release()
+
+
+def _after_fork_in_child() -> None:
+    # The child's one thread is the one that forked, under the same id.
+    lock = _held_for_fork.pop(threading.get_ident(), None)
+    if lock is None:
+        return
+    reinit = getattr(lock, "_at_fork_reinit", None)
+    if reinit is None:
+        lock.release()
+        return
+    count = getattr(lock, "_recursion_count", lambda: 1)()  # an RLock: ours, and any before
+    reinit()
+    for _ in range(count - 1):
+        lock.acquire()
+
+
 if sys.platform != "win32":
-    os.register_at_fork(before=_start_tracker_before_fork)
+    os.register_at_fork(
+        before=_before_fork,
+        after_in_parent=_after_fork_in_parent,
+        after_in_child=_after_fork_in_child,
+    )
