@@ -63,6 +63,18 @@ def segments(*, every_program: bool = False) -> set[str]:
     return {n for n in os.listdir(SHM_DIR) if n.startswith(prefix)}
 
 
+def mapping_modes() -> dict[str, str]:
+    """The permissions of this process's mappings of asyncmp segments, by name, as
+    ``/proc/self/maps`` shows them: ``rw-p`` is private (copy-on-write), ``rw-s`` shared."""
+    found = {}
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            if "/asyncmp-" in line:
+                name = "asyncmp-" + line.split("/asyncmp-")[1].split()[0]
+                found[name] = line.split()[1]
+    return found
+
+
 def mapped_segments() -> set[str]:
     """asyncmp segments this process has mapped now (unlinked ones included)."""
     found = set()
@@ -135,6 +147,19 @@ def report_tracker_lock(conn: Connection) -> None:
 
     with conn:
         conn.send(resource_tracker._resource_tracker._lock._recursion_count())  # type: ignore[attr-defined]
+
+
+def write_then_look_again(arr: Any, conn: Connection, parent_end: Connection) -> None:
+    """In a forked child: write ``arr[0] = 999`` and send what this process reads there;
+    then, told to look, send what it reads at ``arr[1]`` (its parent has written there).
+    *parent_end* (the copy of the parent's end that the fork gave it) is closed first, so
+    that the parent closing its end ends the wait."""
+    parent_end.close()
+    with conn:
+        arr[0] = 999
+        conn.send(int(arr[0]))
+        conn.recv()
+        conn.send(int(arr[1]))
 
 
 def array_head(arr: Any) -> tuple[float, bool]:

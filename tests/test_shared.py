@@ -36,6 +36,7 @@ from .shared_workers import (
     make_shared_blob,
     mapped,
     mapped_segments,
+    mapping_modes,
     put_shared,
     receive_and_hold,
     receive_and_report,
@@ -44,6 +45,7 @@ from .shared_workers import (
     segments,
     send_shared,
     send_then_wait_to_die,
+    write_then_look_again,
 )
 from .workers import MPContext
 
@@ -446,6 +448,47 @@ def test_forked_worker_that_exits_before_its_message_is_read() -> None:
 # -- forks -------------------------------------------------------------------------------------
 # A process that holds received buffers, or whose threads send and receive shared objects,
 # forks: a pool's replacement worker, a Process of its own.
+
+
+def test_a_received_buffer_is_mapped_copy_on_write() -> None:
+    out = roundtrip(asyncmp.shared(make_blob()))
+    (name,) = mapped_segments()
+    assert mapping_modes()[name] == "rw-p"  # private: its writes never reach the segment
+    del out
+
+
+def test_macos_path_maps_shared(monkeypatch: pytest.MonkeyPatch) -> None:
+    # macOS refuses a private mapping of a shared memory object: there it is mapped shared.
+    monkeypatch.setattr(_shared, "MAP_COPY", False)
+    out = roundtrip(asyncmp.shared(make_blob()))
+    (name,) = mapped_segments()
+    assert mapping_modes()[name] == "rw-s"
+    out.buf[0] = 1  # still writable
+    del out
+
+
+def test_a_received_array_stays_private_across_fork() -> None:
+    np = pytest.importorskip("numpy")
+    arr = roundtrip(asyncmp.shared(np.zeros(BIG // 4, dtype=np.int64)))
+    assert arr.flags.owndata is False and arr.flags.writeable
+    ctx = multiprocessing.get_context("fork")
+    here, there = ctx.Pipe()
+    proc = ctx.Process(target=write_then_look_again, args=(arr, there, here))
+    proc.start()
+    there.close()
+    try:
+        assert here.poll(60)
+        assert here.recv() == 999  # the child's own view sees its write
+        assert arr[0] == 0  # the parent's doesn't
+        arr[1] = 555  # the parent writes after the fork
+        here.send("look")
+        assert here.recv() == 0  # the child doesn't see that
+    finally:
+        here.close()  # a child still waiting for "look" gets EOF and ends
+        proc.join()
+    assert proc.exitcode == 0
+    assert (arr[0], arr[1]) == (0, 555)
+    del arr
 
 
 def tracker_lock() -> Any:

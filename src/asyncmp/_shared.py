@@ -43,6 +43,24 @@ outlives its name. So:
   outside the program (a process that multiprocessing did not start) leaves the entry,
   and the tracker's cleanup at the end then finds the name already gone.
 
+The receiver's buffers
+----------------------
+The receiver maps the segment copy-on-write (``MAP_PRIVATE``): its reads see the
+segment's pages, and its first write to a page copies that page into memory of its own,
+which the segment never sees. Nothing writes to a segment once its sender has filled it
+(the sender keeps no mapping; on receipt the name is gone), so the buffers behave as
+memory the receiver allocated itself, across a fork too: a child forked from the
+receiver gets them copy-on-write, as the rest of its parent's memory, and neither sees
+the other's writes. (A shared mapping would be shared with every child forked from then
+on, both ways.) Reading costs the same either way. The first write to a page costs a
+copy of it (a pass that writes a whole received array takes about ten times as long as
+one over memory the process owns), and the page is then held twice (the segment's and
+the copy) until the object is freed.
+
+macOS maps a POSIX shared memory object only shared: there the receiver's writes go to
+the segment, which no other process maps, but a child forked from the receiver shares
+the buffers with it (fork is not macOS's default start method, nor a safe one).
+
 Filling a segment
 -----------------
 On Linux the sender writes the buffers into the segment with ``pwrite`` rather than
@@ -114,6 +132,11 @@ SHM: tuple[Any, Any] | None = shm_calls()
 #: Fill a segment with ``pwrite`` (Linux: ENOSPC rather than SIGBUS when ``/dev/shm`` is
 #: full) or through a mapping (macOS, where shared memory objects can't be written to).
 FILL_BY_WRITE: bool = sys.platform == "linux"
+#: Map a received segment copy-on-write (``MAP_PRIVATE``), so that the receiver's buffers
+#: are its own as any memory it allocated would be (see "The receiver's buffers" above).
+#: macOS maps a POSIX shared memory object only ``MAP_SHARED`` (its kernel refuses any
+#: other mapping of one with EINVAL): there the receiver maps it shared.
+MAP_COPY: bool = sys.platform != "darwin"
 
 #: Why shared references are refused in this context (a connection to another machine),
 #: or None where they are fine.
@@ -156,10 +179,13 @@ def shared(obj: T) -> T:
     ``SimpleQueue.put``, asyncmp's ``send`` and ``put``, a pool's arguments and results.
     The receiver gets *obj* itself (not a wrapper), its buffers of at least
     :data:`SHARED_THRESHOLD` bytes (1 MiB) mapped from shared memory, not copied: a
-    numpy array arrives with ``flags.owndata == False``. Objects that hand pickle no
-    out-of-band buffers (``pickle.PickleBuffer``), and smaller buffers, are pickled as
-    usual. The segment is freed once the receiver has dropped the last object that uses
-    it, or, for a message never received, when the program ends.
+    numpy array arrives with ``flags.owndata == False``. They are mapped copy-on-write
+    (except on macOS), so they are the receiver's own: its writes, and those of a child
+    it forks, reach nobody else; the first write to each page copies the page. Objects
+    that hand pickle no out-of-band buffers (``pickle.PickleBuffer``), and smaller
+    buffers, are pickled as usual. The segment is freed once the receiver has dropped
+    the last object that uses it, or, for a message never received, when the program
+    ends.
 
     Every pickling of the wrapper makes a new segment: send it once. The wrapper is not
     a *obj* (it is typed as one so that typed channels take it): use it only to send.
@@ -347,7 +373,8 @@ def _check_reference(name: object, size: object, layout: object) -> None:
 
 
 def _map(name: str, size: int) -> mmap.mmap:
-    """Map segment *name*, *size* bytes of it, then unlink the name."""
+    """Map segment *name*, *size* bytes of it (copy-on-write where :data:`MAP_COPY`),
+    then unlink the name."""
     assert SHM is not None
     shm_open, shm_unlink = SHM
     try:
@@ -365,11 +392,13 @@ def _map(name: str, size: int) -> mmap.mmap:
                 f"shared memory segment {name} holds {actual} bytes, fewer than the "
                 f"{size} its reference claims"
             )
+        # ACCESS_COPY is MAP_PRIVATE with PROT_READ | PROT_WRITE; ACCESS_WRITE MAP_SHARED.
+        access = mmap.ACCESS_COPY if MAP_COPY else mmap.ACCESS_WRITE
         if sys.version_info >= (3, 13):
             # Without a descriptor of its own: the mapping alone keeps the segment.
-            mapping = mmap.mmap(fd, size, trackfd=False)
+            mapping = mmap.mmap(fd, size, access=access, trackfd=False)
         else:  # the mmap keeps a duplicate of fd until it is garbage-collected
-            mapping = mmap.mmap(fd, size)
+            mapping = mmap.mmap(fd, size, access=access)
     finally:
         os.close(fd)
     with contextlib.suppress(FileNotFoundError):
