@@ -1,6 +1,6 @@
 """Child-process targets and helpers for the shared-memory tests (``asyncmp.shared``).
 
-:class:`Blob` stands in for a numpy array (not installed here): it hands pickle
+:class:`Blob` stands in for a numpy array (most tests need no numpy): it hands pickle
 protocol 5 its buffer out-of-band, as a ``pickle.PickleBuffer``, and is rebuilt around
 whatever buffer the unpickler gives it, so a test can see whether that buffer is a view
 of shared memory (:func:`mapped`) or a copy.
@@ -63,6 +63,18 @@ def segments(*, every_program: bool = False) -> set[str]:
     return {n for n in os.listdir(SHM_DIR) if n.startswith(prefix)}
 
 
+def mapping_modes() -> dict[str, str]:
+    """The permissions of this process's mappings of asyncmp segments, by name, as
+    ``/proc/self/maps`` shows them: ``rw-p`` is private (copy-on-write), ``rw-s`` shared."""
+    found = {}
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            if "/asyncmp-" in line:
+                name = "asyncmp-" + line.split("/asyncmp-")[1].split()[0]
+                found[name] = line.split()[1]
+    return found
+
+
 def mapped_segments() -> set[str]:
     """asyncmp segments this process has mapped now (unlinked ones included)."""
     found = set()
@@ -118,6 +130,41 @@ def forward_from_queue(q: Any, reply: Connection) -> None:
     with reply:
         blob = q.get()
         reply.send((blob.digest(), mapped(blob.buf)))
+
+
+def receive_then_send_shared(data: bytes, conn: Connection) -> None:
+    """Receive the shared blob pickled in *data* (the resource tracker told it was received),
+    send back its digest, then a shared blob of seed 16 (the tracker told of a new one)."""
+    with conn:
+        blob = pickle.loads(data)
+        conn.send(blob.digest())
+        conn.send(asyncmp.shared(make_blob(BIG, 16)))
+
+
+def report_tracker_lock(conn: Connection) -> None:
+    """Send how many times this process's thread holds the resource tracker's lock."""
+    from multiprocessing import resource_tracker
+
+    with conn:
+        conn.send(resource_tracker._resource_tracker._lock._recursion_count())  # type: ignore[attr-defined]
+
+
+def write_then_look_again(arr: Any, conn: Connection, parent_end: Connection) -> None:
+    """In a forked child: write ``arr[0] = 999`` and send what this process reads there;
+    then, told to look, send what it reads at ``arr[1]`` (its parent has written there).
+    *parent_end* (the copy of the parent's end that the fork gave it) is closed first, so
+    that the parent closing its end ends the wait."""
+    parent_end.close()
+    with conn:
+        arr[0] = 999
+        conn.send(int(arr[0]))
+        conn.recv()
+        conn.send(int(arr[1]))
+
+
+def array_head(arr: Any) -> tuple[float, bool]:
+    """For a pool: an array argument's first element, and whether it arrived mapped."""
+    return float(arr[0]), not arr.flags.owndata
 
 
 def blob_digest(blob: Blob) -> tuple[str, bool]:

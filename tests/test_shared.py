@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import gc
+import multiprocessing
 import operator
 import os
 import pickle
@@ -17,6 +18,7 @@ import threading
 import time
 from collections.abc import Iterator
 from multiprocessing.reduction import ForkingPickler
+from types import FrameType
 from typing import Any, ClassVar
 
 import anyio
@@ -28,18 +30,23 @@ from asyncmp import _shared
 from .shared_workers import (
     BIG,
     Blob,
+    array_head,
     blob_digest,
     forward_from_queue,
     make_blob,
     make_shared_blob,
     mapped,
     mapped_segments,
+    mapping_modes,
     put_shared,
     receive_and_hold,
     receive_and_report,
+    receive_then_send_shared,
+    report_tracker_lock,
     segments,
     send_shared,
     send_then_wait_to_die,
+    write_then_look_again,
 )
 from .workers import MPContext
 
@@ -459,6 +466,164 @@ def test_forked_worker_that_exits_before_its_message_is_read() -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["same-tracker", "True", "mapped", "True"]
     assert "leaked" not in result.stderr
+
+
+# -- forks -------------------------------------------------------------------------------------
+# A process that holds received buffers, or whose threads send and receive shared objects,
+# forks: a pool's replacement worker, a Process of its own.
+
+
+def test_a_received_buffer_is_mapped_copy_on_write() -> None:
+    out = roundtrip(asyncmp.shared(make_blob()))
+    (name,) = mapped_segments()
+    assert mapping_modes()[name] == "rw-p"  # private: its writes never reach the segment
+    del out
+
+
+def test_macos_path_maps_shared(monkeypatch: pytest.MonkeyPatch) -> None:
+    # macOS refuses a private mapping of a shared memory object: there it is mapped shared.
+    monkeypatch.setattr(_shared, "MAP_COPY", False)
+    out = roundtrip(asyncmp.shared(make_blob()))
+    (name,) = mapped_segments()
+    assert mapping_modes()[name] == "rw-s"
+    out.buf[0] = 1  # still writable
+    del out
+
+
+def test_a_received_array_stays_private_across_fork() -> None:
+    np = pytest.importorskip("numpy")
+    arr = roundtrip(asyncmp.shared(np.zeros(BIG // 4, dtype=np.int64)))
+    assert arr.flags.owndata is False and arr.flags.writeable
+    ctx = multiprocessing.get_context("fork")
+    here, there = ctx.Pipe()
+    proc = ctx.Process(target=write_then_look_again, args=(arr, there, here))
+    proc.start()
+    there.close()
+    try:
+        assert here.poll(60)
+        assert here.recv() == 999  # the child's own view sees its write
+        assert arr[0] == 0  # the parent's doesn't
+        arr[1] = 555  # the parent writes after the fork
+        here.send("look")
+        assert here.recv() == 0  # the child doesn't see that
+    finally:
+        here.close()  # a child still waiting for "look" gets EOF and ends
+        proc.join()
+    assert proc.exitcode == 0
+    assert (arr[0], arr[1]) == (0, 555)
+    del arr
+
+
+def tracker_lock() -> Any:
+    """The lock that the resource tracker's ensure_running() holds (a private name)."""
+    from multiprocessing import resource_tracker
+
+    return resource_tracker._resource_tracker._lock  # type: ignore[attr-defined]
+
+
+def test_a_fork_while_another_thread_holds_the_tracker_lock_does_not_hang() -> None:
+    # A thread that sends or receives a shared object holds the tracker's lock for a moment
+    # (a Queue's feeder thread pickling one): a child forked in that moment used to inherit
+    # it locked and hang at its first receive. Here a thread holds it until the fork has
+    # happened, or until the fork hook is waiting for it.
+    data = ForkingPickler.dumps(asyncmp.shared(make_blob(BIG, 15)))  # the tracker runs
+    lock = tracker_lock()
+    holding, release = threading.Event(), threading.Event()
+    previous = sys.getprofile()
+
+    def hold() -> None:
+        with lock:
+            holding.set()
+            release.wait(120)
+
+    def watch(frame: FrameType, event: str, arg: Any) -> None:  # in the forking thread
+        code, module = frame.f_code.co_name, frame.f_globals.get("__name__")
+        if event == "call" and code == "_before_fork" and module == _shared.__name__:
+            sys.setprofile(previous)  # (not in the child)
+            release.set()  # the hook takes the lock next: the fork waits for it
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    holding.wait()
+    ctx = multiprocessing.get_context("fork")
+    reply, child_end = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=receive_then_send_shared, args=(data, child_end))
+    sys.setprofile(watch)
+    try:
+        proc.start()
+    finally:
+        sys.setprofile(previous)
+        release.set()
+        holder.join()
+        child_end.close()
+    try:
+        assert reply.poll(60), "the forked child hangs in the resource tracker's lock"
+        assert reply.recv() == make_blob(BIG, 15).digest()
+        blob = reply.recv()
+        assert mapped(blob.buf) and blob.digest() == make_blob(BIG, 16).digest()
+        del blob
+    finally:
+        proc.kill()  # (a hung child); one that has ended is not signalled
+        proc.join()
+        reply.close()
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="3.10's tracker lock is not an RLock")
+def test_a_thread_that_forks_holding_the_tracker_lock_keeps_it_on_both_sides() -> None:
+    # (Only a signal handler or a finalizer would fork from inside ensure_running().)
+    lock = tracker_lock()
+    ctx = multiprocessing.get_context("fork")
+    reply, child_end = ctx.Pipe(duplex=False)
+    with lock:
+        proc = ctx.Process(target=report_tracker_lock, args=(child_end,))
+        proc.start()
+        child_end.close()
+        assert lock._recursion_count() == 1
+    try:
+        assert reply.poll(60)
+        assert reply.recv() == 1  # the child's one thread holds it as the forking one did
+    finally:
+        proc.join()
+        reply.close()
+    assert lock.acquire(blocking=False)
+    lock.release()
+
+
+@pytest.mark.anyio
+async def test_fork_pool_beside_a_thread_pickling_shared_arrays() -> None:
+    # The production case: a Queue's feeder thread pickles shared() arrays while a fork
+    # pool that retires each worker after one call forks replacements, each of which
+    # receives a shared() argument. Each fork could catch the feeder thread in the
+    # tracker's lock; the children used to hang within a few calls.
+    np = pytest.importorskip("numpy")
+    ctx = multiprocessing.get_context("fork")
+    arr = np.arange(BIG // 4, dtype=np.float64) + 7  # 2 MiB: through shared memory
+    q = ctx.Queue(2)
+    stop = threading.Event()
+
+    def produce() -> None:
+        while not stop.is_set():
+            q.put(asyncmp.shared(arr))  # the feeder thread pickles it
+
+    def consume() -> None:
+        while q.get() is not None:
+            pass  # received (unregistered with the tracker) and dropped
+
+    threads = [threading.Thread(target=produce), threading.Thread(target=consume)]
+    for t in threads:
+        t.start()
+    try:
+        with anyio.fail_after(60):  # a no-hang bound: 24 calls take a few seconds
+            async with asyncmp.open_pool(2, context=ctx, max_tasks_per_child=1) as pool:
+                for _ in range(24):
+                    assert await pool.run(array_head, asyncmp.shared(arr)) == (7.0, True)
+    finally:
+        stop.set()
+        threads[0].join()
+        q.put(None)
+        threads[1].join()
+        q.close()
+        q.join_thread()
 
 
 # -- connections to another machine ----------------------------------------------------------

@@ -38,6 +38,7 @@ __all__ = (
     "queue_wlock",
     "queue_writer",
     "resource_tracker_id",
+    "resource_tracker_lock",
     "shm_calls",
     "simple_queue_ends",
 )
@@ -221,7 +222,7 @@ def forking_dispatch_table() -> dict[Any, Any] | None:
 # -- shared memory ------------------------------------------------------------------------
 # POSIX shared memory objects by name: ``_posixshmem`` is the C module behind
 # ``multiprocessing.shared_memory`` (absent on Windows); the resource tracker's pipe
-# identifies the tracker that this process reports to.
+# identifies the tracker that this process reports to, and its lock is held across a fork.
 
 try:
     import _posixshmem  # type: ignore[import-not-found]
@@ -250,3 +251,22 @@ def resource_tracker_id() -> tuple[int, int] | None:
     except OSError:
         return None
     return st.st_dev, st.st_ino
+
+
+def resource_tracker_lock() -> Any:
+    """The lock of multiprocessing's resource tracker (``ResourceTracker._lock``: a
+    ``threading.Lock`` on 3.10, an ``RLock`` from 3.11), or None if it isn't there.
+
+    ``ensure_running()``, which every ``register()`` and ``unregister()`` calls first,
+    holds it while it probes the tracker's pipe or starts the tracker (``_stop()`` too);
+    the message itself is written after it, outside. A process forked while another
+    thread holds it inherits it locked, with no thread left to unlock it.
+    """
+    from multiprocessing import resource_tracker
+
+    lock = getattr(getattr(resource_tracker, "_resource_tracker", None), "_lock", None)
+    if not _KNOWN or not callable(getattr(lock, "acquire", None)):
+        return None
+    if not callable(getattr(lock, "release", None)):
+        return None
+    return lock

@@ -32,7 +32,8 @@ outlives its name. So:
   process for the whole program (spawned and forkserver children inherit it; this
   module starts it before a fork, so forked children share their parent's too), it
   survives the SIGKILL of any process that uses it, and when the program ends it
-  unlinks what is still registered. It would also warn there about "leaked
+  unlinks what is still registered. (This module also holds the tracker's lock across
+  every fork: see the fork hooks at the end.) It would also warn there about "leaked
   shared_memory objects": a message that was never received *is* one.
 * **The resource tracker's trap** (the stdlib's ``SharedMemory`` registers a segment in
   every process that attaches to it, and the first of those to exit unlinks it under the
@@ -41,6 +42,24 @@ outlives its name. So:
   tracker the sender registered with (the reference carries its identity); a receiver
   outside the program (a process that multiprocessing did not start) leaves the entry,
   and the tracker's cleanup at the end then finds the name already gone.
+
+The receiver's buffers
+----------------------
+The receiver maps the segment copy-on-write (``MAP_PRIVATE``): its reads see the
+segment's pages, and its first write to a page copies that page into memory of its own,
+which the segment never sees. Nothing writes to a segment once its sender has filled it
+(the sender keeps no mapping; on receipt the name is gone), so the buffers behave as
+memory the receiver allocated itself, across a fork too: a child forked from the
+receiver gets them copy-on-write, as the rest of its parent's memory, and neither sees
+the other's writes. (A shared mapping would be shared with every child forked from then
+on, both ways.) Reading costs the same either way. The first write to a page costs a
+copy of it (a pass that writes a whole received array takes about ten times as long as
+one over memory the process owns), and the page is then held twice (the segment's and
+the copy) until the object is freed.
+
+macOS maps a POSIX shared memory object only shared: there the receiver's writes go to
+the segment, which no other process maps, but a child forked from the receiver shares
+the buffers with it (fork is not macOS's default start method, nor a safe one).
 
 Filling a segment
 -----------------
@@ -72,13 +91,14 @@ import pickle
 import re
 import secrets
 import sys
+import threading
 import zlib
 from collections.abc import Iterator
 from contextvars import ContextVar
 from typing import Any, Generic, TypeVar
 
 from ._exceptions import SharedMemoryError
-from ._mpinternals import resource_tracker_id, shm_calls
+from ._mpinternals import resource_tracker_id, resource_tracker_lock, shm_calls
 
 __all__ = (
     "NAME_PREFIX",
@@ -112,6 +132,11 @@ SHM: tuple[Any, Any] | None = shm_calls()
 #: Fill a segment with ``pwrite`` (Linux: ENOSPC rather than SIGBUS when ``/dev/shm`` is
 #: full) or through a mapping (macOS, where shared memory objects can't be written to).
 FILL_BY_WRITE: bool = sys.platform == "linux"
+#: Map a received segment copy-on-write (``MAP_PRIVATE``), so that the receiver's buffers
+#: are its own as any memory it allocated would be (see "The receiver's buffers" above).
+#: macOS maps a POSIX shared memory object only ``MAP_SHARED`` (its kernel refuses any
+#: other mapping of one with EINVAL): there the receiver maps it shared.
+MAP_COPY: bool = sys.platform != "darwin"
 
 #: Why shared references are refused in this context (a connection to another machine),
 #: or None where they are fine.
@@ -154,9 +179,11 @@ def shared(obj: T) -> T:
     ``SimpleQueue.put``, asyncmp's ``send`` and ``put``, a pool's arguments and results.
     The receiver gets *obj* itself (not a wrapper), its buffers of at least
     :data:`SHARED_THRESHOLD` bytes (1 MiB) mapped from shared memory, not copied: a
-    numpy array arrives with ``flags.owndata == False``. The segment is freed once the
-    receiver has dropped the last object that uses it, or, for a message never
-    received, when the program ends.
+    numpy array arrives with ``flags.owndata == False``. They are mapped copy-on-write
+    (except on macOS), so they are the receiver's own: its writes, and those of a child
+    it forks, reach nobody else; the first write to each page copies the page. The
+    segment is freed once the receiver has dropped the last object that uses it, or, for
+    a message never received, when the program ends.
 
     Only out-of-band buffers go there: the ``pickle.PickleBuffer`` objects that numpy
     arrays (and pandas and pyarrow objects built on them) hand pickle under protocol 5.
@@ -387,7 +414,8 @@ def _check_reference(name: object, size: object, layout: object) -> None:
 
 
 def _map(name: str, size: int) -> mmap.mmap:
-    """Map segment *name*, *size* bytes of it, then unlink the name."""
+    """Map segment *name*, *size* bytes of it (copy-on-write where :data:`MAP_COPY`),
+    then unlink the name."""
     assert SHM is not None
     shm_open, shm_unlink = SHM
     try:
@@ -405,11 +433,13 @@ def _map(name: str, size: int) -> mmap.mmap:
                 f"shared memory segment {name} holds {actual} bytes, fewer than the "
                 f"{size} its reference claims"
             )
+        # ACCESS_COPY is MAP_PRIVATE with PROT_READ | PROT_WRITE; ACCESS_WRITE MAP_SHARED.
+        access = mmap.ACCESS_COPY if MAP_COPY else mmap.ACCESS_WRITE
         if sys.version_info >= (3, 13):
             # Without a descriptor of its own: the mapping alone keeps the segment.
-            mapping = mmap.mmap(fd, size, trackfd=False)
+            mapping = mmap.mmap(fd, size, access=access, trackfd=False)
         else:  # the mmap keeps a duplicate of fd until it is garbage-collected
-            mapping = mmap.mmap(fd, size)
+            mapping = mmap.mmap(fd, size, access=access)
     finally:
         os.close(fd)
     with contextlib.suppress(FileNotFoundError):
@@ -442,7 +472,35 @@ def _rebuild(
     return pickle.loads(data, buffers=buffers)
 
 
-# -- one resource tracker for the whole program --------------------------------------------
+# -- one resource tracker for the whole program, and forks ----------------------------------
+#
+# Two things make a fork hazardous for shared memory, and the hooks below deal with both:
+#
+# * A child forked before any tracker runs would start one of its own at its first send,
+#   which ends with the child and unlinks what it sent before the parent has received it.
+#   So the tracker is started before the fork.
+# * The tracker's lock. ``ensure_running()`` takes it on every register and unregister, so
+#   a thread of the parent that sends or receives a shared object (a Queue's feeder thread
+#   pickling one) holds it often. A child forked at such a moment inherits it locked, and
+#   no thread of the child will ever unlock it: the child's first register or unregister
+#   (receiving its pool call's shared argument) hangs for good. So the forking thread takes
+#   the lock before the fork, waiting for whoever holds it to finish (a probe of the
+#   tracker's pipe, at most the start of the tracker), and lets it go after: in the parent
+#   it releases it; in the child, the only thread left, it gives the lock a fresh state
+#   (``_at_fork_reinit``, which is what CPython does with its own locks after a fork; a
+#   release could meet the lock's internal mutex locked by another thread of the parent
+#   at the moment of the fork), held as many times as the forking thread held it itself.
+#   CPython (3.10 to 3.13, read) does nothing of the kind: the lock is a ``Lock`` on
+#   3.10 and an ``RLock`` from 3.11, and no fork hook resets it.
+#
+# A thread that forks while it holds the lock itself (a signal handler or a finalizer
+# that forks from inside ``ensure_running``) takes an ``RLock`` once more, and the child
+# holds it as that thread did. 3.10's plain ``Lock`` can't be taken twice: such a fork
+# deadlocks there, as it always could in ``_start_tracker_before_fork`` when no tracker
+# ran yet.
+
+#: The threads that hold the tracker's lock for a fork under way: thread id -> lock.
+_held_for_fork: dict[int, Any] = {}
 
 
 def _start_tracker_before_fork() -> None:
@@ -457,5 +515,39 @@ def _start_tracker_before_fork() -> None:
         resource_tracker.ensure_running()
 
 
+def _before_fork() -> None:
+    _start_tracker_before_fork()
+    lock = resource_tracker_lock()
+    if lock is None:
+        return
+    lock.acquire()  # waits for another thread's register, unregister or start to end
+    _held_for_fork[threading.get_ident()] = lock
+
+
+def _after_fork_in_parent() -> None:
+    lock = _held_for_fork.pop(threading.get_ident(), None)
+    if lock is not None:
+        lock.release()
+
+
+def _after_fork_in_child() -> None:
+    # The child's one thread is the one that forked, under the same id.
+    lock = _held_for_fork.pop(threading.get_ident(), None)
+    if lock is None:
+        return
+    reinit = getattr(lock, "_at_fork_reinit", None)
+    if reinit is None:
+        lock.release()
+        return
+    count = getattr(lock, "_recursion_count", lambda: 1)()  # an RLock: ours, and any before
+    reinit()
+    for _ in range(count - 1):
+        lock.acquire()
+
+
 if sys.platform != "win32":
-    os.register_at_fork(before=_start_tracker_before_fork)
+    os.register_at_fork(
+        before=_before_fork,
+        after_in_parent=_after_fork_in_parent,
+        after_in_child=_after_fork_in_child,
+    )
