@@ -25,7 +25,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack
 from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Any
@@ -37,6 +37,7 @@ import asyncmp
 from asyncmp import AsyncConnection, AsyncProcess, Worker, WorkerExited, _platform
 
 from . import process_workers as pw
+from . import workers
 
 if TYPE_CHECKING:
     from tests.workers import MPContext
@@ -727,3 +728,51 @@ async def test_several_workers_at_once_each_see_eof(mp_context: MPContext) -> No
     assert [w.process.exitcode for w in workers] == [0, 0, 0]
     for w in workers:
         assert_reaped(w.process.pid)
+
+
+# --- a fresh start: signals, event loops -------------------------------------------------------
+
+
+@contextlib.contextmanager
+def python_handlers(*names: str) -> Iterator[None]:
+    """Python-level handlers on these signals in this process, as a server installs them;
+    the old ones are back afterwards."""
+    signums = [getattr(signal, name) for name in names]
+    old = {signum: signal.signal(signum, lambda signum, frame: None) for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, handler in old.items():
+            signal.signal(signum, handler)
+
+
+@pytest.mark.parametrize("opener", ["open_process", "open_worker"])
+async def test_a_child_starts_with_fresh_signal_handlers_and_no_event_loop(
+    mp_context: MPContext, opener: str
+) -> None:
+    with python_handlers(*workers.INHERITED_SIGNALS):
+        if opener == "open_worker":
+            async with asyncmp.open_worker(workers.report_fresh_start, context=mp_context) as w:
+                handlers, loops = await w.recv()
+        else:
+            ours, theirs = asyncmp.Pipe(duplex=False)
+            async with ours:
+                try:
+                    async with asyncmp.open_process(
+                        workers.report_fresh_start, theirs, context=mp_context
+                    ):
+                        theirs.close()
+                        handlers, loops = await ours.recv()
+                finally:
+                    theirs.close()
+    # What a new interpreter has: the parent's handlers, its code and its state, are not
+    # the child's.
+    assert handlers == {
+        "SIGTERM": "SIG_DFL",
+        "SIGHUP": "SIG_DFL",
+        "SIGUSR1": "SIG_DFL",
+        "SIGCHLD": "SIG_DFL",
+        "SIGPIPE": "SIG_IGN",
+        "SIGINT": "default_int_handler",
+    }
+    assert loops == ["asyncio", "trio", "asyncio", "trio"]

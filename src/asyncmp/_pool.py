@@ -870,7 +870,12 @@ async def open_pool(
     are not restarted in a loop). A failing initializer is not retried: it breaks the
     pool (see below).
 
-    Workers ignore SIGINT (set before the initializer runs): the pool owns their lives.
+    A worker starts as a new interpreter would, before the initializer runs (which may
+    choose otherwise): the Python-level signal handlers it inherited (a forked worker gets
+    the parent's, a server's SIGTERM handler among them) are back to the defaults, and
+    SIGTERM always ends it, so that the pool's ``terminate()`` of a busy worker, or an
+    operator's ``kill``, works; no event loop is running, so a function may call
+    ``asyncio.run()`` or ``trio.run()``. Workers ignore SIGINT: the pool owns their lives.
     A Ctrl-C in a terminal reaches the whole process group; it interrupts the parent,
     whose block exit then stops the workers, instead of ending running calls in the
     workers with ``KeyboardInterrupt`` tracebacks.

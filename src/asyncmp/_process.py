@@ -12,7 +12,7 @@ block. Leaving the block normally lets the process finish on its own for up to
 ``shutdown_timeout`` seconds, then terminates it, then kills it. Leaving on an
 exception or a cancellation terminates it at once and kills it after a short grace.
 Whichever way the block is left, the process is reaped before the block exits: no
-zombie, no orphan.
+zombie, no orphan. The child starts clean (``_child`` is what it runs first).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from anyio.lowlevel import checkpoint
 
 from . import _platform
 from ._blocks import block_manager
+from ._child import run, run_worker
 from ._connection import AsyncConnection
 from ._exceptions import ConnectionEOF
 from ._threads import THREAD_SLICE, BlockingCall
@@ -410,6 +411,11 @@ async def open_process(
     wait for it meanwhile (:meth:`AsyncProcess.wait`, inside or outside the block) get
     its exit code.
 
+    The child starts as a new interpreter would, before *target* runs: the Python-level
+    signal handlers it inherited (a forked child gets its parent's, a server's SIGTERM
+    handler among them) are back to the defaults, SIGTERM always ends it, and no event
+    loop is running, so the child can run one of its own. What *target* sets then holds.
+
     Entering starts the process at once and is not a checkpoint; nothing starts before
     (what the call returns is not the process: using it as one, or awaiting it, raises
     an error that shows the ``async with`` line to write). Leaving is shielded
@@ -418,7 +424,7 @@ async def open_process(
     :raises OSError: (or what ``Process.start()`` raises) the process could not start.
     """
     ctx = context if context is not None else multiprocessing.get_context()
-    process = ctx.Process(target=target, args=args, name=name)
+    process = ctx.Process(target=run, args=(target, *args), name=name)
     process.start()
     aprocess = AsyncProcess(process)
     async with _reaped_on_exit(aprocess, shutdown_timeout):
@@ -600,6 +606,9 @@ async def open_worker(
     parent's end and terminates the worker at once; either way it is reaped before the
     block exits, and tasks waiting for it meanwhile get its exit code.
 
+    The child starts as :func:`open_process` describes: default signal handlers, no
+    event loop running.
+
     Entering starts the process at once and is not a checkpoint; nothing starts before
     (what the call returns is not the worker: using it as one, or awaiting it, raises
     an error that shows the ``async with`` line to write).
@@ -614,6 +623,6 @@ async def open_worker(
     :raises OSError: (or what ``Process.start()`` raises) the process could not start.
     """
     ctx = context if context is not None else multiprocessing.get_context()
-    conn, aprocess = start_with_pipe(ctx, target, args)
+    conn, aprocess = start_with_pipe(ctx, run_worker, (target, *args))
     async with _reaped_on_exit(aprocess, shutdown_timeout, conn):
         yield Worker(conn, aprocess)
