@@ -27,6 +27,7 @@ from asyncmp._pool import _MAX_BATCH
 from tests import pool_workers as w
 from tests import workers
 from tests.support.io import wait_until
+from tests.support.orphans import ORPHAN_PATIENCE, killed_owner
 from tests.workers import MPContext
 
 pytestmark = pytest.mark.anyio
@@ -898,7 +899,7 @@ async def test_statistics_count_workers_and_calls() -> None:
         assert pool.statistics() == asyncmp.PoolStatistics(2, 0, 0, 3, 1, 0)
 
 
-# --- a fresh start: signals, event loops ----------------------------------------------
+# --- a fresh start: signals, event loops, a parent that dies ---------------------------
 
 
 @contextmanager
@@ -1005,3 +1006,10 @@ async def test_a_forked_worker_can_run_an_event_loop_of_its_own() -> None:
     # Forked from a task of the running loop: the worker must not believe a loop runs.
     async with asyncmp.open_pool(1, context=FORK) as pool:
         assert await pool.run(workers.run_event_loops) == ["asyncio", "trio", "asyncio", "trio"]
+
+
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="watches the orphan by pidfd")
+def test_a_busy_worker_ends_when_its_parent_is_killed(mp_context: MPContext) -> None:
+    # The OOM killer, `docker kill` or `kill -9` of a service, while a call runs.
+    with killed_owner(w.own_a_busy_pool, mp_context.get_start_method()) as worker:
+        assert worker.ends_within(ORPHAN_PATIENCE), "the worker outlived its parent"

@@ -38,6 +38,7 @@ from asyncmp import AsyncConnection, AsyncProcess, Worker, WorkerExited, _platfo
 
 from . import process_workers as pw
 from . import workers
+from .support.orphans import ORPHAN_PATIENCE, killed_owner
 
 if TYPE_CHECKING:
     from tests.workers import MPContext
@@ -730,7 +731,7 @@ async def test_several_workers_at_once_each_see_eof(mp_context: MPContext) -> No
         assert_reaped(w.process.pid)
 
 
-# --- a fresh start: signals, event loops -------------------------------------------------------
+# --- a fresh start: signals, event loops, a parent that dies ------------------------------------
 
 
 @contextlib.contextmanager
@@ -776,3 +777,25 @@ async def test_a_child_starts_with_fresh_signal_handlers_and_no_event_loop(
         "SIGINT": "default_int_handler",
     }
     assert loops == ["asyncio", "trio", "asyncio", "trio"]
+
+
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="watches the orphan by pidfd")
+@pytest.mark.parametrize("opener", ["open_process", "open_worker"])
+def test_a_busy_child_ends_when_its_parent_is_killed(mp_context: MPContext, opener: str) -> None:
+    with killed_owner(pw.own_a_busy_child, mp_context.get_start_method(), opener) as child:
+        assert child.ends_within(ORPHAN_PATIENCE), "the child outlived its parent"
+
+
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="watches the orphan by pidfd")
+def test_die_with_parent_false_lets_a_child_outlive_its_parent() -> None:
+    ours, theirs = FORK.Pipe()
+    try:
+        with killed_owner(pw.own_an_echoing_child, theirs, "fork", False) as child:
+            theirs.close()
+            ours.send("still there?")  # the owner is dead and reaped
+            assert ours.poll(ORPHAN_PATIENCE)
+            assert ours.recv() == "still there?"
+            assert not child.ends_within(0)
+    finally:
+        theirs.close()
+        ours.close()

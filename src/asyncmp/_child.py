@@ -15,35 +15,55 @@ What a child must not keep from the process that started it (its *owner*):
 * **Its event loop.** A child forked inside a task would believe that the loop still runs
   in this thread, and ``asyncio.run()``, ``trio.run()`` and ``anyio.run()`` would refuse to
   start (:func:`forget_event_loops`).
+* **A life of its own.** A child ends once its owner is gone, however the owner ended,
+  SIGKILL included (:func:`guard`): an orphan would run its call to the end, for nobody.
 """
 
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
+import multiprocessing.connection
+import os
+import select
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, NamedTuple, NoReturn
 
-__all__ = ("begin", "forget_event_loops", "reset_signals", "run", "run_worker")
+__all__ = ("Owner", "begin", "forget_event_loops", "guard", "reset_signals", "run", "run_worker")
 
 
-def run(target: Callable[..., object], *args: Any) -> None:
+class Owner(NamedTuple):
+    """Whose death a child follows: the pid of the process that started it, and the read
+    end of that process's lifeline, a pipe whose write end only the owner holds (``None``
+    on Windows, where the owner's process handle serves)."""
+
+    pid: int
+    lifeline: Connection | None
+
+
+def run(owner: Owner | None, target: Callable[..., object], *args: Any) -> None:
     """The target of an ``open_process`` child: :func:`begin`, then ``target(*args)``."""
-    begin()
+    begin(owner)
     target(*args)
 
 
-def run_worker(conn: Connection, target: Callable[..., object], *args: Any) -> None:
+def run_worker(
+    conn: Connection, owner: Owner | None, target: Callable[..., object], *args: Any
+) -> None:
     """The target of an ``open_worker`` child: :func:`begin`, then ``target(conn, *args)``."""
-    begin()
+    begin(owner)
     target(conn, *args)
 
 
-def begin(*, ignore_sigint: bool = False) -> None:
-    """Start clean: reset the signal handlers, forget the event loops. A pool worker
-    ignores SIGINT (*ignore_sigint*)."""
+def begin(owner: Owner | None, *, ignore_sigint: bool = False) -> None:
+    """Start clean: die with *owner* (unless ``None``), reset the signal handlers, forget
+    the event loops. A pool worker ignores SIGINT (*ignore_sigint*)."""
+    if owner is not None:
+        guard(owner)
     reset_signals(ignore_sigint=ignore_sigint)
     forget_event_loops()
 
@@ -135,3 +155,94 @@ def forget_event_loops() -> None:
         # A worker thread's claim on its loop (a child forked from anyio.to_thread).
         with contextlib.suppress(Exception):
             vars(anyio_loop.threadlocals).clear()
+
+
+# --- the owner's death --------------------------------------------------------------------------
+
+
+def guard(owner: Owner) -> None:
+    """Have this process end (SIGKILL) as soon as *owner* is gone, whatever runs here.
+
+    On Linux, when the owner is the parent (fork and spawn), the kernel does it:
+    ``prctl(PR_SET_PDEATHSIG, SIGKILL)``, which holds even while a call keeps the GIL. It
+    fires when the *thread* that started the child ends, and the owner starts its
+    children from its event loop's thread, which outlives them. The parent is asked
+    again once it is set: an owner that died before has left this process to another
+    parent already.
+
+    Elsewhere (a forkserver's child, whose parent is the forkserver; other systems), a
+    daemon thread waits for the owner's lifeline to reach end of file, which happens
+    when the owner's last copy of the write end closes, that is, when it exits: the
+    owner's forked children don't hold one (asyncmp closes it in every forked child).
+    That thread needs the GIL to act, so a call that holds it (a C extension that never
+    releases it) delays the end until it does.
+    """
+    if sys.platform == "linux" and os.getppid() == owner.pid and _die_with_parent():
+        if os.getppid() != owner.pid:
+            _die()  # the owner ended before prctl() took effect
+        if owner.lifeline is not None:
+            owner.lifeline.close()
+        return
+    watch: Callable[..., None]
+    args: tuple[Any, ...]
+    if owner.lifeline is not None:
+        fd = owner.lifeline.fileno()
+        # Which file it is, taken before anything else runs here: the watch gives up if
+        # the descriptor is closed, or reused for another file, under it.
+        watch, args = _watch_lifeline, (fd, _identity(fd))
+    else:  # pragma: no cover - Windows: the owner's process handle
+        parent = multiprocessing.parent_process()
+        if parent is None:
+            return
+        watch, args = _watch_handle, (parent.sentinel,)
+    threading.Thread(target=watch, args=args, name="asyncmp-owner-watch", daemon=True).start()
+
+
+if sys.platform == "linux":
+
+    def _die_with_parent() -> bool:
+        """Ask the kernel to SIGKILL this process when its parent ends; whether it will."""
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            pr_set_pdeathsig = 1
+            return bool(libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) == 0)
+        except Exception:  # pragma: no cover - no ctypes, no prctl: the thread watches
+            return False
+
+else:  # pragma: no cover
+
+    def _die_with_parent() -> bool:
+        return False
+
+
+def _identity(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
+def _watch_lifeline(fd: int, identity: tuple[int, int]) -> None:
+    """Wait until the lifeline reaches end of file, then die (nobody writes to it:
+    readable means end of file). Return if the watch can't go on."""
+    if sys.platform != "win32":  # (there is no lifeline on Windows)
+        try:
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            events = poller.poll()
+            if any(event & select.POLLNVAL for _, event in events) or _identity(fd) != identity:
+                return  # pragma: no cover - closed (maybe reused) under the watch
+        except OSError:  # pragma: no cover - closed under the watch (code closing every fd)
+            return
+        _die()
+
+
+def _watch_handle(handle: int) -> None:  # pragma: no cover - Windows
+    multiprocessing.connection.wait([handle])
+    _die()
+
+
+def _die() -> NoReturn:
+    if sys.platform != "win32":
+        os.kill(os.getpid(), signal.SIGKILL)
+    os._exit(1)  # pragma: no cover - Windows

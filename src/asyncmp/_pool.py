@@ -65,7 +65,7 @@ from ._pool_job import ABANDONED, DONE, QUEUED, SENT, WITHDRAWN, Job
 from ._pool_map import PoolMap
 from ._pool_pickling import explain
 from ._pool_worker import RemoteTraceback, serve
-from ._process import TERMINATE_GRACE, AsyncProcess, WorkerExited, start_with_pipe
+from ._process import TERMINATE_GRACE, AsyncProcess, Lifeline, WorkerExited, start_with_pipe
 from ._wire import dumps
 
 if sys.version_info >= (3, 13):
@@ -239,6 +239,8 @@ class Pool:
         self._call_seconds = 0.0
         #: Plain functions -> their pickles (references to them by name).
         self._fn_pickles: dict[Callable[..., Any], bytes] = {}
+        #: What the workers watch to die with this process (closed by open_pool).
+        self._lifeline = Lifeline()
 
     @property
     def processes(self) -> int:
@@ -501,7 +503,10 @@ class Pool:
 
     def _start_worker(self) -> _Slot:
         conn, process = start_with_pipe(
-            self._context, serve, (self._initializer, self._initargs), name="asyncmp-pool-worker"
+            self._context,
+            serve,
+            (self._lifeline.owner, self._initializer, self._initargs),
+            name="asyncmp-pool-worker",
         )
         slot = _Slot(conn, process)
         self._slots.add(slot)
@@ -878,7 +883,8 @@ async def open_pool(
     ``asyncio.run()`` or ``trio.run()``. Workers ignore SIGINT: the pool owns their lives.
     A Ctrl-C in a terminal reaches the whole process group; it interrupts the parent,
     whose block exit then stops the workers, instead of ending running calls in the
-    workers with ``KeyboardInterrupt`` tracebacks.
+    workers with ``KeyboardInterrupt`` tracebacks. If the parent dies without leaving the
+    block (SIGKILL, the OOM killer), each worker is killed (SIGKILL) at once, busy or not.
 
     :raises ValueError: *processes* or *max_tasks_per_child* is below 1.
     :raises anyio.BrokenResourceError: on entering, a worker's initializer raised (its
@@ -903,20 +909,23 @@ async def open_pool(
     # ended, not inside it, so that it comes out as itself, not in an exception group.
     failure: BaseException | None = None
     tg: TaskGroup
-    async with anyio.create_task_group() as tg:
-        try:
+    try:
+        async with anyio.create_task_group() as tg:
             try:
-                for _ in range(processes):
-                    tg.start_soon(pool._worker_task, pool._start_worker())
-                await pool._all_ready.wait()
-                if pool._broken is not None:
-                    failure = pool._broken_error()
-                else:
-                    yield pool
-            except BaseException as exc:
-                failure = exc
-        finally:
-            pool._close()
-            tg.cancel_scope.cancel()
+                try:
+                    for _ in range(processes):
+                        tg.start_soon(pool._worker_task, pool._start_worker())
+                    await pool._all_ready.wait()
+                    if pool._broken is not None:
+                        failure = pool._broken_error()
+                    else:
+                        yield pool
+                except BaseException as exc:
+                    failure = exc
+            finally:
+                pool._close()
+                tg.cancel_scope.cancel()
+    finally:
+        pool._lifeline.close()  # the workers are reaped by now
     if failure is not None:
         raise failure

@@ -43,7 +43,7 @@ from multiprocessing.reduction import ForkingPickler
 from time import perf_counter
 from typing import Any
 
-from ._child import begin
+from ._child import Owner, begin
 from ._wire import dumps
 
 __all__ = ("RemoteTraceback", "portable_error", "serve")
@@ -145,6 +145,7 @@ def _reply(
 
 def serve(
     conn: Connection,
+    owner: Owner,
     initializer: Callable[..., object] | None,
     initargs: tuple[Any, ...],
 ) -> None:
@@ -156,13 +157,13 @@ def serve(
     caller gets ``WorkerExited``.
 
     Before the initializer (which may choose otherwise), the worker starts as a new
-    interpreter would (see ``_child``): the signal handlers it inherited are back to the
-    defaults (SIGTERM ends it: that is how the pool stops a busy worker), and no event
-    loop runs. SIGINT is ignored: the parent owns the worker's life, and a Ctrl-C in a
-    terminal, which reaches the whole process group, must not end running calls with a
-    traceback here; the parent's block exit stops the workers.
+    interpreter would (see ``_child``): it dies with *owner*, the signal handlers it
+    inherited are back to the defaults (SIGTERM ends it: that is how the pool stops a
+    busy worker), and no event loop runs. SIGINT is ignored: the parent owns the worker's
+    life, and a Ctrl-C in a terminal, which reaches the whole process group, must not end
+    running calls with a traceback here; the parent's block exit stops the workers.
     """
-    begin(ignore_sigint=True)
+    begin(owner, ignore_sigint=True)
     if initializer is not None:
         try:
             initializer(*initargs)
