@@ -39,12 +39,14 @@ __all__ = (
     "install_then_fail_from",
     "kill_self",
     "note",
+    "own_a_busy_pool",
     "pid_of",
     "raise_unpicklable",
     "raise_worker_only",
     "return_unpicklable",
     "return_worker_only",
     "set_value",
+    "spin",
 )
 
 _conn: Connection | None = None
@@ -215,3 +217,33 @@ def install_then_fail_from(
     """Initializer: :func:`install`, then :func:`fail_init_from`."""
     install(conn, release)
     fail_init_from(directory, healthy, message)
+
+
+def spin(seconds: float) -> int:
+    """Say ``("started", pid)`` on the test's pipe, then keep the CPU busy for *seconds*:
+    Python code running all along, as a real computation does."""
+    assert _conn is not None
+    _conn.send(("started", os.getpid()))
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        pass
+    return 0
+
+
+def own_a_busy_pool(report: Connection, method: str) -> None:
+    """The owner of ``tests/support/orphans.py``: a pool of one worker of start *method*,
+    busy in :func:`spin`, which says so on *report*."""
+    import anyio
+
+    import asyncmp
+
+    async def main() -> None:
+        async with asyncmp.open_pool(
+            1,
+            context=multiprocessing.get_context(method),
+            initializer=install,
+            initargs=(report, None),
+        ) as pool:
+            await pool.run(spin, 120.0)
+
+    anyio.run(main)

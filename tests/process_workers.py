@@ -8,6 +8,7 @@ guessing with a sleep.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import sys
@@ -21,6 +22,11 @@ __all__ = (
     "exit_with",
     "ignore_sigterm_then_hang",
     "kill_self",
+    "own_a_busy_child",
+    "own_an_echoing_child",
+    "report_and_echo",
+    "report_and_spin",
+    "report_and_spin_worker",
     "say_ready_then_hang",
     "send_then_return",
     "worker_ignoring_sigterm_and_eof",
@@ -98,3 +104,69 @@ def send_then_exit(conn: Connection, count: int, code: int) -> None:
     for i in range(count):
         conn.send(i)
     os._exit(code)
+
+
+def report_and_spin(report: Connection, seconds: float) -> None:
+    """Say ``("started", pid)`` on *report*, then keep the CPU busy for *seconds*: Python
+    code running all along, as a real computation does."""
+    report.send(("started", os.getpid()))
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        pass
+
+
+def report_and_spin_worker(conn: Connection, report: Connection, seconds: float) -> None:
+    """:func:`report_and_spin` as an ``open_worker`` target."""
+    report_and_spin(report, seconds)
+
+
+def report_and_echo(report: Connection, conn: Connection) -> None:
+    """Say ``("started", pid)`` on *report*, then :func:`echo_until_eof` on *conn*."""
+    report.send(("started", os.getpid()))
+    echo_until_eof(conn)
+
+
+def own_a_busy_child(report: Connection, method: str, opener: str) -> None:
+    """The owner of ``tests/support/orphans.py``: an ``open_process`` or ``open_worker``
+    child of start *method*, busy in :func:`report_and_spin`, which says so on *report*."""
+    import anyio
+
+    import asyncmp
+
+    context = multiprocessing.get_context(method)
+
+    async def main() -> None:
+        if opener == "open_process":
+            async with asyncmp.open_process(
+                report_and_spin, report, 120.0, context=context
+            ) as process:
+                await process.wait()
+        else:
+            async with asyncmp.open_worker(
+                report_and_spin_worker, report, 120.0, context=context
+            ) as worker:
+                await worker.process.wait()
+
+    anyio.run(main)
+
+
+def own_an_echoing_child(
+    report: Connection, conn: Connection, method: str, die_with_parent: bool
+) -> None:
+    """The owner of ``tests/support/orphans.py``: an ``open_process`` child of start
+    *method* that answers on *conn* (:func:`report_and_echo`)."""
+    import anyio
+
+    import asyncmp
+
+    async def main() -> None:
+        async with asyncmp.open_process(
+            report_and_echo,
+            report,
+            conn,
+            context=multiprocessing.get_context(method),
+            die_with_parent=die_with_parent,
+        ) as process:
+            await process.wait()
+
+    anyio.run(main)

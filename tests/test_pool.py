@@ -9,10 +9,11 @@ import os
 import pickle
 import random
 import signal
+import sys
 import threading
 from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
-from contextlib import aclosing, asynccontextmanager, suppress
+from contextlib import aclosing, asynccontextmanager, contextmanager, suppress
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,9 @@ import asyncmp
 from asyncmp import AsyncConnection, Pool
 from asyncmp._pool import _MAX_BATCH
 from tests import pool_workers as w
+from tests import workers
 from tests.support.io import wait_until
+from tests.support.orphans import ORPHAN_PATIENCE, killed_owner
 from tests.workers import MPContext
 
 from .support.loops import FOREIGN_BACKENDS, assert_refused, from_another_loop
@@ -33,6 +36,11 @@ pytestmark = pytest.mark.anyio
 
 #: A "no hang" bound for what should be immediate, in seconds of loop time.
 PROMPT = 1.0
+#: A "no hang" bound for a worker's death to be seen (a signal, a reap, a reply).
+PATIENT = 15.0
+
+FORK: Any = multiprocessing.get_context("fork") if sys.platform != "win32" else None
+posix_only = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
 
 class Holds:
@@ -58,7 +66,8 @@ async def held_pool(processes: int = 2, **options: Any) -> AsyncIterator[tuple[P
     """A pool whose workers can :func:`w.hold` calls and :func:`w.note` them on a pipe."""
     ours, theirs = asyncmp.Pipe()
     # Of the pool's context: a fork context's semaphore can't be passed to a spawned child.
-    release = (options.get("context") or multiprocessing.get_context()).Semaphore(0)
+    # (A test's stand-in context may have none: then the default context's.)
+    release = getattr(options.get("context"), "Semaphore", multiprocessing.Semaphore)(0)
     try:
         async with asyncmp.open_pool(
             processes, initializer=w.install, initargs=(theirs, release), **options
@@ -954,3 +963,119 @@ def test_the_ways_the_refusal_names_reach_the_pool() -> None:
     with anyio.from_thread.start_blocking_portal() as portal:
         with portal.wrap_async_context_manager(asyncmp.open_pool(1)) as pool:
             assert portal.call(pool.run, w.echo, 3) == 3
+
+
+# --- a fresh start: signals, event loops, a parent that dies ---------------------------
+
+
+@contextmanager
+def python_handlers(*names: str) -> Iterator[None]:
+    """Python-level handlers on these signals in this process, as a server installs them
+    (uvicorn, gunicorn and celery handle SIGTERM); the old ones are back afterwards."""
+    signums = [getattr(signal, name) for name in names]
+    old = {signum: signal.signal(signum, lambda signum, frame: None) for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, handler in old.items():
+            signal.signal(signum, handler)
+
+
+@posix_only
+async def test_a_worker_starts_with_the_signal_handlers_of_a_fresh_process(
+    mp_context: MPContext,
+) -> None:
+    with python_handlers(*workers.INHERITED_SIGNALS):
+        async with asyncmp.open_pool(1, context=mp_context) as pool:
+            handlers = await pool.run(workers.signal_handlers)
+    # The pool owns SIGINT (ignored) and SIGTERM (how it stops a busy worker); the others
+    # are what a new interpreter has, SIGPIPE ignored as Python ignores it.
+    assert handlers == {
+        "SIGTERM": "SIG_DFL",
+        "SIGHUP": "SIG_DFL",
+        "SIGUSR1": "SIG_DFL",
+        "SIGCHLD": "SIG_DFL",
+        "SIGPIPE": "SIG_IGN",
+        "SIGINT": "SIG_IGN",
+    }
+
+
+async def _expect_killed_by(pool: Pool, holds: Holds, signum: int) -> None:
+    """Hold a call, send *signum* to its worker: the call raises WorkerExited for it."""
+
+    async def kill_when_started() -> None:
+        os.kill(await started(holds), signum)
+
+    with anyio.fail_after(PATIENT):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(kill_when_started)
+            with pytest.raises(asyncmp.WorkerExited) as info:
+                await pool.run(w.hold, 1)
+    assert info.value.exitcode == -signum
+
+
+@posix_only
+async def test_sigterm_ends_a_busy_worker_whatever_handler_the_parent_has(
+    mp_context: MPContext,
+) -> None:
+    # An operator's `kill <worker>`: the parent's handler must not swallow it in the worker.
+    with python_handlers("SIGTERM"):
+        async with held_pool(1, context=mp_context) as (pool, holds):
+            await _expect_killed_by(pool, holds, signal.SIGTERM)
+            assert await pool.run(w.echo, 2) == 2  # on the replacement
+
+
+class _KeepsExitCodes:
+    """A fork context whose processes note their exit code when the pool closes them."""
+
+    def __init__(self) -> None:
+        self.exit_codes: list[int | None] = []
+
+    def Pipe(self, duplex: bool = True) -> Any:
+        return FORK.Pipe(duplex)
+
+    def Process(self, **kwargs: Any) -> Any:
+        codes = self.exit_codes
+
+        class Process(FORK.Process):  # type: ignore[misc]
+            def close(self) -> None:
+                codes.append(self.exitcode)
+                super().close()
+
+        return Process(**kwargs)
+
+
+@posix_only
+async def test_leaving_the_block_terminates_a_busy_worker_not_after_the_kill_grace() -> None:
+    # The parent's SIGTERM handler, inherited, would swallow the pool's terminate(): every
+    # exit with a busy worker would wait out the grace and end in a SIGKILL.
+    context = _KeepsExitCodes()
+    closed: list[BaseException] = []
+
+    async def call(pool: Pool) -> None:
+        try:
+            await pool.run(w.hold, 0)
+        except anyio.ClosedResourceError as exc:
+            closed.append(exc)
+
+    with python_handlers("SIGTERM"):
+        async with anyio.create_task_group() as outer:
+            async with held_pool(1, context=context) as (pool, holds):
+                outer.start_soon(call, pool)
+                await started(holds)
+    assert len(closed) == 1
+    assert context.exit_codes == [-signal.SIGTERM]
+
+
+@posix_only
+async def test_a_forked_worker_can_run_an_event_loop_of_its_own() -> None:
+    # Forked from a task of the running loop: the worker must not believe a loop runs.
+    async with asyncmp.open_pool(1, context=FORK) as pool:
+        assert await pool.run(workers.run_event_loops) == ["asyncio", "trio", "asyncio", "trio"]
+
+
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="watches the orphan by pidfd")
+def test_a_busy_worker_ends_when_its_parent_is_killed(mp_context: MPContext) -> None:
+    # The OOM killer, `docker kill` or `kill -9` of a service, while a call runs.
+    with killed_owner(w.own_a_busy_pool, mp_context.get_start_method()) as worker:
+        assert worker.ends_within(ORPHAN_PATIENCE), "the worker outlived its parent"

@@ -25,7 +25,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack
 from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING, Any
@@ -37,7 +37,9 @@ import asyncmp
 from asyncmp import AsyncConnection, AsyncProcess, Worker, WorkerExited, _platform
 
 from . import process_workers as pw
+from . import workers
 from .support.loops import FOREIGN_BACKENDS, assert_refused, from_another_loop
+from .support.orphans import ORPHAN_PATIENCE, killed_owner
 
 if TYPE_CHECKING:
     from tests.workers import MPContext
@@ -778,3 +780,73 @@ async def test_a_worker_refuses_another_loop() -> None:
             assert await worker.recv() == "here"
     assert worker.process.exitcode == 0
     assert_reaped(worker.process.pid)
+
+
+# --- a fresh start: signals, event loops, a parent that dies ------------------------------------
+
+
+@contextlib.contextmanager
+def python_handlers(*names: str) -> Iterator[None]:
+    """Python-level handlers on these signals in this process, as a server installs them;
+    the old ones are back afterwards."""
+    signums = [getattr(signal, name) for name in names]
+    old = {signum: signal.signal(signum, lambda signum, frame: None) for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, handler in old.items():
+            signal.signal(signum, handler)
+
+
+@pytest.mark.parametrize("opener", ["open_process", "open_worker"])
+async def test_a_child_starts_with_fresh_signal_handlers_and_no_event_loop(
+    mp_context: MPContext, opener: str
+) -> None:
+    with python_handlers(*workers.INHERITED_SIGNALS):
+        if opener == "open_worker":
+            async with asyncmp.open_worker(workers.report_fresh_start, context=mp_context) as w:
+                handlers, loops = await w.recv()
+        else:
+            ours, theirs = asyncmp.Pipe(duplex=False)
+            async with ours:
+                try:
+                    async with asyncmp.open_process(
+                        workers.report_fresh_start, theirs, context=mp_context
+                    ):
+                        theirs.close()
+                        handlers, loops = await ours.recv()
+                finally:
+                    theirs.close()
+    # What a new interpreter has: the parent's handlers, its code and its state, are not
+    # the child's.
+    assert handlers == {
+        "SIGTERM": "SIG_DFL",
+        "SIGHUP": "SIG_DFL",
+        "SIGUSR1": "SIG_DFL",
+        "SIGCHLD": "SIG_DFL",
+        "SIGPIPE": "SIG_IGN",
+        "SIGINT": "default_int_handler",
+    }
+    assert loops == ["asyncio", "trio", "asyncio", "trio"]
+
+
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="watches the orphan by pidfd")
+@pytest.mark.parametrize("opener", ["open_process", "open_worker"])
+def test_a_busy_child_ends_when_its_parent_is_killed(mp_context: MPContext, opener: str) -> None:
+    with killed_owner(pw.own_a_busy_child, mp_context.get_start_method(), opener) as child:
+        assert child.ends_within(ORPHAN_PATIENCE), "the child outlived its parent"
+
+
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="watches the orphan by pidfd")
+def test_die_with_parent_false_lets_a_child_outlive_its_parent() -> None:
+    ours, theirs = FORK.Pipe()
+    try:
+        with killed_owner(pw.own_an_echoing_child, theirs, "fork", False) as child:
+            theirs.close()
+            ours.send("still there?")  # the owner is dead and reaped
+            assert ours.poll(ORPHAN_PATIENCE)
+            assert ours.recv() == "still there?"
+            assert not child.ends_within(0)
+    finally:
+        theirs.close()
+        ours.close()

@@ -55,3 +55,51 @@ def send_n(conn: Connection, n: int, size: int) -> None:
         payload = b"x" * size
         for i in range(n):
             conn.send((i, payload))
+
+
+#: The signals whose handling a child must not inherit from a server's parent process
+#: (SIGINT last: what the child does with it depends on who started it).
+INHERITED_SIGNALS = ("SIGTERM", "SIGHUP", "SIGUSR1", "SIGCHLD", "SIGPIPE", "SIGINT")
+
+
+def signal_handlers() -> dict[str, str]:
+    """What this process does with each of :data:`INHERITED_SIGNALS`: ``"SIG_DFL"``,
+    ``"SIG_IGN"``, ``"default_int_handler"`` or ``"a Python handler"``."""
+    import signal
+
+    def describe(handler: object) -> str:
+        if handler is signal.SIG_DFL:
+            return "SIG_DFL"
+        if handler is signal.SIG_IGN:
+            return "SIG_IGN"
+        if handler is signal.default_int_handler:
+            return "default_int_handler"
+        return "a Python handler" if callable(handler) else repr(handler)
+
+    return {name: describe(signal.getsignal(getattr(signal, name))) for name in INHERITED_SIGNALS}
+
+
+def run_event_loops() -> list[str]:
+    """Run an event loop of each kind in this process, one after another; each says which
+    library runs it. A forked child that inherited its parent's running loop can't."""
+    import asyncio
+
+    import anyio
+    import sniffio
+    import trio
+
+    async def which() -> str:
+        await anyio.lowlevel.checkpoint()
+        return sniffio.current_async_library()
+
+    return [
+        asyncio.run(which()),
+        trio.run(which),
+        anyio.run(which),
+        anyio.run(which, backend="trio"),
+    ]
+
+
+def report_fresh_start(conn: Connection) -> None:
+    """Send ``(signal_handlers(), run_event_loops())``: how this child started."""
+    conn.send((signal_handlers(), run_event_loops()))

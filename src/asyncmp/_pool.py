@@ -65,7 +65,7 @@ from ._pool_job import ABANDONED, DONE, QUEUED, SENT, WITHDRAWN, Job
 from ._pool_map import PoolMap
 from ._pool_pickling import explain
 from ._pool_worker import RemoteTraceback, serve
-from ._process import TERMINATE_GRACE, AsyncProcess, WorkerExited, start_with_pipe
+from ._process import TERMINATE_GRACE, AsyncProcess, Lifeline, WorkerExited, start_with_pipe
 from ._wire import dumps
 
 if sys.version_info >= (3, 13):
@@ -244,6 +244,8 @@ class Pool:
         self._fn_pickles: dict[Callable[..., Any], bytes] = {}
         #: The loop that opened the pool (claimed by open_pool); PoolMap checks it too.
         self._owner = LoopBinding("this Pool", "opened")
+        #: What the workers watch to die with this process (closed by open_pool).
+        self._lifeline = Lifeline()
 
     @property
     def processes(self) -> int:
@@ -512,7 +514,10 @@ class Pool:
 
     def _start_worker(self) -> _Slot:
         conn, process = start_with_pipe(
-            self._context, serve, (self._initializer, self._initargs), name="asyncmp-pool-worker"
+            self._context,
+            serve,
+            (self._lifeline.owner, self._initializer, self._initargs),
+            name="asyncmp-pool-worker",
         )
         slot = _Slot(conn, process)
         self._slots.add(slot)
@@ -881,10 +886,16 @@ async def open_pool(
     are not restarted in a loop). A failing initializer is not retried: it breaks the
     pool (see below).
 
-    Workers ignore SIGINT (set before the initializer runs): the pool owns their lives.
+    A worker starts as a new interpreter would, before the initializer runs (which may
+    choose otherwise): the Python-level signal handlers it inherited (a forked worker gets
+    the parent's, a server's SIGTERM handler among them) are back to the defaults, and
+    SIGTERM always ends it, so that the pool's ``terminate()`` of a busy worker, or an
+    operator's ``kill``, works; no event loop is running, so a function may call
+    ``asyncio.run()`` or ``trio.run()``. Workers ignore SIGINT: the pool owns their lives.
     A Ctrl-C in a terminal reaches the whole process group; it interrupts the parent,
     whose block exit then stops the workers, instead of ending running calls in the
-    workers with ``KeyboardInterrupt`` tracebacks.
+    workers with ``KeyboardInterrupt`` tracebacks. If the parent dies without leaving the
+    block (SIGKILL, the OOM killer), each worker is killed (SIGKILL) at once, busy or not.
 
     :raises ValueError: *processes* or *max_tasks_per_child* is below 1.
     :raises anyio.BrokenResourceError: on entering, a worker's initializer raised (its
@@ -910,20 +921,23 @@ async def open_pool(
     # ended, not inside it, so that it comes out as itself, not in an exception group.
     failure: BaseException | None = None
     tg: TaskGroup
-    async with anyio.create_task_group() as tg:
-        try:
+    try:
+        async with anyio.create_task_group() as tg:
             try:
-                for _ in range(processes):
-                    tg.start_soon(pool._worker_task, pool._start_worker())
-                await pool._all_ready.wait()
-                if pool._broken is not None:
-                    failure = pool._broken_error()
-                else:
-                    yield pool
-            except BaseException as exc:
-                failure = exc
-        finally:
-            pool._close()
-            tg.cancel_scope.cancel()
+                try:
+                    for _ in range(processes):
+                        tg.start_soon(pool._worker_task, pool._start_worker())
+                    await pool._all_ready.wait()
+                    if pool._broken is not None:
+                        failure = pool._broken_error()
+                    else:
+                        yield pool
+                except BaseException as exc:
+                    failure = exc
+            finally:
+                pool._close()
+                tg.cancel_scope.cancel()
+    finally:
+        pool._lifeline.close()  # the workers are reaped by now
     if failure is not None:
         raise failure

@@ -1,7 +1,8 @@
 """What runs inside a pool's worker processes, and the messages it exchanges.
 
 This module is imported by the workers themselves (spawn and forkserver import it by
-name), so it stays small and imports neither anyio nor the rest of asyncmp.
+name), so it stays small and imports neither anyio nor the rest of asyncmp (only
+``_wire`` and ``_child``, as light).
 
 The conversation over a worker's duplex pipe, every message one pickled frame:
 
@@ -35,7 +36,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import signal
 import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -43,6 +43,7 @@ from multiprocessing.reduction import ForkingPickler
 from time import perf_counter
 from typing import Any
 
+from ._child import Owner, begin
 from ._wire import dumps
 
 __all__ = ("RemoteTraceback", "portable_error", "serve")
@@ -144,25 +145,25 @@ def _reply(
 
 def serve(
     conn: Connection,
+    owner: Owner,
     initializer: Callable[..., object] | None,
     initargs: tuple[Any, ...],
 ) -> None:
-    """A worker's whole life: run the initializer, then serve requests until EOF.
+    """A worker's whole life: start clean, run the initializer, then serve requests
+    until EOF.
 
     An exception from a call goes back to the caller; ``SystemExit`` and other
     ``BaseException``\\ s end the worker, as they would end a plain process, and the
-    caller gets ``WorkerExited``. SIGINT is ignored from the start.
+    caller gets ``WorkerExited``.
+
+    Before the initializer (which may choose otherwise), the worker starts as a new
+    interpreter would (see ``_child``): it dies with *owner*, the signal handlers it
+    inherited are back to the defaults (SIGTERM ends it: that is how the pool stops a
+    busy worker), and no event loop runs. SIGINT is ignored: the parent owns the worker's
+    life, and a Ctrl-C in a terminal, which reaches the whole process group, must not end
+    running calls with a traceback here; the parent's block exit stops the workers.
     """
-    try:
-        # A forked worker inherits the parent loop's wakeup descriptor: a signal here
-        # must not wake the parent's loop.
-        signal.set_wakeup_fd(-1)
-    except (ValueError, OSError):  # pragma: no cover - not the main thread
-        pass
-    # The parent owns the worker's life: a Ctrl-C in a terminal reaches the whole process
-    # group, and must not end running calls with a traceback here. The parent's block
-    # exit stops the workers. (Before the initializer, which may choose otherwise.)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    begin(owner, ignore_sigint=True)
     if initializer is not None:
         try:
             initializer(*initargs)

@@ -12,7 +12,9 @@ block. Leaving the block normally lets the process finish on its own for up to
 ``shutdown_timeout`` seconds, then terminates it, then kills it. Leaving on an
 exception or a cancellation terminates it at once and kills it after a short grace.
 Whichever way the block is left, the process is reaped before the block exits: no
-zombie, no orphan.
+zombie, no orphan. A block that is never left, because this process was killed, leaves
+no orphan either: the child dies with it (see ``_child.guard``, which the child runs
+first, and :class:`Lifeline`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from anyio.lowlevel import checkpoint
 
 from . import _platform
 from ._blocks import block_manager
+from ._child import Owner, run, run_worker
 from ._connection import AsyncConnection
 from ._exceptions import ConnectionEOF
 from ._loop import LoopBinding
@@ -43,7 +46,7 @@ else:
     from typing_extensions import TypeVar
 
 if TYPE_CHECKING or sys.platform != "win32":
-    from ._fdio import ReadinessWaiter
+    from ._fdio import ReadinessWaiter, register_fork_owned
 
 # The extra positional arguments of open_process() and open_worker() are checked against
 # the target's parameters. ParamSpec can't do that here: its P.args needs P.kwargs beside
@@ -66,6 +69,7 @@ else:
 __all__ = (
     "TERMINATE_GRACE",
     "AsyncProcess",
+    "Lifeline",
     "Worker",
     "WorkerExited",
     "open_process",
@@ -408,6 +412,49 @@ class AsyncProcess:
         return f"<asyncmp.AsyncProcess pid={self.pid} exitcode={self.exitcode}>"
 
 
+class Lifeline:
+    """What the children of this process watch to die with it: a pipe whose write end
+    only this process holds, and which nobody writes to.
+
+    Its read end reaches end of file once every copy of the write end is closed, which
+    happens when this process exits, however it ends (the kernel closes a dead process's
+    descriptors). The write end is not inherited by exec'd programs (``os.pipe()``
+    descriptors are not inheritable), and it is closed in every forked child by the fork
+    hook of ``_fdio``: a child forked later (a pool's second worker, any other process)
+    would otherwise keep this process's lifeline open for as long as it lives. The read
+    end is left to forked children: the child it was made for may need it, and it keeps
+    nothing alive.
+
+    One lifeline serves a block's children (a pool's workers, an ``open_process`` child),
+    and is closed once they are reaped. Each child gets :attr:`owner`; see
+    ``_child.guard`` for what it does with it. On Windows there is no pipe: a child
+    watches the handle of its parent process, which multiprocessing gives it.
+    """
+
+    def __init__(self) -> None:
+        self._read: multiprocessing.connection.Connection | None = None
+        self._write: multiprocessing.connection.Connection | None = None
+        if sys.platform != "win32":
+            read_fd, write_fd = os.pipe()
+            self._read = multiprocessing.connection.Connection(read_fd, writable=False)
+            self._write = multiprocessing.connection.Connection(write_fd, readable=False)
+            register_fork_owned(self)
+        #: What a child needs to watch this process.
+        self.owner = Owner(os.getpid(), self._read)
+
+    def _forget_in_forked_child(self) -> None:
+        if self._write is not None:
+            self._write.close()
+            self._write = None
+
+    def close(self) -> None:
+        """Close both ends: a child still watching (there should be none) ends too."""
+        for end in (self._write, self._read):
+            if end is not None:
+                end.close()
+        self._write = self._read = None
+
+
 @block_manager("process", AsyncProcess)
 @asynccontextmanager
 async def open_process(
@@ -416,6 +463,7 @@ async def open_process(
     context: Any = None,
     name: str | None = None,
     shutdown_timeout: float = 5.0,
+    die_with_parent: bool = True,
 ) -> AsyncIterator[AsyncProcess]:
     """Start ``target(*args)`` in a process for the duration of the block.
 
@@ -428,6 +476,16 @@ async def open_process(
     wait for it meanwhile (:meth:`AsyncProcess.wait`, inside or outside the block) get
     its exit code.
 
+    The child starts as a new interpreter would, before *target* runs: the Python-level
+    signal handlers it inherited (a forked child gets its parent's, a server's SIGTERM
+    handler among them) are back to the defaults, SIGTERM always ends it, and no event
+    loop is running, so the child can run one of its own. What *target* sets then holds.
+    If this process dies without leaving the block (SIGKILL, the OOM killer), the child
+    is killed (SIGKILL) right away, busy or not: the block promises no orphan.
+    ``die_with_parent=False`` lets it run on instead, for a child that must finish its
+    work whatever happens to its parent; it is then reparented (to init, usually). See
+    the shutting-down how-to for how each start method does it.
+
     Entering starts the process at once and is not a checkpoint; nothing starts before
     (what the call returns is not the process: using it as one, or awaiting it, raises
     an error that shows the ``async with`` line to write). Leaving is shielded
@@ -436,12 +494,18 @@ async def open_process(
     :raises OSError: (or what ``Process.start()`` raises) the process could not start.
     """
     ctx = context if context is not None else multiprocessing.get_context()
-    process = ctx.Process(target=target, args=args, name=name)
-    process.start()
-    aprocess = AsyncProcess(process)
-    aprocess._opened_here()
-    async with _reaped_on_exit(aprocess, shutdown_timeout):
-        yield aprocess
+    lifeline = Lifeline() if die_with_parent else None
+    try:
+        owner = lifeline.owner if lifeline is not None else None
+        process = ctx.Process(target=run, args=(owner, target, *args), name=name)
+        process.start()
+        aprocess = AsyncProcess(process)
+        aprocess._opened_here()
+        async with _reaped_on_exit(aprocess, shutdown_timeout):
+            yield aprocess
+    finally:
+        if lifeline is not None:
+            lifeline.close()
 
 
 @asynccontextmanager
@@ -619,6 +683,7 @@ async def open_worker(
     *args: Unpack[Ts],
     context: Any = None,
     shutdown_timeout: float = 5.0,
+    die_with_parent: bool = True,
 ) -> AsyncIterator[Worker]:
     """Run ``target(conn, *args)`` in a child, where ``conn`` is the plain worker end of a
     duplex Pipe; yield a :class:`Worker` to talk to it.
@@ -630,6 +695,10 @@ async def open_worker(
     :func:`open_process` does. Leaving on an exception or a cancellation closes the
     parent's end and terminates the worker at once; either way it is reaped before the
     block exits, and tasks waiting for it meanwhile get its exit code.
+
+    The child starts as :func:`open_process` describes: default signal handlers, no
+    event loop running, and killed at once if this process dies without leaving the block
+    (unless ``die_with_parent=False``).
 
     Entering starts the process at once and is not a checkpoint; nothing starts before
     (what the call returns is not the worker: using it as one, or awaiting it, raises
@@ -645,9 +714,15 @@ async def open_worker(
     :raises OSError: (or what ``Process.start()`` raises) the process could not start.
     """
     ctx = context if context is not None else multiprocessing.get_context()
-    conn, aprocess = start_with_pipe(ctx, target, args)
-    aprocess._opened_here()
-    worker = Worker(conn, aprocess)
-    worker._owner.claim()
-    async with _reaped_on_exit(aprocess, shutdown_timeout, conn):
-        yield worker
+    lifeline = Lifeline() if die_with_parent else None
+    try:
+        owner = lifeline.owner if lifeline is not None else None
+        conn, aprocess = start_with_pipe(ctx, run_worker, (owner, target, *args))
+        aprocess._opened_here()
+        worker = Worker(conn, aprocess)
+        worker._owner.claim()
+        async with _reaped_on_exit(aprocess, shutdown_timeout, conn):
+            yield worker
+    finally:
+        if lifeline is not None:
+            lifeline.close()
