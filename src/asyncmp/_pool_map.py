@@ -19,8 +19,8 @@ from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, It
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
-from anyio.lowlevel import checkpoint_if_cancelled
 
+from ._loop import checkpoint_due, full_checkpoint, note_turn
 from ._pool_job import DONE, Job
 
 if TYPE_CHECKING:
@@ -102,7 +102,11 @@ class PoolMap(AsyncIterator[R]):
         :raises StopAsyncIteration: every result was yielded, or the map was stopped.
         :raises Exception: see :meth:`Pool.map`.
         """
-        await checkpoint_if_cancelled()
+        # A result already here is returned without a trip through the loop, but the loop
+        # still gets a turn about every millisecond (as a Queue's get does), or a consumer
+        # going through buffered results would starve every other task.
+        if checkpoint_due():
+            await full_checkpoint()
         while not self._stopped:
             job = self._current
             if job is not None:
@@ -129,6 +133,7 @@ class PoolMap(AsyncIterator[R]):
                 break
             wakeup = self._wakeup = anyio.Event()
             await wakeup.wait()
+            note_turn()
         self._stop()
         raise StopAsyncIteration
 
