@@ -6,6 +6,7 @@ Shared by the pool (``_pool``), which queues, sends and completes jobs, and the 
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +32,7 @@ class Job:
     """One request to a worker: one or more calls of one function."""
 
     __slots__ = (
+        "arg_bytes",
         "arglist",
         "batchable",
         "deliver",
@@ -42,6 +44,8 @@ class Job:
         "offset",
         "part",
         "payload",
+        "pickled",
+        "result_bytes",
         "seconds",
         "size",
         "slot",
@@ -66,9 +70,15 @@ class Job:
         self.errors: dict[int, Error] | None = None
         #: Set if the whole job failed (the worker died, the pool closed, ...).
         self.error: BaseException | None = None
-        #: What the payload holds, kept to send a part of it (see Pool._serve).
+        #: What the payload holds, kept to send a part of it (see Pool._serve): the
+        #: calls' arguments, or with *pickled* their pickles, made one by one.
         self.fn: Callable[..., Any] | None = None
-        self.arglist: list[tuple[Any, ...]] = []
+        self.arglist: list[Any] = []
+        self.pickled = False
+        #: The bytes of the arguments' pickles, with their shared memory (set by a map).
+        self.arg_bytes = 0
+        #: The shared memory that the results' pickles made, as the worker reported.
+        self.result_bytes = 0
         #: Calls answered by earlier parts; calls in the part in flight.
         self.offset = 0
         self.part = 0
@@ -84,6 +94,8 @@ class Job:
             raise self.error
         if self.errors is not None and i in self.errors:
             exc, text = self.errors[i]
+            if not text:  # failed here, not in the worker
+                raise exc
             raise exc from RemoteTraceback(text)
         return self.values[i]
 
@@ -96,8 +108,11 @@ class Job:
             self.error = message
             return
         if message[0] == "ok":
-            _, job_id, values, errors, self.seconds = message
+            _, job_id, values, errors, self.seconds, shared_bytes, pickled = message
             assert job_id == self.id, (job_id, self.id)
+            self.result_bytes += shared_bytes
+            if pickled:
+                values, errors = _unpickle_values(values, errors)
             if self.offset == 0:
                 self.values, self.errors = values, errors
             else:  # a later part of a job that was cut
@@ -109,3 +124,19 @@ class Job:
             _, job_id, (error, text) = message
             error.__cause__ = RemoteTraceback(text)
             self.error = error
+
+
+def _unpickle_values(
+    pickles: list[bytes], errors: dict[int, Error] | None
+) -> tuple[list[Any], dict[int, Error] | None]:
+    """The values a worker pickled one by one; one that can't be unpickled here fails
+    its own call, with the unpickling error."""
+    values: list[Any] = []
+    for i, data in enumerate(pickles):
+        try:
+            values.append(pickle.loads(data))
+        except Exception as exc:
+            values.append(None)
+            errors = dict(errors or {})
+            errors[i] = (exc, "")
+    return values, errors
