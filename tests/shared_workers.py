@@ -160,6 +160,27 @@ def digest_or_echo(item: Any) -> Any:
     return blob_digest(item) if isinstance(item, Blob) else item
 
 
+_gate: tuple[Connection, Any, Any] | None = None
+
+
+def install_gate(conn: Connection, release: Any, release_second: Any) -> None:
+    """A pool's initializer: keep the test's pipe end and semaphores for :func:`gated`."""
+    global _gate
+    _gate = (conn, release, release_second)
+
+
+def gated(item: Any, second: bool = False) -> Any:
+    """For a pool: say ``("started", pid)`` on the test's pipe, wait for the test's
+    release (on the second semaphore if *second*), then return what
+    :func:`digest_or_echo` returns."""
+    assert _gate is not None
+    conn, release, release_second = _gate
+    conn.send(("started", os.getpid()))
+    if not (release_second if second else release).acquire(timeout=60):
+        raise TimeoutError("the test never released the call")
+    return digest_or_echo(item)
+
+
 def _descendants(root: int) -> set[int]:
     parents: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):

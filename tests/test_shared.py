@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import gc
+import multiprocessing
 import os
 import pickle
 import subprocess
@@ -30,6 +31,8 @@ from .shared_workers import (
     blob_digest,
     digest_or_echo,
     forward_from_queue,
+    gated,
+    install_gate,
     live_segment_bytes,
     make_blob,
     make_shared_blob,
@@ -590,3 +593,47 @@ async def test_a_map_of_shared_results_holds_a_bounded_amount_of_shared_memory()
         assert digests == [make_blob(size, seed % 4).digest() for seed in range(40)]
     print(f"peak {peak / BIG:.1f} MiB of shared memory, bound {bound / BIG:.1f} MiB")
     assert peak <= bound
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("stop", ["aclose", "pool-closes"])
+async def test_items_a_map_took_and_never_sent_leave_no_segment(stop: str) -> None:
+    """The items a map took ahead and that were still queued when it stopped, or when
+    the pool closed, leave no segment behind: no worker will ever receive them."""
+    before = segments()
+    ours, theirs = asyncmp.Pipe()
+    release, release_second = multiprocessing.Semaphore(0), multiprocessing.Semaphore(0)
+    try:
+        async with asyncmp.open_pool(
+            2, initializer=install_gate, initargs=(theirs, release, release_second)
+        ) as pool:
+            items = [asyncmp.shared(make_blob(2 * BIG, seed)) for seed in range(ARRAYS)]
+            it = pool.map(gated, items)
+            del items
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(it.__anext__)
+                # Both workers hold an item; the first step took two more, queued.
+                started = {(await ours.recv())[1] for _ in range(2)}
+                assert len(started) == 2
+                assert pool.statistics().calls_queued == 2
+                tg.cancel_scope.cancel()
+            # With "pool-closes", the block ends now: the held workers are stopped, and
+            # the queued calls fail.
+            if stop == "aclose":
+                await it.aclose()
+                assert pool.statistics().calls_queued == 0
+                for _ in range(2):
+                    release.release()
+                # Once a call has started on each worker, both are done with the items.
+                async with anyio.create_task_group() as tg:
+                    for i in range(2):
+                        tg.start_soon(pool.run, gated, i, True)
+                    assert len({(await ours.recv())[1] for _ in range(2)}) == 2
+                    for _ in range(2):
+                        release_second.release()
+    finally:
+        theirs.close()
+        await ours.aclose()
+    del it
+    gc.collect()
+    assert segments() - before == set()

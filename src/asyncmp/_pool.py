@@ -376,6 +376,7 @@ class Pool:
         if job.state == QUEUED:
             job.state = WITHDRAWN
             self._queued -= job.left
+            job.discard_unsent(job.offset)
         elif job.state == SENT:
             job.state = ABANDONED
             slot = job.slot
@@ -397,6 +398,7 @@ class Pool:
             failed = part + (rest if job.state == SENT else 0)
             self._failed += failed
             self._queued -= rest
+            job.discard_unsent(start + part)
         else:
             failed = 0
             if job.errors:
@@ -414,8 +416,9 @@ class Pool:
                         self._idle.popleft().set()
                     return
                 self._queued -= rest  # abandoned: the rest never runs
+                job.discard_unsent(job.offset)
         job.payload = b""  # the arguments may be large: don't keep them
-        job.fn, job.arglist = None, []
+        job.fn, job.arglist, job.made = None, [], None
         if job.state == SENT:
             job.state = DONE
             job.deliver(job)
@@ -426,6 +429,7 @@ class Pool:
             if job.state == QUEUED:
                 self._queued -= job.left
                 self._failed += job.left
+                job.discard_unsent(job.offset)
                 job.state = DONE
                 job.error = error()
                 job.deliver(job)

@@ -14,6 +14,7 @@ from ._pool_worker import Error, RemoteTraceback
 
 if TYPE_CHECKING:
     from ._pool import _Slot
+    from ._shared import SegmentsMade
 
 __all__ = ("ABANDONED", "DONE", "QUEUED", "SENT", "WITHDRAWN", "Job")
 
@@ -41,6 +42,7 @@ class Job:
         "errors",
         "fn",
         "id",
+        "made",
         "offset",
         "part",
         "payload",
@@ -79,6 +81,9 @@ class Job:
         self.arg_bytes = 0
         #: The shared memory that the results' pickles made, as the worker reported.
         self.result_bytes = 0
+        #: Per call, the segments its arguments' pickle made (or None), if any did: taken
+        #: back for the calls that will never be sent.
+        self.made: list[SegmentsMade | None] | None = None
         #: Calls answered by earlier parts; calls in the part in flight.
         self.offset = 0
         self.part = 0
@@ -87,6 +92,16 @@ class Job:
     def left(self) -> int:
         """Calls not yet answered."""
         return self.size - self.offset
+
+    def discard_unsent(self, start: int) -> None:
+        """Calls from *start* on will never be sent: take back the segments of their
+        arguments' pickles, which no worker will receive."""
+        made, self.made = self.made, None  # the calls before start were sent
+        if made is None:
+            return
+        for segments in made[start:]:
+            if segments is not None:
+                segments.discard()
 
     def outcome(self, i: int) -> Any:
         """Return the i-th call's result, or raise its exception."""

@@ -312,7 +312,9 @@ class PoolMap(AsyncIterator[R]):
                         self._one_by_one = True
                     job.arg_bytes = len(job.payload) + made.nbytes
                     self._arg_bytes = job.arg_bytes / len(items)
-                    self._add(job, [made])
+                    if made.segments:
+                        job.made = [made]
+                    self._add(job)
                     return
                 # shared() objects in a chunk that may have to be cut: one by one.
                 made.discard()
@@ -335,27 +337,29 @@ class PoolMap(AsyncIterator[R]):
         """Send items pickled one by one as one chunk."""
         if not run:
             return
-        made = [entry.made for entry in run if entry.made is not None]
+        made = [entry.made for entry in run]
         try:
             job = self._pool._new_job(
                 self._fn, [entry.data for entry in run], self._deliver_weakly, pickled=True
             )
         except Exception as exc:  # the function can't be pickled
             for segments in made:
-                segments.discard()
+                if segments is not None:
+                    segments.discard()
             self._add_failed(exc, len(run))
             return
         job.arg_bytes = sum(entry.nbytes for entry in run)
         self._arg_bytes = job.arg_bytes / len(run)
-        self._add(job, made)
+        if any(segments is not None for segments in made):
+            job.made = made
+        self._add(job)
 
-    def _add(self, job: Job, made: list[SegmentsMade]) -> None:
+    def _add(self, job: Job) -> None:
         self._jobs.append(job)
         try:
             self._pool._enqueue(job)
         except BaseException:  # the pool is closed: never sent
-            for segments in made:
-                segments.discard()
+            job.discard_unsent(0)
             raise
 
     def _add_failed(self, error: Exception, size: int) -> None:
