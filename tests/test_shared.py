@@ -11,6 +11,7 @@ import gc
 import multiprocessing
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import threading
@@ -634,6 +635,26 @@ async def test_items_a_map_took_and_never_sent_leave_no_segment(stop: str) -> No
     finally:
         theirs.close()
         await ours.aclose()
+    del it
+    gc.collect()
+    assert segments() - before == set()
+
+
+@pytest.mark.anyio
+async def test_items_sent_to_a_worker_that_ends_before_reading_them_leave_no_segment() -> None:
+    """A chunk sent to a worker that never read it (stopped, then killed as the pool
+    closes) leaves no segment behind: once the worker is gone, nobody will receive it."""
+    before = segments()
+    async with asyncmp.open_pool(1) as pool:
+        pid = await pool.run(os.getpid)
+        os.kill(pid, signal.SIGSTOP)  # it can't read the chunk; the pool's exit kills it
+        it = pool.map(blob_digest, [asyncmp.shared(make_blob(2 * BIG, seed)) for seed in range(2)])
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(it.__anext__)
+            await anyio.wait_all_tasks_blocked()
+            assert pool.statistics().calls_running == 1  # sent, in the pipe
+            assert len(segments() - before) == 2  # the one sent, and the one queued
+            tg.cancel_scope.cancel()
     del it
     gc.collect()
     assert segments() - before == set()

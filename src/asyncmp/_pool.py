@@ -652,6 +652,9 @@ class Pool:
         """Stop the worker and reap it (shielded by the caller)."""
         self._slots.discard(slot)
         jobs, slot.jobs = slot.jobs, deque()
+        # What the worker had not received of the calls in flight when it ended, nobody
+        # ever will: their segments are taken back once it is gone (see the end).
+        in_flight = [(job.made, job.offset, job.part) for job in jobs if job.made is not None]
         for job in jobs:
             job.error = anyio.ClosedResourceError("the pool was closed while the call ran")
             self._complete(job)
@@ -661,6 +664,10 @@ class Pool:
                 await slot.process.wait()
         await slot.process.stop()
         slot.process.close()
+        for made, start, part in in_flight:
+            for segments in made[start : start + part]:
+                if segments is not None:
+                    segments.discard()
 
 
 @asynccontextmanager

@@ -194,16 +194,22 @@ class SegmentsMade:
         return sum(size for _, size in self.segments)
 
     def discard(self) -> None:
-        """Unlink the segments made and tell the resource tracker, as a receiver would:
-        only for a pickle that no process will receive. Never raises."""
+        """Unlink the segments made that are still there, and tell the resource tracker,
+        as a receiver would: for a pickle that no process will receive (never sent, or
+        sent to a receiver that is gone). A segment already gone was received, and its
+        receiver told the tracker. Never raises."""
         segments = list(self.segments)
         self.segments.clear()
         if SHM is None:
             return
         _, shm_unlink = SHM
         for name, _ in segments:
-            with contextlib.suppress(OSError):
+            try:
                 shm_unlink(name)
+            except FileNotFoundError:
+                continue
+            except OSError:
+                pass
             with contextlib.suppress(Exception):
                 _unregister(name)
 
