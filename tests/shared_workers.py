@@ -177,6 +177,103 @@ def make_shared_blob(size: int, seed: int) -> Blob:
     return asyncmp.shared(make_blob(size, seed))
 
 
+def shared_blob_or_lock(seed: int) -> Any:
+    """For a pool's map: a shared blob of 2 MiB, or, for seed 6, a result that can't be
+    pickled; small ints (seeds below 0) come back as they are."""
+    import threading
+
+    if seed < 0:
+        return seed
+    if seed == 6:
+        return threading.Lock()
+    return asyncmp.shared(make_blob(2 * BIG, seed))
+
+
+_blobs: dict[int, Blob] = {}
+
+
+def shared_4mib_blob(seed: int) -> Blob:
+    """For a pool's map: a result of 4 MiB that travels through shared memory, quickly
+    made (the blob is made once per worker and seed modulo 4; each pickle copies it into
+    a new segment)."""
+    blob = _blobs.get(seed % 4)
+    if blob is None:
+        blob = _blobs[seed % 4] = make_blob(4 * BIG, seed % 4)
+    return asyncmp.shared(blob)
+
+
+def digest_or_echo(item: Any) -> Any:
+    """For a pool's map: a blob's digest (see :func:`blob_digest`), or the item itself."""
+    return blob_digest(item) if isinstance(item, Blob) else item
+
+
+_gate: tuple[Connection, Any, Any] | None = None
+
+
+def install_gate(conn: Connection, release: Any, release_second: Any) -> None:
+    """A pool's initializer: keep the test's pipe end and semaphores for :func:`gated`."""
+    global _gate
+    _gate = (conn, release, release_second)
+
+
+def gated(item: Any, second: bool = False) -> Any:
+    """For a pool: say ``("started", pid)`` on the test's pipe, wait for the test's
+    release (on the second semaphore if *second*), then return what
+    :func:`digest_or_echo` returns."""
+    assert _gate is not None
+    conn, release, release_second = _gate
+    conn.send(("started", os.getpid()))
+    if not (release_second if second else release).acquire(timeout=60):
+        raise TimeoutError("the test never released the call")
+    return digest_or_echo(item)
+
+
+def _descendants(root: int) -> set[int]:
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(entry))
+    found, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        found.add(pid)
+        todo.extend(parents.get(pid, ()))
+    return found
+
+
+def live_segment_bytes() -> int:
+    """The bytes of this program's shared memory segments that exist now: those in
+    ``/dev/shm`` by name (not received yet) and those that this process or one of its
+    descendants (pool workers) has mapped, counted once each."""
+    sizes: dict[str, int] = {}
+    prefix = f"asyncmp-{_shared.program_tag()}-"
+    for name in os.listdir(SHM_DIR):
+        if name.startswith(prefix):
+            try:
+                sizes[name] = os.stat(os.path.join(SHM_DIR, name)).st_size
+            except FileNotFoundError:  # received meanwhile: then it is mapped
+                pass
+    for pid in _descendants(os.getpid()):
+        try:
+            with open(f"/proc/{pid}/maps") as maps:
+                lines = maps.read().splitlines()
+        except OSError:
+            continue
+        for line in lines:
+            if "/" + prefix not in line:
+                continue
+            name = prefix + line.split("/" + prefix)[1].split()[0]
+            start, end = (int(x, 16) for x in line.split()[0].split("-"))
+            sizes[name] = max(sizes.get(name, 0), end - start)
+    return sum(sizes.values())
+
+
 # A whole program, run with ``python -m tests.shared_workers ...``: workers send shared
 # messages that nobody reads, then it ends; the test checks that nothing is left.
 def _unread_program(start_method: str) -> None:

@@ -11,6 +11,7 @@ import random
 import signal
 import sys
 import threading
+import time
 from collections import Counter
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from contextlib import aclosing, asynccontextmanager, contextmanager, suppress
@@ -23,6 +24,7 @@ import pytest
 
 import asyncmp
 from asyncmp import AsyncConnection, Pool
+from asyncmp._loop import TURN_INTERVAL
 from asyncmp._pool import _MAX_BATCH
 from tests import pool_workers as w
 from tests import workers
@@ -607,6 +609,51 @@ async def test_an_unpicklable_map_item_fails_at_its_place() -> None:
             async for y in pool.map(w.echo, items):
                 results.append(y)
         assert results == [0, 1]
+
+
+#: The consumer's work per result in the test below, in seconds of wall time.
+CONSUMER_WORK = 20e-6
+
+
+def _spin(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+async def test_map_gives_the_loop_a_turn_while_results_are_buffered() -> None:
+    """A consumer going through buffered results lets the other tasks run about every
+    TURN_INTERVAL: counted in results, not in time, so a busy machine changes nothing
+    (each result costs at least CONSUMER_WORK of wall time, the turn clock runs on wall
+    time too)."""
+    turns = 0
+
+    async def heartbeat() -> None:
+        nonlocal turns
+        while True:
+            await anyio.lowlevel.checkpoint()
+            turns += 1
+
+    in_a_row = longest = 0
+    async with asyncmp.open_pool(2) as pool, anyio.create_task_group() as tg:
+        tg.start_soon(heartbeat)
+        seen = turns
+        count = 0
+        async for _ in pool.map(w.echo, range(10_000)):
+            count += 1
+            _spin(CONSUMER_WORK)
+            if turns == seen:
+                in_a_row += 1
+                longest = max(longest, in_a_row)
+            else:
+                in_a_row, seen = 0, turns
+        tg.cancel_scope.cancel()
+    assert count == 10_000
+    # A turn is due after TURN_INTERVAL / CONSUMER_WORK results (50). trio may run the
+    # heartbeat after the consumer in the batch of that turn, so it is seen one interval
+    # later: twice that, and twice again for slack. Without turns: thousands in a row.
+    bound = 4 * TURN_INTERVAL / CONSUMER_WORK
+    assert longest <= bound, f"{longest} results in a row without a turn of the loop"
 
 
 @pytest.mark.parametrize("source", ["sync", "async"])

@@ -12,6 +12,7 @@ import multiprocessing
 import operator
 import os
 import pickle
+import signal
 import subprocess
 import sys
 import threading
@@ -25,14 +26,18 @@ import anyio
 import pytest
 
 import asyncmp
-from asyncmp import _shared
+from asyncmp import _pool_map, _shared
 
 from .shared_workers import (
     BIG,
     Blob,
     array_head,
     blob_digest,
+    digest_or_echo,
     forward_from_queue,
+    gated,
+    install_gate,
+    live_segment_bytes,
     make_blob,
     make_shared_blob,
     mapped,
@@ -46,6 +51,8 @@ from .shared_workers import (
     segments,
     send_shared,
     send_then_wait_to_die,
+    shared_4mib_blob,
+    shared_blob_or_lock,
     write_then_look_again,
 )
 from .workers import MPContext
@@ -692,3 +699,171 @@ async def test_pool_names_what_cant_be_pickled_without_pickling_shared_objects_a
             assert _shared.SHM is not None
             _shared.SHM[1](f"/{name}")
             _shared._unregister(f"/{name}")
+
+
+ARRAYS = 12  # of 2 MiB each
+
+
+@pytest.mark.anyio
+async def test_a_map_cut_at_max_tasks_per_child_pickles_each_array_once() -> None:
+    """A chunk cut at a worker's max_tasks_per_child sends the rest without pickling it
+    again: a second pickle would make a second segment, never received."""
+    before = segments()
+    async with asyncmp.open_pool(2, max_tasks_per_child=3) as pool:
+        items = [asyncmp.shared(make_blob(2 * BIG, seed)) for seed in range(ARRAYS)]
+        results = [y async for y in pool.map(blob_digest, items)]
+        assert results == [(make_blob(2 * BIG, seed).digest(), True) for seed in range(ARRAYS)]
+        runs = [await pool.run(blob_digest, item) for item in items]
+        assert runs == results
+        del items, results, runs
+    assert segments() - before == set()
+
+
+@pytest.mark.anyio
+async def test_a_result_that_cant_be_pickled_leaves_no_segment_of_the_others(
+    mp_context: MPContext,
+) -> None:
+    """One result of a chunk can't be pickled: it fails alone, and the shared results
+    beside it arrive, and no segment of a first try at pickling them is left."""
+    before = segments()
+    async with asyncmp.open_pool(1, context=mp_context) as pool:
+        # Quick calls first, so that chunks have grown when the arrays come.
+        items = [-1] * 500 + list(range(ARRAYS))
+        results: list[Any] = []
+        with pytest.raises(pickle.PicklingError, match="result of shared_blob_or_lock"):
+            async for y in pool.map(shared_blob_or_lock, items):
+                results.append(y)
+        assert len(results) == 500 + 6
+        assert [r.digest() for r in results[500:]] == [
+            make_blob(2 * BIG, seed).digest() for seed in range(6)
+        ]
+        del results
+    gc.collect()
+    assert segments() - before == set()
+
+
+@pytest.mark.anyio
+async def test_an_item_that_cant_be_pickled_leaves_no_segment_of_the_others() -> None:
+    """One item of a chunk can't be pickled: it fails at its place, and the shared items
+    beside it are not left behind by a first try at pickling the chunk."""
+    before = segments()
+    async with asyncmp.open_pool(1) as pool:
+        arrays: list[Any] = [asyncmp.shared(make_blob(2 * BIG, seed)) for seed in range(ARRAYS)]
+        arrays[6] = (arrays[6], threading.Lock())
+        items = [-1] * 500 + arrays
+        results: list[Any] = []
+        with pytest.raises(TypeError, match="pickle"):
+            async for y in pool.map(digest_or_echo, items):
+                results.append(y)
+        assert results[500:] == [(make_blob(2 * BIG, seed).digest(), True) for seed in range(6)]
+        del arrays, items
+    gc.collect()
+    assert segments() - before == set()
+
+
+@pytest.mark.anyio
+async def test_a_map_of_arrays_holds_a_bounded_amount_of_shared_memory() -> None:
+    """However slowly the consumer goes, the arrays taken ahead of it (in /dev/shm or
+    mapped by a worker) stay within the map's byte budget, plus one array."""
+    size = 4 * BIG
+    bound = _pool_map._AHEAD_BYTES + size
+    peak = 0
+    async with asyncmp.open_pool(2) as pool:
+        items = (asyncmp.shared(make_blob(size, seed)) for seed in range(40))
+        digests = []
+        async for digest, was_mapped in pool.map(blob_digest, items):
+            assert was_mapped
+            digests.append(digest)
+            peak = max(peak, live_segment_bytes())
+            # A slow consumer: the pool may run as far ahead as it will meanwhile.
+            await anyio.sleep(0.01)
+            peak = max(peak, live_segment_bytes())
+        assert digests == [make_blob(size, seed).digest() for seed in range(40)]
+    print(f"peak {peak / BIG:.1f} MiB of shared memory, bound {bound / BIG:.1f} MiB")
+    assert peak <= bound
+
+
+@pytest.mark.anyio
+async def test_a_map_of_shared_results_holds_a_bounded_amount_of_shared_memory() -> None:
+    """Results in shared memory count against the same budget: however slowly the
+    consumer goes, the results ahead of it stay within it, plus one, plus the one it
+    holds."""
+    size = 4 * BIG
+    bound = _pool_map._AHEAD_BYTES + 2 * size
+    peak = 0
+    async with asyncmp.open_pool(2) as pool:
+        digests = []
+        async for blob in pool.map(shared_4mib_blob, range(40)):
+            assert mapped(blob.buf)
+            digests.append(blob.digest())
+            peak = max(peak, live_segment_bytes())
+            await anyio.sleep(0.01)  # a slow consumer, as above
+            peak = max(peak, live_segment_bytes())
+            del blob
+        assert digests == [make_blob(size, seed % 4).digest() for seed in range(40)]
+    print(f"peak {peak / BIG:.1f} MiB of shared memory, bound {bound / BIG:.1f} MiB")
+    assert peak <= bound
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("stop", ["aclose", "pool-closes"])
+async def test_items_a_map_took_and_never_sent_leave_no_segment(stop: str) -> None:
+    """The items a map took ahead and that were still queued when it stopped, or when
+    the pool closed, leave no segment behind: no worker will ever receive them."""
+    before = segments()
+    ours, theirs = asyncmp.Pipe()
+    release, release_second = multiprocessing.Semaphore(0), multiprocessing.Semaphore(0)
+    try:
+        async with asyncmp.open_pool(
+            2, initializer=install_gate, initargs=(theirs, release, release_second)
+        ) as pool:
+            items = [asyncmp.shared(make_blob(2 * BIG, seed)) for seed in range(ARRAYS)]
+            it = pool.map(gated, items)
+            del items
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(it.__anext__)
+                # Both workers hold an item; the first step took two more, queued.
+                started = {(await ours.recv())[1] for _ in range(2)}
+                assert len(started) == 2
+                assert pool.statistics().calls_queued == 2
+                tg.cancel_scope.cancel()
+            # With "pool-closes", the block ends now: the held workers are stopped, and
+            # the queued calls fail.
+            if stop == "aclose":
+                await it.aclose()
+                assert pool.statistics().calls_queued == 0
+                for _ in range(2):
+                    release.release()
+                # Once a call has started on each worker, both are done with the items.
+                async with anyio.create_task_group() as tg:
+                    for i in range(2):
+                        tg.start_soon(pool.run, gated, i, True)
+                    assert len({(await ours.recv())[1] for _ in range(2)}) == 2
+                    for _ in range(2):
+                        release_second.release()
+    finally:
+        theirs.close()
+        await ours.aclose()
+    del it
+    gc.collect()
+    assert segments() - before == set()
+
+
+@pytest.mark.anyio
+async def test_items_sent_to_a_worker_that_ends_before_reading_them_leave_no_segment() -> None:
+    """A chunk sent to a worker that never read it (stopped, then killed as the pool
+    closes) leaves no segment behind: once the worker is gone, nobody will receive it."""
+    before = segments()
+    async with asyncmp.open_pool(1) as pool:
+        pid = await pool.run(os.getpid)
+        os.kill(pid, signal.SIGSTOP)  # it can't read the chunk; the pool's exit kills it
+        it = pool.map(blob_digest, [asyncmp.shared(make_blob(2 * BIG, seed)) for seed in range(2)])
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(it.__anext__)
+            await anyio.wait_all_tasks_blocked()
+            assert pool.statistics().calls_running == 1  # sent, in the pipe
+            assert len(segments() - before) == 2  # the one sent, and the one queued
+            tg.cancel_scope.cancel()
+    del it
+    gc.collect()
+    assert segments() - before == set()

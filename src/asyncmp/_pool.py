@@ -344,8 +344,15 @@ class Pool:
         *iterable* may be sync or async. Items are taken only as results are consumed (a
         few chunks ahead per worker), so an endless iterable works. Calls go to the
         workers in chunks that grow while calls finish quickly (aiming at tens of
-        milliseconds per chunk), which keeps tiny calls cheap. With ``ordered=True`` the
-        results come in the order of the items; with ``ordered=False`` as they finish.
+        milliseconds per chunk), which keeps tiny calls cheap. Bytes bound them too: a
+        chunk holds about 4 MiB of arguments at most (their pickles, with the shared
+        memory of ``shared()`` objects, and results that are ``shared()`` objects), and
+        the map takes items ahead of the consumer only while it holds less than 16 MiB
+        (one call more at most, or one chunk per worker if that is more), so a map over
+        ``shared()`` arrays fits a small ``/dev/shm``. Each item is pickled once. With
+        ``ordered=True`` the results come in the order of the items; with
+        ``ordered=False`` as they finish. A result already there is returned without a
+        trip through the event loop, but the loop gets a turn about every millisecond.
 
         Leaving the ``async for`` early (``break``, an exception, a cancellation) stops
         the map once the iterator is dropped, or at once with ``await it.aclose()`` or
@@ -398,14 +405,24 @@ class Pool:
         error.__cause__ = cause
         return error
 
-    def _new_job(self, fn: Callable[..., object], arglist: list[Any], deliver: Any) -> Job:
-        """A job for *arglist*, pickled; raises what pickling raises."""
+    def _new_job(
+        self,
+        fn: Callable[..., object],
+        arglist: list[Any],
+        deliver: Any,
+        *,
+        pickled: bool = False,
+    ) -> Job:
+        """A job for *arglist* (with *pickled*, the pickles of its entries, from
+        :meth:`_dumps`), pickled; raises what pickling raises."""
         job = Job(next(self._ids), len(arglist), deliver)
-        job.payload = self._request(job.id, fn, arglist)
-        job.fn, job.arglist = fn, arglist
+        job.payload = self._request(job.id, fn, arglist, pickled)
+        job.fn, job.arglist, job.pickled = fn, arglist, pickled
         return job
 
-    def _request(self, job_id: int, fn: Callable[..., object], arglist: list[Any]) -> bytes:
+    def _request(
+        self, job_id: int, fn: Callable[..., object], arglist: list[Any], pickled: bool = False
+    ) -> bytes:
         """The pickle of a job's request (see ``_pool_worker``); raises what pickling
         raises.
 
@@ -421,16 +438,21 @@ class Pool:
                 if len(self._fn_pickles) >= _FN_CACHE:
                     self._fn_pickles.clear()
                 self._fn_pickles[fn] = ref
-            request: tuple[Any, ...] = (job_id, ref, arglist)
+            request: tuple[Any, ...] = (job_id, ref, arglist, pickled)
         else:
-            request = (job_id, fn, arglist)
+            request = (job_id, fn, arglist, pickled)
+        return self._dumps(request)
+
+    @staticmethod
+    def _dumps(obj: Any) -> bytes:
+        """*obj* pickled as a ``ForkingPickler`` would, without making one per call."""
         table = forking_dispatch_table()
         if table is None:
-            return dumps(request)
+            return dumps(obj)
         buf = io.BytesIO()
         pickler = pickle.Pickler(buf)
         pickler.dispatch_table = table
-        pickler.dump(request)
+        pickler.dump(obj)
         return buf.getvalue()
 
     def _enqueue(self, job: Job) -> None:
@@ -446,6 +468,7 @@ class Pool:
         if job.state == QUEUED:
             job.state = WITHDRAWN
             self._queued -= job.left
+            job.discard_unsent(job.offset)
         elif job.state == SENT:
             job.state = ABANDONED
             slot = job.slot
@@ -467,6 +490,7 @@ class Pool:
             failed = part + (rest if job.state == SENT else 0)
             self._failed += failed
             self._queued -= rest
+            job.discard_unsent(start + part)
         else:
             failed = 0
             if job.errors:
@@ -484,8 +508,9 @@ class Pool:
                         self._idle.popleft().set()
                     return
                 self._queued -= rest  # abandoned: the rest never runs
+                job.discard_unsent(job.offset)
         job.payload = b""  # the arguments may be large: don't keep them
-        job.fn, job.arglist = None, []
+        job.fn, job.arglist, job.made = None, [], None
         if job.state == SENT:
             job.state = DONE
             job.deliver(job)
@@ -496,6 +521,7 @@ class Pool:
             if job.state == QUEUED:
                 self._queued -= job.left
                 self._failed += job.left
+                job.discard_unsent(job.offset)
                 job.state = DONE
                 job.error = error()
                 job.deliver(job)
@@ -711,8 +737,10 @@ class Pool:
         if job.part == job.size:
             return job.payload  # type: ignore[no-any-return]
         assert job.fn is not None
+        # A part of a job: its arguments pickled again, or, where pickling them again
+        # would make new segments (shared() objects), their pickles from the first time.
         arglist = job.arglist[job.offset : job.offset + job.part]
-        return self._request(job.id, job.fn, arglist)
+        return self._request(job.id, job.fn, arglist, job.pickled)
 
     def _batch(self, first: Job | None, quota: int | None) -> list[Job]:
         """*first*, and queued run() calls to send along with it while calls are quick;
@@ -813,6 +841,9 @@ class Pool:
         """Stop the worker and reap it (shielded by the caller)."""
         self._slots.discard(slot)
         jobs, slot.jobs = slot.jobs, deque()
+        # What the worker had not received of the calls in flight when it ended, nobody
+        # ever will: their segments are taken back once it is gone (see the end).
+        in_flight = [(job.made, job.offset, job.part) for job in jobs if job.made is not None]
         for job in jobs:
             job.error = anyio.ClosedResourceError("the pool was closed while the call ran")
             self._complete(job)
@@ -822,6 +853,10 @@ class Pool:
                 await slot.process.wait()
         await slot.process.stop()
         slot.process.close()
+        for made, start, part in in_flight:
+            for segments in made[start : start + part]:
+                if segments is not None:
+                    segments.discard()
 
 
 def _unreadable_reply(job: Job, exc: BaseException) -> BaseException:

@@ -6,6 +6,7 @@ Shared by the pool (``_pool``), which queues, sends and completes jobs, and the 
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +14,7 @@ from ._pool_worker import Error, RemoteTraceback
 
 if TYPE_CHECKING:
     from ._pool import _Slot
+    from ._shared import SegmentsMade
 
 __all__ = ("ABANDONED", "DONE", "QUEUED", "SENT", "WITHDRAWN", "Job")
 
@@ -31,6 +33,7 @@ class Job:
     """One request to a worker: one or more calls of one function."""
 
     __slots__ = (
+        "arg_bytes",
         "arglist",
         "batchable",
         "deliver",
@@ -39,9 +42,12 @@ class Job:
         "errors",
         "fn",
         "id",
+        "made",
         "offset",
         "part",
         "payload",
+        "pickled",
+        "result_bytes",
         "seconds",
         "size",
         "slot",
@@ -66,9 +72,18 @@ class Job:
         self.errors: dict[int, Error] | None = None
         #: Set if the whole job failed (the worker died, the pool closed, ...).
         self.error: BaseException | None = None
-        #: What the payload holds, kept to send a part of it (see Pool._serve).
+        #: What the payload holds, kept to send a part of it (see Pool._serve): the
+        #: calls' arguments, or with *pickled* their pickles, made one by one.
         self.fn: Callable[..., Any] | None = None
-        self.arglist: list[tuple[Any, ...]] = []
+        self.arglist: list[Any] = []
+        self.pickled = False
+        #: The bytes of the arguments' pickles, with their shared memory (set by a map).
+        self.arg_bytes = 0
+        #: The shared memory that the results' pickles made, as the worker reported.
+        self.result_bytes = 0
+        #: Per call, the segments its arguments' pickle made (or None), if any did: taken
+        #: back for the calls that will never be sent.
+        self.made: list[SegmentsMade | None] | None = None
         #: Calls answered by earlier parts; calls in the part in flight.
         self.offset = 0
         self.part = 0
@@ -78,12 +93,24 @@ class Job:
         """Calls not yet answered."""
         return self.size - self.offset
 
+    def discard_unsent(self, start: int) -> None:
+        """Calls from *start* on will never be sent: take back the segments of their
+        arguments' pickles, which no worker will receive."""
+        made, self.made = self.made, None  # the calls before start were sent
+        if made is None:
+            return
+        for segments in made[start:]:
+            if segments is not None:
+                segments.discard()
+
     def outcome(self, i: int) -> Any:
         """Return the i-th call's result, or raise its exception."""
         if self.error is not None:
             raise self.error
         if self.errors is not None and i in self.errors:
             exc, text = self.errors[i]
+            if not text:  # failed here, not in the worker
+                raise exc
             raise exc from RemoteTraceback(text)
         return self.values[i]
 
@@ -96,8 +123,11 @@ class Job:
             self.error = message
             return
         if message[0] == "ok":
-            _, job_id, values, errors, self.seconds = message
+            _, job_id, values, errors, self.seconds, shared_bytes, pickled = message
             assert job_id == self.id, (job_id, self.id)
+            self.result_bytes += shared_bytes
+            if pickled:
+                values, errors = _unpickle_values(values, errors)
             if self.offset == 0:
                 self.values, self.errors = values, errors
             else:  # a later part of a job that was cut
@@ -109,3 +139,19 @@ class Job:
             _, job_id, (error, text) = message
             error.__cause__ = RemoteTraceback(text)
             self.error = error
+
+
+def _unpickle_values(
+    pickles: list[bytes], errors: dict[int, Error] | None
+) -> tuple[list[Any], dict[int, Error] | None]:
+    """The values a worker pickled one by one; one that can't be unpickled here fails
+    its own call, with the unpickling error."""
+    values: list[Any] = []
+    for i, data in enumerate(pickles):
+        try:
+            values.append(pickle.loads(data))
+        except Exception as exc:
+            values.append(None)
+            errors = dict(errors or {})
+            errors[i] = (exc, "")
+    return values, errors

@@ -8,16 +8,24 @@ The conversation over a worker's duplex pipe, every message one pickled frame:
 
 * worker -> parent, once: ``("ready", pid)``, or ``("init-failed", error)`` if the
   initializer raised (the worker then returns).
-* parent -> worker: ``(job_id, fn, [args, ...])``: call ``fn(*args)`` for each entry;
-  *fn* may also come as ``bytes``, its own pickle (a plain function, by reference).
-  A chunk of :meth:`Pool.map` items and a single :meth:`Pool.run` call look the same.
-  Or ``("batch", [request_bytes, ...])``: several such jobs, pickled one by one, run in
-  that order, each answered as soon as it is done.
-* worker -> parent: ``("ok", job_id, values, errors, seconds)``: ``values[i]`` is the
-  i-th result, ``errors`` is ``None`` or maps the index of each call that failed to its
-  error, ``seconds`` is how long the job took here (the pool judges by it whether calls
-  are quick enough to send together); or ``("failed", None, error)`` if the request
-  itself could not be read. The replies come in the order of the jobs.
+* parent -> worker: ``(job_id, fn, [args, ...], pickled)``: call ``fn(*args)`` for each
+  entry; *fn* may also come as ``bytes``, its own pickle (a plain function, by
+  reference). With *pickled*, each entry is the pickle of its *args*, made one by one
+  (a map's items that hold ``shared()`` objects: a chunk of them is cut at
+  ``max_tasks_per_child`` without pickling them again, which would make new segments);
+  they are all unpickled before the first call, so a worker that dies leaves none of
+  their segments behind. A chunk of :meth:`Pool.map` items and a single
+  :meth:`Pool.run` call look the same. Or ``("batch", [request_bytes, ...])``: several
+  such jobs, pickled one by one, run in that order, each answered as soon as it is done.
+* worker -> parent: ``("ok", job_id, values, errors, seconds, shared_bytes, pickled)``:
+  ``values[i]`` is the i-th result, ``errors`` is ``None`` or maps the index of each call
+  that failed to its error, ``seconds`` is how long the job took here (the pool judges
+  by it whether calls are quick enough to send together). With *pickled*, each value
+  comes as its own pickle, made once (when one of them can't be pickled, or when the
+  results are ``shared()`` objects themselves), and ``shared_bytes`` is the shared
+  memory those pickles made (a map counts it against its budget); otherwise it is 0.
+  Or ``("failed", None, error)`` if the request itself could not be read. The replies
+  come in the order of the jobs.
 * parent closes its end: the stop request. The worker sees EOF once its current call
   has returned, and returns.
 
@@ -36,6 +44,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import sys
 import traceback
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -119,28 +128,77 @@ def _describe(fn: object) -> str:
     return getattr(fn, "__qualname__", None) or repr(fn)
 
 
+_SHARED_MODULE = f"{__package__}._shared"
+
+
 def _reply(
     job_id: int, fn: object, values: list[Any], errors: dict[int, Error] | None, seconds: float
-) -> Any:
-    """The reply's bytes; a result that can't be pickled fails its own call only."""
-    try:
-        return dumps(("ok", job_id, values, errors, seconds))
-    except Exception:
-        pass
-    errors = dict(errors or {})
-    for i, value in enumerate(values):
-        if i in errors:
-            continue
+) -> bytes:
+    """The reply's bytes; a result that can't be pickled fails its own call only.
+
+    Every value is pickled once: a second pickle of a ``shared()`` object would make a
+    second segment, and the first would stay in ``/dev/shm`` until the program ends.
+    """
+    # asyncmp._shared (this package's, whatever its name) is loaded here if something in
+    # this process can make a segment: a wrapper exists only once shared() was called.
+    # Looked up, not imported: this module imports nothing that imports anyio.
+    shared: Any = sys.modules.get(_SHARED_MODULE)
+    if shared is None:
         try:
-            dumps(value)
+            return dumps(("ok", job_id, values, errors, seconds, 0, False))
+        except Exception:
+            return _reply_value_by_value(job_id, fn, values, errors, seconds, None)
+    if values and type(values[0]) is shared.Shared:
+        # Results of their own in shared memory (a function that returns shared(...)):
+        # pickled one by one from the start, so that one that fails needs none of the
+        # others pickled again, and their bytes are known (a map counts them).
+        return _reply_value_by_value(job_id, fn, values, errors, seconds, shared)
+    made = shared.SegmentsMade.standing()
+    made.segments.clear()
+    try:
+        return dumps(("ok", job_id, values, errors, seconds, 0, False))
+    except Exception:
+        made.discard()  # segments of values pickled before one failed: never sent
+    return _reply_value_by_value(job_id, fn, values, errors, seconds, shared)
+
+
+#: The pickle that stands for the value of a call that failed.
+_NONE = dumps(None)
+
+
+def _reply_value_by_value(
+    job_id: int,
+    fn: object,
+    values: list[Any],
+    errors: dict[int, Error] | None,
+    seconds: float,
+    shared: Any,
+) -> bytes:
+    """A reply with each value pickled on its own: one that can't be pickled fails its
+    own call, and takes back the segments it made before it failed."""
+    errors = dict(errors or {})
+    pickles: list[bytes] = []
+    nbytes = 0
+    made = None if shared is None else shared.SegmentsMade.standing()
+    for i, value in enumerate(values):
+        if made is not None:
+            made.segments.clear()
+        try:
+            data = dumps(value)
         except Exception as why:
-            values[i] = None
+            if made is not None:
+                made.discard()
+            data = _NONE
             error = pickle.PicklingError(
                 f"the result of {_describe(fn)}, a {type(value).__qualname__}, can't be "
                 f"sent back from the worker ({type(why).__name__}: {why})"
             )
             errors[i] = (error, "".join(traceback.format_exception(error)))
-    return dumps(("ok", job_id, values, errors, seconds))
+        else:
+            if made is not None:
+                nbytes += made.nbytes
+        pickles.append(data)
+    return dumps(("ok", job_id, pickles, errors or None, seconds, nbytes, True))
 
 
 def serve(
@@ -209,10 +267,11 @@ def _send_failed(conn: Connection, exc: Exception) -> None:
 
 
 def _run_job(
-    conn: Connection, job: tuple[int, Callable[..., Any] | bytes, list[tuple[Any, ...]]]
+    conn: Connection,
+    job: tuple[int, Callable[..., Any] | bytes, list[Any], bool],
 ) -> None:
     start = perf_counter()
-    job_id, fn_or_pickle, arglist = job
+    job_id, fn_or_pickle, arglist, pickled = job
     fn: Callable[..., Any]
     if isinstance(fn_or_pickle, bytes):
         try:
@@ -224,13 +283,43 @@ def _run_job(
         fn = fn_or_pickle
     values: list[Any] = []
     errors: dict[int, Error] | None = None
+    if pickled:
+        values, errors = _run_pickled(fn, arglist)
+    else:
+        for i, args in enumerate(arglist):
+            try:
+                values.append(fn(*args))
+            except Exception as exc:
+                values.append(None)
+                if errors is None:
+                    errors = {}
+                errors[i] = portable_error(exc, _describe(fn))
+    reply = _reply(job_id, fn, values, errors, perf_counter() - start)
+    conn.send_bytes(reply)  # raises OSError if the parent left
+
+
+def _run_pickled(
+    fn: Callable[..., Any], pickles: list[bytes]
+) -> tuple[list[Any], dict[int, Error] | None]:
+    """Unpickle every call's arguments first (mapping their segments, if any), then make
+    the calls. Arguments that can't be unpickled fail their own call."""
+    errors: dict[int, Error] = {}
+    arglist: list[Any] = []
+    for i, data in enumerate(pickles):
+        try:
+            arglist.append(ForkingPickler.loads(data))
+        except Exception as exc:
+            arglist.append(None)
+            errors[i] = portable_error(exc, "reading the arguments")
+    values: list[Any] = []
     for i, args in enumerate(arglist):
+        if i in errors:
+            values.append(None)
+            continue
         try:
             values.append(fn(*args))
         except Exception as exc:
             values.append(None)
-            if errors is None:
-                errors = {}
             errors[i] = portable_error(exc, _describe(fn))
-    reply = _reply(job_id, fn, values, errors, perf_counter() - start)
-    conn.send_bytes(reply)  # raises OSError if the parent left
+        args = arglist[i] = None  # the call is done: its arguments (and segments) may go
+    return values, errors or None

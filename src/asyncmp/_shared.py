@@ -103,6 +103,7 @@ from ._mpinternals import resource_tracker_id, resource_tracker_lock, shm_calls
 __all__ = (
     "NAME_PREFIX",
     "SHARED_THRESHOLD",
+    "SegmentsMade",
     "Shared",
     "program_tag",
     "refusing",
@@ -152,6 +153,89 @@ def refusing(reason: str) -> Iterator[None]:
         yield
     finally:
         _refusal.reset(token)
+
+
+class _Recording(threading.local):
+    """Per thread: the list that :class:`SegmentsMade` collects this thread's new segments
+    in, or None. Per thread, because another thread (a Queue's feeder) may be pickling
+    shared objects of its own at the same moment."""
+
+    def __init__(self) -> None:
+        self.segments: list[tuple[str, int]] | None = None
+        self.standing: SegmentsMade | None = None
+
+
+_recording = _Recording()
+
+
+class SegmentsMade:
+    """The segments that pickling makes in this thread within a ``with`` block: their
+    names and sizes, to count the shared memory a pickle holds or to take back those of a
+    pickle that will not be sent (it failed half-way, or is made again another way)::
+
+        made = SegmentsMade()
+        try:
+            with made:
+                data = dumps(obj)
+        except Exception:
+            made.discard()  # what the pickle made before it failed
+            raise
+
+    Blocks don't nest: an inner one hides the segments it records from an outer one.
+    A process that pickles what it sends in one thread (a pool's worker) can keep one
+    standing record there instead, cheaper than a block per pickle: :meth:`standing`.
+    """
+
+    __slots__ = ("_outer", "segments")
+
+    def __init__(self) -> None:
+        #: ``(name, size)`` of each segment made, in order.
+        self.segments: list[tuple[str, int]] = []
+        self._outer: list[tuple[str, int]] | None = None
+
+    def __enter__(self) -> SegmentsMade:
+        self._outer = _recording.segments
+        _recording.segments = self.segments
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        _recording.segments = self._outer
+
+    @classmethod
+    def standing(cls) -> SegmentsMade:
+        """This thread's standing record, entered at the first call and never left: it
+        collects every segment made in this thread outside other blocks. Clear its
+        ``segments`` before the pickle it is to record."""
+        made = _recording.standing
+        if made is None:
+            made = _recording.standing = cls()
+            _recording.segments = made.segments
+        return made
+
+    @property
+    def nbytes(self) -> int:
+        """The bytes of shared memory the segments made hold."""
+        return sum(size for _, size in self.segments)
+
+    def discard(self) -> None:
+        """Unlink the segments made that are still there, and tell the resource tracker,
+        as a receiver would: for a pickle that no process will receive (never sent, or
+        sent to a receiver that is gone). A segment already gone was received, and its
+        receiver told the tracker. Never raises."""
+        segments = list(self.segments)
+        self.segments.clear()
+        if SHM is None:
+            return
+        _, shm_unlink = SHM
+        for name, _ in segments:
+            try:
+                shm_unlink(name)
+            except FileNotFoundError:
+                continue
+            except OSError:
+                pass
+            with contextlib.suppress(Exception):
+                _unregister(name)
 
 
 class Shared(Generic[T]):
@@ -368,6 +452,9 @@ def _create_segment(
                 "e.g. docker run --shm-size=2g), or send without shared()"
             ) from exc
         raise
+    recording = _recording.segments
+    if recording is not None:
+        recording.append((name, size))
     return name
 
 
