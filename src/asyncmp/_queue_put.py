@@ -170,10 +170,12 @@ def _read_elsewhere(inode: int) -> bool:
     Linux only, through ``/proc``: each process's descriptors link to ``pipe:[inode]``,
     and the ``flags`` of their ``fdinfo`` tell a read end from a write end. Elsewhere, or
     without ``/proc``, it answers True (a reader may exist). A process that vanishes
-    meanwhile holds nothing; one whose descriptors this process may not see counts as a
-    reader if it belongs to this user, and as none otherwise (only a deliberate change of
-    user or a descriptor passed over a socket could give it the pipe). It runs only at
-    exit, only while a put-back is pending.
+    meanwhile holds nothing. Nor does, as far as this can know, one whose descriptors this
+    process may not read (another user's, or one outside its reach even for root, as a
+    container's init often is): only a deliberate step (a change of user, a descriptor
+    passed over a socket) could give it the pipe, and counting such processes as readers
+    would make every exit wait, as in most containers and for every user who is not root.
+    It runs only at exit, only while a put-back is pending.
     """
     if sys.platform != "linux":
         return True
@@ -192,14 +194,7 @@ def _read_elsewhere(inode: int) -> bool:
         base = f"/proc/{pid}"
         try:
             fds = os.listdir(f"{base}/fd")
-        except PermissionError:
-            try:
-                if os.stat(base).st_uid == os.geteuid():
-                    return True
-            except OSError:
-                pass
-            continue
-        except OSError:  # gone (FileNotFoundError, ProcessLookupError) or a kernel thread
+        except OSError:  # gone (FileNotFoundError, ProcessLookupError), or not ours to read
             continue
         for fd in fds:
             try:
@@ -207,9 +202,9 @@ def _read_elsewhere(inode: int) -> bool:
                     continue
                 with open(f"{base}/fdinfo/{fd}") as info:
                     flags = next(line for line in info if line.startswith("flags:"))
-            except PermissionError:
-                return True
-            except (OSError, StopIteration):  # closed meanwhile
+            except PermissionError:  # not ours to read (see above)
+                break
+            except (OSError, StopIteration):  # closed meanwhile, or the process is gone
                 continue
             if int(flags.split()[1], 8) & os.O_ACCMODE != os.O_WRONLY:
                 return True
