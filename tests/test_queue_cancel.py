@@ -332,3 +332,38 @@ async def test_a_process_that_exits_after_such_an_aclose_waits_until_the_item_is
         assert buffered(q._reader.fileno()) == 0, "something was left in the pipe"
     finally:
         release_pipe(q)
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux",
+    reason="only Linux tells who holds a pipe's read end (/proc); elsewhere exit waits",
+)
+async def test_a_process_that_is_its_queues_only_reader_exits_at_once_after_such_an_aclose(
+    anyio_backend: object, mp_context: Any
+) -> None:
+    """The same child, but it made the queue itself: no other process holds the queue's
+    read end, so nothing could ever read the item it puts back, and its exit must not wait
+    for that (it would wait forever: the pipe never says its readers are gone while this
+    very process holds one). It exits with code 0 in seconds."""
+    backend, uvloop = backend_of(anyio_backend)
+    frame, _ = big_frame(16 * MiB)
+    closed = mp_context.Event()
+    async with child(
+        fault_workers.make_a_queue_then_aclose_after_a_cancelled_get,
+        mp_context.get_start_method(),
+        frame,
+        32 * KiB,
+        STALL,
+        closed,
+        backend,
+        uvloop,
+        ctx=mp_context,
+    ) as proc:
+        await wait_for_event(closed, "the child closed its adapter", timeout=30)
+        # (Not the sentinel: it is readable a moment before the process can be reaped.)
+        await wait_until(
+            lambda: not proc.is_alive(),
+            "the child exited (it waits for a put-back nobody can read)",
+            timeout=30,  # a "no hang" bound
+        )
+    assert proc.exitcode == 0

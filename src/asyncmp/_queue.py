@@ -367,10 +367,12 @@ class AsyncQueue(AsyncResource, Generic[T]):
         not as a new task of a ``JoinableQueue``. The consumers, in any process, get it
         after the items before it. The process waits for that thread at exit, as
         multiprocessing waits for a ``Queue``'s feeder thread, so a process that exits
-        while nobody reads the queue waits until somebody does; one that ends without
-        its exit handlers (``os._exit()``, a signal) may leave part of the item in the
-        pipe, as a producer killed mid-put does. If no process holds the queue's read
-        end any more, the item is dropped.
+        while nobody reads the queue waits until somebody does, unless no other process
+        holds the queue's read end (on Linux, checked through ``/proc``; elsewhere it
+        always waits): nothing could ever read the item then, and the process exits at
+        once, dropping it. One that ends without its exit handlers (``os._exit()``, a
+        signal) may leave part of the item in the pipe, as a producer killed mid-put
+        does. If no process holds the queue's read end any more, the item is dropped.
 
         If cancelled, the adapter is closed all the same; those two waits still run to
         their end, the put-back starts, and only the wait for the feeder stops, the

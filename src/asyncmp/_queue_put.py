@@ -14,7 +14,9 @@ An item that :meth:`AsyncQueue.aclose` gives back to the queue (one a cancelled 
 left to a thread, or one it finished itself) goes back as a put of its own
 (:class:`_PutBack`): its frame, as it was read, written whole by a daemon thread that waits
 for room as long as that takes, and that the process waits for at exit, as it waits for a
-``Queue``'s feeder thread. Nobody needs to read the queue at the moment ``aclose()`` runs.
+``Queue``'s feeder thread, unless no other process holds the queue's read end (Linux,
+through ``/proc``): nothing could ever read the item then. Nobody needs to read the queue
+at the moment ``aclose()`` runs.
 """
 
 from __future__ import annotations
@@ -158,11 +160,64 @@ _put_backs: set[_PutBack] = set()
 _exit_hooked_pid: int | None = None
 
 
+#: How long exit waits for a put-back between two looks for another reader of its pipe.
+_EXIT_RECHECK = 0.25
+
+
+def _read_elsewhere(inode: int) -> bool:
+    """Whether a process other than this one may hold the pipe *inode* open for reading.
+
+    Linux only, through ``/proc``: each process's descriptors link to ``pipe:[inode]``,
+    and the ``flags`` of their ``fdinfo`` tell a read end from a write end. Elsewhere, or
+    without ``/proc``, it answers True (a reader may exist). A process that vanishes
+    meanwhile holds nothing. Nor does, as far as this can know, one whose descriptors this
+    process may not read (another user's, or one outside its reach even for root, as a
+    container's init often is): only a deliberate step (a change of user, a descriptor
+    passed over a socket) could give it the pipe, and counting such processes as readers
+    would make every exit wait, as in most containers and for every user who is not root.
+    It runs only at exit, only while a put-back is pending.
+    """
+    if sys.platform != "linux":
+        return True
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return True  # no procfs: nothing tells
+    me, parent = str(os.getpid()), str(os.getppid())
+    if parent in pids:  # most often the reader: look there first
+        pids.remove(parent)
+        pids.insert(0, parent)
+    target = f"pipe:[{inode}]"
+    for pid in pids:
+        if pid == me:
+            continue
+        base = f"/proc/{pid}"
+        try:
+            fds = os.listdir(f"{base}/fd")
+        except OSError:  # gone (FileNotFoundError, ProcessLookupError), or not ours to read
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(f"{base}/fd/{fd}") != target:
+                    continue
+                with open(f"{base}/fdinfo/{fd}") as info:
+                    flags = next(line for line in info if line.startswith("flags:"))
+            except PermissionError:  # not ours to read (see above)
+                break
+            except (OSError, StopIteration):  # closed meanwhile, or the process is gone
+                continue
+            if int(flags.split()[1], 8) & os.O_ACCMODE != os.O_WRONLY:
+                return True
+    return False
+
+
 def _wait_for_put_backs() -> None:
     """At exit: wait until every put-back is in the pipe, whole (as multiprocessing waits
-    for a Queue's feeder thread)."""
+    for a Queue's feeder thread), but only while another process may read it: once none
+    holds the pipe's read end (:func:`_read_elsewhere`), nothing ever could, and what the
+    daemon thread leaves in the pipe harms nobody; the process exits without it."""
     for put_back in list(_put_backs):
-        put_back.join()
+        put_back.join_at_exit()
 
 
 def _hook_exit() -> None:
@@ -189,8 +244,9 @@ class _PutBack:
     takes: it never gives up in the middle of the frame, so nothing can leave part of it
     in the pipe, except the end of the process itself, which waits for it (see
     :func:`_hook_exit`) unless it ends without its exit handlers (``os._exit``, a signal),
-    as a producer killed mid-put. The thread ends early, the item dropped, only once no
-    process holds the queue's read end (nobody could ever read it).
+    as a producer killed mid-put, or no other process holds the queue's read end
+    (:func:`_wait_for_put_backs`). The thread ends early, the item dropped, once no process
+    at all holds the queue's read end (nobody could ever read it).
 
     It writes to a duplicate of the queue's write end, which stays open when the queue is
     closed in this process meanwhile (``Queue.close()`` lets the feeder thread close the
@@ -199,6 +255,7 @@ class _PutBack:
 
     def __init__(self, fd: int, wlock: Any, sem: Any | None, frame: bytes) -> None:
         self._fd = os.dup(fd)
+        self._inode = os.fstat(self._fd).st_ino  # the pipe's, both ends alike
         self._wlock = wlock
         self._sem = sem
         self._frame = frame
@@ -213,11 +270,14 @@ class _PutBack:
         self._thread = thread
         thread.start()
 
-    def join(self) -> None:
-        """Wait until the frame is in the pipe (or nobody can read it any more)."""
+    def join_at_exit(self) -> None:
+        """Wait until the frame is in the pipe, as long as another process may read it."""
         thread = self._thread
-        if thread is not None:
-            thread.join()
+        if thread is None:
+            return
+        thread.join(_EXIT_RECHECK)
+        while thread.is_alive() and _read_elsewhere(self._inode):
+            thread.join(_EXIT_RECHECK)
 
     def _run(self) -> None:
         sem = self._sem

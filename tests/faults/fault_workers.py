@@ -196,6 +196,17 @@ def aclose_after_a_cancelled_get_then_exit(
         os._exit(ASYNC_PART_FAILED)
 
 
+def make_a_queue_then_aclose_after_a_cancelled_get(
+    method: str, frame: bytes, split: int, stall: float, closed: Any, backend: str, uvloop: bool
+) -> None:
+    """:func:`aclose_after_a_cancelled_get_then_exit` on a ``Queue`` of the start method
+    *method* made here, so that no other process ever holds its read end."""
+    import multiprocessing
+
+    q = multiprocessing.get_context(method).Queue()
+    aclose_after_a_cancelled_get_then_exit(q, frame, split, stall, closed, backend, uvloop)
+
+
 def produce_then_exit(
     q: Any, items: list[Any], how: str, backend: str = "asyncio", uvloop: bool = False
 ) -> None:
