@@ -212,7 +212,7 @@ def _proc_shows_a_reader(inode: int) -> bool:
                 break
             except (OSError, StopIteration):  # closed meanwhile, or the process is gone
                 continue
-            if int(flags.split()[1], 8) & os.O_ACCMODE != os.O_WRONLY:
+            if int(flags.split()[1], 8) & 0o3 != os.O_WRONLY:  # O_ACCMODE (Linux)
                 return True
     return False
 
