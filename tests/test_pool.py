@@ -137,6 +137,16 @@ async def test_an_unpicklable_argument_is_named_keeping_its_error_type_and_cause
         assert (stats.calls_queued, stats.calls_running, stats.calls_done) == (0, 0, 0)
 
 
+async def test_a_pickling_error_with_nothing_to_add_is_raised_as_it_is() -> None:
+    """When no one part fails alone, the error is raised as pickling raised it: not as its
+    own cause."""
+    async with asyncmp.open_pool(1) as pool:
+        with pytest.raises(TypeError, match=r"^not on the first try$") as info:
+            await pool.run(operator.is_, 1, w.PicklesOnlyAgain())
+        assert info.value.__cause__ is not info.value
+        assert pool.statistics().calls_done == 0
+
+
 async def test_a_function_that_cant_be_pickled_is_said_to_need_a_module_level_name() -> None:
     def local(x: int) -> int:
         return x

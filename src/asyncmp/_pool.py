@@ -66,6 +66,7 @@ from ._pool_map import PoolMap
 from ._pool_pickling import explain
 from ._pool_worker import RemoteTraceback, serve
 from ._process import TERMINATE_GRACE, AsyncProcess, Lifeline, WorkerExited, start_with_pipe
+from ._shared import SegmentsMade
 from ._wire import dumps
 
 if sys.version_info >= (3, 13):
@@ -317,10 +318,20 @@ class Pool:
         self._check_usable()
         done = new_wakeup()
         job = Job(next(self._ids), 1, lambda _: done.set())
+        # The segments that shared() arguments make: taken back if the call is never
+        # sent (withdrawn, failed as the pool closes, or its pickling fails half-way).
+        made = SegmentsMade()
         try:
-            job.payload = self._request(job.id, fn, [args])
+            with made:
+                job.payload = self._request(job.id, fn, [args])
         except Exception as exc:
-            raise explain(exc, fn, [args], None) from exc
+            made.discard()
+            error = explain(exc, fn, [args], None)
+            if error is exc:  # nothing to add: not its own cause
+                raise
+            raise error from exc
+        if made.segments:
+            job.made = [made]
         job.fn, job.arglist = fn, [args]
         job.batchable = not kill_on_cancel
         self._enqueue(job)
@@ -785,11 +796,16 @@ class Pool:
         as running, even if the worker died before it read it (the moment a send returns
         and the worker's death are indistinguishable from here). A job whose send failed,
         or had not finished when the worker ended, was not received: it runs elsewhere.
+
+        The worker is gone (reaped): the segments of the jobs that fail or were abandoned,
+        which it had not received, nobody will receive; they are taken back (those it did
+        receive are gone already). Those of jobs that go back to the queue are kept.
         """
         jobs, slot.jobs = slot.jobs, deque()
         if len(jobs) > slot.undelivered():
             first = jobs.popleft()
             first.error = WorkerExited(exitcode)
+            first.discard_unsent(first.offset)  # the part it ran too
             self._complete(first)
         slot.requests.clear()
         slot.in_flight = 0
@@ -805,6 +821,7 @@ class Pool:
                     self._idle.popleft().set()
             else:  # abandoned: the calls of it not sent yet never run either
                 self._queued -= job.size - job.offset - job.part
+                job.discard_unsent(job.offset)
 
     async def _next_job(self) -> Job:
         while True:
