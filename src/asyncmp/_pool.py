@@ -38,6 +38,7 @@ The invariants that make cancellation lose nothing:
 
 from __future__ import annotations
 
+import functools
 import inspect
 import io
 import multiprocessing
@@ -451,6 +452,7 @@ class Pool:
                 self._fn_pickles[fn] = ref
             request: tuple[Any, ...] = (job_id, ref, arglist, pickled)
         else:
+            _refuse_async(fn)  # a partial or a callable object: cheap enough per request
             request = (job_id, fn, arglist, pickled)
         return self._dumps(request)
 
@@ -891,9 +893,22 @@ def _unreadable_reply(job: Job, exc: BaseException) -> BaseException:
 
 def _refuse_async(fn: Callable[..., object]) -> None:
     """Raise ``TypeError`` if *fn* is an async function: in a worker, calling it would
-    only make a coroutine, which can't even be sent back."""
-    if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
-        name = getattr(fn, "__name__", "fn")
+    only make a coroutine, which can't even be sent back. So is a ``functools.partial``
+    of one (unwrapped here, whatever the Python version's ``inspect`` does) and an
+    object whose ``__call__`` is one."""
+    target: Any = fn
+    while isinstance(target, functools.partial):
+        target = target.func
+    called = target
+    if not (
+        inspect.isfunction(target)
+        or inspect.ismethod(target)
+        or inspect.isbuiltin(target)
+        or isinstance(target, type)
+    ) and callable(target):
+        called = type(target).__call__
+    if inspect.iscoroutinefunction(called) or inspect.isasyncgenfunction(called):
+        name = getattr(target, "__name__", None) or type(target).__name__
         raise TypeError(
             f"pool.run() and pool.map() call plain functions, and {name} is an async"
             " function (in a worker, calling it only makes a coroutine): run it from a"
