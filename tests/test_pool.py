@@ -9,6 +9,7 @@ import os
 import pickle
 import random
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -1072,6 +1073,24 @@ async def _expect_killed_by(pool: Pool, holds: Holds, signum: int) -> None:
 
 
 @posix_only
+@pytest.mark.parametrize("method", multiprocessing.get_all_start_methods())
+def test_a_spawned_worker_keeps_the_handlers_its_main_module_installs(method: str) -> None:
+    """Only a forked worker's handlers are the parent's: a spawn or forkserver worker
+    installed its own as it imported the main module, as a new interpreter would."""
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.main_handlers", method],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root / "src")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    usr1 = "SIG_DFL" if method == "fork" else "a Python handler"
+    assert result.stdout.splitlines() == [f"{usr1},SIG_DFL"]
+
+
 async def test_sigterm_ends_a_busy_worker_whatever_handler_the_parent_has(
     mp_context: MPContext,
 ) -> None:

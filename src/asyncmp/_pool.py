@@ -954,11 +954,13 @@ async def open_pool(
     pool (see below).
 
     A worker starts as a new interpreter would, before the initializer runs (which may
-    choose otherwise): the Python-level signal handlers it inherited (a forked worker gets
-    the parent's, a server's SIGTERM handler among them) are back to the defaults, and
-    SIGTERM always ends it, so that the pool's ``terminate()`` of a busy worker, or an
-    operator's ``kill``, works; no event loop is running, so a function may call
-    ``asyncio.run()`` or ``trio.run()``. Workers ignore SIGINT: the pool owns their lives.
+    choose otherwise): the Python-level signal handlers a forked worker inherited (the
+    parent's, a server's SIGTERM handler among them) are back to the defaults (a spawn or
+    forkserver worker keeps those its main module installed as it imported it, as any new
+    interpreter would), and SIGTERM always ends it, so that the pool's ``terminate()`` of a
+    busy worker, or an operator's ``kill``, works; no event loop is running, so a function
+    may call ``asyncio.run()`` or ``trio.run()``. Workers ignore SIGINT: the pool owns their
+    lives.
     A Ctrl-C in a terminal reaches the whole process group; it interrupts the parent,
     whose block exit then stops the workers, instead of ending running calls in the
     workers with ``KeyboardInterrupt`` tracebacks. If the parent dies without leaving the
