@@ -947,8 +947,10 @@ async def open_pool(
     A worker that dies is replaced; the call it ran raises :class:`WorkerExited`, and
     the calls sent to it that it had not started run on other workers. The pool watches
     each worker process itself (on Linux through a pidfd), not only its pipe: it sees the
-    end of a worker at once even if a grandchild that the worker forked holds the pipe
-    open, or if the worker was idle. One that dies idle is replaced before it is given a
+    end of a worker at once if the worker was idle, and, on Linux, even if a grandchild
+    that the worker forked holds the pipe open (elsewhere such a grandchild holds the
+    process's sentinel open too, and the end is seen once the grandchild ends, but for a
+    forkserver's workers). One that dies idle is replaced before it is given a
     call (if it never ran one, only once a call is queued: workers that die as they start
     are not restarted in a loop). A failing initializer is not retried: it breaks the
     pool (see below).
