@@ -9,7 +9,7 @@ from __future__ import annotations
 from multiprocessing.connection import Connection
 from typing import Any
 
-__all__ = ("fetch", "noop", "report_inherited_connection")
+__all__ = ("AsyncFetcher", "fetch", "noop", "report_inherited_connection")
 
 
 def noop(*args: Any) -> None:
@@ -31,3 +31,10 @@ def report_inherited_connection(inherited: Any, report: Connection) -> None:
 async def fetch(x: int) -> int:
     """An async function: what a pool can't call as it is."""
     return x
+
+
+class AsyncFetcher:
+    """An object whose ``__call__`` is an async function: what a pool can't call either."""
+
+    async def __call__(self, x: int) -> int:
+        return x

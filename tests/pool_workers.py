@@ -22,6 +22,7 @@ from typing import Any
 
 __all__ = (
     "NeedsTwoArgs",
+    "PicklesOnlyAgain",
     "crash_leaving_grandchild",
     "echo",
     "exit_at_3",
@@ -119,6 +120,20 @@ def note(value: int) -> int:
 
 def return_unpicklable() -> object:
     return threading.Lock()
+
+
+class PicklesOnlyAgain:
+    """Can't be pickled the first time, can be from then on: a request that fails to
+    pickle although each part of it pickles alone."""
+
+    def __init__(self) -> None:
+        self.tries = 0
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        self.tries += 1
+        if self.tries == 1:
+            raise TypeError("not on the first try")
+        return (PicklesOnlyAgain, ())
 
 
 class NeedsTwoArgs(Exception):

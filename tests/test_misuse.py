@@ -10,6 +10,7 @@ wrong kind of object raises ``TypeError`` at construction, naming what it accept
 from __future__ import annotations
 
 import asyncio
+import functools
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -247,6 +248,24 @@ async def test_an_async_function_given_to_a_pool_says_how_to_run_it() -> None:
             _ = await pool.run(misuse_workers.fetch, 1)
         with pytest.raises(TypeError, match=rf"fetch is an async function.*{fix}"):
             async for _ in pool.map(misuse_workers.fetch, [1, 2]):
+                pass
+        assert pool.statistics().calls_done == 0  # nothing was sent
+
+
+@pytest.mark.parametrize("kind", ["partial", "callable-object"])
+async def test_an_async_function_behind_a_partial_or_call_is_refused_too(kind: str) -> None:
+    fn: Any = (
+        functools.partial(misuse_workers.fetch)
+        if kind == "partial"
+        else misuse_workers.AsyncFetcher()
+    )
+    name = "fetch" if kind == "partial" else "AsyncFetcher"
+    async with asyncmp.open_pool(1) as pool:
+        for _ in range(2):  # the second time too (nothing is cached for these)
+            with pytest.raises(TypeError, match=rf"{name} is an async function"):
+                _ = await pool.run(fn, 1)
+        with pytest.raises(TypeError, match=rf"{name} is an async function"):
+            async for _ in pool.map(fn, [1, 2]):
                 pass
         assert pool.statistics().calls_done == 0  # nothing was sent
 

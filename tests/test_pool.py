@@ -9,6 +9,7 @@ import os
 import pickle
 import random
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -135,6 +136,16 @@ async def test_an_unpicklable_argument_is_named_keeping_its_error_type_and_cause
             await pool.run(w.echo, {"lock": threading.Lock()})  # type: ignore[arg-type]
         stats = pool.statistics()
         assert (stats.calls_queued, stats.calls_running, stats.calls_done) == (0, 0, 0)
+
+
+async def test_a_pickling_error_with_nothing_to_add_is_raised_as_it_is() -> None:
+    """When no one part fails alone, the error is raised as pickling raised it: not as its
+    own cause."""
+    async with asyncmp.open_pool(1) as pool:
+        with pytest.raises(TypeError, match=r"^not on the first try$") as info:
+            await pool.run(operator.is_, 1, w.PicklesOnlyAgain())
+        assert info.value.__cause__ is not info.value
+        assert pool.statistics().calls_done == 0
 
 
 async def test_a_function_that_cant_be_pickled_is_said_to_need_a_module_level_name() -> None:
@@ -1062,6 +1073,24 @@ async def _expect_killed_by(pool: Pool, holds: Holds, signum: int) -> None:
 
 
 @posix_only
+@pytest.mark.parametrize("method", multiprocessing.get_all_start_methods())
+def test_a_spawned_worker_keeps_the_handlers_its_main_module_installs(method: str) -> None:
+    """Only a forked worker's handlers are the parent's: a spawn or forkserver worker
+    installed its own as it imported the main module, as a new interpreter would."""
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.main_handlers", method],
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": str(root / "src")},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    usr1 = "SIG_DFL" if method == "fork" else "a Python handler"
+    assert result.stdout.splitlines() == [f"{usr1},SIG_DFL"]
+
+
 async def test_sigterm_ends_a_busy_worker_whatever_handler_the_parent_has(
     mp_context: MPContext,
 ) -> None:

@@ -17,7 +17,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+import tracemalloc
+from collections.abc import AsyncIterator, Iterator
 from multiprocessing.reduction import ForkingPickler
 from types import FrameType
 from typing import Any, ClassVar
@@ -26,7 +27,7 @@ import anyio
 import pytest
 
 import asyncmp
-from asyncmp import _pool_map, _shared
+from asyncmp import _pool_map, _pool_pickling, _shared
 
 from .shared_workers import (
     BIG,
@@ -688,17 +689,73 @@ async def test_pool_names_what_cant_be_pickled_without_pickling_shared_objects_a
         ):
             await pool.run(operator.is_, asyncmp.shared([make_blob(), threading.Lock()]), 1)
         assert not segments()
-        # An argument after a shared() one: finding it pickles the shared() one no more.
-        before = segments()
+        # An argument after a shared() one: finding it pickles the shared() one no more,
+        # and the segment the call's own pickling made before it failed is taken back.
         with pytest.raises(TypeError, match=r"^pool\.run\(fn, \*args\): args\[1\] \(of type _thr"):
             await pool.run(operator.is_, asyncmp.shared(make_blob()), threading.Lock())
-        # The call's own pickling, before it failed, made at most the one segment.
-        stranded = segments() - before
-        assert len(stranded) <= 1
-        for name in stranded:  # nobody will receive it
-            assert _shared.SHM is not None
-            _shared.SHM[1](f"/{name}")
-            _shared._unregister(f"/{name}")
+        assert not segments()
+
+
+def test_naming_what_cant_be_pickled_copies_no_shared_buffer() -> None:
+    """Looking for the argument that can't be pickled tries a shared() one without
+    copying its buffers into a pickle."""
+    blob = make_blob(16 * BIG)
+    args = (asyncmp.shared(blob), threading.Lock())
+    cause = TypeError("cannot pickle '_thread.lock' object")
+    tracemalloc.start()
+    try:
+        error = _pool_pickling.explain(cause, operator.is_, [args], None)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert str(error).startswith("pool.run(fn, *args): args[1] (of type _thread.lock)")
+    assert peak < 4 * BIG
+
+
+async def _run_expecting(
+    error: type[BaseException], pool: asyncmp.Pool, fn: Any, *args: Any
+) -> None:
+    with pytest.raises(error):
+        await pool.run(fn, *args)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("stop", ["withdrawn", "pool-closes"])
+async def test_a_run_call_never_sent_leaves_no_segment(stop: str) -> None:
+    """A pool.run() call with a shared() argument that never reaches a worker (withdrawn
+    while queued, or failed as the pool closes) leaves no segment behind."""
+    before = segments()
+    ours, theirs = asyncmp.Pipe()
+    release, release_second = multiprocessing.Semaphore(0), multiprocessing.Semaphore(0)
+    try:
+        async with anyio.create_task_group() as outer:
+            async with asyncmp.open_pool(
+                1, initializer=install_gate, initargs=(theirs, release, release_second)
+            ) as pool:
+                closed = anyio.ClosedResourceError
+                outer.start_soon(_run_expecting, closed, pool, gated, 0)  # holds the worker
+                assert (await ours.recv())[0] == "started"
+                if stop == "withdrawn":
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(pool.run, blob_digest, asyncmp.shared(make_blob(2 * BIG)))
+                        await anyio.wait_all_tasks_blocked()
+                        assert pool.statistics().calls_queued == 1
+                        assert len(segments() - before) == 1
+                        tg.cancel_scope.cancel()
+                    assert pool.statistics().calls_queued == 0
+                    assert segments() - before == set()
+                else:
+                    args = (asyncmp.shared(make_blob(2 * BIG)),)
+                    outer.start_soon(_run_expecting, closed, pool, blob_digest, *args)
+                    await anyio.wait_all_tasks_blocked()
+                    assert pool.statistics().calls_queued == 1
+                    del args
+                # The block ends: the held worker is stopped, a queued call fails.
+    finally:
+        theirs.close()
+        await ours.aclose()
+    gc.collect()
+    assert segments() - before == set()
 
 
 ARRAYS = 12  # of 2 MiB each
@@ -865,5 +922,98 @@ async def test_items_sent_to_a_worker_that_ends_before_reading_them_leave_no_seg
             assert len(segments() - before) == 2  # the one sent, and the one queued
             tg.cancel_scope.cancel()
     del it
+    gc.collect()
+    assert segments() - before == set()
+
+
+@pytest.mark.anyio
+async def test_a_map_whose_worker_is_killed_leaves_no_segment() -> None:
+    """The chunk that fails with WorkerExited leaves no segment behind, even the part that
+    its worker never read: once the worker is gone, nobody will receive it."""
+    before = segments()
+    async with asyncmp.open_pool(1) as pool:
+        pid = await pool.run(os.getpid)
+        os.kill(pid, signal.SIGSTOP)  # it can't read the chunk
+        items = [asyncmp.shared(make_blob(2 * BIG, seed)) for seed in range(2)]
+
+        async def step() -> None:
+            with pytest.raises(asyncmp.WorkerExited):
+                await it.__anext__()
+
+        async with pool.map(blob_digest, items) as it:
+            del items
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(step)
+                await anyio.wait_all_tasks_blocked()
+                assert pool.statistics().calls_running == 1  # sent, in the pipe
+                assert len(segments() - before) == 2  # the one sent, and the one queued
+                os.kill(pid, signal.SIGKILL)
+        # The map stopped at the failure; its worker was reaped.
+        assert segments() - before == set()
+    gc.collect()
+    assert segments() - before == set()
+
+
+@pytest.mark.anyio
+async def test_quick_calls_abandoned_in_a_killed_worker_leave_no_segment() -> None:
+    """run() calls sent together to a worker, whose callers went away, leave no segment
+    behind when that worker dies before it read them."""
+    before = segments()
+    async with asyncmp.open_pool(1) as pool:
+        for _ in range(20):  # quick calls: the next ones are sent together
+            pid = await pool.run(os.getpid)
+        os.kill(pid, signal.SIGSTOP)  # it can't read them
+        async with anyio.create_task_group() as tg:
+            for seed in range(6):
+                tg.start_soon(pool.run, blob_digest, asyncmp.shared(make_blob(BIG, seed)))
+            await anyio.wait_all_tasks_blocked()
+            assert pool.statistics().calls_running >= 2  # sent, in the pipe
+            tg.cancel_scope.cancel()  # their callers go away
+        os.kill(pid, signal.SIGKILL)
+        assert await pool.run(os.getpid) != pid  # served once the dead worker is dealt with
+        assert segments() - before == set()
+    gc.collect()
+    assert segments() - before == set()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("stop", ["raises", "cancelled"])
+async def test_items_pickled_for_a_chunk_never_sent_leave_no_segment(
+    stop: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Items pickled one by one for a chunk, when the async iterable raises or the step is
+    cancelled before the chunk is whole, leave no segment behind once the map stops."""
+    # Chunks grow to their byte bound (3 arrays) at the first result, however slow the
+    # machine: the third array waits in a chunk for more when the iterable stops.
+    monkeypatch.setattr(_pool_map, "_CHUNK_SECONDS", 1000.0)
+    before = segments()
+    waiting = anyio.Event()
+    maps: list[Any] = []
+
+    async def source() -> AsyncIterator[Any]:
+        for seed in range(3):
+            yield asyncmp.shared(make_blob(BIG, seed))
+        if stop == "raises":
+            raise RuntimeError("the source failed")
+        waiting.set()
+        await anyio.sleep_forever()
+
+    async def consume(pool: asyncmp.Pool) -> None:
+        async with pool.map(digest_or_echo, source()) as it:
+            maps.append(it)
+            async for _ in it:
+                pass
+
+    async with asyncmp.open_pool(1) as pool:
+        if stop == "raises":
+            with pytest.raises(RuntimeError, match="the source failed"):
+                await consume(pool)
+        else:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(consume, pool)
+                await waiting.wait()
+                assert len(maps[0]._pickled) == 1  # the third array, pickled, not sent
+                tg.cancel_scope.cancel()
+    maps.clear()
     gc.collect()
     assert segments() - before == set()

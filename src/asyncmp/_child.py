@@ -10,8 +10,10 @@ What a child must not keep from the process that started it (its *owner*):
 * **Its signal handlers.** A forked child inherits the owner's Python-level handlers: a
   server's SIGTERM handler (uvicorn, gunicorn and celery install one) would swallow the
   ``terminate()`` that stops a busy worker, and run the server's shutdown code on a copy
-  of its state. Each Python-level handler is put back to what a new interpreter has
-  (:func:`reset_signals`), and the owner's wakeup descriptor is forgotten.
+  of its state. In a forked child each Python-level handler is put back to what a new
+  interpreter has (:func:`reset_signals`), and the owner's wakeup descriptor is
+  forgotten; a spawn or forkserver child keeps the handlers its main module installed.
+  SIGTERM is ``SIG_DFL`` in every child.
 * **Its event loop.** A child forked inside a task would believe that the loop still runs
   in this thread, and ``asyncio.run()``, ``trio.run()`` and ``anyio.run()`` would refuse to
   start (:func:`forget_event_loops`).
@@ -33,7 +35,16 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any, NamedTuple, NoReturn
 
-__all__ = ("Owner", "begin", "forget_event_loops", "guard", "reset_signals", "run", "run_worker")
+__all__ = (
+    "Owner",
+    "begin",
+    "forget_event_loops",
+    "guard",
+    "prepare",
+    "reset_signals",
+    "run",
+    "run_worker",
+)
 
 
 class Owner(NamedTuple):
@@ -80,15 +91,41 @@ _IGNORED_AT_START = frozenset(
 def reset_signals(*, ignore_sigint: bool = False) -> None:
     """Put each Python-level signal handler back to what a new interpreter has.
 
-    A handler inherited from the owner is the owner's code, bound to the owner's state (a
-    server's "shut down" flag, its event loop): it becomes ``SIG_DFL``, or ``SIG_IGN`` for
-    SIGPIPE and SIGXFSZ, or ``default_int_handler`` for SIGINT. A signal the owner ignores
-    (``SIG_IGN``) stays ignored, as it would across ``exec`` (``nohup`` relies on that),
-    except SIGTERM: it is how asyncmp stops its children, so it is always ``SIG_DFL``. With
-    *ignore_sigint*, SIGINT is ignored. The wakeup descriptor, which belongs to the owner's
-    event loop, is unset. What runs next (the target, a pool's initializer) may choose
-    otherwise.
+    In a child forked from its owner (the fork start method), a handler inherited from
+    the owner is the owner's code, bound to the owner's state (a server's "shut down"
+    flag, its event loop): it becomes ``SIG_DFL``, or ``SIG_IGN`` for SIGPIPE and SIGXFSZ,
+    or ``default_int_handler`` for SIGINT. A signal the owner ignores (``SIG_IGN``) stays
+    ignored, as it would across ``exec`` (``nohup`` relies on that). The wakeup
+    descriptor, which belongs to the owner's event loop, is unset.
+
+    A spawn or forkserver child is a new interpreter already: the handlers it has were
+    installed by the main module as the child imported it, as they would be in any new
+    interpreter, and are its own; they stay. (A forkserver's child is forked from the
+    server, which started as a new interpreter and imported the main module too.)
+
+    In every child, SIGTERM is ``SIG_DFL``: it is how asyncmp stops its children. With
+    *ignore_sigint*, SIGINT is ignored. What runs next (the target, a pool's initializer)
+    may choose otherwise.
     """
+    if _forked_from_owner():
+        _reset_inherited_handlers()
+    with contextlib.suppress(ValueError, OSError):
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if ignore_sigint:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _forked_from_owner() -> bool:
+    """Whether this child was forked from its owner, so that it has the owner's handlers:
+    what the start method of this process's ``multiprocessing`` Process says (``True`` if
+    that can't be told: resetting is the safe side)."""
+    method = getattr(multiprocessing.current_process(), "_start_method", None)
+    if method is None:  # the default context's Process: the default method
+        method = multiprocessing.get_start_method(allow_none=True)
+    return method not in ("spawn", "forkserver")
+
+
+def _reset_inherited_handlers() -> None:
     with contextlib.suppress(ValueError, OSError):  # not the main thread: nothing to reset
         signal.set_wakeup_fd(-1)
     for signum in signal.valid_signals():
@@ -104,10 +141,6 @@ def reset_signals(*, ignore_sigint: bool = False) -> None:
             signal.signal(signum, fresh)
         except (ValueError, OSError, RuntimeError):  # pragma: no cover - not settable here
             continue
-    with contextlib.suppress(ValueError, OSError):
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        if ignore_sigint:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # --- event loops --------------------------------------------------------------------------------
@@ -198,22 +231,38 @@ def guard(owner: Owner) -> None:
     threading.Thread(target=watch, args=args, name="asyncmp-owner-watch", daemon=True).start()
 
 
-if sys.platform == "linux":
+#: libc's ``prctl`` (Linux), once :func:`prepare` looked it up; False if there is none.
+_prctl: Any = None
 
-    def _die_with_parent() -> bool:
-        """Ask the kernel to SIGKILL this process when its parent ends; whether it will."""
-        try:
-            import ctypes
 
-            libc = ctypes.CDLL(None, use_errno=True)
-            pr_set_pdeathsig = 1
-            return bool(libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) == 0)
-        except Exception:  # pragma: no cover - no ctypes, no prctl: the thread watches
-            return False
+def prepare() -> None:
+    """In the owner, before it starts children: look up what :func:`guard` calls, once.
 
-else:  # pragma: no cover
+    A forked child inherits it and doesn't import ``ctypes`` or resolve ``prctl`` itself
+    (several milliseconds per worker start); a spawned child still does, in
+    :func:`guard`. Does nothing but on Linux.
+    """
+    global _prctl
+    if _prctl is not None or sys.platform != "linux":
+        return
+    try:
+        import ctypes
 
-    def _die_with_parent() -> bool:
+        _prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except Exception:  # pragma: no cover - no ctypes, no prctl: the thread watches
+        _prctl = False
+
+
+def _die_with_parent() -> bool:
+    """Ask the kernel to SIGKILL this process when its parent ends (Linux); whether it
+    will."""
+    prepare()
+    if not _prctl:
+        return False
+    pr_set_pdeathsig = 1
+    try:
+        return bool(_prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) == 0)
+    except Exception:  # pragma: no cover - the thread watches
         return False
 
 

@@ -38,6 +38,7 @@ The invariants that make cancellation lose nothing:
 
 from __future__ import annotations
 
+import functools
 import inspect
 import io
 import multiprocessing
@@ -66,6 +67,7 @@ from ._pool_map import PoolMap
 from ._pool_pickling import explain
 from ._pool_worker import RemoteTraceback, serve
 from ._process import TERMINATE_GRACE, AsyncProcess, Lifeline, WorkerExited, start_with_pipe
+from ._shared import SegmentsMade
 from ._wire import dumps
 
 if sys.version_info >= (3, 13):
@@ -317,10 +319,20 @@ class Pool:
         self._check_usable()
         done = new_wakeup()
         job = Job(next(self._ids), 1, lambda _: done.set())
+        # The segments that shared() arguments make: taken back if the call is never
+        # sent (withdrawn, failed as the pool closes, or its pickling fails half-way).
+        made = SegmentsMade()
         try:
-            job.payload = self._request(job.id, fn, [args])
+            with made:
+                job.payload = self._request(job.id, fn, [args])
         except Exception as exc:
-            raise explain(exc, fn, [args], None) from exc
+            made.discard()
+            error = explain(exc, fn, [args], None)
+            if error is exc:  # nothing to add: not its own cause
+                raise
+            raise error from exc
+        if made.segments:
+            job.made = [made]
         job.fn, job.arglist = fn, [args]
         job.batchable = not kill_on_cancel
         self._enqueue(job)
@@ -440,6 +452,7 @@ class Pool:
                 self._fn_pickles[fn] = ref
             request: tuple[Any, ...] = (job_id, ref, arglist, pickled)
         else:
+            _refuse_async(fn)  # a partial or a callable object: cheap enough per request
             request = (job_id, fn, arglist, pickled)
         return self._dumps(request)
 
@@ -785,11 +798,16 @@ class Pool:
         as running, even if the worker died before it read it (the moment a send returns
         and the worker's death are indistinguishable from here). A job whose send failed,
         or had not finished when the worker ended, was not received: it runs elsewhere.
+
+        The worker is gone (reaped): the segments of the jobs that fail or were abandoned,
+        which it had not received, nobody will receive; they are taken back (those it did
+        receive are gone already). Those of jobs that go back to the queue are kept.
         """
         jobs, slot.jobs = slot.jobs, deque()
         if len(jobs) > slot.undelivered():
             first = jobs.popleft()
             first.error = WorkerExited(exitcode)
+            first.discard_unsent(first.offset)  # the part it ran too
             self._complete(first)
         slot.requests.clear()
         slot.in_flight = 0
@@ -805,6 +823,7 @@ class Pool:
                     self._idle.popleft().set()
             else:  # abandoned: the calls of it not sent yet never run either
                 self._queued -= job.size - job.offset - job.part
+                job.discard_unsent(job.offset)
 
     async def _next_job(self) -> Job:
         while True:
@@ -874,9 +893,22 @@ def _unreadable_reply(job: Job, exc: BaseException) -> BaseException:
 
 def _refuse_async(fn: Callable[..., object]) -> None:
     """Raise ``TypeError`` if *fn* is an async function: in a worker, calling it would
-    only make a coroutine, which can't even be sent back."""
-    if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
-        name = getattr(fn, "__name__", "fn")
+    only make a coroutine, which can't even be sent back. So is a ``functools.partial``
+    of one (unwrapped here, whatever the Python version's ``inspect`` does) and an
+    object whose ``__call__`` is one."""
+    target: Any = fn
+    while isinstance(target, functools.partial):
+        target = target.func
+    called = target
+    if not (
+        inspect.isfunction(target)
+        or inspect.ismethod(target)
+        or inspect.isbuiltin(target)
+        or isinstance(target, type)
+    ) and callable(target):
+        called = type(target).__call__
+    if inspect.iscoroutinefunction(called) or inspect.isasyncgenfunction(called):
+        name = getattr(target, "__name__", None) or type(target).__name__
         raise TypeError(
             f"pool.run() and pool.map() call plain functions, and {name} is an async"
             " function (in a worker, calling it only makes a coroutine): run it from a"
@@ -915,18 +947,22 @@ async def open_pool(
     A worker that dies is replaced; the call it ran raises :class:`WorkerExited`, and
     the calls sent to it that it had not started run on other workers. The pool watches
     each worker process itself (on Linux through a pidfd), not only its pipe: it sees the
-    end of a worker at once even if a grandchild that the worker forked holds the pipe
-    open, or if the worker was idle. One that dies idle is replaced before it is given a
+    end of a worker at once if the worker was idle, and, on Linux, even if a grandchild
+    that the worker forked holds the pipe open (elsewhere such a grandchild holds the
+    process's sentinel open too, and the end is seen once the grandchild ends, but for a
+    forkserver's workers). One that dies idle is replaced before it is given a
     call (if it never ran one, only once a call is queued: workers that die as they start
     are not restarted in a loop). A failing initializer is not retried: it breaks the
     pool (see below).
 
     A worker starts as a new interpreter would, before the initializer runs (which may
-    choose otherwise): the Python-level signal handlers it inherited (a forked worker gets
-    the parent's, a server's SIGTERM handler among them) are back to the defaults, and
-    SIGTERM always ends it, so that the pool's ``terminate()`` of a busy worker, or an
-    operator's ``kill``, works; no event loop is running, so a function may call
-    ``asyncio.run()`` or ``trio.run()``. Workers ignore SIGINT: the pool owns their lives.
+    choose otherwise): the Python-level signal handlers a forked worker inherited (the
+    parent's, a server's SIGTERM handler among them) are back to the defaults (a spawn or
+    forkserver worker keeps those its main module installed as it imported it, as any new
+    interpreter would), and SIGTERM always ends it, so that the pool's ``terminate()`` of a
+    busy worker, or an operator's ``kill``, works; no event loop is running, so a function
+    may call ``asyncio.run()`` or ``trio.run()``. Workers ignore SIGINT: the pool owns their
+    lives.
     A Ctrl-C in a terminal reaches the whole process group; it interrupts the parent,
     whose block exit then stops the workers, instead of ending running calls in the
     workers with ``KeyboardInterrupt`` tracebacks. If the parent dies without leaving the

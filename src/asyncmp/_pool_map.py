@@ -405,7 +405,8 @@ class PoolMap(AsyncIterator[R]):
             wakeup.set()
 
     def _stop(self) -> None:
-        """Stop the map: withdraw what is queued, abandon what runs. Never awaits."""
+        """Stop the map: withdraw what is queued, abandon what runs, take back the
+        segments of items pickled and not sent. Never awaits."""
         if self._stopped:
             return
         self._stopped = True
@@ -414,6 +415,13 @@ class PoolMap(AsyncIterator[R]):
         self._current = None
         for job in jobs:
             self._pool._withdraw(job)
+        # Items pickled one by one and not sent yet (a step was cancelled, or an async
+        # iterable raised, while it took the rest of their chunk): never sent now.
+        pickled, self._pickled = self._pickled, []
+        self._pickled_bytes = 0.0
+        for entry in pickled:
+            if entry.made is not None:
+                entry.made.discard()
 
     async def aclose(self) -> None:
         """Stop the map now, as dropping it does; then close an async iterable it

@@ -10,7 +10,8 @@ it can be made with a message alone, of the same type.
 A part that holds a ``shared()`` object is not pickled again as it is: each pickling of
 one makes a shared memory segment, which nobody would receive. The parts are pickled in
 a context that refuses ``shared()`` objects (``_shared.refusing``), and a ``shared()``
-argument itself is tried through the object it wraps, which is what can fail.
+argument itself is tried through the object it wraps, which is what can fail, with its
+buffers left out of the trial pickle (not copied).
 """
 
 from __future__ import annotations
@@ -67,7 +68,9 @@ def _pickles(obj: object) -> bool:
     with refusing("not pickled while looking for what can't be"):
         try:
             if isinstance(obj, Shared):
-                pickle.dumps(obj.obj, protocol=5)  # what Shared.__reduce_ex__ pickles
+                # What Shared.__reduce_ex__ pickles, its buffers left out of band: tried,
+                # not copied (a shared() array may be most of the memory there is).
+                pickle.dumps(obj.obj, protocol=5, buffer_callback=_out_of_band)
             else:
                 dumps(obj)
         except SharedMemoryError:
@@ -75,6 +78,10 @@ def _pickles(obj: object) -> bool:
         except Exception:
             return False
     return True
+
+
+def _out_of_band(buffer: pickle.PickleBuffer) -> bool:
+    return False
 
 
 def _kind(obj: object) -> str:

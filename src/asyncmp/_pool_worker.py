@@ -1,8 +1,9 @@
 """What runs inside a pool's worker processes, and the messages it exchanges.
 
 This module is imported by the workers themselves (spawn and forkserver import it by
-name), so it stays small and imports neither anyio nor the rest of asyncmp (only
-``_wire`` and ``_child``, as light).
+name). It imports only ``_wire`` and ``_child`` itself, but a spawned worker imports it
+as part of the package, so ``asyncmp/__init__.py`` (and with it anyio and the rest of
+asyncmp) runs first: what a worker start costs includes the package's import.
 
 The conversation over a worker's duplex pipe, every message one pickled frame:
 

@@ -34,7 +34,7 @@ from anyio.lowlevel import checkpoint
 
 from . import _platform
 from ._blocks import block_manager
-from ._child import Owner, run, run_worker
+from ._child import Owner, prepare, run, run_worker
 from ._connection import AsyncConnection
 from ._exceptions import ConnectionEOF
 from ._loop import LoopBinding
@@ -432,6 +432,7 @@ class Lifeline:
     """
 
     def __init__(self) -> None:
+        prepare()  # what a child's guard() needs, looked up here for forked ones
         self._read: multiprocessing.connection.Connection | None = None
         self._write: multiprocessing.connection.Connection | None = None
         if sys.platform != "win32":
