@@ -243,13 +243,16 @@ def prepare() -> None:
     :func:`guard`. Does nothing but on Linux.
     """
     global _prctl
-    if _prctl is not None or sys.platform != "linux":
+    if _prctl is not None:
         return
-    try:
-        import ctypes
+    if sys.platform == "linux":
+        try:
+            import ctypes
 
-        _prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except Exception:  # pragma: no cover - no ctypes, no prctl: the thread watches
+            _prctl = ctypes.CDLL(None, use_errno=True).prctl
+        except Exception:  # pragma: no cover - no ctypes, no prctl: the thread watches
+            _prctl = False
+    else:  # an else, not a fall-through: type checkers then skip it on Linux
         _prctl = False
 
 
@@ -261,7 +264,7 @@ def _die_with_parent() -> bool:
         return False
     pr_set_pdeathsig = 1
     try:
-        return bool(_prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0) == 0)
+        return bool(_prctl(pr_set_pdeathsig, 9, 0, 0, 0) == 0)  # SIGKILL (Linux)
     except Exception:  # pragma: no cover - the thread watches
         return False
 
