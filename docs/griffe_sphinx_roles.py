@@ -26,17 +26,17 @@ def _public_path(found: griffe.Object | griffe.Alias, package: griffe.Module) ->
     parts = found.canonical_path.split(".")
     if len(parts) < 3 or parts[0] != package.name:
         return None
-    # asyncmp._module.Name[.member]: public if the package exports Name.
-    name = parts[2]
-    exported = package.members.get(name)
-    if exported is None or not exported.is_public:
-        return None
-    try:
-        if exported.canonical_path != ".".join(parts[:3]):
+    # asyncmp._package.module.Name[.member]: public if the package exports Name from there.
+    for i in range(2, len(parts)):
+        exported = package.members.get(parts[i])
+        if exported is None or not exported.is_public:
+            continue
+        try:
+            if exported.canonical_path == ".".join(parts[: i + 1]):
+                return ".".join([package.name, *parts[i:]])
+        except griffe.AliasResolutionError:
             return None
-    except griffe.AliasResolutionError:
-        return None
-    return ".".join([package.name, *parts[2:]])
+    return None
 
 
 def _lookup(scope: griffe.Object | griffe.Alias, name: str) -> griffe.Object | griffe.Alias | None:

@@ -17,7 +17,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 import asyncmp
-from asyncmp import _shared
+from asyncmp._shared import shared as _shared
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection
@@ -301,7 +301,7 @@ def _unread_program(start_method: str) -> None:
 
 def send_tracker_then_shared(conn: Connection, size: int, seed: int) -> None:
     """Send the identity of this process's resource tracker, then a shared blob; exit."""
-    from asyncmp._mpinternals import resource_tracker_id
+    from asyncmp._core.mpinternals import resource_tracker_id
 
     with conn:
         blob = asyncmp.shared(make_blob(size, seed))
@@ -316,7 +316,7 @@ def send_tracker_then_shared(conn: Connection, size: int, seed: int) -> None:
 def _late_receive_program() -> None:
     import multiprocessing
 
-    from asyncmp._mpinternals import resource_tracker_id
+    from asyncmp._core.mpinternals import resource_tracker_id
 
     ctx: Any = multiprocessing.get_context("fork")
     r, w = ctx.Pipe(duplex=False)

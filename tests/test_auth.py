@@ -1,4 +1,4 @@
-"""The handshake messages of ``_auth``, without I/O: formats, both versions, bad input.
+"""The handshake messages of ``_remote.auth``, without I/O: formats, both versions, bad input.
 
 The expected bytes are computed here from ``hmac`` directly, following the stdlib's
 handshake (md5-only before Python 3.12, a negotiated digest since). Interoperation with
@@ -17,8 +17,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from asyncmp import _auth
-from asyncmp._auth import (
+from asyncmp._remote import auth as _auth
+from asyncmp._remote.auth import (
     CHALLENGE,
     FAILURE,
     WELCOME,
@@ -161,7 +161,7 @@ def test_round_trip_succeeds_only_with_the_same_key(
 def _stdlib_exchange(
     ours: str, key_ours: bytes, key_theirs: bytes
 ) -> tuple[BaseException | None, BaseException | None]:
-    """Run one challenge between ``_auth`` and the stdlib over a socketpair.
+    """Run one challenge between ``_remote.auth`` and the stdlib over a socketpair.
 
     ``ours="challenger"``: we challenge, the stdlib's ``answer_challenge`` answers;
     ``ours="answerer"``: the stdlib's ``deliver_challenge`` challenges, we answer.

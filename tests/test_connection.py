@@ -35,8 +35,8 @@ import pytest
 
 import asyncmp
 from asyncmp import AsyncConnection, ConnectionEOF, ProtocolError
-from asyncmp._frames import GreedyReader
-from asyncmp._threads import DEFAULT_THREAD_LIMIT, thread_limiter
+from asyncmp._core.frames import GreedyReader
+from asyncmp._core.threads import DEFAULT_THREAD_LIMIT, thread_limiter
 
 from . import workers
 from .support.io import wait_until

@@ -1,4 +1,4 @@
-"""The frame engine (``asyncmp._frames``) over real pipes, without an adapter.
+"""The frame engine (``asyncmp._core.frames``) over real pipes, without an adapter.
 
 The exact reader is the queue's: it must never read past the frame in progress, because
 the next frame in a shared pipe belongs to whoever takes the reader lock next. Each test
@@ -23,9 +23,10 @@ from asyncmp import ConnectionEOF, ProtocolError
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX descriptors")
 
 if sys.platform != "win32":
-    from asyncmp import _fdio, _frames
-    from asyncmp._fdio import open_transport, own_read_end, poller
-    from asyncmp._frames import (
+    from asyncmp._core import fdio as _fdio
+    from asyncmp._core import frames as _frames
+    from asyncmp._core.fdio import open_transport, own_read_end, poller
+    from asyncmp._core.frames import (
         ExactReader,
         FrameWriter,
         GreedyReader,

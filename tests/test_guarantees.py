@@ -44,7 +44,7 @@ import pytest
 from anyio.abc import TaskGroup
 
 import asyncmp
-import asyncmp._frames
+import asyncmp._core.frames
 from asyncmp import AsyncConnection, ConnectionEOF
 
 from . import guarantee_workers
@@ -240,7 +240,7 @@ async def test_send_cancelled_mid_frame_completes_under_the_shield(
 async def test_send_cancelled_past_the_shield_breaks_the_connection(
     transport: str, use_threads: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(asyncmp._frames, "SEND_SHIELD_SECONDS", 0.05)
+    monkeypatch.setattr(asyncmp._core.frames, "SEND_SHIELD_SECONDS", 0.05)
     big = random.randbytes(8 << 20)
     a, peer = _send_pair(transport, use_threads=use_threads)
     reader = _Reader(peer)  # until EOF or an error
@@ -288,7 +288,7 @@ async def test_thread_route_stops_an_abandoned_send_and_closes(
     still there."""
     if _running_uvloop() or not _running_asyncio():
         pytest.skip("independent of the backend; run once")
-    monkeypatch.setattr(asyncmp._frames, "SEND_SHIELD_SECONDS", 0.05)
+    monkeypatch.setattr(asyncmp._core.frames, "SEND_SHIELD_SECONDS", 0.05)
     a, peer = asyncmp.Pipe(use_threads=True)
     try:
         async with _task_group() as tg:
@@ -488,7 +488,7 @@ async def test_a_default_socket_timeout_changes_no_flag(
     object made over a copy of a shared descriptor would set O_NONBLOCK on the description
     behind both. Under a default timeout: creating, receiving, sending, ``send_eof()`` and
     breaking the connection after a send cancelled past its shield leave the flag clear."""
-    monkeypatch.setattr(asyncmp._frames, "SEND_SHIELD_SECONDS", 0.05)
+    monkeypatch.setattr(asyncmp._core.frames, "SEND_SHIELD_SECONDS", 0.05)
     saved = socket.getdefaulttimeout()
     socket.setdefaulttimeout(5.0)
     try:

@@ -1,4 +1,4 @@
-"""The loop layer (``asyncmp._loop``): the fair lock and the per-thread turn clock.
+"""The loop layer (``asyncmp._core.loop``): the fair lock and the per-thread turn clock.
 
 The turn clock's promise: a receive or send that needs no waiting skips the trip through
 the event loop, yet *each* event loop still gets a full turn at least every
@@ -21,8 +21,8 @@ import anyio.lowlevel
 import pytest
 
 import asyncmp
-from asyncmp import _loop
-from asyncmp._loop import TURN_INTERVAL, FairLock, fast_checkpoint, note_turn
+from asyncmp._core import loop as _loop
+from asyncmp._core.loop import TURN_INTERVAL, FairLock, fast_checkpoint, note_turn
 
 pytestmark = pytest.mark.anyio
 

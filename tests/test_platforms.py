@@ -3,13 +3,13 @@
 Each difference between the platforms is decided in one place that a test can switch,
 and the stand-ins of ``tests/platform_fakes.py`` play the other platform's objects:
 
-* **Windows pipes** (``windows`` fixture): ``asyncmp._platform.POSIX_FDS`` is False, as on
+* **Windows pipes** (``windows`` fixture): ``asyncmp._core.platform.POSIX_FDS`` is False, as on
   Windows, and waiting on a descriptor fails the test. Connections and queues then take
   the thread route with the Connection's own ``recv_bytes``/``send_bytes``, over fake
   message-mode ``PipeConnection`` ends that have no descriptor.
 * **macOS ``Queue.qsize()``** raises ``NotImplementedError``: a queue that does.
 * **kqueue** (``kqueue`` fixture): ``ReadinessWaiter`` opens its helper through
-  ``asyncmp._fdio.KQUEUE``, here a kqueue stand-in built on epoll.
+  ``asyncmp._core.fdio.KQUEUE``, here a kqueue stand-in built on epoll.
 * **Proactor and selector event loops**: asyncio loops whose ``add_reader`` family raises
   ``NotImplementedError``, as ``ProactorEventLoop``'s does, and a plain
   ``SelectorEventLoop``.
@@ -38,16 +38,10 @@ import anyio.abc
 import pytest
 
 import asyncmp
-from asyncmp import (
-    AsyncConnection,
-    AsyncProcess,
-    AsyncQueue,
-    ConnectionEOF,
-    ProtocolError,
-    _fdio,
-    _platform,
-)
-from asyncmp._threads import thread_limiter
+from asyncmp import AsyncConnection, AsyncProcess, AsyncQueue, ConnectionEOF, ProtocolError
+from asyncmp._core import fdio as _fdio
+from asyncmp._core import platform as _platform
+from asyncmp._core.threads import thread_limiter
 
 from . import process_workers as pw
 from .platform_fakes import (

@@ -25,8 +25,8 @@ import pytest
 
 import asyncmp
 from asyncmp import AsyncConnection, Pool
-from asyncmp._loop import TURN_INTERVAL
-from asyncmp._pool import _MAX_BATCH
+from asyncmp._core.loop import TURN_INTERVAL
+from asyncmp._pool.pool import _MAX_BATCH
 from tests import pool_workers as w
 from tests import workers
 from tests.support.io import wait_until

@@ -34,7 +34,8 @@ import anyio
 import pytest
 
 import asyncmp
-from asyncmp import AsyncConnection, AsyncProcess, Worker, WorkerExited, _platform
+from asyncmp import AsyncConnection, AsyncProcess, Worker, WorkerExited
+from asyncmp._core import platform as _platform
 
 from . import process_workers as pw
 from . import workers

@@ -35,7 +35,8 @@ import anyio.lowlevel
 import pytest
 
 import asyncmp
-from asyncmp import AsyncQueue, _loop
+from asyncmp import AsyncQueue
+from asyncmp._core import loop as _loop
 
 from . import queue_workers
 from .support.io import (

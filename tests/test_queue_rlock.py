@@ -1,6 +1,6 @@
 """The reader-lock protocol of an AsyncQueue alone, with a fake cross-process lock.
 
-:class:`asyncmp._queue_rlock.ReaderLock` knows neither pipes nor frames; here its lock is a
+:class:`asyncmp._queue.rlock.ReaderLock` knows neither pipes nor frames; here its lock is a
 :class:`FakeLock` (a thread lock that counts what is done to it), and "the owner still uses
 the lock" (a get runs, or an item is half read) is a flag the test sets.
 """
@@ -12,8 +12,8 @@ import threading
 import anyio
 import pytest
 
-from asyncmp._queue_rlock import ReaderLock, acquire_blocking
-from asyncmp._queue_state import QueueState
+from asyncmp._queue.rlock import ReaderLock, acquire_blocking
+from asyncmp._queue.state import QueueState
 
 pytestmark = pytest.mark.anyio
 

@@ -34,7 +34,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 import asyncmp
 from asyncmp import AsyncConnection, ConnectionEOF
-from asyncmp._auth import (
+from asyncmp._remote.auth import (
     CHALLENGE,
     FAILURE,
     WELCOME,

@@ -27,7 +27,9 @@ import anyio
 import pytest
 
 import asyncmp
-from asyncmp import _pool_map, _pool_pickling, _shared
+from asyncmp._pool import map as _pool_map
+from asyncmp._pool import pickling as _pool_pickling
+from asyncmp._shared import shared as _shared
 
 from .shared_workers import (
     BIG,

@@ -8,7 +8,7 @@ import threading
 import anyio
 import pytest
 
-from asyncmp._threads import BlockingCall, KeptThread, thread_limiter
+from asyncmp._core.threads import BlockingCall, KeptThread, thread_limiter
 from tests.support.io import wait_until
 
 pytestmark = pytest.mark.anyio

@@ -1,4 +1,4 @@
-"""The sans-IO codec in ``asyncmp._wire`` against the stdlib's own framing.
+"""The sans-IO codec in ``asyncmp._core.wire`` against the stdlib's own framing.
 
 Reference bytes come from a real ``multiprocessing.connection.Connection``; what we
 encode is read back by one. The decoder is fed one byte at a time and at chunk
@@ -30,8 +30,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from asyncmp import _wire
-from asyncmp._wire import (
+from asyncmp._core import wire as _wire
+from asyncmp._core.wire import (
     BODY_GROWTH_MIN,
     DEFAULT_MAX_MESSAGE_SIZE,
     LONG_FORM_THRESHOLD,

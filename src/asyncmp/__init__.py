@@ -1,36 +1,36 @@
 """Await messages from multiprocessing workers: no thread, no loop stall, nothing lost."""
 
-from ._connection import SEND_SHIELD_SECONDS as SEND_SHIELD_SECONDS
-from ._connection import AsyncConnection as AsyncConnection
-from ._connection import Pipe as Pipe
-from ._exceptions import AsyncmpError as AsyncmpError
-from ._exceptions import ConnectionEOF as ConnectionEOF
-from ._exceptions import ProtocolError as ProtocolError
-from ._exceptions import SharedMemoryError as SharedMemoryError
-from ._pool import Pool as Pool
-from ._pool import PoolStatistics as PoolStatistics
-from ._pool import open_pool as open_pool
-from ._pool_map import PoolMap as PoolMap
-from ._pool_worker import RemoteTraceback as RemoteTraceback
-from ._process import TERMINATE_GRACE as TERMINATE_GRACE
-from ._process import AsyncProcess as AsyncProcess
-from ._process import Worker as Worker
-from ._process import WorkerExited as WorkerExited
-from ._process import open_process as open_process
-from ._process import open_worker as open_worker
-from ._queue import DEFAULT_STALL_TIMEOUT as DEFAULT_STALL_TIMEOUT
-from ._queue import AsyncQueue as AsyncQueue
-from ._queue import JoinableQueue as JoinableQueue
-from ._queue import Queue as Queue
-from ._queue import SimpleQueue as SimpleQueue
-from ._remote import DEFAULT_BACKLOG as DEFAULT_BACKLOG
-from ._remote import DEFAULT_HANDSHAKE_TIMEOUT as DEFAULT_HANDSHAKE_TIMEOUT
-from ._remote import AsyncListener as AsyncListener
-from ._remote import connect as connect
-from ._remote import serve as serve
-from ._shared import SHARED_THRESHOLD as SHARED_THRESHOLD
-from ._shared import shared as shared
-from ._wire import DEFAULT_MAX_MESSAGE_SIZE as DEFAULT_MAX_MESSAGE_SIZE
+from ._connection.connection import SEND_SHIELD_SECONDS as SEND_SHIELD_SECONDS
+from ._connection.connection import AsyncConnection as AsyncConnection
+from ._connection.connection import Pipe as Pipe
+from ._core.exceptions import AsyncmpError as AsyncmpError
+from ._core.exceptions import ConnectionEOF as ConnectionEOF
+from ._core.exceptions import ProtocolError as ProtocolError
+from ._core.exceptions import SharedMemoryError as SharedMemoryError
+from ._core.wire import DEFAULT_MAX_MESSAGE_SIZE as DEFAULT_MAX_MESSAGE_SIZE
+from ._pool.map import PoolMap as PoolMap
+from ._pool.pool import Pool as Pool
+from ._pool.pool import PoolStatistics as PoolStatistics
+from ._pool.pool import open_pool as open_pool
+from ._pool.worker import RemoteTraceback as RemoteTraceback
+from ._process.process import TERMINATE_GRACE as TERMINATE_GRACE
+from ._process.process import AsyncProcess as AsyncProcess
+from ._process.process import Worker as Worker
+from ._process.process import WorkerExited as WorkerExited
+from ._process.process import open_process as open_process
+from ._process.process import open_worker as open_worker
+from ._queue.queue import DEFAULT_STALL_TIMEOUT as DEFAULT_STALL_TIMEOUT
+from ._queue.queue import AsyncQueue as AsyncQueue
+from ._queue.queue import JoinableQueue as JoinableQueue
+from ._queue.queue import Queue as Queue
+from ._queue.queue import SimpleQueue as SimpleQueue
+from ._remote.remote import DEFAULT_BACKLOG as DEFAULT_BACKLOG
+from ._remote.remote import DEFAULT_HANDSHAKE_TIMEOUT as DEFAULT_HANDSHAKE_TIMEOUT
+from ._remote.remote import AsyncListener as AsyncListener
+from ._remote.remote import connect as connect
+from ._remote.remote import serve as serve
+from ._shared.shared import SHARED_THRESHOLD as SHARED_THRESHOLD
+from ._shared.shared import shared as shared
 
 __all__ = (
     "DEFAULT_BACKLOG",

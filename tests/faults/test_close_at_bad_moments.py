@@ -36,7 +36,7 @@ import anyio.lowlevel
 import pytest
 
 import asyncmp
-from asyncmp._threads import BlockingCall
+from asyncmp._core.threads import BlockingCall
 from tests.support.io import (
     MiB,
     after_await,

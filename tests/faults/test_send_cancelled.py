@@ -40,9 +40,9 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import asyncmp
-import asyncmp._frames
+import asyncmp._core.frames
 from asyncmp import AsyncConnection
-from asyncmp._wire import FrameDecoder
+from asyncmp._core.wire import FrameDecoder
 from tests.support.io import KiB, MiB, buffered, patched, settle, wait_for_event, wait_until
 
 from .fault_workers import message
@@ -108,7 +108,7 @@ async def run_scenario(
     reader.start()
     broken = False
     try:
-        with patched(asyncmp._frames, "SEND_SHIELD_SECONDS", shield), anyio.fail_after(20):
+        with patched(asyncmp._core.frames, "SEND_SHIELD_SECONDS", shield), anyio.fail_after(20):
             scope = anyio.CancelScope()
 
             async def send() -> None:

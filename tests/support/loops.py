@@ -4,7 +4,7 @@ refuses a loop other than its own, at once, and says how to reach it from there.
 :func:`from_another_loop` runs one awaited call in a new asyncio or trio loop in another
 thread while the test's own loop goes on (its waiting tasks stay waiting), and says what
 the call raised and how long it took; :func:`assert_refused` checks that it was the
-``RuntimeError`` of :class:`asyncmp._loop.LoopBinding`.
+``RuntimeError`` of :class:`asyncmp._core.loop.LoopBinding`.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """A pool's unit of work: one request to a worker, what became of it, who gets it.
 
-Shared by the pool (``_pool``), which queues, sends and completes jobs, and the map
-(``_pool_map``), which makes them from chunks of items and yields their results.
+Shared by the pool (``_pool.pool``), which queues, sends and completes jobs, and the map
+(``_pool.map``), which makes them from chunks of items and yields their results.
 """
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import pickle
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ._pool_worker import Error, RemoteTraceback
+from .worker import Error, RemoteTraceback
 
 if TYPE_CHECKING:
-    from ._pool import _Slot
-    from ._shared import SegmentsMade
+    from .._shared.shared import SegmentsMade
+    from .pool import _Slot
 
 __all__ = ("ABANDONED", "DONE", "QUEUED", "SENT", "WITHDRAWN", "Job")
 

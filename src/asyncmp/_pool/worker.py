@@ -1,7 +1,7 @@
 """What runs inside a pool's worker processes, and the messages it exchanges.
 
 This module is imported by the workers themselves (spawn and forkserver import it by
-name). It imports only ``_wire`` and ``_child`` itself, but a spawned worker imports it
+name). It imports only ``_core.wire`` and ``_core.child`` itself, but a spawned worker imports it
 as part of the package, so ``asyncmp/__init__.py`` (and with it anyio and the rest of
 asyncmp) runs first: what a worker start costs includes the package's import.
 
@@ -53,8 +53,8 @@ from multiprocessing.reduction import ForkingPickler
 from time import perf_counter
 from typing import Any
 
-from ._child import Owner, begin
-from ._wire import dumps
+from .._core.child import Owner, begin
+from .._core.wire import dumps
 
 __all__ = ("RemoteTraceback", "portable_error", "serve")
 
@@ -140,7 +140,7 @@ def _reply(
     Every value is pickled once: a second pickle of a ``shared()`` object would make a
     second segment, and the first would stay in ``/dev/shm`` until the program ends.
     """
-    # asyncmp._shared (this package's, whatever its name) is loaded here if something in
+    # asyncmp._shared.shared (this package's, whatever its name) is loaded here if something in
     # this process can make a segment: a wrapper exists only once shared() was called.
     # Looked up, not imported: this module imports nothing that imports anyio.
     shared: Any = sys.modules.get(_SHARED_MODULE)
@@ -216,7 +216,7 @@ def serve(
     caller gets ``WorkerExited``.
 
     Before the initializer (which may choose otherwise), the worker starts as a new
-    interpreter would (see ``_child``): it dies with *owner*, the signal handlers it
+    interpreter would (see ``_core.child``): it dies with *owner*, the signal handlers it
     inherited are back to the defaults (SIGTERM ends it: that is how the pool stops a
     busy worker), and no event loop runs. SIGINT is ignored: the parent owns the worker's
     life, and a Ctrl-C in a terminal, which reaches the whole process group, must not end

@@ -97,8 +97,8 @@ from collections.abc import Iterator
 from contextvars import ContextVar
 from typing import Any, Generic, TypeVar
 
-from ._exceptions import SharedMemoryError
-from ._mpinternals import resource_tracker_id, resource_tracker_lock, shm_calls
+from .._core.exceptions import SharedMemoryError
+from .._core.mpinternals import resource_tracker_id, resource_tracker_lock, shm_calls
 
 __all__ = (
     "NAME_PREFIX",

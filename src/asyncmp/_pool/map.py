@@ -6,7 +6,7 @@ only while the consumer keeps asking, and at most ``_AHEAD`` chunks per worker a
 and not yet yielded; an endless iterable is fine, and once the consumer stops, nothing
 more is taken.
 
-A chunk is one request to a worker (see ``_pool_worker``). The chunk size starts at 1 and
+A chunk is one request to a worker (see ``_pool.worker``). The chunk size starts at 1 and
 follows how long the calls take: the map aims at chunks of ``_CHUNK_SECONDS`` each, at
 most ``_MAX_CHUNK`` calls (and never more than ``max_tasks_per_child``).
 
@@ -45,13 +45,13 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 
-from ._loop import checkpoint_due, full_checkpoint, note_turn, thread_id
-from ._pool_job import DONE, Job
-from ._pool_pickling import explain
-from ._shared import SegmentsMade
+from .._core.loop import checkpoint_due, full_checkpoint, note_turn, thread_id
+from .._shared.shared import SegmentsMade
+from .job import DONE, Job
+from .pickling import explain
 
 if TYPE_CHECKING:
-    from ._pool import Pool
+    from .pool import Pool
 
 __all__ = ("PoolMap",)
 

@@ -1,6 +1,6 @@
 """The frame engine: whole frames over a descriptor, between the codec and the I/O layer.
 
-``_wire`` knows the framing and moves no bytes; ``_fdio`` moves bytes without blocking
+``_core.wire`` knows the framing and moves no bytes; ``_core.fdio`` moves bytes without blocking
 and knows no framing. This module puts the two together, once, for every adapter:
 
 * :class:`GreedyReader` (connections): reads whatever is there, as much as the decoder
@@ -14,7 +14,7 @@ and knows no framing. This module puts the two together, once, for every adapter
   budget; :meth:`ExactReader.read_blocking` waits for the rest in a thread, each wait
   bounded by a stall timeout.
 * :class:`OwnEndReader` (queues on Linux): an exact reader whose fast path needs no
-  ``FIONREAD``: it reads the pipe's own read end (:class:`~asyncmp._fdio.OwnReadEnd`),
+  ``FIONREAD``: it reads the pipe's own read end (:class:`~asyncmp._core.fdio.OwnReadEnd`),
   a non-blocking open file description that no other process shares.
   :func:`exact_reader` picks it where the pipe has one.
 * :class:`FrameWriter`: header and small payloads in one write, large ones in two; writes
@@ -40,12 +40,12 @@ from typing import TYPE_CHECKING
 import anyio
 import anyio.lowlevel
 
-from ._exceptions import ConnectionEOF, ProtocolError
-from ._loop import fast_checkpoint, note_turn, turn_if_due
-from ._wire import SPILL_THRESHOLD, FrameDecoder, WireError, encode_header, unpack_short_header
+from .exceptions import ConnectionEOF, ProtocolError
+from .loop import fast_checkpoint, note_turn, turn_if_due
+from .wire import SPILL_THRESHOLD, FrameDecoder, WireError, encode_header, unpack_short_header
 
 if TYPE_CHECKING or sys.platform != "win32":
-    from ._fdio import UNOPENED, FdTransport, OwnReadEnd, Poller, ReadinessWaiter
+    from .fdio import UNOPENED, FdTransport, OwnReadEnd, Poller, ReadinessWaiter
 
 __all__ = (
     "BODY_READ",
@@ -590,7 +590,7 @@ BLIND_BODY_LIMIT = 64 * 1024
 
 class OwnEndReader(ExactReader):
     """An exact reader whose fast path makes two plain reads (header, body) on the pipe's
-    own read end (:class:`~asyncmp._fdio.OwnReadEnd`), which is non-blocking and this
+    own read end (:class:`~asyncmp._core.fdio.OwnReadEnd`), which is non-blocking and this
     process's alone: each returns what is there, or ``EAGAIN``, as a blocking
     ``Queue.get()`` makes two reads. Never a byte past the frame: it asks for the header,
     then for exactly the body.

@@ -5,11 +5,11 @@ which route it has. Each route owns the ``multiprocessing`` Connection it was gi
 closes it.
 
 * :class:`FdRoute` (POSIX): waits for readiness through a private epoll/kqueue helper and
-  moves only the bytes that are there (see ``_fdio``), through the frame engine's greedy
-  reader and writer (see ``_frames``). Bytes that arrived but don't make a whole frame
+  moves only the bytes that are there (see ``_core.fdio``), through the frame engine's greedy
+  reader and writer (see ``_core.frames``). Bytes that arrived but don't make a whole frame
   yet stay in the reader's decoder, so a cancelled receive loses nothing.
 * :class:`ThreadRoute` (Windows pipe handles, or on request): runs blocking calls in
-  asyncmp's threads (see ``_threads``). A receive abandoned on cancellation keeps
+  asyncmp's threads (see ``_core.threads``). A receive abandoned on cancellation keeps
   running, and its message goes to the next receive.
 
 A route serves one caller per direction at a time: the AsyncConnection's fair locks see
@@ -31,11 +31,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 import anyio
 from anyio.lowlevel import checkpoint_if_cancelled
 
-from . import _frames, _platform
-from ._exceptions import ConnectionEOF, ProtocolError
-from ._frames import PEER_CLOSED, FrameWriter, GreedyReader, maxlength_exceeded, torn_send
-from ._threads import THREAD_SLICE, BlockingCall, KeptThread
-from ._wire import encode_header
+from .._core import frames as _frames
+from .._core import platform as _platform
+from .._core.exceptions import ConnectionEOF, ProtocolError
+from .._core.frames import PEER_CLOSED, FrameWriter, GreedyReader, maxlength_exceeded, torn_send
+from .._core.threads import THREAD_SLICE, BlockingCall, KeptThread
+from .._core.wire import encode_header
 
 if sys.version_info >= (3, 13):
     from typing import TypeVar
@@ -46,7 +47,7 @@ if TYPE_CHECKING:
     from typing import TypeAlias
 
 if TYPE_CHECKING or sys.platform != "win32":
-    from ._fdio import FdTransport, Poller, open_transport, poller, socket_over_dup
+    from .._core.fdio import FdTransport, Poller, open_transport, poller, socket_over_dup
 
 __all__ = ("Connection", "ConnectionRoute", "FdRoute", "ThreadRoute")
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
-from . import _platform
+from . import platform as _platform
 
 __all__ = (
     "QueueParts",

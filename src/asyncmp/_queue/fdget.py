@@ -1,6 +1,6 @@
 """The fd route of an AsyncQueue's gets (POSIX ``Queue``, ``JoinableQueue``, ``SimpleQueue``).
 
-1. Wait until the pipe is readable, through the helper descriptor of ``_fdio`` (never
+1. Wait until the pipe is readable, through the helper descriptor of ``_core.fdio`` (never
    touching the pipe's flags, which every worker shares).
 2. Take the reader lock (:mod:`._queue_rlock`): without blocking, or, once contended,
    queued in the kernel from a kept thread.
@@ -28,15 +28,15 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import anyio
 from anyio.lowlevel import checkpoint
 
-from ._frames import ExactReader, exact_reader, stalled
-from ._loop import FairLock, fast_checkpoint
-from ._mpinternals import QueueParts
-from ._queue_rlock import ReaderLock
-from ._queue_state import QueueState
-from ._threads import BlockingCall, KeptThread
+from .._core.frames import ExactReader, exact_reader, stalled
+from .._core.loop import FairLock, fast_checkpoint
+from .._core.mpinternals import QueueParts
+from .._core.threads import BlockingCall, KeptThread
+from .rlock import ReaderLock
+from .state import QueueState
 
 if TYPE_CHECKING or sys.platform != "win32":
-    from ._fdio import FdTransport, ReadinessWaiter, open_transport, poller
+    from .._core.fdio import FdTransport, ReadinessWaiter, open_transport, poller
 
 __all__ = ("FdGetter", "finish_in_thread", "unpickle_frame")
 

@@ -4,7 +4,7 @@
 between machines: a TCP (or Unix) socket carrying the ordinary message framing, opened
 by an HMAC challenge over a shared *authkey*. :func:`connect` and :func:`serve` are the
 same transport for async code. A peer can be the stdlib's, on any Python version, on
-either side: the handshake messages come from ``_auth``, which speaks both the md5-only
+either side: the handshake messages come from ``_remote.auth``, which speaks both the md5-only
 handshake of Python 3.11 and older and the negotiated-digest one of 3.12 and newer.
 
 Sockets
@@ -18,7 +18,7 @@ connection's decoder; and uvloop would keep a handle on the descriptor. An
 A socket is non-blocking only while it connects (or, for the listening socket, for its
 whole life): it is freshly made, in this process alone, and no other process holds it
 yet, so its flags are nobody else's business. Readiness for ``connect()`` and
-``accept()`` is awaited through ``_fdio.ReadinessWaiter``, as everywhere in asyncmp, so
+``accept()`` is awaited through ``_core.fdio.ReadinessWaiter``, as everywhere in asyncmp, so
 the event loop never sees these sockets. A connected socket is made blocking again
 before it becomes a ``multiprocessing.connection.Connection``, so that it is exactly
 what ``Client()`` or ``Listener.accept()`` would return, and is then wrapped in an
@@ -69,7 +69,12 @@ from typing import TYPE_CHECKING, Any, NoReturn, Union
 import anyio
 from anyio.lowlevel import checkpoint
 
-from ._auth import (
+from .._connection.connection import AsyncConnection
+from .._core.exceptions import ProtocolError
+from .._core.loop import LoopBinding
+from .._core.wire import DEFAULT_MAX_MESSAGE_SIZE
+from .._shared.shared import refusing
+from .auth import (
     FAILURE,
     MESSAGE_LIMIT,
     WELCOME,
@@ -78,11 +83,6 @@ from ._auth import (
     make_challenge,
     verify_response,
 )
-from ._connection import AsyncConnection
-from ._exceptions import ProtocolError
-from ._loop import LoopBinding
-from ._shared import refusing
-from ._wire import DEFAULT_MAX_MESSAGE_SIZE
 
 if TYPE_CHECKING:
     from typing import TypeAlias
@@ -92,7 +92,7 @@ if TYPE_CHECKING:
 
 if TYPE_CHECKING or sys.platform != "win32":
     # POSIX only; connect() and serve() refuse to run elsewhere before using these.
-    from ._fdio import ReadinessWaiter, register_fork_owned
+    from .._core.fdio import ReadinessWaiter, register_fork_owned
 
 __all__ = (
     "DEFAULT_BACKLOG",
@@ -135,7 +135,8 @@ _ACCEPT_RETRY = frozenset(
 _ACCEPT_BACK_OFF = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _BACK_OFF_SECONDS = 0.1
 
-logger = logging.getLogger(__name__)
+# Named as documented and as users configure it, not after the module's path.
+logger = logging.getLogger("asyncmp._remote")
 
 
 # ---------------------------------------------------------------------------------------

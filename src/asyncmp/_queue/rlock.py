@@ -33,9 +33,9 @@ from typing import Any
 import anyio
 from anyio.lowlevel import current_token
 
-from ._loop import call_soon
-from ._queue_state import QueueState
-from ._threads import THREAD_SLICE, BlockingCall, KeptThread
+from .._core.loop import call_soon
+from .._core.threads import THREAD_SLICE, BlockingCall, KeptThread
+from .state import QueueState
 
 __all__ = ("ReaderLock", "acquire_blocking")
 

@@ -3,7 +3,7 @@
 :class:`AsyncProcess` waits for a ``multiprocessing.Process`` to end. On Linux it
 watches a pidfd, which becomes readable once the process has exited and can be
 reaped; elsewhere on POSIX it watches the process sentinel (a pipe whose write end the
-child holds), then reaps. Either way the wait goes through ``_fdio``'s helper
+child holds), then reaps. Either way the wait goes through ``_core.fdio``'s helper
 descriptor, and no thread is involved. On Windows a thread waits in short slices. However
 many tasks wait, one watch serves them all (see :class:`AsyncProcess`).
 
@@ -13,7 +13,7 @@ block. Leaving the block normally lets the process finish on its own for up to
 exception or a cancellation terminates it at once and kills it after a short grace.
 Whichever way the block is left, the process is reaped before the block exits: no
 zombie, no orphan. A block that is never left, because this process was killed, leaves
-no orphan either: the child dies with it (see ``_child.guard``, which the child runs
+no orphan either: the child dies with it (see ``_core.child.guard``, which the child runs
 first, and :class:`Lifeline`).
 """
 
@@ -32,13 +32,13 @@ from typing import TYPE_CHECKING, Any, Generic, NoReturn
 import anyio
 from anyio.lowlevel import checkpoint
 
-from . import _platform
-from ._blocks import block_manager
-from ._child import Owner, prepare, run, run_worker
-from ._connection import AsyncConnection
-from ._exceptions import ConnectionEOF
-from ._loop import LoopBinding
-from ._threads import THREAD_SLICE, BlockingCall
+from .._connection.connection import AsyncConnection
+from .._core import platform as _platform
+from .._core.blocks import block_manager
+from .._core.child import Owner, prepare, run, run_worker
+from .._core.exceptions import ConnectionEOF
+from .._core.loop import LoopBinding
+from .._core.threads import THREAD_SLICE, BlockingCall
 
 if sys.version_info >= (3, 13):
     from typing import TypeVar
@@ -46,7 +46,7 @@ else:
     from typing_extensions import TypeVar
 
 if TYPE_CHECKING or sys.platform != "win32":
-    from ._fdio import ReadinessWaiter, register_fork_owned
+    from .._core.fdio import ReadinessWaiter, register_fork_owned
 
 # The extra positional arguments of open_process() and open_worker() are checked against
 # the target's parameters. ParamSpec can't do that here: its P.args needs P.kwargs beside
@@ -113,7 +113,7 @@ class AsyncProcess:
     Any number of tasks (of one event loop) may wait for the process at once. The first
     one watches it: a pidfd (Linux) or the process sentinel (elsewhere on POSIX, and for
     a forkserver's children, whose exit status comes through the sentinel) through
-    ``_fdio``'s private helper descriptor, or a thread on Windows. The others wait for
+    ``_core.fdio``'s private helper descriptor, or a thread on Windows. The others wait for
     that task; if it is cancelled, one of them takes over. What the watch holds (the
     pidfd, the helper descriptor, the thread) is shared by the waiting tasks and released
     when the last of them returns or is cancelled, or by :meth:`close`.
@@ -420,14 +420,14 @@ class Lifeline:
     happens when this process exits, however it ends (the kernel closes a dead process's
     descriptors). The write end is not inherited by exec'd programs (``os.pipe()``
     descriptors are not inheritable), and it is closed in every forked child by the fork
-    hook of ``_fdio``: a child forked later (a pool's second worker, any other process)
+    hook of ``_core.fdio``: a child forked later (a pool's second worker, any other process)
     would otherwise keep this process's lifeline open for as long as it lives. The read
     end is left to forked children: the child it was made for may need it, and it keeps
     nothing alive.
 
     One lifeline serves a block's children (a pool's workers, an ``open_process`` child),
     and is closed once they are reaped. Each child gets :attr:`owner`; see
-    ``_child.guard`` for what it does with it. On Windows there is no pipe: a child
+    ``_core.child.guard`` for what it does with it. On Windows there is no pipe: a child
     watches the handle of its parent process, which multiprocessing gives it.
     """
 

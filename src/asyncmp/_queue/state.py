@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 import anyio
 
-from ._threads import BlockingCall
+from .._core.threads import BlockingCall
 
 if TYPE_CHECKING:
-    from ._loop import FairLock
+    from .._core.loop import FairLock
 
 __all__ = ("Getter", "QueueState")
 

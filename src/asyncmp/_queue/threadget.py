@@ -18,17 +18,17 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.lowlevel import checkpoint_if_cancelled
 
-from . import _mpinternals
-from ._frames import ExactReader
-from ._loop import FairLock, fast_checkpoint
-from ._queue_fdget import finish_in_thread, unpickle_frame
-from ._queue_rlock import acquire_blocking
-from ._queue_state import QueueState
-from ._threads import THREAD_SLICE, BlockingCall, KeptThread
-from ._wire import dumps
+from .._core import mpinternals as _mpinternals
+from .._core.frames import ExactReader
+from .._core.loop import FairLock, fast_checkpoint
+from .._core.threads import THREAD_SLICE, BlockingCall, KeptThread
+from .._core.wire import dumps
+from .fdget import finish_in_thread, unpickle_frame
+from .rlock import acquire_blocking
+from .state import QueueState
 
 if TYPE_CHECKING or sys.platform != "win32":
-    from ._fdio import FdTransport, open_transport, poller
+    from .._core.fdio import FdTransport, open_transport, poller
 
 __all__ = ("ThreadGetter",)
 

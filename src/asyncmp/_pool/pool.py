@@ -1,6 +1,6 @@
 """open_pool: run functions in worker processes from async code.
 
-Each worker is a plain ``multiprocessing`` process running :func:`_pool_worker.serve`,
+Each worker is a plain ``multiprocessing`` process running :func:`_pool.worker.serve`,
 with a duplex pipe of its own. In the parent, one task per worker (in the pool's task
 group) owns that pipe: it takes the next call from the pool's queue, sends it, and
 awaits the reply through an :class:`AsyncConnection`, so no thread waits and nothing
@@ -57,18 +57,24 @@ from typing import Any
 import anyio
 from anyio.abc import TaskGroup
 
-from ._blocks import block_manager
-from ._connection import AsyncConnection
-from ._exceptions import ConnectionEOF
-from ._loop import LoopBinding, new_wakeup
-from ._mpinternals import forking_dispatch_table
-from ._pool_job import ABANDONED, DONE, QUEUED, SENT, WITHDRAWN, Job
-from ._pool_map import PoolMap
-from ._pool_pickling import explain
-from ._pool_worker import RemoteTraceback, serve
-from ._process import TERMINATE_GRACE, AsyncProcess, Lifeline, WorkerExited, start_with_pipe
-from ._shared import SegmentsMade
-from ._wire import dumps
+from .._connection.connection import AsyncConnection
+from .._core.blocks import block_manager
+from .._core.exceptions import ConnectionEOF
+from .._core.loop import LoopBinding, new_wakeup
+from .._core.mpinternals import forking_dispatch_table
+from .._core.wire import dumps
+from .._process.process import (
+    TERMINATE_GRACE,
+    AsyncProcess,
+    Lifeline,
+    WorkerExited,
+    start_with_pipe,
+)
+from .._shared.shared import SegmentsMade
+from .job import ABANDONED, DONE, QUEUED, SENT, WITHDRAWN, Job
+from .map import PoolMap
+from .pickling import explain
+from .worker import RemoteTraceback, serve
 
 if sys.version_info >= (3, 13):
     from typing import TypeVar
@@ -435,7 +441,7 @@ class Pool:
     def _request(
         self, job_id: int, fn: Callable[..., object], arglist: list[Any], pickled: bool = False
     ) -> bytes:
-        """The pickle of a job's request (see ``_pool_worker``); raises what pickling
+        """The pickle of a job's request (see ``_pool.worker``); raises what pickling
         raises.
 
         A plain function pickles as a reference by name, the same each time: its pickle
@@ -880,7 +886,7 @@ class Pool:
 
 def _unreadable_reply(job: Job, exc: BaseException) -> BaseException:
     """The error of a job whose reply could not be unpickled here. The worker sends the
-    errors of calls so that they always unpickle (see ``_pool_worker``): what failed is
+    errors of calls so that they always unpickle (see ``_pool.worker``): what failed is
     a result, of a class this process can't import, say."""
     fn = job.fn
     name = (getattr(fn, "__qualname__", None) or repr(fn)) if fn is not None else "a call"

@@ -38,7 +38,7 @@ from typing import Generic, TypeVar
 import anyio
 from anyio.lowlevel import RunVar
 
-from ._loop import threadsafe_notifier
+from .loop import threadsafe_notifier
 
 __all__ = ("DEFAULT_THREAD_LIMIT", "THREAD_SLICE", "BlockingCall", "KeptThread", "thread_limiter")
 

@@ -55,7 +55,7 @@ from typing import Any, Protocol
 
 import anyio
 
-from ._loop import is_selector_loop, running_asyncio_loop, wait_readable_elsewhere
+from .loop import is_selector_loop, running_asyncio_loop, wait_readable_elsewhere
 
 __all__ = (
     "UNOPENED",

@@ -9,7 +9,7 @@ it can be made with a message alone, of the same type.
 
 A part that holds a ``shared()`` object is not pickled again as it is: each pickling of
 one makes a shared memory segment, which nobody would receive. The parts are pickled in
-a context that refuses ``shared()`` objects (``_shared.refusing``), and a ``shared()``
+a context that refuses ``shared()`` objects (``_shared.shared.refusing``), and a ``shared()``
 argument itself is tried through the object it wraps, which is what can fail, with its
 buffers left out of the trial pickle (not copied).
 """
@@ -20,9 +20,9 @@ import pickle
 from collections.abc import Callable
 from typing import Any
 
-from ._exceptions import SharedMemoryError
-from ._shared import Shared, refusing
-from ._wire import dumps
+from .._core.exceptions import SharedMemoryError
+from .._core.wire import dumps
+from .._shared.shared import Shared, refusing
 
 __all__ = ("explain",)
 

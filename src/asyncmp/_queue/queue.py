@@ -34,12 +34,12 @@ import anyio
 from anyio.abc import AsyncResource
 from anyio.lowlevel import checkpoint
 
-from . import _mpinternals
-from ._loop import LoopBinding, checkpoint_due, full_checkpoint, thread_id
-from ._queue_fdget import FdGetter, unpickle_frame
-from ._queue_put import Putter
-from ._queue_state import Getter, QueueState
-from ._queue_threadget import ThreadGetter
+from .._core import mpinternals as _mpinternals
+from .._core.loop import LoopBinding, checkpoint_due, full_checkpoint, thread_id
+from .fdget import FdGetter, unpickle_frame
+from .put import Putter
+from .state import Getter, QueueState
+from .threadget import ThreadGetter
 
 if sys.version_info >= (3, 13):
     from typing import TypeVar

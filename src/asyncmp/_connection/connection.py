@@ -4,8 +4,8 @@ An :class:`AsyncConnection` owns one ``multiprocessing.connection.Connection`` a
 whole messages over it in the stdlib's own framing, so the other end can stay a plain
 synchronous Connection in a worker process.
 
-Its bytes move through a route (``_routes``), behind one interface
-(:class:`~asyncmp._routes.ConnectionRoute`): descriptor readiness and the frame engine
+Its bytes move through a route (``_connection.routes``), behind one interface
+(:class:`~asyncmp._connection.routes.ConnectionRoute`): descriptor readiness and the frame engine
 on POSIX, blocking calls in asyncmp's threads on Windows or on request. AsyncConnection
 never asks which route it has; it keeps what every route shares: one fair lock per
 direction (concurrent callers are served one at a time, first come first served), the
@@ -26,12 +26,12 @@ import anyio
 from anyio.abc import ObjectStream
 from anyio.lowlevel import checkpoint
 
-from . import _platform
-from ._exceptions import ProtocolError
-from ._frames import SEND_SHIELD_SECONDS as SEND_SHIELD_SECONDS
-from ._loop import FairLock, LoopBinding, fast_checkpoint, thread_id
-from ._routes import Connection, ConnectionRoute, FdRoute, ThreadRoute
-from ._wire import DEFAULT_MAX_MESSAGE_SIZE, dumps
+from .._core import platform as _platform
+from .._core.exceptions import ProtocolError
+from .._core.frames import SEND_SHIELD_SECONDS as SEND_SHIELD_SECONDS
+from .._core.loop import FairLock, LoopBinding, fast_checkpoint, thread_id
+from .._core.wire import DEFAULT_MAX_MESSAGE_SIZE, dumps
+from .routes import Connection, ConnectionRoute, FdRoute, ThreadRoute
 
 if sys.version_info >= (3, 13):
     from typing import TypeVar
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from typing_extensions import Buffer
 
 if TYPE_CHECKING or sys.platform != "win32":
-    from ._fdio import register_fork_owned
+    from .._core.fdio import register_fork_owned
 else:  # pragma: no cover
     register_fork_owned = None
 

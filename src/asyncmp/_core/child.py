@@ -1,6 +1,6 @@
 """What every process that asyncmp starts does first: start as a new process would.
 
-A pool worker (``_pool_worker.serve``) and an ``open_process`` or ``open_worker`` child
+A pool worker (``_pool.worker.serve``) and an ``open_process`` or ``open_worker`` child
 (through :func:`run`) call :func:`begin` before anything else of theirs runs. This module
 is imported by the children themselves (spawn and forkserver import it by name), so it
 imports neither anyio nor the rest of asyncmp.
@@ -151,7 +151,7 @@ def forget_event_loops() -> None:
     its state), so that the child can run one of its own.
 
     The one place where the child side reads other libraries' private attributes (the
-    parent side has its own, ``_loop``, which imports anyio: a child must not have to).
+    parent side has its own, ``_core.loop``, which imports anyio: a child must not have to).
     Only modules already imported are touched, each part guarded, so that a library that
     moved or renamed something breaks nothing here. In a child that inherited no loop
     (spawn, forkserver, or forked outside any loop) it changes nothing.

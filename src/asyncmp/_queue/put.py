@@ -42,14 +42,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 import anyio
 from anyio.lowlevel import cancel_shielded_checkpoint, checkpoint, checkpoint_if_cancelled
 
-from . import _mpinternals
-from ._loop import threadsafe_notifier
-from ._queue_state import QueueState
-from ._threads import THREAD_SLICE, BlockingCall
-from ._wire import dumps, encode_header
+from .._core import mpinternals as _mpinternals
+from .._core.loop import threadsafe_notifier
+from .._core.threads import THREAD_SLICE, BlockingCall
+from .._core.wire import dumps, encode_header
+from .state import QueueState
 
 if TYPE_CHECKING or sys.platform != "win32":
-    from ._fdio import poller, register_fork_owned, socket_over_dup
+    from .._core.fdio import poller, register_fork_owned, socket_over_dup
 
 if sys.platform != "win32":
     import select

@@ -1,0 +1,6 @@
+"""Adapter: ``AsyncConnection`` and ``Pipe``, a facade over routes that share one interface.
+
+It imports ``_core``, and from another adapter only the names ``asyncmp`` exports
+(``tests/test_layers.py`` checks). This file imports nothing, so importing one
+module of the package loads no other.
+"""

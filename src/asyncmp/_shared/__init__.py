@@ -1,0 +1,6 @@
+"""Adapter: ``shared()``, large buffers through shared memory, and the arena.
+
+It imports ``_core``, and from another adapter only the names ``asyncmp`` exports
+(``tests/test_layers.py`` checks). This file imports nothing, so importing one
+module of the package loads no other.
+"""
