@@ -2,7 +2,7 @@
 
 1. Wait until the pipe is readable, through the helper descriptor of ``_core.fdio`` (never
    touching the pipe's flags, which every worker shares).
-2. Take the reader lock (:mod:`._queue_rlock`): without blocking, or, once contended,
+2. Take the reader lock (:mod:`.rlock`): without blocking, or, once contended,
    queued in the kernel from a kept thread.
 3. Read *exactly* one frame (the frame engine's ``ExactReader``): ``FIONREAD`` says what
    is there, the decoder says what the frame still needs, and nothing past it is read,

@@ -7,15 +7,15 @@ AsyncQueue plays by the same rules, without a thread per pending ``get``.
 
 :class:`AsyncQueue` is a thin facade. Each job is a part of its own:
 
-* :mod:`._queue_rlock`: the reader-lock protocol (take without blocking; once
+* :mod:`.rlock`: the reader-lock protocol (take without blocking; once
   contended, queue for it in the kernel from a kept thread; keep it until the loop's
   next turn; never let it go mid-frame).
-* :mod:`._queue_fdget`: the fd route's gets (POSIX ``Queue``, ``JoinableQueue``,
+* :mod:`.fdget`: the fd route's gets (POSIX ``Queue``, ``JoinableQueue``,
   ``SimpleQueue``): the fast path, exact frame reads, the rest of a cancelled get's item
   read in a kept thread and kept for the next get.
-* :mod:`._queue_threadget`: the thread route's gets (manager proxies, Windows, or on
+* :mod:`.threadget`: the thread route's gets (manager proxies, Windows, or on
   request), in a kept thread, with the same guarantees.
-* :mod:`._queue_put`: pickling, the feeder's errors, the no-readers check, the frame
+* :mod:`.put`: pickling, the feeder's errors, the no-readers check, the frame
   writer of a ``SimpleQueue``, threaded puts, ``join``, the flush on close, and the
   put-back of an item the adapter took and did not hand out.
 
