@@ -22,6 +22,7 @@ edge of the graph: it is the facade, and it imports everything.
 from __future__ import annotations
 
 import ast
+import importlib
 from collections.abc import Iterator
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
@@ -274,3 +275,12 @@ def test_the_checks_see_violations() -> None:
     assert _cycles({"a": {"a"}}) == [["a"]]
     assert _cycles({"a": {"b"}, "b": set()}) == []
     assert _layer("asyncmp._pool.pool") == "_pool" and _layer(PACKAGE) is None
+
+
+def test_the_worker_names_the_shared_module_by_its_real_path() -> None:
+    """The worker looks the shared-memory module up by name (so that importing it stays
+    lazy): a move of that module must move the name too."""
+    from asyncmp._pool import worker
+
+    module = importlib.import_module(worker._SHARED_MODULE)
+    assert hasattr(module, "Shared"), worker._SHARED_MODULE

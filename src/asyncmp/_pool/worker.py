@@ -129,7 +129,7 @@ def _describe(fn: object) -> str:
     return getattr(fn, "__qualname__", None) or repr(fn)
 
 
-_SHARED_MODULE = f"{__package__}._shared"
+_SHARED_MODULE = "asyncmp._shared.shared"
 
 
 def _reply(
