@@ -35,7 +35,7 @@ import anyio.lowlevel
 import pytest
 
 if TYPE_CHECKING:  # kept out of run time: test_leakcheck.py runs a copy of this file alone
-    from tests.workers import MPContext
+    from tests.support.workers import MPContext
 
 pytest_plugins = ["pytester"]
 

@@ -38,7 +38,7 @@ from asyncmp import AsyncConnection, ConnectionEOF, ProtocolError
 from asyncmp._core.frames import GreedyReader
 from asyncmp._core.threads import DEFAULT_THREAD_LIMIT, thread_limiter
 
-from . import workers
+from .support import workers
 from .support.io import wait_until
 from .support.memory import RESIDENT_KNOWN, resident
 

@@ -47,7 +47,7 @@ import asyncmp
 import asyncmp._core.frames
 from asyncmp import AsyncConnection, ConnectionEOF
 
-from . import guarantee_workers
+from .support import guarantee_workers
 from .support.heartbeat import STALL_CPU_BOUND, STALL_WALL_BOUND, heartbeat
 from .support.io import buffered, wait_until
 

@@ -27,10 +27,10 @@ import pytest
 import asyncmp
 from asyncmp import AsyncConnection, AsyncQueue
 
-from . import misuse_workers
+from .support import misuse_workers
 
 if TYPE_CHECKING:
-    from tests.workers import MPContext
+    from tests.support.workers import MPContext
 
 pytestmark = [
     pytest.mark.anyio,

@@ -1,7 +1,7 @@
 """Other platforms' code paths, run on Linux.
 
 Each difference between the platforms is decided in one place that a test can switch,
-and the stand-ins of ``tests/platform_fakes.py`` play the other platform's objects:
+and the stand-ins of ``tests/support/platform_fakes.py`` play the other platform's objects:
 
 * **Windows pipes** (``windows`` fixture): ``asyncmp._core.platform.POSIX_FDS`` is False, as on
   Windows, and waiting on a descriptor fails the test. Connections and queues then take
@@ -43,8 +43,9 @@ from asyncmp._core import fdio as _fdio
 from asyncmp._core import platform as _platform
 from asyncmp._core.threads import thread_limiter
 
-from . import process_workers as pw
-from .platform_fakes import (
+from .support import process_workers as pw
+from .support.io import wait_until
+from .support.platform_fakes import (
     KQ_EV_ADD,
     KQ_EV_CLEAR,
     KQ_EV_DELETE,
@@ -57,7 +58,6 @@ from .platform_fakes import (
     as_connection,
     fake_pipe,
 )
-from .support.io import wait_until
 
 pytestmark = [
     pytest.mark.anyio,
@@ -630,7 +630,7 @@ def test_posix_routes_under_a_proactor_like_loop() -> None:
     add_reader: anyio waits in a selector thread of its own. In a fresh interpreter: that
     thread, once started, would hang this one at exit after its next fork (see the script)."""
     result = subprocess.run(
-        [sys.executable, "-m", "tests.proactor_scenarios"],
+        [sys.executable, "-m", "tests.support.proactor_scenarios"],
         cwd=Path(__file__).parent.parent,
         capture_output=True,
         text=True,

@@ -27,11 +27,11 @@ import asyncmp
 from asyncmp import AsyncConnection, Pool
 from asyncmp._core.loop import TURN_INTERVAL
 from asyncmp._pool.pool import _MAX_BATCH
-from tests import pool_workers as w
-from tests import workers
+from tests.support import pool_workers as w
+from tests.support import workers
 from tests.support.io import wait_until
 from tests.support.orphans import ORPHAN_PATIENCE, killed_owner
-from tests.workers import MPContext
+from tests.support.workers import MPContext
 
 from .support.loops import FOREIGN_BACKENDS, assert_refused, from_another_loop
 
@@ -1079,7 +1079,7 @@ def test_a_spawned_worker_keeps_the_handlers_its_main_module_installs(method: st
     installed its own as it imported the main module, as a new interpreter would."""
     root = Path(__file__).resolve().parent.parent
     result = subprocess.run(
-        [sys.executable, "-m", "tests.main_handlers", method],
+        [sys.executable, "-m", "tests.support.main_handlers", method],
         cwd=root,
         env={**os.environ, "PYTHONPATH": str(root / "src")},
         capture_output=True,

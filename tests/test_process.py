@@ -4,7 +4,7 @@ Every test here runs on each event-loop backend, and those where the start metho
 how a process is started, waited for or reaped run on each start method too: a forkserver's
 children are not this process's children, so their exit status comes through the sentinel
 and not from ``waitpid``. A child that must be running before the test acts says ``"ready"``
-first (see ``tests/process_workers.py``), so no test guesses with a sleep. Timings appear
+first (see ``tests/support/process_workers.py``), so no test guesses with a sleep. Timings appear
 only as generous bounds that tell "at once" from "after shutdown_timeout".
 
 After every block, the process must be reaped: ``waitpid`` knows nothing of it, and on
@@ -37,13 +37,13 @@ import asyncmp
 from asyncmp import AsyncConnection, AsyncProcess, Worker, WorkerExited
 from asyncmp._core import platform as _platform
 
-from . import process_workers as pw
-from . import workers
+from .support import process_workers as pw
+from .support import workers
 from .support.loops import FOREIGN_BACKENDS, assert_refused, from_another_loop
 from .support.orphans import ORPHAN_PATIENCE, killed_owner
 
 if TYPE_CHECKING:
-    from tests.workers import MPContext
+    from tests.support.workers import MPContext
 
 pytestmark = [
     pytest.mark.anyio,

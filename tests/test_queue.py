@@ -5,7 +5,7 @@ watched through a private epoll/kqueue while the adapter plays by the queue's re
 and ``threads``, the queue's public blocking methods in asyncmp's threads (the route of
 Windows and of manager proxies, forced here with ``use_threads=True``); and on every
 event-loop backend. The other side of the queue is plain synchronous code: child processes
-from ``tests/queue_workers.py``, started with ``fork`` unless the start method matters.
+from ``tests/support/queue_workers.py``, started with ``fork`` unless the start method matters.
 
 Private attributes of the stdlib queue (``_rlock``, ``_reader``, ``_writer``) appear only
 where a test needs to play a misbehaving or slow peer, or to look at the reader lock.
@@ -38,7 +38,7 @@ import asyncmp
 from asyncmp import AsyncQueue
 from asyncmp._core import loop as _loop
 
-from . import queue_workers
+from .support import queue_workers
 from .support.io import (
     KiB,
     buffered,
@@ -69,7 +69,7 @@ if sys.platform != "win32":
 if TYPE_CHECKING:
     from typing_extensions import assert_type
 
-    from tests.workers import MPContext
+    from tests.support.workers import MPContext
 
 pytestmark = [
     pytest.mark.anyio,

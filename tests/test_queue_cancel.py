@@ -22,8 +22,8 @@ import pytest
 
 from asyncmp import AsyncQueue
 
-from . import queue_workers
 from .faults import fault_workers
+from .support import queue_workers
 from .support.io import KiB, MiB, buffered, reader_lock_is_held, settle, wait_for_event, wait_until
 from .support.queues import (
     FORK,

@@ -43,7 +43,7 @@ from asyncmp._remote.auth import (
     verify_response,
 )
 
-from . import remote_peer
+from .support import remote_peer
 from .support.loops import FOREIGN_BACKENDS, assert_refused, from_another_loop
 
 pytestmark = [

@@ -31,7 +31,7 @@ from asyncmp._pool import map as _pool_map
 from asyncmp._pool import pickling as _pool_pickling
 from asyncmp._shared import shared as _shared
 
-from .shared_workers import (
+from .support.shared_workers import (
     BIG,
     Blob,
     array_head,
@@ -58,7 +58,7 @@ from .shared_workers import (
     shared_blob_or_lock,
     write_then_look_again,
 )
-from .workers import MPContext
+from .support.workers import MPContext
 
 pytestmark = [
     pytest.mark.skipif(
@@ -451,7 +451,7 @@ async def test_receiver_killed_while_holding_the_data_leaves_nothing(mp_context:
 def test_program_ending_with_messages_unread_leaves_nothing(method: str) -> None:
     before = segments(every_program=True)
     result = subprocess.run(
-        [sys.executable, "-m", "tests.shared_workers", method],
+        [sys.executable, "-m", "tests.support.shared_workers", method],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": os.path.join(ROOT, "src")},
         capture_output=True,
@@ -466,7 +466,7 @@ def test_program_ending_with_messages_unread_leaves_nothing(method: str) -> None
 
 def test_forked_worker_that_exits_before_its_message_is_read() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "tests.shared_workers", "late"],
+        [sys.executable, "-m", "tests.support.shared_workers", "late"],
         cwd=ROOT,
         env={**os.environ, "PYTHONPATH": os.path.join(ROOT, "src")},
         capture_output=True,

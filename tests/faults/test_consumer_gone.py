@@ -40,7 +40,7 @@ import pytest
 
 import asyncmp
 from asyncmp import AsyncConnection, AsyncQueue
-from tests import queue_workers
+from tests.support import queue_workers
 from tests.support.io import (
     MiB,
     buffered,

@@ -29,7 +29,7 @@ import pytest
 import asyncmp
 from asyncmp import ConnectionEOF
 from tests.support.io import wait_for_event
-from tests.workers import MPContext
+from tests.support.workers import MPContext
 
 from . import fault_workers
 from .fault_workers import message

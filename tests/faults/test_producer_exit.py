@@ -35,7 +35,7 @@ import anyio
 import pytest
 
 from tests.support.queues import backend_of, child, open_queue
-from tests.workers import MPContext
+from tests.support.workers import MPContext
 
 from . import fault_workers
 from .fault_workers import EXIT_HOWS

@@ -25,7 +25,7 @@ from typing import Any
 import anyio
 import pytest
 
-from tests import queue_workers
+from tests.support import queue_workers
 from tests.support.io import KiB, buffered, reader_lock_is_held, settle, wait_until
 from tests.support.queues import FORK, asyncmp_threads, big_frame, child, open_queue
 

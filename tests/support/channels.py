@@ -475,7 +475,7 @@ def _remote(family: str, async_end: str) -> Callable[[], Any]:
 
 @contextlib.asynccontextmanager
 async def _worker() -> AsyncIterator[Pair]:
-    from tests import conformance_workers
+    from tests.support import conformance_workers
 
     control, child_control = FORK.Pipe()
     try:

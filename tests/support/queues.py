@@ -2,7 +2,7 @@
 that are always reaped, and probes of asyncmp's threads.
 
 The other side of a queue is plain synchronous code in a child process (targets in
-``tests/queue_workers.py`` and ``tests/faults/fault_workers.py``), started with ``fork``
+``tests/support/queue_workers.py`` and ``tests/faults/fault_workers.py``), started with ``fork``
 unless the start method matters.
 """
 

@@ -1,14 +1,14 @@
 """asyncmp's POSIX routes under an asyncio loop without ``add_reader``, run as a script.
 
 ``ProactorEventLoop`` (Windows' default) has no ``add_reader``; neither has the
-:class:`~tests.platform_fakes.ProactorLikeEventLoop` used here. anyio then waits on a
+:class:`~tests.support.platform_fakes.ProactorLikeEventLoop` used here. anyio then waits on a
 descriptor in a selector thread of its own. That thread lives until exit, and its exit
 hook (anyio 4.16) also runs in every forked ``multiprocessing`` child, where it takes the
 thread's wake-up socket out of the epoll instance the child shares with the parent; the
 parent then hangs at exit. So ``test_platforms.py`` runs this in a fresh interpreter,
 and the workers here come from the forkserver, never from a fork of this process.
 
-Run: ``python -m tests.proactor_scenarios`` (prints ``ok``; fails with a traceback).
+Run: ``python -m tests.support.proactor_scenarios`` (prints ``ok``; fails with a traceback).
 """
 
 from __future__ import annotations

@@ -274,7 +274,7 @@ def live_segment_bytes() -> int:
     return sum(sizes.values())
 
 
-# A whole program, run with ``python -m tests.shared_workers ...``: workers send shared
+# A whole program, run with ``python -m tests.support.shared_workers ...``: workers send shared
 # messages that nobody reads, then it ends; the test checks that nothing is left.
 def _unread_program(start_method: str) -> None:
     import multiprocessing

@@ -1,5 +1,5 @@
 """A program whose main module installs a signal handler as it is imported, as a server's
-main module may; run as ``python -m tests.main_handlers METHOD``.
+main module may; run as ``python -m tests.support.main_handlers METHOD``.
 
 It prints what a pool worker started with METHOD does with SIGUSR1 and SIGTERM. A spawn
 or forkserver worker imports this module too (as ``__mp_main__``), and installs the
@@ -27,7 +27,7 @@ def _main(method: str) -> None:
     import anyio
 
     import asyncmp
-    from tests import workers
+    from tests.support import workers
 
     async def main() -> None:
         context = multiprocessing.get_context(method)
