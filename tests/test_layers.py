@@ -13,7 +13,9 @@ What is checked, for every import statement anywhere in a module (in functions a
 * an adapter takes from another adapter only what ``asyncmp/__init__.py`` exports, and from
   the module that ``__init__.py`` takes it from (``from .._connection.connection import
   AsyncConnection``); never a private name, never a whole module;
-* no class of ``MAX_CLASS_LINES`` lines or more.
+* no class of ``MAX_CLASS_LINES`` lines or more;
+* the pool worker's module, which spawn and forkserver workers import by name, loads no
+  event loop library and nothing of asyncmp but the worker side (in a fresh interpreter).
 
 A parent package's ``__init__.py``, which Python runs before a module of the package, is no
 edge of the graph: it is the facade, and it imports everything.
@@ -23,6 +25,9 @@ from __future__ import annotations
 
 import ast
 import importlib
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
@@ -30,10 +35,14 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.pool_workers import EVENT_LOOP_LIBRARIES, WORKER_SIDE
+
 PACKAGE = "asyncmp"
 SRC = Path(__file__).resolve().parents[1] / "src" / PACKAGE
 CORE = "_core"
 MAX_CLASS_LINES = 400
+#: The module a pool's spawn or forkserver worker imports by name to run.
+WORKER_ENTRY = "asyncmp._pool.worker"
 
 # Known violations, to be removed by the renovation's next steps. Each entry must still be
 # a violation: one that is fixed fails the test until it is taken off its list.
@@ -275,6 +284,32 @@ def test_the_checks_see_violations() -> None:
     assert _cycles({"a": {"a"}}) == [["a"]]
     assert _cycles({"a": {"b"}, "b": set()}) == []
     assert _layer("asyncmp._pool.pool") == "_pool" and _layer(PACKAGE) is None
+
+
+def test_a_pool_worker_imports_only_what_it_runs() -> None:
+    """Importing the worker's module runs ``asyncmp/__init__.py`` first: that must not load
+    the package (anyio and the parent's side) in every spawn or forkserver worker."""
+    code = (
+        "import sys; before = set(sys.modules); import importlib; "
+        f"print(importlib.import_module({WORKER_ENTRY!r}).__file__); "
+        "print(*sorted(set(sys.modules) - before))"
+    )
+    path = os.pathsep.join([str(SRC.parent), *filter(None, [os.environ.get("PYTHONPATH")])])
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": path},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    where, _, names = result.stdout.partition("\n")
+    assert Path(where).is_relative_to(SRC), where
+    loaded = set(names.split())
+    libraries = sorted(m for m in loaded if m.split(".")[0] in EVENT_LOOP_LIBRARIES)
+    assert libraries == [], "a pool worker runs plain calls: import these where they are used"
+    ours = sorted(m for m in loaded if m.split(".")[0] == PACKAGE and m not in WORKER_SIDE)
+    assert ours == [], "the worker side imports only the modules of WORKER_SIDE"
 
 
 def test_the_worker_names_the_shared_module_by_its_real_path() -> None:

@@ -1091,6 +1091,23 @@ def test_a_spawned_worker_keeps_the_handlers_its_main_module_installs(method: st
     assert result.stdout.splitlines() == [f"{usr1},SIG_DFL"]
 
 
+@pytest.mark.parametrize(
+    "method", [m for m in ("spawn", "forkserver") if m in multiprocessing.get_all_start_methods()]
+)
+def test_a_spawned_worker_loads_only_the_worker_side(method: str) -> None:
+    """A spawn or forkserver worker imports the worker module by name, and with it
+    ``asyncmp/__init__.py``: neither loads anyio or the parent's side of the pool."""
+
+    async def main() -> list[str]:
+        async with asyncmp.open_pool(1, context=multiprocessing.get_context(method)) as pool:
+            return await pool.run(w.loaded_modules)
+
+    loaded = anyio.run(main)
+    assert "asyncmp._pool.worker" in loaded
+    assert [m for m in loaded if m.split(".")[0] in w.EVENT_LOOP_LIBRARIES] == []
+    assert [m for m in loaded if m.split(".")[0] == "asyncmp" and m not in w.WORKER_SIDE] == []
+
+
 async def test_sigterm_ends_a_busy_worker_whatever_handler_the_parent_has(
     mp_context: MPContext,
 ) -> None:

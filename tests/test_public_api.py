@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import ast
+import importlib
+from pathlib import Path
+
 import asyncmp
 
 
@@ -23,3 +27,24 @@ def test_shared_is_public() -> None:
     # shared()'s docstring names the threshold: it is public too.
     assert "SHARED_THRESHOLD" in asyncmp.__all__
     assert asyncmp.SHARED_THRESHOLD == 1024 * 1024
+
+
+def test_each_name_is_imported_on_first_use_from_where_type_checkers_see_it() -> None:
+    """``asyncmp/__init__.py`` imports its names on first use (so that a pool worker loads
+    only its own side); where it takes each from is where its ``TYPE_CHECKING`` imports,
+    which type checkers, IDEs and the docs read, say it is."""
+    tree = ast.parse(Path(asyncmp.__file__).read_text())
+    shown = {
+        alias.asname or alias.name: f".{node.module}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.level == 1
+        for alias in node.names
+    }
+    assert set(shown) == set(asyncmp.__all__)
+    assert asyncmp._HOMES == shown
+    for name, home in shown.items():
+        defined = getattr(importlib.import_module(home, "asyncmp"), name)
+        assert getattr(asyncmp, name) is defined, name
+    star: dict[str, object] = {}
+    exec("from asyncmp import *", star)
+    assert set(star) - {"__builtins__"} == set(asyncmp.__all__)

@@ -21,6 +21,8 @@ from multiprocessing.connection import Connection
 from typing import Any
 
 __all__ = (
+    "EVENT_LOOP_LIBRARIES",
+    "WORKER_SIDE",
     "NeedsTwoArgs",
     "PicklesOnlyAgain",
     "crash_leaving_grandchild",
@@ -39,6 +41,7 @@ __all__ = (
     "install",
     "install_then_fail_from",
     "kill_self",
+    "loaded_modules",
     "note",
     "own_a_busy_pool",
     "pid_of",
@@ -49,6 +52,23 @@ __all__ = (
     "set_value",
     "spin",
 )
+
+#: The modules of asyncmp that a spawn or forkserver worker may load to run a call: it
+#: imports the worker module by name, and each module more is paid at every worker start.
+#: (Shared-memory support is loaded only once ``shared()`` values arrive.)
+WORKER_SIDE = frozenset(
+    {
+        "asyncmp",  # the package's facade, which imports its names on first use only
+        "asyncmp._core",
+        "asyncmp._core.child",
+        "asyncmp._core.wire",
+        "asyncmp._pool",
+        "asyncmp._pool.protocol",
+        "asyncmp._pool.worker",
+    }
+)
+#: What a worker must not load either: it runs plain calls, no event loop.
+EVENT_LOOP_LIBRARIES = frozenset({"anyio", "asyncio", "sniffio", "trio", "uvloop"})
 
 _conn: Connection | None = None
 _release: Any = None
@@ -86,6 +106,11 @@ def echo(x: int) -> int:
 
 def getpid() -> int:
     return os.getpid()
+
+
+def loaded_modules() -> list[str]:
+    """The names of the modules this process has loaded."""
+    return sorted(sys.modules)
 
 
 def fail(message: str) -> int:
