@@ -1,9 +1,11 @@
 """What runs inside a pool's worker processes, and the messages it exchanges.
 
 This module is imported by the workers themselves (spawn and forkserver import it by
-name). It imports only ``_core.wire`` and ``_core.child`` itself, but a spawned worker imports it
-as part of the package, so ``asyncmp/__init__.py`` (and with it anyio and the rest of
-asyncmp) runs first: what a worker start costs includes the package's import.
+name), so it imports only the standard library, ``_core.wire`` and ``_core.child``: each
+module more is paid at every worker start. ``asyncmp/__init__.py``, which runs first,
+imports its names on first use, so a worker loads no anyio and nothing of the parent's
+side (``tests/test_layers.py`` checks); the shared-memory module is loaded only when
+``shared()`` values arrive.
 
 The conversation over a worker's duplex pipe, every message one pickled frame:
 
