@@ -15,7 +15,7 @@ import inspect
 import io
 import pickle
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from itertools import count
 from types import BuiltinFunctionType, FunctionType
 from typing import Any
@@ -247,7 +247,7 @@ class JobQueue:
         if job.sent:
             job.finish()
 
-    def give_back(self, jobs: deque[Job]) -> None:
+    def give_back(self, jobs: Sequence[Job]) -> None:
         """Jobs sent to a worker that died before it started them: back to the front of
         the queue, in their order (or gone, if their callers went away)."""
         for job in reversed(jobs):
