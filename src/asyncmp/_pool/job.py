@@ -69,7 +69,7 @@ class Job:
         self.size = size
         #: Called once, when the job is DONE, to hand the outcome to its caller.
         self.deliver = deliver
-        #: May be sent to a worker along with other calls (see Slot.batch).
+        #: May be sent to a worker along with other calls (see Slot._batch).
         self.batchable = False
         self.payload: Any = b""
         self.state = QUEUED
@@ -81,7 +81,7 @@ class Job:
         self.errors: dict[int, Error] | None = None
         #: Set if the whole job failed (the worker died, the pool closed, ...).
         self.error: BaseException | None = None
-        #: What the payload holds, kept to send a part of it (see Slot.take): the
+        #: What the payload holds, kept to send a part of it (see Slot._take): the
         #: calls' arguments, or with *pickled* their pickles, made one by one.
         self.fn: Callable[..., Any] | None = None
         self.arglist: list[Any] = []

@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from itertools import count
 from types import BuiltinFunctionType, FunctionType
-from typing import Any
+from typing import Any, Literal, overload
 
 import anyio
 
@@ -158,6 +158,10 @@ class JobQueue:
 
     # -- the workers' side -----------------------------------------------------------
 
+    @overload
+    async def next_job(self, *, take: Literal[True] = True) -> Job: ...
+    @overload
+    async def next_job(self, *, take: Literal[False]) -> None: ...
     async def next_job(self, *, take: bool = True) -> Job | None:
         """Wait until a job is queued, and take it off the queue (withdrawn jobs are
         skipped). With ``take=False``, return ``None`` once a job is queued, without taking
