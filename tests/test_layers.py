@@ -47,12 +47,7 @@ WORKER_ENTRY = "asyncmp._pool.worker"
 # Known violations, to be removed by the renovation's next steps. Each entry must still be
 # a violation: one that is fixed fails the test until it is taken off its list.
 #: (importer, imported): imports that close a cycle.
-ALLOWED_CYCLE_EDGES = {
-    # Job knows the worker task it was sent to, under TYPE_CHECKING.
-    ("asyncmp._pool.job", "asyncmp._pool.pool"),
-    # PoolMap drives the pool through its private methods, under TYPE_CHECKING.
-    ("asyncmp._pool.map", "asyncmp._pool.pool"),
-}
+ALLOWED_CYCLE_EDGES: set[tuple[str, str]] = set()
 #: (importer, imported module, name): another adapter's private names.
 ALLOWED_PRIVATE_IMPORTS = {
     # the pool starts its workers, and ties them to itself, through the process adapter's
@@ -71,7 +66,6 @@ ALLOWED_PRIVATE_IMPORTS = {
 #: Classes of MAX_CLASS_LINES lines or more.
 ALLOWED_LARGE_CLASSES = {
     "asyncmp._connection.connection.AsyncConnection",
-    "asyncmp._pool.pool.Pool",
 }
 
 

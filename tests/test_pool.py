@@ -26,7 +26,7 @@ import pytest
 import asyncmp
 from asyncmp import AsyncConnection, Pool
 from asyncmp._core.loop import TURN_INTERVAL
-from asyncmp._pool.pool import _MAX_BATCH
+from asyncmp._pool.conversation import _MAX_BATCH
 from tests.support import pool_workers as w
 from tests.support import workers
 from tests.support.io import wait_until

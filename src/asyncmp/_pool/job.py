@@ -1,22 +1,24 @@
 """A pool's unit of work: one request to a worker, what became of it, who gets it.
 
-Shared by the pool (``_pool.pool``), which queues, sends and completes jobs, and the map
-(``_pool.map``), which makes them from chunks of items and yields their results.
+Made and queued by the job queue (``_pool.jobqueue``), sent and answered by a worker's
+conversation (``_pool.conversation``), made from chunks of items and yielded by the map
+(``_pool.map``). A job's state changes only through its methods (``assign()``,
+``requeue()``, ``withdraw()``, ``finish()``...), each of which checks the state it leaves.
 """
 
 from __future__ import annotations
 
 import pickle
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
+from .protocol import OK
 from .worker import Error, RemoteTraceback
 
 if TYPE_CHECKING:
     from .._shared.shared import SegmentsMade
-    from .pool import _Slot
 
-__all__ = ("ABANDONED", "DONE", "QUEUED", "SENT", "WITHDRAWN", "Job")
+__all__ = ("ABANDONED", "DONE", "QUEUED", "SENT", "WITHDRAWN", "Assignee", "Job")
 
 # A job's states. It leaves QUEUED only for SENT (in the worker task that takes it),
 # WITHDRAWN (its caller went away: it never runs) or DONE (the pool closed or broke).
@@ -27,6 +29,13 @@ SENT = 1
 DONE = 2
 WITHDRAWN = 3
 ABANDONED = 4
+
+
+class Assignee(Protocol):
+    """What a job knows of the worker it was sent to: how to kill it."""
+
+    def doom(self) -> None:
+        """Kill the worker at once (``kill_on_cancel``); it takes no more jobs."""
 
 
 class Job:
@@ -60,11 +69,11 @@ class Job:
         self.size = size
         #: Called once, when the job is DONE, to hand the outcome to its caller.
         self.deliver = deliver
-        #: May be sent to a worker along with other calls (see Pool._batch).
+        #: May be sent to a worker along with other calls (see Slot._batch).
         self.batchable = False
         self.payload: Any = b""
         self.state = QUEUED
-        self.slot: _Slot | None = None
+        self.slot: Assignee | None = None
         self.elapsed = 0.0  # seconds from send to reply
         #: Seconds the part in flight took in the worker (from its reply; 0 if it failed).
         self.seconds = 0.0
@@ -72,7 +81,7 @@ class Job:
         self.errors: dict[int, Error] | None = None
         #: Set if the whole job failed (the worker died, the pool closed, ...).
         self.error: BaseException | None = None
-        #: What the payload holds, kept to send a part of it (see Pool._serve): the
+        #: What the payload holds, kept to send a part of it (see Slot._take): the
         #: calls' arguments, or with *pickled* their pickles, made one by one.
         self.fn: Callable[..., Any] | None = None
         self.arglist: list[Any] = []
@@ -88,10 +97,87 @@ class Job:
         self.offset = 0
         self.part = 0
 
+    @classmethod
+    def failed(cls, size: int, error: BaseException, deliver: Callable[[Job], None]) -> Job:
+        """A job of *size* calls that failed with *error* before it was sent: DONE, and
+        never queued (its *deliver* is not called)."""
+        job = cls(-1, size, deliver)
+        job.state = DONE
+        job.error = error
+        return job
+
     @property
     def left(self) -> int:
         """Calls not yet answered."""
         return self.size - self.offset
+
+    @property
+    def queued(self) -> bool:
+        """Waiting for a worker, still wanted."""
+        return self.state == QUEUED
+
+    @property
+    def sent(self) -> bool:
+        """A part of it is in a worker, still wanted."""
+        return self.state == SENT
+
+    @property
+    def done(self) -> bool:
+        """Its outcome was delivered (or it failed before it was sent)."""
+        return self.state == DONE
+
+    # -- state changes ---------------------------------------------------------------
+
+    def assign(self, slot: Assignee, part: int) -> None:
+        """QUEUED -> SENT: *part* calls of it, from :attr:`offset` on, go to *slot*."""
+        assert self.state == QUEUED, self.state
+        self.state = SENT
+        self.slot = slot
+        self.part = part
+
+    def requeue(self) -> None:
+        """SENT -> QUEUED: the part in flight was not run (its worker died before it got
+        it) or was answered with calls left (it was cut): back in the queue."""
+        assert self.state == SENT, self.state
+        self.state = QUEUED
+        self.slot = None
+        self.part = 0
+
+    def answered(self) -> None:
+        """The part in flight was answered: its calls count as done."""
+        self.offset += self.part
+        self.part = 0
+
+    def withdraw(self, *, kill: bool = False) -> int:
+        """Its caller went away. QUEUED -> WITHDRAWN: it never runs, and the calls left,
+        which this returns, leave the queue; SENT -> ABANDONED: its reply will be dropped
+        (with *kill*, its worker is killed at once), and this returns 0. Else nothing."""
+        if self.state == QUEUED:
+            self.state = WITHDRAWN
+            left = self.left
+            self.discard_unsent(self.offset)
+            return left
+        if self.state == SENT:
+            self.state = ABANDONED
+            slot = self.slot
+            if kill and slot is not None:
+                slot.doom()
+        return 0
+
+    def release(self) -> None:
+        """Nothing more of it will be sent: drop its arguments, which may be large."""
+        self.payload = b""
+        self.fn, self.arglist, self.made = None, [], None
+
+    def finish(self, error: BaseException | None = None) -> None:
+        """-> DONE, with *error* if given, and deliver the outcome to its caller (if it is
+        still wanted: a withdrawn or abandoned job is never delivered)."""
+        if self.state not in (QUEUED, SENT):
+            return
+        if error is not None:
+            self.error = error
+        self.state = DONE
+        self.deliver(self)
 
     def discard_unsent(self, start: int) -> None:
         """Calls from *start* on will never be sent: take back the segments of their
@@ -122,7 +208,7 @@ class Job:
             # The worker replies in the order of the jobs: this reply is this job's.
             self.error = message
             return
-        if message[0] == "ok":
+        if message[0] == OK:
             _, job_id, values, errors, self.seconds, shared_bytes, pickled = message
             assert job_id == self.id, (job_id, self.id)
             self.result_bytes += shared_bytes

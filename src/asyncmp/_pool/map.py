@@ -6,7 +6,7 @@ only while the consumer keeps asking, and at most ``_AHEAD`` chunks per worker a
 and not yet yielded; an endless iterable is fine, and once the consumer stops, nothing
 more is taken.
 
-A chunk is one request to a worker (see ``_pool.worker``). The chunk size starts at 1 and
+A chunk is one request to a worker (see ``_pool.protocol``). The chunk size starts at 1 and
 follows how long the calls take: the map aims at chunks of ``_CHUNK_SECONDS`` each, at
 most ``_MAX_CHUNK`` calls (and never more than ``max_tasks_per_child``).
 
@@ -47,11 +47,9 @@ import anyio
 
 from .._core.loop import checkpoint_due, full_checkpoint, note_turn, thread_id
 from .._shared.shared import SegmentsMade
-from .job import DONE, Job
+from .job import Job
+from .jobqueue import JobQueue, forking_dumps
 from .pickling import explain
-
-if TYPE_CHECKING:
-    from .pool import Pool
 
 __all__ = ("PoolMap",)
 
@@ -102,14 +100,16 @@ class PoolMap(AsyncIterator[R]):
 
     def __init__(
         self,
-        pool: Pool,
+        jobs: JobQueue,
         fn: Callable[[Any], R],
         iterable: Iterable[Any] | AsyncIterable[Any],
         ordered: bool,
+        workers: int,
+        max_tasks_per_child: int | None,
     ) -> None:
         self._stopped = True  # until set up: __del__ then has nothing to stop
-        self._pool = pool
-        self._owner = pool._owner  # the loop that opened the pool
+        self._queue = jobs  # the pool's
+        self._owner = jobs.owner  # the loop that opened the pool
         self._fn = fn
         self._sync: Iterator[Any] | None = None
         self._async: AsyncIterator[Any] | None = None
@@ -135,10 +135,10 @@ class PoolMap(AsyncIterator[R]):
         self._exhausted = False
         self._wakeup: anyio.Event | None = None
         self._chunk = 1
-        limit = pool.max_tasks_per_child
+        limit = max_tasks_per_child
         self._max_chunk = _MAX_CHUNK if limit is None else min(_MAX_CHUNK, limit)
-        self._limit = _AHEAD * pool.processes
-        self._workers = pool.processes
+        self._limit = _AHEAD * workers
+        self._workers = workers
         # Jobs reach the map through a weak reference: the pool's queue must not keep a
         # map alive that its consumer dropped, or dropping it could not stop it.
         deliver = weakref.WeakMethod(self._deliver)
@@ -210,7 +210,7 @@ class PoolMap(AsyncIterator[R]):
 
     def _next_finished(self) -> Job | None:
         if self._ordered:
-            if self._jobs and self._jobs[0].state == DONE:
+            if self._jobs and self._jobs[0].done:
                 return self._jobs[0]
             return None
         return self._finished.popleft() if self._finished else None
@@ -265,7 +265,7 @@ class PoolMap(AsyncIterator[R]):
         """The bytes of the calls taken and not wholly yielded."""
         estimate = self._result_bytes
         return sum(
-            job.arg_bytes + (job.result_bytes if job.state == DONE else estimate * job.size)
+            job.arg_bytes + (job.result_bytes if job.done else estimate * job.size)
             for job in self._jobs
         )
 
@@ -300,7 +300,7 @@ class PoolMap(AsyncIterator[R]):
         made = SegmentsMade()
         try:
             with made:
-                data = self._pool._dumps(args)
+                data = forking_dumps(args)
         except Exception as exc:
             made.discard()  # what it made before it failed
             error = explain(exc, self._fn, [args], index)
@@ -322,7 +322,7 @@ class PoolMap(AsyncIterator[R]):
             made = SegmentsMade()
             try:
                 with made:
-                    job = self._pool._new_job(self._fn, items, self._deliver_weakly)
+                    job = self._queue.new_job(self._fn, items, self._deliver_weakly)
             except Exception:
                 # Something in the chunk can't be pickled: one by one, so that the error
                 # is that item's own, raised at its place.
@@ -360,7 +360,7 @@ class PoolMap(AsyncIterator[R]):
             return
         made = [entry.made for entry in run]
         try:
-            job = self._pool._new_job(
+            job = self._queue.new_job(
                 self._fn, [entry.data for entry in run], self._deliver_weakly, pickled=True
             )
         except Exception as exc:  # the function can't be pickled (or is async)
@@ -378,16 +378,14 @@ class PoolMap(AsyncIterator[R]):
     def _add(self, job: Job) -> None:
         self._jobs.append(job)
         try:
-            self._pool._enqueue(job)
+            self._queue.enqueue(job)
         except BaseException:  # the pool is closed: never sent
             job.discard_unsent(0)
             raise
 
     def _add_failed(self, error: Exception, size: int) -> None:
         """A job of *size* calls that failed with *error* before it was sent."""
-        job = Job(-1, size, self._deliver_weakly)
-        job.state = DONE
-        job.error = error
+        job = Job.failed(size, error, self._deliver_weakly)
         self._jobs.append(job)
         self._finished.append(job)
 
@@ -414,7 +412,7 @@ class PoolMap(AsyncIterator[R]):
         self._finished.clear()
         self._current = None
         for job in jobs:
-            self._pool._withdraw(job)
+            self._queue.withdraw(job)
         # Items pickled one by one and not sent yet (a step was cancelled, or an async
         # iterable raised, while it took the rest of their chunk): never sent now.
         pickled, self._pickled = self._pickled, []

@@ -11,6 +11,11 @@ ahead while the worker runs the one before (a pipeline two deep), so the worker 
 its next calls waiting. Quickness is judged by the time calls take in the worker, which
 reports it with each reply, not by the round trip.
 
+The pool's parts each have a module: the job queue and its counts (``_pool.jobqueue``),
+a job and its state changes (``_pool.job``), one worker's conversation
+(``_pool.conversation``), the messages it exchanges (``_pool.protocol``), map
+(``_pool.map``), and what runs in the worker (``_pool.worker``).
+
 The invariants that make cancellation lose nothing:
 
 * A worker runs the jobs (:class:`Job`) sent to it in order and answers each in turn;
@@ -38,43 +43,26 @@ The invariants that make cancellation lose nothing:
 
 from __future__ import annotations
 
-import functools
-import inspect
-import io
 import multiprocessing
 import os
-import pickle
 import sys
-from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from itertools import count
-from time import perf_counter
-from types import BuiltinFunctionType, FunctionType
 from typing import Any
 
 import anyio
 from anyio.abc import TaskGroup
 
-from .._connection.connection import AsyncConnection
 from .._core.blocks import block_manager
-from .._core.exceptions import ConnectionEOF
-from .._core.loop import LoopBinding, new_wakeup
-from .._core.mpinternals import forking_dispatch_table
-from .._core.wire import dumps
-from .._process.process import (
-    TERMINATE_GRACE,
-    AsyncProcess,
-    Lifeline,
-    WorkerExited,
-    start_with_pipe,
-)
+from .._core.loop import new_wakeup
+from .._process.process import Lifeline, start_with_pipe
 from .._shared.shared import SegmentsMade
-from .job import ABANDONED, DONE, QUEUED, SENT, WITHDRAWN, Job
+from .conversation import Slot
+from .jobqueue import JobQueue
 from .map import PoolMap
 from .pickling import explain
-from .worker import RemoteTraceback, serve
+from .worker import serve
 
 if sys.version_info >= (3, 13):
     from typing import TypeVar
@@ -95,101 +83,6 @@ __all__ = ("Pool", "PoolStatistics", "open_pool")
 Ts = TypeVarTuple("Ts")
 R = TypeVar("R")
 T = TypeVar("T")
-
-#: How long a worker whose pipe reached EOF may take to exit before it is killed.
-_EXIT_WAIT = 1.0
-#: The most run() calls sent to a worker in one request, and how long they may take
-#: together (on average, judging by the calls so far).
-_MAX_BATCH = 32
-_BATCH_SECONDS = 0.002
-#: Requests in flight per worker while calls are quick: the worker finds the next one
-#: waiting when it is done with one. One sent ahead has at most _PIPELINE_BYTES, so it
-#: fits in the pipe's buffer without the worker reading it: the worker task never waits
-#: to send while the worker waits for it to read replies.
-_PIPELINE = 2
-_PIPELINE_BYTES = 4096
-#: The most functions whose pickles a pool keeps (see Pool._request).
-_FN_CACHE = 256
-
-
-class _Request:
-    """A request in flight: how many of its jobs are not answered yet."""
-
-    __slots__ = ("batchable", "calls", "jobs", "seconds", "sent")
-
-    def __init__(self, batch: list[Job], sent: float) -> None:
-        self.jobs = len(batch)
-        self.calls = sum(job.part for job in batch)
-        self.sent = sent
-        self.batchable = batch[0].batchable
-        self.seconds = 0.0  # the time its jobs took in the worker, so far
-
-
-class _Slot:
-    """One worker process, its pipe, and what it is doing."""
-
-    __slots__ = (
-        "calls",
-        "conn",
-        "doomed",
-        "ended",
-        "in_flight",
-        "jobs",
-        "process",
-        "ready",
-        "requests",
-        "scope",
-        "sending",
-    )
-
-    def __init__(self, conn: AsyncConnection[Any], process: AsyncProcess) -> None:
-        self.conn = conn
-        self.process = process
-        self.ready = False  # it said "ready"
-        self.calls = 0  # calls served, chunk items counted one by one
-        #: The jobs in flight, in the order the worker runs them: the first one runs.
-        self.jobs: deque[Job] = deque()
-        #: The requests in flight, oldest first, whose jobs ``jobs`` holds in that order;
-        #: and the calls they hold that are not answered yet.
-        self.requests: deque[_Request] = deque()
-        self.in_flight = 0
-        #: The last request is being sent: until the send returns, the worker may not
-        #: have all of it, so it can't have started its jobs.
-        self.sending = False
-        self.doomed = False  # killed (kill_on_cancel): it takes no more jobs
-        #: The exit code, once :meth:`watch` saw the process end.
-        self.ended: int | None = None
-        #: What the worker task waits in while the worker lives; :meth:`watch` cancels it.
-        self.scope = anyio.CancelScope()
-
-    async def watch(self) -> None:
-        """Wait for the process to end, then cancel :attr:`scope`.
-
-        This watches the process itself (a pidfd on Linux; see :class:`AsyncProcess`),
-        not only the pipe: a grandchild that the worker forked holds the worker's end of
-        the pipe open, and no EOF comes while it lives. (Elsewhere it watches the
-        sentinel, which such a grandchild holds open too, but for a forkserver's
-        children.) One watcher per worker, so quick calls pay nothing for it.
-        """
-        try:
-            self.ended = await self.process.wait()
-        except OSError:  # no descriptor left to watch it with: the pipe's EOF tells
-            return
-        self.scope.cancel()
-
-    async def exit_code(self) -> int:
-        """The exit code of a worker that ended or closed its end of the pipe, once it
-        is reaped (killed if it doesn't end within ``_EXIT_WAIT``)."""
-        if self.ended is not None:
-            return self.ended
-        with anyio.move_on_after(_EXIT_WAIT):
-            return await self.process.wait()
-        self.process.kill()
-        return await self.process.wait()
-
-    def undelivered(self) -> int:
-        """How many of the last jobs in flight the worker can't have received whole."""
-        return self.requests[-1].jobs if self.sending else 0
 
 
 @dataclass(frozen=True)
@@ -237,21 +130,15 @@ class Pool:
         self._initializer = initializer
         self._initargs = initargs
         self._max_tasks_per_child = max_tasks_per_child
-        self._ids = count()
-        self._queue: deque[Job] = deque()
-        self._idle: deque[anyio.Event] = deque()  # one per worker task waiting for a job
-        self._slots: set[_Slot] = set()
+        #: The jobs waiting, the counts of the calls, closed or broken.
+        self._jobs = JobQueue()
+        self._slots: set[Slot] = set()
         self._ready = 0
+        #: Set once every worker said it is ready, or the pool broke.
         self._all_ready = anyio.Event()
-        self._closed = False
-        self._broken: tuple[str, BaseException | None] | None = None
-        self._queued = self._running = self._done = self._failed = self._replaced = 0
-        #: How long a run() call takes in a worker, on average lately; 0 until known.
-        self._call_seconds = 0.0
-        #: Plain functions -> their pickles (references to them by name).
-        self._fn_pickles: dict[Callable[..., Any], bytes] = {}
-        #: The loop that opened the pool (claimed by open_pool); PoolMap checks it too.
-        self._owner = LoopBinding("this Pool", "opened")
+        self._replaced = 0
+        #: The loop that opened the pool (claimed by open_pool); a PoolMap checks it too.
+        self._owner = self._jobs.owner
         #: What the workers watch to die with this process (closed by open_pool).
         self._lifeline = Lifeline()
 
@@ -322,15 +209,15 @@ class Pool:
             (see :class:`Pool`); nothing was pickled or queued.
         """
         self._owner.check()
-        self._check_usable()
+        jobs = self._jobs
+        jobs.check_usable()
         done = new_wakeup()
-        job = Job(next(self._ids), 1, lambda _: done.set())
         # The segments that shared() arguments make: taken back if the call is never
         # sent (withdrawn, failed as the pool closes, or its pickling fails half-way).
         made = SegmentsMade()
         try:
             with made:
-                job.payload = self._request(job.id, fn, [args])
+                job = jobs.new_job(fn, [args], lambda _: done.set())
         except Exception as exc:
             made.discard()
             error = explain(exc, fn, [args], None)
@@ -339,13 +226,12 @@ class Pool:
             raise error from exc
         if made.segments:
             job.made = [made]
-        job.fn, job.arglist = fn, [args]
         job.batchable = not kill_on_cancel
-        self._enqueue(job)
+        jobs.enqueue(job)
         try:
             await done.wait()
         except BaseException:
-            self._withdraw(job, kill=kill_on_cancel)
+            jobs.withdraw(job, kill=kill_on_cancel)
             raise
         return job.outcome(0)  # type: ignore[no-any-return]
 
@@ -389,203 +275,63 @@ class Pool:
             than the pool's (see :class:`Pool`).
         """
         self._owner.check()
-        self._check_usable()
-        return PoolMap(self, fn, iterable, ordered)
+        self._jobs.check_usable()
+        return PoolMap(
+            self._jobs, fn, iterable, ordered, self._processes, self._max_tasks_per_child
+        )
 
     def statistics(self) -> PoolStatistics:
         """Return a snapshot of the pool's workers and calls. It may be called outside
         the pool's block, before or after."""
+        jobs = self._jobs
         return PoolStatistics(
             workers_alive=len(self._slots),
-            calls_queued=self._queued,
-            calls_running=self._running,
-            calls_done=self._done,
-            calls_failed=self._failed,
+            calls_queued=jobs.queued,
+            calls_running=jobs.running,
+            calls_done=jobs.done,
+            calls_failed=jobs.failed,
             workers_replaced=self._replaced,
         )
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else "open"
+        state = "closed" if self._jobs.closed else "open"
         return f"<asyncmp.Pool {state} processes={self._processes}>"
-
-    # -- the queue (shared with PoolMap) ---------------------------------------------
-
-    def _check_usable(self) -> None:
-        if self._closed:
-            raise anyio.ClosedResourceError("the pool is closed")
-        if self._broken is not None:
-            raise self._broken_error()
-
-    def _broken_error(self) -> BaseException:
-        assert self._broken is not None
-        message, cause = self._broken
-        error = anyio.BrokenResourceError(message)
-        error.__cause__ = cause
-        return error
-
-    def _new_job(
-        self,
-        fn: Callable[..., object],
-        arglist: list[Any],
-        deliver: Any,
-        *,
-        pickled: bool = False,
-    ) -> Job:
-        """A job for *arglist* (with *pickled*, the pickles of its entries, from
-        :meth:`_dumps`), pickled; raises what pickling raises."""
-        job = Job(next(self._ids), len(arglist), deliver)
-        job.payload = self._request(job.id, fn, arglist, pickled)
-        job.fn, job.arglist, job.pickled = fn, arglist, pickled
-        return job
-
-    def _request(
-        self, job_id: int, fn: Callable[..., object], arglist: list[Any], pickled: bool = False
-    ) -> bytes:
-        """The pickle of a job's request (see ``_pool.worker``); raises what pickling
-        raises.
-
-        A plain function pickles as a reference by name, the same each time: its pickle
-        is made once and sent as bytes, which the worker unpickles. The request itself
-        pickles as a ``ForkingPickler`` would, without making one per call.
-        """
-        if type(fn) is FunctionType or type(fn) is BuiltinFunctionType:
-            ref = self._fn_pickles.get(fn)
-            if ref is None:
-                _refuse_async(fn)  # once per function: a cached one passed
-                ref = dumps(fn)
-                if len(self._fn_pickles) >= _FN_CACHE:
-                    self._fn_pickles.clear()
-                self._fn_pickles[fn] = ref
-            request: tuple[Any, ...] = (job_id, ref, arglist, pickled)
-        else:
-            _refuse_async(fn)  # a partial or a callable object: cheap enough per request
-            request = (job_id, fn, arglist, pickled)
-        return self._dumps(request)
-
-    @staticmethod
-    def _dumps(obj: Any) -> bytes:
-        """*obj* pickled as a ``ForkingPickler`` would, without making one per call."""
-        table = forking_dispatch_table()
-        if table is None:
-            return dumps(obj)
-        buf = io.BytesIO()
-        pickler = pickle.Pickler(buf)
-        pickler.dispatch_table = table
-        pickler.dump(obj)
-        return buf.getvalue()
-
-    def _enqueue(self, job: Job) -> None:
-        self._check_usable()
-        self._queue.append(job)
-        self._queued += job.size
-        if self._idle:
-            self._idle.popleft().set()
-
-    def _withdraw(self, job: Job, *, kill: bool = False) -> None:
-        """The caller no longer wants *job*. Never awaits: it may run in a cancelled
-        task, or from a finalizer."""
-        if job.state == QUEUED:
-            job.state = WITHDRAWN
-            self._queued -= job.left
-            job.discard_unsent(job.offset)
-        elif job.state == SENT:
-            job.state = ABANDONED
-            slot = job.slot
-            if kill and slot is not None:
-                slot.doomed = True
-                slot.process.kill()
-
-    def _complete(self, job: Job) -> None:
-        """The part of *job* in flight ended (replied, or failed with ``job.error``).
-
-        If calls of the job are left (it was cut at a worker's ``max_tasks_per_child``)
-        and it is still wanted, it goes back to the front of the queue for the rest.
-        """
-        part = job.part
-        start = job.offset
-        rest = job.size - start - part  # calls not sent yet, still counted as queued
-        self._running -= part
-        if job.error is not None:
-            failed = part + (rest if job.state == SENT else 0)
-            self._failed += failed
-            self._queued -= rest
-            job.discard_unsent(start + part)
-        else:
-            failed = 0
-            if job.errors:
-                failed = sum(1 for i in job.errors if start <= i < start + part)
-                self._failed += failed
-            self._done += part - failed
-            job.offset += part
-            job.part = 0
-            if rest:
-                if job.state == SENT:
-                    job.state = QUEUED
-                    job.slot = None
-                    self._queue.appendleft(job)
-                    if self._idle:
-                        self._idle.popleft().set()
-                    return
-                self._queued -= rest  # abandoned: the rest never runs
-                job.discard_unsent(job.offset)
-        job.payload = b""  # the arguments may be large: don't keep them
-        job.fn, job.arglist, job.made = None, [], None
-        if job.state == SENT:
-            job.state = DONE
-            job.deliver(job)
-
-    def _fail_queued(self, error: Callable[[], BaseException]) -> None:
-        while self._queue:
-            job = self._queue.popleft()
-            if job.state == QUEUED:
-                self._queued -= job.left
-                self._failed += job.left
-                job.discard_unsent(job.offset)
-                job.state = DONE
-                job.error = error()
-                job.deliver(job)
-
-    def _break(self, message: str, cause: BaseException | None) -> None:
-        if self._broken is None:
-            self._broken = (message, cause)
-        self._fail_queued(self._broken_error)
-        self._all_ready.set()
-
-    def _close(self) -> None:
-        self._closed = True
-        self._fail_queued(lambda: anyio.ClosedResourceError("the pool was closed"))
 
     # -- the workers' side -----------------------------------------------------------
 
-    def _start_worker(self) -> _Slot:
+    def _start_worker(self) -> Slot:
         conn, process = start_with_pipe(
             self._context,
             serve,
             (self._lifeline.owner, self._initializer, self._initargs),
             name="asyncmp-pool-worker",
         )
-        slot = _Slot(conn, process)
+        slot = Slot(
+            conn, process, self._jobs, self._max_tasks_per_child, self._worker_ready, self._break
+        )
         self._slots.add(slot)
         return slot
 
-    async def _worker_task(self, slot: _Slot) -> None:
+    async def _worker_task(self, slot: Slot) -> None:
         """Serve with one worker after another, until the pool closes or breaks."""
+        jobs = self._jobs
         while True:
             try:
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(slot.watch)
-                    unused = await self._serve(slot)
+                    unused = await slot.serve()
                     tg.cancel_scope.cancel()
             finally:
                 with anyio.CancelScope(shield=True):
-                    await self._retire(slot)
-            if self._closed or self._broken is not None:
+                    self._slots.discard(slot)
+                    await slot.retire()
+            if jobs.closed or jobs.broken:
                 return
             if unused:
                 # It ended idle before it ran a call: rather than start worker after
                 # worker in a loop while nothing is asked of them, the next call starts
                 # the replacement.
-                await self._wait_for_job()
+                await jobs.next_job(take=False)
             try:
                 slot = self._start_worker()
             except Exception as exc:
@@ -593,334 +339,14 @@ class Pool:
                 return
             self._replaced += 1
 
-    async def _serve(self, slot: _Slot) -> bool:
-        """Wait for the worker to be ready, then run jobs until it must be retired, or
-        until it ends. True if it ended idle, before it ran a call."""
-        with slot.scope:  # cancelled once the process has ended (see _Slot.watch)
-            try:
-                await self._converse(slot)
-            except (ConnectionEOF, anyio.BrokenResourceError):
-                pass  # the worker has ended, or is ending
-            else:
-                return False
-        # The worker has ended, or closed its end of the pipe. What it sent before, its
-        # first word or its replies, is in the pipe: read that first, then decide which
-        # job it was running.
-        code = await slot.exit_code()
-        while slot.jobs or not slot.ready:
-            message = self._recv_nowait(slot)
-            if message is None:
-                break
-            if not slot.ready:
-                if not self._hello(slot, message):
-                    return False
-            elif len(slot.jobs) > slot.undelivered():
-                self._answered(slot, message)
-            else:
-                break
-        if not slot.ready:
-            exited = WorkerExited(code)
-            self._break(f"a pool worker ended before it was ready: {exited}", exited)
-            return False
-        unused = not slot.calls and not slot.jobs
-        self._worker_died(slot, code)
-        return unused
-
-    async def _converse(self, slot: _Slot) -> None:
-        """Wait for the worker's first word, then send it jobs and read its replies
-        until it must be retired. Raises ``ConnectionEOF`` or ``BrokenResourceError``
-        if the worker goes away."""
-        if not self._hello(slot, await self._recv(slot)):
-            return
-        limit = self._max_tasks_per_child
-        # The requests in flight, oldest first. The worker answers them in order, job by
-        # job, and slot.jobs holds their jobs in that order.
-        requests = slot.requests
-        while True:
-            # Top up: a first request (waiting for a job if none is queued), then while
-            # calls are quick one more, to run after it (see _batch).
-            quota = None if limit is None else limit - slot.calls - slot.in_flight
-            if not requests:
-                if slot.doomed or quota == 0:
-                    return
-                batch = self._batch(await self._next_job(), quota)
-            elif len(requests) < _PIPELINE and requests[-1].batchable and not slot.doomed:
-                batch = self._batch(None, quota)
-            else:
-                batch = []
-            if batch:
-                # No await since the jobs were checked (in _next_job or _batch): they
-                # are ours.
-                payload = self._take(slot, batch, quota)
-                request = _Request(batch, perf_counter())
-                requests.append(request)
-                slot.in_flight += request.calls
-                # If this raises (BrokenResourceError: the worker is gone) or is
-                # cancelled (the worker ended), the worker did not get the whole
-                # request, and its jobs go to another worker (see _worker_died).
-                slot.sending = True
-                await slot.conn.send_bytes(payload)
-                slot.sending = False
-                continue
-            # Then one reply, to the first job in flight. (What _recv does, inline: the
-            # hot path of quick calls.)
-            try:
-                reply: Any = await slot.conn.recv()
-            except (ConnectionEOF, anyio.BrokenResourceError, anyio.ClosedResourceError):
-                raise
-            except Exception as exc:
-                reply = exc  # it could not be unpickled: the error of this job
-            self._answered(slot, reply)
-
-    async def _recv(self, slot: _Slot) -> Any:
-        """The worker's next message, or the exception unpickling it raised."""
-        try:
-            return await slot.conn.recv()
-        except (ConnectionEOF, anyio.BrokenResourceError, anyio.ClosedResourceError):
-            raise
-        except Exception as exc:
-            return exc
-
-    def _recv_nowait(self, slot: _Slot) -> Any:
-        """A message of the worker's that is in the pipe whole (or the exception
-        unpickling it raised), or None."""
-        try:
-            return slot.conn.recv_nowait()
-        except (
-            anyio.WouldBlock,
-            ConnectionEOF,
-            anyio.BrokenResourceError,
-            anyio.ClosedResourceError,
-        ):
-            return None
-        except Exception as exc:
-            return exc
-
-    def _hello(self, slot: _Slot, hello: Any) -> bool:
-        """Take the worker's first word: True if it is ready, else break the pool."""
-        if isinstance(hello, BaseException):  # it could not be unpickled
-            self._break(f"a pool worker's first word could not be unpickled: {hello!r}", hello)
-            return False
-        if hello[0] == "init-failed":
-            exc, text = hello[1]
-            exc.__cause__ = RemoteTraceback(text)
-            self._break(f"the pool's initializer failed in a worker: {exc!r}", exc)
-            return False
-        slot.ready = True
+    def _worker_ready(self) -> None:
         self._ready += 1
         if self._ready >= self._processes:
             self._all_ready.set()
-        return True
 
-    def _answered(self, slot: _Slot, reply: Any) -> None:
-        """Take the worker's reply (or the exception unpickling it raised) to the first
-        job in flight."""
-        job = slot.jobs.popleft()
-        if isinstance(reply, BaseException):
-            reply = _unreadable_reply(job, reply)
-        requests = slot.requests
-        request = requests[0]
-        job.elapsed += perf_counter() - request.sent
-        slot.calls += job.part
-        slot.in_flight -= job.part
-        job.seconds = 0.0
-        job.read_reply(reply)
-        request.seconds += job.seconds
-        self._complete(job)
-        request.jobs -= 1
-        if not request.jobs:
-            requests.popleft()
-            if request.batchable:
-                # Judged by the time in the worker, not the round trip: quick calls are
-                # sent together however slow the pipe or the loop.
-                per_call = request.seconds / request.calls
-                self._call_seconds = 0.75 * self._call_seconds + 0.25 * per_call
-
-    def _take(self, slot: _Slot, batch: list[Job], quota: int | None) -> bytes:
-        """Mark the jobs of *batch* sent to *slot*; return the request's bytes."""
-        for job in batch:
-            job.state = SENT
-            job.slot = slot
-            job.part = job.left
-            if quota is not None:
-                # Exactly max_tasks_per_child calls per worker: a bigger job is cut, and
-                # the rest goes back to the queue when this part is answered.
-                job.part = min(job.part, quota)
-                quota -= job.part
-            self._queued -= job.part
-            self._running += job.part
-        slot.jobs.extend(batch)
-        if len(batch) > 1:
-            return dumps(("batch", [bytes(job.payload) for job in batch]))
-        job = batch[0]
-        if job.part == job.size:
-            return job.payload  # type: ignore[no-any-return]
-        assert job.fn is not None
-        # A part of a job: its arguments pickled again, or, where pickling them again
-        # would make new segments (shared() objects), their pickles from the first time.
-        arglist = job.arglist[job.offset : job.offset + job.part]
-        return self._request(job.id, job.fn, arglist, job.pickled)
-
-    def _batch(self, first: Job | None, quota: int | None) -> list[Job]:
-        """*first*, and queued run() calls to send along with it while calls are quick;
-        or, with *first* ``None``, queued quick run() calls to send to a worker that
-        runs quick ones already, to run after them.
-
-        Calls sent together wait for each other in the worker, so this only happens
-        while calls take less than ``_BATCH_SECONDS / _MAX_BATCH`` on average, up to
-        ``_MAX_BATCH`` of them (a request sent ahead only while they take less than
-        half of ``_BATCH_SECONDS``, and only of at most ``_PIPELINE_BYTES``). A call
-        with ``kill_on_cancel`` is always sent alone to a worker with nothing else to
-        do, so killing its worker ends no other call.
-        """
-        batch = [] if first is None else [first]
-        if (first is not None and not first.batchable) or not self._call_seconds:
-            return batch
-        size = min(_MAX_BATCH, int(_BATCH_SECONDS / self._call_seconds))
-        if first is None and size < 2:
-            return batch
-        if quota is not None:
-            size = min(size, quota)
-        room = _PIPELINE_BYTES if first is None else None
-        queue = self._queue
-        while len(batch) < size and queue:
-            job = queue[0]
-            if job.state != QUEUED:
-                queue.popleft()
-            elif not job.batchable or (room is not None and len(job.payload) > room):
-                break
-            else:
-                batch.append(queue.popleft())
-                if room is not None:
-                    room -= len(job.payload)
-        return batch
-
-    def _worker_died(self, slot: _Slot, exitcode: int) -> None:
-        """The worker ended, and its replies were read. The first job left in flight, if
-        the worker received it, was running: it fails. The others never started: back to
-        the front of the queue (or gone, if their callers went away).
-
-        Which job a worker runs is known only by its replies: a job sent whole is counted
-        as running, even if the worker died before it read it (the moment a send returns
-        and the worker's death are indistinguishable from here). A job whose send failed,
-        or had not finished when the worker ended, was not received: it runs elsewhere.
-
-        The worker is gone (reaped): the segments of the jobs that fail or were abandoned,
-        which it had not received, nobody will receive; they are taken back (those it did
-        receive are gone already). Those of jobs that go back to the queue are kept.
-        """
-        jobs, slot.jobs = slot.jobs, deque()
-        if len(jobs) > slot.undelivered():
-            first = jobs.popleft()
-            first.error = WorkerExited(exitcode)
-            first.discard_unsent(first.offset)  # the part it ran too
-            self._complete(first)
-        slot.requests.clear()
-        slot.in_flight = 0
-        for job in reversed(jobs):
-            self._running -= job.part
-            if job.state == SENT:
-                job.state = QUEUED
-                job.slot = None
-                self._queued += job.part
-                job.part = 0
-                self._queue.appendleft(job)
-                if self._idle:
-                    self._idle.popleft().set()
-            else:  # abandoned: the calls of it not sent yet never run either
-                self._queued -= job.size - job.offset - job.part
-                job.discard_unsent(job.offset)
-
-    async def _next_job(self) -> Job:
-        while True:
-            while self._queue:
-                job = self._queue.popleft()
-                if job.state == QUEUED:
-                    return job
-            wakeup = anyio.Event()
-            self._idle.append(wakeup)
-            try:
-                await wakeup.wait()
-            finally:
-                if not wakeup.is_set():
-                    self._idle.remove(wakeup)
-                elif self._idle and self._queue:
-                    # Woken, then cancelled: pass the wake-up on.
-                    self._idle.popleft().set()
-
-    async def _wait_for_job(self) -> None:
-        """Return once a job is queued, without taking it: an idle worker task, if one
-        waits, is woken for it."""
-        while not self._queue:
-            wakeup = anyio.Event()
-            self._idle.append(wakeup)
-            try:
-                await wakeup.wait()
-            finally:
-                if not wakeup.is_set():
-                    self._idle.remove(wakeup)
-        if self._idle:
-            self._idle.popleft().set()
-
-    async def _retire(self, slot: _Slot) -> None:
-        """Stop the worker and reap it (shielded by the caller)."""
-        self._slots.discard(slot)
-        jobs, slot.jobs = slot.jobs, deque()
-        # What the worker had not received of the calls in flight when it ended, nobody
-        # ever will: their segments are taken back once it is gone (see the end).
-        in_flight = [(job.made, job.offset, job.part) for job in jobs if job.made is not None]
-        for job in jobs:
-            job.error = anyio.ClosedResourceError("the pool was closed while the call ran")
-            self._complete(job)
-        slot.conn.close()  # the stop request: an idle worker sees EOF and returns
-        if not jobs and not slot.doomed:
-            with anyio.move_on_after(TERMINATE_GRACE):
-                await slot.process.wait()
-        await slot.process.stop()
-        slot.process.close()
-        for made, start, part in in_flight:
-            for segments in made[start : start + part]:
-                if segments is not None:
-                    segments.discard()
-
-
-def _unreadable_reply(job: Job, exc: BaseException) -> BaseException:
-    """The error of a job whose reply could not be unpickled here. The worker sends the
-    errors of calls so that they always unpickle (see ``_pool.worker``): what failed is
-    a result, of a class this process can't import, say."""
-    fn = job.fn
-    name = (getattr(fn, "__qualname__", None) or repr(fn)) if fn is not None else "a call"
-    error = pickle.PicklingError(
-        f"the reply to {name} can't be unpickled in the parent ({type(exc).__name__}: {exc})"
-    )
-    error.__cause__ = exc
-    return error
-
-
-def _refuse_async(fn: Callable[..., object]) -> None:
-    """Raise ``TypeError`` if *fn* is an async function: in a worker, calling it would
-    only make a coroutine, which can't even be sent back. So is a ``functools.partial``
-    of one (unwrapped here, whatever the Python version's ``inspect`` does) and an
-    object whose ``__call__`` is one."""
-    target: Any = fn
-    while isinstance(target, functools.partial):
-        target = target.func
-    called = target
-    if not (
-        inspect.isfunction(target)
-        or inspect.ismethod(target)
-        or inspect.isbuiltin(target)
-        or isinstance(target, type)
-    ) and callable(target):
-        called = type(target).__call__
-    if inspect.iscoroutinefunction(called) or inspect.isasyncgenfunction(called):
-        name = getattr(target, "__name__", None) or type(target).__name__
-        raise TypeError(
-            f"pool.run() and pool.map() call plain functions, and {name} is an async"
-            " function (in a worker, calling it only makes a coroutine): run it from a"
-            " plain function defined at module level, such as"
-            f" `def {name}_sync(x): return asyncio.run({name}(x))`"
-        )
+    def _break(self, message: str, cause: BaseException | None) -> None:
+        self._jobs.mark_broken(message, cause)
+        self._all_ready.set()
 
 
 @block_manager("pool", Pool)
@@ -1005,14 +431,14 @@ async def open_pool(
                     for _ in range(processes):
                         tg.start_soon(pool._worker_task, pool._start_worker())
                     await pool._all_ready.wait()
-                    if pool._broken is not None:
-                        failure = pool._broken_error()
+                    if pool._jobs.broken:
+                        failure = pool._jobs.broken_error()
                     else:
                         yield pool
                 except BaseException as exc:
                     failure = exc
             finally:
-                pool._close()
+                pool._jobs.close()
                 tg.cancel_scope.cancel()
     finally:
         pool._lifeline.close()  # the workers are reaped by now

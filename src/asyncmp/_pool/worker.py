@@ -7,40 +7,8 @@ imports its names on first use, so a worker loads no anyio and nothing of the pa
 side (``tests/test_layers.py`` checks); the shared-memory module is loaded only when
 ``shared()`` values arrive.
 
-The conversation over a worker's duplex pipe, every message one pickled frame:
-
-* worker -> parent, once: ``("ready", pid)``, or ``("init-failed", error)`` if the
-  initializer raised (the worker then returns).
-* parent -> worker: ``(job_id, fn, [args, ...], pickled)``: call ``fn(*args)`` for each
-  entry; *fn* may also come as ``bytes``, its own pickle (a plain function, by
-  reference). With *pickled*, each entry is the pickle of its *args*, made one by one
-  (a map's items that hold ``shared()`` objects: a chunk of them is cut at
-  ``max_tasks_per_child`` without pickling them again, which would make new segments);
-  they are all unpickled before the first call, so a worker that dies leaves none of
-  their segments behind. A chunk of :meth:`Pool.map` items and a single
-  :meth:`Pool.run` call look the same. Or ``("batch", [request_bytes, ...])``: several
-  such jobs, pickled one by one, run in that order, each answered as soon as it is done.
-* worker -> parent: ``("ok", job_id, values, errors, seconds, shared_bytes, pickled)``:
-  ``values[i]`` is the i-th result, ``errors`` is ``None`` or maps the index of each call
-  that failed to its error, ``seconds`` is how long the job took here (the pool judges
-  by it whether calls are quick enough to send together). With *pickled*, each value
-  comes as its own pickle, made once (when one of them can't be pickled, or when the
-  results are ``shared()`` objects themselves), and ``shared_bytes`` is the shared
-  memory those pickles made (a map counts it against its budget); otherwise it is 0.
-  Or ``("failed", None, error)`` if the request itself could not be read. The replies
-  come in the order of the jobs.
-* parent closes its end: the stop request. The worker sees EOF once its current call
-  has returned, and returns.
-
-An *error* is ``(exception, traceback_text)``, both picklable: an exception that does not
-pickle is replaced by a ``pickle.PicklingError`` that names it. One that does travels
-pickled on its own, inside the message, and is unpickled on its own: where the parent
-can't unpickle it (its class lives in a module only the worker imports, or its
-``__init__`` takes other arguments than it passes to ``BaseException``), it gets a
-``pickle.PicklingError`` that names it and says why instead, the message itself still
-unpickles, and only the call that raised it fails. (A call's result has no such
-wrapper, so the ``ok`` reply of quick calls stays as cheap as it was: if a result can't
-be unpickled, the reply can't, and the pool fails the job that reply answers.)
+The conversation over a worker's duplex pipe, its messages and their tags, is described
+in ``_pool.protocol``, beside the tags both sides use.
 """
 
 from __future__ import annotations
@@ -57,6 +25,7 @@ from typing import Any
 
 from .._core.child import Owner, begin
 from .._core.wire import dumps
+from .protocol import BATCH, FAILED, INIT_FAILED, OK, READY
 
 __all__ = ("RemoteTraceback", "portable_error", "serve")
 
@@ -148,7 +117,7 @@ def _reply(
     shared: Any = sys.modules.get(_SHARED_MODULE)
     if shared is None:
         try:
-            return dumps(("ok", job_id, values, errors, seconds, 0, False))
+            return dumps((OK, job_id, values, errors, seconds, 0, False))
         except Exception:
             return _reply_value_by_value(job_id, fn, values, errors, seconds, None)
     if values and type(values[0]) is shared.Shared:
@@ -159,7 +128,7 @@ def _reply(
     made = shared.SegmentsMade.standing()
     made.segments.clear()
     try:
-        return dumps(("ok", job_id, values, errors, seconds, 0, False))
+        return dumps((OK, job_id, values, errors, seconds, 0, False))
     except Exception:
         made.discard()  # segments of values pickled before one failed: never sent
     return _reply_value_by_value(job_id, fn, values, errors, seconds, shared)
@@ -201,7 +170,7 @@ def _reply_value_by_value(
             if made is not None:
                 nbytes += made.nbytes
         pickles.append(data)
-    return dumps(("ok", job_id, pickles, errors or None, seconds, nbytes, True))
+    return dumps((OK, job_id, pickles, errors or None, seconds, nbytes, True))
 
 
 def serve(
@@ -230,9 +199,9 @@ def serve(
             initializer(*initargs)
         except Exception as exc:
             error = portable_error(exc, f"the initializer {_describe(initializer)}")
-            conn.send_bytes(dumps(("init-failed", error)))
+            conn.send_bytes(dumps((INIT_FAILED, error)))
             return
-    conn.send_bytes(dumps(("ready", os.getpid())))
+    conn.send_bytes(dumps((READY, os.getpid())))
     while True:
         try:
             request = conn.recv_bytes()
@@ -249,7 +218,7 @@ def _handle(conn: Connection, request: bytes) -> None:
     parts = [request]
     try:
         message = ForkingPickler.loads(request)
-        if message[0] == "batch":
+        if message[0] == BATCH:
             parts = message[1]
     except Exception as exc:
         _send_failed(conn, exc)
@@ -266,7 +235,7 @@ def _handle(conn: Connection, request: bytes) -> None:
 
 def _send_failed(conn: Connection, exc: Exception) -> None:
     error = portable_error(exc, "reading the request")
-    conn.send_bytes(dumps(("failed", None, error)))
+    conn.send_bytes(dumps((FAILED, None, error)))
 
 
 def _run_job(
