@@ -742,6 +742,26 @@ async def test_a_failing_initializer_is_a_clear_error_not_a_respawn_loop(
     assert isinstance(cause.__cause__, asyncmp.RemoteTraceback)
 
 
+@pytest.mark.parametrize("initializer", [None, w.fail_init], ids=["ready", "init-failed"])
+def test_a_worker_whose_pool_closed_before_its_first_word_exits_quietly(
+    initializer: Any, capfd: pytest.CaptureFixture[str]
+) -> None:
+    # A replacement worker can start while the pool closes: its first word (ready, or
+    # the initializer's error) then meets a closed pipe, which is no error of the worker's.
+    from asyncmp._pool.worker import serve
+
+    theirs, mine = multiprocessing.get_context("fork").Pipe(duplex=False)
+    theirs.close()  # the pool's end, gone before the worker speaks
+    process = multiprocessing.get_context("fork").Process(
+        target=serve, args=(mine, None, initializer, ("no config",))
+    )
+    process.start()
+    mine.close()
+    process.join(30)
+    assert process.exitcode == 0
+    assert "Traceback" not in capfd.readouterr().err
+
+
 async def test_an_initializer_error_the_parent_cannot_unpickle_breaks_the_pool_clearly(
     mp_context: MPContext,
 ) -> None:

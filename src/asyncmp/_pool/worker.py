@@ -194,14 +194,18 @@ def serve(
     running calls with a traceback here; the parent's block exit stops the workers.
     """
     begin(owner, ignore_sigint=True)
+    hello = (READY, os.getpid())
     if initializer is not None:
         try:
             initializer(*initargs)
         except Exception as exc:
-            error = portable_error(exc, f"the initializer {_describe(initializer)}")
-            conn.send_bytes(dumps((INIT_FAILED, error)))
-            return
-    conn.send_bytes(dumps((READY, os.getpid())))
+            hello = (INIT_FAILED, portable_error(exc, f"the initializer {_describe(initializer)}"))
+    try:
+        conn.send_bytes(dumps(hello))
+    except OSError:
+        return  # the pool closed before this worker was ready (a replacement it no longer needs)
+    if hello[0] == INIT_FAILED:
+        return
     while True:
         try:
             request = conn.recv_bytes()
