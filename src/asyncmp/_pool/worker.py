@@ -194,7 +194,7 @@ def serve(
     running calls with a traceback here; the parent's block exit stops the workers.
     """
     begin(owner, ignore_sigint=True)
-    hello = (READY, os.getpid())
+    hello: tuple[str, object] = (READY, os.getpid())
     if initializer is not None:
         try:
             initializer(*initargs)
