@@ -25,7 +25,7 @@ import math
 import multiprocessing
 import os
 import statistics
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from importlib.util import find_spec
@@ -33,9 +33,9 @@ from typing import Any
 
 import anyio
 import anyio.to_process
-from _cases import Impl, Timing, since, start_timing
+from _cases import Impl, Timing, run_on, since, start_timing
 from _pool_fns import async_identity, async_spin, identity, pid, sleep_for, spin
-from _report import Series, Table, Target
+from _report import Table, Target, Value, play_round, series_of, trial_size
 
 import asyncmp
 
@@ -58,15 +58,6 @@ class PoolContender:
     family: str
     #: calls to time -> (wall seconds, CPU seconds); runs an event loop of its own
     trial: Callable[[int], Timing]
-
-
-def _run(backend: str, fn: Callable[..., Awaitable[Timing]], *args: Any) -> Timing:
-    if backend == "uvloop":
-        import uvloop
-
-        options = {"loop_factory": uvloop.new_event_loop}
-        return anyio.run(fn, *args, backend="asyncio", backend_options=options)
-    return anyio.run(fn, *args, backend=backend)
 
 
 def _has(module: str) -> bool:
@@ -179,7 +170,7 @@ async def _anyio_tasks(n: int, callers: int | None) -> Timing:
     return await _time_calls(call, n, callers)
 
 
-async def _anyio_cancel(cancellable: bool) -> Timing:
+async def _anyio_cancel(_: int, cancellable: bool) -> Timing:
     limiter = anyio.CapacityLimiter(1)
     await anyio.to_process.run_sync(pid, limiter=limiter)
     with anyio.CancelScope() as scope:
@@ -301,238 +292,164 @@ def _benches(backends: tuple[str, ...], impls: tuple[Impl, ...]) -> list[PoolBen
         return seconds * 1e3
 
     def ours(
-        what: str, trial: Callable[[str, Impl], Callable[[int], Timing]]
+        what: str, trial: Callable[[str, Impl], Callable[[int], Timing]], infix: str = ""
     ) -> list[PoolContender]:
         return [
             PoolContender(
-                f"{impl.name}-{b}",
+                f"{impl.name}{infix}-{b}",
                 f"{impl.name} {what} ({b})",
                 b,
-                "candidate" if impl.tag else "asyncmp",
+                impl.family,
                 trial(b, impl),
             )
             for b in backends
             for impl in impls
         ]
 
-    tiny = ours(
-        "pool.map", lambda b, impl: lambda n: _run(b, _asyncmp_map, n, impl, 2, identity, 0)
-    )
-    tiny.append(
-        PoolContender(
-            "anyio",
-            "anyio.to_process.run_sync, limiter 2 (asyncio)",
-            "asyncio",
-            "anyio",
-            lambda n: _run("asyncio", _anyio_tasks, n, None),
-        )
-    )
-    if aiomp:
-        tiny.append(
-            PoolContender(
-                "aiomultiprocess",
-                "aiomultiprocess Pool.map (asyncio)",
-                "asyncio",
-                "aiomultiprocess",
-                lambda n: _run("asyncio", _aiomp_map, n, 2, async_identity, 0),
-            )
-        )
-    if trio_parallel:
-        tiny.append(
-            PoolContender(
-                "trio-parallel",
-                "trio_parallel.run_sync, limiter 2 (trio)",
-                "trio",
-                "trio-parallel",
-                lambda n: _run("trio", _trio_parallel_tasks, n, None),
-            )
-        )
+    def peer(key: str, label: str, fn: Callable[..., Any], *args: Any) -> PoolContender:
+        """Another way to run functions in processes: ``fn(n, *args)``, trio-parallel's on
+        trio, the others' on asyncio; its family is its key (anyio's for "anyio-cancellable")."""
+        backend = "trio" if key == "trio-parallel" else "asyncio"
+        family = key.removesuffix("-cancellable")
+        label = f"{label} ({backend})"
+        return PoolContender(key, label, backend, family, lambda n: run_on(backend, fn, n, *args))
 
-    run = ours("pool.run", lambda b, impl: lambda n: _run(b, _asyncmp_run, n, impl))
-    run.append(
-        PoolContender(
-            "anyio",
-            "anyio.to_process.run_sync, limiter 2 (asyncio)",
-            "asyncio",
-            "anyio",
-            lambda n: _run("asyncio", _anyio_tasks, n, CALLERS),
-        )
+    def tiny(callers: int | None) -> list[PoolContender]:
+        """The anchor's and the other pools' rows of 5a (*callers* None) and 5b."""
+        found = [peer("anyio", "anyio.to_process.run_sync, limiter 2", _anyio_tasks, callers)]
+        if aiomp and callers is None:
+            found.append(
+                peer(
+                    "aiomultiprocess", "aiomultiprocess Pool.map", _aiomp_map, 2, async_identity, 0
+                )
+            )
+        elif aiomp:
+            found.append(peer("aiomultiprocess", "aiomultiprocess Pool.apply", _aiomp_run))
+        if trio_parallel:
+            label = "trio_parallel.run_sync, limiter 2"
+            found.append(peer("trio-parallel", label, _trio_parallel_tasks, callers))
+        return found
+
+    tiny_map = ours(
+        "pool.map", lambda b, impl: lambda n: run_on(b, _asyncmp_map, n, impl, 2, identity, 0)
+    ) + tiny(None)
+    tiny_run = ours("pool.run", lambda b, impl: lambda n: run_on(b, _asyncmp_run, n, impl)) + tiny(
+        CALLERS
     )
-    if aiomp:
-        run.append(
-            PoolContender(
-                "aiomultiprocess",
-                "aiomultiprocess Pool.apply (asyncio)",
-                "asyncio",
-                "aiomultiprocess",
-                lambda n: _run("asyncio", _aiomp_run, n),
-            )
-        )
-    if trio_parallel:
-        run.append(
-            PoolContender(
-                "trio-parallel",
-                "trio_parallel.run_sync, limiter 2 (trio)",
-                "trio",
-                "trio-parallel",
-                lambda n: _run("trio", _trio_parallel_tasks, n, CALLERS),
-            )
-        )
 
     cpu = ours(
-        "pool.map", lambda b, impl: lambda n: _run(b, _asyncmp_map, n, impl, cores, spin, CPU_TASK)
+        "pool.map",
+        lambda b, impl: lambda n: run_on(b, _asyncmp_map, n, impl, cores, spin, CPU_TASK),
     )
-    cpu.append(
-        PoolContender(
-            "executor",
-            "ProcessPoolExecutor + run_in_executor (asyncio)",
-            "asyncio",
-            "executor",
-            lambda n: _run("asyncio", _executor_map, n, cores),
-        )
-    )
+    cpu.append(peer("executor", "ProcessPoolExecutor + run_in_executor", _executor_map, cores))
     if aiomp:
-        cpu.append(
-            PoolContender(
-                "aiomultiprocess",
-                "aiomultiprocess Pool.map (asyncio)",
-                "asyncio",
-                "aiomultiprocess",
-                lambda n: _run("asyncio", _aiomp_map, n, cores, async_spin, CPU_TASK),
-            )
-        )
+        label = "aiomultiprocess Pool.map"
+        cpu.append(peer("aiomultiprocess", label, _aiomp_map, cores, async_spin, CPU_TASK))
 
     cancel = ours(
-        "pool.run, worker kept", lambda b, impl: lambda n: _run(b, _asyncmp_cancel, n, impl)
+        "pool.run, worker kept", lambda b, impl: lambda n: run_on(b, _asyncmp_cancel, n, impl)
     )
-    cancel.append(
-        PoolContender(
-            "anyio",
-            "anyio.to_process.run_sync, not cancellable (asyncio)",
-            "asyncio",
-            "anyio",
-            lambda n: _run("asyncio", _anyio_cancel, False),
-        )
-    )
-    cancel.append(
-        PoolContender(
-            "anyio-cancellable",
-            "anyio.to_process.run_sync(cancellable=True), kills (asyncio)",
-            "asyncio",
-            "anyio",
-            lambda n: _run("asyncio", _anyio_cancel, True),
-        )
-    )
+    kills = "anyio.to_process.run_sync(cancellable=True), kills"
+    cancel += [
+        peer("anyio", "anyio.to_process.run_sync, not cancellable", _anyio_cancel, False),
+        peer("anyio-cancellable", kills, _anyio_cancel, True),
+    ]
     if trio_parallel:
-        cancel.append(
-            PoolContender(
-                "trio-parallel",
-                "trio_parallel kill_on_cancel=True, kills (trio)",
-                "trio",
-                "trio-parallel",
-                lambda n: _run("trio", _trio_parallel_cancel, 1),
-            )
+        label = "trio_parallel kill_on_cancel=True, kills"
+        cancel.append(peer("trio-parallel", label, _trio_parallel_cancel))
+
+    def bench(
+        contenders: list[PoolContender],
+        value: Callable[[float, int], float],
+        probe: int,
+        n_min: int,
+        n_max: int,
+        *,
+        baseline: str | None,
+        fixed_n: int | None = None,
+        **table: Any,
+    ) -> PoolBench:
+        return PoolBench(
+            Table(series=series_of(contenders), baseline=baseline, **table),
+            contenders,
+            value,
+            probe,
+            n_min,
+            n_max,
+            fixed_n,
         )
 
-    def table(
-        id: str,
-        title: str,
-        unit: str,
-        higher: bool,
-        label: str,
-        base: str | None,
-        contenders: list[PoolContender],
-        op: str,
-        params: dict[str, Any],
-    ) -> Table:
-        return Table(
-            id=id,
-            title=title,
-            unit=unit,
-            higher_is_better=higher,
-            ratio_label=label,
-            params=params,
-            series=[Series(c.key, c.label, c.backend, c.family) for c in contenders],
-            baseline=base,
-            op=op,
+    def timed(contenders: list[PoolContender], **table: Any) -> PoolBench:
+        """A bench of one timed event per trial, in milliseconds, with no anchor."""
+        return bench(
+            contenders,
+            millis,
+            1,
+            1,
+            1,
+            fixed_n=1,
+            unit="ms",
+            higher_is_better=False,
+            ratio_label="ratio",
+            baseline=None,
+            **table,
         )
 
     return [
-        PoolBench(
-            table(
-                "pool-map",
-                "5a. Pool: tiny tasks (fn returns its argument), 2 workers",
-                "calls/s",
-                True,
-                "x anyio",
-                "anyio",
-                tiny,
-                "call",
-                {"workers": 2, "task": "identity"},
-            ),
-            tiny,
+        bench(
+            tiny_map,
             rate,
-            probe=200,
-            n_min=200,
-            n_max=2_000_000,
+            200,
+            200,
+            2_000_000,
+            id="pool-map",
+            title="5a. Pool: tiny tasks (fn returns its argument), 2 workers",
+            unit="calls/s",
+            higher_is_better=True,
+            ratio_label="x anyio",
+            baseline="anyio",
+            op="call",
+            params={"workers": 2, "task": "identity"},
         ),
-        PoolBench(
-            table(
-                "pool-run",
-                f"5b. Pool: tiny tasks, one call at a time from {CALLERS} concurrent tasks,"
-                " 2 workers",
-                "calls/s",
-                True,
-                "x anyio",
-                "anyio",
-                run,
-                "call",
-                {"workers": 2, "task": "identity", "callers": CALLERS},
-            ),
-            run,
+        bench(
+            tiny_run,
             rate,
-            probe=200,
-            n_min=CALLERS * 2,
-            n_max=2_000_000,
+            200,
+            CALLERS * 2,
+            2_000_000,
+            id="pool-run",
+            title=f"5b. Pool: tiny tasks, one call at a time from {CALLERS} concurrent tasks,"
+            " 2 workers",
+            unit="calls/s",
+            higher_is_better=True,
+            ratio_label="x anyio",
+            baseline="anyio",
+            op="call",
+            params={"workers": 2, "task": "identity", "callers": CALLERS},
         ),
-        PoolBench(
-            table(
-                "pool-cpu",
-                f"5c. Pool: CPU-bound tasks of {CPU_TASK * 1e3:g} ms, one worker per core"
-                f" ({cores})",
-                "tasks/s",
-                True,
-                "x executor",
-                "executor",
-                cpu,
-                "task",
-                {"workers": cores, "task_seconds": CPU_TASK},
-            ),
+        bench(
             cpu,
             rate,
-            probe=200,
-            n_min=200,
-            n_max=200_000,
+            200,
+            200,
+            200_000,
+            id="pool-cpu",
+            title=f"5c. Pool: CPU-bound tasks of {CPU_TASK * 1e3:g} ms, one worker per core"
+            f" ({cores})",
+            unit="tasks/s",
+            higher_is_better=True,
+            ratio_label="x executor",
+            baseline="executor",
+            op="task",
+            params={"workers": cores, "task_seconds": CPU_TASK},
         ),
-        PoolBench(
-            table(
-                "pool-cancel",
-                f"5d. Pool: cancel a running call ({CANCEL_CALL:g} s, cancelled after"
-                f" {CANCEL_AFTER * 1e3:g} ms): time until the call returns",
-                "ms",
-                False,
-                "ratio",
-                None,
-                cancel,
-                "cancel",
-                {"call_seconds": CANCEL_CALL, "cancel_after_seconds": CANCEL_AFTER},
-            ),
+        timed(
             cancel,
-            millis,
-            probe=1,
-            n_min=1,
-            n_max=1,
-            fixed_n=1,
+            id="pool-cancel",
+            title=f"5d. Pool: cancel a running call ({CANCEL_CALL:g} s, cancelled after"
+            f" {CANCEL_AFTER * 1e3:g} ms): time until the call returns",
+            op="cancel",
+            params={"call_seconds": CANCEL_CALL, "cancel_after_seconds": CANCEL_AFTER},
         ),
     ]
 
@@ -557,36 +474,26 @@ def pool_tables(
                 found[c.key] = bench.fixed_n
                 continue
             seconds, _ = c.trial(bench.probe)
-            per_call = max(seconds, 1e-9) / bench.probe
-            n = max(bench.n_min, min(bench.n_max, math.ceil(trial_seconds / per_call)))
+            n = trial_size(seconds, bench.probe, trial_seconds, bench.n_min, bench.n_max)
             found[c.key] = math.ceil(n / CALLERS) * CALLERS
         sizes.append(found)
         for s in bench.table.series:
             s.n_per_trial = found[s.key]
-    per_round: list[list[dict[str, float]]] = [[] for _ in benches]
     for r in range(rounds):
-        for i, bench in enumerate(benches):
-            order = list(bench.contenders)
-            rng.shuffle(order)
-            got: dict[str, float] = {}
-            cpu: dict[str, float] = {}
-            for c in order:
-                n = sizes[i][c.key]
+        for bench, n_of in zip(benches, sizes, strict=True):
+
+            def measure(
+                c: PoolContender, bench: PoolBench = bench, n_of: dict[str, int] = n_of
+            ) -> Value:
+                n = n_of[c.key]
                 try:
                     seconds, cpu_seconds = c.trial(n)
                 except WorkerNotKept as exc:
                     notes.append(str(exc))
                     raise
-                got[c.key] = bench.value(seconds, n)
-                cpu[c.key] = cpu_seconds / n * 1e6
-            per_round[i].append(got)
-            table = bench.table
-            base = got[table.baseline] if table.baseline is not None else None
-            for s in table.series:
-                s.values.append(got[s.key])
-                s.cpu.append(cpu[s.key])
-                if base is not None and s.key != table.baseline:
-                    s.ratios.append(got[s.key] / base)
+                return bench.value(seconds, n), cpu_seconds / n * 1e6
+
+            play_round(bench.table, bench.contenders, rng, measure)
         log(f"pool round {r + 1}/{rounds} done")
     return [b.table for b in benches], _targets([b.table for b in benches])
 
