@@ -31,6 +31,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
+import asyncmp
 from asyncmp import AsyncConnection, AsyncQueue, open_pool
 
 __all__ = (
@@ -110,6 +111,7 @@ class Impl:
     cls: type[Any]  #: its AsyncConnection
     queue_cls: type[Any] | None = None  #: its AsyncQueue, if it has one
     open_pool: Any = None  #: its open_pool, if it has one
+    package: Path | None = None  #: its package directory, for a fresh interpreter to import
 
     @property
     def name(self) -> str:
@@ -121,7 +123,9 @@ class Impl:
         return "candidate" if self.tag else "asyncmp"
 
 
-DEFAULT_IMPLS = (Impl("", AsyncConnection, AsyncQueue, open_pool),)
+DEFAULT_IMPLS = (
+    Impl("", AsyncConnection, AsyncQueue, open_pool, Path(asyncmp.__file__).resolve().parent),
+)
 
 
 def load_candidate(tag: str, path: Path) -> Impl:
@@ -143,6 +147,7 @@ def load_candidate(tag: str, path: Path) -> Impl:
         module.AsyncConnection,
         getattr(module, "AsyncQueue", None),
         getattr(module, "open_pool", None),
+        pkg.resolve(),
     )
 
 

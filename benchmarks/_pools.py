@@ -3,7 +3,8 @@ worker processes.
 
 Every trial runs in an event loop of its own, with a pool of its own: the pool is
 started and warmed up (each worker has run a call, so spawned workers have imported what
-they run) before the clock starts, and closed after it stops. Only the calls are timed.
+they run) before the clock starts, and closed after it stops. Only the calls are timed
+(but in 5e, which times the start).
 
 * 5a. Tiny tasks (``fn`` returns its argument), 2 workers: asyncmp's ``pool.map``,
   ``anyio.to_process.run_sync`` in a task group with a ``CapacityLimiter(2)`` (the
@@ -16,19 +17,26 @@ they run) before the clock starts, and closed after it stops. Only the calls are
   time until the cancelled call returns. asyncmp keeps the worker (checked); anyio's
   call is not cancellable once running; trio-parallel and anyio's ``cancellable=True``
   kill the worker.
+* 5e. Start: the time from ``open_pool(2)`` to the first result of a trivial call, with
+  spawn and forkserver workers, each trial in a fresh interpreter (see ``_pool_start.py``),
+  for the installed asyncmp and each candidate alike.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import multiprocessing
 import os
 import statistics
+import subprocess
+import sys
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from importlib.util import find_spec
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -48,6 +56,14 @@ CPU_TASK = 0.001
 #: The cancellation benchmark: the call's length, and when it is cancelled.
 CANCEL_CALL = 0.5
 CANCEL_AFTER = 0.05
+#: The start benchmark's start methods, and how long one trial may take.
+START_METHODS = ("spawn", "forkserver")
+START_TIMEOUT = 120.0
+#: 5e's measuring process: ``python -c START_CODE PACKAGE METHOD BACKEND`` (see
+#: ``_pool_start.py``). A ``-c`` main module has no file, so a spawned or forkserver worker
+#: imports no main module: it imports what asyncmp's worker imports, and nothing else.
+START_CODE = "import sys, _pool_start; sys.exit(_pool_start.main(sys.argv[1:]))"
+HERE = Path(__file__).resolve().parent
 
 
 @dataclass(frozen=True)
@@ -128,6 +144,24 @@ async def _asyncmp_run(n: int, impl: Impl) -> Timing:
             for _ in range(CALLERS):
                 tg.start_soon(caller, n // CALLERS)
         return since(start)
+
+
+def _start_trial(impl: Impl, method: str, backend: str) -> Timing:
+    """5e: one trial in a fresh interpreter, which imports *impl*'s package by its own name
+    (so spawned workers find it too, a candidate's included) and times ``open_pool(2)`` to
+    the first result of a trivial call."""
+    assert impl.package is not None
+    done = subprocess.run(
+        [sys.executable, "-c", START_CODE, str(impl.package), method, backend],
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+        timeout=START_TIMEOUT,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"the {method} start trial failed: {done.stderr.strip()}")
+    wall, cpu = json.loads(done.stdout)
+    return float(wall), float(cpu)
 
 
 class WorkerNotKept(Exception):
@@ -278,6 +312,8 @@ class PoolBench:
     n_min: int
     n_max: int
     fixed_n: int | None = None
+    #: with *fixed_n*: run each contender once, untimed, before the rounds
+    warm_up: bool = False
 
 
 def _benches(backends: tuple[str, ...], impls: tuple[Impl, ...]) -> list[PoolBench]:
@@ -358,6 +394,17 @@ def _benches(backends: tuple[str, ...], impls: tuple[Impl, ...]) -> list[PoolBen
         label = "trio_parallel kill_on_cancel=True, kills"
         cancel.append(peer("trio-parallel", label, _trio_parallel_cancel))
 
+    def started(method: str) -> Callable[[str, Impl], Callable[[int], Timing]]:
+        return lambda b, impl: lambda n: _start_trial(impl, method, b)
+
+    start = [
+        contender
+        for method in START_METHODS
+        for contender in ours(
+            f"{method}: open_pool(2) to a first result", started(method), f"-{method}"
+        )
+    ]
+
     def bench(
         contenders: list[PoolContender],
         value: Callable[[float, int], float],
@@ -367,6 +414,7 @@ def _benches(backends: tuple[str, ...], impls: tuple[Impl, ...]) -> list[PoolBen
         *,
         baseline: str | None,
         fixed_n: int | None = None,
+        warm_up: bool = False,
         **table: Any,
     ) -> PoolBench:
         return PoolBench(
@@ -377,9 +425,10 @@ def _benches(backends: tuple[str, ...], impls: tuple[Impl, ...]) -> list[PoolBen
             n_min,
             n_max,
             fixed_n,
+            warm_up,
         )
 
-    def timed(contenders: list[PoolContender], **table: Any) -> PoolBench:
+    def timed(contenders: list[PoolContender], warm_up: bool = False, **table: Any) -> PoolBench:
         """A bench of one timed event per trial, in milliseconds, with no anchor."""
         return bench(
             contenders,
@@ -388,6 +437,7 @@ def _benches(backends: tuple[str, ...], impls: tuple[Impl, ...]) -> list[PoolBen
             1,
             1,
             fixed_n=1,
+            warm_up=warm_up,
             unit="ms",
             higher_is_better=False,
             ratio_label="ratio",
@@ -451,6 +501,15 @@ def _benches(backends: tuple[str, ...], impls: tuple[Impl, ...]) -> list[PoolBen
             op="cancel",
             params={"call_seconds": CANCEL_CALL, "cancel_after_seconds": CANCEL_AFTER},
         ),
+        timed(
+            start,
+            warm_up=True,
+            id="pool-start",
+            title="5e. Pool: time from open_pool(2) to the first result of a trivial call, in a"
+            " fresh interpreter, spawn and forkserver workers (the forkserver already running)",
+            op="start",
+            params={"workers": 2, "methods": list(START_METHODS), "call": "os.getpid"},
+        ),
     ]
 
 
@@ -471,6 +530,8 @@ def pool_tables(
         found: dict[str, int] = {}
         for c in bench.contenders:
             if bench.fixed_n is not None:
+                if bench.warm_up:
+                    c.trial(bench.fixed_n)
                 found[c.key] = bench.fixed_n
                 continue
             seconds, _ = c.trial(bench.probe)
