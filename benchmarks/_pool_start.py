@@ -1,6 +1,7 @@
 """5e's measuring process: the time from ``open_pool(2)`` to the first result, cold.
 
-``_pools.py`` runs ``python -c "..." PACKAGE METHOD BACKEND`` once per trial: a fresh
+``_pools.py`` runs ``python -c "..." HERE PACKAGE METHOD BACKEND`` once per trial (HERE
+being this directory, for the ``-c`` code to import this module from): a fresh
 interpreter that imports the asyncmp package at PACKAGE (a directory) by its own name, before
 the clock starts, so that the pool's spawned or forkserver workers import that same copy
 (they are given this process's ``sys.path``). A forkserver is started first, untimed, as it

@@ -30,7 +30,6 @@ import math
 import multiprocessing
 import os
 import statistics
-import subprocess
 import sys
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ProcessPoolExecutor
@@ -56,14 +55,17 @@ CPU_TASK = 0.001
 #: The cancellation benchmark: the call's length, and when it is cancelled.
 CANCEL_CALL = 0.5
 CANCEL_AFTER = 0.05
-#: The start benchmark's start methods, and how long one trial may take.
+#: The start benchmark's start methods.
 START_METHODS = ("spawn", "forkserver")
-START_TIMEOUT = 120.0
-#: 5e's measuring process: ``python -c START_CODE PACKAGE METHOD BACKEND`` (see
+#: 5e's measuring process: ``python -c START_CODE HERE PACKAGE METHOD BACKEND`` (see
 #: ``_pool_start.py``). A ``-c`` main module has no file, so a spawned or forkserver worker
 #: imports no main module: it imports what asyncmp's worker imports, and nothing else.
-START_CODE = "import sys, _pool_start; sys.exit(_pool_start.main(sys.argv[1:]))"
+START_CODE = (
+    "import sys; sys.path.insert(0, sys.argv[1]); import _pool_start;"
+    " sys.exit(_pool_start.main(sys.argv[2:]))"
+)
 HERE = Path(__file__).resolve().parent
+_DUP2 = os.POSIX_SPAWN_DUP2
 
 
 @dataclass(frozen=True)
@@ -149,18 +151,24 @@ async def _asyncmp_run(n: int, impl: Impl) -> Timing:
 def _start_trial(impl: Impl, method: str, backend: str) -> Timing:
     """5e: one trial in a fresh interpreter, which imports *impl*'s package by its own name
     (so spawned workers find it too, a candidate's included) and times ``open_pool(2)`` to
-    the first result of a trivial call."""
+    the first result of a trivial call. Its errors go to this stderr.
+
+    ``os.posix_spawn``, not ``subprocess``: a new ``Popen`` reaps the processes of earlier
+    ``Popen`` objects that were collected unreaped (anyio's workers), under the feet of
+    the asyncio child watcher that waits for them ("Unknown child process pid")."""
     assert impl.package is not None
-    done = subprocess.run(
-        [sys.executable, "-c", START_CODE, str(impl.package), method, backend],
-        cwd=HERE,
-        capture_output=True,
-        text=True,
-        timeout=START_TIMEOUT,
-    )
-    if done.returncode != 0:
-        raise RuntimeError(f"the {method} start trial failed: {done.stderr.strip()}")
-    wall, cpu = json.loads(done.stdout)
+    argv = [sys.executable, "-c", START_CODE, str(HERE), str(impl.package), method, backend]
+    r, w = os.pipe()
+    try:
+        pid = os.posix_spawn(sys.executable, argv, os.environ, file_actions=[(_DUP2, w, 1)])
+    finally:
+        os.close(w)
+    with open(r, "rb") as out:
+        printed = out.read()
+    status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    if status != 0:
+        raise RuntimeError(f"the {method} start trial failed (exit status {status})")
+    wall, cpu = json.loads(printed)
     return float(wall), float(cpu)
 
 
