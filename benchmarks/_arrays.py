@@ -36,7 +36,6 @@ frees them before the next starts.
 from __future__ import annotations
 
 import gc
-import math
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -45,13 +44,15 @@ import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from time import perf_counter, thread_time
 from typing import Any
 
 import anyio
 import numpy as np
-from _cases import Impl, Timing, _dup, read_exactly, run_on, since, start_timing
-from _report import Series, Table, Target
+from _cases import Impl, Timing, _dup, read_exactly, run_on, since, start_timing, time_awaits
+from _report import Table, Target, Value, play_round, series_of, trial_size
+from _worker import answer, serve, stop
 
 __all__ = ("ArrayWorker", "array_tables")
 
@@ -122,65 +123,61 @@ def _copy_into_fresh_segment(src: Any) -> float:
     return seconds
 
 
+class _Sender:
+    """The worker's side: the arrays, and the commands that send them."""
+
+    def __init__(self, sock: Connection, q: Any) -> None:
+        self._sock = sock
+        self._q = q
+        self._arrays: dict[int, Any] = {}
+
+    def run(self, cmd: tuple[Any, ...]) -> Any:
+        """Run *cmd*; what it measured, if anything."""
+        kind, sock, q, arrays = cmd[0], self._sock, self._q, self._arrays
+        if kind == "prepare":
+            self._arrays = {size: _pattern(size) for size in cmd[1]}
+        elif kind == "shared":  # (kind, transport, size, module)
+            shared = sys.modules[cmd[3]].shared
+            if cmd[1] == "queue":
+                q.put(shared(arrays[cmd[2]]))
+            else:
+                sock.send(shared(arrays[cmd[2]]))
+        elif kind == "pickled":
+            sock.send(arrays[cmd[1]])
+        elif kind == "raw":
+            _write_all(sock.fileno(), memoryview(arrays[cmd[1]]).cast("B"))
+        elif kind == "memcpy":
+            src = arrays[cmd[1]]
+            dst = np.empty_like(src)
+            dst.fill(1)  # every page faulted in before the clock starts
+            t0 = perf_counter()
+            np.copyto(dst, src)
+            seconds = perf_counter() - t0
+            del dst
+            return seconds
+        elif kind == "fresh-shm":
+            return _copy_into_fresh_segment(arrays[cmd[1]])
+        elif kind == "stream":  # (kind, size, count, module or None)
+            obj = _pattern(cmd[1])
+            send = sock.send
+            if cmd[3] is None:
+                for _ in range(cmd[2]):
+                    send(obj)
+            else:
+                shared = sys.modules[cmd[3]].shared
+                for _ in range(cmd[2]):
+                    send(shared(obj))
+        else:
+            raise ValueError(f"unknown command {kind!r}")
+        return None
+
+
 def _worker_main(ctrl: Connection, sock: Connection, q: Any, parent_ends: list[Any]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for conn in parent_ends:
         conn.close()
-    arrays: dict[int, Any] = {}
-    while True:
-        try:
-            cmd = ctrl.recv()
-        except (EOFError, OSError):
-            return
-        kind = cmd[0]
-        if kind == "stop":
-            q.cancel_join_thread()  # an item nobody reads must not keep the worker
-            return
-        detail: Any = None
-        try:
-            if kind == "prepare":
-                arrays = {size: _pattern(size) for size in cmd[1]}
-            elif kind == "shared":  # (kind, transport, size, module)
-                shared = sys.modules[cmd[3]].shared
-                if cmd[1] == "queue":
-                    q.put(shared(arrays[cmd[2]]))
-                else:
-                    sock.send(shared(arrays[cmd[2]]))
-            elif kind == "pickled":
-                sock.send(arrays[cmd[1]])
-            elif kind == "raw":
-                _write_all(sock.fileno(), memoryview(arrays[cmd[1]]).cast("B"))
-            elif kind == "memcpy":
-                src = arrays[cmd[1]]
-                dst = np.empty_like(src)
-                dst.fill(1)  # every page faulted in before the clock starts
-                t0 = perf_counter()
-                np.copyto(dst, src)
-                detail = perf_counter() - t0
-                del dst
-            elif kind == "fresh-shm":
-                detail = _copy_into_fresh_segment(arrays[cmd[1]])
-            elif kind == "stream":  # (kind, size, count, module or None)
-                obj = _pattern(cmd[1])
-                send = sock.send
-                if cmd[3] is None:
-                    for _ in range(cmd[2]):
-                        send(obj)
-                else:
-                    shared = sys.modules[cmd[3]].shared
-                    for _ in range(cmd[2]):
-                        send(shared(obj))
-            else:
-                raise ValueError(f"unknown command {kind!r}")
-        except (BrokenPipeError, ConnectionResetError):
-            return  # the parent closed its end: it is tearing down
-        except Exception as exc:
-            ctrl.send(("error", repr(exc)))
-            continue
-        try:
-            ctrl.send(("done", detail))
-        except OSError:
-            return
+    q.cancel_join_thread()  # at exit, an item nobody reads must not keep the worker
+    serve(ctrl, _Sender(sock, q).run)
 
 
 class ArrayWorker:
@@ -212,12 +209,7 @@ class ArrayWorker:
 
     def finish(self) -> Any:
         """The worker's answer to the command in progress (what it measured, if anything)."""
-        if not self.ctrl.poll(_ANSWER_TIMEOUT):
-            raise RuntimeError(f"the array worker did not answer within {_ANSWER_TIMEOUT} s")
-        status, detail = self.ctrl.recv()
-        if status != "done":
-            raise RuntimeError(f"the array worker failed: {detail}")
-        return detail
+        return answer(self.ctrl, "the array worker", _ANSWER_TIMEOUT)
 
     def run(self, cmd: tuple[Any, ...]) -> Any:
         self.go(cmd)
@@ -225,19 +217,7 @@ class ArrayWorker:
 
     def close(self) -> None:
         """Stop the worker and reap it. Safe to call more than once, and after Ctrl-C."""
-        try:
-            self.ctrl.send(("stop",))
-        except (OSError, ValueError):
-            pass
-        for conn in (self.ctrl, self.sock):
-            conn.close()
-        self._process.join(10.0)
-        if self._process.is_alive():
-            self._process.terminate()
-            self._process.join(5.0)
-        if self._process.is_alive():  # pragma: no cover - last resort
-            self._process.kill()
-            self._process.join()
+        stop(self._process, self.ctrl, self.sock, grace=10.0)
         self.queue._reader.close()
         self.queue._writer.close()
 
@@ -360,38 +340,26 @@ class ArrayContender:
 def _array_contenders(backends: tuple[str, ...], impls: tuple[Impl, ...]) -> list[ArrayContender]:
     found: list[ArrayContender] = []
     for impl in impls:
-        if not hasattr(sys.modules.get(_module_of(impl)), "shared"):
-            continue  # a candidate from before shared()
         module = _module_of(impl)
-        family = "candidate" if impl.tag else "asyncmp"
-        for b in backends:
-            found.append(
+        if not hasattr(sys.modules.get(module), "shared"):
+            continue  # a candidate from before shared()
+        routes = [("pipe", "Pipe: await conn.recv()", _via_pipe, impl.cls, "socket")]
+        if impl.queue_cls is not None:
+            routes.append(("queue", "Queue: await aq.get()", _via_queue, impl.queue_cls, "queue"))
+        for route, how, via, cls, transport in routes:
+            found += [
                 ArrayContender(
-                    f"{impl.name}-pipe-{b}",
-                    f"{impl.name} shared(), Pipe: await conn.recv() [{b}]",
+                    f"{impl.name}-{route}-{b}",
+                    f"{impl.name} shared(), {how} [{b}]",
                     b,
-                    family,
-                    lambda w, size, exp, b=b, cls=impl.cls, m=module: run_on(
-                        b, _via_pipe, cls, w, ("shared", "socket", size, m), size, exp
+                    impl.family,
+                    lambda w, size, exp, b=b, via=via, cls=cls, t=transport, m=module: run_on(
+                        b, via, cls, w, ("shared", t, size, m), size, exp
                     ),
                     "shared",
                 )
-            )
-        if impl.queue_cls is None:
-            continue
-        for b in backends:
-            found.append(
-                ArrayContender(
-                    f"{impl.name}-queue-{b}",
-                    f"{impl.name} shared(), Queue: await aq.get() [{b}]",
-                    b,
-                    family,
-                    lambda w, size, exp, b=b, cls=impl.queue_cls, m=module: run_on(
-                        b, _via_queue, cls, w, ("shared", "queue", size, m), size, exp
-                    ),
-                    "shared",
-                )
-            )
+                for b in backends
+            ]
     anchor = "asyncio" if "asyncio" in backends else backends[0]
     found.append(
         ArrayContender(
@@ -439,14 +407,8 @@ async def _stream(
 ) -> Timing:
     expected = _pattern(size)
     async with cls(_dup(worker.sock)) as aconn:
-        recv = aconn.recv
         worker.go(("stream", size, n + 1, module))
-        await recv()
-        t0 = start_timing()
-        for _ in range(n - 1):
-            await recv()
-        last = await recv()
-        elapsed = since(t0)
+        elapsed, last = await time_awaits(n, aconn.recv)
     worker.finish()
     if not np.array_equal(last, expected):
         raise AssertionError(f"a {size}-byte array arrived damaged")
@@ -478,7 +440,7 @@ def _stream_contenders(backends: tuple[str, ...], impls: tuple[Impl, ...]) -> li
                     f"{impl.name}-shared-{b}",
                     f"conn.send({impl.name}.shared(arr)) [{b}]",
                     b,
-                    "candidate" if impl.tag else "asyncmp",
+                    impl.family,
                     module,
                     impl.cls,
                 )
@@ -543,7 +505,7 @@ def array_tables(
                 higher_is_better=False,
                 ratio_label="time / pickled",
                 params={"array_bytes": size},
-                series=[Series(c.key, c.label, c.backend, c.family, 1) for c in contenders],
+                series=series_of(contenders, 1),
                 baseline="pickled",
                 op="array",
             )
@@ -558,11 +520,7 @@ def array_tables(
                 higher_is_better=False,
                 ratio_label="ratio",
                 params={"array_bytes": size, "heartbeat_seconds": BEAT},
-                series=[
-                    Series(c.key, c.label, c.backend, c.family, 1)
-                    for c in contenders
-                    if c.backend is not None
-                ],
+                series=series_of((c for c in contenders if c.backend is not None), 1),
                 baseline=None,
                 op="interval",
             )
@@ -578,7 +536,7 @@ def array_tables(
             higher_is_better=True,
             ratio_label="x plain",
             params={"array_bytes": size},
-            series=[Series(c.key, c.label, c.backend, c.family) for c in streams],
+            series=series_of(streams),
             baseline=f"plain-{streams[0].backend}",
         )
         for j, size in enumerate(SMALL_SIZES)
@@ -590,55 +548,40 @@ def array_tables(
         for c in streams:
             probe = 2000
             seconds, _ = run_on(c.backend, _stream, c.cls, worker, size, probe, c.module)
-            found[c.key] = max(200, min(1_000_000, math.ceil(trial_seconds / (seconds / probe))))
+            found[c.key] = trial_size(seconds, probe, trial_seconds, 200, 1_000_000)
         small_n.append(found)
         for s in table.series:
             s.n_per_trial = found[s.key]
+
+    def big(c: ArrayContender, size: int, gaps: Table) -> Value:
+        seconds, cpu_seconds, wall, cpu = c.trial(worker, size, expected[size])
+        gc.collect()
+        if wall is not None and cpu is not None:
+            gap = gaps.get(c.key)
+            assert gap is not None
+            gap.values.append(wall * 1e3)
+            gap.cpu.append(cpu * 1e6)
+        return seconds * 1e3, cpu_seconds * 1e6
+
+    def small(c: StreamContender, size: int, n_of: dict[str, int]) -> Value:
+        n = n_of[c.key]
+        seconds, cpu_seconds = run_on(c.backend, _stream, c.cls, worker, size, n, c.module)
+        return n / seconds, cpu_seconds / n * 1e6
 
     big_rounds = [_Rounds() for _ in sizes]
     small_rounds = [_Rounds() for _ in SMALL_SIZES]
     for r in range(rounds):
         start = perf_counter()
-        for i, size in enumerate(sizes):
-            order = list(contenders)
-            rng.shuffle(order)
-            got: dict[str, float] = {}
-            for c in order:
-                seconds, cpu_seconds, wall, cpu = c.trial(worker, size, expected[size])
-                gc.collect()
-                got[c.key] = seconds * 1e3
-                series = time_tables[i].get(c.key)
-                assert series is not None
-                series.values.append(seconds * 1e3)
-                series.cpu.append(cpu_seconds * 1e6)
-                if wall is not None and cpu is not None:
-                    gap = gap_tables[i].get(c.key)
-                    assert gap is not None
-                    gap.values.append(wall * 1e3)
-                    gap.cpu.append(cpu * 1e6)
-            for s in time_tables[i].series:
-                if s.key != "pickled":
-                    s.ratios.append(got[s.key] / got["pickled"])
-            big_rounds[i].values.append(got)
-        for i, size in enumerate(SMALL_SIZES):
-            order_s = list(streams)
-            rng.shuffle(order_s)
-            got = {}
-            for sc in order_s:
-                n = small_n[i][sc.key]
-                seconds, cpu_seconds = run_on(
-                    sc.backend, _stream, sc.cls, worker, size, n, sc.module
-                )
-                got[sc.key] = n / seconds
-                series = small_tables[i].get(sc.key)
-                assert series is not None
-                series.values.append(n / seconds)
-                series.cpu.append(cpu_seconds / n * 1e6)
-            base = small_tables[i].baseline
-            for s in small_tables[i].series:
-                if s.key != base:
-                    s.ratios.append(got[s.key] / got[str(base)])
-            small_rounds[i].values.append(got)
+        for size, table, gaps, by_round in zip(
+            sizes, time_tables, gap_tables, big_rounds, strict=True
+        ):
+            got = play_round(table, contenders, rng, partial(big, size=size, gaps=gaps))
+            by_round.values.append(got)
+        for size, table, n_of, by_round in zip(
+            SMALL_SIZES, small_tables, small_n, small_rounds, strict=True
+        ):
+            measure = partial(small, size=size, n_of=n_of)
+            by_round.values.append(play_round(table, streams, rng, measure))
         log(f"arrays round {r + 1}/{rounds} done in {perf_counter() - start:.1f} s")
 
     targets: list[Target] = []
@@ -646,79 +589,32 @@ def array_tables(
         for c in contenders:
             if c.role != "shared":
                 continue
-            targets.append(
-                Target(
-                    table.id,
-                    c.key,
-                    f"{c.key}: pickled time / its time",
-                    ">=",
-                    SPEEDUP_VS_PICKLED,
-                    by_round.ratio("pickled", c.key),
+            targets += [
+                Target(table.id, c.key, f"{c.key}: {what}", op, goal, by_round.ratio(num, den))
+                for what, op, goal, num, den in (
+                    ("pickled time / its time", ">=", SPEEDUP_VS_PICKLED, "pickled", c.key),
+                    ("raw copy time / its time", ">=", 1.0, "raw", c.key),
+                    ("its time / memcpy time", "<=", WITHIN_MEMCPY, c.key, "memcpy"),
                 )
-            )
-            targets.append(
-                Target(
-                    table.id,
-                    c.key,
-                    f"{c.key}: raw copy time / its time",
-                    ">=",
-                    1.0,
-                    by_round.ratio("raw", c.key),
-                )
-            )
-            targets.append(
-                Target(
-                    table.id,
-                    c.key,
-                    f"{c.key}: its time / memcpy time",
-                    "<=",
-                    WITHIN_MEMCPY,
-                    by_round.ratio(c.key, "memcpy"),
-                )
-            )
+            ]
         for s in gaps.series:
             if s.key == "pickled":
-                targets.append(
-                    Target(
-                        gaps.id,
-                        s.key,
-                        "reference: pickled, worst loop gap",
-                        "ref",
-                        0.0,
-                        s.median,
-                        unit="ms",
-                    )
-                )
+                what, op, goal = "reference: pickled, worst loop gap", "ref", 0.0
+                targets.append(Target(gaps.id, s.key, what, op, goal, s.median, unit="ms"))
                 continue
-            targets.append(
-                Target(
-                    gaps.id, s.key, f"{s.key} worst loop gap", "<=", MAX_GAP_MS, s.median, unit="ms"
+            targets += [
+                Target(gaps.id, s.key, f"{s.key} {what}", "<=", MAX_GAP_MS, value, unit="ms")
+                for what, value in (
+                    ("worst loop gap", s.median),
+                    ("loop-thread CPU in one interval", statistics.median(s.cpu) / 1e3),
                 )
-            )
-            targets.append(
-                Target(
-                    gaps.id,
-                    s.key,
-                    f"{s.key} loop-thread CPU in one interval",
-                    "<=",
-                    MAX_GAP_MS,
-                    statistics.median(s.cpu) / 1e3,
-                    unit="ms",
-                )
-            )
+            ]
     for table, by_round in zip(small_tables, small_rounds, strict=True):
         for sc in streams:
             if sc.module is None:
                 continue
-            targets.append(
-                Target(
-                    table.id,
-                    sc.key,
-                    f"{sc.key} / plain-{sc.backend}",
-                    ">=",
-                    1.0,
-                    by_round.ratio(sc.key, f"plain-{sc.backend}"),
-                )
-            )
+            base = f"plain-{sc.backend}"
+            what = f"{sc.key} / {base}"
+            targets.append(Target(table.id, sc.key, what, ">=", 1.0, by_round.ratio(sc.key, base)))
     tables = [t for pair in zip(time_tables, gap_tables, strict=True) for t in pair]
     return tables + small_tables, targets

@@ -31,6 +31,7 @@ from typing import Any
 import anyio
 import anyio.to_thread
 
+import asyncmp
 from asyncmp import AsyncConnection, AsyncQueue, open_pool
 
 __all__ = (
@@ -40,6 +41,7 @@ __all__ = (
     "Contender",
     "Impl",
     "Timing",
+    "check",
     "large_contenders",
     "load_candidate",
     "on",
@@ -48,6 +50,8 @@ __all__ = (
     "since",
     "small_contenders",
     "start_timing",
+    "time_awaits",
+    "time_calls",
 )
 
 Connection = multiprocessing.connection.Connection
@@ -69,6 +73,27 @@ def since(start: Timing) -> Timing:
     return perf_counter() - start[0], process_time() - start[1]
 
 
+def time_calls(n: int, fn: Callable[..., Any], *args: Any) -> tuple[Timing, Any]:
+    """Call ``fn(*args)`` once untimed (first-use costs land there), then *n* times timed:
+    the timing, and what the last call returned."""
+    fn(*args)
+    t0 = start_timing()
+    for _ in range(n - 1):
+        fn(*args)
+    last = fn(*args)
+    return since(t0), last
+
+
+async def time_awaits(n: int, fn: Callable[..., Awaitable[Any]], *args: Any) -> tuple[Timing, Any]:
+    """:func:`time_calls`, awaiting each call."""
+    await fn(*args)
+    t0 = start_timing()
+    for _ in range(n - 1):
+        await fn(*args)
+    last = await fn(*args)
+    return since(t0), last
+
+
 @dataclass(frozen=True)
 class Contender:
     key: str  #: unique id, used in the JSON
@@ -86,13 +111,21 @@ class Impl:
     cls: type[Any]  #: its AsyncConnection
     queue_cls: type[Any] | None = None  #: its AsyncQueue, if it has one
     open_pool: Any = None  #: its open_pool, if it has one
+    package: Path | None = None  #: its package directory, for a fresh interpreter to import
 
     @property
     def name(self) -> str:
         return f"asyncmp:{self.tag}" if self.tag else "asyncmp"
 
+    @property
+    def family(self) -> str:
+        """Its rows' family: "asyncmp", or "candidate" for a copy measured beside it."""
+        return "candidate" if self.tag else "asyncmp"
 
-DEFAULT_IMPLS = (Impl("", AsyncConnection, AsyncQueue, open_pool),)
+
+DEFAULT_IMPLS = (
+    Impl("", AsyncConnection, AsyncQueue, open_pool, Path(asyncmp.__file__).resolve().parent),
+)
 
 
 def load_candidate(tag: str, path: Path) -> Impl:
@@ -114,6 +147,7 @@ def load_candidate(tag: str, path: Path) -> Impl:
         module.AsyncConnection,
         getattr(module, "AsyncQueue", None),
         getattr(module, "open_pool", None),
+        pkg.resolve(),
     )
 
 
@@ -131,7 +165,7 @@ def _asyncmp(
             f"{impl.name} {what} [{b}]",
             b,
             on(b, partial(fn, impl.cls)),
-            "candidate" if impl.tag else "asyncmp",
+            impl.family,
         )
         for b in backends
         for impl in impls
@@ -152,7 +186,7 @@ def _dup(conn: Connection) -> Connection:
     return Connection(os.dup(conn.fileno()), readable=conn.readable, writable=conn.writable)
 
 
-def _check(got: object, expected: object) -> None:
+def check(got: object, expected: object) -> None:
     if got != expected:
         raise AssertionError(f"received {got!r:.80}, expected {expected!r:.80}")
 
@@ -163,53 +197,28 @@ def _check(got: object, expected: object) -> None:
 
 
 def _sync_small(conn: Connection, n: int, expected: object) -> Timing:
-    recv = conn.recv
-    recv()
-    t0 = start_timing()
-    for _ in range(n - 1):
-        recv()
-    last = recv()
-    elapsed = since(t0)
-    _check(last, expected)
+    elapsed, last = time_calls(n, conn.recv)
+    check(last, expected)
     return elapsed
 
 
 async def _asyncmp_small(cls: type[Any], conn: Connection, n: int, expected: object) -> Timing:
     async with cls(_dup(conn)) as aconn:
-        recv = aconn.recv
-        await recv()
-        t0 = start_timing()
-        for _ in range(n - 1):
-            await recv()
-        last = await recv()
-        elapsed = since(t0)
-    _check(last, expected)
+        elapsed, last = await time_awaits(n, aconn.recv)
+    check(last, expected)
     return elapsed
 
 
 async def _executor_small(conn: Connection, n: int, expected: object) -> Timing:
     loop = asyncio.get_running_loop()
-    recv = conn.recv
-    await loop.run_in_executor(None, recv)
-    t0 = start_timing()
-    for _ in range(n - 1):
-        await loop.run_in_executor(None, recv)
-    last = await loop.run_in_executor(None, recv)
-    elapsed = since(t0)
-    _check(last, expected)
+    elapsed, last = await time_awaits(n, loop.run_in_executor, None, conn.recv)
+    check(last, expected)
     return elapsed
 
 
 async def _to_thread_small(conn: Connection, n: int, expected: object) -> Timing:
-    run_sync = anyio.to_thread.run_sync
-    recv = conn.recv
-    await run_sync(recv)
-    t0 = start_timing()
-    for _ in range(n - 1):
-        await run_sync(recv)
-    last = await run_sync(recv)
-    elapsed = since(t0)
-    _check(last, expected)
+    elapsed, last = await time_awaits(n, anyio.to_thread.run_sync, conn.recv)
+    check(last, expected)
     return elapsed
 
 
@@ -218,18 +227,12 @@ async def _aioprocessing_small(conn: Connection, n: int, expected: object) -> Ti
 
     aconn: Any = AioConnection(conn)
     try:
-        coro_recv = aconn.coro_recv
-        await coro_recv()
-        t0 = start_timing()
-        for _ in range(n - 1):
-            await coro_recv()
-        last = await coro_recv()
-        elapsed = since(t0)
+        elapsed, last = await time_awaits(n, aconn.coro_recv)
     finally:
         executor = getattr(aconn, "_executor", None)
         if executor is not None:
             executor.shutdown(wait=True)
-    _check(last, expected)
+    check(last, expected)
     return elapsed
 
 
@@ -328,25 +331,15 @@ def pingpong_contenders(
 
 
 def _sync_large(conn: Connection, n: int, size: int) -> Timing:
-    recv_bytes = conn.recv_bytes
-    recv_bytes()
-    t0 = start_timing()
-    for _ in range(n):
-        data = recv_bytes()
-    elapsed = since(t0)
-    _check(len(data), size)
+    elapsed, data = time_calls(n, conn.recv_bytes)
+    check(len(data), size)
     return elapsed
 
 
 async def _asyncmp_large(cls: type[Any], conn: Connection, n: int, size: int) -> Timing:
     async with cls(_dup(conn)) as aconn:
-        recv_bytes = aconn.recv_bytes
-        await recv_bytes()
-        t0 = start_timing()
-        for _ in range(n):
-            data = await recv_bytes()
-        elapsed = since(t0)
-    _check(len(data), size)
+        elapsed, data = await time_awaits(n, aconn.recv_bytes)
+    check(len(data), size)
     return elapsed
 
 
@@ -360,19 +353,11 @@ def read_exactly(fd: int, view: memoryview) -> None:
         pos += got
 
 
-def _raw_timed(n: int, read_one: Callable[[], None]) -> Timing:
-    read_one()
-    t0 = start_timing()
-    for _ in range(n):
-        read_one()
-    return since(t0)
-
-
 def _raw_large(conn: Connection, n: int, size: int) -> Timing:
     """The floor: the same bytes, unframed, read straight into a buffer allocated once."""
     fd = conn.fileno()
     view = memoryview(bytearray(size))
-    return _raw_timed(n, lambda: read_exactly(fd, view))
+    return time_calls(n, read_exactly, fd, view)[0]
 
 
 def _raw_fresh_large(conn: Connection, n: int, size: int) -> Timing:
@@ -386,19 +371,14 @@ def _raw_fresh_large(conn: Connection, n: int, size: int) -> Timing:
         with mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE) as fresh, memoryview(fresh) as view:
             read_exactly(fd, view)
 
-    return _raw_timed(n, read_one)
+    return time_calls(n, read_one)[0]
 
 
 async def _asyncmp_large_into(cls: type[Any], conn: Connection, n: int, size: int) -> Timing:
     buffer = bytearray(size)
     async with cls(_dup(conn)) as aconn:
-        recv_bytes_into = aconn.recv_bytes_into
-        await recv_bytes_into(buffer)
-        t0 = start_timing()
-        for _ in range(n):
-            got = await recv_bytes_into(buffer)
-        elapsed = since(t0)
-    _check(got, size)
+        elapsed, got = await time_awaits(n, aconn.recv_bytes_into, buffer)
+    check(got, size)
     return elapsed
 
 

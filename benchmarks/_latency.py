@@ -30,7 +30,8 @@ from typing import Any
 
 import anyio
 from _cases import BACKENDS, Impl, run_on
-from _report import Series, Table, Target
+from _report import Table, Target, play_round, series_of
+from _worker import reap
 
 __all__ = ("latency_tables",)
 
@@ -54,10 +55,6 @@ class _Contender:
     family: str
     #: -> (value, CPU value or None)
     trial: Callable[[], tuple[float, float | None]]
-
-
-def _family(impl: Impl) -> str:
-    return "candidate" if impl.tag else "asyncmp"
 
 
 # -- 6a. loop gaps ----------------------------------------------------------------------
@@ -101,10 +98,7 @@ async def _gap_trial(impl: Impl) -> tuple[float, float]:
                 raise AssertionError(f"received {len(data)} bytes")
             del data
     finally:
-        peer.join(10)
-        if peer.is_alive():
-            peer.kill()
-            peer.join()
+        reap(peer, 10)
     return beat.worst * 1e3, beat.worst_cpu * 1e6
 
 
@@ -146,10 +140,7 @@ async def _cancel_trial(impl: Impl) -> tuple[float, None]:
             if len(item) != CANCEL_ITEM:
                 raise AssertionError(f"got {len(item)} bytes")
     finally:
-        producer.join(30)
-        if producer.is_alive():
-            producer.kill()
-            producer.join()
+        reap(producer, 30)
         queue.close()
         queue.join_thread()
     return max(late, 0.0) * 1e3, None
@@ -192,10 +183,7 @@ async def _claim_trial(impl: Impl) -> tuple[float, None]:
                 tg.cancel_scope.cancel()
     finally:
         done.set()
-        peer.join(10)
-        if peer.is_alive():
-            peer.kill()
-            peer.join()
+        reap(peer, 10)
     return grown / (1 << 20), None
 
 
@@ -213,7 +201,7 @@ def _contenders(
                 f"{impl.name}-{b}",
                 f"{impl.name} {what} [{b}]",
                 b,
-                _family(impl),
+                impl.family,
                 partial(run_on, b, fn, impl),
             )
             for b in on
@@ -271,7 +259,7 @@ def _contenders(
             (claim, each(_claim_trial, "recv_bytes()", lambda i: True, first), "MiB", 16.0)
         )
     for table, contenders, _, _ in found:
-        table.series = [Series(c.key, c.label, c.backend, c.family, 1) for c in contenders]
+        table.series = series_of(contenders, 1)
     return found
 
 
@@ -286,14 +274,7 @@ def latency_tables(
     found = _contenders(backends, impls)
     for r in range(rounds):
         for table, contenders, _, _ in found:
-            order = list(contenders)
-            rng.shuffle(order)
-            series = {s.key: s for s in table.series}
-            for c in order:
-                value, cpu = c.trial()
-                series[c.key].values.append(value)
-                if cpu is not None:
-                    series[c.key].cpu.append(cpu)
+            play_round(table, contenders, rng, lambda c: c.trial())
         log(f"latency round {r + 1}/{rounds} done")
     targets = [
         Target(table.id, s.key, f"{s.key} {table.unit}", "<=", goal, s.median, unit=unit)

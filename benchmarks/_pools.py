@@ -3,7 +3,8 @@ worker processes.
 
 Every trial runs in an event loop of its own, with a pool of its own: the pool is
 started and warmed up (each worker has run a call, so spawned workers have imported what
-they run) before the clock starts, and closed after it stops. Only the calls are timed.
+they run) before the clock starts, and closed after it stops. Only the calls are timed
+(but in 5e, which times the start).
 
 * 5a. Tiny tasks (``fn`` returns its argument), 2 workers: asyncmp's ``pool.map``,
   ``anyio.to_process.run_sync`` in a task group with a ``CapacityLimiter(2)`` (the
@@ -16,26 +17,32 @@ they run) before the clock starts, and closed after it stops. Only the calls are
   time until the cancelled call returns. asyncmp keeps the worker (checked); anyio's
   call is not cancellable once running; trio-parallel and anyio's ``cancellable=True``
   kill the worker.
+* 5e. Start: the time from ``open_pool(2)`` to the first result of a trivial call, with
+  spawn and forkserver workers, each trial in a fresh interpreter (see ``_pool_start.py``),
+  for the installed asyncmp and each candidate alike.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import multiprocessing
 import os
 import statistics
-from collections.abc import Awaitable, Callable, Coroutine
+import sys
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from importlib.util import find_spec
+from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.to_process
-from _cases import Impl, Timing, since, start_timing
+from _cases import Impl, Timing, run_on, since, start_timing
 from _pool_fns import async_identity, async_spin, identity, pid, sleep_for, spin
-from _report import Series, Table, Target
+from _report import Table, Target, Value, play_round, series_of, trial_size
 
 import asyncmp
 
@@ -48,6 +55,17 @@ CPU_TASK = 0.001
 #: The cancellation benchmark: the call's length, and when it is cancelled.
 CANCEL_CALL = 0.5
 CANCEL_AFTER = 0.05
+#: The start benchmark's start methods.
+START_METHODS = ("spawn", "forkserver")
+#: 5e's measuring process: ``python -c START_CODE HERE PACKAGE METHOD BACKEND`` (see
+#: ``_pool_start.py``). A ``-c`` main module has no file, so a spawned or forkserver worker
+#: imports no main module: it imports what asyncmp's worker imports, and nothing else.
+START_CODE = (
+    "import sys; sys.path.insert(0, sys.argv[1]); import _pool_start;"
+    " sys.exit(_pool_start.main(sys.argv[2:]))"
+)
+HERE = Path(__file__).resolve().parent
+_DUP2 = os.POSIX_SPAWN_DUP2
 
 
 @dataclass(frozen=True)
@@ -58,15 +76,6 @@ class PoolContender:
     family: str
     #: calls to time -> (wall seconds, CPU seconds); runs an event loop of its own
     trial: Callable[[int], Timing]
-
-
-def _run(backend: str, fn: Callable[..., Awaitable[Timing]], *args: Any) -> Timing:
-    if backend == "uvloop":
-        import uvloop
-
-        options = {"loop_factory": uvloop.new_event_loop}
-        return anyio.run(fn, *args, backend="asyncio", backend_options=options)
-    return anyio.run(fn, *args, backend=backend)
 
 
 def _has(module: str) -> bool:
@@ -139,6 +148,30 @@ async def _asyncmp_run(n: int, impl: Impl) -> Timing:
         return since(start)
 
 
+def _start_trial(impl: Impl, method: str, backend: str) -> Timing:
+    """5e: one trial in a fresh interpreter, which imports *impl*'s package by its own name
+    (so spawned workers find it too, a candidate's included) and times ``open_pool(2)`` to
+    the first result of a trivial call. Its errors go to this stderr.
+
+    ``os.posix_spawn``, not ``subprocess``: a new ``Popen`` reaps the processes of earlier
+    ``Popen`` objects that were collected unreaped (anyio's workers), under the feet of
+    the asyncio child watcher that waits for them ("Unknown child process pid")."""
+    assert impl.package is not None
+    argv = [sys.executable, "-c", START_CODE, str(HERE), str(impl.package), method, backend]
+    r, w = os.pipe()
+    try:
+        pid = os.posix_spawn(sys.executable, argv, os.environ, file_actions=[(_DUP2, w, 1)])
+    finally:
+        os.close(w)
+    with open(r, "rb") as out:
+        printed = out.read()
+    status = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    if status != 0:
+        raise RuntimeError(f"the {method} start trial failed (exit status {status})")
+    wall, cpu = json.loads(printed)
+    return float(wall), float(cpu)
+
+
 class WorkerNotKept(Exception):
     pass
 
@@ -179,7 +212,7 @@ async def _anyio_tasks(n: int, callers: int | None) -> Timing:
     return await _time_calls(call, n, callers)
 
 
-async def _anyio_cancel(cancellable: bool) -> Timing:
+async def _anyio_cancel(_: int, cancellable: bool) -> Timing:
     limiter = anyio.CapacityLimiter(1)
     await anyio.to_process.run_sync(pid, limiter=limiter)
     with anyio.CancelScope() as scope:
@@ -287,6 +320,8 @@ class PoolBench:
     n_min: int
     n_max: int
     fixed_n: int | None = None
+    #: with *fixed_n*: run each contender once, untimed, before the rounds
+    warm_up: bool = False
 
 
 def _benches(backends: tuple[str, ...], impls: tuple[Impl, ...]) -> list[PoolBench]:
@@ -301,238 +336,187 @@ def _benches(backends: tuple[str, ...], impls: tuple[Impl, ...]) -> list[PoolBen
         return seconds * 1e3
 
     def ours(
-        what: str, trial: Callable[[str, Impl], Callable[[int], Timing]]
+        what: str, trial: Callable[[str, Impl], Callable[[int], Timing]], infix: str = ""
     ) -> list[PoolContender]:
         return [
             PoolContender(
-                f"{impl.name}-{b}",
+                f"{impl.name}{infix}-{b}",
                 f"{impl.name} {what} ({b})",
                 b,
-                "candidate" if impl.tag else "asyncmp",
+                impl.family,
                 trial(b, impl),
             )
             for b in backends
             for impl in impls
         ]
 
-    tiny = ours(
-        "pool.map", lambda b, impl: lambda n: _run(b, _asyncmp_map, n, impl, 2, identity, 0)
-    )
-    tiny.append(
-        PoolContender(
-            "anyio",
-            "anyio.to_process.run_sync, limiter 2 (asyncio)",
-            "asyncio",
-            "anyio",
-            lambda n: _run("asyncio", _anyio_tasks, n, None),
-        )
-    )
-    if aiomp:
-        tiny.append(
-            PoolContender(
-                "aiomultiprocess",
-                "aiomultiprocess Pool.map (asyncio)",
-                "asyncio",
-                "aiomultiprocess",
-                lambda n: _run("asyncio", _aiomp_map, n, 2, async_identity, 0),
-            )
-        )
-    if trio_parallel:
-        tiny.append(
-            PoolContender(
-                "trio-parallel",
-                "trio_parallel.run_sync, limiter 2 (trio)",
-                "trio",
-                "trio-parallel",
-                lambda n: _run("trio", _trio_parallel_tasks, n, None),
-            )
-        )
+    def peer(key: str, label: str, fn: Callable[..., Any], *args: Any) -> PoolContender:
+        """Another way to run functions in processes: ``fn(n, *args)``, trio-parallel's on
+        trio, the others' on asyncio; its family is its key (anyio's for "anyio-cancellable")."""
+        backend = "trio" if key == "trio-parallel" else "asyncio"
+        family = key.removesuffix("-cancellable")
+        label = f"{label} ({backend})"
+        return PoolContender(key, label, backend, family, lambda n: run_on(backend, fn, n, *args))
 
-    run = ours("pool.run", lambda b, impl: lambda n: _run(b, _asyncmp_run, n, impl))
-    run.append(
-        PoolContender(
-            "anyio",
-            "anyio.to_process.run_sync, limiter 2 (asyncio)",
-            "asyncio",
-            "anyio",
-            lambda n: _run("asyncio", _anyio_tasks, n, CALLERS),
-        )
+    def tiny(callers: int | None) -> list[PoolContender]:
+        """The anchor's and the other pools' rows of 5a (*callers* None) and 5b."""
+        found = [peer("anyio", "anyio.to_process.run_sync, limiter 2", _anyio_tasks, callers)]
+        if aiomp and callers is None:
+            found.append(
+                peer(
+                    "aiomultiprocess", "aiomultiprocess Pool.map", _aiomp_map, 2, async_identity, 0
+                )
+            )
+        elif aiomp:
+            found.append(peer("aiomultiprocess", "aiomultiprocess Pool.apply", _aiomp_run))
+        if trio_parallel:
+            label = "trio_parallel.run_sync, limiter 2"
+            found.append(peer("trio-parallel", label, _trio_parallel_tasks, callers))
+        return found
+
+    tiny_map = ours(
+        "pool.map", lambda b, impl: lambda n: run_on(b, _asyncmp_map, n, impl, 2, identity, 0)
+    ) + tiny(None)
+    tiny_run = ours("pool.run", lambda b, impl: lambda n: run_on(b, _asyncmp_run, n, impl)) + tiny(
+        CALLERS
     )
-    if aiomp:
-        run.append(
-            PoolContender(
-                "aiomultiprocess",
-                "aiomultiprocess Pool.apply (asyncio)",
-                "asyncio",
-                "aiomultiprocess",
-                lambda n: _run("asyncio", _aiomp_run, n),
-            )
-        )
-    if trio_parallel:
-        run.append(
-            PoolContender(
-                "trio-parallel",
-                "trio_parallel.run_sync, limiter 2 (trio)",
-                "trio",
-                "trio-parallel",
-                lambda n: _run("trio", _trio_parallel_tasks, n, CALLERS),
-            )
-        )
 
     cpu = ours(
-        "pool.map", lambda b, impl: lambda n: _run(b, _asyncmp_map, n, impl, cores, spin, CPU_TASK)
+        "pool.map",
+        lambda b, impl: lambda n: run_on(b, _asyncmp_map, n, impl, cores, spin, CPU_TASK),
     )
-    cpu.append(
-        PoolContender(
-            "executor",
-            "ProcessPoolExecutor + run_in_executor (asyncio)",
-            "asyncio",
-            "executor",
-            lambda n: _run("asyncio", _executor_map, n, cores),
-        )
-    )
+    cpu.append(peer("executor", "ProcessPoolExecutor + run_in_executor", _executor_map, cores))
     if aiomp:
-        cpu.append(
-            PoolContender(
-                "aiomultiprocess",
-                "aiomultiprocess Pool.map (asyncio)",
-                "asyncio",
-                "aiomultiprocess",
-                lambda n: _run("asyncio", _aiomp_map, n, cores, async_spin, CPU_TASK),
-            )
-        )
+        label = "aiomultiprocess Pool.map"
+        cpu.append(peer("aiomultiprocess", label, _aiomp_map, cores, async_spin, CPU_TASK))
 
     cancel = ours(
-        "pool.run, worker kept", lambda b, impl: lambda n: _run(b, _asyncmp_cancel, n, impl)
+        "pool.run, worker kept", lambda b, impl: lambda n: run_on(b, _asyncmp_cancel, n, impl)
     )
-    cancel.append(
-        PoolContender(
-            "anyio",
-            "anyio.to_process.run_sync, not cancellable (asyncio)",
-            "asyncio",
-            "anyio",
-            lambda n: _run("asyncio", _anyio_cancel, False),
-        )
-    )
-    cancel.append(
-        PoolContender(
-            "anyio-cancellable",
-            "anyio.to_process.run_sync(cancellable=True), kills (asyncio)",
-            "asyncio",
-            "anyio",
-            lambda n: _run("asyncio", _anyio_cancel, True),
-        )
-    )
+    kills = "anyio.to_process.run_sync(cancellable=True), kills"
+    cancel += [
+        peer("anyio", "anyio.to_process.run_sync, not cancellable", _anyio_cancel, False),
+        peer("anyio-cancellable", kills, _anyio_cancel, True),
+    ]
     if trio_parallel:
-        cancel.append(
-            PoolContender(
-                "trio-parallel",
-                "trio_parallel kill_on_cancel=True, kills (trio)",
-                "trio",
-                "trio-parallel",
-                lambda n: _run("trio", _trio_parallel_cancel, 1),
-            )
+        label = "trio_parallel kill_on_cancel=True, kills"
+        cancel.append(peer("trio-parallel", label, _trio_parallel_cancel))
+
+    def started(method: str) -> Callable[[str, Impl], Callable[[int], Timing]]:
+        return lambda b, impl: lambda n: _start_trial(impl, method, b)
+
+    start = [
+        contender
+        for method in START_METHODS
+        for contender in ours(
+            f"{method}: open_pool(2) to a first result", started(method), f"-{method}"
+        )
+    ]
+
+    def bench(
+        contenders: list[PoolContender],
+        value: Callable[[float, int], float],
+        probe: int,
+        n_min: int,
+        n_max: int,
+        *,
+        baseline: str | None,
+        fixed_n: int | None = None,
+        warm_up: bool = False,
+        **table: Any,
+    ) -> PoolBench:
+        return PoolBench(
+            Table(series=series_of(contenders), baseline=baseline, **table),
+            contenders,
+            value,
+            probe,
+            n_min,
+            n_max,
+            fixed_n,
+            warm_up,
         )
 
-    def table(
-        id: str,
-        title: str,
-        unit: str,
-        higher: bool,
-        label: str,
-        base: str | None,
-        contenders: list[PoolContender],
-        op: str,
-        params: dict[str, Any],
-    ) -> Table:
-        return Table(
-            id=id,
-            title=title,
-            unit=unit,
-            higher_is_better=higher,
-            ratio_label=label,
-            params=params,
-            series=[Series(c.key, c.label, c.backend, c.family) for c in contenders],
-            baseline=base,
-            op=op,
+    def timed(contenders: list[PoolContender], warm_up: bool = False, **table: Any) -> PoolBench:
+        """A bench of one timed event per trial, in milliseconds, with no anchor."""
+        return bench(
+            contenders,
+            millis,
+            1,
+            1,
+            1,
+            fixed_n=1,
+            warm_up=warm_up,
+            unit="ms",
+            higher_is_better=False,
+            ratio_label="ratio",
+            baseline=None,
+            **table,
         )
 
     return [
-        PoolBench(
-            table(
-                "pool-map",
-                "5a. Pool: tiny tasks (fn returns its argument), 2 workers",
-                "calls/s",
-                True,
-                "x anyio",
-                "anyio",
-                tiny,
-                "call",
-                {"workers": 2, "task": "identity"},
-            ),
-            tiny,
+        bench(
+            tiny_map,
             rate,
-            probe=200,
-            n_min=200,
-            n_max=2_000_000,
+            200,
+            200,
+            2_000_000,
+            id="pool-map",
+            title="5a. Pool: tiny tasks (fn returns its argument), 2 workers",
+            unit="calls/s",
+            higher_is_better=True,
+            ratio_label="x anyio",
+            baseline="anyio",
+            op="call",
+            params={"workers": 2, "task": "identity"},
         ),
-        PoolBench(
-            table(
-                "pool-run",
-                f"5b. Pool: tiny tasks, one call at a time from {CALLERS} concurrent tasks,"
-                " 2 workers",
-                "calls/s",
-                True,
-                "x anyio",
-                "anyio",
-                run,
-                "call",
-                {"workers": 2, "task": "identity", "callers": CALLERS},
-            ),
-            run,
+        bench(
+            tiny_run,
             rate,
-            probe=200,
-            n_min=CALLERS * 2,
-            n_max=2_000_000,
+            200,
+            CALLERS * 2,
+            2_000_000,
+            id="pool-run",
+            title=f"5b. Pool: tiny tasks, one call at a time from {CALLERS} concurrent tasks,"
+            " 2 workers",
+            unit="calls/s",
+            higher_is_better=True,
+            ratio_label="x anyio",
+            baseline="anyio",
+            op="call",
+            params={"workers": 2, "task": "identity", "callers": CALLERS},
         ),
-        PoolBench(
-            table(
-                "pool-cpu",
-                f"5c. Pool: CPU-bound tasks of {CPU_TASK * 1e3:g} ms, one worker per core"
-                f" ({cores})",
-                "tasks/s",
-                True,
-                "x executor",
-                "executor",
-                cpu,
-                "task",
-                {"workers": cores, "task_seconds": CPU_TASK},
-            ),
+        bench(
             cpu,
             rate,
-            probe=200,
-            n_min=200,
-            n_max=200_000,
+            200,
+            200,
+            200_000,
+            id="pool-cpu",
+            title=f"5c. Pool: CPU-bound tasks of {CPU_TASK * 1e3:g} ms, one worker per core"
+            f" ({cores})",
+            unit="tasks/s",
+            higher_is_better=True,
+            ratio_label="x executor",
+            baseline="executor",
+            op="task",
+            params={"workers": cores, "task_seconds": CPU_TASK},
         ),
-        PoolBench(
-            table(
-                "pool-cancel",
-                f"5d. Pool: cancel a running call ({CANCEL_CALL:g} s, cancelled after"
-                f" {CANCEL_AFTER * 1e3:g} ms): time until the call returns",
-                "ms",
-                False,
-                "ratio",
-                None,
-                cancel,
-                "cancel",
-                {"call_seconds": CANCEL_CALL, "cancel_after_seconds": CANCEL_AFTER},
-            ),
+        timed(
             cancel,
-            millis,
-            probe=1,
-            n_min=1,
-            n_max=1,
-            fixed_n=1,
+            id="pool-cancel",
+            title=f"5d. Pool: cancel a running call ({CANCEL_CALL:g} s, cancelled after"
+            f" {CANCEL_AFTER * 1e3:g} ms): time until the call returns",
+            op="cancel",
+            params={"call_seconds": CANCEL_CALL, "cancel_after_seconds": CANCEL_AFTER},
+        ),
+        timed(
+            start,
+            warm_up=True,
+            id="pool-start",
+            title="5e. Pool: time from open_pool(2) to the first result of a trivial call, in a"
+            " fresh interpreter, spawn and forkserver workers (the forkserver already running)",
+            op="start",
+            params={"workers": 2, "methods": list(START_METHODS), "call": "os.getpid"},
         ),
     ]
 
@@ -554,39 +538,31 @@ def pool_tables(
         found: dict[str, int] = {}
         for c in bench.contenders:
             if bench.fixed_n is not None:
+                if bench.warm_up:
+                    c.trial(bench.fixed_n)
                 found[c.key] = bench.fixed_n
                 continue
             seconds, _ = c.trial(bench.probe)
-            per_call = max(seconds, 1e-9) / bench.probe
-            n = max(bench.n_min, min(bench.n_max, math.ceil(trial_seconds / per_call)))
+            n = trial_size(seconds, bench.probe, trial_seconds, bench.n_min, bench.n_max)
             found[c.key] = math.ceil(n / CALLERS) * CALLERS
         sizes.append(found)
         for s in bench.table.series:
             s.n_per_trial = found[s.key]
-    per_round: list[list[dict[str, float]]] = [[] for _ in benches]
     for r in range(rounds):
-        for i, bench in enumerate(benches):
-            order = list(bench.contenders)
-            rng.shuffle(order)
-            got: dict[str, float] = {}
-            cpu: dict[str, float] = {}
-            for c in order:
-                n = sizes[i][c.key]
+        for bench, n_of in zip(benches, sizes, strict=True):
+
+            def measure(
+                c: PoolContender, bench: PoolBench = bench, n_of: dict[str, int] = n_of
+            ) -> Value:
+                n = n_of[c.key]
                 try:
                     seconds, cpu_seconds = c.trial(n)
                 except WorkerNotKept as exc:
                     notes.append(str(exc))
                     raise
-                got[c.key] = bench.value(seconds, n)
-                cpu[c.key] = cpu_seconds / n * 1e6
-            per_round[i].append(got)
-            table = bench.table
-            base = got[table.baseline] if table.baseline is not None else None
-            for s in table.series:
-                s.values.append(got[s.key])
-                s.cpu.append(cpu[s.key])
-                if base is not None and s.key != table.baseline:
-                    s.ratios.append(got[s.key] / base)
+                return bench.value(seconds, n), cpu_seconds / n * 1e6
+
+            play_round(bench.table, bench.contenders, rng, measure)
         log(f"pool round {r + 1}/{rounds} done")
     return [b.table for b in benches], _targets([b.table for b in benches])
 

@@ -48,7 +48,18 @@ from typing import Any
 
 import anyio
 import anyio.to_thread
-from _cases import Contender, Impl, Timing, on, since, start_timing
+from _cases import (
+    Contender,
+    Impl,
+    Timing,
+    check,
+    on,
+    since,
+    start_timing,
+    time_awaits,
+    time_calls,
+)
+from _worker import serve
 
 __all__ = (
     "AIO_KEY",
@@ -85,11 +96,6 @@ _ANSWER_TIMEOUT = 60.0
 def queue_name(c: Contender) -> str:
     """The queue a contender reads: aioprocessing's own, or the shared one."""
     return "aio" if c.key == AIO_KEY else "main"
-
-
-def _check(got: object, expected: object) -> None:
-    if got != expected:
-        raise AssertionError(f"received {got!r:.80}, expected {expected!r:.80}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -130,7 +136,7 @@ def _hold_get(q: Any, ctrl: Connection) -> None:
     ForkingPickler.loads(res)
 
 
-def _run(cmd: QueueCommand, ctrl: Connection, queues: dict[str, Any]) -> None:
+def _run(cmd: QueueCommand, *, ctrl: Connection, queues: dict[str, Any]) -> None:
     kind, name = cmd[0], cmd[1]
     q = queues[name]
     if kind == "put":
@@ -156,27 +162,7 @@ def _producer_main(ctrl: Connection, queues: dict[str, Any], inherited: list[Con
         conn.close()
     for q in queues.values():
         q.cancel_join_thread()  # at exit, don't wait to flush items nobody will read
-    while True:
-        try:
-            cmd = ctrl.recv()
-        except (EOFError, OSError):
-            return
-        if cmd[0] == "stop":
-            return
-        try:
-            _run(cmd, ctrl, queues)
-        except (EOFError, OSError):
-            return  # the parent closed its end: it is tearing down
-        except Exception as exc:
-            try:
-                ctrl.send(("error", repr(exc)))
-            except OSError:
-                return
-            continue
-        try:
-            ctrl.send(("done", None))
-        except OSError:
-            return
+    serve(ctrl, partial(_run, ctrl=ctrl, queues=queues))
 
 
 @dataclass
@@ -323,31 +309,19 @@ async def _until(ready: Callable[[], bool], what: str) -> None:
 
 
 def _sync_get(src: QueueSource, n: int, expected: object) -> Timing:
-    get = src.q.get
-    get()
-    t0 = start_timing()
-    for _ in range(n - 1):
-        get()
-    last = get()
-    elapsed = since(t0)
-    _check(last, expected)
+    elapsed, last = time_calls(n, src.q.get)
+    check(last, expected)
     return elapsed
 
 
 async def _asyncmp_get(cls: type[Any], src: QueueSource, n: int, expected: object) -> Timing:
     aq = cls(src.q)
     try:
-        get = aq.get
-        await get()
-        t0 = start_timing()
-        for _ in range(n - 1):
-            await get()
-        last = await get()
-        elapsed = since(t0)
+        elapsed, last = await time_awaits(n, aq.get)
     finally:
         await aq.aclose()
         src.reopen()
-    _check(last, expected)
+    check(last, expected)
     return elapsed
 
 
@@ -365,33 +339,20 @@ async def _asyncmp_get_many(cls: type[Any], src: QueueSource, n: int, expected: 
     finally:
         await aq.aclose()
         src.reopen()
-    _check(items[-1], expected)
+    check(items[-1], expected)
     return elapsed
 
 
 async def _executor_get(src: QueueSource, n: int, expected: object) -> Timing:
     loop = asyncio.get_running_loop()
-    get = src.q.get
-    await loop.run_in_executor(None, get)
-    t0 = start_timing()
-    for _ in range(n - 1):
-        await loop.run_in_executor(None, get)
-    last = await loop.run_in_executor(None, get)
-    elapsed = since(t0)
-    _check(last, expected)
+    elapsed, last = await time_awaits(n, loop.run_in_executor, None, src.q.get)
+    check(last, expected)
     return elapsed
 
 
 async def _to_thread_get(src: QueueSource, n: int, expected: object) -> Timing:
-    run_sync = anyio.to_thread.run_sync
-    get = src.q.get
-    await run_sync(get)
-    t0 = start_timing()
-    for _ in range(n - 1):
-        await run_sync(get)
-    last = await run_sync(get)
-    elapsed = since(t0)
-    _check(last, expected)
+    elapsed, last = await time_awaits(n, anyio.to_thread.run_sync, src.q.get)
+    check(last, expected)
     return elapsed
 
 
@@ -399,19 +360,13 @@ async def _aioprocessing_get(src: QueueSource, n: int, expected: object) -> Timi
     aio = src.aio
     assert aio is not None
     try:
-        coro_get = aio.coro_get
-        await coro_get()
-        t0 = start_timing()
-        for _ in range(n - 1):
-            await coro_get()
-        last = await coro_get()
-        elapsed = since(t0)
+        elapsed, last = await time_awaits(n, aio.coro_get)
     finally:
         # The AioQueue lives for the whole run; its thread pool, for one trial.
         executor = aio.__dict__.pop("_executor", None)
         if executor is not None:
             executor.shutdown(wait=True)
-    _check(last, expected)
+    check(last, expected)
     return elapsed
 
 
@@ -424,7 +379,7 @@ def _asyncmp_rows(
     for impl in impls:
         if impl.queue_cls is None:
             continue
-        family = "candidate" if impl.tag else "asyncmp"
+        family = impl.family
         for b in backends:
             found.append(
                 Contender(
@@ -543,7 +498,7 @@ async def _contend(aq: Any, producers: QueueProducers) -> None:
         await anyio.wait_all_tasks_blocked()
         producers.send(BLOCKER, ("release",))
     await producers.expect_async(BLOCKER)
-    _check(got, [QUEUE_ITEM])
+    check(got, [QUEUE_ITEM])
 
 
 async def _asyncmp_idle(
@@ -574,7 +529,7 @@ async def _asyncmp_idle(
     finally:
         await aq.aclose()
         src.reopen()
-    _check(got, [QUEUE_ITEM])
+    check(got, [QUEUE_ITEM])
     return elapsed
 
 
@@ -592,7 +547,7 @@ def idle_contenders(backends: tuple[str, ...], impls: tuple[Impl, ...]) -> list[
     for impl in impls:
         if impl.queue_cls is None:
             continue
-        family = "candidate" if impl.tag else "asyncmp"
+        family = impl.family
         for contended, state, what in (
             (False, "fresh", "new adapter: waits for data"),
             (True, "contended", "after contention: queued for the lock"),

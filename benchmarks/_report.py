@@ -3,12 +3,27 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
-__all__ = ("Series", "Table", "Target", "render_markdown", "to_json", "write_results")
+__all__ = (
+    "Row",
+    "Series",
+    "Table",
+    "Target",
+    "Value",
+    "play_round",
+    "record_round",
+    "render_markdown",
+    "series_of",
+    "to_json",
+    "trial_size",
+    "write_results",
+)
 
 
 def _quartiles(values: list[float]) -> tuple[float, float]:
@@ -92,6 +107,68 @@ class Table:
             "params": self.params,
             "results": [s.to_json() for s in self.series],
         }
+
+
+class Row(Protocol):
+    """What a table shows of a contender: every section's contenders have these."""
+
+    @property
+    def key(self) -> str: ...
+    @property
+    def label(self) -> str: ...
+    @property
+    def backend(self) -> str | None: ...
+    @property
+    def family(self) -> str: ...
+
+
+R = TypeVar("R", bound=Row)
+#: What one trial gives a table: its value, and the CPU per operation (None: not measured).
+Value = tuple[float, float | None]
+
+
+def series_of(rows: Iterable[Row], n_per_trial: int = 0) -> list[Series]:
+    """A table's series, one per contender, in the contenders' order."""
+    return [Series(r.key, r.label, r.backend, r.family, n_per_trial) for r in rows]
+
+
+def trial_size(seconds: float, probe: int, trial_seconds: float, n_min: int, n_max: int) -> int:
+    """How many operations fill ~*trial_seconds*, from a probe of *probe* that took
+    *seconds*, within [*n_min*, *n_max*]."""
+    per_op = max(seconds, 1e-9) / probe
+    return max(n_min, min(n_max, math.ceil(trial_seconds / per_op)))
+
+
+def record_round(table: Table, got: dict[str, float], cpu: dict[str, float | None]) -> None:
+    """Add one round to *table*: each series' value and CPU (where it has one), and its
+    ratio to the baseline measured in the same round."""
+    base = got[table.baseline] if table.baseline is not None else None
+    for s in table.series:
+        if s.key not in got:
+            continue
+        s.values.append(got[s.key])
+        if cpu.get(s.key) is not None:
+            s.cpu.append(cpu[s.key])  # type: ignore[arg-type]
+        if base is not None and s.key != table.baseline:
+            s.ratios.append(got[s.key] / base)
+
+
+def play_round(
+    table: Table,
+    contenders: Sequence[R],
+    rng: Any,
+    measure: Callable[[R], Value],
+) -> dict[str, float]:
+    """One round of *table*: *measure* each contender (value, CPU or None), in an order
+    shuffled anew, and record the round; returns the values by contender key."""
+    order = list(contenders)
+    rng.shuffle(order)
+    got: dict[str, float] = {}
+    cpu: dict[str, float | None] = {}
+    for c in order:
+        got[c.key], cpu[c.key] = measure(c)
+    record_round(table, got, cpu)
+    return got
 
 
 @dataclass

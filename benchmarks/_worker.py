@@ -17,13 +17,15 @@ from __future__ import annotations
 
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.process
 import os
 import signal
 import struct
+from collections.abc import Callable
 from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
-__all__ = ("Command", "Worker")
+__all__ = ("Command", "Worker", "answer", "reap", "serve", "stop")
 
 Connection = multiprocessing.connection.Connection
 
@@ -111,14 +113,11 @@ class _Producer:
             raise ValueError(f"unknown command {kind!r}")
 
 
-def _worker_main(
-    ctrl: Connection, sock: Connection, pipe_w: Connection, parent_ends: list[Connection]
-) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # fork copied the parent's ends too; holding them would hide the parent's EOF.
-    for conn in parent_ends:
-        conn.close()
-    producer = _Producer(sock, pipe_w)
+def serve(ctrl: Connection, run: Callable[[Command], Any]) -> None:
+    """A forked helper's command loop: ``run(cmd)`` for each command the parent sends on
+    *ctrl*, answering ``("done", what it returned)`` or ``("error", repr(exc))``, until
+    ``("stop",)`` or the parent's end closes (then it returns quietly: the parent is
+    tearing down)."""
     while True:
         try:
             cmd = ctrl.recv()
@@ -127,16 +126,65 @@ def _worker_main(
         if cmd[0] == "stop":
             return
         try:
-            producer.run(cmd)
+            answer = ("done", run(cmd))
         except (BrokenPipeError, ConnectionResetError, EOFError):
             return  # the parent closed its end: it is tearing down
         except Exception as exc:
-            ctrl.send(("error", repr(exc)))
-            continue
+            answer = ("error", repr(exc))
         try:
-            ctrl.send(("done", None))
+            ctrl.send(answer)
         except OSError:
             return
+
+
+def answer(ctrl: Connection, who: str, timeout: float | None = None) -> Any:
+    """The helper's answer to the command in progress (what it returned), within
+    *timeout* seconds (None: however long it takes)."""
+    if timeout is not None and not ctrl.poll(timeout):
+        raise RuntimeError(f"{who} did not answer within {timeout} s")
+    status, detail = ctrl.recv()
+    if status != "done":
+        raise RuntimeError(f"{who} failed: {detail}")
+    return detail
+
+
+def stop(
+    process: multiprocessing.process.BaseProcess,
+    ctrl: Connection,
+    *also: Connection,
+    grace: float = 5.0,
+) -> None:
+    """Ask a helper to stop, close *ctrl* and this process's other ends of its connections,
+    then reap it (:func:`reap`). Safe to call more than once, and after Ctrl-C."""
+    try:
+        ctrl.send(("stop",))
+    except (OSError, ValueError):
+        pass
+    for conn in (ctrl, *also):
+        conn.close()
+    reap(process, grace)
+
+
+def reap(process: multiprocessing.process.BaseProcess, grace: float) -> None:
+    """Join *process*, terminating it if it has not ended within *grace* seconds and
+    killing it as a last resort."""
+    process.join(grace)
+    if process.is_alive():
+        process.terminate()
+        process.join(5.0)
+    if process.is_alive():  # pragma: no cover - last resort
+        process.kill()
+        process.join()
+
+
+def _worker_main(
+    ctrl: Connection, sock: Connection, pipe_w: Connection, parent_ends: list[Connection]
+) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # fork copied the parent's ends too; holding them would hide the parent's EOF.
+    for conn in parent_ends:
+        conn.close()
+    serve(ctrl, _Producer(sock, pipe_w).run)
 
 
 class Worker:
@@ -173,9 +221,7 @@ class Worker:
 
     def finish(self) -> None:
         """Wait for the worker to acknowledge the command in progress."""
-        status, detail = self._ctrl.recv()
-        if status != "done":
-            raise RuntimeError(f"worker failed: {detail}")
+        answer(self._ctrl, "worker")
 
     def run(self, cmd: Command) -> None:
         self.start(cmd)
@@ -183,16 +229,4 @@ class Worker:
 
     def close(self) -> None:
         """Stop the worker and reap it. Safe to call more than once, and after Ctrl-C."""
-        try:
-            self._ctrl.send(("stop",))
-        except (OSError, ValueError):
-            pass
-        for conn in (self._ctrl, self._sock, self._pipe_r):
-            conn.close()
-        self._process.join(5.0)
-        if self._process.is_alive():
-            self._process.terminate()
-            self._process.join(5.0)
-        if self._process.is_alive():  # pragma: no cover - last resort
-            self._process.kill()
-            self._process.join()
+        stop(self._process, self._ctrl, self._sock, self._pipe_r)

@@ -188,16 +188,11 @@ def render_summary(doc: dict[str, Any], output: Path) -> bool:
     rows = list(summary_rows(doc))
     if not rows:
         return False
-    backends = [b for b in MARKERS if any(b in row.asyncmp for row in rows)]
-    # The loops sit a little apart within a row, so that equal speeds don't hide each other.
-    offsets = {b: (i - (len(backends) - 1) / 2) * 0.26 for i, b in enumerate(backends)}
-    fig, ax = plt.subplots(figsize=(WIDTH_INCHES, 1.5 + 0.3 * len(rows)), layout="constrained")
     values = [v for row in rows for v in row.asyncmp.values()]
     values += [row.thread for row in rows if row.thread is not None]
-    left, right = min([*values, 0.5]) / 1.6, max([*values, 1.0]) * 1.5
-    ax.set_xscale("log")
-    ax.set_xlim(left, right)
-    ax.set_ylim(len(rows) - 0.5, -0.5)  # the first scenario on top
+    # The loops sit a little apart within a row, so that equal speeds don't hide each other.
+    loops = Loops(rows, 0.26)
+    fig, ax, left, right = log_rows(rows, 1.5, 0.3, values, 1.5)
     ax.axvspan(left, 1.0, color="#f6f8fa", zorder=0)
     ax.axvline(1.0, color=COLOURS["sync"], linewidth=1.5, zorder=1)
     for pos, row in enumerate(rows):
@@ -224,38 +219,8 @@ def render_summary(doc: dict[str, Any], output: Path) -> bool:
                 fontsize=8,
                 color="#9a4f0f",
             )
-        for backend in backends:
-            if backend in row.asyncmp:
-                ax.plot(
-                    row.asyncmp[backend],
-                    pos + offsets[backend],
-                    MARKERS[backend],
-                    color=COLOURS["asyncmp", backend],
-                    markersize=7,
-                    markeredgecolor="white",
-                    markeredgewidth=0.6,
-                    zorder=4,
-                )
-    ax.set_yticks(range(len(rows)), [row.name for row in rows], fontsize=9)
-    ax.tick_params(axis="y", length=0)
-    ticks = [t for t in (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5) if left <= t <= right]
-    ax.set_xticks(ticks, [f"{t:g}x" for t in ticks], fontsize=8.5)
-    ax.minorticks_off()
-    ax.set_xlabel("speed next to the plain blocking loop (right is faster; log scale)", fontsize=9)
-    for side in ("top", "right", "left"):
-        ax.spines[side].set_visible(False)
-    handles = [
-        Line2D(
-            [],
-            [],
-            marker=MARKERS[b],
-            linestyle="",
-            color=COLOURS["asyncmp", b],
-            markersize=7,
-            label=f"asyncmp, {b}",
-        )
-        for b in backends
-    ]
+        loops.plot(ax, row.asyncmp, pos)
+    handles = loops.handles()
     handles.append(
         Line2D(
             [],
@@ -268,21 +233,109 @@ def render_summary(doc: dict[str, Any], output: Path) -> bool:
         )
     )
     handles.append(Line2D([], [], color=COLOURS["sync"], linewidth=1.5, label="sync loop (1x)"))
+    finish(
+        fig,
+        ax,
+        [row.name for row in rows],
+        9,
+        [t for t in (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5) if left <= t <= right],
+        "speed next to the plain blocking loop (right is faster; log scale)",
+        9,
+        handles,
+        len(handles),
+        f"asyncmp next to a blocking loop and a thread per call\n{machine(doc.get('meta', {}))}",
+        output,
+    )
+    return True
+
+
+# --- what both summaries draw -----------------------------------------------------------------
+
+
+class Loops:
+    """asyncmp's markers, one per event loop, a little apart within a row."""
+
+    def __init__(self, rows: list[Any], spread: float) -> None:
+        self.backends = [b for b in MARKERS if any(b in row.asyncmp for row in rows)]
+        middle = (len(self.backends) - 1) / 2
+        self.offsets = {b: (i - middle) * spread for i, b in enumerate(self.backends)}
+
+    def plot(self, ax: Any, speeds: dict[str, float], pos: int) -> None:
+        for backend in self.backends:
+            if backend in speeds:
+                ax.plot(
+                    speeds[backend],
+                    pos + self.offsets[backend],
+                    MARKERS[backend],
+                    color=COLOURS["asyncmp", backend],
+                    markersize=7,
+                    markeredgecolor="white",
+                    markeredgewidth=0.6,
+                    zorder=4,
+                )
+
+    def handles(self) -> list[Line2D]:
+        return [
+            Line2D(
+                [],
+                [],
+                marker=MARKERS[b],
+                linestyle="",
+                color=COLOURS["asyncmp", b],
+                markersize=7,
+                label=f"asyncmp, {b}",
+            )
+            for b in self.backends
+        ]
+
+
+def log_rows(
+    rows: list[Any], height: float, per_row: float, values: list[float], margin: float
+) -> tuple[Any, Any, float, float]:
+    """A figure of one row per item of *rows*, the first on top, on a logarithmic axis
+    that spans *values*, 1 and 0.5 with room on either side; and that axis's ends."""
+    fig, ax = plt.subplots(
+        figsize=(WIDTH_INCHES, height + per_row * len(rows)), layout="constrained"
+    )
+    left, right = min([*values, 0.5]) / 1.6, max([*values, 1.0]) * margin
+    ax.set_xscale("log")
+    ax.set_xlim(left, right)
+    ax.set_ylim(len(rows) - 0.5, -0.5)  # the first row on top
+    return fig, ax, left, right
+
+
+def finish(
+    fig: Any,
+    ax: Any,
+    names: list[str],
+    name_size: float,
+    ticks: list[float],
+    xlabel: str,
+    xlabel_size: float,
+    handles: list[Line2D],
+    ncol: int,
+    title: str,
+    output: Path,
+) -> None:
+    """Name the rows, mark the axis in speeds ("2x"), add the legend and the title, save."""
+    ax.set_yticks(range(len(names)), names, fontsize=name_size)
+    ax.tick_params(axis="y", length=0)
+    ax.set_xticks(ticks, [f"{t:g}x" for t in ticks], fontsize=8.5)
+    ax.minorticks_off()
+    ax.set_xlabel(xlabel, fontsize=xlabel_size)
+    for side in ("top", "right", "left"):
+        ax.spines[side].set_visible(False)
     fig.legend(
         handles=handles,
         loc="outside lower center",
-        ncol=len(handles),
+        ncol=ncol,
         fontsize=8,
         frameon=False,
         handletextpad=0.3,
         columnspacing=1.0,
     )
-    fig.suptitle(
-        f"asyncmp next to a blocking loop and a thread per call\n{machine(doc.get('meta', {}))}",
-        fontsize=10.5,
-    )
+    fig.suptitle(title, fontsize=10.5)
     save(fig, output)
-    return True
 
 
 # --- the pools' summary -----------------------------------------------------------------------
@@ -308,7 +361,7 @@ def pool_rows(doc: dict[str, Any]) -> Iterator[PoolRow]:
     for bench in doc["benchmarks"]:
         baseline = bench.get("baseline")
         if not is_pool(bench) or baseline is None:
-            continue  # the cancellation benchmark: times, no anchor
+            continue  # the cancellation and start benchmarks: times, no anchor
         ours: dict[str, float] = {}
         peers: dict[str, float] = {}
         anchor = baseline
@@ -333,16 +386,11 @@ def render_pool_summary(doc: dict[str, Any], output: Path) -> bool:
     rows = list(pool_rows(doc))
     if not rows:
         return False
-    backends = [b for b in MARKERS if any(b in row.asyncmp for row in rows)]
-    offsets = {b: (i - (len(backends) - 1) / 2) * 0.22 for i, b in enumerate(backends)}
-    fig, ax = plt.subplots(figsize=(WIDTH_INCHES, 1.9 + 0.55 * len(rows)), layout="constrained")
+    loops = Loops(rows, 0.22)
     values = [v for row in rows for v in row.asyncmp.values()]
     values += [v for row in rows for v in row.peers.values()]
     values += [row.target for row in rows if row.target is not None]
-    left, right = min([*values, 0.5]) / 1.6, max([*values, 1.0]) * 1.6
-    ax.set_xscale("log")
-    ax.set_xlim(left, right)
-    ax.set_ylim(len(rows) - 0.5, -0.5)
+    fig, ax, left, right = log_rows(rows, 1.9, 0.55, values, 1.6)
     ax.axvline(1.0, color=COLOURS["sync"], linewidth=1.5, zorder=1)
     peer_handles: dict[str, Line2D] = {}
     for pos, row in enumerate(rows):
@@ -366,59 +414,26 @@ def render_pool_summary(doc: dict[str, Any], output: Path) -> bool:
                 family,
                 Line2D([], [], marker=marker, linestyle="", color=tint, markersize=7, label=family),
             )
-        for backend in backends:
-            if backend in row.asyncmp:
-                ax.plot(
-                    row.asyncmp[backend],
-                    pos + offsets[backend],
-                    MARKERS[backend],
-                    color=COLOURS["asyncmp", backend],
-                    markersize=7,
-                    markeredgecolor="white",
-                    markeredgewidth=0.6,
-                    zorder=4,
-                )
-    ax.set_yticks(range(len(rows)), [row.name for row in rows], fontsize=8.5)
-    ax.tick_params(axis="y", length=0)
-    ticks = [t for t in (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500) if left <= t <= right]
-    ax.set_xticks(ticks, [f"{t:g}x" for t in ticks], fontsize=8.5)
-    ax.minorticks_off()
-    ax.set_xlabel(
-        "speed next to the anchor, 1x (right is faster; log scale)\nanchor: anyio.to_process"
-        " for the tiny tasks, ProcessPoolExecutor for the CPU-bound ones",
-        fontsize=8.5,
-    )
-    for side in ("top", "right", "left"):
-        ax.spines[side].set_visible(False)
-    handles = [
-        Line2D(
-            [],
-            [],
-            marker=MARKERS[b],
-            linestyle="",
-            color=COLOURS["asyncmp", b],
-            markersize=7,
-            label=f"asyncmp, {b}",
-        )
-        for b in backends
-    ]
+        loops.plot(ax, row.asyncmp, pos)
+    handles = loops.handles()
     handles += peer_handles.values()
     handles.append(Line2D([], [], color=COLOURS["sync"], linewidth=1.5, label="anchor (1x)"))
-    fig.legend(
-        handles=handles,
-        loc="outside lower center",
-        ncol=min(len(handles), 4),
-        fontsize=8,
-        frameon=False,
-        handletextpad=0.3,
-        columnspacing=1.0,
-    )
-    fig.suptitle(
-        f"asyncmp's pool next to the other ways to run functions in processes\n"
+    ticks = (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500)
+    finish(
+        fig,
+        ax,
+        [row.name for row in rows],
+        8.5,
+        [t for t in ticks if left <= t <= right],
+        "speed next to the anchor, 1x (right is faster; log scale)\nanchor: anyio.to_process"
+        " for the tiny tasks, ProcessPoolExecutor for the CPU-bound ones",
+        8.5,
+        handles,
+        min(len(handles), 4),
+        "asyncmp's pool next to the other ways to run functions in processes\n"
         f"{machine(doc.get('meta', {}))}",
-        fontsize=10.5,
+        output,
     )
-    save(fig, output)
     return True
 
 

@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import math
 import os
 import platform
 import random
@@ -97,8 +96,12 @@ from _report import (  # noqa: E402
     Series,
     Table,
     Target,
+    Value,
+    play_round,
     render_markdown,
+    series_of,
     to_json,
+    trial_size,
     write_results,
 )
 from _worker import Command, Worker  # noqa: E402
@@ -111,13 +114,21 @@ LARGE_SIZES = (1 << 20, 64 << 20)
 QUEUE_PRODUCERS = 4
 
 
-@dataclass
+def _rate(seconds: float, n: int) -> float:
+    return n / seconds
+
+
+def _micros_per(seconds: float, n: int) -> float:
+    return seconds / n * 1e6
+
+
+@dataclass(kw_only=True)
 class Workload:
     id: str
     title: str
     unit: str
-    higher_is_better: bool
-    ratio_label: str
+    higher_is_better: bool = True
+    ratio_label: str = "x sync"
     contenders: list[Contender]
     #: (contender, messages timed) -> the command for the worker, or for the producers
     #: of a queue workload to share (either way one more than timed is sent)
@@ -125,22 +136,15 @@ class Workload:
     arg: Any  #: passed to each consumer
     transport: str
     #: (seconds, messages timed) -> the reported value
-    value: Callable[[float, int], float]
-    probe_n: Callable[[Contender], int]
-    n_min: int
-    n_max: int
+    value: Callable[[float, int], float] = _rate
+    #: a contender -> how many messages its calibration trial times
+    probe_n: Callable[[Contender], int] = lambda c: 1000 if c.family == "thread" else 10000
+    n_min: int = 200
+    n_max: int = 2_000_000
     params: dict[str, Any]
     op: str = "msg"
     #: Queue workloads: how many producer processes share the command's count.
     producers: int = 1
-
-
-def _rate(seconds: float, n: int) -> float:
-    return n / seconds
-
-
-def _micros_per(seconds: float, n: int) -> float:
-    return seconds / n * 1e6
 
 
 def _small(
@@ -160,16 +164,10 @@ def _small(
         id=f"small-{regime}-{transport}",
         title=f"{number}. Receive 100-byte pickles: {how} ({medium})",
         unit="msgs/s",
-        higher_is_better=True,
-        ratio_label="x sync",
         contenders=contenders,
         command=lambda c, n: ("stream", transport, regime, n + 1, SMALL_MESSAGE),
         arg=SMALL_MESSAGE,
         transport=transport,
-        value=_rate,
-        probe_n=lambda c: 1000 if c.family == "thread" else 10000,
-        n_min=200,
-        n_max=2_000_000,
         params={"message_pickle_bytes": 100, "regime": regime, "transport": transport},
     )
 
@@ -206,8 +204,6 @@ def _large(size: int, backends: tuple[str, ...], impls: tuple[Impl, ...]) -> Wor
         id=f"large-{mib}MiB",
         title=f"3. Receive {mib} MiB messages with recv_bytes() (socketpair)",
         unit="MiB/s",
-        higher_is_better=True,
-        ratio_label="x sync",
         contenders=large_contenders(backends, impls),
         command=command,
         arg=size,
@@ -230,16 +226,10 @@ def _queue_get(regime: str, backends: tuple[str, ...], impls: tuple[Impl, ...]) 
         id=f"queue-{regime}",
         title=f"{number}. Queue get() of 100-byte pickles from a producer process: {how}",
         unit="items/s",
-        higher_is_better=True,
-        ratio_label="x sync",
         contenders=get_contenders(backends, impls, find_spec("aioprocessing") is not None),
         command=lambda c, n: (regime, queue_name(c), n + 1, QUEUE_ITEM),
         arg=QUEUE_ITEM,
         transport="queue",
-        value=_rate,
-        probe_n=lambda c: 1000 if c.family == "thread" else 10000,
-        n_min=200,
-        n_max=2_000_000,
         params={"item_pickle_bytes": 100, "regime": regime, "producers": 1},
         op="item",
     )
@@ -250,16 +240,11 @@ def _queue_fanin(backends: tuple[str, ...], impls: tuple[Impl, ...]) -> Workload
         id="queue-fanin",
         title=f"4c. Queue get() fan-in: {QUEUE_PRODUCERS} producer processes call put() per item",
         unit="items/s",
-        higher_is_better=True,
-        ratio_label="x sync",
         contenders=fanin_contenders(backends, impls),
         command=lambda c, n: ("put", "main", n + 1, QUEUE_ITEM),
         arg=QUEUE_ITEM,
         transport="queue",
-        value=_rate,
         probe_n=lambda c: 10000,
-        n_min=200,
-        n_max=2_000_000,
         params={"item_pickle_bytes": 100, "regime": "put", "producers": QUEUE_PRODUCERS},
         op="item",
         producers=QUEUE_PRODUCERS,
@@ -306,8 +291,7 @@ class Bench:
         """One warm-up trial, which also sizes the trials to ~trial_seconds."""
         probe = w.probe_n(c)
         seconds, _ = self.trial(w, c, probe)
-        per_item = max(seconds, 1e-9) / probe
-        return max(w.n_min, min(w.n_max, math.ceil(self.trial_seconds / per_item)))
+        return trial_size(seconds, probe, self.trial_seconds, w.n_min, w.n_max)
 
     def log(self, text: str) -> None:
         if self.progress:
@@ -342,23 +326,13 @@ def run(
     for r in range(rounds):
         start = perf_counter()
         for i, w in enumerate(workloads):
-            order = list(w.contenders)
-            rng.shuffle(order)
-            got: dict[str, float] = {}
-            cpu: dict[str, float] = {}
-            for c in order:
-                n = sizes[i][c.key]
+
+            def measure(c: Contender, w: Workload = w, n_of: dict[str, int] = sizes[i]) -> Value:
+                n = n_of[c.key]
                 seconds, cpu_seconds = bench.trial(w, c, n)
-                got[c.key] = w.value(seconds, n)
-                cpu[c.key] = cpu_seconds / n * 1e6
-            per_round[i].append(got)
-            table = tables[i]
-            base = got[table.baseline] if table.baseline is not None else None
-            for s in table.series:
-                s.values.append(got[s.key])
-                s.cpu.append(cpu[s.key])
-                if base is not None and s.key != table.baseline:
-                    s.ratios.append(got[s.key] / base)
+                return w.value(seconds, n), cpu_seconds / n * 1e6
+
+            per_round[i].append(play_round(tables[i], w.contenders, rng, measure))
         bench.log(f"round {r + 1}/{rounds} done in {perf_counter() - start:.1f} s")
     return tables, _targets(tables, per_round)
 
@@ -377,20 +351,20 @@ def run_idle(
         higher_is_better=False,
         ratio_label="ratio",
         params={"wait_seconds": window},
-        series=[Series(c.key, c.label, c.backend, c.family, 1) for c in contenders],
+        series=series_of(contenders, 1),
         baseline=None,
         op="wait",
     )
-    series = {s.key: s for s in table.series}
+
+    def measure(c: Contender) -> Value:
+        assert bench.producers is not None
+        seconds, cpu_seconds = c.consume(bench.producers, 1, window)
+        bench.check_flags(c, bench.producers.source.readers())
+        return 100.0 * cpu_seconds / seconds, cpu_seconds * 1e6
+
     for r in range(rounds):
         start = perf_counter()
-        order = list(contenders)
-        rng.shuffle(order)
-        for c in order:
-            seconds, cpu_seconds = c.consume(bench.producers, 1, window)
-            bench.check_flags(c, bench.producers.source.readers())
-            series[c.key].values.append(100.0 * cpu_seconds / seconds)
-            series[c.key].cpu.append(cpu_seconds * 1e6)
+        play_round(table, contenders, rng, measure)
         bench.log(f"idle round {r + 1}/{rounds} done in {perf_counter() - start:.1f} s")
     targets = [
         Target(table.id, s.key, f"{s.key} idle CPU", "<=", 1.0, s.median, unit="%")
