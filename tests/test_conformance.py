@@ -3,10 +3,11 @@ for each channel of ``tests/support/channels.py``.
 
 The channels: ``Pipe`` on each route (descriptor readiness, threads) and transport (a duplex
 socketpair, a one-way ``os.pipe``); an ``AsyncConnection`` over a fake Windows
-``PipeConnection`` (message mode, no descriptor); ``connect()`` and ``serve()`` over a Unix
-socket and TCP loopback (each side as the async end); a ``Worker`` from ``open_worker()``; and
-``AsyncQueue`` over a ``Queue``, ``SimpleQueue`` and ``JoinableQueue`` on the descriptor
-route, a ``Queue`` on the thread route and a ``Manager().Queue()`` proxy.
+``PipeConnection`` (message mode, no descriptor) and an ``AsyncQueue`` over a ``Queue`` on one;
+``connect()`` and ``serve()`` over a Unix socket and TCP loopback (each side as the async end);
+a ``Worker`` from ``open_worker()``; and ``AsyncQueue`` over a ``Queue``, ``SimpleQueue`` and
+``JoinableQueue`` on the descriptor route, a ``Queue`` on the thread route and a
+``Manager().Queue()`` proxy.
 
 A check that today's code fails, for a bug that is known and being fixed, is marked
 ``xfail(strict=True)`` for exactly the channels it fails on, with the issue that tracks it:

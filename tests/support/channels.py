@@ -1,8 +1,8 @@
 """Every channel asyncmp offers, behind one small interface, for the conformance suite.
 
 A :class:`Channel` names one way to make a channel (a ``Pipe`` on one route and transport,
-an ``AsyncConnection`` over a fake Windows ``PipeConnection``, a ``connect()``/``serve()``
-pair, a ``Worker``, an ``AsyncQueue`` over one kind of queue on
+an ``AsyncConnection`` or an ``AsyncQueue`` over a fake Windows ``PipeConnection``, a
+``connect()``/``serve()`` pair, a ``Worker``, an ``AsyncQueue`` over one kind of queue on
 one route) and says what it can do. Opening it yields a :class:`Pair`:
 
 - ``end``, the async end under test, seen through :class:`End`: ``receive()`` and
@@ -26,7 +26,7 @@ import random
 import select
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -474,10 +474,9 @@ def _end_and_peer(ends: list[tuple[AsyncConnection, Connection]]) -> tuple[End, 
     return SplitEnd(a_in), SplitPeer(b_in)
 
 
-@contextlib.asynccontextmanager
-async def _windows_pipe() -> AsyncIterator[Pair]:
-    """A ``PipeConnection`` as on Windows (``tests/support/platform_fakes.py``): asyncmp
-    takes Windows' decisions, and a wait on a descriptor fails the check."""
+@contextlib.contextmanager
+def _as_on_windows() -> Iterator[None]:
+    """asyncmp takes Windows' decisions, and a wait on a descriptor fails the check."""
 
     async def no_descriptors(obj: object) -> None:
         raise AssertionError(f"waited on descriptor {obj!r}: Windows has none to wait on")
@@ -486,6 +485,13 @@ async def _windows_pipe() -> AsyncIterator[Pair]:
         monkeypatch.setattr(_platform, "POSIX_FDS", False)
         monkeypatch.setattr(anyio, "wait_readable", no_descriptors)
         monkeypatch.setattr(anyio, "wait_writable", no_descriptors)
+        yield
+
+
+@contextlib.asynccontextmanager
+async def _windows_pipe() -> AsyncIterator[Pair]:
+    """A ``PipeConnection`` as on Windows (``tests/support/platform_fakes.py``)."""
+    with _as_on_windows():
         a, b = fake_pipe()
         aconn = AsyncConnection(as_connection(a))
         peer = ConnectionPeer(as_connection(b))
@@ -496,6 +502,26 @@ async def _windows_pipe() -> AsyncIterator[Pair]:
             await aconn.aclose()
             peer.finish()
             b.close()
+
+
+@contextlib.asynccontextmanager
+async def _windows_queue() -> AsyncIterator[Pair]:
+    """A ``Queue`` whose pipe is a fake Windows one: message mode, no descriptor."""
+    with _as_on_windows():
+        q: Any = FORK.Queue(8)
+        release_pipe(q)
+        q._reader, q._writer = fake_pipe(duplex=False)
+        q._reset()  # picks up the new ends, as the Queue's constructor does
+        peer = QueuePeer(q)
+        aq = AsyncQueue[bytes](q)
+        try:
+            assert aq.uses_threads
+            yield Pair(QueueEnd(aq), peer)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await aq.aclose()
+            peer.finish()
+            release_pipe(q)
 
 
 def _remote(family: str, async_end: str) -> Callable[[], Any]:
@@ -622,6 +648,18 @@ def _channels() -> list[Channel]:
             threadless=(),
             readiness_hook=False,
             encode=_pickled_frame,
+            **queue,
+        )
+    )
+    out.append(
+        Channel(
+            "Queue-windows",
+            _windows_queue,
+            uses_threads=True,
+            threadless=(),
+            readiness_hook=False,
+            encode=None,
+            fds=False,
             **queue,
         )
     )
