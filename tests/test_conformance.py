@@ -2,10 +2,12 @@
 for each channel of ``tests/support/channels.py``.
 
 The channels: ``Pipe`` on each route (descriptor readiness, threads) and transport (a duplex
-socketpair, a one-way ``os.pipe``); ``connect()`` and ``serve()`` over a Unix socket and TCP
-loopback (each side as the async end); a ``Worker`` from ``open_worker()``; and
-``AsyncQueue`` over a ``Queue``, ``SimpleQueue`` and ``JoinableQueue`` on the descriptor
-route, a ``Queue`` on the thread route and a ``Manager().Queue()`` proxy.
+socketpair, a one-way ``os.pipe``); an ``AsyncConnection`` over a fake Windows
+``PipeConnection`` (message mode, no descriptor) and an ``AsyncQueue`` over a ``Queue`` on one;
+``connect()`` and ``serve()`` over a Unix socket and TCP loopback (each side as the async end);
+a ``Worker`` from ``open_worker()``; and ``AsyncQueue`` over a ``Queue``, ``SimpleQueue`` and
+``JoinableQueue`` on the descriptor route, a ``Queue`` on the thread route and a
+``Manager().Queue()`` proxy.
 
 A check that today's code fails, for a bug that is known and being fixed, is marked
 ``xfail(strict=True)`` for exactly the channels it fails on, with the issue that tracks it:
@@ -60,7 +62,7 @@ async def test_receives_cancelled_at_random_lose_nothing(channel: Channel) -> No
     await conformance.check_receives_cancelled_at_random(channel, seed=20261202)
 
 
-@channels("sends")
+@channels("sends", lambda channel: channel.bounded)
 async def test_cancelled_sends_are_all_or_nothing(channel: Channel) -> None:
     await conformance.check_cancelled_sends_are_all_or_nothing(channel, seed=20261203)
 
@@ -75,7 +77,7 @@ async def test_aclose_wakes_every_receiver(channel: Channel) -> None:
     await conformance.check_close_wakes_every_waiter(channel, "aclose", "receivers")
 
 
-@channels("aclose-senders")
+@channels("aclose-senders", lambda channel: channel.bounded)
 async def test_aclose_wakes_every_sender(channel: Channel) -> None:
     await conformance.check_close_wakes_every_waiter(channel, "aclose", "senders")
 
@@ -85,7 +87,7 @@ async def test_close_wakes_every_receiver(channel: Channel) -> None:
     await conformance.check_close_wakes_every_waiter(channel, "close", "receivers")
 
 
-@channels("close-senders", lambda channel: channel.has_close)
+@channels("close-senders", lambda channel: channel.has_close and channel.bounded)
 async def test_close_wakes_every_sender(channel: Channel) -> None:
     await conformance.check_close_wakes_every_waiter(channel, "close", "senders")
 
@@ -98,6 +100,16 @@ async def test_buffered_receive_still_checkpoints(channel: Channel) -> None:
 @channels("leaks")
 async def test_leaves_nothing_behind(channel: Channel) -> None:
     await conformance.check_leaves_nothing_behind(channel)
+
+
+@channels("flags", lambda channel: channel.fds)
+async def test_shared_flags_never_change(channel: Channel) -> None:
+    await conformance.check_shared_flags_never_change(channel)
+
+
+@channels("threads")
+async def test_starts_no_thread_where_it_promises_none(channel: Channel) -> None:
+    await conformance.check_starts_no_thread(channel)
 
 
 # --- receives cut in the middle of a frame, at cuts that Hypothesis picks ---------------------

@@ -9,13 +9,18 @@ promises beyond it:
    so that the peer sees EOF; a send cancelled before its first byte sends nothing.
 3. The event loop never stalls while 64 MiB go either way.
 4. The shared descriptor's flags never change (uvloop's ``add_reader`` would set
-   ``O_NONBLOCK``; a control test shows that it does).
-5. No thread per pending receive on POSIX.
+   ``O_NONBLOCK``; a control test shows that it does): while a receive or a send waits,
+   tested for every channel by ``test_conformance.py``; here, under a default socket
+   timeout.
+5. No thread per pending receive on POSIX: tested for every channel by
+   ``test_conformance.py``.
 6. The async end stays in this process: a forked worker holds no copy of it, nor of
    the epoll helper, so closing it here gives the worker EOF.
 7. A receive (or send) that needs no waiting still honours cancellation and gives the
-   loop its turn; receivers sharing a connection take turns.
-8. EOF wakes a receive that waits, as ``ConnectionEOF``, on both routes.
+   loop its turn (a run of receives: tested for every channel by ``test_conformance.py``);
+   receivers sharing a connection take turns.
+8. EOF wakes a receive that waits, as ``ConnectionEOF``, on both routes: tested for every
+   channel by ``test_conformance.py``.
 
 Where a guarantee holds for both routes, tests run on the descriptor route
 (``use_threads=False``) and the thread route (``use_threads=True``).
@@ -427,59 +432,6 @@ async def test_the_loop_never_stalls_on_64_mib(transport: str, use_threads: bool
 # --- 4. shared descriptors keep their flags ------------------------------------------------------
 
 
-@TRANSPORTS
-async def test_pending_receive_leaves_the_descriptor_blocking(transport: str) -> None:
-    a, b = _recv_pair(transport)
-    try:
-        fd = a.fileno()
-        assert not _nonblocking(fd)
-        got: list[bytes] = []
-
-        async def receive() -> None:
-            got.append(await a.recv_bytes())
-
-        async with _task_group() as tg:
-            tg.start_soon(receive)
-            await anyio.wait_all_tasks_blocked()
-            assert not _nonblocking(fd), "O_NONBLOCK set while a receive waits"
-            b.send_bytes(b"x")
-        assert got == [b"x"]
-        assert not _nonblocking(fd), "O_NONBLOCK set after a receive"
-        assert not _nonblocking(b.fileno())
-
-        # A receive cancelled while it waits leaves the flags alone too.
-        await _cancel_a_waiting_receive(a)
-        assert not _nonblocking(fd)
-    finally:
-        await a.aclose()
-        b.close()
-
-
-@TRANSPORTS
-async def test_pending_send_leaves_the_descriptor_blocking(transport: str) -> None:
-    big = random.randbytes(4 << 20)
-    a, peer = _send_pair(transport)
-    reader = _Reader(peer, count=1)
-    try:
-        fd = a.fileno()
-        assert not _nonblocking(fd)
-        async with _task_group() as tg:
-            tg.start_soon(a.send_bytes, big)
-            await wait_until(lambda: buffered(peer.fileno()) > 0, "the send started")
-            await anyio.wait_all_tasks_blocked()  # waiting for room: nobody reads yet
-            assert not _nonblocking(fd), "O_NONBLOCK set while a send waits"
-            reader.start()
-        _join(reader)
-        assert reader.messages == [big]
-        assert not _nonblocking(fd), "O_NONBLOCK set after a send"
-        assert not _nonblocking(peer.fileno())
-    finally:
-        await a.aclose()
-        if reader.ident is not None:
-            _join(reader)
-        peer.close()
-
-
 @ROUTES
 async def test_a_default_socket_timeout_changes_no_flag(
     use_threads: bool, monkeypatch: pytest.MonkeyPatch
@@ -557,52 +509,6 @@ async def test_control_uvloop_add_reader_sets_nonblocking() -> None:
     finally:
         os.close(r)
         os.close(w)
-
-
-# --- 5. no thread per call ------------------------------------------------------------------------
-
-
-async def test_pending_receives_start_no_threads() -> None:
-    pairs = [asyncmp.Pipe() for _ in range(50)]
-    try:
-        before = threading.active_count()
-        got: list[int] = []
-
-        async def receive(a: AsyncConnection) -> None:
-            got.append(await a.recv())
-
-        async with _task_group() as tg:
-            for a, _ in pairs:
-                tg.start_soon(receive, a)
-            await anyio.wait_all_tasks_blocked()
-            during = threading.active_count()
-            for i, (_, b) in enumerate(pairs):
-                b.send(i)
-        assert during <= before, f"{during - before} threads for 50 pending receives"
-        assert sorted(got) == list(range(50))
-    finally:
-        for a, b in pairs:
-            await a.aclose()
-            b.close()
-
-
-async def test_control_thread_route_does_start_threads() -> None:
-    """The count in the test above can fail: the thread route uses a thread per receive."""
-    pairs = [asyncmp.Pipe(use_threads=True) for _ in range(5)]
-    try:
-        before = threading.active_count()
-        async with _task_group() as tg:
-            for a, _ in pairs:
-                tg.start_soon(a.recv)
-            await wait_until(
-                lambda: threading.active_count() >= before + 5, "5 receive threads run"
-            )
-            for i, (_, b) in enumerate(pairs):
-                b.send(i)
-    finally:
-        for a, b in pairs:
-            await a.aclose()
-            b.close()
 
 
 # --- 6. the async end stays in this process ------------------------------------------------------
@@ -750,30 +656,6 @@ BURST = 10_000
 
 @LINUX_ONLY
 @ROUTES
-async def test_fast_path_receive_lets_the_loop_run(use_threads: bool) -> None:
-    a, b = _recv_pair("pipe", use_threads=use_threads)
-    try:
-        _grow_pipe(b.fileno())
-        count = BURST if not use_threads else BURST // 50  # a thread per receive is slow
-        for i in range(count):
-            b.send(i)
-        with anyio.fail_after(30):
-            async with heartbeat(0) as beat:
-                start = time.perf_counter()
-                beat.reset()
-                got = [await a.recv() for _ in range(count)]
-                ticks = beat.ticks
-                took = time.perf_counter() - start
-        print(f"{count} receives in {took * 1e3:.1f} ms, heartbeat ticked {ticks} times")
-        assert got == list(range(count))
-        assert ticks >= 3, f"the loop got {ticks} turns in {took * 1e3:.1f} ms of receiving"
-    finally:
-        await a.aclose()
-        b.close()
-
-
-@LINUX_ONLY
-@ROUTES
 async def test_fast_path_send_lets_the_loop_run(use_threads: bool) -> None:
     a, peer = _send_pair("pipe", use_threads=use_threads)
     try:
@@ -821,33 +703,6 @@ async def test_receivers_sharing_a_busy_connection_take_turns(use_threads: bool)
         for share in shares:
             assert share == sorted(share)
             assert len(share) >= count // 10, "one receiver starved the other"
-    finally:
-        await a.aclose()
-        b.close()
-
-
-# --- 8. EOF (the plain cases are in test_connection.py) -------------------------------------------
-
-
-@ROUTES
-@TRANSPORTS
-async def test_eof_wakes_a_pending_receive(transport: str, use_threads: bool) -> None:
-    a, b = _recv_pair(transport, use_threads=use_threads)
-    try:
-        outcome: list[BaseException] = []
-
-        async def receive() -> None:
-            try:
-                await a.recv()
-            except ConnectionEOF as exc:
-                outcome.append(exc)
-
-        with anyio.fail_after(10):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(receive)
-                await anyio.wait_all_tasks_blocked()
-                b.close()
-        assert len(outcome) == 1
     finally:
         await a.aclose()
         b.close()

@@ -1,9 +1,12 @@
 """The life of a process under ``open_process`` / ``open_worker``, and ``AsyncProcess.wait``.
 
-Every test here runs on each event-loop backend, and those where the start method changes
-how a process is started, waited for or reaped run on each start method too: a forkserver's
-children are not this process's children, so their exit status comes through the sentinel
-and not from ``waitpid``. A child that must be running before the test acts says ``"ready"``
+Every test here runs on each event-loop backend, and on the start methods its behaviour
+depends on, no more. Waiting and reaping differ between a child of this process (fork; a
+spawned child is one too) and a forkserver's, which is not: its exit status comes through the
+sentinel and not from ``waitpid``, and its target is pickled as a spawned one's is
+(``WAIT_START_METHODS``). A fresh start (signal handlers, event loops) and a parent's death
+run on every start method. The rest (shutdown escalation, a worker's conversation) runs once,
+on fork (``ONE_START_METHOD``). A child that must be running before the test acts says ``"ready"``
 first (see ``tests/support/process_workers.py``), so no test guesses with a sleep. Timings appear
 only as generous bounds that tell "at once" from "after shutdown_timeout".
 
@@ -57,6 +60,19 @@ LONG = 60.0
 PROMPT = 15.0
 SIGTERM = -signal.SIGTERM
 SIGKILL = -getattr(signal, "SIGKILL", 9)  # (the module is skipped on Windows, which lacks it)
+
+#: For a test whose behaviour does not depend on the start method: fork, once.
+ONE_START_METHOD = pytest.mark.parametrize("mp_context", [pytest.param(FORK, id="fork")])
+#: Where waiting and reaping differ: a child of ours (fork), and a forkserver's, which is not
+#: ours and whose target was pickled (spawn's children are ours, its targets pickled too).
+WAIT_START_METHODS = pytest.mark.parametrize(
+    "mp_context",
+    [
+        pytest.param(multiprocessing.get_context(method), id=method)
+        for method in ("fork", "forkserver")
+        if method in multiprocessing.get_all_start_methods()
+    ],
+)
 
 
 # --- helpers ------------------------------------------------------------------------------------
@@ -114,6 +130,7 @@ def test_async_process_needs_a_started_process() -> None:
         AsyncProcess(FORK.Process(target=pw.exit_with, args=(0,)))
 
 
+@WAIT_START_METHODS
 async def test_wait_on_a_process_started_elsewhere(mp_context: MPContext) -> None:
     process = mp_context.Process(target=pw.exit_with, args=(3,))
     process.start()
@@ -130,6 +147,7 @@ async def test_wait_on_a_process_started_elsewhere(mp_context: MPContext) -> Non
     assert_reaped(aprocess.pid)
 
 
+@WAIT_START_METHODS
 async def test_wait_starts_no_thread(mp_context: MPContext) -> None:
     codes: list[int] = []
     async with AsyncExitStack() as stack:
@@ -234,6 +252,7 @@ async def wait_into(process: AsyncProcess, codes: list[int]) -> None:
 
 
 @pytest.mark.usefixtures("wait_route")
+@WAIT_START_METHODS
 async def test_several_tasks_wait_at_once(mp_context: MPContext) -> None:
     codes: list[int] = []
     async with AsyncExitStack() as stack:
@@ -258,6 +277,7 @@ async def test_several_tasks_wait_at_once(mp_context: MPContext) -> None:
         pytest.param(pw.ignore_sigterm_then_hang, SIGKILL, id="killed-after-grace"),
     ],
 )
+@WAIT_START_METHODS
 async def test_stop_while_other_tasks_wait(
     mp_context: MPContext, target: Callable[..., object], expected: int
 ) -> None:
@@ -296,6 +316,7 @@ async def test_two_tasks_stop_at_once() -> None:
 @pytest.mark.usefixtures("wait_route")
 @pytest.mark.parametrize("how", ["normally", "exception"])
 @pytest.mark.parametrize("opener", ["open_process", "open_worker"])
+@WAIT_START_METHODS
 async def test_leaving_the_block_while_tasks_wait(
     mp_context: MPContext, opener: str, how: str
 ) -> None:
@@ -327,6 +348,7 @@ async def test_leaving_the_block_while_tasks_wait(
 
 
 @pytest.mark.usefixtures("wait_route")
+@WAIT_START_METHODS
 async def test_a_cancelled_waiter_leaves_the_others_waiting(mp_context: MPContext) -> None:
     codes: list[int] = []
     scopes = [anyio.CancelScope() for _ in range(4)]
@@ -356,6 +378,7 @@ async def test_a_cancelled_waiter_leaves_the_others_waiting(mp_context: MPContex
 
 
 @pytest.mark.usefixtures("wait_route")
+@WAIT_START_METHODS
 async def test_the_last_waiter_gone_leaves_no_descriptor(mp_context: MPContext) -> None:
     async with AsyncExitStack() as stack:
         process = await open_ready_process(stack, pw.say_ready_then_hang, mp_context)
@@ -447,6 +470,7 @@ def test_close_outside_a_loop_after_waits(backend: str) -> None:
     assert_reaped(aprocess.pid)
 
 
+@WAIT_START_METHODS
 async def test_close_while_tasks_wait(mp_context: MPContext, wait_route: str) -> None:
     """The process is reaped outside the waits (a sync ``exitcode`` read) and closed while
     tasks wait: closing releases what they watch at once, and they get the code."""
@@ -485,6 +509,7 @@ async def test_close_while_tasks_wait(mp_context: MPContext, wait_route: str) ->
         pytest.param(pw.kill_self, (), SIGKILL, id="sigkill"),
     ],
 )
+@WAIT_START_METHODS
 async def test_exit_code(
     mp_context: MPContext, target: Callable[..., object], args: tuple[Any, ...], expected: int
 ) -> None:
@@ -503,6 +528,7 @@ async def test_exit_code(
     assert_reaped(p.pid)
 
 
+@ONE_START_METHOD
 async def test_leaving_normally_lets_the_process_finish(mp_context: MPContext) -> None:
     start = time.monotonic()
     async with asyncmp.open_process(
@@ -514,6 +540,7 @@ async def test_leaving_normally_lets_the_process_finish(mp_context: MPContext) -
     assert_reaped(p.pid)
 
 
+@ONE_START_METHOD
 async def test_runaway_child_is_terminated_after_shutdown_timeout(mp_context: MPContext) -> None:
     async with AsyncExitStack() as stack:
         p = await open_ready_process(
@@ -523,6 +550,7 @@ async def test_runaway_child_is_terminated_after_shutdown_timeout(mp_context: MP
     assert_reaped(p.pid)
 
 
+@ONE_START_METHOD
 async def test_runaway_child_ignoring_sigterm_is_killed(mp_context: MPContext) -> None:
     async with AsyncExitStack() as stack:
         p = await open_ready_process(
@@ -533,6 +561,7 @@ async def test_runaway_child_ignoring_sigterm_is_killed(mp_context: MPContext) -
 
 
 @pytest.mark.parametrize("how", ["exception", "cancellation"])
+@ONE_START_METHOD
 async def test_leaving_on_error_terminates_at_once(mp_context: MPContext, how: str) -> None:
     start = time.monotonic()
     with anyio.CancelScope() as scope, raises_boom_if(how):
@@ -568,6 +597,7 @@ async def test_leaving_on_error_kills_a_child_ignoring_sigterm(how: str) -> None
 # --- open_worker --------------------------------------------------------------------------------
 
 
+@ONE_START_METHOD
 async def test_worker_recv_loop_ends_on_eof_when_the_block_exits(mp_context: MPContext) -> None:
     start = time.monotonic()
     async with asyncmp.open_worker(
@@ -586,6 +616,7 @@ async def test_worker_recv_loop_ends_on_eof_when_the_block_exits(mp_context: MPC
     assert_reaped(w.process.pid)
 
 
+@ONE_START_METHOD
 async def test_async_for_ends_when_the_worker_returns(mp_context: MPContext) -> None:
     async with asyncmp.open_worker(pw.send_then_return, 5, context=mp_context) as w:
         assert [msg async for msg in w] == [0, 1, 2, 3, 4]
@@ -593,6 +624,7 @@ async def test_async_for_ends_when_the_worker_returns(mp_context: MPContext) -> 
     assert_reaped(w.process.pid)
 
 
+@ONE_START_METHOD
 async def test_async_for_raises_when_the_worker_crashes(mp_context: MPContext) -> None:
     received: list[int] = []
     async with asyncmp.open_worker(pw.send_then_exit, 3, 7, context=mp_context) as w:
@@ -611,6 +643,7 @@ async def test_async_for_raises_when_the_worker_crashes(mp_context: MPContext) -
         pytest.param(pw.KILL, "worker was killed by signal 9 (SIGKILL)", SIGKILL, id="sigkill"),
     ],
 )
+@ONE_START_METHOD
 async def test_worker_crash_mid_conversation_fails_the_pending_recv(
     mp_context: MPContext, crash: object, message: str, exitcode: int
 ) -> None:
@@ -661,6 +694,7 @@ async def test_worker_killed_by_the_parent_fails_the_pending_recv() -> None:
 
 
 @pytest.mark.parametrize("how", ["exception", "cancellation"])
+@ONE_START_METHOD
 async def test_worker_left_on_error_is_terminated_at_once(mp_context: MPContext, how: str) -> None:
     start = time.monotonic()
     with anyio.CancelScope() as scope, raises_boom_if(how):
@@ -714,6 +748,7 @@ async def test_cancellation_pending_at_a_normal_exit_still_stops_the_process(ope
     assert_reaped(p.pid)
 
 
+@ONE_START_METHOD
 async def test_several_workers_at_once_each_see_eof(mp_context: MPContext) -> None:
     """A worker started after another holds no copy of the other's parent end (fork)."""
     async with AsyncExitStack() as stack:

@@ -546,14 +546,13 @@ async def test_operations_after_aclose_raise_closed_resource_error(
         release_pipe(q)
 
 
-@pytest.mark.parametrize("waiting_for", ["data", "the reader lock"])
-async def test_aclose_wakes_a_pending_get(use_threads: bool, waiting_for: str) -> None:
+async def test_aclose_wakes_a_get_waiting_for_the_reader_lock(use_threads: bool) -> None:
+    """(A get that waits for data: the conformance suite's ``aclose-receivers`` check.)"""
     async with open_queue(use_threads=use_threads) as aq:
         q = aq.queue
-        if waiting_for == "the reader lock":
-            await aq.put("held back")
-            await wait_until(lambda: buffered(q._reader.fileno()) > 0, "the item is in the pipe")
-            assert q._rlock.acquire(False)  # as another consumer, mid-get
+        await aq.put("held back")
+        await wait_until(lambda: buffered(q._reader.fileno()) > 0, "the item is in the pipe")
+        assert q._rlock.acquire(False)  # as another consumer, mid-get
         try:
             results: list[str] = []
             async with anyio.create_task_group() as tg:
@@ -568,8 +567,7 @@ async def test_aclose_wakes_a_pending_get(use_threads: bool, waiting_for: str) -
             assert results == ["ClosedResourceError"]
             assert asyncmp_threads() == []
         finally:
-            if waiting_for == "the reader lock":
-                q._rlock.release()
+            q._rlock.release()
 
 
 async def test_aclose_ends_every_asyncmp_thread(use_threads: bool) -> None:

@@ -1,7 +1,8 @@
 """Every channel asyncmp offers, behind one small interface, for the conformance suite.
 
 A :class:`Channel` names one way to make a channel (a ``Pipe`` on one route and transport,
-a ``connect()``/``serve()`` pair, a ``Worker``, an ``AsyncQueue`` over one kind of queue on
+an ``AsyncConnection`` or an ``AsyncQueue`` over a fake Windows ``PipeConnection``, a
+``connect()``/``serve()`` pair, a ``Worker``, an ``AsyncQueue`` over one kind of queue on
 one route) and says what it can do. Opening it yields a :class:`Pair`:
 
 - ``end``, the async end under test, seen through :class:`End`: ``receive()`` and
@@ -25,7 +26,7 @@ import random
 import select
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from typing import Any
@@ -35,8 +36,10 @@ import pytest
 
 import asyncmp
 from asyncmp import AsyncConnection, AsyncQueue, ConnectionEOF, WorkerExited
+from asyncmp._core import platform as _platform
 
 from .io import frame, wait_until, write_all
+from .platform_fakes import as_connection, fake_pipe
 from .queues import FORK, release_pipe
 
 __all__ = (
@@ -106,6 +109,11 @@ class End:
         """The descriptor this end reads, for kernel buffer probes; None if there is none."""
         return None
 
+    def shared_fds(self) -> list[int]:
+        """The descriptors this end reads and writes: their open file descriptions are
+        shared with other processes (a forked child, a queue's other users)."""
+        return []
+
 
 class ConnectionEnd(End):
     obj: AsyncConnection | asyncmp.Worker
@@ -127,6 +135,9 @@ class ConnectionEnd(End):
 
     def reader_fd(self) -> int | None:
         return self._conn().fileno()
+
+    def shared_fds(self) -> list[int]:
+        return [self._conn().fileno()]
 
 
 class QueueEnd(End):
@@ -151,6 +162,10 @@ class QueueEnd(End):
     def reader_fd(self) -> int | None:
         reader = getattr(self.obj.queue, "_reader", None)
         return None if reader is None else int(reader.fileno())
+
+    def shared_fds(self) -> list[int]:
+        ends = (getattr(self.obj.queue, name, None) for name in ("_reader", "_writer"))
+        return [int(end.fileno()) for end in ends if end is not None]
 
 
 # --- the peer -------------------------------------------------------------------------------
@@ -383,6 +398,15 @@ class Channel:
     readiness_hook: bool = True
     #: The async end has a sync ``close()`` besides ``aclose()``.
     has_close: bool = True
+    #: The calls that start no thread (see ``check_starts_no_thread``): ``receive``,
+    #: ``send``, ``close``. A queue on the descriptor route puts through a kept thread, and
+    #: its close flushes what was put in one.
+    threadless: tuple[str, ...] = ("receive", "send", "close")
+    #: A send can wait for room (nobody reads); a fake Windows pipe takes every message.
+    bounded: bool = True
+    #: The ends are descriptors, whose open file descriptions other processes share, so
+    #: their flags (``O_NONBLOCK``) must never change; False: handles, or a manager's proxy.
+    fds: bool = True
     marks: tuple[Any, ...] = field(default=())
 
     def param(self) -> Any:
@@ -432,6 +456,9 @@ def _end_and_peer(ends: list[tuple[AsyncConnection, Connection]]) -> tuple[End, 
         def send_would_wait(self) -> bool:
             return not _writable_now(a_out.fileno())
 
+        def shared_fds(self) -> list[int]:
+            return [a_in.fileno(), a_out.fileno()]
+
         async def aclose(self) -> None:
             await a_in.aclose()
             await a_out.aclose()
@@ -445,6 +472,56 @@ def _end_and_peer(ends: list[tuple[AsyncConnection, Connection]]) -> tuple[End, 
             return b_out.recv_bytes()
 
     return SplitEnd(a_in), SplitPeer(b_in)
+
+
+@contextlib.contextmanager
+def _as_on_windows() -> Iterator[None]:
+    """asyncmp takes Windows' decisions, and a wait on a descriptor fails the check."""
+
+    async def no_descriptors(obj: object) -> None:
+        raise AssertionError(f"waited on descriptor {obj!r}: Windows has none to wait on")
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(_platform, "POSIX_FDS", False)
+        monkeypatch.setattr(anyio, "wait_readable", no_descriptors)
+        monkeypatch.setattr(anyio, "wait_writable", no_descriptors)
+        yield
+
+
+@contextlib.asynccontextmanager
+async def _windows_pipe() -> AsyncIterator[Pair]:
+    """A ``PipeConnection`` as on Windows (``tests/support/platform_fakes.py``)."""
+    with _as_on_windows():
+        a, b = fake_pipe()
+        aconn = AsyncConnection(as_connection(a))
+        peer = ConnectionPeer(as_connection(b))
+        try:
+            assert aconn.uses_threads
+            yield Pair(ConnectionEnd(aconn), peer)
+        finally:
+            await aconn.aclose()
+            peer.finish()
+            b.close()
+
+
+@contextlib.asynccontextmanager
+async def _windows_queue() -> AsyncIterator[Pair]:
+    """A ``Queue`` whose pipe is a fake Windows one: message mode, no descriptor."""
+    with _as_on_windows():
+        q: Any = FORK.Queue(8)
+        release_pipe(q)
+        q._reader, q._writer = fake_pipe(duplex=False)
+        q._reset()  # picks up the new ends, as the Queue's constructor does
+        peer = QueuePeer(q)
+        aq = AsyncQueue[bytes](q)
+        try:
+            assert aq.uses_threads
+            yield Pair(QueueEnd(aq), peer)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await aq.aclose()
+            peer.finish()
+            release_pipe(q)
 
 
 def _remote(family: str, async_end: str) -> Callable[[], Any]:
@@ -531,9 +608,22 @@ def _channels() -> list[Channel]:
                     f"Pipe-{route}-{transport}",
                     _pipe(duplex, use_threads),
                     uses_threads=use_threads,
+                    threadless=() if use_threads else ("receive", "send", "close"),
                     readiness_hook=not use_threads,
                 )
             )
+    out.append(
+        Channel(
+            "Pipe-windows",
+            _windows_pipe,
+            uses_threads=True,
+            threadless=(),
+            readiness_hook=False,
+            encode=None,
+            bounded=False,
+            fds=False,
+        )
+    )
     for family, name in (("AF_UNIX", "unix"), ("AF_INET", "tcp")):
         for side in ("connect", "serve"):
             hook = family != "AF_INET"
@@ -541,14 +631,35 @@ def _channels() -> list[Channel]:
     out.append(Channel("Worker", _worker, eof_error=WorkerExited, encode=None, has_close=False))
     queue: dict[str, Any] = {"eof_error": None, "is_queue": True, "has_close": False}
     for kind in ("Queue", "SimpleQueue", "JoinableQueue"):
-        out.append(Channel(f"{kind}-fd", _queue(kind, False), encode=_pickled_frame, **queue))
+        out.append(
+            Channel(
+                f"{kind}-fd",
+                _queue(kind, False),
+                encode=_pickled_frame,
+                threadless=("receive",),
+                **queue,
+            )
+        )
     out.append(
         Channel(
             "Queue-threads",
             _queue("Queue", True),
             uses_threads=True,
+            threadless=(),
             readiness_hook=False,
             encode=_pickled_frame,
+            **queue,
+        )
+    )
+    out.append(
+        Channel(
+            "Queue-windows",
+            _windows_queue,
+            uses_threads=True,
+            threadless=(),
+            readiness_hook=False,
+            encode=None,
+            fds=False,
             **queue,
         )
     )
@@ -557,8 +668,10 @@ def _channels() -> list[Channel]:
             "Manager-Queue",
             _manager_queue,
             uses_threads=True,
+            threadless=(),
             readiness_hook=False,
             encode=None,
+            fds=False,
             **queue,
         )
     )

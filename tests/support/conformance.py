@@ -19,12 +19,19 @@ docs/faults.md):
 7. The channel belongs to the event loop that uses it: an awaited call from a loop in
    another thread meanwhile raises ``RuntimeError`` at once, naming the fix, and changes
    nothing here.
+8. The flags of the shared open file descriptions never change: ``O_NONBLOCK`` (which
+   uvloop's ``add_reader`` sets and never restores) would break every other process that
+   uses them, a forked child or a queue's plain consumer. Checked while a receive waits,
+   while a send waits for room, and after each call and the close.
+9. A channel on the descriptor route starts no thread: not to receive, to send, to wait for
+   room or to close. (A channel that uses threads is seen to start them: the control.)
 """
 
 from __future__ import annotations
 
 import bisect
 import contextlib
+import fcntl
 import gc
 import multiprocessing
 import os
@@ -34,6 +41,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
+from types import FrameType
 
 import anyio
 import anyio.lowlevel
@@ -63,6 +71,8 @@ __all__ = (
     "check_leaves_nothing_behind",
     "check_receive_cancelled_mid_frame",
     "check_receives_cancelled_at_random",
+    "check_shared_flags_never_change",
+    "check_starts_no_thread",
 )
 
 END = b"\xff\xff\xff\xffend of the stream"
@@ -585,3 +595,145 @@ async def check_another_loop_is_refused(channel: Channel) -> None:
             await end.send(b"after")
             await end.send(END)
             assert await job.result() == [b"after"]
+
+
+# --- 8. and 9. what each call leaves alone ----------------------------------------------------
+
+
+async def _each_call(channel: Channel, pair: Pair, look: Callable[[str, str], None]) -> None:
+    """Run the calls of a conversation on *pair*, and *look* at what they left, naming the
+    call (``receive``, ``send``, ``close``) and the moment: while a receive waits and after
+    it, after a send, while a send waits for room and after it (a channel that can fill
+    up), after a cancelled receive, and after the close."""
+    end = pair.end
+    got: list[bytes] = []
+
+    async def receive() -> None:
+        got.append(await end.receive())
+
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(receive)
+            await settle()
+            look("receive", "while a receive waits")
+            await pair.peer.send([b"in"]).result()
+        assert got == [b"in"]
+        look("receive", "after a receive")
+
+        job = pair.peer.receive_until(END)
+        await end.send(b"out")
+        await end.send(END)
+        assert await job.result() == [b"out"]
+        look("send", "after a send")
+
+    if channel.bounded:
+        returned = _Returned()
+        scope = anyio.CancelScope()
+        bound = 1 if channel.is_queue else asyncmp.SEND_SHIELD_SECONDS + 20
+        with _rescue_after(bound, pair) as rescue:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_send_until_blocked, pair, scope, returned, _filler_size(channel))
+                await _until_blocked(pair, returned, channel.is_queue)
+                look("send", "while a send waits for room")
+                scope.cancel()
+                if not channel.is_queue:  # the send past its first byte ends as it reads
+                    reader = pair.peer.receive_until(END)
+        assert not rescue, "a cancelled send did not return until the peer read"
+        if channel.is_queue:
+            reader = pair.peer.receive_until(END)
+        with anyio.fail_after(60):
+            await end.send(END)
+            await reader.result(timeout=60)
+        look("send", "after a send that waited for room")
+
+    # Last before the close: a queue's get cancelled on the thread route leaves its thread
+    # waiting, to take the next item (and keep it for the next get), which the peer
+    # would then miss.
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(receive)
+            await settle()
+            scope.cancel()
+    look("receive", "after a cancelled receive")
+
+    await end.aclose()
+    look("close", "after the close")
+
+
+def _nonblocking(fd: int) -> bool:
+    return bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_NONBLOCK)
+
+
+async def check_shared_flags_never_change(channel: Channel) -> None:
+    """``O_NONBLOCK`` of the open file descriptions behind both ends (the async end's and
+    the peer's descriptors) stays as it was, through every call of :func:`_each_call`. They
+    are watched through copies (``dup()``), which share the description and outlive the
+    close."""
+    async with channel.open() as pair:
+        fds = pair.end.shared_fds()
+        peer_fd = pair.peer.raw_fd()
+        if peer_fd is not None:
+            fds.append(peer_fd)
+        assert fds, "the channel has no descriptor"
+        copies = [os.dup(fd) for fd in fds]
+        try:
+            before = [_nonblocking(fd) for fd in copies]
+
+            def look(call: str, moment: str) -> None:
+                now = [_nonblocking(fd) for fd in copies]
+                assert now == before, f"O_NONBLOCK changed {moment}: {before} -> {now}"
+
+            await _each_call(channel, pair, look)
+        finally:
+            for fd in copies:
+                os.close(fd)
+
+
+_ASYNCMP = os.path.dirname(asyncmp.__file__) + os.sep
+
+
+def _started_by_asyncmp() -> bool:
+    """Whether the thread being started is the channel's: asyncmp's code is on the stack.
+    (The peer's threads and what they start are not, nor a loop's own: trio's guest mode,
+    which anyio's test runner uses, gets its I/O events in a thread of its own.)"""
+    frame: FrameType | None = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_filename.startswith(_ASYNCMP):
+            return True
+        frame = frame.f_back
+    return False
+
+
+@contextlib.contextmanager
+def _thread_starts() -> Iterator[list[str]]:
+    """Record the name of every thread that asyncmp starts meanwhile."""
+    started: list[str] = []
+    start = threading.Thread.start
+
+    def recording_start(thread: threading.Thread) -> None:
+        if _started_by_asyncmp():
+            started.append(thread.name)
+        start(thread)
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setattr(threading.Thread, "start", recording_start)
+        yield started
+
+
+async def check_starts_no_thread(channel: Channel) -> None:
+    """No call of :func:`_each_call` that the channel promises to make without a thread
+    (:attr:`Channel.threadless`) starts one. A channel that uses threads is seen to start
+    them (the recording works)."""
+    async with channel.open() as pair:
+        with _thread_starts() as started:
+            seen = 0
+
+            def look(call: str, moment: str) -> None:
+                nonlocal seen
+                new, seen = started[seen:], len(started)
+                if call in channel.threadless:
+                    assert new == [], f"threads started by a {call}, {moment}: {new}"
+
+            await _each_call(channel, pair, look)
+            if channel.uses_threads:
+                assert started, "a channel that uses threads was seen to start none"
