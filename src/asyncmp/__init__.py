@@ -24,9 +24,9 @@ from ._queue.queue import AsyncQueue as AsyncQueue
 from ._queue.queue import JoinableQueue as JoinableQueue
 from ._queue.queue import Queue as Queue
 from ._queue.queue import SimpleQueue as SimpleQueue
-from ._remote.listener import AsyncListener as AsyncListener
 from ._remote.remote import DEFAULT_BACKLOG as DEFAULT_BACKLOG
 from ._remote.remote import DEFAULT_HANDSHAKE_TIMEOUT as DEFAULT_HANDSHAKE_TIMEOUT
+from ._remote.remote import AsyncListener as AsyncListener
 from ._remote.remote import connect as connect
 from ._remote.remote import serve as serve
 from ._shared.shared import SHARED_THRESHOLD as SHARED_THRESHOLD

@@ -17,7 +17,7 @@ made of have modules of their own:
 * ``_remote.auth`` (the messages, no I/O) and ``_remote.handshake`` (the exchange, over the
   connection's own framing, under *handshake_timeout*).
 * ``_remote.listener``: :class:`AsyncListener`, which accepts and authenticates
-  connections concurrently.
+  connections concurrently (re-exported here, where ``asyncmp`` takes it from).
 
 Security
 --------
@@ -53,7 +53,7 @@ from .._connection.connection import AsyncConnection
 from .._core.wire import DEFAULT_MAX_MESSAGE_SIZE
 from .connections import wrap
 from .handshake import authenticate
-from .listener import AsyncListener
+from .listener import AsyncListener as AsyncListener
 from .sockets import connect_socket, listening_socket, resolve_family
 
 if TYPE_CHECKING:
@@ -62,6 +62,7 @@ if TYPE_CHECKING:
 __all__ = (
     "DEFAULT_BACKLOG",
     "DEFAULT_HANDSHAKE_TIMEOUT",
+    "AsyncListener",
     "connect",
     "serve",
 )
