@@ -57,7 +57,7 @@ ALLOWED_PRIVATE_IMPORTS = {
     # shared()'s wrapper and its refusal context, used where pickles cross a boundary
     ("asyncmp._pool.pickling", "asyncmp._shared.shared", "Shared"),
     ("asyncmp._pool.pickling", "asyncmp._shared.shared", "refusing"),
-    ("asyncmp._remote.remote", "asyncmp._shared.shared", "refusing"),
+    ("asyncmp._remote.connections", "asyncmp._shared.shared", "refusing"),
     # the record of the segments a pickle makes, which the pool gives back when unsent
     ("asyncmp._pool.job", "asyncmp._shared.shared", "SegmentsMade"),
     ("asyncmp._pool.map", "asyncmp._shared.shared", "SegmentsMade"),

@@ -886,3 +886,92 @@ def test_die_with_parent_false_lets_a_child_outlive_its_parent() -> None:
     finally:
         theirs.close()
         ours.close()
+
+
+# --- Worker as an anyio ObjectStream (#23 item 7) -----------------------------------------------
+# Self-contained: each test opens its worker with the default start method (the methods only
+# delegate to the Worker's connection; no start method behaves differently here) and uses only
+# the names imported at the top of this module.
+
+
+async def test_worker_is_an_anyio_object_stream() -> None:
+    """``receive()`` is ``recv()`` under anyio's name, and the worker's end of the stream
+    raises WorkerExited, which is anyio's EndOfStream too."""
+    async with asyncmp.open_worker(pw.send_then_exit, 2, 7) as w:
+        stream: anyio.abc.ObjectStream[Any] = w
+        assert isinstance(stream, anyio.abc.ObjectStream)
+        with anyio.fail_after(PROMPT):
+            assert await w.receive() == 0
+            assert await w.receive() == 1
+            with pytest.raises(anyio.EndOfStream) as info:
+                await w.receive()
+    assert isinstance(info.value, WorkerExited)
+    assert str(info.value) == "worker exited with code 7"
+    assert w.process.exitcode == 7
+    assert_reaped(w.process.pid)
+
+
+async def test_worker_recv_bytes_into_fills_the_buffer() -> None:
+    """``recv_bytes_into()`` as AsyncConnection's: a cancelled call consumed nothing, a
+    message that doesn't fit is consumed and raised as BufferTooShort, and the worker's
+    end raises WorkerExited."""
+    payload = b"\x01" * 100_000
+    message = pickle.dumps(payload)  # what the echoing worker sends back
+    buffer = bytearray(len(message) + 10)
+    async with asyncmp.open_worker(pw.echo_until_eof, shutdown_timeout=LONG) as w:
+        with anyio.CancelScope() as scope:
+
+            async def cancel_when_waiting() -> None:
+                await anyio.wait_all_tasks_blocked()
+                scope.cancel()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(cancel_when_waiting)
+                await w.recv_bytes_into(buffer)
+        assert scope.cancelled_caught
+        with anyio.fail_after(PROMPT):
+            await w.send(payload)
+            assert await w.recv_bytes_into(buffer, 10) == len(message)
+            assert pickle.loads(buffer[10:]) == payload
+            await w.send(payload)
+            with pytest.raises(multiprocessing.BufferTooShort) as too_short:
+                await w.recv_bytes_into(bytearray(10))
+            assert pickle.loads(too_short.value.args[0]) == payload
+            await w.send("after")  # the message that did not fit was consumed
+            assert await w.recv() == "after"
+            await w.send((pw.EXIT, 3))
+            with pytest.raises(WorkerExited, match="worker exited with code 3"):
+                await w.recv_bytes_into(buffer)
+    assert w.process.exitcode == 3
+    assert_reaped(w.process.pid)
+
+
+async def test_worker_send_eof_ends_the_workers_input_not_its_replies() -> None:
+    """After ``send_eof()`` the worker's ``recv()`` raises EOFError, so it returns on its
+    own, while every reply it sent still arrives here; a closed Worker refuses it."""
+    async with asyncmp.open_worker(pw.echo_until_eof, shutdown_timeout=LONG) as w:
+        for i in range(3):
+            await w.send(i)
+        await w.send_eof()
+        with anyio.fail_after(PROMPT):
+            assert [msg async for msg in w] == [0, 1, 2]  # ends cleanly: exit code 0
+            assert await w.process.wait() == 0  # it returned before the block was left
+        assert not w.connection.closed
+        await w.aclose()
+        with pytest.raises(anyio.ClosedResourceError):
+            await w.send_eof()
+    assert_reaped(w.process.pid)
+
+
+async def test_worker_object_stream_methods_refuse_another_loop() -> None:
+    """The new methods check the Worker's loop first, as its other awaited methods do."""
+    async with asyncmp.open_worker(pw.echo_until_eof) as w:
+        calls = (w.receive, lambda: w.recv_bytes_into(bytearray(10)), w.send_eof)
+        for backend in FOREIGN_BACKENDS:
+            for call in calls:
+                assert_refused(await from_another_loop(call, backend), "this Worker")
+        await w.send("here")
+        with anyio.fail_after(PROMPT):
+            assert await w.receive() == "here"
+    assert w.process.exitcode == 0
+    assert_reaped(w.process.pid)

@@ -3,15 +3,17 @@
 Everything above it (the I/O layer, the frame engine, the adapters) asks here instead of
 reaching into an event loop library, so a change in one of them lands in one place:
 
+* :class:`Backend`: the event loop that runs the caller, and what asyncmp asks of it. It
+  is chosen once per loop, the first time a thread's new loop asks, and kept per thread
+  (one event loop runs per thread): :func:`current_backend` (anyio's
+  ``get_async_backend()``, bound to one loop and without anyio's dispatch). The
+  functions below ask it; none asks again which library runs.
 * :class:`FairLock`: first come, first served, with a fast acquire that takes a free
   lock without a trip through the loop and says whether it had to wait.
-* :func:`cancel_check`: the backend's own ``checkpoint_if_cancelled``, found through
-  anyio's private backend lookup (two dispatches less per call than anyio's public
-  one) and cached per backend.
-* :func:`cancel_pending`: the same question as a plain call, no coroutine: is the
-  current task's cancellation due? It reads the cancel scopes the way the backend's own
-  check does (anyio's task states on asyncio, the task's cancel status on trio), and
-  falls back to anyio's public ``current_effective_deadline() == -inf``.
+* :func:`cancel_pending`: is the current task's cancellation due? A plain call, no
+  coroutine: the backend reads the cancel scopes the way its own check does (anyio's
+  task states on asyncio, the task's cancel status on trio), and falls back to anyio's
+  public ``current_effective_deadline() == -inf``.
 * The turn clock. A receive or send that finds its bytes there needs no trip through
   the loop, yet the loop must still get a turn at least every :data:`TURN_INTERVAL`.
   When it had one last is kept **per thread** (one event loop runs per thread): a second
@@ -23,8 +25,9 @@ reaching into an event loop library, so a change in one of them lands in one pla
 * :func:`call_soon` (run a callback at the loop's next turn, from the loop's thread) and
   :func:`threadsafe_notifier` (what a thread calls to tell the loop it is done).
 * :func:`in_trio`, :func:`wait_readable_elsewhere`, :data:`running_asyncio_loop` and
-  :func:`is_selector_loop`: which library runs the current task, the asyncio loop of
-  this thread (if any), and what kind of loop it is.
+  :func:`is_selector_loop`: whether a trio task runs the caller, a wait through the
+  library's own call, the asyncio loop of this thread (if any), and what kind of loop it
+  is.
 * :class:`LoopBinding`: which event loop an object belongs to, checked on every awaited
   call for the price of :func:`thread_id` and a comparison; a call from another loop
   that still runs raises ``RuntimeError`` instead of waiting for ever.
@@ -38,25 +41,27 @@ import os
 import sys
 import threading
 import weakref
+from abc import ABC, abstractmethod
 from asyncio import AbstractEventLoop
 from asyncio import _get_running_loop as _asyncio_running_loop
 from asyncio import current_task as _asyncio_current_task
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from time import perf_counter
 from typing import Any, Protocol
 
 import anyio
-from anyio.lowlevel import checkpoint, checkpoint_if_cancelled, current_token
+from anyio.lowlevel import checkpoint
 
 __all__ = (
     "TURN_INTERVAL",
+    "Backend",
     "FairLock",
     "LoopBinding",
     "call_soon",
-    "cancel_check",
     "cancel_pending",
     "checkpoint_due",
+    "current_backend",
     "fast_checkpoint",
     "full_checkpoint",
     "in_trio",
@@ -84,11 +89,14 @@ def _no_check_yet() -> bool:
 
 
 class _TurnClock(threading.local):
-    """When this thread's event loop last had a full turn (``perf_counter()``), and the
-    :func:`cancel_pending` check of the library that ran here last."""
+    """Per thread: when this thread's event loop last had a full turn
+    (``perf_counter()``), the :class:`Backend` chosen for the loop that ran here last, and
+    that backend's :func:`cancel_pending` check (kept here too: one lookup less on the
+    fast path)."""
 
     def __init__(self) -> None:
         self.last = 0.0
+        self.backend: Backend | None = None
         self.cancel_pending: Callable[[], bool] = _no_check_yet
 
 
@@ -96,35 +104,33 @@ class _TurnClock(threading.local):
 turn_clock = _TurnClock()
 
 
-def _forget_check_in_child() -> None:
-    """In a forked child, the thread that forked (the only one there) chooses its
-    cancellation check again: the one chosen in the parent may be bound to the parent's
+def _forget_backend_in_child() -> None:
+    """In a forked child, the thread that forked (the only one there) chooses its backend
+    and cancellation check again: the ones chosen in the parent are bound to the parent's
     loop, which the child inherited but does not run."""
+    turn_clock.backend = None
     turn_clock.cancel_pending = _no_check_yet
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_check_in_child)
+    os.register_at_fork(after_in_child=_forget_backend_in_child)
 
 
-try:  # Two dispatches less per call than anyio.lowlevel.checkpoint_if_cancelled().
-    from anyio._core._eventloop import get_async_backend as _get_async_backend
+def in_trio() -> bool:
+    """True if the current task runs under trio (only asks if trio was imported)."""
+    trio = sys.modules.get("trio")
+    if trio is None:
+        return False
+    try:
+        trio.lowlevel.current_task()
+    except RuntimeError:
+        return False
+    return True
 
-    #: The backend's own check, by "is an asyncio loop running in this thread": anyio's
-    #: two backends are asyncio (with or without uvloop) and trio.
-    _backend_checks: dict[bool, Callable[[], Awaitable[None]]] = {}
 
-    def cancel_check() -> Awaitable[None]:
-        """Raise the cancellation if the current task is cancelled; no trip through the
-        loop otherwise (``anyio.lowlevel.checkpoint_if_cancelled``, faster)."""
-        in_asyncio = _asyncio_running_loop() is not None
-        check = _backend_checks.get(in_asyncio)
-        if check is None:
-            check = _backend_checks[in_asyncio] = _get_async_backend().checkpoint_if_cancelled
-        return check()
-
-except ImportError:  # pragma: no cover - a future anyio moved it
-    cancel_check = checkpoint_if_cancelled
+# ---------------------------------------------------------------------------------------
+# The cancellation checks, as plain calls
+# ---------------------------------------------------------------------------------------
 
 
 def _public_cancel_pending() -> bool:
@@ -147,22 +153,21 @@ def _running_tasks_table() -> dict[AbstractEventLoop, asyncio.Task[Any]] | None:
     return table if isinstance(table, dict) else None
 
 
-def _asyncio_cancel_pending_for(states: Any) -> Callable[[], bool]:
+def _asyncio_cancel_pending_for(states: Any, loop: AbstractEventLoop | None) -> Callable[[], bool]:
     """anyio's own check on asyncio (``checkpoint_if_cancelled``), as a plain call:
     *states* maps a task to its innermost cancel scope; walk out from there, up to the
-    first shield. Chosen while an asyncio loop runs in this thread.
+    first shield. Chosen while *loop* runs in this thread.
 
     Where :func:`_running_tasks_table` gives one, the task is looked up there under the
     loop the check was chosen for. Called while that loop runs no task in this thread
     (it has ended, another loop or library runs now), the check raises RuntimeError and
     the caller chooses again. A forked child forgets the check chosen in its parent (see
-    :func:`_forget_check_in_child`): the table it inherits may still name the parent's
+    :func:`_forget_backend_in_child`): the table it inherits may still name the parent's
     task under the parent's loop.
     """
     data = states.data  # the WeakKeyDictionary's own dict: one Python call less
     get_state = data.get
     table = _running_tasks_table()
-    loop = _asyncio_running_loop()
     task_of = table.get if table is not None else None
     # Weak: a loop that ended is not kept alive by the check chosen for it.
     loop_ref = weakref.ref(loop) if loop is not None else None
@@ -200,16 +205,11 @@ def _trio_cancel_pending_for(trio: Any) -> Callable[[], bool]:
     return trio_cancel_pending
 
 
-def _find_cancel_pending(trio: bool) -> Callable[[], bool]:
-    """The fastest :func:`cancel_pending` for the running backend that works here; the
-    public question if the library's insides are not the ones read above."""
+def _verified(make: Callable[[], Callable[[], bool]]) -> Callable[[], bool]:
+    """The check *make* builds if it answers as the public question does here; else the
+    public question (the library's insides are not the ones read above)."""
     try:
-        if trio:
-            check = _trio_cancel_pending_for(sys.modules["trio"])
-        else:
-            from anyio._backends._asyncio import _task_states
-
-            check = _asyncio_cancel_pending_for(_task_states)
+        check = make()
         if check() == _public_cancel_pending():
             return check
     except (ImportError, AttributeError, KeyError, TypeError, RuntimeError):  # pragma: no cover
@@ -217,22 +217,249 @@ def _find_cancel_pending(trio: bool) -> Callable[[], bool]:
     return _public_cancel_pending  # pragma: no cover - a future anyio or trio
 
 
+# ---------------------------------------------------------------------------------------
+# The backend: the event loop that runs the caller
+# ---------------------------------------------------------------------------------------
+
+
+class Backend(ABC):
+    """The event loop that runs the caller, and what asyncmp asks of it: one object per
+    loop, chosen by :func:`current_backend`, so that no function asks again which library
+    runs. anyio's two backends are asyncio (with or without uvloop) and trio.
+
+    It holds its loop weakly: a loop that has ended is not kept alive by the backend
+    chosen for it (which its thread keeps until the next loop there asks).
+    """
+
+    __slots__ = ("cancel_pending", "library")
+
+    #: The library that runs the loop, for messages: ``"asyncio"``, ``"uvloop"`` or
+    #: ``"trio"``.
+    library: str
+    #: :func:`cancel_pending` for this loop: a plain call that raises ``RuntimeError``
+    #: where this loop's tasks don't run. The check is built, and compared with anyio's
+    #: public question, on the first call (in a task of the loop).
+    cancel_pending: Callable[[], bool]
+
+    def __init__(self, native: object) -> None:
+        self.library = type(native).__module__.partition(".")[0]
+        self.cancel_pending = self._first_cancel_pending
+
+    def _first_cancel_pending(self) -> bool:
+        if not self.is_current():
+            # Chosen for a loop that ran here before: cancel_pending() chooses again.
+            raise RuntimeError("another event loop runs in this thread now")
+        check = self.cancel_pending = _verified(self._make_cancel_pending)
+        clock = turn_clock
+        if clock.backend is self:
+            clock.cancel_pending = check
+        return check()
+
+    @abstractmethod
+    def _make_cancel_pending(self) -> Callable[[], bool]:
+        """Build the fast check (called in a task of the loop)."""
+
+    @abstractmethod
+    def loop(self) -> object | None:
+        """What stands for the loop: the asyncio loop (uvloop's included), or trio's root
+        task; None once it is gone."""
+
+    @abstractmethod
+    def is_current(self) -> bool:
+        """True if this backend's loop runs in this thread now: the running asyncio loop,
+        or the trio run, is this backend's. A few hundred nanoseconds at most: asked on
+        every :func:`current_backend`. (A trio run hosted by an asyncio loop as a guest
+        is not told apart from its host, as a loop nested in another's thread is not.)"""
+
+    @abstractmethod
+    def still_runs(self) -> bool:
+        """True while the loop runs: an asyncio loop until it stops (``asyncio.run()``
+        closes it on the way out), a trio run until it returns (its root task's coroutine
+        then has no frame)."""
+
+    @abstractmethod
+    def new_wakeup(self) -> Wakeup:
+        """See :func:`new_wakeup`."""
+
+    @abstractmethod
+    def call_soon(self, callback: Callable[[], object]) -> None:
+        """See :func:`call_soon`."""
+
+    @abstractmethod
+    def threadsafe_notifier(self) -> Callable[[Callable[[], object]], object]:
+        """See :func:`threadsafe_notifier`."""
+
+    @abstractmethod
+    async def wait_readable(self, fd: int, what: str) -> None:
+        """See :func:`wait_readable_elsewhere`."""
+
+
+class _AsyncioBackend(Backend):
+    """An asyncio event loop (uvloop's included)."""
+
+    __slots__ = ("_loop",)
+
+    def __init__(self, loop: AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self._loop = weakref.ref(loop)
+
+    def _make_cancel_pending(self) -> Callable[[], bool]:
+        from anyio._backends._asyncio import _task_states
+
+        return _asyncio_cancel_pending_for(_task_states, self._loop())
+
+    def loop(self) -> AbstractEventLoop | None:
+        return self._loop()
+
+    def _live(self) -> AbstractEventLoop:
+        loop = self._loop()
+        if loop is None:
+            raise RuntimeError("the event loop is gone")
+        return loop
+
+    def is_current(self) -> bool:
+        loop = _asyncio_running_loop()
+        return loop is not None and loop is self._loop()
+
+    def still_runs(self) -> bool:
+        loop = self._loop()
+        return loop is not None and loop.is_running()
+
+    def new_wakeup(self) -> Wakeup:
+        return _FutureWakeup(self._live())
+
+    def call_soon(self, callback: Callable[[], object]) -> None:
+        self._live().call_soon(callback)
+
+    def threadsafe_notifier(self) -> Callable[[Callable[[], object]], object]:
+        return self._live().call_soon_threadsafe
+
+    async def wait_readable(self, fd: int, what: str) -> None:
+        await anyio.wait_readable(fd)
+
+
+class _TrioBackend(Backend):
+    """A trio run."""
+
+    __slots__ = ("_lowlevel", "_root", "_trio")
+
+    def __init__(self, trio: Any, root: object) -> None:
+        super().__init__(root)
+        self._trio = trio
+        self._lowlevel = trio.lowlevel
+        self._root = weakref.ref(root)
+
+    def _make_cancel_pending(self) -> Callable[[], bool]:
+        return _trio_cancel_pending_for(self._trio)
+
+    def loop(self) -> object | None:
+        return self._root()
+
+    def is_current(self) -> bool:
+        try:
+            root = self._lowlevel.current_root_task()
+        except RuntimeError:
+            return False
+        return root is not None and root is self._root()
+
+    def still_runs(self) -> bool:
+        return getattr(getattr(self._root(), "coro", None), "cr_frame", None) is not None
+
+    def new_wakeup(self) -> Wakeup:
+        return _TrioWakeup(self._lowlevel)
+
+    def call_soon(self, callback: Callable[[], object]) -> None:
+        self._lowlevel.current_trio_token().run_sync_soon(callback)
+
+    def threadsafe_notifier(self) -> Callable[[Callable[[], object]], object]:
+        return self._lowlevel.current_trio_token().run_sync_soon  # type: ignore[no-any-return]
+
+    async def wait_readable(self, fd: int, what: str) -> None:
+        trio = self._trio
+        try:
+            await self._lowlevel.wait_readable(fd)
+        except trio.ClosedResourceError:
+            raise anyio.ClosedResourceError from None
+        except trio.BusyResourceError:
+            raise anyio.BusyResourceError(what) from None
+
+
+def _trio_root() -> object | None:
+    """trio's root task if a trio run goes on in this thread (trio imported), else None."""
+    trio = sys.modules.get("trio")
+    if trio is None:
+        return None
+    try:
+        root: object | None = trio.lowlevel.current_root_task()
+    except RuntimeError:
+        return None
+    return root
+
+
+def _choose_backend() -> Backend | None:
+    """A backend for the loop that runs the caller: trio's if a trio task runs it, else the
+    asyncio loop of this thread, else trio's if a trio run goes on here (a callback of the
+    run); None outside any loop."""
+    if in_trio():
+        root = _trio_root()
+        if root is not None:
+            return _TrioBackend(sys.modules["trio"], root)
+    loop = _asyncio_running_loop()
+    if loop is not None:
+        return _AsyncioBackend(loop)
+    root = _trio_root()
+    if root is not None:
+        return _TrioBackend(sys.modules["trio"], root)
+    return None
+
+
+def _backend_here() -> Backend | None:
+    """:func:`current_backend`, or None outside any event loop."""
+    clock = turn_clock
+    backend = clock.backend
+    if backend is not None and backend.is_current():
+        return backend
+    backend = _choose_backend()
+    if backend is not None:
+        clock.backend = backend
+        clock.cancel_pending = backend.cancel_pending
+    return backend
+
+
+def current_backend() -> Backend:
+    """The backend of the event loop that runs the caller: the one this thread chose for
+    that loop, or a new one if another loop (or library) runs here now.
+
+    :raises RuntimeError: no event loop runs the caller.
+    """
+    backend = _backend_here()
+    if backend is None:
+        raise RuntimeError("no event loop runs here: call this from async code")
+    return backend
+
+
+# ---------------------------------------------------------------------------------------
+# The cancellation check and the turn clock
+# ---------------------------------------------------------------------------------------
+
+
 def cancel_pending() -> bool:
     """True if the current task's cancellation is due: a ``checkpoint()`` now would raise
     it. No coroutine, no trip through the loop. (A ``KeyboardInterrupt`` trio holds for
     the main task is not looked at: the loop's next turn delivers it.)
 
-    The check of the library that ran in this thread last is tried first; it raises
-    ``RuntimeError`` if another one runs now. Asking first which one runs would cost more
-    than the check (before Python 3.12, asking asyncio for its running loop is a
-    ``getpid()`` system call).
+    The check of the backend this thread chose last is tried first; it raises
+    ``RuntimeError`` if another loop or library runs now, and the backend is chosen again.
+    Asking first which one runs would cost more than the check (before Python 3.12,
+    asking asyncio for its running loop is a ``getpid()`` system call).
+
+    :raises RuntimeError: no event loop runs the caller.
     """
     clock = turn_clock
     try:
         return clock.cancel_pending()
     except RuntimeError:
-        clock.cancel_pending = _find_cancel_pending(in_trio())
-        return clock.cancel_pending()
+        return current_backend().cancel_pending()
 
 
 def checkpoint_due() -> bool:
@@ -315,16 +542,13 @@ class _FutureWakeup:
         await self._future
 
 
-#: ``trio.lowlevel``, once a trio task made a wake-up (imported only then).
-_trio_lowlevel: Any = None
-
-
 class _TrioWakeup:
     """trio's: the waiting task, rescheduled by set()."""
 
-    __slots__ = ("_set", "_task")
+    __slots__ = ("_lowlevel", "_set", "_task")
 
-    def __init__(self) -> None:
+    def __init__(self, lowlevel: Any) -> None:
+        self._lowlevel = lowlevel
         self._set = False
         self._task: Any = None
 
@@ -335,17 +559,17 @@ class _TrioWakeup:
         task = self._task
         if task is not None:
             self._task = None
-            _trio_lowlevel.reschedule(task)
+            self._lowlevel.reschedule(task)
 
     def is_set(self) -> bool:
         return self._set
 
     def _abort(self, _: object) -> Any:
         self._task = None
-        return _trio_lowlevel.Abort.SUCCEEDED
+        return self._lowlevel.Abort.SUCCEEDED
 
     async def wait(self) -> None:
-        lowlevel = _trio_lowlevel
+        lowlevel = self._lowlevel
         if self._set:
             await lowlevel.checkpoint()
             return
@@ -356,51 +580,35 @@ class _TrioWakeup:
 def new_wakeup() -> Wakeup:
     """A one-shot wake-up for one task of the running event loop: what ``anyio.Event``
     does for a single waiter, cheaper to make and to use (for a wake-up per call). Make
-    it, wait on it and set it in the loop's thread; one task waits on it at a time."""
-    global _trio_lowlevel
-    loop = _asyncio_running_loop()
-    if loop is not None:
-        return _FutureWakeup(loop)
-    if _trio_lowlevel is None:  # anyio's other backend
-        import trio.lowlevel
+    it, wait on it and set it in the loop's thread; one task waits on it at a time.
 
-        _trio_lowlevel = trio.lowlevel
-    return _TrioWakeup()
+    :raises RuntimeError: no event loop runs the caller.
+    """
+    return current_backend().new_wakeup()
 
 
 def call_soon(callback: Callable[[], object]) -> None:
-    """Run *callback* at the current event loop's next turn (from the loop's thread)."""
-    native: Any = current_token().native_token
-    soon = native.call_soon if hasattr(native, "call_soon") else native.run_sync_soon
-    soon(callback)
+    """Run *callback* at the current event loop's next turn (from the loop's thread).
+
+    :raises RuntimeError: no event loop runs the caller, or it is closing.
+    """
+    current_backend().call_soon(callback)
 
 
 def threadsafe_notifier() -> Callable[[Callable[[], object]], object]:
     """What another thread calls, without blocking, to have the current event loop run a
     callback (``call_soon_threadsafe``, or trio's ``run_sync_soon``). It raises if the
-    loop is gone by then; a thread must never wait on a loop that may be gone."""
-    native: Any = current_token().native_token
-    if hasattr(native, "call_soon_threadsafe"):
-        return native.call_soon_threadsafe  # type: ignore[no-any-return]
-    return native.run_sync_soon  # type: ignore[no-any-return]
+    loop is gone by then; a thread must never wait on a loop that may be gone.
+
+    :raises RuntimeError: (this call) no event loop runs the caller.
+    """
+    return current_backend().threadsafe_notifier()
 
 
 def is_selector_loop(loop: AbstractEventLoop | None) -> bool:
     """True for asyncio's own selector loops (they run a poll's callbacks after the tasks
     queued before it; uvloop and the proactor loop don't)."""
     return isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop)
-
-
-def in_trio() -> bool:
-    """True if the current task runs under trio (only asks if trio was imported)."""
-    trio = sys.modules.get("trio")
-    if trio is None:
-        return False
-    try:
-        trio.lowlevel.current_task()
-    except RuntimeError:
-        return False
-    return True
 
 
 async def wait_readable_elsewhere(fd: int, what: str) -> None:
@@ -410,40 +618,12 @@ async def wait_readable_elsewhere(fd: int, what: str) -> None:
     If cancelled, nothing happened. :raises anyio.ClosedResourceError: *fd* was closed
     meanwhile. :raises anyio.BusyResourceError: another task waits on *fd*.
     """
-    if in_trio():
-        import trio
-
-        try:
-            await trio.lowlevel.wait_readable(fd)
-        except trio.ClosedResourceError:
-            raise anyio.ClosedResourceError from None
-        except trio.BusyResourceError:
-            raise anyio.BusyResourceError(what) from None
-    else:
-        await anyio.wait_readable(fd)
+    await current_backend().wait_readable(fd, what)
 
 
 #: The calling thread's id: ``pthread_self()``, no system call. One event loop runs in a
 #: thread at a time, so on the hot paths it stands for "the loop that runs this task".
 thread_id: Callable[[], int] = threading.get_ident
-
-
-def _current_loop() -> object | None:
-    """What stands for the event loop that runs the current task: trio's root task under
-    trio, the asyncio loop (uvloop's included) under asyncio; None outside any loop."""
-    if in_trio():
-        root: object | None = sys.modules["trio"].lowlevel.current_root_task()
-        return root
-    return _asyncio_running_loop()
-
-
-def _still_runs(loop: object) -> bool:
-    """True while *loop* (from :func:`_current_loop`) runs: an asyncio loop until it stops
-    (``asyncio.run()`` closes it on the way out), a trio run until it returns (its root
-    task's coroutine then has no frame)."""
-    if isinstance(loop, AbstractEventLoop):
-        return loop.is_running()
-    return getattr(getattr(loop, "coro", None), "cr_frame", None) is not None
 
 
 #: Makes each claim one step: two loops that claim an object at once can't both win.
@@ -485,7 +665,7 @@ class LoopBinding:
     ``trio.run()`` called from inside an asyncio task).
     """
 
-    __slots__ = ("_loop", "_pid", "_thread_name", "how", "thread", "what")
+    __slots__ = ("_owner", "_pid", "_thread_name", "how", "thread", "what")
 
     def __init__(self, what: str, how: str = "first used") -> None:
         #: The owner's :func:`thread_id`; 0 (no thread's) until a loop claims the object.
@@ -494,8 +674,9 @@ class LoopBinding:
         self.what = what
         #: How the owner came to own it: "opened" or "first used".
         self.how = how
-        # Weak: an object that outlives its loop does not keep the loop alive.
-        self._loop: weakref.ref[Any] | None = None
+        # The owner's backend, which holds the loop weakly: an object that outlives its
+        # loop does not keep the loop alive.
+        self._owner: Backend | None = None
         self._thread_name = ""
         self._pid = 0
 
@@ -510,25 +691,24 @@ class LoopBinding:
 
         :raises RuntimeError: the object belongs to another event loop, which still runs.
         """
-        loop = _current_loop()
-        if loop is None:
+        backend = _backend_here()
+        if backend is None:
             return
+        loop = backend.loop()
         with _claims:
-            ref = self._loop
             # A forked child's copy of its parent's loop looks as if it still ran.
-            owner = ref() if ref is not None and self._pid == os.getpid() else None
-            if owner is not loop:
-                if owner is not None and _still_runs(owner):
+            owner = self._owner if self._pid == os.getpid() else None
+            if owner is None or owner.loop() is not loop:
+                if owner is not None and owner.still_runs():
                     raise RuntimeError(self._foreign(owner))
-                self._loop = weakref.ref(loop)
+                self._owner = backend
                 self._pid = os.getpid()
             self.thread = thread_id()
             self._thread_name = threading.current_thread().name
 
-    def _foreign(self, owner: object) -> str:
-        library = type(owner).__module__.partition(".")[0]  # asyncio, uvloop or trio
+    def _foreign(self, owner: Backend) -> str:
         return (
-            f"{self.what} belongs to the event loop that {self.how} it ({library}, in "
+            f"{self.what} belongs to the event loop that {self.how} it ({owner.library}, in "
             f"thread {self._thread_name!r}), which still runs: called from another loop, "
             "it would wait for ever. Call it in its own loop: from another thread, "
             "anyio.from_thread.run(fn, *args, token=token) with token = "

@@ -27,9 +27,10 @@ import sys
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, Generic, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import anyio
+from anyio.abc import ObjectStream
 from anyio.lowlevel import checkpoint
 
 from .._connection.connection import AsyncConnection
@@ -44,6 +45,9 @@ if sys.version_info >= (3, 13):
     from typing import TypeVar
 else:
     from typing_extensions import TypeVar
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 if TYPE_CHECKING or sys.platform != "win32":
     from .._core.fdio import ReadinessWaiter, register_fork_owned
@@ -539,11 +543,13 @@ async def _reaped_on_exit(
         aprocess.close()
 
 
-class Worker(Generic[T]):
+class Worker(ObjectStream[T]):
     """A worker process and the async end of its duplex Pipe.
 
-    It has :class:`AsyncConnection`'s methods. When the worker dies, a pending or later
-    receive raises :class:`WorkerExited` (an ``EOFError``) saying how it ended.
+    It has :class:`AsyncConnection`'s methods, and is an ``anyio.abc.ObjectStream`` as
+    that is (:meth:`receive`, :meth:`send`, :meth:`send_eof`, :meth:`aclose`). When the
+    worker dies, a pending or later receive raises :class:`WorkerExited` (an
+    ``EOFError``, and an ``anyio.EndOfStream``) saying how it ended.
     ``async for msg in worker`` receives until the worker closes its end.
 
     ``Worker[T]`` says what the pipe carries, as ``AsyncConnection[T]`` does (``Any``
@@ -603,9 +609,38 @@ class Worker(Generic[T]):
         except ConnectionEOF as eof:
             raise await self._explain_eof(eof) from eof
 
+    async def recv_bytes_into(self, buffer: Buffer, offset: int = 0) -> int:
+        """As :meth:`AsyncConnection.recv_bytes_into`: the next message's bytes into
+        *buffer* from byte *offset* on; returns the message's length. Raises
+        :class:`WorkerExited` at EOF.
+
+        If cancelled, no message was consumed: the next call returns the whole message.
+        What was read of it into *buffer* was copied back first, so *buffer* may have
+        been written to.
+
+        :raises multiprocessing.BufferTooShort: the message doesn't fit; it was consumed,
+            and is the exception's ``args[0]``, as with the stdlib.
+        :raises WorkerExited: the worker closed its end or ended (after every complete
+            message was delivered); the message says how it ended.
+        Also what :meth:`AsyncConnection.recv_bytes_into` raises.
+        """
+        self._owner.check()
+        try:
+            return await self._conn.recv_bytes_into(buffer, offset)
+        except ConnectionEOF as eof:
+            raise await self._explain_eof(eof) from eof
+
     def recv_nowait(self) -> T:
         """As :meth:`AsyncConnection.recv_nowait`."""
         return self._conn.recv_nowait()
+
+    async def receive(self) -> T:
+        """``anyio.abc.ObjectReceiveStream`` name for :meth:`recv`.
+
+        Cancellation and exceptions: as :meth:`recv` (the worker's end of the stream
+        raises :class:`WorkerExited`, which is an ``anyio.EndOfStream``).
+        """
+        return await self.recv()
 
     async def send(self, obj: T) -> None:
         """As :meth:`AsyncConnection.send`, with its cancellation behaviour and exceptions."""
@@ -617,6 +652,22 @@ class Worker(Generic[T]):
         exceptions."""
         self._owner.check()
         await self._conn.send_bytes(buf, offset, size)
+
+    async def send_eof(self) -> None:
+        """Tell the worker no more messages come, as :meth:`AsyncConnection.send_eof`
+        does: ``shutdown(SHUT_WR)`` on the socket of a duplex Pipe on POSIX, so the
+        worker's ``recv()`` raises ``EOFError`` while its replies still arrive here
+        (nothing, on Windows, whose pipes have no half-close; close it instead).
+
+        It waits for the sends in progress or queued before it, so their messages go
+        out whole. If cancelled while waiting, nothing happened.
+
+        :raises anyio.ClosedResourceError: the parent's end was closed.
+        :raises RuntimeError: called from an event loop in another thread than the
+            Worker's (see :class:`Worker`).
+        """
+        self._owner.check()
+        await self._conn.send_eof()
 
     def __aiter__(self) -> Worker[T]:
         return self

@@ -2,7 +2,7 @@
 
 ``Listener.accept()`` and ``Client()`` authenticate both ways with an HMAC challenge
 and response over a shared *authkey*, each message one frame of the ordinary framing.
-This module builds and checks those messages and moves no bytes; ``_remote.remote`` sends
+This module builds and checks those messages and moves no bytes; ``_remote.handshake`` sends
 and receives them. The exchange, as seen by the side that challenges::
 
     challenger                                 answerer
