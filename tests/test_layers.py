@@ -29,11 +29,8 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
-from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 from pathlib import Path
-
-import pytest
 
 from tests.support.pool_workers import EVENT_LOOP_LIBRARIES, WORKER_SIDE
 
@@ -46,8 +43,6 @@ WORKER_ENTRY = "asyncmp._pool.worker"
 
 # Known violations, to be removed by the renovation's next steps. Each entry must still be
 # a violation: one that is fixed fails the test until it is taken off its list.
-#: (importer, imported): imports that close a cycle.
-ALLOWED_CYCLE_EDGES: set[tuple[str, str]] = set()
 #: (importer, imported module, name): another adapter's private names.
 ALLOWED_PRIVATE_IMPORTS = {
     # the pool starts its workers, and ties them to itself, through the process adapter's
@@ -131,11 +126,10 @@ def _layer(module: str) -> str | None:
     return parts[1] if len(parts) > 1 else None
 
 
-def _graph(skip: AbstractSet[tuple[str, str]] = frozenset()) -> dict[str, set[str]]:
+def _graph() -> dict[str, set[str]]:
     graph: dict[str, set[str]] = {m: set() for m in MODULES}
     for imp in IMPORTS:
-        if (imp.importer, imp.module) not in skip:
-            graph[imp.importer].add(imp.module)
+        graph[imp.importer].add(imp.module)
     return graph
 
 
@@ -230,17 +224,8 @@ def test_layer_folders_import_nothing() -> None:
 
 
 def test_no_import_cycle() -> None:
-    cycles = _cycles(_graph(skip=ALLOWED_CYCLE_EDGES))
+    cycles = _cycles(_graph())
     assert cycles == [], "modules that import each other (TYPE_CHECKING imports count too)"
-
-
-@pytest.mark.parametrize("edge", sorted(ALLOWED_CYCLE_EDGES), ids="->".join)
-def test_an_allowed_cycle_is_still_one(edge: tuple[str, str]) -> None:
-    importer, imported = edge
-    graph = _graph()
-    assert imported in graph[importer], f"{importer} no longer imports {imported}: unlist it"
-    in_cycle = any(importer in c and imported in c for c in _cycles(graph))
-    assert in_cycle, f"{importer} -> {imported} closes no cycle any more: unlist it"
 
 
 def test_core_imports_no_adapter() -> None:
