@@ -310,9 +310,11 @@ class FrameDecoder:
         """The stream ended (a read found no more bytes, nor ever will): say how.
 
         Clean (:data:`CLEAN_END`) at a frame boundary, with every byte received handed
-        out in a frame; else truncated, with the bytes held of the frame cut short. No
-        state changes: those bytes stay counted in :attr:`buffered`, a body in a caller's
-        buffer can still be given back, and a second call says the same.
+        out in a frame; else truncated, with the bytes held (:attr:`buffered`): a reader
+        calls it once :meth:`next_frame` (or :meth:`take_target`) has nothing to hand
+        out, so they are those of a frame cut short. No state changes: those bytes stay
+        counted, a body in a caller's buffer can still be given back, and a second call
+        says the same.
 
         :raises WireError: the stream broke the framing before it ended.
         """
