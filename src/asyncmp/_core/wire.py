@@ -117,6 +117,24 @@ def _new_body(size: int, first: bytes) -> tuple[io.BytesIO, int]:
     return body, len(first)
 
 
+def _grow_body(body: io.BytesIO, held: int, missing: int) -> tuple[io.BytesIO, int]:
+    """A growing body buffer that the *held* bytes received fill, grown for the next of
+    the *missing* ones (see :meth:`FrameDecoder.body_buffer`), and its room now."""
+    step = min(max(held, BODY_GROWTH_MIN), BODY_GROWTH_MAX)
+    capacity = held + min(missing, step)
+    if held < BODY_GROWTH_MIN:
+        # A new buffer, with what arrived copied in: bytes(n) comes from calloc (fresh
+        # zero pages for a big one, nothing to fill), and a BytesIO that holds the only
+        # reference to its initial bytes writes into them.
+        fresh = io.BytesIO(bytes(capacity))
+        fresh.write(body.getvalue())
+        return fresh, capacity
+    # Writing a byte at the new end makes the BytesIO zero-fill up to it.
+    body.seek(capacity - 1)
+    body.write(b"\0")
+    return body, capacity
+
+
 class WireError(ValueError):
     """The byte stream is not valid framing; the stream can't be resynchronised."""
 
@@ -391,20 +409,8 @@ class FrameDecoder:
         held = self._held
         capacity = self._capacity
         if held == capacity:
-            step = min(max(capacity, BODY_GROWTH_MIN), BODY_GROWTH_MAX)
-            capacity = held + min(self._missing, step)
-            if held < BODY_GROWTH_MIN:
-                # A new buffer, with what arrived copied in: bytes(n) comes from calloc
-                # (fresh zero pages for a big one, nothing to fill), and a BytesIO that
-                # holds the only reference to its initial bytes writes into them.
-                fresh = io.BytesIO(bytes(capacity))
-                fresh.write(body.getvalue())
-                self._body = body = fresh
-            else:
-                # Writing a byte at the new end makes the BytesIO zero-fill up to it.
-                body.seek(capacity - 1)
-                body.write(b"\0")
-            self._capacity = capacity
+            body, capacity = _grow_body(body, held, self._missing)
+            self._body, self._capacity = body, capacity
         end = min(capacity, held + max_bytes)
         whole = body.getbuffer()
         view = whole[held:end]
