@@ -32,7 +32,9 @@ if sys.platform != "win32":
         GreedyReader,
         OwnEndReader,
         frame_parts,
+        stdlib_recv_error,
     )
+    from asyncmp._core.wire import CLEAN_END, DecoderState, StreamEnd
 
 
 def frame(payload: bytes) -> bytes:
@@ -278,6 +280,98 @@ def test_greedy_reader_eof_and_bad_frames(pipe: Pipe) -> None:
     pipe.close_writer()
     with pytest.raises(ConnectionEOF, match=r"mid-message \(5 bytes of it held\)"):
         reader.recv_frame_nowait(None)
+
+
+# --- the end of the stream, classified by the decoder -------------------------------------------
+
+PEER_CLOSED = "the peer closed the connection"
+
+#: Where a stream ends: at a frame boundary, in a header, in a small body, and in a large
+#: body (more than SPILL_THRESHOLD missing), which the readers read into its buffer. All
+#: fit in a pipe (64 KiB), so the writer needs no thread.
+EOF_CUTS = {
+    "boundary": (frame(b"a"), 0),
+    "header": (frame(b"a") + frame(b"b")[:2], 2),
+    "small-body": (frame(b"a") + frame(b"bcd")[:6], 6),
+    "large-body": (frame(b"a") + frame(b"x" * (1 << 20))[:60_000], 60_000),
+}
+
+
+@pytest.mark.parametrize("cut", EOF_CUTS)
+def test_greedy_reader_ends_cleanly_only_at_a_frame_boundary(pipe: Pipe, cut: str) -> None:
+    data, held = EOF_CUTS[cut]
+    os.write(pipe.w, data)
+    pipe.close_writer()
+    reader = GreedyReader(open_transport(pipe.r), None)
+    assert reader.recv_frame_nowait(None) == b"a"
+    expected = PEER_CLOSED
+    if held:
+        expected += f" mid-message ({held} bytes of it held)"
+    for _ in range(2):  # and the same again
+        with pytest.raises(ConnectionEOF) as info:
+            reader.recv_frame_nowait(None)
+        assert str(info.value) == expected
+    assert reader.decoder.feed_eof() == (
+        CLEAN_END if not held else StreamEnd(truncated=True, held=held)
+    )
+
+
+@pytest.mark.anyio
+async def test_greedy_reader_ends_mid_body_in_the_callers_buffer_and_gives_it_back(
+    pipe: Pipe,
+) -> None:
+    data, held = EOF_CUTS["large-body"]
+    write_all(pipe.w, data[5:])
+    pipe.close_writer()
+    reader = GreedyReader(open_transport(pipe.r), None)
+    target = bytearray(2 << 20)
+    with pytest.raises(ConnectionEOF, match=rf"mid-message \({held} bytes of it held\)"):
+        await reader.recv_frame_into(memoryview(target))
+    # The body went back into the decoder's own buffer: the caller's is the caller's.
+    assert reader.decoder.state is DecoderState.BODY
+    assert reader.decoder.feed_eof() == StreamEnd(truncated=True, held=held)
+
+
+@pytest.mark.parametrize("cut", EOF_CUTS)
+@pytest.mark.parametrize("how", ["read_available", "read_blocking"])
+def test_exact_reader_breaks_at_the_end_of_its_pipe(pipe: Pipe, cut: str, how: str) -> None:
+    data, held = EOF_CUTS[cut]
+    os.write(pipe.w, data)
+    pipe.close_writer()
+    reader = exact_reader(pipe.r)
+    assert reader.read_available() == b"a"
+    end = CLEAN_END if not held else StreamEnd(truncated=True, held=held)
+    with pytest.raises(anyio.BrokenResourceError, match="the queue's pipe was closed mid-item"):
+        if how == "read_blocking":
+            reader.read_blocking(poller(pipe.r, writable=False), stall_timeout=30)
+        else:
+            while reader.read_available() is None:
+                pass
+    assert reader.decoder.feed_eof() == end
+
+
+@pytest.mark.parametrize(
+    ("error", "expected", "message"),
+    [
+        (EOFError(), ConnectionEOF, PEER_CLOSED),
+        (ConnectionResetError(errno.ECONNRESET, "reset"), ConnectionEOF, PEER_CLOSED),
+        (ConnectionAbortedError(errno.ECONNABORTED, "aborted"), ConnectionEOF, PEER_CLOSED),
+        (OSError("got end of file during message"), ConnectionEOF, f"{PEER_CLOSED} mid-message"),
+        (OSError("bad message length"), ProtocolError, "message exceeds the limit of 7 bytes"),
+    ],
+    ids=["eof", "reset", "aborted", "mid-message", "too-long"],
+)
+def test_what_the_stdlib_decoder_raised_is_classified_as_ours(
+    error: OSError | EOFError, expected: type[Exception], message: str
+) -> None:
+    """The thread route on Windows, where the stdlib's recv_bytes() decodes the stream."""
+    got = stdlib_recv_error(error, 7)
+    assert type(got) is expected
+    assert str(got) == message
+
+
+def test_other_stdlib_errors_go_up_as_they_are() -> None:
+    assert stdlib_recv_error(OSError(errno.EIO, "input/output error"), 7) is None
 
 
 def test_frame_parts_coalesce_small_payloads_only() -> None:

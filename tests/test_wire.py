@@ -3,8 +3,9 @@
 Reference bytes come from a real ``multiprocessing.connection.Connection``; what we
 encode is read back by one. The decoder is fed one byte at a time and at chunk
 boundaries Hypothesis chooses, and after every step its whole observable state
-(``buffered``, ``at_boundary``, ``bytes_wanted()``, ``frame_length()``) is compared
-with a model computed from the frame offsets.
+(``buffered``, ``at_boundary``, ``bytes_wanted()``, ``frame_length()``, and what
+``feed_eof()`` would make of an end of the stream there) is compared with a model computed
+from the frame offsets.
 """
 
 from __future__ import annotations
@@ -33,10 +34,14 @@ from hypothesis import strategies as st
 from asyncmp._core import wire as _wire
 from asyncmp._core.wire import (
     BODY_GROWTH_MIN,
+    CLEAN_END,
     DEFAULT_MAX_MESSAGE_SIZE,
     LONG_FORM_THRESHOLD,
+    MOVES,
     SPILL_THRESHOLD,
+    DecoderState,
     FrameDecoder,
+    StreamEnd,
     WireError,
     encode_header,
 )
@@ -141,6 +146,10 @@ class Stream:
             wanted, length = max(0, end - fed), size
         assert decoder.bytes_wanted() == wanted, state
         assert decoder.frame_length() == length, state
+        # The stream could end here: clean only at a frame boundary. It changes nothing.
+        held = fed - consumed
+        eof = CLEAN_END if held == 0 else StreamEnd(truncated=True, held=held)
+        assert decoder.feed_eof() == eof, state
 
 
 def run_decoder(stream: Stream, chunks: Iterable[bytes], max_message_size: int | None) -> None:
@@ -933,3 +942,147 @@ def test_a_claimed_whole_body_costs_only_what_arrived(claimed: int) -> None:
     grown = resident() - before
     assert decoder.buffered == len(header) + MiB
     assert grown < 16 * MiB, f"holding 1 MiB of a {claimed}-byte claim took {grown} bytes"
+
+
+# --- the end of the stream, and the states ------------------------------------------------------
+
+
+def state_of(decoder: FrameDecoder) -> DecoderState:
+    """``decoder.state``, read anew (a type checker would keep an earlier reading)."""
+    return decoder.state
+
+
+@settings(max_examples=60, deadline=None)
+@given(frames=frames_st, data=st.data())
+def test_feed_eof_is_clean_only_at_a_frame_boundary(
+    frames: list[tuple[int, bool]], data: st.DataObject
+) -> None:
+    """The stream ends anywhere (at frame ends, Hypothesis makes sure, and in between),
+    after chunks Hypothesis chooses: clean exactly where every byte went out in a frame,
+    else truncated with the bytes of the frame cut short. It may be said again, and
+    moves nothing."""
+    stream = Stream.build(frames)
+    total = len(stream.data)
+    cut = data.draw(st.one_of(st.sampled_from([0, *stream.ends]), st.integers(0, total)))
+    cuts = data.draw(st.lists(st.integers(0, cut), max_size=10), label="cuts")
+    decoder = FrameDecoder(None)
+    handed = 0
+    for chunk in split(stream.data[:cut], cuts):
+        decoder.feed(chunk)
+        while (frame := decoder.next_frame()) is not None:
+            check_payload(frame, stream.payloads[handed], handed)
+            handed += 1
+    held = cut - (stream.ends[handed - 1] if handed else 0)
+    state = decoder.state
+    end = decoder.feed_eof()
+    if held == 0:
+        assert end is CLEAN_END and not end.truncated
+        assert decoder.at_boundary
+    else:
+        assert end == StreamEnd(truncated=True, held=held)
+    assert decoder.feed_eof() == end
+    assert decoder.state is state
+    assert decoder.next_frame() is None
+    assert decoder.buffered == held
+
+
+def test_feed_eof_in_a_caller_buffer_leaves_the_body_to_give_back() -> None:
+    size = SPILL_THRESHOLD * 3
+    body = payload(0, size)
+    decoder = FrameDecoder()
+    decoder.feed(encode_header(size) + body[:1000])
+    assert decoder.next_frame() is None
+    target = bytearray(size)
+    assert decoder.adopt_body(memoryview(target))
+    decoder.feed(body[1000:5000])
+    assert state_of(decoder) is DecoderState.BODY_IN_TARGET
+    end = decoder.feed_eof()
+    assert end == StreamEnd(truncated=True, held=4 + 5000)
+    while not decoder.give_back_body(1000):
+        assert state_of(decoder) is DecoderState.GIVING_BACK
+        assert decoder.feed_eof() == end
+    target[:] = bytes(size)  # the caller's buffer is the caller's again
+    assert state_of(decoder) is DecoderState.BODY
+    assert decoder.feed_eof() == end
+    decoder.feed(body[5000:])
+    assert decoder.next_frame() == body
+    assert decoder.feed_eof() is CLEAN_END
+
+
+def test_feed_eof_after_bad_framing_raises_the_framing_error() -> None:
+    decoder = FrameDecoder(10)
+    decoder.feed(encode_header(11))
+    with pytest.raises(WireError, match="frame length 11 exceeds max_message_size=10"):
+        decoder.next_frame()
+    assert decoder.state is DecoderState.BROKEN
+    for _ in range(2):
+        with pytest.raises(WireError, match="frame length 11 exceeds max_message_size=10"):
+            decoder.feed_eof()
+
+
+def test_the_states_of_large_frames_follow_the_table_of_moves() -> None:
+    """Each way a large frame can go, state by state; every move is one of MOVES."""
+    size = SPILL_THRESHOLD * 2
+    body = payload(1, size)
+    seen: list[DecoderState] = []
+
+    def step(decoder: FrameDecoder) -> None:
+        if decoder.state is not seen[-1]:
+            assert (seen[-1], decoder.state) in {(a, b) for a, b, _ in MOVES}
+            seen.append(decoder.state)
+
+    S = DecoderState
+    # In the decoder's own buffer.
+    decoder = FrameDecoder()
+    seen[:] = [decoder.state]
+    decoder.feed(encode_header(size) + body[:10])
+    assert decoder.next_frame() is None
+    step(decoder)
+    decoder.feed(body[10:])
+    step(decoder)
+    assert decoder.next_frame() == body
+    step(decoder)
+    assert seen == [S.FRAMES, S.BODY, S.BODY_WHOLE, S.FRAMES]
+    # In a caller's buffer, taken from there.
+    decoder.feed(encode_header(size) + body[:10])
+    assert decoder.next_frame() is None
+    seen[:] = [S.FRAMES, decoder.state]
+    assert decoder.adopt_body(memoryview(bytearray(size)))
+    step(decoder)
+    decoder.feed(body[10:])
+    step(decoder)
+    assert decoder.take_target() == size
+    step(decoder)
+    assert seen == [S.FRAMES, S.BODY, S.BODY_IN_TARGET, S.TARGET_FULL, S.FRAMES]
+    # Whole in a caller's buffer, then given back.
+    decoder.feed(encode_header(size) + body[:10])
+    assert decoder.next_frame() is None
+    seen[:] = [S.FRAMES, decoder.state]
+    assert decoder.adopt_body(memoryview(bytearray(size)))
+    step(decoder)
+    decoder.feed(body[10:])
+    step(decoder)
+    while not decoder.give_back_body(SPILL_THRESHOLD):
+        step(decoder)
+    step(decoder)
+    assert decoder.next_frame() == body
+    step(decoder)
+    assert seen == [
+        *(S.FRAMES, S.BODY, S.BODY_IN_TARGET, S.TARGET_FULL),
+        *(S.GIVING_BACK, S.BODY_WHOLE, S.FRAMES),
+    ]
+    assert decoder.at_boundary and decoder.buffered == 0
+
+
+def test_the_table_of_moves_joins_every_state_and_leaves_broken_alone() -> None:
+    ways = {state: {new for old, new, _ in MOVES if old is state} for state in DecoderState}
+    assert ways[DecoderState.BROKEN] == set()
+    reached = {DecoderState.FRAMES}
+    for _ in DecoderState:
+        reached |= {new for state in reached for new in ways[state]}
+    assert reached == set(DecoderState)
+    for state in set(DecoderState) - {DecoderState.BROKEN}:
+        back = {state}
+        for _ in DecoderState:
+            back |= {new for s in back for new in ways[s]}
+        assert DecoderState.FRAMES in back, f"{state} never gets back to FRAMES"

@@ -19,7 +19,6 @@ AsyncConnection remembers it (the one latch) and refuses to go on.
 
 from __future__ import annotations
 
-import errno
 import multiprocessing
 import multiprocessing.connection
 import socket
@@ -33,8 +32,14 @@ from anyio.lowlevel import checkpoint_if_cancelled
 
 from .._core import frames as _frames
 from .._core import platform as _platform
-from .._core.exceptions import ConnectionEOF, ProtocolError
-from .._core.frames import PEER_CLOSED, FrameWriter, GreedyReader, maxlength_exceeded, torn_send
+from .._core.frames import (
+    PEER_CLOSED,
+    FrameWriter,
+    GreedyReader,
+    maxlength_exceeded,
+    stdlib_recv_error,
+    torn_send,
+)
 from .._core.threads import THREAD_SLICE, BlockingCall, KeptThread
 from .._core.wire import encode_header
 
@@ -359,16 +364,11 @@ class ThreadRoute:
         limit = self._limit if maxlength is None else maxlength
         try:
             return self._conn.recv_bytes(limit)
-        except EOFError:
-            raise ConnectionEOF(PEER_CLOSED) from None
-        except OSError as exc:
-            if exc.args and exc.args[0] == "bad message length":
-                raise ProtocolError(f"message exceeds the limit of {limit} bytes") from None
-            if exc.args and "end of file" in str(exc.args[0]):
-                raise ConnectionEOF(f"{PEER_CLOSED} mid-message") from None
-            if exc.errno in (errno.ECONNRESET, errno.ECONNABORTED):
-                raise ConnectionEOF(PEER_CLOSED) from None
-            raise
+        except (EOFError, OSError) as exc:
+            error = stdlib_recv_error(exc, limit)
+            if error is None:
+                raise
+            raise error from None
 
     def _check_maxlength(self, frame: bytes, maxlength: int | None) -> bytes:
         if maxlength is not None and len(frame) > maxlength:

@@ -26,7 +26,10 @@ their shape.
 
 Errors: bad framing raises :class:`ProtocolError` (connections) or
 ``anyio.BrokenResourceError`` (queues, whose error is the adapter's whole state); the
-texts are defined once, below.
+texts are defined once, below. The end of a stream is the decoder's to classify
+(``FrameDecoder.feed_eof()``: clean at a frame boundary, or a frame cut short): a reader
+that meets it passes that on to :func:`eof_error` (connections) or :func:`queue_eof`;
+:func:`stdlib_recv_error` does the same for what the stdlib's own decoder raises.
 """
 
 from __future__ import annotations
@@ -42,7 +45,15 @@ import anyio.lowlevel
 
 from .exceptions import ConnectionEOF, ProtocolError
 from .loop import fast_checkpoint, note_turn, turn_if_due
-from .wire import SPILL_THRESHOLD, FrameDecoder, WireError, encode_header, unpack_short_header
+from .wire import (
+    CLEAN_END,
+    SPILL_THRESHOLD,
+    FrameDecoder,
+    StreamEnd,
+    WireError,
+    encode_header,
+    unpack_short_header,
+)
 
 if TYPE_CHECKING or sys.platform != "win32":
     from .fdio import UNOPENED, FdTransport, OwnReadEnd, Poller, ReadinessWaiter
@@ -61,7 +72,9 @@ __all__ = (
     "exact_reader",
     "frame_parts",
     "maxlength_exceeded",
+    "queue_eof",
     "stalled",
+    "stdlib_recv_error",
     "torn_send",
 )
 
@@ -81,11 +94,35 @@ _CORRUPT_QUEUE = "corrupt queue framing: {}"
 _QUEUE_CLOSED_MID_ITEM = "the queue's pipe was closed mid-item"
 
 
-def eof_error(at_boundary: bool, held: int) -> ConnectionEOF:
-    """The EOF of a connection, with what was held of a partial message if any."""
-    if at_boundary:
+def eof_error(end: StreamEnd) -> ConnectionEOF:
+    """The end of a connection's stream, as the decoder classified it (clean, or a message
+    cut short, with what was held of it where that is known)."""
+    if not end.truncated:
         return ConnectionEOF(PEER_CLOSED)
-    return ConnectionEOF(f"{PEER_CLOSED} mid-message ({held} bytes of it held)")
+    if end.held is None:
+        return ConnectionEOF(f"{PEER_CLOSED} mid-message")
+    return ConnectionEOF(f"{PEER_CLOSED} mid-message ({end.held} bytes of it held)")
+
+
+def queue_eof(end: StreamEnd) -> anyio.BrokenResourceError:
+    """The end of a queue's pipe: no process holds its write end any more. Clean or not,
+    the queue is broken from here on, and says so as it does for an item cut short."""
+    return anyio.BrokenResourceError(_QUEUE_CLOSED_MID_ITEM)
+
+
+def stdlib_recv_error(exc: OSError | EOFError, limit: int | None) -> Exception | None:
+    """What the stdlib's ``recv_bytes()`` raised (the thread route on Windows, whose
+    decoder is the stdlib's), as a connection's error; None for an error of another kind,
+    which goes up as it is."""
+    if isinstance(exc, EOFError):
+        return eof_error(CLEAN_END)
+    if exc.args and exc.args[0] == "bad message length":
+        return ProtocolError(f"message exceeds the limit of {limit} bytes")
+    if exc.args and "end of file" in str(exc.args[0]):
+        return eof_error(StreamEnd(truncated=True, held=None))
+    if exc.errno in (errno.ECONNRESET, errno.ECONNABORTED):
+        return eof_error(CLEAN_END)
+    return None
 
 
 def maxlength_exceeded(length: int, maxlength: int) -> ProtocolError:
@@ -166,12 +203,12 @@ class GreedyReader:
                 return True
             if n is None:
                 return False
-            raise eof_error(False, decoder.buffered)
+            raise eof_error(decoder.feed_eof())
         data = self._transport.read_some(max(65536, min(decoder.bytes_wanted(), 1 << 20)))
         if data is None:
             return False
         if not data:
-            raise eof_error(decoder.at_boundary, decoder.buffered)
+            raise eof_error(decoder.feed_eof())
         decoder.feed(data)
         return True
 
@@ -514,7 +551,7 @@ class ExactReader:
 
     def _feed(self, data: bytes) -> None:
         if not data:
-            raise anyio.BrokenResourceError(_QUEUE_CLOSED_MID_ITEM)
+            raise queue_eof(self.decoder.feed_eof())
         self.decoder.feed(data)
 
     def _read(self, limit: int) -> int | None:
@@ -538,7 +575,7 @@ class ExactReader:
         finally:
             decoder.body_received(got or 0)
         if got == 0:
-            raise anyio.BrokenResourceError(_QUEUE_CLOSED_MID_ITEM)
+            raise queue_eof(decoder.feed_eof())
         return got
 
     def read_available(self, budget: int = READ_BUDGET) -> bytes | None:

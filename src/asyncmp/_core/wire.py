@@ -10,6 +10,12 @@ This module moves no bytes. :class:`FrameDecoder` is fed whatever arrived and ha
 whole payloads; :func:`encode_header` returns the bytes that go before one. It imports
 neither ``os`` nor an async library, so it can be tested one byte at a time.
 
+The decoder's states have names (:class:`DecoderState`) and its moves between them are
+listed in one table (:data:`MOVES`), as h11's are. The end of the stream is one more
+input: :meth:`FrameDecoder.feed_eof` says whether it came at a frame boundary (clean) or
+cut a frame short, and how much of that frame was held (:class:`StreamEnd`); the readers
+in ``_core.frames`` turn that into the adapter's exception.
+
 Memory: the decoder never allocates what a header merely claims. A body larger than
 :data:`SPILL_THRESHOLD` is gathered in a growing buffer as its chunks actually arrive:
 the buffer grows in steps of at most :data:`BODY_GROWTH_MAX` bytes, and only when the
@@ -25,16 +31,21 @@ buffer for the next bytes of the body (to ``recv_into`` or ``readv`` into), and
 
 from __future__ import annotations
 
+import enum
 import io
 import struct
 from multiprocessing.reduction import ForkingPickler
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = (
+    "CLEAN_END",
     "DEFAULT_MAX_MESSAGE_SIZE",
     "LONG_FORM_THRESHOLD",
+    "MOVES",
     "WHOLE_BODY_MIN",
+    "DecoderState",
     "FrameDecoder",
+    "StreamEnd",
     "WireError",
     "dumps",
     "encode_header",
@@ -106,6 +117,24 @@ def _new_body(size: int, first: bytes) -> tuple[io.BytesIO, int]:
     return body, len(first)
 
 
+def _grow_body(body: io.BytesIO, held: int, missing: int) -> tuple[io.BytesIO, int]:
+    """A growing body buffer that the *held* bytes received fill, grown for the next of
+    the *missing* ones (see :meth:`FrameDecoder.body_buffer`), and its room now."""
+    step = min(max(held, BODY_GROWTH_MIN), BODY_GROWTH_MAX)
+    capacity = held + min(missing, step)
+    if held < BODY_GROWTH_MIN:
+        # A new buffer, with what arrived copied in: bytes(n) comes from calloc (fresh
+        # zero pages for a big one, nothing to fill), and a BytesIO that holds the only
+        # reference to its initial bytes writes into them.
+        fresh = io.BytesIO(bytes(capacity))
+        fresh.write(body.getvalue())
+        return fresh, capacity
+    # Writing a byte at the new end makes the BytesIO zero-fill up to it.
+    body.seek(capacity - 1)
+    body.write(b"\0")
+    return body, capacity
+
+
 class WireError(ValueError):
     """The byte stream is not valid framing; the stream can't be resynchronised."""
 
@@ -119,15 +148,87 @@ def encode_header(size: int) -> bytes:
     return _SHORT.pack(size)
 
 
+class DecoderState(enum.Enum):
+    """Where a :class:`FrameDecoder` is in its stream. :data:`MOVES` lists every move
+    between these states; :meth:`FrameDecoder.feed_eof` says what the end of the stream
+    means in each."""
+
+    #: Headers and small frames are parsed from the bytes not parsed yet. At a frame
+    #: boundary when there are none; an end of the stream here is clean.
+    FRAMES = "frames"
+    #: A large body (one missing more than :data:`SPILL_THRESHOLD` bytes when its header
+    #: was parsed) arrives in a growing buffer of the decoder's own.
+    BODY = "body"
+    #: A large body arrives in a caller's buffer (:meth:`FrameDecoder.adopt_body`).
+    BODY_IN_TARGET = "body in target"
+    #: All of the body is in the caller's buffer; :meth:`FrameDecoder.take_target` hands
+    #: the frame out.
+    TARGET_FULL = "target full"
+    #: The caller's buffer is copied back into one of the decoder's own
+    #: (:meth:`FrameDecoder.give_back_body`, a step per call); bytes of the body that
+    #: arrive meanwhile still go to the caller's buffer.
+    GIVING_BACK = "giving back"
+    #: A large body is whole in the decoder's own buffer; :meth:`FrameDecoder.next_frame`
+    #: hands it out.
+    BODY_WHOLE = "body whole"
+    #: The stream broke the framing: every call that looks at a frame raises the same
+    #: :class:`WireError` again. The stream can't be resynchronised.
+    BROKEN = "broken"
+
+
+FRAMES = DecoderState.FRAMES
+BODY = DecoderState.BODY
+BODY_IN_TARGET = DecoderState.BODY_IN_TARGET
+TARGET_FULL = DecoderState.TARGET_FULL
+GIVING_BACK = DecoderState.GIVING_BACK
+BODY_WHOLE = DecoderState.BODY_WHOLE
+BROKEN = DecoderState.BROKEN
+
+#: Every move a :class:`FrameDecoder` makes, as ``(from, to, what makes it)``; it makes no
+#: other. Small frames come and go in :data:`~DecoderState.FRAMES` without a move.
+MOVES: tuple[tuple[DecoderState, DecoderState, str], ...] = (
+    (FRAMES, BODY, "next_frame() parsed the header of a large body"),
+    (FRAMES, BROKEN, "a header is negative or over max_message_size"),
+    (BODY, BODY_WHOLE, "the body's last byte arrived"),
+    (BODY, BODY_IN_TARGET, "adopt_body()"),
+    (BODY_IN_TARGET, TARGET_FULL, "the body's last byte arrived"),
+    (BODY_IN_TARGET, GIVING_BACK, "give_back_body()"),
+    (TARGET_FULL, GIVING_BACK, "give_back_body()"),
+    (TARGET_FULL, FRAMES, "take_target() handed the frame out"),
+    (GIVING_BACK, BODY, "give_back_body() is done, bytes of the body are missing"),
+    (GIVING_BACK, BODY_WHOLE, "give_back_body() is done, the body is whole"),
+    (BODY_WHOLE, FRAMES, "next_frame() handed the frame out"),
+)
+_LEGAL = frozenset((old, new) for old, new, _ in MOVES)
+
+
+class StreamEnd(NamedTuple):
+    """How a stream ended (:meth:`FrameDecoder.feed_eof`): cleanly, at a frame boundary
+    with every frame handed out, or *truncated* in the middle of a frame, of which *held*
+    bytes (its header included) had arrived; None where that is not known (the stdlib's
+    decoder read the stream)."""
+
+    truncated: bool
+    held: int | None = 0
+
+
+#: The end of a stream at a frame boundary.
+CLEAN_END = StreamEnd(truncated=False)
+
+
 class FrameDecoder:
-    """Turn a byte stream into payloads, h11 style: :meth:`feed`, then :meth:`next_frame`.
+    """Turn a byte stream into payloads, h11 style: :meth:`feed`, then :meth:`next_frame`;
+    :meth:`feed_eof` once a read finds the end of the stream.
 
     :meth:`next_frame` returns ``None`` while it needs more data.
     :meth:`bytes_wanted` says how many more bytes complete the header or frame in
     progress, so a reader that must not read ahead (a Queue's pipe is shared by
     consumers in other processes) can read exactly that many.
 
-    After a :class:`WireError` the decoder stays broken and raises it again.
+    The decoder is in one of the :class:`DecoderState` states (:attr:`state`); the
+    attributes that hold a frame in progress mean something only in the states named
+    beside them below. After a :class:`WireError` the decoder stays broken and raises it
+    again.
     """
 
     __slots__ = (
@@ -143,38 +244,51 @@ class FrameDecoder:
         "_pos",
         "_spill_header",
         "_spilled",
+        "_state",
         "_target",
-        "_target_done",
     )
 
     def __init__(self, max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE) -> None:
         if max_message_size is not None and max_message_size < 0:
             raise ValueError(f"max_message_size={max_message_size} is negative")
         self._limit = max_message_size
-        # Unparsed bytes are self._buf[self._pos:]. A bytes object plus an offset makes
-        # a complete frame one slice, with no copy of the bytes after it.
+        self._state = FRAMES
+        # Unparsed bytes are self._buf[self._pos:], in every state but a large body's
+        # own bytes. A bytes object plus an offset makes a complete frame one slice,
+        # with no copy of the bytes after it.
         self._buf = b""
         self._pos = 0
-        # A large body in progress: what arrived of it so far (_held bytes) and how many
-        # bytes are missing.
-        self._body: io.BytesIO | None = None
+        # From BODY to the frame's hand-out: the bytes of the large frame's header,
+        # consumed from _buf but still received and not handed out.
+        self._spill_header = 0
+        # BODY, BODY_IN_TARGET, TARGET_FULL, GIVING_BACK: bytes of the body there so far,
+        # and how many are missing (> 0 exactly while the body arrives: feed() asks).
         self._held = 0
         self._missing = 0
-        # The body's buffer holds _capacity bytes (>= _held; the rest is zeros, to be
-        # overwritten); _body_view is the view lent by body_buffer(), if any.
+        # BODY: the decoder's buffer, which holds _capacity bytes (>= _held; the rest is
+        # zeros, to be overwritten). GIVING_BACK: the buffer the body is copied back
+        # into, _given bytes of it so far.
+        self._body: io.BytesIO | None = None
         self._capacity = 0
-        self._body_view: memoryview | None = None
-        # A spilled body that completed and awaits next_frame().
-        self._spilled: bytes | None = None
-        # Header bytes of the spilled frame (in progress or awaiting next_frame()): they
-        # were consumed from _buf but still count as received and not handed out.
-        self._spill_header = 0
-        # A caller's buffer that takes the large body in progress instead of _body
-        # (adopt_body()); _target_done is the body's length once all of it is there.
+        self._given = 0
+        # BODY_IN_TARGET, TARGET_FULL, GIVING_BACK: the caller's buffer.
         self._target: memoryview | None = None
-        self._target_done = -1
-        self._given = 0  # bytes of it copied back by give_back_body()
+        # BODY, BODY_IN_TARGET, GIVING_BACK: the view lent by body_buffer(), if any.
+        self._body_view: memoryview | None = None
+        # BODY_WHOLE: the body, awaiting next_frame().
+        self._spilled: bytes | None = None
+        # BROKEN: what is wrong with the stream.
         self._error: WireError | None = None
+
+    def _move(self, new: DecoderState) -> None:
+        """The one place the state changes (never between small frames)."""
+        if (self._state, new) not in _LEGAL:
+            raise AssertionError(f"frame decoder: no move from {self._state} to {new}")
+        self._state = new
+
+    @property
+    def state(self) -> DecoderState:
+        return self._state
 
     @property
     def max_message_size(self) -> int | None:
@@ -184,18 +298,12 @@ class FrameDecoder:
     def buffered(self) -> int:
         """Bytes received and not yet handed out, headers of those frames included."""
         spilled = 0 if self._spilled is None else len(self._spilled)
-        done = max(self._target_done, 0)
-        return len(self._buf) - self._pos + self._spill_header + self._held + spilled + done
+        return len(self._buf) - self._pos + self._spill_header + self._held + spilled
 
     @property
     def at_boundary(self) -> bool:
         """True when no partial frame is held, so an EOF here is a clean one."""
-        return (
-            self._body is None
-            and self._target is None
-            and self._spilled is None
-            and self._pos == len(self._buf)
-        )
+        return self._state is FRAMES and self._pos == len(self._buf)
 
     def feed(self, data: bytes | bytearray | memoryview) -> None:
         """Add bytes that arrived. Keeps a reference to *data* when it is ``bytes``."""
@@ -203,7 +311,7 @@ class FrameDecoder:
             return
         if type(data) is not bytes:
             data = bytes(data)
-        if self._missing:  # a large body in progress
+        if self._missing:  # a large body arrives
             take = self._missing
             if len(data) <= take:
                 self._add_chunk(data)
@@ -216,32 +324,56 @@ class FrameDecoder:
             self._buf = self._buf[self._pos :] + data
         self._pos = 0
 
+    def feed_eof(self) -> StreamEnd:
+        """The stream ended (a read found no more bytes, nor ever will): say how.
+
+        Clean (:data:`CLEAN_END`) at a frame boundary, with every byte received handed
+        out in a frame; else truncated, with the bytes held (:attr:`buffered`): a reader
+        calls it once :meth:`next_frame` (or :meth:`take_target`) has nothing to hand
+        out, so they are those of a frame cut short. No state changes: those bytes stay
+        counted, a body in a caller's buffer can still be given back, and a second call
+        says the same.
+
+        :raises WireError: the stream broke the framing before it ended.
+        """
+        if self._state is BROKEN:
+            assert self._error is not None
+            raise self._error
+        if self.at_boundary:
+            return CLEAN_END
+        return StreamEnd(truncated=True, held=self.buffered)
+
     def _add_chunk(self, chunk: bytes) -> None:
         self._release_view()
-        if self._target is not None:
-            self._target[self._held : self._held + len(chunk)] = chunk
-        else:
+        held = self._held
+        if self._state is BODY:
             body = self._body
             assert body is not None
-            body.seek(self._held)
+            body.seek(held)
             body.write(chunk)
-        self._held += len(chunk)
-        self._capacity = max(self._capacity, self._held)
+            self._capacity = max(self._capacity, held + len(chunk))
+        else:  # BODY_IN_TARGET, GIVING_BACK
+            assert self._target is not None
+            self._target[held : held + len(chunk)] = chunk
+        self._held = held + len(chunk)
         self._missing -= len(chunk)
         if self._missing == 0:
             self._complete_body()
 
     def _complete_body(self) -> None:
-        # getvalue() returns the BytesIO's own buffer, trimmed: no copy. (Joining a
-        # list of chunks here would copy the whole body at once, a stall of ~100 ms for
-        # 64 MiB.)
-        if self._target is not None:
-            self._target_done = self._held
-        else:
+        state = self._state
+        if state is BODY:
+            # getvalue() returns the BytesIO's own buffer, trimmed: no copy. (Joining a
+            # list of chunks here would copy the whole body at once, a stall of ~100 ms
+            # for 64 MiB.)
             assert self._body is not None
             self._spilled = self._body.getvalue()
             self._body = None
-        self._held = self._capacity = 0
+            self._held = self._capacity = 0
+            self._move(BODY_WHOLE)
+        elif state is BODY_IN_TARGET:
+            self._move(TARGET_FULL)  # _held is the body's length
+        # GIVING_BACK: give_back_body() moves on once all of it is back.
 
     def _release_view(self) -> None:
         view = self._body_view
@@ -259,32 +391,26 @@ class FrameDecoder:
         by as many as it holds (at least :data:`BODY_GROWTH_MIN`, at most
         :data:`BODY_GROWTH_MAX`), never past the end of the frame.
         """
-        if self._target is not None and self._target_done < 0 and max_bytes > 0:
+        state = self._state
+        if state is BODY and max_bytes > 0:
+            return self._lend_body(max_bytes)
+        if (state is BODY_IN_TARGET or state is GIVING_BACK) and self._missing and max_bytes > 0:
+            assert self._target is not None
             self._release_view()
             held = self._held
             self._body_view = view = self._target[held : held + min(max_bytes, self._missing)]
             return view
+        return None
+
+    def _lend_body(self, max_bytes: int) -> memoryview:
         body = self._body
-        if body is None or max_bytes <= 0:
-            return None
+        assert body is not None
         self._release_view()
         held = self._held
         capacity = self._capacity
         if held == capacity:
-            step = min(max(capacity, BODY_GROWTH_MIN), BODY_GROWTH_MAX)
-            capacity = held + min(self._missing, step)
-            if held < BODY_GROWTH_MIN:
-                # A new buffer, with what arrived copied in: bytes(n) comes from calloc
-                # (fresh zero pages for a big one, nothing to fill), and a BytesIO that
-                # holds the only reference to its initial bytes writes into them.
-                fresh = io.BytesIO(bytes(capacity))
-                fresh.write(body.getvalue())
-                self._body = body = fresh
-            else:
-                # Writing a byte at the new end makes the BytesIO zero-fill up to it.
-                body.seek(capacity - 1)
-                body.write(b"\0")
-            self._capacity = capacity
+            body, capacity = _grow_body(body, held, self._missing)
+            self._body, self._capacity = body, capacity
         end = min(capacity, held + max_bytes)
         whole = body.getbuffer()
         view = whole[held:end]
@@ -316,26 +442,28 @@ class FrameDecoder:
         reader that gives up before the body is there calls :meth:`give_back_body`.
         """
         body = self._body
-        if body is None or self._held + self._missing > len(target):
+        if self._state is not BODY or self._held + self._missing > len(target):
             return False
+        assert body is not None
         self._release_view()
         with body.getbuffer() as buffer:
             target[: self._held] = buffer[: self._held]
         self._target = target
         self._body = None
         self._capacity = 0
+        self._move(BODY_IN_TARGET)
         return True
 
     def take_target(self) -> int | None:
         """The length of the body that :meth:`adopt_body` let go on in a caller's
         buffer, once all of it is there (the frame is then handed out); else None."""
-        done = self._target_done
-        if done < 0:
+        if self._state is not TARGET_FULL:
             return None
+        length = self._held
         self._target = None
-        self._target_done = -1
-        self._spill_header = 0
-        return done
+        self._held = self._spill_header = 0
+        self._move(FRAMES)
+        return length
 
     def give_back_body(self, max_bytes: int) -> bool:
         """Copy up to *max_bytes* more of the body from the caller's buffer back into a
@@ -344,32 +472,33 @@ class FrameDecoder:
         out, as if it had never been in the caller's buffer. Call it until it returns
         True before the caller's buffer is used for anything else.
         """
-        target = self._target
-        if target is None:
+        state = self._state
+        if state is BODY_IN_TARGET or state is TARGET_FULL:
+            self._body, self._capacity = _new_body(self._held + self._missing, b"")
+            self._given = 0
+            self._move(GIVING_BACK)
+        elif state is not GIVING_BACK:
             return True
         self._release_view()
-        done = self._target_done
-        have = self._held if done < 0 else done
-        body = self._body
-        if body is None:
-            size = self._held + self._missing if done < 0 else done
-            body, self._capacity = _new_body(size, b"")
-            self._body = body
-            self._given = 0
-        given = self._given
-        step = min(max_bytes, have - given)
+        target, body = self._target, self._body
+        assert target is not None and body is not None
+        held, given = self._held, self._given
+        step = min(max_bytes, held - given)
         body.seek(given)
         body.write(target[given : given + step])
         self._given = given = given + step
         self._capacity = max(self._capacity, given)
-        if given < have:
+        if given < held:
             return False
         self._target = None
-        if done >= 0:
-            self._target_done = -1
+        self._given = 0
+        if self._missing:
+            self._move(BODY)
+        else:
             self._spilled = body.getvalue()
             self._body = None
-            self._capacity = 0
+            self._held = self._capacity = 0
+            self._move(BODY_WHOLE)
         return True
 
     def next_frame(self) -> bytes | None:
@@ -378,19 +507,12 @@ class FrameDecoder:
         :raises WireError: the header is negative (other than the escape) or its length
             exceeds ``max_message_size``. Raised before the body is buffered.
         """
-        spilled = self._spilled
-        if spilled is not None:
-            self._spilled = None
-            self._spill_header = 0
-            return spilled
-        if self._body is not None or self._target is not None:
-            return None
+        if self._state is not FRAMES:
+            return self._large_frame()
         buf = self._buf
         pos = self._pos
         end_of_data = len(buf)
         if end_of_data - pos < 4:
-            if self._error is not None:
-                raise self._error
             return None
         size, start = self._parse_header(buf, pos, end_of_data)
         if start < 0:
@@ -413,12 +535,26 @@ class FrameDecoder:
             self._held = len(first)
             self._missing = missing
             self._spill_header = start - pos
+            self._move(BODY)
         return None
 
-    def _parse_header(self, buf: bytes, pos: int, end_of_data: int) -> tuple[int, int]:
-        """Return ``(size, payload_start)``, or ``(0, -1)`` when the header is partial."""
-        if self._error is not None:
+    def _large_frame(self) -> bytes | None:
+        """:meth:`next_frame` outside :data:`~DecoderState.FRAMES`."""
+        state = self._state
+        if state is BODY_WHOLE:
+            spilled = self._spilled
+            self._spilled = None
+            self._spill_header = 0
+            self._move(FRAMES)
+            return spilled
+        if state is BROKEN:
+            assert self._error is not None
             raise self._error
+        return None  # the body arrives (or is the caller's to take: take_target())
+
+    def _parse_header(self, buf: bytes, pos: int, end_of_data: int) -> tuple[int, int]:
+        """In :data:`~DecoderState.FRAMES`, with 4 bytes or more unparsed: return
+        ``(size, payload_start)``, or ``(0, -1)`` when the header is partial."""
         (size,) = _SHORT.unpack_from(buf, pos)
         start = pos + 4
         if size < 0:
@@ -434,21 +570,25 @@ class FrameDecoder:
 
     def _fail(self, message: str) -> None:
         self._error = WireError(message)
+        self._move(BROKEN)
         raise self._error
 
     def frame_length(self) -> int | None:
         """The payload length of the frame in progress, once its header has arrived."""
-        if self._spilled is not None:
+        state = self._state
+        if state is FRAMES:
+            buf = self._buf
+            if len(buf) - self._pos < 4:
+                return None
+            size, start = self._parse_header(buf, self._pos, len(buf))
+            return None if start < 0 else size
+        if state is BODY_WHOLE:
+            assert self._spilled is not None
             return len(self._spilled)
-        if self._target_done >= 0:
-            return self._target_done
-        if self._body is not None or self._target is not None:
-            return self._held + self._missing
-        buf = self._buf
-        if len(buf) - self._pos < 4:
-            return None
-        size, start = self._parse_header(buf, self._pos, len(buf))
-        return None if start < 0 else size
+        if state is BROKEN:
+            assert self._error is not None
+            raise self._error
+        return self._held + self._missing
 
     def bytes_wanted(self) -> int:
         """How many more bytes complete the header or frame in progress.
@@ -456,14 +596,16 @@ class FrameDecoder:
         0 means :meth:`next_frame` will return a payload now. Reading no more than this
         never reads into the next frame.
         """
-        if self._spilled is not None or self._target_done >= 0:
-            return 0
-        if self._body is not None or self._target is not None:
-            return self._missing
-        avail = len(self._buf) - self._pos
-        if avail < 4:
-            return 4 - avail
-        size, start = self._parse_header(self._buf, self._pos, len(self._buf))
-        if start < 0:
-            return 12 - avail
-        return max(0, start + size - len(self._buf))
+        state = self._state
+        if state is FRAMES:
+            avail = len(self._buf) - self._pos
+            if avail < 4:
+                return 4 - avail
+            size, start = self._parse_header(self._buf, self._pos, len(self._buf))
+            if start < 0:
+                return 12 - avail
+            return max(0, start + size - len(self._buf))
+        if state is BROKEN:
+            assert self._error is not None
+            raise self._error
+        return self._missing  # 0 once the body is whole
