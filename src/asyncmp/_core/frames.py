@@ -1,7 +1,7 @@
 """The frame engine: whole frames over a descriptor, between the codec and the I/O layer.
 
-``_core.wire`` knows the framing and moves no bytes; ``_core.fdio`` moves bytes without blocking
-and knows no framing. This module puts the two together, once, for every adapter:
+``_core.wire`` knows the framing and moves no bytes; ``_core.transport`` moves bytes without
+blocking and knows no framing. This module puts the two together, once, for every adapter:
 
 * :class:`GreedyReader` (connections): reads whatever is there, as much as the decoder
   can use, so one read may bring many small frames; a large body goes straight into the
@@ -14,7 +14,7 @@ and knows no framing. This module puts the two together, once, for every adapter
   budget; :meth:`ExactReader.read_blocking` waits for the rest in a thread, each wait
   bounded by a stall timeout.
 * :class:`OwnEndReader` (queues on Linux): an exact reader whose fast path needs no
-  ``FIONREAD``: it reads the pipe's own read end (:class:`~asyncmp._core.fdio.OwnReadEnd`),
+  ``FIONREAD``: it reads the pipe's own read end (:class:`~asyncmp._core.transport.OwnReadEnd`),
   a non-blocking open file description that no other process shares.
   :func:`exact_reader` picks it where the pipe has one.
 * :class:`FrameWriter`: header and small payloads in one write, large ones in two; writes
@@ -45,7 +45,8 @@ from .loop import fast_checkpoint, note_turn, turn_if_due
 from .wire import SPILL_THRESHOLD, FrameDecoder, WireError, encode_header, unpack_short_header
 
 if TYPE_CHECKING or sys.platform != "win32":
-    from .fdio import UNOPENED, FdTransport, OwnReadEnd, Poller, ReadinessWaiter
+    from .readiness import Poller, ReadinessWaiter
+    from .transport import UNOPENED, FdTransport, OwnReadEnd
 
 __all__ = (
     "BODY_READ",
@@ -590,7 +591,7 @@ BLIND_BODY_LIMIT = 64 * 1024
 
 class OwnEndReader(ExactReader):
     """An exact reader whose fast path makes two plain reads (header, body) on the pipe's
-    own read end (:class:`~asyncmp._core.fdio.OwnReadEnd`), which is non-blocking and this
+    own read end (:class:`~asyncmp._core.transport.OwnReadEnd`), which is non-blocking and this
     process's alone: each returns what is there, or ``EAGAIN``, as a blocking
     ``Queue.get()`` makes two reads. Never a byte past the frame: it asks for the header,
     then for exactly the body.

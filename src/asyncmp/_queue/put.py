@@ -49,7 +49,9 @@ from .._core.wire import dumps, encode_header
 from .state import QueueState
 
 if TYPE_CHECKING or sys.platform != "win32":
-    from .._core.fdio import poller, register_fork_owned, socket_over_dup
+    from .._core.atfork import register_fork_owned
+    from .._core.readiness import poller
+    from .._core.transport import socket_over_dup
 
 if sys.platform != "win32":
     import select
@@ -366,7 +368,7 @@ class _Interrupter:
     def _shutdown(conn: Any) -> None:
         try:
             # Never socket.socket(fileno=): under a default timeout it would make the
-            # descriptor non-blocking (see _fdio.socket_over_dup).
+            # descriptor non-blocking (see _core.transport.socket_over_dup).
             sock = socket_over_dup(conn.fileno())
         except (OSError, ValueError):
             return
