@@ -139,8 +139,9 @@ class FdRoute:
         self._fd = fd = conn.fileno()
         self._transport: FdTransport = open_transport(fd)
         self.fast_reader: GreedyReader = GreedyReader(self._transport, max_message_size)
+        transport = self._transport  # -1 once closed: a shutdown then does nothing
         self.fast_writer: FrameWriter = FrameWriter(
-            self._transport, on_torn=lambda: _shutdown_socket_write(fd)
+            transport, on_torn=lambda: _shutdown_socket_write(transport.fd)
         )
 
     @property

@@ -404,8 +404,7 @@ class FrameWriter:
             await self._write_parts(parts, progress)
         if progress[0] < total:
             self.broken = torn_send(progress[0], total)
-            if not self._closed:  # else the number may belong to another file by now
-                self._on_torn()
+            self._on_torn()  # closed meanwhile: the transport's fd is -1, and it does nothing
 
     def send_blocking(
         self,

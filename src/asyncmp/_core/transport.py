@@ -13,8 +13,14 @@ fits, and we write no more than that before asking again. A write of at most
 ``PIPE_BUF`` bytes to a pipe is atomic: it goes in whole or not at all, so a frame that
 small is never torn, and no write ever blocks.
 
-A transport is handed a descriptor number by the descriptor's owner (a connection's
-route, a queue's getter), and never closes it: the owner does.
+Who owns the descriptor (the way trio's ``_FdHolder`` has it): a transport is handed a
+descriptor number by the descriptor's owner (a connection's route, a queue's getter), and
+never closes it: the owner does, after closing the transport. Closing a transport
+releases what it holds of its own (a socket object over a duplicate, a pipe's own read
+end) and *forgets the number*: :attr:`FdTransport.fd` becomes -1. Any read or write after
+that fails with ``EBADF``, at once, instead of reading or writing whatever file the
+process has opened since under the same number, so nobody has to ask "was it closed?"
+before a last write or a shutdown: the call fails, and that is the answer.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import weakref
 from typing import Any
 
 from .atfork import register_fork_owned
-from .readiness import poller
+from .readiness import Poller, poller
 
 __all__ = (
     "UNOPENED",
@@ -51,6 +57,7 @@ _MSG_NOSIGNAL = int(getattr(socket, "MSG_NOSIGNAL", 0))
 _SEND_FLAGS = _MSG_DONTWAIT | _MSG_NOSIGNAL
 #: The most one write_some() call moves, so the loop gets a turn in between.
 _MAX_WRITE_PER_CALL = 4 << 20
+_POLLNVAL = int(getattr(select, "POLLNVAL", 0x20))
 _EOF_ERRNOS = frozenset({errno.ECONNRESET, errno.ECONNABORTED, errno.ENOTCONN})
 
 if sys.platform != "win32":
@@ -168,6 +175,10 @@ class FdTransport:
     bytes it wrote, 0 when it would block, and raises ``BrokenPipeError`` (or another
     ``OSError``) when the peer is gone. :attr:`own_end` is the pipe's own read end
     (:class:`OwnReadEnd`), where there can be one.
+
+    :attr:`fd` is the descriptor's number until :meth:`close`, -1 after it: every call
+    then raises ``OSError`` (``EBADF``), whatever file the number was given to since
+    (see the module docstring).
     """
 
     __slots__ = ("_count", "fd", "own_end")
@@ -179,7 +190,10 @@ class FdTransport:
 
     def available(self) -> int:
         """Bytes buffered in the kernel, ready to read now (``FIONREAD``)."""
-        _ioctl(self.fd, _FIONREAD, self._count, True)
+        try:
+            _ioctl(self.fd, _FIONREAD, self._count, True)
+        except ValueError:  # fcntl refuses -1 itself, before the kernel can: closed
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF)) from None
         return self._count[0]
 
     def read_some(self, max_bytes: int) -> bytes | None:
@@ -192,7 +206,9 @@ class FdTransport:
         raise NotImplementedError
 
     def close(self) -> None:
-        """Release what the transport holds; the descriptor itself is its owner's."""
+        """Release what the transport holds and forget the descriptor's number (the
+        descriptor itself is its owner's to close). Idempotent."""
+        self.fd = -1
 
 
 def socket_over_dup(fd: int) -> socket.socket:
@@ -264,7 +280,19 @@ class _SocketTransport(FdTransport):
             return 0
 
     def close(self) -> None:
-        self._sock.close()
+        super().close()
+        self._sock.close()  # its methods raise EBADF from now on
+
+
+class _Closed:
+    """The polls of a closed pipe transport: "ready", so that a call goes on to fail."""
+
+    @staticmethod
+    def poll(timeout: float | None = None, /) -> list[tuple[int, int]]:
+        return [(-1, _POLLNVAL)]
+
+
+_CLOSED: Poller = _Closed()
 
 
 class _PipeTransport(FdTransport):
@@ -324,8 +352,12 @@ class _PipeTransport(FdTransport):
         return written
 
     def close(self) -> None:
+        super().close()
         if self.own_end is not None:
             self.own_end.close()
+        # The polls watch the old number, which may be another file's by now: from here
+        # on they say "ready", so the next call goes to -1 and fails with EBADF.
+        self._poll_in = self._poll_out = _CLOSED
 
 
 def open_transport(fd: int) -> FdTransport:
