@@ -1,24 +1,34 @@
-"""The byte transports (``asyncmp._core.transport``).
+"""The byte transports (``asyncmp._core.transport``) and the one frame writer above them.
 
 A closed transport forgets its descriptor's number (trio's ``_FdHolder``): once the number
 is given to another file, a late read or write on the transport fails with ``EBADF`` and
-never touches that file.
+never touches that file. The queue's put and a connection's thread route write frames
+through the same :meth:`FrameWriter.write_blocking`, and only the transport writes into a
+descriptor.
 """
 
 from __future__ import annotations
 
+import ast
 import errno
 import os
 import socket
 import sys
+import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
+import anyio
 import pytest
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX descriptors")
 
 if sys.platform != "win32":
+    from asyncmp._core.frames import FrameWriter
+    from asyncmp._core.readiness import poller
     from asyncmp._core.transport import FdTransport, open_transport
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "asyncmp"
 
 
 @pytest.fixture
@@ -81,3 +91,112 @@ def test_a_closed_transport_forgets_its_number(
     os.write(number, b"!")
     assert os.read(other, 100) == b"!", "nothing of the transport's went to the other file"
     transport.close()  # idempotent
+
+
+def _writer(w: int) -> FrameWriter:
+    return FrameWriter(open_transport(w), on_torn=lambda: None, peer_gone="gone")
+
+
+def test_write_blocking_once_begun_finishes_the_frame_whatever_stopping_says(
+    fds: list[int],
+) -> None:
+    """A queue's put: a frame larger than the pipe, asked to stop at once; once its first
+    byte is in, it is finished, whole, as the reader makes room."""
+    r, w = os.pipe()
+    fds.extend((r, w))
+    frame = b"f" * (1 << 20)
+    begun: list[int] = []
+    asked = [0]
+
+    def stopping() -> bool:
+        asked[0] += 1
+        return bool(begun)  # stop, as soon as it has begun
+
+    received = bytearray()
+
+    def drain() -> None:
+        while chunk := os.read(r, 65536):  # until the write end is closed
+            received.extend(chunk)
+
+    reader = threading.Thread(target=drain)
+    reader.start()
+    done = [0]
+    try:
+        _writer(w).write_blocking(
+            [memoryview(frame)],
+            poller(w, writable=True),
+            50,
+            stopping,
+            done,
+            once_begun=lambda: begun.append(done[0]),
+        )
+    finally:
+        fds.remove(w)
+        os.close(w)
+        reader.join(30)
+    assert begun == [0], "called once, at the first byte"
+    assert asked[0] == 1, "asked only before the first byte"
+    assert done == [len(frame)] and bytes(received) == frame
+
+
+def test_write_blocking_without_once_begun_stops_mid_frame(fds: list[int]) -> None:
+    """A connection's send: asked before each write, even mid-frame."""
+    r, w = os.pipe()
+    fds.extend((r, w))
+    done = [0]
+    with pytest.raises(anyio.ClosedResourceError):
+        _writer(w).write_blocking(
+            [memoryview(b"x" * (1 << 20))], poller(w, writable=True), 1, lambda: done[0] > 0, done
+        )
+    assert 0 < done[0] < 1 << 20
+
+
+def test_write_blocking_once_begun_gives_up_on_a_pipe_nobody_reads(fds: list[int]) -> None:
+    r, w = os.pipe()
+    fds.extend((r, w))
+    with pytest.raises(anyio.BrokenResourceError, match="a put stopped mid-item"):
+        _writer(w).write_blocking(
+            [memoryview(b"x" * (1 << 20))],
+            poller(w, writable=True),
+            10,
+            lambda: False,
+            [0],
+            once_begun=lambda: None,
+            stall_timeout=0.05,
+        )
+
+
+def test_write_blocking_says_who_is_gone(fds: list[int]) -> None:
+    r, w = os.pipe()
+    fds.append(w)
+    os.close(r)
+    with pytest.raises(anyio.BrokenResourceError, match=r"^gone$"):
+        _writer(w).write_blocking(
+            [memoryview(b"x")], poller(w, writable=True), 10, lambda: False, [0]
+        )
+
+
+def _writes_to_descriptors(path: Path) -> list[int]:
+    """Lines of *path* that call ``os.write`` or ``os.writev``."""
+    lines = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr in ("write", "writev")
+            and isinstance(node.func.value, ast.Name)
+            and node.func.value.id == "os"
+        ):
+            lines.append(node.lineno)
+    return lines
+
+
+def test_only_the_transport_writes_into_descriptors() -> None:
+    """One frame writer: every write into a pipe goes through ``_core.transport``, which
+    writes at most ``PIPE_BUF`` bytes at a time, after ``poll`` said there is room."""
+    writers = {
+        str(path.relative_to(SRC)): lines
+        for path in sorted(SRC.rglob("*.py"))
+        if (lines := _writes_to_descriptors(path))
+    }
+    assert list(writers) == ["_core/transport.py"], writers

@@ -49,7 +49,9 @@ __all__ = (
     "socket_over_dup",
 )
 
-_PIPE_BUF = getattr(select, "PIPE_BUF", 512)
+#: The most one write into a pipe that polls writable takes whole, without blocking: a
+#: write of at most this many bytes is atomic (POSIX), so it fits whole or would block.
+_PIPE_BUF: int = getattr(select, "PIPE_BUF", 512)
 # Plain ints: the socket module's are enum members, and ``|`` on those goes through
 # the enum machinery on every call.
 _MSG_DONTWAIT = int(getattr(socket, "MSG_DONTWAIT", 0))
@@ -341,9 +343,11 @@ class _PipeTransport(FdTransport):
         return _readv(self.fd, [buf[: min(n, len(buf))]]) if n else None
 
     def write_some(self, data: memoryview) -> int:
-        # A pipe that polls writable has room for PIPE_BUF bytes, and a write of at
-        # most PIPE_BUF bytes is atomic: it either fits whole or would block. So write
-        # PIPE_BUF at a time, asking before each.
+        # The one place that writes frames into pipes (every frame writer comes here).
+        # A pipe that polls writable has room for PIPE_BUF bytes, and a write of at most
+        # PIPE_BUF bytes is atomic: it either fits whole or would block. So write
+        # PIPE_BUF at a time, asking before each: a frame of at most PIPE_BUF bytes goes
+        # in whole, in one write, and no write ever blocks.
         written = 0
         total = min(len(data), _MAX_WRITE_PER_CALL)
         poll = self._poll_out.poll
