@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX descripto
 if sys.platform != "win32":
     from asyncmp._core.frames import FrameWriter
     from asyncmp._core.readiness import poller
-    from asyncmp._core.transport import FdTransport, open_transport
+    from asyncmp._core.transport import FdTransport, open_transport, pipe_write_end
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "asyncmp"
 
@@ -62,13 +62,26 @@ def _pipe_transport(fds: list[int]) -> tuple[FdTransport, int]:
     return open_transport(w), w
 
 
+def _pipe_write_end(fds: list[int]) -> tuple[FdTransport, int]:
+    r, w = os.pipe()
+    fds.extend((r, w))
+    transport = pipe_write_end(w)
+    assert transport.own_end is None
+    assert transport.write_some(memoryview(b"ok")) == 2 and os.read(r, 10) == b"ok"
+    return transport, w
+
+
 def _socket_transport(fds: list[int]) -> tuple[FdTransport, int]:
     a, b = socket.socketpair()
     fds.extend((a.detach(), b.detach()))
     return open_transport(fds[-2]), fds[-2]
 
 
-@pytest.mark.parametrize("make", [_pipe_transport, _socket_transport], ids=["pipe", "socket"])
+@pytest.mark.parametrize(
+    "make",
+    [_pipe_transport, _pipe_write_end, _socket_transport],
+    ids=["pipe", "pipe-write-end", "socket"],
+)
 def test_a_closed_transport_forgets_its_number(
     make: Callable[[list[int]], tuple[FdTransport, int]], fds: list[int]
 ) -> None:

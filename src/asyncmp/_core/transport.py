@@ -46,6 +46,7 @@ __all__ = (
     "OwnReadEnd",
     "open_transport",
     "own_read_end",
+    "pipe_write_end",
     "socket_over_dup",
 )
 
@@ -303,11 +304,12 @@ class _PipeTransport(FdTransport):
 
     __slots__ = ("_poll_in", "_poll_out")
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, *, write_end: bool = False) -> None:
         super().__init__(fd)
         self._poll_in = poller(fd, writable=False)
         self._poll_out = poller(fd, writable=True)
-        self.own_end = own_read_end(fd)
+        # A write end has no own read end, and knowing it saves asking the kernel.
+        self.own_end = None if write_end else own_read_end(fd)
 
     def _readable(self) -> int:
         """How much to read now without blocking: 0 if nothing is there yet."""
@@ -372,3 +374,9 @@ def open_transport(fd: int) -> FdTransport:
     if stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode) or stat.S_ISCHR(mode):
         return _PipeTransport(fd)
     raise ValueError(f"file descriptor {fd} is neither a pipe nor a socket")
+
+
+def pipe_write_end(fd: int) -> FdTransport:
+    """The transport of *fd*, known to be a pipe's write end (a queue's), made without a
+    system call: for a writer that makes one per frame, as a ``SimpleQueue``'s put does."""
+    return _PipeTransport(fd, write_end=True)

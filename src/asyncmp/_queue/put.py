@@ -51,7 +51,7 @@ from .state import QueueState
 if TYPE_CHECKING or sys.platform != "win32":
     from .._core.atfork import register_fork_owned
     from .._core.readiness import poller
-    from .._core.transport import open_transport, socket_over_dup
+    from .._core.transport import pipe_write_end, socket_over_dup
 
 if sys.platform != "win32":
     import select
@@ -119,7 +119,7 @@ def write_frame(
     The writing is the frame engine's (``FrameWriter.write_blocking``), as for a
     connection's thread route: this adds the write lock.
     """
-    writer = FrameWriter(open_transport(fd), on_torn=_nothing, peer_gone=_NO_READERS)
+    writer = FrameWriter(pipe_write_end(fd), on_torn=_nothing, peer_gone=_NO_READERS)
     room = poller(fd, writable=True)
     while not wlock.acquire(True, THREAD_SLICE):
         if c.stopping:
