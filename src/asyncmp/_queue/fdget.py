@@ -220,6 +220,7 @@ class FdGetter:
             if not rlock.held:
                 if not rlock.contended and reader.available() == 0:
                     await self._wait_readable()
+                    self._state.check_open()  # closed as it woke: the transport's fd is -1
                     if reader.available() == 0:
                         # Readable, yet empty: another consumer took the item first.
                         # That is contention too; from now on queue for the lock.
