@@ -23,9 +23,8 @@ from asyncmp import ConnectionEOF, ProtocolError
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX descriptors")
 
 if sys.platform != "win32":
-    from asyncmp._core import fdio as _fdio
     from asyncmp._core import frames as _frames
-    from asyncmp._core.fdio import open_transport, own_read_end, poller
+    from asyncmp._core import transport as _transport
     from asyncmp._core.frames import (
         ExactReader,
         FrameWriter,
@@ -34,6 +33,8 @@ if sys.platform != "win32":
         frame_parts,
         stdlib_recv_error,
     )
+    from asyncmp._core.readiness import poller
+    from asyncmp._core.transport import open_transport, own_read_end
     from asyncmp._core.wire import CLEAN_END, DecoderState, StreamEnd
 
 
@@ -519,7 +520,7 @@ def test_own_read_end_is_nonblocking_and_leaves_the_handed_descriptor_alone(pipe
     r, w = pipe.r, pipe.w
     own = own_read_end(r)
     assert own is not None
-    assert own.fd == _fdio.UNOPENED, "opened by the first read, not before"
+    assert own.fd == _transport.UNOPENED, "opened by the first read, not before"
     try:
         assert own.open() == own.fd
         assert own.fd not in (r, w, -1)

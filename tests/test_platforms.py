@@ -9,7 +9,7 @@ and the stand-ins of ``tests/support/platform_fakes.py`` play the other platform
   message-mode ``PipeConnection`` ends that have no descriptor.
 * **macOS ``Queue.qsize()``** raises ``NotImplementedError``: a queue that does.
 * **kqueue** (``kqueue`` fixture): ``ReadinessWaiter`` opens its helper through
-  ``asyncmp._core.fdio.KQUEUE``, here a kqueue stand-in built on epoll.
+  ``asyncmp._core.readiness.KQUEUE``, here a kqueue stand-in built on epoll.
 * **Proactor and selector event loops**: asyncio loops whose ``add_reader`` family raises
   ``NotImplementedError``, as ``ProactorEventLoop``'s does, and a plain
   ``SelectorEventLoop``.
@@ -39,8 +39,8 @@ import pytest
 
 import asyncmp
 from asyncmp import AsyncConnection, AsyncProcess, AsyncQueue, ConnectionEOF, ProtocolError
-from asyncmp._core import fdio as _fdio
 from asyncmp._core import platform as _platform
+from asyncmp._core import readiness as _readiness
 from asyncmp._core.threads import thread_limiter
 
 from .support import process_workers as pw
@@ -454,8 +454,8 @@ async def test_macos_queue_without_qsize(
 def kqueue(monkeypatch: pytest.MonkeyPatch) -> FakeKqueueModule:
     """Have ReadinessWaiter use kqueue (the stand-in) instead of epoll."""
     module = FakeKqueueModule()
-    api: _fdio.KqueueAPI = module  # the stand-in offers what asyncmp uses of select
-    monkeypatch.setattr(_fdio, "KQUEUE", api)
+    api: _readiness.KqueueAPI = module  # the stand-in offers what asyncmp uses of select
+    monkeypatch.setattr(_readiness, "KQUEUE", api)
     return module
 
 
@@ -510,7 +510,7 @@ def nonblocking_pipe() -> tuple[int, int]:
     return r, w
 
 
-async def wait_in_task(tg: anyio.abc.TaskGroup, waiter: _fdio.ReadinessWaiter) -> list[str]:
+async def wait_in_task(tg: anyio.abc.TaskGroup, waiter: _readiness.ReadinessWaiter) -> list[str]:
     """Start ``waiter.wait()`` in a task; the list says ``"ready"`` or ``"closed"`` once it
     returned, and stays empty while it waits."""
     outcome: list[str] = []
@@ -531,7 +531,7 @@ async def wait_in_task(tg: anyio.abc.TaskGroup, waiter: _fdio.ReadinessWaiter) -
 async def test_kqueue_waiter_reads(kqueue: FakeKqueueModule) -> None:
     r, w = nonblocking_pipe()
     try:
-        waiter = _fdio.ReadinessWaiter(r)
+        waiter = _readiness.ReadinessWaiter(r)
         (kq,) = kqueue.opened
         assert kq.changes == [(r, KQ_FILTER_READ, KQ_EV_ADD)]
         assert waiter.fileno() == kq.fileno()
@@ -559,7 +559,7 @@ async def test_kqueue_waiter_reads(kqueue: FakeKqueueModule) -> None:
 async def test_kqueue_waiter_writes(kqueue: FakeKqueueModule) -> None:
     r, w = nonblocking_pipe()
     try:
-        waiter = _fdio.ReadinessWaiter(w, writable=True)
+        waiter = _readiness.ReadinessWaiter(w, writable=True)
         assert kqueue.opened[0].changes == [(w, KQ_FILTER_WRITE, KQ_EV_ADD)]
         with anyio.fail_after(10):
             await waiter.wait()  # an empty pipe has room

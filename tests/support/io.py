@@ -28,7 +28,7 @@ if sys.platform != "win32":
     import fcntl
     import termios
 
-    from asyncmp._core.fdio import ReadinessWaiter
+    from asyncmp._core.readiness import ReadinessWaiter
 
 __all__ = (
     "KiB",

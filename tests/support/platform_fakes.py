@@ -267,7 +267,7 @@ class FakeKqueue:
 
 
 class FakeKqueueModule:
-    """What asyncmp uses of ``select`` on macOS, for ``asyncmp._core.fdio.KQUEUE``."""
+    """What asyncmp uses of ``select`` on macOS, for ``asyncmp._core.readiness.KQUEUE``."""
 
     KQ_FILTER_READ = KQ_FILTER_READ
     KQ_FILTER_WRITE = KQ_FILTER_WRITE

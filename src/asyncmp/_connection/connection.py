@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from typing_extensions import Buffer
 
 if TYPE_CHECKING or sys.platform != "win32":
-    from .._core.fdio import register_fork_owned
+    from .._core.atfork import register_fork_owned
 else:  # pragma: no cover
     register_fork_owned = None
 

@@ -5,7 +5,7 @@ which route it has. Each route owns the ``multiprocessing`` Connection it was gi
 closes it.
 
 * :class:`FdRoute` (POSIX): waits for readiness through a private epoll/kqueue helper and
-  moves only the bytes that are there (see ``_core.fdio``), through the frame engine's greedy
+  moves only the bytes that are there (see ``_core.transport``), through the frame engine's greedy
   reader and writer (see ``_core.frames``). Bytes that arrived but don't make a whole frame
   yet stay in the reader's decoder, so a cancelled receive loses nothing.
 * :class:`ThreadRoute` (Windows pipe handles, or on request): runs blocking calls in
@@ -52,7 +52,8 @@ if TYPE_CHECKING:
     from typing import TypeAlias
 
 if TYPE_CHECKING or sys.platform != "win32":
-    from .._core.fdio import FdTransport, Poller, open_transport, poller, socket_over_dup
+    from .._core.readiness import Poller, poller
+    from .._core.transport import FdTransport, open_transport, socket_over_dup
 
 __all__ = ("Connection", "ConnectionRoute", "FdRoute", "ThreadRoute")
 
@@ -143,8 +144,9 @@ class FdRoute:
         self._fd = fd = conn.fileno()
         self._transport: FdTransport = open_transport(fd)
         self.fast_reader: GreedyReader = GreedyReader(self._transport, max_message_size)
+        transport = self._transport  # -1 once closed: a shutdown then does nothing
         self.fast_writer: FrameWriter = FrameWriter(
-            self._transport, on_torn=lambda: _shutdown_socket_write(fd)
+            transport, on_torn=lambda: _shutdown_socket_write(transport.fd)
         )
 
     @property

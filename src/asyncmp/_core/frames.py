@@ -1,7 +1,7 @@
 """The frame engine: whole frames over a descriptor, between the codec and the I/O layer.
 
-``_core.wire`` knows the framing and moves no bytes; ``_core.fdio`` moves bytes without blocking
-and knows no framing. This module puts the two together, once, for every adapter:
+``_core.wire`` knows the framing and moves no bytes; ``_core.transport`` moves bytes without
+blocking and knows no framing. This module puts the two together, once, for every adapter:
 
 * :class:`GreedyReader` (connections): reads whatever is there, as much as the decoder
   can use, so one read may bring many small frames; a large body goes straight into the
@@ -14,12 +14,14 @@ and knows no framing. This module puts the two together, once, for every adapter
   budget; :meth:`ExactReader.read_blocking` waits for the rest in a thread, each wait
   bounded by a stall timeout.
 * :class:`OwnEndReader` (queues on Linux): an exact reader whose fast path needs no
-  ``FIONREAD``: it reads the pipe's own read end (:class:`~asyncmp._core.fdio.OwnReadEnd`),
+  ``FIONREAD``: it reads the pipe's own read end (:class:`~asyncmp._core.transport.OwnReadEnd`),
   a non-blocking open file description that no other process shares.
   :func:`exact_reader` picks it where the pipe has one.
-* :class:`FrameWriter`: header and small payloads in one write, large ones in two; writes
-  what fits, waits for room, and finishes a frame torn by a cancellation (shielded and
-  bounded) or breaks the stream so the peer never sees a torn frame followed by more.
+* :class:`FrameWriter`, the one frame writer: header and small payloads in one write,
+  large ones in two; writes what fits, waits for room, and finishes a frame torn by a
+  cancellation (shielded and bounded) or breaks the stream so the peer never sees a torn
+  frame followed by more. From a thread, :meth:`FrameWriter.write_blocking` serves a
+  connection's thread route and a queue's put alike.
 
 A new read strategy (io_uring, say) is one more reader class here; the adapters keep
 their shape.
@@ -35,9 +37,11 @@ that meets it passes that on to :func:`eof_error` (connections) or :func:`queue_
 from __future__ import annotations
 
 import errno
+import math
 import os
 import sys
 from collections.abc import Callable
+from time import perf_counter
 from typing import TYPE_CHECKING
 
 import anyio
@@ -56,7 +60,8 @@ from .wire import (
 )
 
 if TYPE_CHECKING or sys.platform != "win32":
-    from .fdio import UNOPENED, FdTransport, OwnReadEnd, Poller, ReadinessWaiter
+    from .readiness import Poller, ReadinessWaiter
+    from .transport import UNOPENED, FdTransport, OwnReadEnd
 
 __all__ = (
     "BODY_READ",
@@ -139,6 +144,14 @@ def stalled(stall_timeout: float, held: int) -> anyio.BrokenResourceError:
     return anyio.BrokenResourceError(
         f"a producer stopped mid-item: no progress for {stall_timeout} s "
         f"with {held} bytes of it read"
+    )
+
+
+def _put_stalled(stall_timeout: float, written: int, total: int) -> anyio.BrokenResourceError:
+    """A put that began its item found no room for *stall_timeout* seconds."""
+    return anyio.BrokenResourceError(
+        f"a put stopped mid-item: nobody read the queue for "
+        f"{stall_timeout} s with {written} of its {total} bytes written"
     )
 
 
@@ -346,16 +359,28 @@ class GreedyReader:
 class FrameWriter:
     """Writes whole frames: what fits now, the rest as room comes.
 
+    Every write is the transport's ``write_some``, which never blocks: into a pipe, at
+    most ``PIPE_BUF`` bytes at a time after ``poll`` said there is room, so a frame of at
+    most ``PIPE_BUF`` bytes goes in whole, in one write (see ``_core.transport``).
+
     :attr:`broken` is set when a send cancelled mid-frame could not finish it within
     :data:`SEND_SHIELD_SECONDS`; *on_torn* was then called to make the peer see EOF
-    (never a torn frame followed by more).
+    (never a torn frame followed by more). *peer_gone* is the text of the
+    ``anyio.BrokenResourceError`` raised once nobody reads the other end.
     """
 
-    __slots__ = ("_closed", "_on_torn", "_transport", "_wwait", "broken")
+    __slots__ = ("_closed", "_on_torn", "_peer_gone", "_transport", "_wwait", "broken")
 
-    def __init__(self, transport: FdTransport, on_torn: Callable[[], object]) -> None:
+    def __init__(
+        self,
+        transport: FdTransport,
+        on_torn: Callable[[], object],
+        *,
+        peer_gone: str = PEER_CLOSED,
+    ) -> None:
         self._transport = transport
         self._on_torn = on_torn
+        self._peer_gone = peer_gone
         self._wwait: ReadinessWaiter | None = None
         self._closed = False
         self.broken: str | None = None
@@ -367,7 +392,7 @@ class FrameWriter:
             return self._transport.write_some(view)
         except OSError as exc:
             if isinstance(exc, BrokenPipeError) or exc.errno in (errno.ECONNRESET, errno.EPIPE):
-                raise anyio.BrokenResourceError(PEER_CLOSED) from exc
+                raise anyio.BrokenResourceError(self._peer_gone) from exc
             raise
 
     def send_nowait(self, payload: memoryview) -> int | None:
@@ -440,8 +465,7 @@ class FrameWriter:
             await self._write_parts(parts, progress)
         if progress[0] < total:
             self.broken = torn_send(progress[0], total)
-            if not self._closed:  # else the number may belong to another file by now
-                self._on_torn()
+            self._on_torn()  # closed meanwhile: the transport's fd is -1, and it does nothing
 
     def send_blocking(
         self,
@@ -451,22 +475,61 @@ class FrameWriter:
         stopping: Callable[[], bool],
         done: list[int],
     ) -> None:
-        """Send one frame from a thread, waiting for room with *wait_writable* in slices
-        of *slice_ms*; *done* counts its bytes written so far.
+        """Send one frame of *payload* from a thread: :meth:`write_blocking` of its
+        :func:`frame_parts`. :raises anyio.ClosedResourceError: *stopping()* said so
+        between two slices."""
+        self.write_blocking(frame_parts(payload)[0], wait_writable, slice_ms, stopping, done)
 
-        :raises anyio.ClosedResourceError: *stopping()* said so between two slices.
+    def write_blocking(
+        self,
+        parts: list[memoryview],
+        wait_writable: Poller,
+        slice_ms: int,
+        stopping: Callable[[], bool],
+        done: list[int],
+        *,
+        once_begun: Callable[[], object] | None = None,
+        stall_timeout: float = math.inf,
+    ) -> None:
+        """Write one frame, in *parts* (its header in the first), from a thread, waiting
+        for room with *wait_writable* in slices of *slice_ms*; *done* counts its bytes
+        written so far.
+
+        *stopping()* is asked before each write, and ends the call if it says so: a
+        connection's send (whose caller breaks the connection if part of the frame went
+        out). With *once_begun* (a queue's put) it is asked only until the first byte is
+        in: then *once_begun()* is called, and the frame is finished whatever
+        *stopping()* says, as the reader makes room, since a frame left half-written
+        would tear the stream that every consumer of a queue reads; only a pipe that
+        takes no byte for *stall_timeout* seconds ends it early.
+
+        :raises anyio.ClosedResourceError: *stopping()* said so (see above).
+        :raises anyio.BrokenResourceError: nobody reads the other end (the *peer_gone*
+            text), or the frame had begun and no byte went in for *stall_timeout*
+            seconds ("a put stopped mid-item": part of the frame stays in the pipe).
         """
-        for part in frame_parts(payload)[0]:
+        total = sum(len(part) for part in parts)
+        written = 0
+        last_progress = 0.0
+        for part in parts:
             offset = 0
             while offset < len(part):
-                if stopping():
+                if (once_begun is None or not written) and stopping():
                     raise anyio.ClosedResourceError
                 n = self.write_some(part[offset:])
                 if n:
+                    if not written and once_begun is not None:
+                        once_begun()
                     offset += n
+                    written += n
                     done[0] += n
-                else:
-                    wait_writable.poll(slice_ms)
+                    last_progress = perf_counter()
+                elif (
+                    not wait_writable.poll(slice_ms)
+                    and written
+                    and perf_counter() - last_progress > stall_timeout
+                ):
+                    raise _put_stalled(stall_timeout, written, total)
 
     def close(self) -> None:
         """Wake a task waiting for room (it raises ``ClosedResourceError``)."""
@@ -627,7 +690,7 @@ BLIND_BODY_LIMIT = 64 * 1024
 
 class OwnEndReader(ExactReader):
     """An exact reader whose fast path makes two plain reads (header, body) on the pipe's
-    own read end (:class:`~asyncmp._core.fdio.OwnReadEnd`), which is non-blocking and this
+    own read end (:class:`~asyncmp._core.transport.OwnReadEnd`), which is non-blocking and this
     process's alone: each returns what is there, or ``EAGAIN``, as a blocking
     ``Queue.get()`` makes two reads. Never a byte past the frame: it asks for the header,
     then for exactly the body.

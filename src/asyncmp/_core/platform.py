@@ -1,7 +1,7 @@
 """The one platform switch that picks an I/O route, kept where tests can flip it.
 
 On POSIX a ``multiprocessing`` connection, a queue's pipe and a process sentinel are
-descriptors: the fd route waits for them through ``_core.fdio`` and frames a connection's
+descriptors: the fd route waits for them through ``_core.readiness`` and frames a connection's
 bytes with asyncmp's own decoder. On Windows they are handles that no event loop can
 poll, and a pipe is message-mode (no length prefix on the wire), so every wait runs in
 asyncmp's threads and every message goes through the Connection's own ``recv_bytes``

@@ -3,7 +3,7 @@
 :class:`AsyncProcess` waits for a ``multiprocessing.Process`` to end. On Linux it
 watches a pidfd, which becomes readable once the process has exited and can be
 reaped; elsewhere on POSIX it watches the process sentinel (a pipe whose write end the
-child holds), then reaps. Either way the wait goes through ``_core.fdio``'s helper
+child holds), then reaps. Either way the wait goes through ``_core.readiness``' helper
 descriptor, and no thread is involved. On Windows a thread waits in short slices. However
 many tasks wait, one watch serves them all (see :class:`AsyncProcess`).
 
@@ -50,7 +50,8 @@ if TYPE_CHECKING:
     from typing_extensions import Buffer
 
 if TYPE_CHECKING or sys.platform != "win32":
-    from .._core.fdio import ReadinessWaiter, register_fork_owned
+    from .._core.atfork import register_fork_owned
+    from .._core.readiness import ReadinessWaiter
 
 # The extra positional arguments of open_process() and open_worker() are checked against
 # the target's parameters. ParamSpec can't do that here: its P.args needs P.kwargs beside
@@ -117,7 +118,7 @@ class AsyncProcess:
     Any number of tasks (of one event loop) may wait for the process at once. The first
     one watches it: a pidfd (Linux) or the process sentinel (elsewhere on POSIX, and for
     a forkserver's children, whose exit status comes through the sentinel) through
-    ``_core.fdio``'s private helper descriptor, or a thread on Windows. The others wait for
+    ``_core.readiness``' private helper descriptor, or a thread on Windows. The others wait for
     that task; if it is cancelled, one of them takes over. What the watch holds (the
     pidfd, the helper descriptor, the thread) is shared by the waiting tasks and released
     when the last of them returns or is cancelled, or by :meth:`close`.
@@ -424,7 +425,7 @@ class Lifeline:
     happens when this process exits, however it ends (the kernel closes a dead process's
     descriptors). The write end is not inherited by exec'd programs (``os.pipe()``
     descriptors are not inheritable), and it is closed in every forked child by the fork
-    hook of ``_core.fdio``: a child forked later (a pool's second worker, any other process)
+    hook of ``_core.atfork``: a child forked later (a pool's second worker, any other process)
     would otherwise keep this process's lifeline open for as long as it lives. The read
     end is left to forked children: the child it was made for may need it, and it keeps
     nothing alive.

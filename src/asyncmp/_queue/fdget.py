@@ -1,6 +1,6 @@
 """The fd route of an AsyncQueue's gets (POSIX ``Queue``, ``JoinableQueue``, ``SimpleQueue``).
 
-1. Wait until the pipe is readable, through the helper descriptor of ``_core.fdio`` (never
+1. Wait until the pipe is readable, through the helper descriptor of ``_core.readiness`` (never
    touching the pipe's flags, which every worker shares).
 2. Take the reader lock (:mod:`.rlock`): without blocking, or, once contended,
    queued in the kernel from a kept thread.
@@ -36,7 +36,8 @@ from .rlock import ReaderLock
 from .state import QueueState
 
 if TYPE_CHECKING or sys.platform != "win32":
-    from .._core.fdio import FdTransport, ReadinessWaiter, open_transport, poller
+    from .._core.readiness import ReadinessWaiter, poller
+    from .._core.transport import FdTransport, open_transport
 
 __all__ = ("FdGetter", "finish_in_thread", "unpickle_frame")
 
@@ -219,6 +220,7 @@ class FdGetter:
             if not rlock.held:
                 if not rlock.contended and reader.available() == 0:
                     await self._wait_readable()
+                    self._state.check_open()  # closed as it woke: the transport's fd is -1
                     if reader.available() == 0:
                         # Readable, yet empty: another consumer took the item first.
                         # That is contention too; from now on queue for the lock.

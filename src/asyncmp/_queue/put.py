@@ -36,31 +36,30 @@ import threading
 import weakref
 from collections.abc import Callable
 from multiprocessing.reduction import ForkingPickler
-from time import perf_counter
 from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 from anyio.lowlevel import cancel_shielded_checkpoint, checkpoint, checkpoint_if_cancelled
 
 from .._core import mpinternals as _mpinternals
+from .._core.frames import FrameWriter
 from .._core.loop import threadsafe_notifier
 from .._core.threads import THREAD_SLICE, BlockingCall
 from .._core.wire import dumps, encode_header
 from .state import QueueState
 
 if TYPE_CHECKING or sys.platform != "win32":
-    from .._core.fdio import poller, register_fork_owned, socket_over_dup
+    from .._core.atfork import register_fork_owned
+    from .._core.readiness import poller
+    from .._core.transport import pipe_write_end, socket_over_dup
 
 if sys.platform != "win32":
     import select
 
     #: What polling a queue's write end says once no process holds its read end.
     _READERS_GONE = select.POLLERR | select.POLLHUP
-    #: The most one write into a pipe that polls writable takes whole, without blocking.
-    _PIPE_BUF: int = getattr(select, "PIPE_BUF", 512)
 else:  # pragma: no cover
     _READERS_GONE = 0
-    _PIPE_BUF = 512
 
 __all__ = ("Putter", "write_frame")
 
@@ -116,33 +115,28 @@ def write_frame(
     (the pipe then holds part of the frame, as after a producer that died mid-put); with
     ``math.inf`` it waits for room as long as that takes. A pipe whose every read end is
     closed ends it with ``anyio.BrokenResourceError`` too (nobody can read the frame).
+
+    The writing is the frame engine's (``FrameWriter.write_blocking``), as for a
+    connection's thread route: this adds the write lock.
     """
+    writer = FrameWriter(pipe_write_end(fd), on_torn=_nothing, peer_gone=_NO_READERS)
+    room = poller(fd, writable=True)
     while not wlock.acquire(True, THREAD_SLICE):
         if c.stopping:
             return False
     try:
-        watch = poller(fd, writable=True)
-        view = memoryview(frame)
-        written = 0
-        last_progress = perf_counter()
-        while written < len(view):
-            if not written and c.stopping:
-                return False
-            events = watch.poll(THREAD_SLICE * 1000)
-            if not events:
-                if written and perf_counter() - last_progress > stall_timeout:
-                    raise anyio.BrokenResourceError(
-                        f"a put stopped mid-item: nobody read the queue for "
-                        f"{stall_timeout} s with {written} of its {len(view)} bytes written"
-                    )
-                continue
-            if events[0][1] & _READERS_GONE:
-                raise anyio.BrokenResourceError(_NO_READERS)
-            n = os.write(fd, view[written : written + _PIPE_BUF])
-            if not written:
-                on_begun()
-            written += n
-            last_progress = perf_counter()
+        try:
+            writer.write_blocking(
+                [memoryview(frame)],
+                room,
+                int(THREAD_SLICE * 1000),
+                lambda: c.stopping,
+                [0],
+                once_begun=on_begun,
+                stall_timeout=stall_timeout,
+            )
+        except anyio.ClosedResourceError:
+            return False  # stopped before the first byte: nothing written
         return True
     finally:
         wlock.release()
@@ -366,7 +360,7 @@ class _Interrupter:
     def _shutdown(conn: Any) -> None:
         try:
             # Never socket.socket(fileno=): under a default timeout it would make the
-            # descriptor non-blocking (see _fdio.socket_over_dup).
+            # descriptor non-blocking (see _core.transport.socket_over_dup).
             sock = socket_over_dup(conn.fileno())
         except (OSError, ValueError):
             return

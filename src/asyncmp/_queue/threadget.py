@@ -28,7 +28,8 @@ from .rlock import acquire_blocking
 from .state import QueueState
 
 if TYPE_CHECKING or sys.platform != "win32":
-    from .._core.fdio import FdTransport, open_transport, poller
+    from .._core.readiness import poller
+    from .._core.transport import FdTransport, open_transport
 
 __all__ = ("ThreadGetter",)
 

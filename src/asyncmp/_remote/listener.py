@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 
 if TYPE_CHECKING or sys.platform != "win32":
     # POSIX only; serve() refuses to run elsewhere before making a listener.
-    from .._core.fdio import ReadinessWaiter, register_fork_owned
+    from .._core.atfork import register_fork_owned
+    from .._core.readiness import ReadinessWaiter
 
 __all__ = ("AsyncListener",)
 

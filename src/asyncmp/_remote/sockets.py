@@ -9,7 +9,7 @@ connection's decoder; and uvloop would keep a handle on the descriptor. An
 A socket is non-blocking only while it connects (or, for the listening socket, for its
 whole life): it is freshly made, in this process alone, and no other process holds it
 yet, so its flags are nobody else's business. Readiness for ``connect()`` and
-``accept()`` is awaited through ``_core.fdio.ReadinessWaiter``, as everywhere in asyncmp, so
+``accept()`` is awaited through ``_core.readiness.ReadinessWaiter``, as everywhere in asyncmp, so
 the event loop never sees these sockets. A connected socket is made blocking again
 before it becomes a ``multiprocessing.connection.Connection`` (``_remote.connections``), so
 that it is exactly what ``Client()`` or ``Listener.accept()`` would return.
@@ -30,7 +30,7 @@ import anyio
 from anyio.lowlevel import checkpoint
 
 if TYPE_CHECKING or sys.platform != "win32":
-    from .._core.fdio import ReadinessWaiter
+    from .._core.readiness import ReadinessWaiter
 
 __all__ = (
     "FAMILIES",
