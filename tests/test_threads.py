@@ -5,11 +5,14 @@ one way to wait for a call."""
 
 from __future__ import annotations
 
+import re
 import threading
+from pathlib import Path
 
 import anyio
 import pytest
 
+import asyncmp
 from asyncmp._core.threads import (
     THREAD_SLICE,
     BlockingCall,
@@ -215,3 +218,23 @@ async def test_run_blocking_cancelled_before_its_thread_starts_keeps_nothing() -
     finally:
         limiter.release_on_behalf_of(holder)
         limiter.total_tokens = saved
+
+
+_SRC = Path(asyncmp.__file__).parent
+
+
+@pytest.mark.parametrize("folder", ["_queue", "_connection"])
+def test_the_queue_and_the_connection_run_calls_only_through_the_helpers(folder: str) -> None:
+    """The lifecycle of a blocking call (build, start, keep, wait, stop on cancel, forget)
+    is written once, in ``_core/threads.py``: the adapters build no BlockingCall
+    themselves, start none, and keep no set of calls of their own."""
+    written_out = re.compile(
+        r"BlockingCall\(|\.start_now\(\)|await \w+\.start\(\)|calls\.(add|discard)\("
+    )
+    found = [
+        f"{path.relative_to(_SRC)}:{n}: {line.strip()}"
+        for path in sorted((_SRC / folder).glob("*.py"))
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if written_out.search(line)
+    ]
+    assert not found, "a blocking call's lifecycle written out again:\n" + "\n".join(found)
