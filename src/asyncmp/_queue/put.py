@@ -639,8 +639,9 @@ class Putter:
     # -- closing ------------------------------------------------------------------------
 
     def stop(self) -> None:
-        """First step of closing (every part's, before any waits): end the joins that wait
-        on a manager's connection."""
+        """First step of closing (every part's, before any waits; after the calls were
+        asked to stop, so that a join it interrupts knows it was stopped): end the joins
+        that wait on a manager's connection."""
         for interrupter in self._interrupters.values():
             interrupter.fire()
 

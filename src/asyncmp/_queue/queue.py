@@ -381,9 +381,10 @@ class AsyncQueue(AsyncResource, Generic[T]):
         state.closed = True
         getter, putter = self._getter, self._putter
         # Every part stops waiting, and every call is asked to stop, before any waits.
+        # The calls first: a join that the putter interrupts must find itself stopped.
+        calls = state.calls.stop()
         getter.stop()
         putter.stop()
-        calls = state.calls.stop()
         with anyio.CancelScope(shield=True):
             await state.calls.wait(calls)
             # Never let go of the reader lock mid-item: the getter finishes the item, and
