@@ -21,6 +21,7 @@ import os
 import pickle
 import queue
 import random
+import re
 import select
 import sys
 import threading
@@ -37,6 +38,7 @@ import pytest
 import asyncmp
 from asyncmp import AsyncQueue
 from asyncmp._core import loop as _loop
+from asyncmp._core import mpinternals as _mpinternals
 
 from .support import queue_workers
 from .support.io import (
@@ -135,6 +137,43 @@ async def test_wraps_every_kind_from_every_context(
                 assert (q.get() if kind == "SimpleQueue" else q.get(timeout=10)) == "async"
     finally:
         release_pipe(q)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_an_adapter_looks_into_the_queue_once(
+    monkeypatch: pytest.MonkeyPatch, use_threads: bool, kind: str
+) -> None:
+    """The facade finds the queue's insides (pipe, reader lock, semaphore) once and hands
+    them to its parts, whichever the route."""
+    probed: list[Any] = []
+    real = _mpinternals.queue_parts
+
+    def probe(q: object) -> Any:
+        probed.append(q)
+        return real(q)
+
+    monkeypatch.setattr(_mpinternals, "queue_parts", probe)
+    q = make_queue(kind)
+    try:
+        with anyio.fail_after(20):
+            async with AsyncQueue[Any](q, use_threads=use_threads) as aq:
+                await aq.put("one")
+                assert await aq.get() == "one"
+        assert probed == [q]
+    finally:
+        release_pipe(q)
+
+
+def test_the_facade_asks_its_parts_and_reaches_no_further() -> None:
+    """``AsyncQueue`` uses its parts' methods, never their parts (``fast.rlock.held``), and
+    only the reader lock's own module touches the cross-process lock."""
+    folder = Path(asyncmp.__file__).parent / "_queue"
+    facade = (folder / "queue.py").read_text()
+    reaching = re.findall(r"\b_?(?:fast|getter|putter)\.\w+\.\w+", facade)
+    assert not reaching, reaching
+    for path in sorted(folder.glob("*.py")):
+        if path.name != "rlock.py":
+            assert ".lock.acquire(" not in path.read_text(), path.name
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -40,7 +40,7 @@ from .._core.frames import (
     stdlib_recv_error,
     torn_send,
 )
-from .._core.threads import THREAD_SLICE, BlockingCall, KeptThread
+from .._core.threads import THREAD_SLICE, BlockingCall, KeptThread, ThreadCalls
 from .._core.wire import encode_header
 
 if sys.version_info >= (3, 13):
@@ -257,7 +257,7 @@ class ThreadRoute:
             self._writer = FrameWriter(self._transport, on_torn=self.send_eof)
             self._wpoll = poller(fd, writable=True)
         self._pending_recv: BlockingCall[bytes] | None = None
-        self._calls: set[BlockingCall[Any]] = set()
+        self._calls = ThreadCalls()
         self._closed = False
         self.broken: str | None = None
         # A thread per direction, kept between calls (see _threads.KeptThread).
@@ -273,10 +273,12 @@ class ThreadRoute:
 
     # -- the calls ----------------------------------------------------------------------
 
-    def _call(
+    async def _start(
         self, fn: Callable[[BlockingCall[_R]], _R], name: str, worker: KeptThread
     ) -> BlockingCall[_R]:
-        """A call of *fn* that counts as a user of the handle until it has returned."""
+        """Start a call of *fn* that counts as a user of the handle until it has returned.
+
+        :raises anyio.ClosedResourceError: this end is closed."""
 
         def run(call: BlockingCall[_R]) -> _R:
             try:
@@ -288,16 +290,11 @@ class ThreadRoute:
             if self._closed:
                 raise anyio.ClosedResourceError
             self._active += 1
-        return BlockingCall(run, name=name, worker=worker, limited=False)
-
-    async def _start(self, call: BlockingCall[Any]) -> None:
         try:
-            await call.start()
+            return await self._calls.start(run, name=name, worker=worker, limited=False)
         except BaseException:
             self._leave()  # it never ran
             raise
-        self._calls.add(call)
-        call.add_done_callback(self._calls.discard)
 
     def _leave(self) -> None:
         with self._active_lock:
@@ -381,8 +378,7 @@ class ThreadRoute:
         call = self._pending_recv
         if call is None:
             await checkpoint_if_cancelled()
-            call = self._call(self._blocking_recv, "asyncmp-recv", self._workers[0])
-            await self._start(call)
+            call = await self._start(self._blocking_recv, "asyncmp-recv", self._workers[0])
             self._pending_recv = call
         await self._wait(call)
         return self._collect(call, maxlength)
@@ -428,10 +424,9 @@ class ThreadRoute:
         await checkpoint_if_cancelled()
         done = [0]
         total = len(encode_header(len(payload))) + len(payload)
-        call: BlockingCall[None] = self._call(
+        call: BlockingCall[None] = await self._start(
             lambda c: self._blocking_send(c, payload, done), "asyncmp-send", self._workers[1]
         )
-        await self._start(call)
         try:
             await self._wait(call)
         except anyio.get_cancelled_exc_class():
@@ -472,8 +467,7 @@ class ThreadRoute:
             for waker in self._wakers:
                 waker.set()  # the tasks waiting on a call raise ClosedResourceError now
             self._wakers.clear()
-            for call in self._calls:
-                call.request_stop()
+            self._calls.stop()
             for worker in self._workers:
                 worker.close()  # its thread ends once its call (if any) has returned
         finally:

@@ -18,6 +18,11 @@ that the async caller keeps asyncmp's guarantees:
   ``asyncmp-…``; it never blocks interpreter exit. Blocking functions are written as
   loops of short time slices that check :attr:`BlockingCall.stopping`, so an owner
   that closes can ask its thread to stop and wait for it.
+* **One way to run a call.** :class:`ThreadCalls` is an owner's set of calls in flight:
+  it builds and starts each (:meth:`ThreadCalls.start`), keeps it until it has finished,
+  and is what the owner's close stops and waits for. :func:`wait_or_stop` waits for a
+  call and, if the wait is cancelled, asks the call to stop; :func:`run_blocking` does
+  all of it in one step.
 * **A thread per call only when calls are rare.** Starting a thread costs far more than
   a small item takes to arrive. An owner that makes the same kind of call over and over
   (an adapter's gets) gives its calls a :class:`KeptThread`: one thread that runs them one
@@ -32,15 +37,24 @@ from __future__ import annotations
 import threading
 import traceback
 from collections import deque
-from collections.abc import Callable
-from typing import Generic, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any, Generic, TypeVar
 
 import anyio
 from anyio.lowlevel import RunVar
 
 from .loop import threadsafe_notifier
 
-__all__ = ("DEFAULT_THREAD_LIMIT", "THREAD_SLICE", "BlockingCall", "KeptThread", "thread_limiter")
+__all__ = (
+    "DEFAULT_THREAD_LIMIT",
+    "THREAD_SLICE",
+    "BlockingCall",
+    "KeptThread",
+    "ThreadCalls",
+    "run_blocking",
+    "thread_limiter",
+    "wait_or_stop",
+)
 
 T = TypeVar("T")
 
@@ -287,3 +301,123 @@ class BlockingCall(Generic[T]):
             return not self._submitted or self._finished.wait(timeout)
         self._thread.join(timeout)
         return not self._thread.is_alive()
+
+
+class ThreadCalls:
+    """The blocking calls an owner has in flight: what its close stops and waits for.
+
+    Each call is kept from the moment it starts until the event loop hears that it has
+    finished (or the owner collects it first, outside a loop: :meth:`forget`).
+    """
+
+    __slots__ = ("_calls",)
+
+    def __init__(self) -> None:
+        self._calls: set[BlockingCall[Any]] = set()
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+    def __iter__(self) -> Iterator[BlockingCall[Any]]:
+        return iter(list(self._calls))
+
+    async def start(
+        self,
+        fn: Callable[[BlockingCall[T]], T],
+        *,
+        name: str,
+        worker: KeptThread | None = None,
+        limited: bool = True,
+    ) -> BlockingCall[T]:
+        """Build a :class:`BlockingCall` of *fn*, start it and keep it until it has finished.
+
+        If cancelled while waiting for the limiter, no thread was started and nothing is kept.
+        """
+        call = BlockingCall(fn, name=name, worker=worker, limited=limited)
+        await call.start()
+        self._keep(call)
+        return call
+
+    def start_now(
+        self, fn: Callable[[BlockingCall[T]], T], *, name: str, worker: KeptThread | None = None
+    ) -> BlockingCall[T]:
+        """As :meth:`start`, without awaiting (``limited=False``): for a caller on its way
+        out of a cancellation. In the event loop's thread only."""
+        call = BlockingCall(fn, name=name, worker=worker, limited=False)
+        call.start_now()
+        self._keep(call)
+        return call
+
+    def _keep(self, call: BlockingCall[Any]) -> None:
+        self._calls.add(call)
+        call.add_done_callback(self._calls.discard)
+
+    def forget(self, call: BlockingCall[Any]) -> None:
+        """Stop keeping *call*: its owner collected it (finished, though the loop may not
+        have heard yet)."""
+        self._calls.discard(call)
+
+    def stop(self) -> list[BlockingCall[Any]]:
+        """Ask every call to give up at its next time slice; return them."""
+        calls = list(self._calls)
+        for call in calls:
+            call.request_stop()
+        return calls
+
+    async def wait(self, calls: list[BlockingCall[Any]] | None = None) -> None:
+        """Wait until *calls* (those :meth:`stop` returned; None: every call kept now) have
+        returned and their threads have ended (on a :class:`KeptThread`: the call has
+        returned), then keep none. Shield it: if cancelled, the calls go on and are still
+        kept."""
+        if calls is None:
+            calls = list(self._calls)
+        for call in calls:
+            await call.wait()
+        for call in calls:
+            call.join()
+        self._calls.clear()
+
+
+async def wait_or_stop(
+    call: BlockingCall[T], on_stop: Callable[[BlockingCall[T]], object] | None = None
+) -> None:
+    """Wait until *call* has finished.
+
+    If the wait is cancelled (or anything else ends it), the call is asked to give up at
+    its next time slice, ``on_stop(call)`` runs (to undo what the thread may have done
+    meanwhile), and the exception goes on; the call's outcome is kept, for whoever
+    collects it.
+    """
+    try:
+        await call.wait()
+    except BaseException:
+        call.request_stop()
+        if on_stop is not None:
+            on_stop(call)
+        raise
+
+
+async def run_blocking(
+    fn: Callable[[BlockingCall[T]], T],
+    *,
+    name: str,
+    worker: KeptThread | None = None,
+    limited: bool = True,
+    calls: ThreadCalls | None = None,
+    on_stop: Callable[[BlockingCall[T]], object] | None = None,
+) -> BlockingCall[T]:
+    """Run *fn* in a thread and wait for it; return the finished call, for its
+    :meth:`~BlockingCall.result`.
+
+    The call is kept in *calls* (if given) while it runs, so the owner's close can stop
+    it. If cancelled, the call is asked to stop and *on_stop* runs, as in
+    :func:`wait_or_stop`, and the cancellation goes on (before the thread started: no
+    thread was started).
+    """
+    if calls is not None:
+        call = await calls.start(fn, name=name, worker=worker, limited=limited)
+    else:
+        call = BlockingCall(fn, name=name, worker=worker, limited=limited)
+        await call.start()
+    await wait_or_stop(call, on_stop)
+    return call

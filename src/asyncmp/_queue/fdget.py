@@ -31,7 +31,7 @@ from anyio.lowlevel import checkpoint
 from .._core.frames import ExactReader, exact_reader, stalled
 from .._core.loop import FairLock, fast_checkpoint
 from .._core.mpinternals import QueueParts
-from .._core.threads import BlockingCall, KeptThread
+from .._core.threads import BlockingCall, KeptThread, run_blocking
 from .rlock import ReaderLock
 from .state import QueueState
 
@@ -87,6 +87,14 @@ class FdGetter:
 
     # -- the fast path ------------------------------------------------------------------
 
+    def may_take_fast(self) -> bool:
+        """Whether ``get()`` may try :meth:`take_whole_frame` before anything else: open,
+        not broken, and the reader lock not kept for a get in progress (won in a queue
+        against other consumers: the loop's turn the fast path may take would let it go,
+        a deferred release, and the consumers queued in the kernel would take it back
+        every time)."""
+        return self.fast and not self.rlock.held
+
     def take_whole_frame(self) -> bytes | None:
         """An item's frame if one is here whole, else None.
 
@@ -101,9 +109,8 @@ class FdGetter:
         if self.kept:
             return self.kept.popleft()
         rlock = self.rlock
-        if not rlock.lock.acquire(False):  # rlock.take_nowait(), inlined: the fast path
+        if not rlock.take_nowait():
             return None
-        rlock.held = True
         reader = self.reader
         body = reader.take_whole()
         if body is not None:
@@ -164,12 +171,10 @@ class FdGetter:
                 sem.release()  # as Queue.get does once it has read an item
             return frame
 
-        call: BlockingCall[bytes] = BlockingCall(
-            finish, name="asyncmp-queue-finish", worker=self._finisher, limited=False
+        # Kept in the adapter's calls: aclose() waits for it.
+        self._finishing = self._state.calls.start_now(
+            finish, name="asyncmp-queue-finish", worker=self._finisher
         )
-        call.start_now()
-        self._finishing = call
-        self._state.calls.add(call)  # aclose() waits for it
 
     def _collect(self, *, closing: bool = False) -> bool:
         """Take the background read's outcome once it has finished: its frame goes to
@@ -182,7 +187,7 @@ class FdGetter:
         if not call.finished or (self._state.closed and not closing):
             return False
         self._finishing = None
-        self._state.calls.discard(call)
+        self._state.calls.forget(call)
         self.rlock.released_elsewhere()
         try:
             frame = call.result()
@@ -284,7 +289,12 @@ class FdGetter:
     # -- without waiting ----------------------------------------------------------------
 
     def get_nowait(self) -> Any:
-        """The next item if one is here whole now (see :meth:`get_frame_nowait`)."""
+        """The next item if one is here whole now (see :meth:`get_frame_nowait`), unless
+        another get of this adapter waits (it comes first).
+
+        :raises queue.Empty: none is, or a get waits."""
+        if self.get_lock.locked():
+            raise queue.Empty
         return unpickle_frame(self.get_frame_nowait())
 
     def get_more(self, items: list[Any], limit: int) -> None:
@@ -366,16 +376,22 @@ class FdGetter:
         if self._waiter is not None:
             self._waiter.close()
 
-    def close_threads(self) -> None:
-        """Second step (the calls have returned): end the kept threads."""
+    async def aclose(self) -> bytes | None:
+        """Once the calls have returned: end the kept threads, finish an item begun
+        under the reader lock (see :meth:`_finish_partial`), and let go of the lock and
+        the transport. Returns the item's frame to put back, if any."""
         for thread in (self.rlock.close(), self._finisher.close()):
             if thread is not None:
                 thread.join()  # its calls have returned: it is on its way out
+        frame = await self._finish_partial()
+        self.rlock.release()
+        self.transport.close()
+        return frame
 
-    async def finish_partial(self) -> bytes | None:
-        """Third step: if this adapter holds the reader lock in the middle of a frame (a
-        get_many() or get_nowait() read into an item a producer is still writing), finish
-        it in a thread and return it; then let go of the lock (see ``finish_in_thread``).
+    async def _finish_partial(self) -> bytes | None:
+        """If this adapter holds the reader lock in the middle of a frame (a get_many() or
+        get_nowait() read into an item a producer is still writing), finish it in a
+        thread and return it; then let go of the lock (see ``finish_in_thread``).
 
         The item a cancelled get left to the background read (finished by now: the calls
         have returned), which no get took, is returned too. Either is taken as a get takes
@@ -396,11 +412,6 @@ class FdGetter:
             self._sem.release()  # taken whole, as Queue.get counts it
         return frame
 
-    def close(self) -> None:
-        """Last step: let go of the lock and the transport."""
-        self.rlock.release()
-        self.transport.close()
-
 
 async def finish_in_thread(reader: ExactReader, fd: int, state: QueueState) -> bytes | None:
     """Finish *reader*'s frame in a thread (each wait for more bytes bounded by
@@ -408,11 +419,9 @@ async def finish_in_thread(reader: ExactReader, fd: int, state: QueueState) -> b
     The reader is at a frame boundary again either way. Not cancellable: for aclose()."""
     stall = state.stall_timeout
     readable = poller(fd, writable=False)
-    call: BlockingCall[bytes] = BlockingCall(
+    call = await run_blocking(
         lambda c: reader.read_blocking(readable, stall), name="asyncmp-queue-finish"
     )
-    await call.start()
-    await call.wait()
     reader.reset()
     try:
         return call.result()

@@ -44,7 +44,8 @@ from anyio.lowlevel import cancel_shielded_checkpoint, checkpoint, checkpoint_if
 from .._core import mpinternals as _mpinternals
 from .._core.frames import FrameWriter
 from .._core.loop import threadsafe_notifier
-from .._core.threads import THREAD_SLICE, BlockingCall
+from .._core.mpinternals import QueueParts
+from .._core.threads import THREAD_SLICE, BlockingCall, run_blocking, wait_or_stop
 from .._core.wire import dumps, encode_header
 from .state import QueueState
 
@@ -376,7 +377,7 @@ class Putter:
     """Everything an AsyncQueue does to put: ``put``, ``put_nowait``, ``join`` and the
     flush on close. The adapter's docstrings say what each promises."""
 
-    def __init__(self, q: Any, state: QueueState) -> None:
+    def __init__(self, q: Any, parts: QueueParts | None, state: QueueState) -> None:
         self._q = q
         self._state = state
         self._is_mp_queue = isinstance(q, multiprocessing.queues.Queue)
@@ -388,7 +389,6 @@ class Putter:
         self.feeder_error: Exception | None = None
         self._writer = _mpinternals.queue_writer(q)
         self._wlock = _mpinternals.queue_wlock(q)
-        parts = _mpinternals.queue_parts(q)
         #: The semaphore that bounds the queue (None: a SimpleQueue, or insides unknown).
         self._sem = parts.sem if parts is not None else None
         #: An item aclose() gives back, to go in once the flush is done.
@@ -482,13 +482,6 @@ class Putter:
             return
         raise queue.Full
 
-    async def _start(self, fn: Callable[[BlockingCall[Any]], Any], name: str) -> BlockingCall[Any]:
-        """Start *fn* in a thread, known to the adapter until it is done."""
-        call: BlockingCall[Any] = BlockingCall(fn, name=name)
-        await call.start()
-        self._state.calls.add(call)
-        return call
-
     async def _put_frame(self, frame: bytes) -> None:
         """Write *frame* into the queue's pipe from a thread (:func:`write_frame`).
 
@@ -511,7 +504,6 @@ class Putter:
                 pass
 
         def finished(call: BlockingCall[bool]) -> None:
-            self._state.calls.discard(call)
             begun.set()
             error = call.error
             if isinstance(error, anyio.BrokenResourceError) and "mid-item" in str(error):
@@ -519,16 +511,15 @@ class Putter:
                 self._state.broken = str(error)
 
         await checkpoint_if_cancelled()
-        call = await self._start(
-            lambda c: write_frame(c, fd, wlock, frame, stall, on_begun), "asyncmp-queue-put"
+        call = await self._state.calls.start(
+            lambda c: write_frame(c, fd, wlock, frame, stall, on_begun), name="asyncmp-queue-put"
         )
         call.add_done_callback(finished)
         try:
-            await call.wait()
+            await wait_or_stop(call)
         except anyio.get_cancelled_exc_class():
-            # Stop the thread if it has not written anything yet; a frame it has begun
+            # The thread stops if it has not written anything yet; a frame it has begun
             # is finished in the background, and the put counts as done. Never both.
-            call.request_stop()
             with anyio.CancelScope(shield=True):
                 await begun.wait()  # one of the two, within a time slice
             if not call.done:
@@ -540,7 +531,7 @@ class Putter:
             raise anyio.ClosedResourceError
 
     def put_back(self, frame: bytes) -> bool:
-        """In aclose(), before :meth:`flush`: give the item whose *frame* (its payload, as
+        """In :meth:`aclose`, before the flush: give the item whose *frame* (its payload, as
         read) this adapter took and did not hand out back to the queue, for its consumers.
 
         It goes back as a put of its own (:class:`_PutBack`): once the flush is done (so
@@ -578,20 +569,17 @@ class Putter:
             return False
 
         await checkpoint_if_cancelled()
-        call = await self._start(blocking_put, "asyncmp-queue-put")
+        call = await self._state.calls.start(blocking_put, name="asyncmp-queue-put")
         try:
-            await call.wait()
+            await wait_or_stop(call)
         except anyio.get_cancelled_exc_class():
-            # Stop the thread and learn whether its last try got in: a put that got in
-            # is reported as done, one that did not as cancelled. Never both.
-            call.request_stop()
+            # The thread stops; learn whether its last try got in: a put that got in is
+            # reported as done, one that did not as cancelled. Never both.
             with anyio.CancelScope(shield=True):
                 await call.wait()
-            self._state.calls.discard(call)
             if call.result():
                 return
             raise
-        self._state.calls.discard(call)
         if not call.result():
             raise anyio.ClosedResourceError
 
@@ -629,39 +617,40 @@ class Putter:
                     cond.wait(THREAD_SLICE)
             return False
 
-        call: BlockingCall[bool] = BlockingCall(blocking_join, name="asyncmp-queue-join")
-        call.add_done_callback(lambda _: interrupt.disarm())
-        await call.start()
-        self._state.calls.add(call)
-        self._interrupters[call] = interrupt
-        try:
-            await call.wait()
-        except BaseException:
-            call.request_stop()
-            interrupt.fire()
-            raise
-        finally:
-            if call.done:
-                self._state.calls.discard(call)
-                self._interrupters.pop(call, None)
+        interrupters = self._interrupters
+
+        def finished(call: BlockingCall[bool]) -> None:
+            interrupt.disarm()
+            interrupters.pop(call, None)
+
+        call = await self._state.calls.start(blocking_join, name="asyncmp-queue-join")
+        interrupters[call] = interrupt
+        call.add_done_callback(finished)
+        await wait_or_stop(call, lambda _: interrupt.fire())
         if not call.result():
             raise anyio.ClosedResourceError
 
-    def interrupt_joins(self) -> None:
-        """In aclose(): end the joins that wait on a manager's connection."""
+    # -- closing ------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """First step of closing (every part's, before any waits; after the calls were
+        asked to stop, so that a join it interrupts knows it was stopped): end the joins
+        that wait on a manager's connection."""
         for interrupter in self._interrupters.values():
             interrupter.fire()
 
-    def forget_joins(self) -> None:
-        self._interrupters.clear()
-
-    async def flush(self) -> None:
-        """Close the queue in this process and wait for its feeder to write it all; then
-        start the put-back (:meth:`put_back`), if any, which never waits for it.
+    async def aclose(self, frame: bytes | None) -> None:
+        """Once the calls have returned: give the item whose *frame* is given (if any)
+        back to the queue (:meth:`put_back`), then close the queue in this process and
+        wait for its feeder to write it all, and start the put-back, which never waits
+        for it.
 
         If cancelled, the feeder goes on writing in the background, as after
         ``Queue.close()`` without ``join_thread()``, and the put-back starts all the same.
         """
+        self._interrupters.clear()
+        if frame is not None:
+            self.put_back(frame)
         try:
             await self._flush_feeder()
         finally:
@@ -686,10 +675,5 @@ class Putter:
             while feeder.is_alive() and not c.stopping:
                 feeder.join(THREAD_SLICE)
 
-        call: BlockingCall[None] = BlockingCall(wait_for_feeder, name="asyncmp-queue-flush")
-        await call.start()
-        try:
-            await call.wait()
-        finally:
-            call.request_stop()
-            call.join()
+        # If cancelled, the thread stops within a time slice; it is joined then.
+        await run_blocking(wait_for_feeder, name="asyncmp-queue-flush", on_stop=BlockingCall.join)

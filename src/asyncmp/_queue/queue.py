@@ -129,16 +129,17 @@ class AsyncQueue(AsyncResource, Generic[T]):
             raise _not_a_queue(q)
         self._q = q
         self._state = QueueState(stall_timeout)
-        parts = None if use_threads else _mpinternals.queue_parts(q)
+        # What the parts need of a POSIX multiprocessing queue, found once (None: not one).
+        parts = _mpinternals.queue_parts(q)
         # The route, chosen once: its getter. _fast is the fd getter, whose whole frames
         # get() may take without a trip through the loop.
         self._fast: FdGetter | None = None
         self._getter: Getter
-        if parts is not None:
+        if parts is not None and not use_threads:
             self._getter = self._fast = FdGetter(parts, self._state)
         else:
-            self._getter = ThreadGetter(q, self._state)
-        self._putter = Putter(q, self._state)
+            self._getter = ThreadGetter(q, parts, self._state)
+        self._putter = Putter(q, parts, self._state)
         self._owner = LoopBinding("this AsyncQueue")
 
     # -- introspection ------------------------------------------------------------------
@@ -195,13 +196,10 @@ class AsyncQueue(AsyncResource, Generic[T]):
         if thread_id() != self._owner.thread:  # the check(), inlined: the hot path
             self._owner.claim()
         fast = self._fast
-        if fast is not None and fast.fast and not fast.rlock.held:
+        if fast is not None and fast.may_take_fast():
             # The fast path: a cancellation check, then, if a whole item is in the pipe
             # and the reader lock is free, take it without a trip through the loop (a
-            # full turn of the loop still comes about every millisecond). Not while this
-            # adapter keeps the lock for this very get (won in a queue against other
-            # consumers): the loop's turn here would let it go (a deferred release), and
-            # the consumers queued in the kernel would take it back every time.
+            # full turn of the loop still comes about every millisecond).
             if checkpoint_due():  # fast_checkpoint(), inlined: one coroutine less
                 await full_checkpoint()
             frame = fast.take_whole_frame()
@@ -237,10 +235,7 @@ class AsyncQueue(AsyncResource, Generic[T]):
         :raises anyio.BrokenResourceError: the queue's framing is corrupt.
         """
         self._state.check_open()
-        getter = self._getter
-        if getter.get_lock.locked():
-            raise queue.Empty
-        return getter.get_nowait()  # type: ignore[no-any-return]
+        return self._getter.get_nowait()  # type: ignore[no-any-return]
 
     async def get_many(self, max_items: int, timeout: float | None = None) -> list[T]:  # noqa: ASYNC109 (the stdlib's name)
         """Wait for at least one item, then take whatever else is there, up to
@@ -385,26 +380,17 @@ class AsyncQueue(AsyncResource, Generic[T]):
             return
         state.closed = True
         getter, putter = self._getter, self._putter
+        # Every part stops waiting, and every call is asked to stop, before any waits.
+        # The calls first: a join that the putter interrupts must find itself stopped.
+        calls = state.calls.stop()
         getter.stop()
-        calls = list(state.calls)
-        for call in calls:
-            call.request_stop()
-        putter.interrupt_joins()
+        putter.stop()
         with anyio.CancelScope(shield=True):
-            for call in calls:
-                await call.wait()
-            for call in calls:
-                call.join()
-            state.calls.clear()
-            putter.forget_joins()
-            getter.close_threads()
-            # Never let go of the reader lock mid-item: finish the item, and put it back
-            # (in the background, once the flush is done: see Putter.put_back).
-            frame = await getter.finish_partial()
-            if frame is not None:
-                putter.put_back(frame)
-            getter.close()
-        await putter.flush()
+            await state.calls.wait(calls)
+            # Never let go of the reader lock mid-item: the getter finishes the item, and
+            # the putter puts it back (in the background, once the flush is done).
+            frame = await getter.aclose()
+        await putter.aclose(frame)
 
     def __reduce__(self) -> NoReturn:
         raise TypeError(_NOT_PICKLABLE)

@@ -34,7 +34,7 @@ import anyio
 from anyio.lowlevel import current_token
 
 from .._core.loop import call_soon
-from .._core.threads import THREAD_SLICE, BlockingCall, KeptThread
+from .._core.threads import THREAD_SLICE, BlockingCall, KeptThread, run_blocking
 from .state import QueueState
 
 __all__ = ("ReaderLock", "acquire_blocking")
@@ -111,23 +111,21 @@ class ReaderLock:
                     return True
             return False
 
-        call: BlockingCall[bool] = BlockingCall(
-            acquire, name="asyncmp-queue-rlock", worker=self._thread
-        )
-        await call.start()
-        state.calls.add(call)
-        try:
-            await call.wait()
-        except BaseException:
+        def give_back(call: BlockingCall[bool]) -> None:
+            # Cancelled: a lock the thread won meanwhile is let go, under the guard, so
+            # that the thread either sees the stop and lets go itself, or hands it over.
             with handoff.guard:
-                call.request_stop()
                 if handoff.acquired:
                     handoff.acquired = False
                     lock.release()
-            raise
-        finally:
-            if call.done:
-                state.calls.discard(call)
+
+        call = await run_blocking(
+            acquire,
+            name="asyncmp-queue-rlock",
+            worker=self._thread,
+            calls=state.calls,
+            on_stop=give_back,
+        )
         if not call.result():
             raise anyio.ClosedResourceError
         self.held = True

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, Protocol
 
 import anyio
 
-from .._core.threads import BlockingCall
+from .._core.threads import ThreadCalls
 
 if TYPE_CHECKING:
     from .._core.loop import FairLock
@@ -31,7 +31,7 @@ class QueueState:
         #: Why the queue can't be used any more (set once, by whichever part found it).
         self.broken: str | None = None
         #: Blocking calls in flight, which closing stops and waits for.
-        self.calls: set[BlockingCall[Any]] = set()
+        self.calls = ThreadCalls()
 
     def check_open(self) -> None:
         """:raises anyio.ClosedResourceError: closed. :raises anyio.BrokenResourceError: broken."""
@@ -64,21 +64,18 @@ class Getter(Protocol):
         """A get ended, its get lock released."""
 
     def get_nowait(self) -> Any:
-        """An item if one is there now; :raises queue.Empty: none is."""
+        """An item if one is there now; :raises queue.Empty: none is, or a get waits (it
+        comes first)."""
 
     def get_more(self, items: list[Any], limit: int) -> None:
         """``get_many``: append up to *limit* items that are there now, never waiting."""
 
     def stop(self) -> None:
-        """Closing, first step: stop waiting."""
+        """Closing, first step (every part's, before any waits): stop waiting."""
 
-    def close_threads(self) -> None:
-        """Closing, once the calls have returned: end the kept thread."""
-
-    async def finish_partial(self) -> bytes | None:
-        """Closing: finish an item begun under the reader lock (or collect the one a
-        cancelled get left); return its frame to put back, taken as a get takes an item
-        (its slot let go)."""
-
-    def close(self) -> None:
-        """Closing, last step: let go of the lock and the transport."""
+    async def aclose(self) -> bytes | None:
+        """Closing, once the calls have returned: end the kept threads, finish an item
+        begun under the reader lock (or collect the one a cancelled get left), and let go
+        of the lock and the transport. Return the item's frame to put back, taken as a
+        get takes an item (its slot let go); None if there is none. Shielded by the
+        caller."""

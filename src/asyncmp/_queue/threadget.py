@@ -21,7 +21,8 @@ from anyio.lowlevel import checkpoint_if_cancelled
 from .._core import mpinternals as _mpinternals
 from .._core.frames import ExactReader
 from .._core.loop import FairLock, fast_checkpoint
-from .._core.threads import THREAD_SLICE, BlockingCall, KeptThread
+from .._core.mpinternals import QueueParts
+from .._core.threads import THREAD_SLICE, BlockingCall, KeptThread, wait_or_stop
 from .._core.wire import dumps
 from .fdget import finish_in_thread, unpickle_frame
 from .rlock import acquire_blocking
@@ -63,7 +64,7 @@ class ThreadGetter:
 
     uses_threads = True
 
-    def __init__(self, q: Any, state: QueueState) -> None:
+    def __init__(self, q: Any, parts: QueueParts | None, state: QueueState) -> None:
         self._q = q
         self._state = state
         #: Serialises this adapter's gets, first come, first served.
@@ -74,7 +75,7 @@ class ThreadGetter:
         # One thread for the gets, kept between calls: a new thread per call costs more
         # than an item.
         self._thread = KeptThread("asyncmp-queue-get")
-        self._parts = _mpinternals.queue_parts(q)  # a POSIX multiprocessing queue
+        self._parts = parts  # a POSIX multiprocessing queue
         # Reads its frames; a frame a get_nowait() found partly written stays in it, with
         # the reader lock, until a get finishes it.
         self._reader: ExactReader | None = None
@@ -122,19 +123,14 @@ class ThreadGetter:
                             continue
                     return _STOPPED
 
-                call = BlockingCall(blocking_get, name="asyncmp-queue-get", worker=self._thread)
-                await call.start()
-                state.calls.add(call)
+                call = await state.calls.start(
+                    blocking_get, name="asyncmp-queue-get", worker=self._thread
+                )
                 self._pending = call
-            try:
-                await call.wait()
-            except BaseException:
-                # Cancelled (a timeout too): the thread stops at its next time slice,
-                # unless it has taken an item by then; the next get collects that one.
-                call.request_stop()
-                raise
+            # Cancelled (a timeout too): the thread stops at its next time slice, unless
+            # it has taken an item by then; the next get collects that one.
+            await wait_or_stop(call)
             self._pending = None
-            state.calls.discard(call)
             state.check_open()
             try:
                 item = call.result()
@@ -146,10 +142,13 @@ class ThreadGetter:
             # A get cancelled before ours stopped without an item: start a new one.
 
     def get_nowait(self) -> Any:
-        """An item if one is there now. Outside a running loop too.
+        """An item if one is there now, unless another get of this adapter waits (it
+        comes first). Outside a running loop too.
 
-        :raises queue.Empty: none is.
+        :raises queue.Empty: none is, or a get waits.
         """
+        if self.get_lock.locked():
+            raise queue.Empty
         if self.kept:
             return _Failed.unwrap(self.kept.popleft())
         call = self._pending
@@ -159,7 +158,7 @@ class ThreadGetter:
             if not call.finished:
                 raise queue.Empty
             self._pending = None
-            self._state.calls.discard(call)
+            self._state.calls.forget(call)
             item = call.result()
             if item is not _STOPPED:
                 return item
@@ -170,10 +169,8 @@ class ThreadGetter:
         one fails to unpickle, the next get raises its error."""
         state = self._state
         while limit > 0 and not state.closed and state.broken is None:
-            if self.get_lock.locked():
-                return  # other getters come first
             try:
-                items.append(self.get_nowait())
+                items.append(self.get_nowait())  # (none while other getters wait)
             except queue.Empty:
                 return
             except Exception as exc:
@@ -236,14 +233,20 @@ class ThreadGetter:
     def stop(self) -> None:
         """First step of closing (nothing to do on this route)."""
 
-    def close_threads(self) -> None:
-        """Second step (the calls have returned): end the kept thread."""
+    async def aclose(self) -> bytes | None:
+        """Once the calls have returned: end the kept thread, finish a frame begun under
+        the reader lock (see :meth:`_finish_partial`), and let go of the transport.
+        Returns the item to put back, if any."""
         thread = self._thread.close()
         if thread is not None:
             thread.join()  # its calls have returned: it is on its way out
+        frame = await self._finish_partial()
+        if self._transport is not None:
+            self._transport.close()
+        return frame
 
-    async def finish_partial(self) -> bytes | None:
-        """Third step: finish a frame a get_nowait() read into, and let go of the lock.
+    async def _finish_partial(self) -> bytes | None:
+        """Finish a frame a get_nowait() read into, and let go of the lock.
 
         Or return, pickled again, the item that a cancelled get's thread took and no get
         collected, to be put back (as on the fd route; only a POSIX multiprocessing queue
@@ -267,8 +270,3 @@ class ThreadGetter:
         if frame is not None and parts.sem is not None:
             parts.sem.release()  # taken whole, as Queue.get counts it
         return frame
-
-    def close(self) -> None:
-        """Last step: let go of the transport."""
-        if self._transport is not None:
-            self._transport.close()
