@@ -92,9 +92,20 @@ class _Stoppable(Protocol):
     def stopping(self) -> bool: ...
 
 
+class FrameOut:
+    """A queue pipe's write end as a frame writer, made once for the puts of an adapter
+    (or a put-back) and used by one put at a time, under the queue's write lock."""
+
+    __slots__ = ("room", "writer")
+
+    def __init__(self, fd: int) -> None:
+        self.writer = FrameWriter(pipe_write_end(fd), on_torn=_nothing, peer_gone=_NO_READERS)
+        self.room = poller(fd, writable=True)
+
+
 def write_frame(
     c: _Stoppable,
-    fd: int,
+    out: FrameOut,
     wlock: Any,
     frame: bytes,
     stall_timeout: float,
@@ -120,16 +131,14 @@ def write_frame(
     The writing is the frame engine's (``FrameWriter.write_blocking``), as for a
     connection's thread route: this adds the write lock.
     """
-    writer = FrameWriter(pipe_write_end(fd), on_torn=_nothing, peer_gone=_NO_READERS)
-    room = poller(fd, writable=True)
     while not wlock.acquire(True, THREAD_SLICE):
         if c.stopping:
             return False
     try:
         try:
-            writer.write_blocking(
+            out.writer.write_blocking(
                 [memoryview(frame)],
-                room,
+                out.room,
                 int(THREAD_SLICE * 1000),
                 lambda: c.stopping,
                 [0],
@@ -286,7 +295,9 @@ class _PutBack:
             if sem is not None:
                 sem.acquire()  # room in a bounded queue, as Queue.put() waits for it
             try:
-                write_frame(_NeverStops(), self._fd, self._wlock, self._frame, math.inf, _nothing)
+                write_frame(
+                    _NeverStops(), FrameOut(self._fd), self._wlock, self._frame, math.inf, _nothing
+                )
             except (anyio.BrokenResourceError, OSError):
                 # Every read end is closed (the write fails with EPIPE, or poll says so):
                 # nobody can read the item, and nothing it leaves matters to anybody.
@@ -398,6 +409,8 @@ class Putter:
         self._writes_frames = self._is_simple and self._writer is not None
         self._writes_frames = self._writes_frames and self._wlock is not None
         self._writer_poll: Any = None
+        #: The frame writer of this adapter's puts (a SimpleQueue's), made at the first.
+        self._out: FrameOut | None = None
         if self._writer is not None:
             self._writer_poll = poller(self._writer.fileno(), writable=True)
         if self._is_mp_queue:
@@ -492,7 +505,9 @@ class Putter:
         """
         writer, wlock = self._writer, self._wlock
         assert writer is not None and wlock is not None
-        fd = writer.fileno()
+        out = self._out
+        if out is None:
+            out = self._out = FrameOut(writer.fileno())
         stall = self._state.stall_timeout
         begun = anyio.Event()
         notify = threadsafe_notifier()
@@ -512,7 +527,7 @@ class Putter:
 
         await checkpoint_if_cancelled()
         call = await self._state.calls.start(
-            lambda c: write_frame(c, fd, wlock, frame, stall, on_begun), name="asyncmp-queue-put"
+            lambda c: write_frame(c, out, wlock, frame, stall, on_begun), name="asyncmp-queue-put"
         )
         call.add_done_callback(finished)
         try:
