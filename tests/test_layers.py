@@ -26,6 +26,7 @@ from __future__ import annotations
 import ast
 import importlib
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -298,3 +299,21 @@ def test_the_worker_names_the_shared_module_by_its_real_path() -> None:
 
     module = importlib.import_module(worker._SHARED_MODULE)
     assert hasattr(module, "Shared"), worker._SHARED_MODULE
+
+
+DESIGN = SRC.parents[1] / "docs" / "design.md"
+_ROW = re.compile(r"^\| `(_[a-z]+\.[a-z_]+)` \| .* \| ([^|]+) \|$")
+
+
+def test_the_design_pages_table_of_layers_is_the_import_graph() -> None:
+    # docs/design.md lists every module with what it imports of asyncmp: read off the
+    # import statements here, so that the picture can't fall behind the code.
+    listed: dict[str, set[str]] = {}
+    for line in DESIGN.read_text().splitlines():
+        if match := _ROW.match(line):
+            cell = match[2].strip()
+            names = set() if cell == "stdlib only" else set(re.findall(r"`([^`]+)`", cell))
+            listed[f"{PACKAGE}.{match[1]}"] = {f"{PACKAGE}.{name}" for name in names}
+    graph = _graph()
+    real = {m: graph[m] - {m} for m in MODULES if m.count(".") == 2}
+    assert listed == real, "docs/design.md's table of layers: update its rows"
