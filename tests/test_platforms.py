@@ -152,24 +152,6 @@ async def test_windows_peer_close_delivers_what_was_sent_then_eof(
 
 
 @pytest.mark.usefixtures("windows")
-async def test_windows_peer_close_wakes_a_waiting_receive(
-    fake_ends: tuple[FakePipeConnection, FakePipeConnection],
-) -> None:
-    a, peer = fake_ends
-    with anyio.fail_after(10):
-        async with AsyncConnection(as_connection(a)) as aconn:
-            async with anyio.create_task_group() as tg:
-
-                async def receive() -> None:
-                    with pytest.raises(ConnectionEOF):
-                        await aconn.recv()
-
-                tg.start_soon(receive)
-                await blocked()
-                peer.close()
-
-
-@pytest.mark.usefixtures("windows")
 async def test_windows_cancelled_receive_leaves_its_message_to_the_next(
     fake_ends: tuple[FakePipeConnection, FakePipeConnection],
 ) -> None:
@@ -370,20 +352,6 @@ async def test_windows_cancelled_get_leaves_its_item_to_the_next(win_queue: Any)
             win_queue.put("next")
             assert await aq.get() == "kept"
             assert await aq.get() == "next"
-
-
-async def test_windows_close_wakes_a_waiting_get(win_queue: Any) -> None:
-    with anyio.fail_after(10):
-        aq = AsyncQueue[Any](win_queue)
-        async with anyio.create_task_group() as tg:
-
-            async def get() -> None:
-                with pytest.raises(anyio.ClosedResourceError):
-                    await aq.get()
-
-            tg.start_soon(get)
-            await blocked()
-            await aq.aclose()
 
 
 @contextlib.asynccontextmanager

@@ -512,16 +512,9 @@ async def _windows_queue() -> AsyncIterator[Pair]:
         release_pipe(q)
         q._reader, q._writer = fake_pipe(duplex=False)
         q._reset()  # picks up the new ends, as the Queue's constructor does
-        peer = QueuePeer(q)
-        aq = AsyncQueue[bytes](q)
-        try:
-            assert aq.uses_threads
-            yield Pair(QueueEnd(aq), peer)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await aq.aclose()
-            peer.finish()
-            release_pipe(q)
+        async with _queue_pair(q, use_threads=None) as pair:
+            assert pair.end.obj.uses_threads
+            yield pair
 
 
 def _remote(family: str, async_end: str) -> Callable[[], Any]:
@@ -574,17 +567,25 @@ def _queue(kind: str, use_threads: bool, maxsize: int = 8) -> Callable[[], Any]:
     @contextlib.asynccontextmanager
     async def open_pair() -> AsyncIterator[Pair]:
         q = FORK.SimpleQueue() if kind == "SimpleQueue" else getattr(FORK, kind)(maxsize)
-        peer = QueuePeer(q)
-        aq = AsyncQueue[bytes](q, use_threads=use_threads)
-        try:
-            yield Pair(QueueEnd(aq), peer)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await aq.aclose()
-            peer.finish()
-            release_pipe(q)
+        async with _queue_pair(q, use_threads) as pair:
+            yield pair
 
     return open_pair
+
+
+@contextlib.asynccontextmanager
+async def _queue_pair(q: Any, use_threads: bool | None) -> AsyncIterator[Pair]:
+    """The async end over *q* and a peer in a child; on the way out the adapter is closed,
+    the peer finished and the queue's pipe released."""
+    peer = QueuePeer(q)
+    aq = AsyncQueue[bytes](q, use_threads=use_threads)
+    try:
+        yield Pair(QueueEnd(aq), peer)
+    finally:
+        with anyio.CancelScope(shield=True):
+            await aq.aclose()
+        peer.finish()
+        release_pipe(q)
 
 
 @contextlib.asynccontextmanager
