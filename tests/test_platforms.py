@@ -354,6 +354,20 @@ async def test_windows_cancelled_get_leaves_its_item_to_the_next(win_queue: Any)
             assert await aq.get() == "next"
 
 
+async def test_windows_close_wakes_a_waiting_get(win_queue: Any) -> None:
+    with anyio.fail_after(10):
+        aq = AsyncQueue[Any](win_queue)
+        async with anyio.create_task_group() as tg:
+
+            async def get() -> None:
+                with pytest.raises(anyio.ClosedResourceError):
+                    await aq.get()
+
+            tg.start_soon(get)
+            await blocked()
+            await aq.aclose()
+
+
 @contextlib.asynccontextmanager
 async def queue_adapter(*, use_threads: bool) -> AsyncIterator[AsyncQueue[Any]]:
     """asyncmp.Queue() with its pipe released on the way out."""
