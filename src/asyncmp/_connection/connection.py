@@ -410,9 +410,9 @@ class AsyncConnection(_FramedEnd, ObjectStream[T]):
     a spawned child, raises ``TypeError``; a forked child that uses its copy gets
     ``anyio.ClosedResourceError``. Give a child the plain Connection at the other end.
 
-    ``AsyncConnection[T]`` says what it carries: :meth:`recv` returns ``T`` and
-    :meth:`send` takes one (``Any`` without a type argument; nothing is checked at run
-    time).
+    ``AsyncConnection[T]``, an ``anyio.abc.ObjectStream[T]``, says what it carries:
+    :meth:`recv` returns ``T`` and :meth:`send` takes one (``Any`` without a type
+    argument; nothing is checked at run time).
 
     ``async for msg in conn`` receives until the peer closes its end (the iteration then
     ends instead of raising :class:`ConnectionEOF`); each step is a :meth:`recv`, with its
