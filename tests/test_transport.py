@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import ast
 import errno
+import multiprocessing
 import os
+import signal
 import socket
 import sys
 import threading
@@ -213,3 +215,28 @@ def test_only_the_transport_writes_into_descriptors() -> None:
         if (lines := _writes_to_descriptors(path))
     }
     assert list(writers) == ["_core/transport.py"], writers
+
+
+def _write_to_a_pipe_nobody_reads(make: str) -> None:  # in a forked child
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # as a program that resets it has it
+    r, w = os.pipe()
+    os.close(r)
+    transport = pipe_write_end(w) if make == "pipe_write_end" else open_transport(w)
+    try:
+        transport.write_some(memoryview(b"x"))
+    except BrokenPipeError:
+        os._exit(0)
+    os._exit(1)
+
+
+@pytest.mark.parametrize("make", ["pipe_write_end", "open_transport"])
+def test_a_pipe_nobody_reads_raises_before_writing(make: str) -> None:
+    # Every read end closed: the write end polls POLLERR, and the transport raises what
+    # the write would raise without writing, so a process whose SIGPIPE is at its
+    # default does not die of it (the queue's put looked before writing, as before).
+    process = multiprocessing.get_context("fork").Process(
+        target=_write_to_a_pipe_nobody_reads, args=(make,)
+    )
+    process.start()
+    process.join(30)
+    assert process.exitcode == 0

@@ -41,6 +41,8 @@ else:
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
+    from .._core.frames import FrameWriter, GreedyReader
+
 if TYPE_CHECKING or sys.platform != "win32":
     from .._core.atfork import register_fork_owned
 else:  # pragma: no cover
@@ -89,88 +91,25 @@ _INHERITED = (
 )
 
 
-class AsyncConnection(ObjectStream[T]):
-    """The async end of a ``multiprocessing.connection.Connection``.
+class _FramedEnd:
+    """What an :class:`AsyncConnection` is below its objects: an end that moves whole
+    frames over its route, in turn (a fair lock each way), with the one ``ProtocolError``
+    latch, the checks every call makes first, and closing. :class:`AsyncConnection` adds
+    the objects (pickling, the fast path of ``recv()``) and the constructor, which sets
+    the attributes used here."""
 
-    Wraps *conn* (either end of ``multiprocessing.Pipe()``, or a connection from
-    ``multiprocessing.connection.Client`` or ``Listener.accept()``) and owns it from
-    then on: closing the AsyncConnection closes *conn*. The peer can be a plain
-    synchronous Connection; the bytes on the wire are the stdlib's.
-
-    On POSIX the descriptor is closed in any child forked after this call, so a worker
-    never holds a copy of this end and sees EOF once it is closed here. An
-    AsyncConnection belongs to the process that made it: pickling it, or passing it to
-    a spawned child, raises ``TypeError``; a forked child that uses its copy gets
-    ``anyio.ClosedResourceError``. Give a child the plain Connection at the other end.
-
-    ``AsyncConnection[T]`` says what it carries: :meth:`recv` returns ``T`` and
-    :meth:`send` takes one (``Any`` without a type argument; nothing is checked at run
-    time).
-
-    ``async for msg in conn`` receives until the peer closes its end (the iteration then
-    ends instead of raising :class:`ConnectionEOF`); each step is a :meth:`recv`, with its
-    cancellation behaviour and exceptions. ``async with conn`` calls :meth:`aclose` on the
-    way out.
-
-    :param max_message_size: the largest payload accepted, in bytes. A header that
-        announces more raises :class:`ProtocolError` before anything of that size is
-        allocated. ``None`` means no limit.
-    :param use_threads: ``None`` picks the route by platform: descriptor readiness on
-        POSIX, threads on Windows. ``True`` forces the thread route anywhere. The thread
-        route runs at most one thread per direction per connection, and asyncmp's thread
-        limiter doesn't count them: any number of connections may wait at once.
-    :raises TypeError: *conn* is not a ``multiprocessing`` Connection.
-    :raises anyio.ClosedResourceError: *conn* is closed already.
-
-    Outside an event loop (before it starts, after it ended, or in a process that never
-    runs one) these work: the constructor and :func:`Pipe`, :meth:`close`,
-    :meth:`recv_nowait`, :meth:`fileno` and the properties. Everything else is awaited.
-    None of them is thread-safe: call them from the thread that runs the loop, if one runs.
-
-    An AsyncConnection belongs to the event loop that first awaits one of its methods, for
-    as long as that loop runs: an awaited method called from a loop in another thread
-    meanwhile raises ``RuntimeError`` at once, which says how to call it through its own
-    loop (``anyio.from_thread.run`` with that loop's token, or a ``BlockingPortal``). Once
-    that loop has ended, the next loop to use it takes it over.
-    """
-
-    def __init__(
-        self,
-        conn: Connection,
-        *,
-        max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
-        use_threads: bool | None = None,
-    ) -> None:
-        if not _connection_like(conn):  # an AsyncConnection is not: it has no poll()
-            raise _not_a_connection(conn)
-        if conn.closed:
-            raise anyio.ClosedResourceError("the connection is already closed")
-        if max_message_size is not None and max_message_size < 0:
-            # Checked before the route opens descriptors of its own.
-            raise ValueError(f"max_message_size={max_message_size} is negative")
-        if use_threads is None:
-            use_threads = not _platform.POSIX_FDS
-        elif not use_threads and not _platform.POSIX_FDS:
-            raise ValueError("use_threads=False needs POSIX descriptors; Windows takes threads")
-        self._conn = conn
-        self._route: ConnectionRoute = (
-            ThreadRoute(conn, max_message_size) if use_threads else FdRoute(conn, max_message_size)
-        )
-        # The fast paths, where the route has them (read once: they are the hot paths).
-        self._fast_reader = self._route.fast_reader
-        self._fast_writer = self._route.fast_writer
-        self._readable = conn.readable
-        self._writable = conn.writable
-        self._recv_lock = FairLock()
-        self._send_lock = FairLock()
-        self._closed = False
-        self._why_closed = _CLOSED_HERE
-        self._owner = LoopBinding("this AsyncConnection")
-        # Set by the first ProtocolError: the incoming stream can't be trusted from then
-        # on, whatever the route would make of the bytes that follow.
-        self._protocol_error: str | None = None
-        if register_fork_owned is not None:
-            register_fork_owned(self)
+    _conn: Connection
+    _route: ConnectionRoute
+    _fast_reader: GreedyReader | None
+    _fast_writer: FrameWriter | None
+    _readable: bool
+    _writable: bool
+    _recv_lock: FairLock
+    _send_lock: FairLock
+    _closed: bool
+    _why_closed: str
+    _owner: LoopBinding
+    _protocol_error: str | None
 
     # -- properties ---------------------------------------------------------------------
 
@@ -330,6 +269,218 @@ class AsyncConnection(ObjectStream[T]):
         whatever the route would make of the bytes that follow."""
         self._protocol_error = str(exc)
 
+    # -- sending ------------------------------------------------------------------------
+
+    async def send_bytes(self, buf: Buffer, offset: int = 0, size: int | None = None) -> None:
+        """Send bytes as one message, as ``Connection.send_bytes()`` does.
+
+        If cancelled before any byte went out, nothing was sent. If cancelled mid-message,
+        the rest is sent under a shield for up to ``SEND_SHIELD_SECONDS``; if that is not
+        enough, the connection is broken (the peer sees EOF, never a torn message followed
+        by more data) and later sends raise ``anyio.BrokenResourceError``. On the thread
+        route the write goes on in a thread meanwhile; on POSIX that thread stops at its
+        next 50 ms slice once the shield has run out, on Windows the stdlib's write can't
+        be stopped, and the connection is broken while it runs.
+
+        :raises anyio.BrokenResourceError: the peer is gone, or an earlier send broke
+            the connection.
+        :raises anyio.ClosedResourceError: this end was closed, before or during the call
+            (at once, on both routes). A message being written when this end was closed
+            is cut: the peer sees the end of the stream inside it (on the thread route
+            its thread may still finish the message in the moment before it stops).
+        :raises ValueError: *offset* or *size* is negative or beyond the buffer.
+        :raises OSError: this end is read-only (the receiving end of ``Pipe(False)``).
+        :raises RuntimeError: called from another event loop than the one this connection
+            belongs to, while that one still runs (see :class:`AsyncConnection`).
+        """
+        self._owner.check()
+        view = memoryview(buf).cast("B")
+        n = len(view)
+        if offset < 0:
+            raise ValueError("offset is negative")
+        if n < offset:
+            raise ValueError("buffer length < offset")
+        if size is None:
+            size = n - offset
+        elif size < 0:
+            raise ValueError("size is negative")
+        elif offset + size > n:
+            raise ValueError("buffer length < offset + size")
+        await self._send_frame(view[offset : offset + size])
+
+    async def _send_frame(self, payload: memoryview) -> None:
+        self._check_writable()
+        lock = self._send_lock
+        writer = self._fast_writer
+        if writer is not None and not lock.locked():
+            # Fast path: nobody else is sending. After the cancellation check (and the
+            # loop's turn every ms), write what fits at once, with no await in between,
+            # so no other sender can slip in. A frame that did not go out whole takes
+            # the lock before anything awaits and is finished on the async path, which
+            # finishes or breaks a frame torn by a cancellation.
+            await fast_checkpoint()
+            if not lock.locked():
+                self._check_writable()
+                written = writer.send_nowait(payload)
+                if written is None:
+                    return
+                lock.acquire_nowait()
+                try:
+                    await writer.send(payload, written)
+                finally:
+                    lock.release()
+                return
+        await lock.acquire_fast()  # first come, first served
+        try:
+            self._check_writable()
+            await self._route.send_frame(payload)
+        finally:
+            lock.release()
+
+    async def send_eof(self) -> None:
+        """Tell the peer no more messages come (``shutdown(SHUT_WR)`` on a socket).
+
+        On a pipe end, which has no half-close, this does nothing; close it instead.
+        It waits for the sends in progress or queued before it, so their messages go
+        out whole. If cancelled while waiting, nothing happened.
+
+        :raises anyio.ClosedResourceError: this end was closed.
+        """
+        self._owner.check()
+        self._check_open()
+        async with self._send_lock:
+            self._check_open()
+            self._route.send_eof()
+        await checkpoint()
+
+    # -- closing ------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close this end now. Tasks waiting on it get ``anyio.ClosedResourceError`` at
+        once; a message being sent is cut (the peer sees the end of the stream inside
+        it), and the messages queued behind it are not sent.
+
+        It may be called outside an event loop (before it starts, or after it ended). On
+        the descriptor route the descriptor is closed before it returns. On the thread
+        route it is closed by the last of asyncmp's threads that still use it, once that
+        thread stops (within ``THREAD_SLICE``, 50 ms, on POSIX; on Windows a send in
+        progress first has to return); :meth:`aclose` waits for that. It raises nothing,
+        and closing a closed end does nothing.
+        """
+        self._close()
+
+    def _close(self) -> bool:
+        """What close() and aclose() both do; True if this call closed the end."""
+        if self._closed:
+            return False
+        self._closed = True
+        self._route.close()
+        return True
+
+    async def aclose(self) -> None:
+        """Close this end as :meth:`close` does; on the thread route, also wait for
+        asyncmp's threads to end.
+
+        It is a checkpoint; closing happens even if it is cancelled. It raises nothing,
+        and closing a closed end does nothing, but for the ``RuntimeError`` of a call
+        from another event loop than its own (which closes nothing: use :meth:`close`).
+        """
+        self._owner.check()
+        if self._close():
+            await self._route.aclose()
+        await checkpoint()
+
+    def _forget_in_forked_child(self) -> None:
+        self._closed = True
+        self._why_closed = _INHERITED
+        self._route.forget_in_forked_child()
+
+
+class AsyncConnection(_FramedEnd, ObjectStream[T]):
+    """The async end of a ``multiprocessing.connection.Connection``.
+
+    Wraps *conn* (either end of ``multiprocessing.Pipe()``, or a connection from
+    ``multiprocessing.connection.Client`` or ``Listener.accept()``) and owns it from
+    then on: closing the AsyncConnection closes *conn*. The peer can be a plain
+    synchronous Connection; the bytes on the wire are the stdlib's.
+
+    On POSIX the descriptor is closed in any child forked after this call, so a worker
+    never holds a copy of this end and sees EOF once it is closed here. An
+    AsyncConnection belongs to the process that made it: pickling it, or passing it to
+    a spawned child, raises ``TypeError``; a forked child that uses its copy gets
+    ``anyio.ClosedResourceError``. Give a child the plain Connection at the other end.
+
+    ``AsyncConnection[T]``, an ``anyio.abc.ObjectStream[T]``, says what it carries:
+    :meth:`recv` returns ``T`` and :meth:`send` takes one (``Any`` without a type
+    argument; nothing is checked at run time).
+
+    ``async for msg in conn`` receives until the peer closes its end (the iteration then
+    ends instead of raising :class:`ConnectionEOF`); each step is a :meth:`recv`, with its
+    cancellation behaviour and exceptions. ``async with conn`` calls :meth:`aclose` on the
+    way out.
+
+    :param max_message_size: the largest payload accepted, in bytes. A header that
+        announces more raises :class:`ProtocolError` before anything of that size is
+        allocated. ``None`` means no limit.
+    :param use_threads: ``None`` picks the route by platform: descriptor readiness on
+        POSIX, threads on Windows. ``True`` forces the thread route anywhere. The thread
+        route runs at most one thread per direction per connection, and asyncmp's thread
+        limiter doesn't count them: any number of connections may wait at once.
+    :raises TypeError: *conn* is not a ``multiprocessing`` Connection.
+    :raises anyio.ClosedResourceError: *conn* is closed already.
+
+    Outside an event loop (before it starts, after it ended, or in a process that never
+    runs one) these work: the constructor and :func:`Pipe`, :meth:`close`,
+    :meth:`recv_nowait`, :meth:`fileno` and the properties. Everything else is awaited.
+    None of them is thread-safe: call them from the thread that runs the loop, if one runs.
+
+    An AsyncConnection belongs to the event loop that first awaits one of its methods, for
+    as long as that loop runs: an awaited method called from a loop in another thread
+    meanwhile raises ``RuntimeError`` at once, which says how to call it through its own
+    loop (``anyio.from_thread.run`` with that loop's token, or a ``BlockingPortal``). Once
+    that loop has ended, the next loop to use it takes it over.
+    """
+
+    def __init__(
+        self,
+        conn: Connection,
+        *,
+        max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
+        use_threads: bool | None = None,
+    ) -> None:
+        if not _connection_like(conn):  # an AsyncConnection is not: it has no poll()
+            raise _not_a_connection(conn)
+        if conn.closed:
+            raise anyio.ClosedResourceError("the connection is already closed")
+        if max_message_size is not None and max_message_size < 0:
+            # Checked before the route opens descriptors of its own.
+            raise ValueError(f"max_message_size={max_message_size} is negative")
+        if use_threads is None:
+            use_threads = not _platform.POSIX_FDS
+        elif not use_threads and not _platform.POSIX_FDS:
+            raise ValueError("use_threads=False needs POSIX descriptors; Windows takes threads")
+        self._conn = conn
+        self._route: ConnectionRoute = (
+            ThreadRoute(conn, max_message_size) if use_threads else FdRoute(conn, max_message_size)
+        )
+        # The fast paths, where the route has them (read once: they are the hot paths).
+        self._fast_reader = self._route.fast_reader
+        self._fast_writer = self._route.fast_writer
+        self._readable = conn.readable
+        self._writable = conn.writable
+        self._recv_lock = FairLock()
+        self._send_lock = FairLock()
+        self._closed = False
+        self._why_closed = _CLOSED_HERE
+        self._owner = LoopBinding("this AsyncConnection")
+        # Set by the first ProtocolError: the incoming stream can't be trusted from then
+        # on, whatever the route would make of the bytes that follow.
+        self._protocol_error: str | None = None
+        if register_fork_owned is not None:
+            register_fork_owned(self)
+
+    # -- receiving objects ---------------------------------------------------------------
+
     async def recv(self) -> T:
         """Receive the next message and unpickle it, as ``Connection.recv()`` does.
 
@@ -412,73 +563,7 @@ class AsyncConnection(ObjectStream[T]):
         """
         return await self.recv()
 
-    # -- sending ------------------------------------------------------------------------
-
-    async def send_bytes(self, buf: Buffer, offset: int = 0, size: int | None = None) -> None:
-        """Send bytes as one message, as ``Connection.send_bytes()`` does.
-
-        If cancelled before any byte went out, nothing was sent. If cancelled mid-message,
-        the rest is sent under a shield for up to ``SEND_SHIELD_SECONDS``; if that is not
-        enough, the connection is broken (the peer sees EOF, never a torn message followed
-        by more data) and later sends raise ``anyio.BrokenResourceError``. On the thread
-        route the write goes on in a thread meanwhile; on POSIX that thread stops at its
-        next 50 ms slice once the shield has run out, on Windows the stdlib's write can't
-        be stopped, and the connection is broken while it runs.
-
-        :raises anyio.BrokenResourceError: the peer is gone, or an earlier send broke
-            the connection.
-        :raises anyio.ClosedResourceError: this end was closed, before or during the call
-            (at once, on both routes). A message being written when this end was closed
-            is cut: the peer sees the end of the stream inside it (on the thread route
-            its thread may still finish the message in the moment before it stops).
-        :raises ValueError: *offset* or *size* is negative or beyond the buffer.
-        :raises OSError: this end is read-only (the receiving end of ``Pipe(False)``).
-        :raises RuntimeError: called from another event loop than the one this connection
-            belongs to, while that one still runs (see :class:`AsyncConnection`).
-        """
-        self._owner.check()
-        view = memoryview(buf).cast("B")
-        n = len(view)
-        if offset < 0:
-            raise ValueError("offset is negative")
-        if n < offset:
-            raise ValueError("buffer length < offset")
-        if size is None:
-            size = n - offset
-        elif size < 0:
-            raise ValueError("size is negative")
-        elif offset + size > n:
-            raise ValueError("buffer length < offset + size")
-        await self._send_frame(view[offset : offset + size])
-
-    async def _send_frame(self, payload: memoryview) -> None:
-        self._check_writable()
-        lock = self._send_lock
-        writer = self._fast_writer
-        if writer is not None and not lock.locked():
-            # Fast path: nobody else is sending. After the cancellation check (and the
-            # loop's turn every ms), write what fits at once, with no await in between,
-            # so no other sender can slip in. A frame that did not go out whole takes
-            # the lock before anything awaits and is finished on the async path, which
-            # finishes or breaks a frame torn by a cancellation.
-            await fast_checkpoint()
-            if not lock.locked():
-                self._check_writable()
-                written = writer.send_nowait(payload)
-                if written is None:
-                    return
-                lock.acquire_nowait()
-                try:
-                    await writer.send(payload, written)
-                finally:
-                    lock.release()
-                return
-        await lock.acquire_fast()  # first come, first served
-        try:
-            self._check_writable()
-            await self._route.send_frame(payload)
-        finally:
-            lock.release()
+    # -- sending objects -----------------------------------------------------------------
 
     async def send(self, obj: T) -> None:
         """Pickle *obj* and send it, as ``Connection.send()`` does.
@@ -496,64 +581,6 @@ class AsyncConnection(ObjectStream[T]):
             self._owner.claim()
         self._check_writable()
         await self._send_frame(memoryview(self._pickle(obj)))
-
-    async def send_eof(self) -> None:
-        """Tell the peer no more messages come (``shutdown(SHUT_WR)`` on a socket).
-
-        On a pipe end, which has no half-close, this does nothing; close it instead.
-        It waits for the sends in progress or queued before it, so their messages go
-        out whole. If cancelled while waiting, nothing happened.
-
-        :raises anyio.ClosedResourceError: this end was closed.
-        """
-        self._owner.check()
-        self._check_open()
-        async with self._send_lock:
-            self._check_open()
-            self._route.send_eof()
-        await checkpoint()
-
-    # -- closing ------------------------------------------------------------------------
-
-    def close(self) -> None:
-        """Close this end now. Tasks waiting on it get ``anyio.ClosedResourceError`` at
-        once; a message being sent is cut (the peer sees the end of the stream inside
-        it), and the messages queued behind it are not sent.
-
-        It may be called outside an event loop (before it starts, or after it ended). On
-        the descriptor route the descriptor is closed before it returns. On the thread
-        route it is closed by the last of asyncmp's threads that still use it, once that
-        thread stops (within ``THREAD_SLICE``, 50 ms, on POSIX; on Windows a send in
-        progress first has to return); :meth:`aclose` waits for that. It raises nothing,
-        and closing a closed end does nothing.
-        """
-        self._close()
-
-    def _close(self) -> bool:
-        """What close() and aclose() both do; True if this call closed the end."""
-        if self._closed:
-            return False
-        self._closed = True
-        self._route.close()
-        return True
-
-    async def aclose(self) -> None:
-        """Close this end as :meth:`close` does; on the thread route, also wait for
-        asyncmp's threads to end.
-
-        It is a checkpoint; closing happens even if it is cancelled. It raises nothing,
-        and closing a closed end does nothing, but for the ``RuntimeError`` of a call
-        from another event loop than its own (which closes nothing: use :meth:`close`).
-        """
-        self._owner.check()
-        if self._close():
-            await self._route.aclose()
-        await checkpoint()
-
-    def _forget_in_forked_child(self) -> None:
-        self._closed = True
-        self._why_closed = _INHERITED
-        self._route.forget_in_forked_child()
 
     def __reduce__(self) -> NoReturn:
         raise TypeError(

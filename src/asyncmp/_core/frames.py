@@ -553,11 +553,10 @@ class ExactReader:
     raise ``anyio.BrokenResourceError``; the queue is broken from then on.
     """
 
-    __slots__ = ("_fd", "_transport", "decoder")
+    __slots__ = ("_transport", "decoder")
 
     def __init__(self, transport: FdTransport) -> None:
         self._transport = transport
-        self._fd = transport.fd
         self.decoder = FrameDecoder(None)
 
     @property
@@ -580,7 +579,7 @@ class ExactReader:
         """
         if avail < 4:
             return None
-        fd = self._fd
+        fd = self._transport.fd  # -1 once closed: the read fails with EBADF
         header = os.read(fd, 4)
         (size,) = unpack_short_header(header)
         if 0 <= size <= avail - 4:
@@ -744,7 +743,7 @@ class OwnEndReader(ExactReader):
         decoder takes the frame from here (a claimed length costs no memory before its
         bytes are there)."""
         if size > 0 and self._transport.available() >= size:
-            body = os.read(self._fd, size)
+            body = os.read(self._transport.fd, size)
             if len(body) == size:
                 return body
             self.decoder.feed(header + body)

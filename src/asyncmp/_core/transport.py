@@ -53,6 +53,8 @@ __all__ = (
 #: The most one write into a pipe that polls writable takes whole, without blocking: a
 #: write of at most this many bytes is atomic (POSIX), so it fits whole or would block.
 _PIPE_BUF: int = getattr(select, "PIPE_BUF", 512)
+#: What a write end polls once nobody can read what it writes.
+_READERS_GONE: int = getattr(select, "POLLERR", 0) | getattr(select, "POLLHUP", 0)
 # Plain ints: the socket module's are enum members, and ``|`` on those goes through
 # the enum machinery on every call.
 _MSG_DONTWAIT = int(getattr(socket, "MSG_DONTWAIT", 0))
@@ -350,10 +352,17 @@ class _PipeTransport(FdTransport):
         # PIPE_BUF bytes is atomic: it either fits whole or would block. So write
         # PIPE_BUF at a time, asking before each: a frame of at most PIPE_BUF bytes goes
         # in whole, in one write, and no write ever blocks.
+        # A pipe whose every read end is closed polls POLLERR: raise as the write would,
+        # without writing (a process whose SIGPIPE is at its default would die of it).
         written = 0
         total = min(len(data), _MAX_WRITE_PER_CALL)
         poll = self._poll_out.poll
-        while written < total and poll(0):
+        while written < total:
+            ready = poll(0)
+            if not ready:
+                break
+            if ready[0][1] & _READERS_GONE:
+                raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
             written += os.write(self.fd, data[written : written + min(_PIPE_BUF, total - written)])
         return written
 
