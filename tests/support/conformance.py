@@ -39,7 +39,7 @@ import random
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import nullcontext
 from types import FrameType
 
@@ -571,30 +571,42 @@ async def check_another_loop_is_refused(channel: Channel) -> None:
         kinds = (asyncmp.Worker, asyncmp.AsyncQueue, asyncmp.AsyncConnection)
         what = "this " + next(kind.__name__ for kind in kinds if isinstance(end.obj, kind))
         with anyio.fail_after(20):
-            job = pair.peer.receive_until(END)
-            await end.send(b"before")
-            await end.send(END)
-            assert await job.result() == [b"before"]
-        got: list[bytes] = []
+            await _peer_gets(pair, b"before")
 
-        async def receive() -> None:
-            got.append(await end.receive())
+        async def refused() -> None:
+            for backend in FOREIGN_BACKENDS:
+                for call in (end.receive, lambda: end.send(b"foreign"), end.aclose):
+                    assert_refused(await from_another_loop(call, backend), what)
 
         with anyio.fail_after(60):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(receive)
-                await settle()
-                for backend in FOREIGN_BACKENDS:
-                    for call in (end.receive, lambda: end.send(b"foreign"), end.aclose):
-                        assert_refused(await from_another_loop(call, backend), what)
-                assert got == []
-                await pair.peer.send([b"mine"]).result()
-        assert got == [b"mine"]
+            await _receive_while(pair, refused, b"mine")
         with anyio.fail_after(20):
-            job = pair.peer.receive_until(END)
-            await end.send(b"after")
-            await end.send(END)
-            assert await job.result() == [b"after"]
+            await _peer_gets(pair, b"after")
+
+
+async def _receive_while(pair: Pair, during: Callable[[], Awaitable[None]], payload: bytes) -> None:
+    """A receive waits while *during()* runs, and gets nothing meanwhile; then the peer
+    sends *payload*, which it gets."""
+    got: list[bytes] = []
+
+    async def receive() -> None:
+        got.append(await pair.end.receive())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(receive)
+        await settle()
+        await during()
+        assert got == []
+        await pair.peer.send([payload]).result()
+    assert got == [payload]
+
+
+async def _peer_gets(pair: Pair, payload: bytes) -> None:
+    """Send *payload*, then the end marker: the peer gets *payload* alone."""
+    job = pair.peer.receive_until(END)
+    await pair.end.send(payload)
+    await pair.end.send(END)
+    assert await job.result() == [payload]
 
 
 # --- 8. and 9. what each call leaves alone ----------------------------------------------------
@@ -606,24 +618,14 @@ async def _each_call(channel: Channel, pair: Pair, look: Callable[[str, str], No
     it, after a send, while a send waits for room and after it (a channel that can fill
     up), after a cancelled receive, and after the close."""
     end = pair.end
-    got: list[bytes] = []
 
-    async def receive() -> None:
-        got.append(await end.receive())
+    async def while_it_waits() -> None:
+        look("receive", "while a receive waits")
 
     with anyio.fail_after(30):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(receive)
-            await settle()
-            look("receive", "while a receive waits")
-            await pair.peer.send([b"in"]).result()
-        assert got == [b"in"]
+        await _receive_while(pair, while_it_waits, b"in")
         look("receive", "after a receive")
-
-        job = pair.peer.receive_until(END)
-        await end.send(b"out")
-        await end.send(END)
-        assert await job.result() == [b"out"]
+        await _peer_gets(pair, b"out")
         look("send", "after a send")
 
     if channel.bounded:
@@ -651,7 +653,7 @@ async def _each_call(channel: Channel, pair: Pair, look: Callable[[str, str], No
     # would then miss.
     with anyio.CancelScope() as scope:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(receive)
+            tg.start_soon(end.receive)
             await settle()
             scope.cancel()
     look("receive", "after a cancelled receive")
